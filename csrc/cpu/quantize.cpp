@@ -1,0 +1,216 @@
+// CPU kernels for block-wise quantization: OpenMP over blocks, the per-element math from kestrel/quantize.h.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../quantize_checks.h"
+#include "kestrel/quantize.h"
+
+namespace kestrel {
+namespace {
+
+// Below this many elements the 64 KiB bucket table costs more than it saves; both searches give the same codes.
+constexpr int64_t kBucketTableMinElements = 1 << 16;
+constexpr int kMaxBucketSteps = 4;
+constexpr int64_t kParallelMinElements = 1 << 15;
+
+#define KESTREL_ALWAYS_INLINE inline __attribute__((always_inline))
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KESTREL_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define KESTREL_CPU_CLONES
+#endif
+
+struct MidpointTable {
+  float midpoints[quant::kMidpointsSize];
+  std::vector<uint8_t> bucket_start;
+  int bucket_steps = -1;  // -1: no bucket table, use the binary search
+
+  MidpointTable(const float* code, bool want_buckets) {
+    for (int j = 0; j < quant::kCodeSize - 1; ++j) midpoints[j] = quant::midpoint(code, j);
+    midpoints[quant::kCodeSize - 1] = std::numeric_limits<float>::infinity();
+    if (want_buckets) {
+      bucket_start.resize(quant::kNumBuckets);
+      const int steps = quant::build_bucket_table(midpoints, bucket_start.data());
+      if (steps <= kMaxBucketSteps) bucket_steps = steps;
+    }
+  }
+};
+
+// max |x| over a block with independent lanes (vectorizable); NaN anywhere gives NaN, as absmax_combine does.
+template <typename T>
+KESTREL_ALWAYS_INLINE float block_absmax(const T* x, int64_t len) {
+  constexpr int kLanes = 16;
+  float lane_max[kLanes] = {};
+  int lane_nan[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+    for (int k = 0; k < kLanes; ++k) {
+      const float a = std::fabs(static_cast<float>(x[i + k]));
+      lane_max[k] = a > lane_max[k] ? a : lane_max[k];
+      lane_nan[k] |= a != a;
+    }
+  }
+  float result = 0.0f;
+  int any_nan = 0;
+  for (; i < len; ++i) {
+    const float a = std::fabs(static_cast<float>(x[i]));
+    result = a > result ? a : result;
+    any_nan |= a != a;
+  }
+  for (int k = 0; k < kLanes; ++k) {
+    result = lane_max[k] > result ? lane_max[k] : result;
+    any_nan |= lane_nan[k];
+  }
+  return any_nan ? std::numeric_limits<float>::quiet_NaN() : result;
+}
+
+template <typename T>
+KESTREL_ALWAYS_INLINE void quantize_blocks(const MidpointTable& table, const T* x, uint8_t* codes, float* absmax,
+                                           int64_t n, int64_t blocksize, int64_t first_block, int64_t end_block) {
+  const float* midpoints = table.midpoints;
+  const uint8_t* start = table.bucket_start.data();
+  for (int64_t b = first_block; b < end_block; ++b) {
+    const int64_t begin = b * blocksize;
+    const int64_t len = std::min(blocksize, n - begin);
+    const T* __restrict__ xb = x + begin;
+    uint8_t* __restrict__ ob = codes + begin;
+    const float block_max = block_absmax(xb, len);
+    absmax[b] = block_max;
+    const float inv = quant::inverse_absmax(block_max);
+    if (table.bucket_steps == 1) {  // the dynamic maps: at most one midpoint per bucket
+      for (int64_t i = 0; i < len; ++i)
+        ob[i] = static_cast<uint8_t>(quant::nearest_code_bucketed<1>(midpoints, start, static_cast<float>(xb[i]) * inv));
+    } else if (table.bucket_steps >= 0) {
+      for (int64_t i = 0; i < len; ++i)
+        ob[i] = static_cast<uint8_t>(quant::nearest_code_bucketed<kMaxBucketSteps>(midpoints, start, static_cast<float>(xb[i]) * inv));
+    } else {
+      for (int64_t i = 0; i < len; ++i)
+        ob[i] = static_cast<uint8_t>(quant::nearest_code_bsearch(midpoints, static_cast<float>(xb[i]) * inv));
+    }
+  }
+}
+
+// One entry point per dtype, cloned for AVX-512 / AVX2 / baseline x86-64 and picked at load time.
+#define KESTREL_DEFINE_QUANTIZE_BLOCKS(NAME, T)                                                                   \
+  KESTREL_CPU_CLONES void NAME(const MidpointTable& table, const T* x, uint8_t* codes, float* absmax, int64_t n,  \
+                               int64_t blocksize, int64_t first_block, int64_t end_block) {                     \
+    quantize_blocks<T>(table, x, codes, absmax, n, blocksize, first_block, end_block);                          \
+  }
+KESTREL_DEFINE_QUANTIZE_BLOCKS(quantize_blocks_f32, float)
+KESTREL_DEFINE_QUANTIZE_BLOCKS(quantize_blocks_f16, c10::Half)
+KESTREL_DEFINE_QUANTIZE_BLOCKS(quantize_blocks_bf16, c10::BFloat16)
+#undef KESTREL_DEFINE_QUANTIZE_BLOCKS
+
+inline void quantize_blocks_any(const MidpointTable& t, const float* x, uint8_t* c, float* a, int64_t n, int64_t bs,
+                                int64_t b0, int64_t b1) { quantize_blocks_f32(t, x, c, a, n, bs, b0, b1); }
+inline void quantize_blocks_any(const MidpointTable& t, const c10::Half* x, uint8_t* c, float* a, int64_t n,
+                                int64_t bs, int64_t b0, int64_t b1) { quantize_blocks_f16(t, x, c, a, n, bs, b0, b1); }
+inline void quantize_blocks_any(const MidpointTable& t, const c10::BFloat16* x, uint8_t* c, float* a, int64_t n,
+                                int64_t bs, int64_t b0, int64_t b1) { quantize_blocks_bf16(t, x, c, a, n, bs, b0, b1); }
+
+template <typename T>
+void quantize_blockwise_cpu_impl(const T* x, const float* code, uint8_t* codes, float* absmax, int64_t n,
+                                 int64_t blocksize) {
+  const MidpointTable table(code, n >= kBucketTableMinElements);
+  const int64_t num_blocks = num_quant_blocks(n, blocksize);
+  // Contiguous ranges of blocks per thread: no shared cache lines between threads.
+#pragma omp parallel num_threads(at::get_num_threads()) if (n >= kParallelMinElements)
+  {
+    const int64_t threads = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t per_thread = (num_blocks + threads - 1) / threads;
+    const int64_t first = std::min(num_blocks, tid * per_thread);
+    const int64_t end = std::min(num_blocks, first + per_thread);
+    quantize_blocks_any(table, x, codes, absmax, n, blocksize, first, end);
+  }
+}
+
+template <typename T>
+void dequantize_blockwise_cpu_impl(const uint8_t* codes, const float* absmax, const float* code, T* out, int64_t n,
+                                   int64_t blocksize) {
+  const int64_t num_blocks = num_quant_blocks(n, blocksize);
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads()) if (n >= kParallelMinElements)
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const int64_t begin = b * blocksize;
+    const int64_t len = std::min(blocksize, n - begin);
+    const float scale = absmax[b];
+    for (int64_t i = 0; i < len; ++i)
+      out[begin + i] = static_cast<T>(quant::dequantize_value(code, codes[begin + i], scale));
+  }
+}
+
+void check_code_sorted(const float* code) {
+  for (int j = 0; j < quant::kCodeSize; ++j)
+    TORCH_CHECK(std::isfinite(code[j]), "quantize_blockwise: code must be finite, got code[", j, "] = ", code[j]);
+  for (int j = 0; j + 1 < quant::kCodeSize; ++j)
+    TORCH_CHECK(code[j] <= code[j + 1], "quantize_blockwise: code must be sorted ascending, got code[", j,
+                "] = ", code[j], " > code[", j + 1, "] = ", code[j + 1]);
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& x_in, const at::Tensor& code_in,
+                                                          int64_t blocksize) {
+  check_quantize_args(x_in, code_in, blocksize);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor code = code_in.contiguous();
+  const int64_t n = x.numel();
+  at::Tensor codes = at::empty(x.sizes(), x.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({num_quant_blocks(n, blocksize)}, x.options().dtype(at::kFloat));
+  check_code_sorted(code.data_ptr<float>());
+  if (n == 0) return {codes, absmax};
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      quantize_blockwise_cpu_impl(x.data_ptr<float>(), code.data_ptr<float>(), codes.data_ptr<uint8_t>(),
+                                  absmax.data_ptr<float>(), n, blocksize);
+      break;
+    case at::kHalf:
+      quantize_blockwise_cpu_impl(x.data_ptr<c10::Half>(), code.data_ptr<float>(), codes.data_ptr<uint8_t>(),
+                                  absmax.data_ptr<float>(), n, blocksize);
+      break;
+    case at::kBFloat16:
+      quantize_blockwise_cpu_impl(x.data_ptr<c10::BFloat16>(), code.data_ptr<float>(), codes.data_ptr<uint8_t>(),
+                                  absmax.data_ptr<float>(), n, blocksize);
+      break;
+    default: TORCH_CHECK(false, "unreachable");
+  }
+  return {codes, absmax};
+}
+
+at::Tensor dequantize_blockwise_cpu(const at::Tensor& codes_in, const at::Tensor& absmax_in,
+                                    const at::Tensor& code_in, int64_t blocksize, c10::ScalarType dtype) {
+  check_dequantize_args(codes_in, absmax_in, code_in, blocksize, dtype);
+  const at::Tensor codes = codes_in.contiguous();
+  const at::Tensor absmax = absmax_in.contiguous();
+  const at::Tensor code = code_in.contiguous();
+  const int64_t n = codes.numel();
+  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(dtype));
+  if (n == 0) return out;
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const float* a = absmax.data_ptr<float>();
+  const float* m = code.data_ptr<float>();
+  switch (dtype) {
+    case at::kFloat: dequantize_blockwise_cpu_impl(c, a, m, out.data_ptr<float>(), n, blocksize); break;
+    case at::kHalf: dequantize_blockwise_cpu_impl(c, a, m, out.data_ptr<c10::Half>(), n, blocksize); break;
+    case at::kBFloat16: dequantize_blockwise_cpu_impl(c, a, m, out.data_ptr<c10::BFloat16>(), n, blocksize); break;
+    default: TORCH_CHECK(false, "unreachable");
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kestrel, CPU, m) {
+  m.impl("quantize_blockwise", &quantize_blockwise_cpu);
+  m.impl("dequantize_blockwise", &dequantize_blockwise_cpu);
+}
+
+}  // namespace kestrel

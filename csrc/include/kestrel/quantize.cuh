@@ -1,0 +1,117 @@
+// CUDA kernels for block-wise dynamic quantization. Framework-free: raw pointers, sizes and a stream.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "kestrel/quantize.h"
+
+namespace kestrel {
+namespace cuda {
+
+template <typename T>
+struct ElementIO;
+template <>
+struct ElementIO<float> {
+  static __device__ __forceinline__ float load(const float* p) { return __ldg(p); }
+  static __device__ __forceinline__ void store(float* p, float v) { *p = v; }
+};
+template <>
+struct ElementIO<__half> {
+  static __device__ __forceinline__ float load(const __half* p) { return __half2float(__ldg(p)); }
+  static __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
+};
+template <>
+struct ElementIO<__nv_bfloat16> {
+  static __device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(__ldg(p)); }
+  static __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+};
+
+constexpr int kQuantizeThreads = 256;
+
+// Work split for one quantization block of BLOCK elements: TPB threads, ITEMS elements each, strided by TPB
+// so that a group's loads are coalesced; a CTA of kQuantizeThreads threads covers QB_PER_CTA blocks.
+template <int BLOCK>
+struct QuantizeShape {
+  static constexpr int ITEMS = BLOCK / kQuantizeThreads > 4 ? BLOCK / kQuantizeThreads : 4;
+  static constexpr int TPB = BLOCK / ITEMS;
+  static constexpr int QB_PER_CTA = kQuantizeThreads / TPB;
+  static_assert(TPB * ITEMS == BLOCK && TPB * QB_PER_CTA == kQuantizeThreads, "unsupported blocksize");
+};
+
+template <typename T, int BLOCK>
+__global__ void __launch_bounds__(kQuantizeThreads)
+    quantize_blockwise_kernel(const T* __restrict__ x, const float* __restrict__ code, uint8_t* __restrict__ codes,
+                              float* __restrict__ absmax, int64_t n, int64_t num_blocks) {
+  using Shape = QuantizeShape<BLOCK>;
+  __shared__ float midpoints[quant::kMidpointsSize];
+  __shared__ float warp_absmax[kQuantizeThreads / 32];
+
+  const int tid = threadIdx.x;
+  if (tid < quant::kCodeSize - 1) midpoints[tid] = quant::midpoint(code, tid);
+  if (tid == quant::kCodeSize - 1) midpoints[tid] = __int_as_float(0x7f800000);
+
+  const int group = tid / Shape::TPB;
+  const int lane_in_group = tid % Shape::TPB;
+  const int64_t block = (int64_t)blockIdx.x * Shape::QB_PER_CTA + group;
+  const int64_t base = block * BLOCK;
+
+  float vals[Shape::ITEMS];
+  float local_max = 0.0f;
+#pragma unroll
+  for (int k = 0; k < Shape::ITEMS; ++k) {
+    const int64_t i = base + lane_in_group + (int64_t)k * Shape::TPB;
+    vals[k] = (block < num_blocks && i < n) ? ElementIO<T>::load(x + i) : 0.0f;
+    local_max = quant::absmax_combine(local_max, fabsf(vals[k]));
+  }
+
+  // Reduce within the group: lanes of one warp first, then across the group's warps through shared memory.
+  constexpr int WARP_WIDTH = Shape::TPB < 32 ? Shape::TPB : 32;
+#pragma unroll
+  for (int offset = WARP_WIDTH / 2; offset > 0; offset >>= 1)
+    local_max = quant::absmax_combine(local_max, __shfl_xor_sync(0xffffffffu, local_max, offset));
+  if constexpr (Shape::TPB > 32) {
+    if ((tid & 31) == 0) warp_absmax[tid >> 5] = local_max;
+    __syncthreads();
+    const int first_warp = group * (Shape::TPB / 32);
+    local_max = warp_absmax[first_warp];
+#pragma unroll
+    for (int w = 1; w < Shape::TPB / 32; ++w) local_max = quant::absmax_combine(local_max, warp_absmax[first_warp + w]);
+  } else {
+    __syncthreads();  // midpoints
+  }
+
+  if (block >= num_blocks) return;
+  if (lane_in_group == 0) absmax[block] = local_max;
+  const float inv = quant::inverse_absmax(local_max);
+#pragma unroll
+  for (int k = 0; k < Shape::ITEMS; ++k) {
+    const int64_t i = base + lane_in_group + (int64_t)k * Shape::TPB;
+    if (i < n) codes[i] = (uint8_t)quant::nearest_code_bsearch(midpoints, vals[k] * inv);
+  }
+}
+
+constexpr int kDequantizeThreads = 256;
+constexpr int kDequantizeItems = 4;
+
+template <typename T>
+__global__ void __launch_bounds__(kDequantizeThreads)
+    dequantize_blockwise_kernel(const uint8_t* __restrict__ codes, const float* __restrict__ absmax,
+                                const float* __restrict__ code, T* __restrict__ out, int64_t n, int log2_blocksize) {
+  __shared__ float code_smem[quant::kCodeSize];
+  code_smem[threadIdx.x] = code[threadIdx.x];
+  __syncthreads();
+  const int64_t stride = (int64_t)gridDim.x * kDequantizeThreads * kDequantizeItems;
+  for (int64_t start = (int64_t)blockIdx.x * kDequantizeThreads * kDequantizeItems + threadIdx.x; start < n;
+       start += stride) {
+#pragma unroll
+    for (int k = 0; k < kDequantizeItems; ++k) {
+      const int64_t i = start + (int64_t)k * kDequantizeThreads;
+      if (i < n) ElementIO<T>::store(out + i, quant::dequantize_value(code_smem, codes[i], __ldg(absmax + (i >> log2_blocksize))));
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace kestrel

@@ -1,0 +1,83 @@
+// Block-wise dynamic quantization: the per-element math, shared by the CPU and CUDA kernels.
+//
+// A block of `blocksize` consecutive elements is stored as one float32 absmax and one uint8 code per element.
+// The code of x is the index of the nearest value of a sorted 256-entry map to v = x * (1 / absmax): the number
+// of float32 midpoints (map[j] + map[j+1]) * 0.5f strictly below v, so a value exactly on a midpoint takes the
+// lower index. An all-zero block has absmax 0 and codes of the map's zero (never NaN).
+#pragma once
+
+#include "kestrel/common.h"
+
+namespace kestrel {
+namespace quant {
+
+constexpr int kCodeSize = 256;
+// 255 midpoints plus a +inf sentinel, so a search may read index 255 without a bounds check.
+constexpr int kMidpointsSize = 256;
+
+KESTREL_HD float midpoint(const float* code, int j) { return (code[j] + code[j + 1]) * 0.5f; }
+
+// NaN-propagating max of magnitudes (as torch.amax): the result is NaN if any input is NaN, else the max.
+KESTREL_HD float absmax_combine(float running, float v) { return (v > running || v != v) ? v : running; }
+
+// 1/absmax as bnb's kernel computes it (IEEE division); zero (and NaN) absmax gives 0 so zero blocks map to 0.
+KESTREL_HD float inverse_absmax(float absmax) { return absmax > 0.0f ? 1.0f / absmax : 0.0f; }
+
+// Count of midpoints strictly below v: a branchless lower bound over the 255 sorted midpoints. NaN gives 0.
+KESTREL_HD int nearest_code_bsearch(const float* midpoints, float v) {
+  int idx = 0;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int step = 128; step > 0; step >>= 1) idx += (midpoints[idx + step - 1] < v) ? step : 0;
+  return idx;
+}
+
+// Key whose unsigned order is the float order of non-NaN values, with -0 folded onto +0.
+KESTREL_HD uint32_t ordered_key(float v) {
+  const uint32_t u = float_bits(v + 0.0f);
+  return u ^ ((uint32_t)((int32_t)u >> 31) | 0x80000000u);  // negative: ~u; positive: set the top bit
+}
+
+// A bucket table over the top kBucketBits of the ordered key: start[b] is the number of midpoints in buckets
+// below b, so the count for v is start[bucket(v)] plus at most `max_per_bucket` further comparisons.
+constexpr int kBucketBits = 16;
+constexpr int kNumBuckets = 1 << kBucketBits;
+
+KESTREL_HD uint32_t bucket_of(float v) { return ordered_key(v) >> (32 - kBucketBits); }
+
+// Fills start[kNumBuckets]; returns the largest number of midpoints that share one bucket.
+inline int build_bucket_table(const float* midpoints, uint8_t* start) {
+  static_assert(kCodeSize - 1 <= 255, "bucket starts are stored as uint8");
+  int counts_seen = 0, max_per_bucket = 0, j = 0;
+  for (uint32_t b = 0; b < (uint32_t)kNumBuckets; ++b) {
+    start[b] = (uint8_t)counts_seen;
+    int in_bucket = 0;
+    while (j < kCodeSize - 1 && bucket_of(midpoints[j]) == b) ++j, ++in_bucket;
+    counts_seen += in_bucket;
+    if (in_bucket > max_per_bucket) max_per_bucket = in_bucket;
+  }
+  return max_per_bucket;
+}
+
+// Same result as nearest_code_bsearch for sorted, finite midpoints (host only: the table is 64 KiB).
+template <int STEPS>
+inline int nearest_code_bucketed(const float* midpoints, const uint8_t* start, float v) {
+  int idx = start[bucket_of(v)];
+  for (int s = 0; s < STEPS; ++s) idx += (midpoints[idx] < v) ? 1 : 0;
+  return idx & -(int)(v == v);  // NaN -> 0, without a branch
+}
+
+// bnb's sign fix for requantized optimizer states (signed map): if the sign bit of the chosen code's value
+// differs from v's, step one code up when v > 0 and down otherwise. A tiny negative moment then keeps a
+// negative code instead of +0. Clamped to the map, which bnb's kernel never needs for finite v.
+KESTREL_HD int apply_sign_fix(const float* code, int idx, float v) {
+  if ((float_bits(code[idx]) >> 31) == (float_bits(v) >> 31)) return idx;
+  if (v > 0.0f) return idx < kCodeSize - 1 ? idx + 1 : idx;
+  return idx > 0 ? idx - 1 : idx;
+}
+
+KESTREL_HD float dequantize_value(const float* code, uint8_t c, float absmax) { return code[c] * absmax; }
+
+}  // namespace quant
+}  // namespace kestrel

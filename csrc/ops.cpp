@@ -1,0 +1,61 @@
+// The one TORCH_LIBRARY(kestrel, m) with every schema, and the pybind11 module kestrel._C (build information).
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include "kestrel/common.h"
+#if defined(KESTREL_WITH_CUDA)
+#include "kestrel/launch.h"
+#endif
+
+#ifndef TORCH_EXTENSION_NAME
+#define TORCH_EXTENSION_NAME _C
+#endif
+
+TORCH_LIBRARY(kestrel, m) {
+  // Block-wise dynamic quantization (spec: optim8bit.md, "The numeric format").
+  m.def("quantize_blockwise(Tensor x, Tensor code, int blocksize) -> (Tensor codes, Tensor absmax)");
+  m.def(
+      "dequantize_blockwise(Tensor codes, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) -> Tensor");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+#if defined(KESTREL_VERSION)
+  info["version"] = KESTREL_STR(KESTREL_VERSION);
+#else
+  info["version"] = "unknown";
+#endif
+  info["torch_version"] = TORCH_VERSION;
+#if defined(_OPENMP)
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+#if defined(KESTREL_WITH_CUDA)
+  info["cuda"] = true;
+  info["cuda_version"] = KESTREL_STR(KESTREL_CUDA_VERSION);
+  info["cuda_archs"] = kestrel::cuda::compiled_archs();
+#else
+  info["cuda"] = false;
+  info["cuda_version"] = pybind11::none();
+  info["cuda_archs"] = "";
+#endif
+#if defined(__clang__)
+  info["compiler"] = "clang " __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = "gcc " __VERSION__;
+#else
+  info["compiler"] = "unknown";
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "kestrel native extension: registers the kestrel:: ops with PyTorch's dispatcher";
+  m.def("build_info", &build_info, "How this extension was built: version, torch, OpenMP, CUDA and its archs.");
+}

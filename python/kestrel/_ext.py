@@ -1,0 +1,60 @@
+"""Loading the native extension kestrel._C, which registers the kestrel:: ops with PyTorch's dispatcher.
+
+Importing kestrel without a built extension warns once; calling an op that needs it raises `ExtensionMissing`,
+which says how to build it.
+"""
+
+import warnings
+
+import torch  # noqa: F401  (loads libc10/libtorch, which kestrel._C links against)
+
+BUILD_HINT = (
+    "build it from the kestrel checkout with `pip install --no-build-isolation -e .` (CPU always; the CUDA part "
+    "when torch has CUDA, a toolkit is found and a GPU is present or FORCE_CUDA=1; see README.md)"
+)
+
+
+class ExtensionMissing(RuntimeError):
+    """The native extension kestrel._C is not built (or was built without the part this call needs)."""
+
+
+try:
+    from . import _C  # noqa: F401  (importing it runs the TORCH_LIBRARY registrations)
+
+    _IMPORT_ERROR = None
+except ImportError as error:  # not built, or built against another torch
+    _C = None
+    _IMPORT_ERROR = error
+    warnings.warn(
+        f"kestrel: the native extension kestrel._C could not be imported ({error}); ops that need it will raise. "
+        f"To fix, {BUILD_HINT}.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def available():
+    return _C is not None
+
+
+def build_info():
+    """A dict describing how kestrel._C was built, or None when it is not built."""
+    return dict(_C.build_info()) if _C is not None else None
+
+
+def require(op, device=None):
+    """Raise a clear error if `op` cannot run on `device` with the extension as built."""
+    if _C is None:
+        raise ExtensionMissing(
+            f"kestrel.{op} needs the native extension kestrel._C, which could not be imported "
+            f"({_IMPORT_ERROR}). To fix, {BUILD_HINT}."
+        )
+    if device is None:
+        return
+    if device.type == "cuda" and not _C.build_info()["cuda"]:
+        raise ExtensionMissing(
+            f"kestrel.{op}: the input is on {device}, but kestrel._C was built without its CUDA part. Rebuild on a "
+            "machine with torch+CUDA and a CUDA toolkit (FORCE_CUDA=1 builds without a GPU present)."
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise NotImplementedError(f"kestrel.{op}: no kernel for device {device}; kestrel has kernels for cpu and cuda")

@@ -1,0 +1,5 @@
+"""Public ops: argument checks, backend choice, fake (meta) kernels. One module per op family."""
+
+from .quantize import create_dynamic_map, dequantize_blockwise, quantize_blockwise
+
+__all__ = ["create_dynamic_map", "quantize_blockwise", "dequantize_blockwise"]
