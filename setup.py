@@ -59,13 +59,13 @@ def cuda_decision(torch):
 
 
 def arch_names(arch_list):
-    """'8.0;9.0a' -> 'sm_80,sm_90a' (the form kestrel._C.build_info() reports)."""
+    """'8.0;9.0a' -> 'sm_80/sm_90a' (the form kestrel._C.build_info() reports)."""
     names = []
     for item in re.split(r"[;\s]+", arch_list.strip()):
         if item:
             ptx = item.endswith("+PTX")
             names.append("sm_" + item.replace("+PTX", "").replace(".", "") + ("+PTX" if ptx else ""))
-    return ",".join(names)
+    return "/".join(names)  # nvcc splits -D values at commas
 
 
 def extra_cuda_include_dirs(cuda_home):
@@ -88,7 +88,7 @@ def make_extensions():
     debug = os.environ.get("KESTREL_DEBUG", "") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     version = read_version()
-    cxx = opt + ["-std=c++17", f"-DKESTREL_VERSION={version}"]
+    cxx = opt + [f"-DKESTREL_VERSION={version}"]  # the C++ standard is the one torch's cpp_extension picks
     link = []
     if sys.platform.startswith("linux"):
         cxx.append("-fopenmp")
@@ -107,7 +107,7 @@ def make_extensions():
     print(f"kestrel: CUDA archs {archs}")
     cuda_macros = ["-DKESTREL_WITH_CUDA", f"-DKESTREL_CUDA_VERSION={torch.version.cuda}",
                    f"-DKESTREL_CUDA_ARCHS={archs}"]
-    nvcc = opt + ["-std=c++17", "-lineinfo"] + cuda_macros
+    nvcc = opt + ["-lineinfo"] + cuda_macros
     return [CUDAExtension("kestrel._C", sources + read_sources("cuda"),
                           include_dirs=include_dirs + extra_cuda_include_dirs(CUDA_HOME),
                           extra_compile_args={"cxx": cxx + cuda_macros, "nvcc": nvcc},

@@ -120,33 +120,62 @@ inline void quantize_blocks_any(const MidpointTable& t, const c10::BFloat16* x, 
                                 int64_t bs, int64_t b0, int64_t b1) { quantize_blocks_bf16(t, x, c, a, n, bs, b0, b1); }
 
 template <typename T>
-void quantize_blockwise_cpu_impl(const T* x, const float* code, uint8_t* codes, float* absmax, int64_t n,
-                                 int64_t blocksize) {
-  const MidpointTable table(code, n >= kBucketTableMinElements);
-  const int64_t num_blocks = num_quant_blocks(n, blocksize);
-  // Contiguous ranges of blocks per thread: no shared cache lines between threads.
+KESTREL_ALWAYS_INLINE void dequantize_blocks(const uint8_t* codes, const float* absmax, const float* code, T* out,
+                                             int64_t n, int64_t blocksize, int64_t first_block, int64_t end_block) {
+  for (int64_t b = first_block; b < end_block; ++b) {
+    const int64_t begin = b * blocksize;
+    const int64_t len = std::min(blocksize, n - begin);
+    const float scale = absmax[b];
+    const uint8_t* __restrict__ cb = codes + begin;
+    T* __restrict__ ob = out + begin;
+    for (int64_t i = 0; i < len; ++i) ob[i] = static_cast<T>(quant::dequantize_value(code, cb[i], scale));
+  }
+}
+
+#define KESTREL_DEFINE_DEQUANTIZE_BLOCKS(NAME, T)                                                                \
+  KESTREL_CPU_CLONES void NAME(const uint8_t* codes, const float* absmax, const float* code, T* out, int64_t n, \
+                               int64_t blocksize, int64_t first_block, int64_t end_block) {                    \
+    dequantize_blocks<T>(codes, absmax, code, out, n, blocksize, first_block, end_block);                      \
+  }
+KESTREL_DEFINE_DEQUANTIZE_BLOCKS(dequantize_blocks_f32, float)
+KESTREL_DEFINE_DEQUANTIZE_BLOCKS(dequantize_blocks_f16, c10::Half)
+KESTREL_DEFINE_DEQUANTIZE_BLOCKS(dequantize_blocks_bf16, c10::BFloat16)
+#undef KESTREL_DEFINE_DEQUANTIZE_BLOCKS
+
+inline void dequantize_blocks_any(const uint8_t* c, const float* a, const float* m, float* o, int64_t n, int64_t bs,
+                                  int64_t b0, int64_t b1) { dequantize_blocks_f32(c, a, m, o, n, bs, b0, b1); }
+inline void dequantize_blocks_any(const uint8_t* c, const float* a, const float* m, c10::Half* o, int64_t n,
+                                  int64_t bs, int64_t b0, int64_t b1) { dequantize_blocks_f16(c, a, m, o, n, bs, b0, b1); }
+inline void dequantize_blocks_any(const uint8_t* c, const float* a, const float* m, c10::BFloat16* o, int64_t n,
+                                  int64_t bs, int64_t b0, int64_t b1) { dequantize_blocks_bf16(c, a, m, o, n, bs, b0, b1); }
+
+// Contiguous ranges of blocks per thread: no cache line is written by two threads.
+template <typename Fn>
+void parallel_over_blocks(int64_t n, int64_t num_blocks, const Fn& fn) {
 #pragma omp parallel num_threads(at::get_num_threads()) if (n >= kParallelMinElements)
   {
     const int64_t threads = omp_get_num_threads(), tid = omp_get_thread_num();
     const int64_t per_thread = (num_blocks + threads - 1) / threads;
     const int64_t first = std::min(num_blocks, tid * per_thread);
-    const int64_t end = std::min(num_blocks, first + per_thread);
-    quantize_blocks_any(table, x, codes, absmax, n, blocksize, first, end);
+    fn(first, std::min(num_blocks, first + per_thread));
   }
 }
 
 template <typename T>
 void dequantize_blockwise_cpu_impl(const uint8_t* codes, const float* absmax, const float* code, T* out, int64_t n,
                                    int64_t blocksize) {
-  const int64_t num_blocks = num_quant_blocks(n, blocksize);
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads()) if (n >= kParallelMinElements)
-  for (int64_t b = 0; b < num_blocks; ++b) {
-    const int64_t begin = b * blocksize;
-    const int64_t len = std::min(blocksize, n - begin);
-    const float scale = absmax[b];
-    for (int64_t i = 0; i < len; ++i)
-      out[begin + i] = static_cast<T>(quant::dequantize_value(code, codes[begin + i], scale));
-  }
+  parallel_over_blocks(n, num_quant_blocks(n, blocksize), [&](int64_t first, int64_t end) {
+    dequantize_blocks_any(codes, absmax, code, out, n, blocksize, first, end);
+  });
+}
+
+template <typename T>
+void quantize_blockwise_cpu_impl(const T* x, const float* code, uint8_t* codes, float* absmax, int64_t n,
+                                 int64_t blocksize) {
+  const MidpointTable table(code, n >= kBucketTableMinElements);
+  parallel_over_blocks(n, num_quant_blocks(n, blocksize), [&](int64_t first, int64_t end) {
+    quantize_blocks_any(table, x, codes, absmax, n, blocksize, first, end);
+  });
 }
 
 void check_code_sorted(const float* code) {

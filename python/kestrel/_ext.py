@@ -38,8 +38,12 @@ def available():
 
 
 def build_info():
-    """A dict describing how kestrel._C was built, or None when it is not built."""
-    return dict(_C.build_info()) if _C is not None else None
+    """A dict describing how kestrel._C was built (cuda_archs as a list), or None when it is not built."""
+    if _C is None:
+        return None
+    info = dict(_C.build_info())
+    info["cuda_archs"] = [arch for arch in info["cuda_archs"].split("/") if arch]
+    return info
 
 
 def require(op, device=None):
@@ -51,7 +55,7 @@ def require(op, device=None):
         )
     if device is None:
         return
-    if device.type == "cuda" and not _C.build_info()["cuda"]:
+    if device.type == "cuda" and not build_info()["cuda"]:
         raise ExtensionMissing(
             f"kestrel.{op}: the input is on {device}, but kestrel._C was built without its CUDA part. Rebuild on a "
             "machine with torch+CUDA and a CUDA toolkit (FORCE_CUDA=1 builds without a GPU present)."

@@ -15,7 +15,7 @@ int quantize_blockwise(DType dtype, const void* x, const float* code, uint8_t* c
 int dequantize_blockwise(DType dtype, const uint8_t* codes, const float* absmax, const float* code, void* out,
                          int64_t n, int blocksize, void* stream);
 
-// Architectures this library's device code was compiled for, e.g. "sm_80,sm_90a".
+// Architectures this library's device code was compiled for, e.g. "sm_80/sm_90a".
 const char* compiled_archs();
 
 }  // namespace cuda

@@ -1,0 +1,103 @@
+"""The one benchmark harness: median timings, a named baseline beside each of our numbers, the ratio, achieved
+GB/s against a measured copy roof, CSV out. Each benchmarks/bench_<op>.py builds its cases from one shape table
+and returns rows from `compare`.
+"""
+
+import csv
+import statistics
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+
+@dataclass
+class Row:
+    op: str
+    case: str
+    ours_ms: float
+    baseline: str
+    baseline_ms: float
+    speedup: float  # baseline_ms / ours_ms: > 1 means kestrel is faster
+    ours_gbps: float
+    roof_pct: float  # ours_gbps as a percentage of the measured copy bandwidth
+    device: str
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn, device, warmup=2, repeats=9, min_seconds=0.0):
+    """Median wall time of fn() in milliseconds (CUDA events on a GPU, perf_counter on the CPU)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples = []
+    is_cuda = torch.device(device).type == "cuda"
+    started = time.perf_counter()
+    while len(samples) < repeats or time.perf_counter() - started < min_seconds:
+        if is_cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(begin.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+_ROOF_CACHE = {}
+
+
+def copy_roof_gbps(device):
+    """Measured device copy bandwidth (bytes read + written per second / 1e9): the memory roof."""
+    key = str(device)
+    if key not in _ROOF_CACHE:
+        nbytes = (1 << 30) if torch.device(device).type == "cuda" else (256 << 20)
+        src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+        dst = torch.empty_like(src)
+        ms = median_ms(lambda: dst.copy_(src), device, warmup=2, repeats=9)
+        _ROOF_CACHE[key] = 2 * nbytes / (ms * 1e-3) / 1e9
+    return _ROOF_CACHE[key]
+
+
+def compare(op, case, device, ours, baselines, nbytes, repeats=9):
+    """Time `ours` and each (name, fn) in `baselines` (None entries are skipped); one Row per baseline."""
+    ours_ms = median_ms(ours, device, repeats=repeats)
+    roof = copy_roof_gbps(device)
+    gbps = nbytes / (ours_ms * 1e-3) / 1e9
+    rows = []
+    for name, fn in baselines:
+        if fn is None:
+            continue
+        base_ms = median_ms(fn, device, repeats=repeats)
+        rows.append(Row(op, case, ours_ms, name, base_ms, base_ms / ours_ms, gbps, 100.0 * gbps / roof, str(device)))
+    return rows
+
+
+def print_table(rows, file=None):
+    if not rows:
+        print("(no rows)", file=file)
+        return
+    header = ["op", "case", "kestrel ms", "baseline", "baseline ms", "speedup", "kestrel GB/s", "% of roof"]
+    table = [[r.op, r.case, f"{r.ours_ms:.3f}", r.baseline, f"{r.baseline_ms:.3f}", f"{r.speedup:.2f}x",
+              f"{r.ours_gbps:.1f}", f"{r.roof_pct:.1f}"] for r in rows]
+    widths = [max(len(h), *(len(line[i]) for line in table)) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)), file=file)
+    print("  ".join("-" * w for w in widths), file=file)
+    for line in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)), file=file)
+
+
+def write_csv(rows, path):
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(Row)])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(asdict(row))

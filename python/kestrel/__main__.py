@@ -1,0 +1,91 @@
+"""kestrel's command line: `python -m kestrel info` and `python -m kestrel bench`."""
+
+import argparse
+import importlib
+import platform
+import sys
+
+# Benchmark modules by name; each has run(device, quick) -> list of harness rows.
+BENCHMARKS = {"quantize": "kestrel.benchmarks.bench_quantize"}
+
+
+def _triton_version():
+    try:
+        import triton
+    except Exception as error:  # noqa: BLE001 (any import failure means "not usable")
+        return f"not available ({error.__class__.__name__})"
+    return triton.__version__
+
+
+def cmd_info(args):
+    import torch
+
+    import kestrel
+    from kestrel import _ext
+
+    print(f"kestrel {kestrel.__version__} ({kestrel.__file__.rsplit('/', 1)[0]})")
+    print(f"python {platform.python_version()} on {platform.machine()}")
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
+    print(f"triton {_triton_version()}")
+    info = _ext.build_info()
+    if info is None:
+        print(f"extension kestrel._C: not built ({_ext._IMPORT_ERROR}); {_ext.BUILD_HINT}")
+    else:
+        cuda = (f"CUDA {info['cuda_version']} for {', '.join(info['cuda_archs'])}" if info["cuda"]
+                else "CPU only (no CUDA part)")
+        print(f"extension kestrel._C: built, {cuda}; OpenMP {'on' if info['openmp'] else 'off'}; "
+              f"against torch {info['torch_version']} with {info['compiler']}")
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(index)
+            print(f"device cuda:{index}: {torch.cuda.get_device_name(index)} (sm_{major}{minor})")
+    else:
+        print(f"device: cpu only ({torch.get_num_threads()} threads), no CUDA device visible")
+    return 0
+
+
+def cmd_bench(args):
+    import torch
+
+    from kestrel.benchmarks import harness
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    names = args.only or list(BENCHMARKS)
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if unknown:
+        print(f"kestrel bench: unknown benchmark(s) {unknown}; choose from {sorted(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{torch.get_num_threads()} threads"
+    print(f"device: {device} ({where}); copy roof {harness.copy_roof_gbps(device):.1f} GB/s (read + write)")
+    rows = []
+    for name in names:
+        module = importlib.import_module(BENCHMARKS[name])
+        result = module.run(device, quick=args.quick)
+        harness.print_table(result)
+        print()
+        rows += result
+    if args.csv:
+        harness.write_csv(rows, args.csv)
+        print(f"wrote {args.csv}")
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m kestrel", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    info = commands.add_parser("info", help="versions of kestrel, torch, Triton and CUDA; how the extension was built; the devices seen")
+    info.set_defaults(func=cmd_info)
+    bench = commands.add_parser("bench", help="benchmark kestrel's kernels beside their baselines on one device")
+    bench.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
+    bench.add_argument("--only", nargs="+", metavar="NAME", help=f"benchmarks to run (default: all of {sorted(BENCHMARKS)})")
+    bench.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
+    bench.add_argument("--csv", metavar="PATH", help="also write the rows as CSV")
+    bench.set_defaults(func=cmd_bench)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+// Unit test of the framework-free header kestrel/quantize.h, compiled with a plain C++ compiler (no torch).
+// The CUDA kernel uses nearest_code_bsearch, the CPU kernel nearest_code_bucketed: both must equal the
+// definition (count of float32 midpoints strictly below v) for every value, specials included.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "kestrel/quantize.h"
+
+using namespace kestrel;
+
+static int failures = 0;
+#define CHECK(cond, ...)                             \
+  do {                                               \
+    if (!(cond)) {                                   \
+      ++failures;                                    \
+      if (failures < 20) {                           \
+        std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
+        std::printf(__VA_ARGS__);                    \
+        std::printf("\n");                           \
+      }                                              \
+    }                                                \
+  } while (0)
+
+static int brute_force(const float* midpoints, float v) {
+  int count = 0;
+  for (int j = 0; j < quant::kCodeSize - 1; ++j) count += midpoints[j] < v;
+  return count;
+}
+
+static void check_code(const std::vector<float>& code, const char* name) {
+  float midpoints[quant::kMidpointsSize];
+  for (int j = 0; j < quant::kCodeSize - 1; ++j) midpoints[j] = quant::midpoint(code.data(), j);
+  midpoints[quant::kCodeSize - 1] = std::numeric_limits<float>::infinity();
+  std::vector<uint8_t> start(quant::kNumBuckets);
+  const int steps = quant::build_bucket_table(midpoints, start.data());
+  CHECK(steps >= 1, "%s: steps %d", name, steps);
+
+  std::vector<float> values = {0.0f, -0.0f, 1.0f, -1.0f, 2.0f, -2.0f, std::numeric_limits<float>::infinity(),
+                               -std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN(),
+                               -std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::denorm_min(),
+                               -std::numeric_limits<float>::denorm_min(), 1e-30f, -1e-30f};
+  for (int j = 0; j < quant::kCodeSize - 1; ++j) {
+    values.push_back(midpoints[j]);
+    values.push_back(std::nextafter(midpoints[j], 2.0f));
+    values.push_back(std::nextafter(midpoints[j], -2.0f));
+    values.push_back(code[j]);
+  }
+  std::mt19937 rng(1234);
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  std::uniform_real_distribution<float> exponent(-12.0f, 0.0f);
+  for (int i = 0; i < 200000; ++i) values.push_back(uniform(rng) * std::pow(10.0f, exponent(rng)));
+
+  for (float v : values) {
+    const int expected = std::isnan(v) ? 0 : brute_force(midpoints, v);
+    const int bsearch = quant::nearest_code_bsearch(midpoints, v);
+    const int bucketed = steps <= 4 ? quant::nearest_code_bucketed<4>(midpoints, start.data(), v) : expected;
+    CHECK(bsearch == expected, "%s: bsearch(%.9g) = %d, expected %d", name, v, bsearch, expected);
+    CHECK(bucketed == expected, "%s: bucketed(%.9g) = %d, expected %d", name, v, bucketed, expected);
+  }
+}
+
+// The signed dynamic map's shape near zero, enough to test the sign fix (values as bnb's map has them).
+static void check_sign_fix() {
+  std::vector<float> code(256);
+  for (int i = 0; i < 256; ++i) code[i] = (i - 127) / 128.0f;  // 0 at index 127, negative below
+  float midpoints[quant::kMidpointsSize];
+  for (int j = 0; j < 255; ++j) midpoints[j] = quant::midpoint(code.data(), j);
+  midpoints[255] = std::numeric_limits<float>::infinity();
+  const float tiny_negative = -1e-6f, tiny_positive = 1e-6f;
+  const int neg = quant::nearest_code_bsearch(midpoints, tiny_negative);
+  const int pos = quant::nearest_code_bsearch(midpoints, tiny_positive);
+  CHECK(neg == 127 && pos == 127, "tiny values round to the zero code (%d, %d)", neg, pos);
+  CHECK(quant::apply_sign_fix(code.data(), neg, tiny_negative) == 126, "a tiny negative value keeps a negative code");
+  CHECK(quant::apply_sign_fix(code.data(), pos, tiny_positive) == 127, "a tiny positive value may map to 0");
+  CHECK(quant::apply_sign_fix(code.data(), 127, -0.0f) == 126, "-0 steps down, as in bnb (sign bits differ, not > 0)");
+  CHECK(quant::apply_sign_fix(code.data(), 200, 0.5f) == 200, "same sign: unchanged");
+  CHECK(quant::apply_sign_fix(code.data(), 100, 0.25f) == 101, "negative code for a positive value steps up");
+}
+
+static void check_helpers() {
+  CHECK(quant::inverse_absmax(0.0f) == 0.0f, "1/0 is taken as 0");
+  CHECK(quant::inverse_absmax(4.0f) == 0.25f, "1/4");
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  CHECK(std::isnan(quant::absmax_combine(1.0f, nan)), "NaN wins");
+  CHECK(std::isnan(quant::absmax_combine(nan, 3.0f)), "NaN stays");
+  CHECK(quant::absmax_combine(1.0f, 3.0f) == 3.0f && quant::absmax_combine(3.0f, 1.0f) == 3.0f, "max");
+  CHECK(quant::ordered_key(-0.0f) == quant::ordered_key(0.0f), "-0 and +0 share a key");
+  std::vector<float> sorted = {-std::numeric_limits<float>::infinity(), -3e38f, -1.0f, -1e-30f,
+                               -std::numeric_limits<float>::denorm_min(), 0.0f,
+                               std::numeric_limits<float>::denorm_min(), 1e-30f, 1.0f, 3e38f,
+                               std::numeric_limits<float>::infinity()};
+  for (size_t i = 0; i + 1 < sorted.size(); ++i)
+    CHECK(quant::ordered_key(sorted[i]) < quant::ordered_key(sorted[i + 1]), "key order at %g", sorted[i]);
+}
+
+int main(int argc, char** argv) {
+  std::vector<float> linear(256), dense_zero(256, 0.0f), lopsided(256);
+  for (int i = 0; i < 256; ++i) linear[i] = -1.0f + 2.0f * i / 255.0f;
+  for (int i = 0; i < 16; ++i) dense_zero[240 + i] = (i + 1) / 16.0f;  // 240 zeros: a degenerate, many-ties map
+  for (int i = 0; i < 256; ++i) lopsided[i] = std::pow(10.0f, -7.0f + 7.0f * i / 255.0f);  // log-spaced
+  check_code(linear, "linear");
+  check_code(dense_zero, "dense_zero");
+  check_code(lopsided, "log-spaced");
+  // Further maps (the dynamic ones) come from the Python test as a binary file of 256-float maps.
+  if (argc > 1) {
+    FILE* f = std::fopen(argv[1], "rb");
+    std::vector<float> code(256);
+    int count = 0;
+    while (f && std::fread(code.data(), sizeof(float), 256, f) == 256) check_code(code, "map from file"), ++count;
+    if (f) std::fclose(f);
+    CHECK(count > 0, "no map read from %s", argv[1]);
+  }
+  check_sign_fix();
+  check_helpers();
+  std::printf("%d failures\n", failures);
+  return failures == 0 ? 0 : 1;
+}

@@ -1,0 +1,96 @@
+"""Import behaviour without the extension, the Triton interpreter switch, and the CLI."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import uses_gpu
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BLOCK_EXTENSION = """
+import sys, warnings
+class BlockExtension:
+    def find_spec(self, name, path=None, target=None):
+        if name == "kestrel._C":
+            raise ImportError("simulated: kestrel._C not built")
+        return None
+sys.meta_path.insert(0, BlockExtension())
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    import kestrel
+    import kestrel.functional, kestrel.ops
+    import importlib; importlib.import_module("kestrel.ops.quantize")
+relevant = [w for w in caught if "kestrel._C" in str(w.message)]
+print("WARNINGS", len(relevant))
+print("MESSAGE", relevant[0].message)
+import torch
+try:
+    kestrel.functional.quantize_blockwise(torch.randn(10))
+except kestrel._ext.ExtensionMissing as error:
+    print("ERROR", error)
+"""
+
+
+def test_import_without_extension_warns_once_and_ops_raise():
+    result = subprocess.run([sys.executable, "-c", BLOCK_EXTENSION], capture_output=True, text=True, check=True)
+    assert "WARNINGS 1" in result.stdout
+    assert "simulated: kestrel._C not built" in result.stdout
+    error = next(line for line in result.stdout.splitlines() if line.startswith("ERROR"))
+    assert "kestrel.quantize_blockwise needs the native extension kestrel._C" in error
+    assert "pip install --no-build-isolation -e ." in error
+
+
+def test_cuda_input_without_cuda_build_raises_clearly(monkeypatch):
+    import kestrel
+
+    if not kestrel._ext.available():
+        pytest.skip("kestrel._C is not built")
+    monkeypatch.setattr(kestrel._ext, "build_info", lambda: {"cuda": False})
+    with pytest.raises(kestrel._ext.ExtensionMissing, match="built without its CUDA part"):
+        kestrel._ext.require("quantize_blockwise", torch.device("cuda", 0))
+    with pytest.raises(NotImplementedError, match="no kernel for device meta"):
+        kestrel._ext.require("quantize_blockwise", torch.device("meta"))
+
+
+@pytest.mark.skipif(uses_gpu(), reason="the interpreter switch applies to CPU-only runs")
+def test_triton_kernels_run_under_the_interpreter_on_cpu():
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def scaled_add(x_ptr, y_ptr, out_ptr, n, alpha, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        x = tl.load(x_ptr + offsets, mask=mask)
+        y = tl.load(y_ptr + offsets, mask=mask)
+        tl.store(out_ptr + offsets, x * alpha + y, mask=mask)
+
+    x, y = torch.randn(100), torch.randn(100)
+    out = torch.empty(100)
+    scaled_add[(triton.cdiv(100, 32),)](x, y, out, 100, 3.0, BLOCK=32)
+    torch.testing.assert_close(out, 3.0 * x + y)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "kestrel", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_cli_info():
+    result = run_cli("info")
+    assert result.returncode == 0, result.stderr
+    for field in ("kestrel", "torch", "triton", "CUDA", "extension kestrel._C", "device"):
+        assert field in result.stdout
+    assert torch.__version__ in result.stdout
+
+
+def test_cli_help_lists_only_real_commands():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "info" in result.stdout and "bench" in result.stdout
+    assert run_cli("no-such-command").returncode != 0

@@ -1,0 +1,330 @@
+"""Block-wise quantization: exactness against the spec's nearest rounding, float64 and bitsandbytes 0.50.2."""
+
+import numpy as np
+import pytest
+import torch
+
+import kestrel
+from helpers import FLOAT_DTYPES, devices
+from kestrel import functional as KF
+from kestrel.reference import quantize as ref
+
+pytestmark = pytest.mark.skipif(not kestrel._ext.available(), reason="kestrel._C is not built")
+
+SIZES = [1, 255, 256, 257, 4097, 70_001]  # 70_001 takes the CPU kernel's bucket-table path
+BLOCKSIZES = [64, 256, 4096]
+
+
+def make_input(n, dtype, device, seed=0):
+    """Gaussian values with per-chunk scales from 1e-8 to 1e3, a zero chunk and outliers: every region of the map."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g, dtype=torch.float64)
+    chunks = (n + 63) // 64
+    scales = 10.0 ** torch.empty(chunks, dtype=torch.float64).uniform_(-8, 3, generator=g)
+    x = x * scales.repeat_interleave(64)[:n]
+    if n > 300:
+        x[128:192] = 0.0
+        x[::97] *= 50.0
+    if dtype == torch.float16:
+        x = x.clamp(-60000.0, 60000.0)  # finite in float16
+    return x.to(dtype).to(device)
+
+
+def bnb_functional():
+    return pytest.importorskip("bitsandbytes.functional")
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("max_exponent_bits,total_bits", [(7, 8), (6, 8), (5, 8), (4, 8), (3, 4), (2, 4), (1, 2)])
+def test_dynamic_map_equals_bitsandbytes(signed, max_exponent_bits, total_bits):
+    F = bnb_functional()
+    try:
+        expected = F.create_dynamic_map(signed, max_exponent_bits, total_bits)
+    except AssertionError:
+        with pytest.raises(ValueError, match="create_dynamic_map"):
+            KF.create_dynamic_map(signed, max_exponent_bits, total_bits)
+        return
+    ours = KF.create_dynamic_map(signed, max_exponent_bits, total_bits)
+    assert ours.dtype == torch.float32 and ours.shape == (256,)
+    assert torch.equal(ours.view(torch.int32), expected.float().view(torch.int32))
+
+
+def test_dynamic_map_layout():
+    signed, unsigned = KF.create_dynamic_map(True), KF.create_dynamic_map(False)
+    assert signed[127].item() == 0.0 and signed[255].item() == 1.0
+    assert abs(signed[0].item() - (-0.99297)) < 1e-5
+    assert unsigned[0].item() == 0.0 and unsigned[255].item() == 1.0
+    for code in (signed, unsigned):
+        assert bool((code[1:] > code[:-1]).all())
+
+
+def test_create_dynamic_map_rejects_bad_arguments():
+    with pytest.raises(ValueError, match=r"max_exponent_bits must be in \[1, total_bits - 1\] = \[1, 7\], got 8"):
+        KF.create_dynamic_map(True, 8, 8)
+    with pytest.raises(ValueError, match=r"total_bits must be in \[2, 8\], got 9"):
+        KF.create_dynamic_map(True, 7, 9)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+def test_quantize_equals_spec_reference(device, dtype, n, blocksize):
+    x = make_input(n, dtype, device, seed=n + blocksize)
+    code = KF.create_dynamic_map(signed=True).to(device)
+    codes, absmax = KF.quantize_blockwise(x, blocksize=blocksize)
+    expected_codes, expected_absmax = ref.quantize_blockwise(x, code, blocksize)
+    assert codes.dtype == torch.uint8 and codes.shape == x.shape
+    assert absmax.dtype == torch.float32 and absmax.shape == ((n + blocksize - 1) // blocksize,)
+    assert torch.equal(absmax, expected_absmax)
+    assert torch.equal(codes, expected_codes)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("signed", [True, False])
+def test_quantize_is_nearest_in_float64(device, signed):
+    n = 60_000
+    x = make_input(n, torch.float32, device, seed=7)
+    if not signed:
+        x = x.abs()
+    code = KF.create_dynamic_map(signed=signed).to(device)
+    codes, _ = KF.quantize_blockwise(x, code=code, blocksize=256)
+    _, v = ref.absmax_and_normalized(x, 256)
+    v64, code64 = v.double().cpu(), code.double().cpu()
+    ours = (v64 - code64[codes.long().cpu()]).abs()
+    best = (v64[:, None] - code64[None, :]).abs().min(dim=1).values
+    # Exact nearest up to the float32 rounding of a midpoint: only a value lying exactly on a float32 midpoint
+    # may pick a code that is farther by at most one ulp.
+    ulp = torch.from_numpy(np.spacing(np.abs(v.cpu().numpy()))).double()
+    assert bool((ours <= best + ulp).all())
+    worse = ours > best
+    midpoints = ((code[:-1] + code[1:]) * 0.5).cpu()
+    assert bool(torch.isin(v.cpu()[worse], midpoints).all())
+
+
+@pytest.mark.parametrize("device", devices())
+def test_midpoints_take_the_lower_index(device):
+    code = KF.create_dynamic_map(signed=True).to(device)
+    midpoints = (code[:-1] + code[1:]) * 0.5
+    above = torch.nextafter(midpoints, torch.full_like(midpoints, 2.0))
+    below = torch.nextafter(midpoints, torch.full_like(midpoints, -2.0))
+    # Blocks of 256 values whose absmax is exactly 1, so the normalised values are the inputs themselves.
+    for values, expected in ((midpoints, torch.arange(255)), (above, torch.arange(1, 256)), (below, torch.arange(255))):
+        x = torch.cat([values, torch.ones(1, device=device)])
+        codes, absmax = KF.quantize_blockwise(x, code=code, blocksize=256)
+        assert absmax.item() == 1.0
+        assert torch.equal(codes[:255].long().cpu(), expected)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("signed", [True, False])
+def test_round_trip_exact_on_map_values(device, signed):
+    code = KF.create_dynamic_map(signed=signed).to(device)
+    codes, absmax = KF.quantize_blockwise(code, code=code, blocksize=256)
+    assert absmax.item() == 1.0
+    assert torch.equal(codes.long().cpu(), torch.arange(256))
+    assert torch.equal(KF.dequantize_blockwise(codes, absmax, code=code, blocksize=256), code)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_zero_blocks_decode_to_zero(device, dtype):
+    x = torch.zeros(1000, dtype=dtype, device=device)
+    x[600:700] = 3.0
+    codes, absmax = KF.quantize_blockwise(x, blocksize=256)
+    assert absmax.tolist() == [0.0, 0.0, 3.0, 0.0]
+    assert bool((codes[:512] == 127).all()) and bool((codes[768:] == 127).all())
+    out = KF.dequantize_blockwise(codes, absmax, blocksize=256, dtype=dtype)
+    assert not bool(out.isnan().any())
+    assert bool((out[:512] == 0).all()) and bool((out[600:700] == 3.0).all())
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 5, 2)])
+def test_empty_tensors(device, shape):
+    x = torch.empty(shape, device=device)
+    codes, absmax = KF.quantize_blockwise(x)
+    assert codes.shape == shape and absmax.shape == (0,)
+    out = KF.dequantize_blockwise(codes, absmax, dtype=torch.bfloat16)
+    assert out.shape == shape and out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("device", devices())
+def test_partial_last_block_and_shape(device):
+    x = make_input(3 * 100, torch.float32, device).reshape(3, 100)
+    codes, absmax = KF.quantize_blockwise(x, blocksize=256)
+    assert codes.shape == (3, 100) and absmax.shape == (2,)
+    assert absmax[1].item() == x.reshape(-1)[256:].abs().max().item()
+
+
+@pytest.mark.parametrize("device", devices())
+def test_non_contiguous_input(device):
+    x = make_input(64 * 130, torch.float32, device).reshape(64, 130)
+    codes, absmax = KF.quantize_blockwise(x.t(), blocksize=64)
+    expected_codes, expected_absmax = KF.quantize_blockwise(x.t().contiguous(), blocksize=64)
+    assert torch.equal(codes, expected_codes) and torch.equal(absmax, expected_absmax)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_nan_and_inf_follow_the_reference(device):
+    x = make_input(1024, torch.float32, device)
+    x[5] = float("nan")
+    x[300] = float("inf")
+    x[700] = float("-inf")
+    code = KF.create_dynamic_map().to(device)
+    codes, absmax = KF.quantize_blockwise(x, blocksize=256)
+    expected_codes, expected_absmax = ref.quantize_blockwise(x, code, 256)
+    assert torch.isnan(absmax[0]) and absmax[1].item() == float("inf")
+    assert torch.equal(absmax[2:], expected_absmax[2:])
+    assert torch.equal(codes, expected_codes)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("n", [1000, 100_000])
+def test_custom_and_degenerate_codes(device, n):
+    # A linear map, and a 4-bit map padded with zeros (many equal midpoints: the CPU kernel's generic search).
+    for code in (torch.linspace(-1, 1, 256), KF.create_dynamic_map(True, 3, 4)):
+        code = code.to(device)
+        x = make_input(n, torch.float32, device, seed=3)
+        codes, absmax = KF.quantize_blockwise(x, code=code, blocksize=128)
+        expected_codes, expected_absmax = ref.quantize_blockwise(x, code, 128)
+        assert torch.equal(absmax, expected_absmax) and torch.equal(codes, expected_codes)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("blocksize", [64, 256, 2048])
+def test_dequantize_equals_reference(device, dtype, blocksize):
+    g = torch.Generator().manual_seed(blocksize)
+    n = 5000
+    codes = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).to(device)
+    absmax = (torch.rand((n + blocksize - 1) // blocksize, generator=g) * 100).to(device)
+    absmax[0] = 0.0
+    code = KF.create_dynamic_map(signed=False).to(device)
+    out = KF.dequantize_blockwise(codes, absmax, code=code, blocksize=blocksize, dtype=dtype)
+    assert out.dtype == dtype
+    assert torch.equal(out, ref.dequantize_blockwise(codes, absmax, code, blocksize, dtype))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("blocksize", [64, 256, 4096])
+def test_dequantize_equals_bitsandbytes(device, dtype, blocksize):
+    bnb_functional()
+    g = torch.Generator().manual_seed(1)
+    n = 9000
+    codes = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).to(device)
+    absmax = (torch.rand((n + blocksize - 1) // blocksize, generator=g) * 10).to(device)
+    code = KF.create_dynamic_map().to(device)
+    expected = torch.ops.bitsandbytes.dequantize_blockwise(codes, absmax, code, blocksize, dtype)
+    ours = KF.dequantize_blockwise(codes, absmax, code=code, blocksize=blocksize, dtype=dtype)
+    assert torch.equal(ours, expected)
+
+
+def assert_never_farther(x, blocksize, codes, other_codes):
+    """Our code is never farther from the normalised input x * (1/absmax) than `other_codes`, except for a value
+    exactly on a float32 midpoint, where the spec's tie rule takes the lower index (at most one ulp farther)."""
+    code = KF.create_dynamic_map().to(x.device)
+    _, v = ref.absmax_and_normalized(x, blocksize)
+    ours = (v.double() - code.double()[codes.long()]).abs()
+    theirs = (v.double() - code.double()[other_codes.long()]).abs()
+    farther = ours > theirs
+    midpoints = (code[:-1] + code[1:]) * 0.5
+    assert bool(torch.isin(v[farther], midpoints).all())
+    assert bool((codes[farther] < other_codes[farther]).all())
+    return farther
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("blocksize", [64, 256, 4096])
+def test_quantize_never_farther_than_bitsandbytes_cpu(dtype, blocksize):
+    F = bnb_functional()
+    x = make_input(100_000, dtype, "cpu", seed=11)
+    codes, absmax = KF.quantize_blockwise(x, blocksize=blocksize)
+    bnb_codes, bnb_state = F.quantize_blockwise(x, blocksize=blocksize)
+    assert torch.equal(absmax, bnb_state.absmax)
+    assert_never_farther(x, blocksize, codes, bnb_codes)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("blocksize", [64, 256, 4096])
+def test_quantize_matches_bitsandbytes_cuda(dtype, blocksize):
+    F = bnb_functional()
+    x = make_input(1_000_003, dtype, "cuda", seed=5)
+    codes, absmax = KF.quantize_blockwise(x, blocksize=blocksize)
+    bnb_codes, bnb_state = F.quantize_blockwise(x, blocksize=blocksize)
+    assert torch.equal(absmax, bnb_state.absmax)
+    assert_never_farther(x, blocksize, codes, bnb_codes)
+    assert (codes == bnb_codes).float().mean().item() > 0.999
+
+
+@pytest.mark.parametrize("device", devices())
+def test_argument_errors(device):
+    x = torch.randn(1000, device=device)
+    for bad in (32, 100, 8192, 256.0, True):
+        with pytest.raises(ValueError, match=rf"quantize_blockwise: blocksize must be a power of two in \[64, 4096\], got {bad!r}"):
+            KF.quantize_blockwise(x, blocksize=bad)
+    with pytest.raises(ValueError, match=r"quantize_blockwise: code must have shape \(256,\), got \(255,\)"):
+        KF.quantize_blockwise(x, code=torch.zeros(255, device=device))
+    with pytest.raises(TypeError, match="quantize_blockwise: code must be float32, got torch.float64"):
+        KF.quantize_blockwise(x, code=torch.zeros(256, dtype=torch.float64, device=device))
+    with pytest.raises(TypeError, match="quantize_blockwise: x must be float32, float16 or bfloat16, got torch.int32"):
+        KF.quantize_blockwise(torch.ones(10, dtype=torch.int32, device=device))
+    codes, absmax = KF.quantize_blockwise(x)
+    with pytest.raises(ValueError, match=r"absmax must hold ceil\(1000 / 256\) = 4 values .* got 3"):
+        KF.dequantize_blockwise(codes, absmax[:3])
+    with pytest.raises(ValueError, match=r"absmax must hold ceil\(1000 / 128\) = 8 values .* got 4"):
+        KF.dequantize_blockwise(codes, absmax, blocksize=128)
+    with pytest.raises(TypeError, match="dequantize_blockwise: codes must be a uint8 tensor, got torch.int64"):
+        KF.dequantize_blockwise(codes.long(), absmax)
+    with pytest.raises(TypeError, match="dequantize_blockwise: absmax must be a float32 tensor, got torch.float16"):
+        KF.dequantize_blockwise(codes, absmax.half())
+    with pytest.raises(TypeError, match="dequantize_blockwise: dtype must be float32, float16 or bfloat16, got torch.int8"):
+        KF.dequantize_blockwise(codes, absmax, dtype=torch.int8)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_op_level_checks(device):
+    # The registered ops check their arguments too, for callers of torch.ops.kestrel.* directly.
+    x = torch.randn(1000, device=device)
+    code = KF.create_dynamic_map().to(device)
+    with pytest.raises(RuntimeError, match="blocksize must be a power of two in \\[64, 4096\\], got 100"):
+        torch.ops.kestrel.quantize_blockwise(x, code, 100)
+    with pytest.raises(RuntimeError, match=r"code must have shape \(256,\), got \[128\]"):
+        torch.ops.kestrel.quantize_blockwise(x, code[:128], 256)
+    codes, absmax = torch.ops.kestrel.quantize_blockwise(x, code, 256)
+    with pytest.raises(RuntimeError, match="absmax must hold ceil\\(1000 / 256\\) = 4 values, got 2"):
+        torch.ops.kestrel.dequantize_blockwise(codes, absmax[:2], code, 256, torch.float32)
+
+
+def test_unsorted_code_is_rejected_on_cpu():
+    code = KF.create_dynamic_map().flip(0).contiguous()
+    with pytest.raises(RuntimeError, match=r"code must be sorted ascending, got code\[0\] = 1 > code\[1\]"):
+        KF.quantize_blockwise(torch.randn(100), code=code)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_opcheck(device):
+    code = KF.create_dynamic_map().to(device)
+    for dtype in FLOAT_DTYPES:
+        for shape, blocksize in (((1000,), 256), ((3, 70), 64), ((0,), 128), ((5000,), 4096)):
+            x = make_input(int(np.prod(shape)), dtype, device).reshape(shape)
+            torch.library.opcheck(torch.ops.kestrel.quantize_blockwise.default, (x, code, blocksize))
+            codes, absmax = torch.ops.kestrel.quantize_blockwise(x, code, blocksize)
+            torch.library.opcheck(torch.ops.kestrel.dequantize_blockwise.default, (codes, absmax, code, blocksize, dtype))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_compile_fullgraph(device):
+    torch._dynamo.reset()
+
+    def round_trip(x):
+        codes, absmax = KF.quantize_blockwise(x, blocksize=128)
+        return KF.dequantize_blockwise(codes, absmax, blocksize=128, dtype=x.dtype), codes, absmax
+
+    compiled = torch.compile(round_trip, fullgraph=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = make_input(3000, dtype, device).reshape(30, 100)
+        for got, expected in zip(compiled(x), round_trip(x)):
+            assert torch.equal(got, expected)
