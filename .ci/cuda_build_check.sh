@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Build kestrel._C with its CUDA part (FORCE_CUDA=1, sm_80 and sm_90a) against torch 2.14.1 + CUDA 13 on a machine
+# without a GPU, install it into its own venv, check build_info and rerun the CPU tests against it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+if [ ! -x "$CUDA_HOME/bin/nvcc" ] && ! command -v nvcc >/dev/null; then
+  echo "cuda_build_check: no CUDA toolkit (nvcc) here, so the CUDA part cannot be compiled" >&2
+  exit 1
+fi
+venv="$root/.venv-cuda"
+python3 -m venv "$venv"
+"$venv/bin/python" -m pip install -q torch==2.14.1 ninja setuptools wheel pytest numpy
+# A copy of the working tree, so this build never touches the in-place CPU build of step 1.
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+git ls-files -co --exclude-standard -z | grep -zv '^\.venv' | tar --null -T - -cf - | tar -xf - -C "$work"
+(cd "$work" && FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0a" "$venv/bin/python" -m pip install -q \
+  --no-build-isolation --no-deps .)
+cd "$work/tests"  # not the source tree: import the installed build
+"$venv/bin/python" - <<'PY'
+import kestrel
+info = kestrel._ext.build_info()
+print("cuda build:", info)
+assert info["cuda"] and info["cuda_archs"] == ["sm_80", "sm_90a"], info
+PY
+"$venv/bin/python" -m pytest -q -p no:cacheprovider --rootdir "$work" "$work/tests/test_quantize.py" -k "not bitsandbytes"

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The one GPU check: on a machine with a CUDA GPU, build the CUDA extension, run the GPU tests and the benchmarks,
+# and write every log under $OUT (default /tmp/kestrel-gpu). Peers (bitsandbytes) come as wheels in .whl/ when the
+# machine has no network (see README.md, "GPU check").
+#   bash benchmarks/gpu_check.sh            # everything
+#   KESTREL_GPU_CHECK_SKIP_BENCH=1 ...       # build and tests only
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/kestrel-gpu}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}"
+PY="${PYTHON:-python3}"
+status=0
+
+{
+  date -u; git rev-parse --short HEAD 2>/dev/null || true
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+} > "$OUT/env.log"
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl >> "$OUT/env.log" 2>&1
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+echo "== build" | tee "$OUT/build.log"
+( time "$PY" -m pip install --no-build-isolation --no-deps -e . ) >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+"$PY" -m kestrel info 2>&1 | tee -a "$OUT/env.log"
+
+echo "== GPU tests"
+"$PY" -m pytest -m gpu -q -ra tests 2>&1 | tee "$OUT/tests.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+if [ -z "${KESTREL_GPU_CHECK_SKIP_BENCH:-}" ]; then
+  echo "== benchmarks"
+  "$PY" -m kestrel bench --device cuda --csv "$OUT/bench.csv" 2>&1 | tee "$OUT/bench.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+echo "logs in $OUT"
+exit $status
