@@ -1,0 +1,51 @@
+// Block-wise 8-bit (and 32-bit) Adam: the per-element math, shared by the CPU and CUDA kernels.
+//
+// Spec: optim8bit.md, "One fused step per element". The host computes the per-step scalars once (AdamScalars), so
+// the CPU and CUDA kernels run the same float32 operations in the same order; both are compiled without
+// floating-point contraction (-ffp-contract=off, nvcc --fmad=false), so their results are bit-identical.
+#pragma once
+
+#include "kestrel/quantize.h"
+
+namespace kestrel {
+namespace optim {
+
+constexpr int kBlockSize = 256;  // elements per absmax block of an 8-bit state (bnb's optimizer blocks)
+
+struct AdamScalars {
+  float beta1, beta2;
+  float one_minus_beta1, one_minus_beta2;
+  float step_size;    // -lr * sqrt(1 - beta2^t) / (1 - beta1^t)
+  float eps_c2;       // eps * sqrt(1 - beta2^t)
+  float decay;        // 1 - lr * weight_decay, applied after the update when apply_decay
+  float gnorm_scale;  // gradient scale (1 unless clipping)
+  int apply_decay;
+};
+
+KESTREL_HD bool is_finite(float v) { return v - v == 0.0f; }  // false for NaN and +-Inf
+
+// Steps 1-2: the new moments from the old ones and a finite gradient.
+KESTREL_HD void adam_moments(const AdamScalars& a, float g, float& s1, float& s2) {
+  s1 = s1 * a.beta1 + a.one_minus_beta1 * g;
+  s2 = s2 * a.beta2 + a.one_minus_beta2 * (g * g);
+}
+
+// Step 4, before rounding to the parameter's dtype: p + step_size * s1 / (sqrt(s2) + eps * c2).
+KESTREL_HD float adam_param_update(const AdamScalars& a, float p, float s1, float s2) {
+  return p + a.step_size * (s1 / (sqrtf(s2) + a.eps_c2));
+}
+
+// Step 5's normalisation of a new state by its block's new absmax (0 for an all-zero block).
+KESTREL_HD float normalize_state(float s, float absmax) { return absmax > 0.0f ? s / absmax : 0.0f; }
+
+// Requantize a signed-map state (with bnb's sign fix) or an unsigned-map state, given the map's midpoints.
+KESTREL_HD uint8_t requantize_signed(const float* code, const float* midpoints, float s, float absmax) {
+  const float v = normalize_state(s, absmax);
+  return (uint8_t)quant::apply_sign_fix(code, quant::nearest_code_bsearch(midpoints, v), v);
+}
+KESTREL_HD uint8_t requantize_unsigned(const float* midpoints, float s, float absmax) {
+  return (uint8_t)quant::nearest_code_bsearch(midpoints, normalize_state(s, absmax));
+}
+
+}  // namespace optim
+}  // namespace kestrel
