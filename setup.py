@@ -88,7 +88,9 @@ def make_extensions():
     debug = os.environ.get("KESTREL_DEBUG", "") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     version = read_version()
-    cxx = opt + [f"-DKESTREL_VERSION={version}"]  # the C++ standard is the one torch's cpp_extension picks
+    # No floating-point contraction anywhere: the CPU clones and the CUDA kernels must round identically.
+    # (The C++ standard is the one torch's cpp_extension picks.)
+    cxx = opt + ["-ffp-contract=off", f"-DKESTREL_VERSION={version}"]
     link = []
     if sys.platform.startswith("linux"):
         cxx.append("-fopenmp")
@@ -107,7 +109,7 @@ def make_extensions():
     print(f"kestrel: CUDA archs {archs}")
     cuda_macros = ["-DKESTREL_WITH_CUDA", f"-DKESTREL_CUDA_VERSION={torch.version.cuda}",
                    f"-DKESTREL_CUDA_ARCHS={archs}"]
-    nvcc = opt + ["-lineinfo"] + cuda_macros
+    nvcc = opt + ["-lineinfo", "--fmad=false"] + cuda_macros
     return [CUDAExtension("kestrel._C", sources + read_sources("cuda"),
                           include_dirs=include_dirs + extra_cuda_include_dirs(CUDA_HOME),
                           extra_compile_args={"cxx": cxx + cuda_macros, "nvcc": nvcc},
@@ -120,7 +122,7 @@ def main():
     setup(
         version=read_version(),
         package_dir={"": "python", "kestrel.kernels": "kernels", "kestrel.benchmarks": "benchmarks"},
-        packages=["kestrel", "kestrel.ops", "kestrel.reference", "kestrel.kernels", "kestrel.benchmarks"],
+        packages=["kestrel", "kestrel.ops", "kestrel.optim", "kestrel.reference", "kestrel.kernels", "kestrel.benchmarks"],
         ext_modules=make_extensions(),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         zip_safe=False,

@@ -17,6 +17,17 @@ TORCH_LIBRARY(kestrel, m) {
   m.def("quantize_blockwise(Tensor x, Tensor code, int blocksize) -> (Tensor codes, Tensor absmax)");
   m.def(
       "dequantize_blockwise(Tensor codes, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) -> Tensor");
+
+  // One fused Adam/AdamW step (bnb semantics: decoupled weight decay after the update) for a list of parameters of
+  // one dtype and device: 8-bit block-wise states (signed map qmap1, unsigned map qmap2, blocks of 256) or
+  // float32 states. steps[i] is parameter i's step count after this step.
+  m.def(
+      "adam8bit_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(c!)[] state2, "
+      "Tensor(d!)[] absmax1, Tensor(e!)[] absmax2, Tensor qmap1, Tensor qmap2, int[] steps, float lr, float beta1, "
+      "float beta2, float eps, float weight_decay, float gnorm_scale) -> ()");
+  m.def(
+      "adam32bit_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(c!)[] state2, int[] steps, "
+      "float lr, float beta1, float beta2, float eps, float weight_decay, float gnorm_scale) -> ()");
 }
 
 namespace {

@@ -1,12 +1,9 @@
 // CPU kernels for block-wise quantization: OpenMP over blocks, the per-element math from kestrel/quantize.h.
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
-
-#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -14,38 +11,14 @@
 #include <vector>
 
 #include "../quantize_checks.h"
+#include "code_table.h"
+#include "cpu_utils.h"
 #include "kestrel/quantize.h"
 
 namespace kestrel {
 namespace {
 
-// Below this many elements the 64 KiB bucket table costs more than it saves; both searches give the same codes.
-constexpr int64_t kBucketTableMinElements = 1 << 16;
-constexpr int kMaxBucketSteps = 4;
-constexpr int64_t kParallelMinElements = 1 << 15;
-
-#define KESTREL_ALWAYS_INLINE inline __attribute__((always_inline))
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define KESTREL_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define KESTREL_CPU_CLONES
-#endif
-
-struct MidpointTable {
-  float midpoints[quant::kMidpointsSize];
-  std::vector<uint8_t> bucket_start;
-  int bucket_steps = -1;  // -1: no bucket table, use the binary search
-
-  MidpointTable(const float* code, bool want_buckets) {
-    for (int j = 0; j < quant::kCodeSize - 1; ++j) midpoints[j] = quant::midpoint(code, j);
-    midpoints[quant::kCodeSize - 1] = std::numeric_limits<float>::infinity();
-    if (want_buckets) {
-      bucket_start.resize(quant::kNumBuckets);
-      const int steps = quant::build_bucket_table(midpoints, bucket_start.data());
-      if (steps <= kMaxBucketSteps) bucket_steps = steps;
-    }
-  }
-};
+using cpu::CodeTable;
 
 // max |x| over a block with independent lanes (vectorizable); NaN anywhere gives NaN, as absmax_combine does.
 template <typename T>
@@ -76,10 +49,10 @@ KESTREL_ALWAYS_INLINE float block_absmax(const T* x, int64_t len) {
 }
 
 template <typename T>
-KESTREL_ALWAYS_INLINE void quantize_blocks(const MidpointTable& table, const T* x, uint8_t* codes, float* absmax,
+KESTREL_ALWAYS_INLINE void quantize_blocks(const CodeTable& table, const T* x, uint8_t* codes, float* absmax,
                                            int64_t n, int64_t blocksize, int64_t first_block, int64_t end_block) {
   const float* midpoints = table.midpoints;
-  const uint8_t* start = table.bucket_start.data();
+  const uint8_t* start = table.bucket_start;
   for (int64_t b = first_block; b < end_block; ++b) {
     const int64_t begin = b * blocksize;
     const int64_t len = std::min(blocksize, n - begin);
@@ -93,7 +66,7 @@ KESTREL_ALWAYS_INLINE void quantize_blocks(const MidpointTable& table, const T* 
         ob[i] = static_cast<uint8_t>(quant::nearest_code_bucketed<1>(midpoints, start, static_cast<float>(xb[i]) * inv));
     } else if (table.bucket_steps >= 0) {
       for (int64_t i = 0; i < len; ++i)
-        ob[i] = static_cast<uint8_t>(quant::nearest_code_bucketed<kMaxBucketSteps>(midpoints, start, static_cast<float>(xb[i]) * inv));
+        ob[i] = static_cast<uint8_t>(quant::nearest_code_bucketed<cpu::kMaxBucketSteps>(midpoints, start, static_cast<float>(xb[i]) * inv));
     } else {
       for (int64_t i = 0; i < len; ++i)
         ob[i] = static_cast<uint8_t>(quant::nearest_code_bsearch(midpoints, static_cast<float>(xb[i]) * inv));
@@ -103,7 +76,7 @@ KESTREL_ALWAYS_INLINE void quantize_blocks(const MidpointTable& table, const T* 
 
 // One entry point per dtype, cloned for AVX-512 / AVX2 / baseline x86-64 and picked at load time.
 #define KESTREL_DEFINE_QUANTIZE_BLOCKS(NAME, T)                                                                   \
-  KESTREL_CPU_CLONES void NAME(const MidpointTable& table, const T* x, uint8_t* codes, float* absmax, int64_t n,  \
+  KESTREL_CPU_CLONES void NAME(const CodeTable& table, const T* x, uint8_t* codes, float* absmax, int64_t n,      \
                                int64_t blocksize, int64_t first_block, int64_t end_block) {                     \
     quantize_blocks<T>(table, x, codes, absmax, n, blocksize, first_block, end_block);                          \
   }
@@ -112,11 +85,11 @@ KESTREL_DEFINE_QUANTIZE_BLOCKS(quantize_blocks_f16, c10::Half)
 KESTREL_DEFINE_QUANTIZE_BLOCKS(quantize_blocks_bf16, c10::BFloat16)
 #undef KESTREL_DEFINE_QUANTIZE_BLOCKS
 
-inline void quantize_blocks_any(const MidpointTable& t, const float* x, uint8_t* c, float* a, int64_t n, int64_t bs,
+inline void quantize_blocks_any(const CodeTable& t, const float* x, uint8_t* c, float* a, int64_t n, int64_t bs,
                                 int64_t b0, int64_t b1) { quantize_blocks_f32(t, x, c, a, n, bs, b0, b1); }
-inline void quantize_blocks_any(const MidpointTable& t, const c10::Half* x, uint8_t* c, float* a, int64_t n,
+inline void quantize_blocks_any(const CodeTable& t, const c10::Half* x, uint8_t* c, float* a, int64_t n,
                                 int64_t bs, int64_t b0, int64_t b1) { quantize_blocks_f16(t, x, c, a, n, bs, b0, b1); }
-inline void quantize_blocks_any(const MidpointTable& t, const c10::BFloat16* x, uint8_t* c, float* a, int64_t n,
+inline void quantize_blocks_any(const CodeTable& t, const c10::BFloat16* x, uint8_t* c, float* a, int64_t n,
                                 int64_t bs, int64_t b0, int64_t b1) { quantize_blocks_bf16(t, x, c, a, n, bs, b0, b1); }
 
 template <typename T>
@@ -149,22 +122,10 @@ inline void dequantize_blocks_any(const uint8_t* c, const float* a, const float*
 inline void dequantize_blocks_any(const uint8_t* c, const float* a, const float* m, c10::BFloat16* o, int64_t n,
                                   int64_t bs, int64_t b0, int64_t b1) { dequantize_blocks_bf16(c, a, m, o, n, bs, b0, b1); }
 
-// Contiguous ranges of blocks per thread: no cache line is written by two threads.
-template <typename Fn>
-void parallel_over_blocks(int64_t n, int64_t num_blocks, const Fn& fn) {
-#pragma omp parallel num_threads(at::get_num_threads()) if (n >= kParallelMinElements)
-  {
-    const int64_t threads = omp_get_num_threads(), tid = omp_get_thread_num();
-    const int64_t per_thread = (num_blocks + threads - 1) / threads;
-    const int64_t first = std::min(num_blocks, tid * per_thread);
-    fn(first, std::min(num_blocks, first + per_thread));
-  }
-}
-
 template <typename T>
 void dequantize_blockwise_cpu_impl(const uint8_t* codes, const float* absmax, const float* code, T* out, int64_t n,
                                    int64_t blocksize) {
-  parallel_over_blocks(n, num_quant_blocks(n, blocksize), [&](int64_t first, int64_t end) {
+  cpu::parallel_over_blocks(n, num_quant_blocks(n, blocksize), [&](int64_t first, int64_t end) {
     dequantize_blocks_any(codes, absmax, code, out, n, blocksize, first, end);
   });
 }
@@ -172,9 +133,9 @@ void dequantize_blockwise_cpu_impl(const uint8_t* codes, const float* absmax, co
 template <typename T>
 void quantize_blockwise_cpu_impl(const T* x, const float* code, uint8_t* codes, float* absmax, int64_t n,
                                  int64_t blocksize) {
-  const MidpointTable table(code, n >= kBucketTableMinElements);
-  parallel_over_blocks(n, num_quant_blocks(n, blocksize), [&](int64_t first, int64_t end) {
-    quantize_blocks_any(table, x, codes, absmax, n, blocksize, first, end);
+  const auto table = cpu::code_table_for(code);
+  cpu::parallel_over_blocks(n, num_quant_blocks(n, blocksize), [&](int64_t first, int64_t end) {
+    quantize_blocks_any(*table, x, codes, absmax, n, blocksize, first, end);
   });
 }
 

@@ -8,5 +8,6 @@ from ._version import __version__
 from . import _ext
 from . import ops
 from . import functional
+from . import optim
 
-__all__ = ["__version__", "functional", "ops"]
+__all__ = ["__version__", "functional", "ops", "optim"]

@@ -5,6 +5,8 @@
 // floating-point contraction (-ffp-contract=off, nvcc --fmad=false), so their results are bit-identical.
 #pragma once
 
+#include <math.h>
+
 #include "kestrel/quantize.h"
 
 namespace kestrel {
@@ -21,6 +23,24 @@ struct AdamScalars {
   float gnorm_scale;  // gradient scale (1 unless clipping)
   int apply_decay;
 };
+
+// The scalars of step `step` (>= 1), in float32 as bnb's kernel computes them (IEEE division for step_size).
+inline AdamScalars make_adam_scalars(int64_t step, float lr, float beta1, float beta2, float eps, float weight_decay,
+                                     float gnorm_scale) {
+  AdamScalars a;
+  a.beta1 = beta1;
+  a.beta2 = beta2;
+  a.one_minus_beta1 = 1.0f - beta1;
+  a.one_minus_beta2 = 1.0f - beta2;
+  const float correction1 = 1.0f - powf(beta1, (float)step);
+  const float correction2 = sqrtf(1.0f - powf(beta2, (float)step));
+  a.step_size = (-lr * correction2) / correction1;
+  a.eps_c2 = correction2 * eps;
+  a.decay = 1.0f - lr * weight_decay;
+  a.gnorm_scale = gnorm_scale;
+  a.apply_decay = weight_decay > 0.0f;
+  return a;
+}
 
 KESTREL_HD bool is_finite(float v) { return v - v == 0.0f; }  // false for NaN and +-Inf
 

@@ -1,5 +1,6 @@
 """Public ops: argument checks, backend choice, fake (meta) kernels. One module per op family."""
 
+from . import optim as _optim_fakes  # noqa: F401  (registers the fakes)
 from .quantize import create_dynamic_map, dequantize_blockwise, quantize_blockwise
 
 __all__ = ["create_dynamic_map", "quantize_blockwise", "dequantize_blockwise"]

@@ -1,0 +1,65 @@
+// Argument checks of the fused optimizer ops, shared by the CPU and CUDA launchers (torch-facing).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include "kestrel/optim.h"
+
+namespace kestrel {
+
+inline int64_t optim_num_blocks(int64_t n) { return (n + optim::kBlockSize - 1) / optim::kBlockSize; }
+
+// Every list has one entry per parameter; each parameter is a dense, contiguous float tensor with a gradient of the
+// same dtype and size on the same device; states have the sizes and dtypes of an 8-bit (or 32-bit) state.
+inline void check_adam_args(const char* op, at::TensorList params, at::TensorList grads, at::TensorList state1,
+                            at::TensorList state2, at::TensorList absmax1, at::TensorList absmax2,
+                            const at::Tensor* qmap1, const at::Tensor* qmap2, c10::IntArrayRef steps, bool eight_bit) {
+  const size_t count = params.size();
+  TORCH_CHECK(grads.size() == count && state1.size() == count && state2.size() == count && steps.size() == count, op,
+              ": params, grads, state1, state2 and steps must have one entry per parameter, got ", count, ", ",
+              grads.size(), ", ", state1.size(), ", ", state2.size(), ", ", steps.size());
+  if (eight_bit) {
+    TORCH_CHECK(absmax1.size() == count && absmax2.size() == count, op,
+                ": absmax1 and absmax2 must have one entry per parameter, got ", absmax1.size(), " and ",
+                absmax2.size(), " for ", count, " parameters");
+    for (const at::Tensor* qmap : {qmap1, qmap2}) {
+      TORCH_CHECK(qmap->scalar_type() == at::kFloat && qmap->numel() == 256 && qmap->is_contiguous(), op,
+                  ": qmap1 and qmap2 must be contiguous float32 tensors of 256 values, got ", qmap->scalar_type(),
+                  " of shape ", qmap->sizes());
+    }
+  }
+  for (size_t i = 0; i < count; ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = grads[i];
+    const int64_t n = p.numel();
+    TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kHalf || p.scalar_type() == at::kBFloat16,
+                op, ": parameter ", i, " must be float32, float16 or bfloat16, got ", p.scalar_type());
+    TORCH_CHECK(g.layout() == at::kStrided, op, ": the gradient of parameter ", i, " is sparse; sparse gradients are "
+                "not supported");
+    TORCH_CHECK(g.scalar_type() == p.scalar_type(), op, ": the gradient of parameter ", i, " must have its dtype (",
+                p.scalar_type(), "), got ", g.scalar_type());
+    TORCH_CHECK(g.numel() == n, op, ": the gradient of parameter ", i, " must have ", n, " elements, got ", g.numel());
+    TORCH_CHECK(p.is_contiguous() && g.is_contiguous(), op, ": parameter ", i, " and its gradient must be contiguous");
+    TORCH_CHECK(g.device() == p.device() && state1[i].device() == p.device() && state2[i].device() == p.device(), op,
+                ": parameter ", i, ", its gradient and states must be on one device (", p.device(), ")");
+    TORCH_CHECK(steps[i] >= 1, op, ": steps[", i, "] must be >= 1, got ", steps[i]);
+    const auto state_dtype = eight_bit ? at::kByte : at::kFloat;
+    for (const at::Tensor* s : {&state1[i], &state2[i]}) {
+      TORCH_CHECK(s->scalar_type() == state_dtype && s->numel() == n && s->is_contiguous(), op, ": the states of "
+                  "parameter ", i, " must be contiguous ", state_dtype, " tensors of ", n, " elements, got ",
+                  s->scalar_type(), " with ", s->numel());
+    }
+    if (eight_bit) {
+      const int64_t blocks = optim_num_blocks(n);
+      for (const at::Tensor* a : {&absmax1[i], &absmax2[i]}) {
+        TORCH_CHECK(a->scalar_type() == at::kFloat && a->numel() == blocks && a->is_contiguous() &&
+                        a->device() == p.device(),
+                    op, ": absmax1/absmax2 of parameter ", i, " must be contiguous float32 tensors of ceil(", n,
+                    " / 256) = ", blocks, " values on ", p.device(), ", got ", a->scalar_type(), " with ", a->numel());
+      }
+    }
+  }
+}
+
+}  // namespace kestrel

@@ -1,0 +1,161 @@
+"""Adam and AdamW with 8-bit block-wise or 32-bit state: bitsandbytes 0.50's classes and signatures.
+
+Adam8bit and AdamW8bit apply weight decay decoupled, after the update (p *= 1 - lr * weight_decay), as bnb's
+kernel does for both; so Adam8bit with weight decay behaves as AdamW.
+"""
+
+from collections import defaultdict
+
+import torch
+
+from .optimizer import MockArgs, Optimizer8bit, _blocks
+
+
+class _Adam(Optimizer8bit):
+    """The shared implementation (bnb's Optimizer2State for "adam")."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, optim_bits=32,
+                 args=None, min_8bit_size=4096, is_paged=False, percentile_clipping=100, block_wise=True):
+        name = type(self).__name__
+        if amsgrad:
+            raise ValueError(f"{name} does not support amsgrad=True")
+        if isinstance(betas, str):  # bnb accepts '(0.9, 0.999)'
+            betas = [float(b) for b in betas.replace("(", "").replace(")", "").split(",")]
+        if not lr >= 0.0:
+            raise ValueError(f"{name}: lr must be >= 0, got {lr}")
+        if not eps >= 0.0:
+            raise ValueError(f"{name}: eps must be >= 0, got {eps}")
+        if len(betas) != 2:
+            raise ValueError(f"{name}: betas must hold two values (beta1, beta2), got {tuple(betas)}")
+        for i, beta in enumerate(betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"{name}: betas[{i}] must be in [0, 1), got {beta}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"{name}: weight_decay must be >= 0, got {weight_decay}")
+        if optim_bits not in (8, 32):
+            raise ValueError(f"{name}: optim_bits must be 8 or 32, got {optim_bits}")
+        if not block_wise:
+            raise ValueError(f"{name}: block_wise=False (bnb 0.49's tensor-wise 8-bit state) is not supported; "
+                             "kestrel's 8-bit state is block-wise, as bnb 0.50's")
+        if percentile_clipping != 100:
+            raise NotImplementedError(f"{name}: percentile_clipping={percentile_clipping} is not supported yet; "
+                                      "only 100 (no clipping)")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, alpha=0.0, t_alpha=None,
+                        t_beta3=None)
+        super().__init__(params, defaults, optim_bits, is_paged)
+        if args is None:
+            args = MockArgs(dict(optim_bits=optim_bits, min_8bit_size=min_8bit_size, max_unorm=0.0, skip_zeros=False))
+        self.args = args
+        self.optimizer_name = "adam"
+
+    @torch.no_grad()
+    def init_state(self, group, p):
+        state = self.state[p]
+        state["step"] = 0
+        eight_bit = self.args.optim_bits == 8 and p.numel() >= self.args.min_8bit_size
+        if not eight_bit:
+            state["state1"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            state["state2"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            return
+        if "dynamic" not in self.name2qmap:
+            self.fill_qmap()
+        for key in ("dynamic", "udynamic"):
+            if self.name2qmap[key].device != p.device:
+                self.name2qmap[key] = self.name2qmap[key].to(p.device)
+        state["state1"] = torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.contiguous_format)
+        state["qmap1"] = self.name2qmap["dynamic"]
+        state["state2"] = torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.contiguous_format)
+        state["qmap2"] = self.name2qmap["udynamic"]
+        state["absmax1"] = torch.zeros(_blocks(p.numel()), dtype=torch.float32, device=p.device)
+        state["absmax2"] = torch.zeros(_blocks(p.numel()), dtype=torch.float32, device=p.device)
+
+    @torch.no_grad()
+    def update_group(self, params, group):
+        beta1, beta2 = group["betas"]
+        scalars = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
+                   1.0)
+        batches = defaultdict(list)  # one fused call per (device, dtype, 8-bit or not, maps)
+        for p in params:
+            state = self.state[p]
+            state["step"] += 1
+            eight_bit = state["state1"].dtype == torch.uint8
+            maps = (id(state["qmap1"]), id(state["qmap2"])) if eight_bit else None
+            batches[(p.device, p.dtype, eight_bit, maps)].append(p)
+        for (_, _, eight_bit, _), batch in batches.items():
+            states = [self.state[p] for p in batch]
+            grads = [p.grad for p in batch]
+            steps = [s["step"] for s in states]
+            if eight_bit:
+                torch.ops.kestrel.adam8bit_step_(
+                    batch, grads, [s["state1"] for s in states], [s["state2"] for s in states],
+                    [s["absmax1"] for s in states], [s["absmax2"] for s in states], states[0]["qmap1"],
+                    states[0]["qmap2"], steps, *scalars)
+            else:
+                torch.ops.kestrel.adam32bit_step_(batch, grads, [s["state1"] for s in states],
+                                                  [s["state2"] for s in states], steps, *scalars)
+
+
+_SIGNATURE_DOC = """
+    Arguments (bitsandbytes 0.50): params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay={wd},
+    amsgrad=False (True raises), optim_bits={bits}, args=None, min_8bit_size=4096 (smaller tensors keep float32
+    state), is_paged=False. bnb 0.49's percentile_clipping=100 and block_wise=True are accepted as keywords.
+"""
+
+
+class Adam(_Adam):
+    __doc__ = "Adam with 8-bit (optim_bits=8) or 32-bit state; weight decay decoupled, after the update." + \
+        _SIGNATURE_DOC.format(wd=0, bits=32)
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, optim_bits=32,
+                 args=None, min_8bit_size=4096, is_paged=False, *, percentile_clipping=100, block_wise=True):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, optim_bits, args, min_8bit_size, is_paged,
+                         percentile_clipping, block_wise)
+
+
+class AdamW(_Adam):
+    __doc__ = "AdamW with 8-bit (optim_bits=8) or 32-bit state." + _SIGNATURE_DOC.format(wd=1e-2, bits=32)
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
+                 optim_bits=32, args=None, min_8bit_size=4096, is_paged=False, *, percentile_clipping=100,
+                 block_wise=True):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, optim_bits, args, min_8bit_size, is_paged,
+                         percentile_clipping, block_wise)
+
+
+def _fixed_bits(cls_name, bits, default_wd):
+    """Adam8bit/AdamW8bit/Adam32bit/AdamW32bit: like bnb, optim_bits is accepted only at its default of 32."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=default_wd, amsgrad=False,
+                 optim_bits=32, args=None, min_8bit_size=4096, is_paged=False, *, percentile_clipping=100,
+                 block_wise=True):
+        if amsgrad:
+            raise ValueError(f"{cls_name} does not support amsgrad=True")
+        if optim_bits != 32:
+            raise ValueError(f"{cls_name}: optim_bits is fixed to {bits} (only the default optim_bits=32 is accepted, "
+                             f"for bnb compatibility), got {optim_bits}")
+        _Adam.__init__(self, params, lr, betas, eps, weight_decay, False, bits, args, min_8bit_size, is_paged,
+                       percentile_clipping, block_wise)
+
+    return __init__
+
+
+class Adam8bit(_Adam):
+    __doc__ = "Adam with 8-bit block-wise state (a drop-in for bnb.optim.Adam8bit)." + \
+        _SIGNATURE_DOC.format(wd=0, bits="32 (ignored: always 8-bit)")
+    __init__ = _fixed_bits("Adam8bit", 8, 0)
+
+
+class AdamW8bit(_Adam):
+    __doc__ = "AdamW with 8-bit block-wise state (a drop-in for bnb.optim.AdamW8bit)." + \
+        _SIGNATURE_DOC.format(wd=1e-2, bits="32 (ignored: always 8-bit)")
+    __init__ = _fixed_bits("AdamW8bit", 8, 1e-2)
+
+
+class Adam32bit(_Adam):
+    __doc__ = "Adam with float32 state, bnb's update rule." + _SIGNATURE_DOC.format(wd=0, bits=32)
+    __init__ = _fixed_bits("Adam32bit", 32, 0)
+
+
+class AdamW32bit(_Adam):
+    __doc__ = "AdamW with float32 state, bnb's update rule." + _SIGNATURE_DOC.format(wd=1e-2, bits=32)
+    __init__ = _fixed_bits("AdamW32bit", 32, 1e-2)

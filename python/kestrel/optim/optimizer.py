@@ -1,0 +1,206 @@
+"""The base of kestrel's 8-bit optimizers: bitsandbytes 0.50's state layout and checkpoint format, argument checks,
+and one fused kernel call per (device, dtype, state width) for all parameters of a group."""
+
+import copy
+import warnings
+from collections import defaultdict
+from itertools import chain
+
+import torch
+
+from .. import _ext
+from ..ops.quantize import DYNAMIC_MAP_SIGNED, DYNAMIC_MAP_UNSIGNED
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BLOCKSIZE = 256  # elements per absmax block of an 8-bit state, as bnb's optimizers use
+
+
+class MockArgs:
+    """bnb's `args` object: attribute access to optim_bits, min_8bit_size, max_unorm, skip_zeros."""
+
+    def __init__(self, initial_data):
+        for key, value in initial_data.items():
+            setattr(self, key, value)
+
+
+def _blocks(n):
+    return (n + BLOCKSIZE - 1) // BLOCKSIZE
+
+
+class Optimizer8bit(torch.optim.Optimizer):
+    # bnb nests the quantization tensors under this key in state_dict() so that FSDP does not cast or gather them.
+    _FSDP_WRAPPED_QUANT_STATE_KEY = "__bnb_optimizer_quant_state__"
+    non_castable_tensor_keys = frozenset({"qmap1", "qmap2", "max1", "max2", "new_max1", "new_max2", "state1",
+                                          "state2", "gnorm_vec", "absmax1", "absmax2", "unorm_vec"})
+
+    def __init__(self, params, defaults, optim_bits=32, is_paged=False):
+        super().__init__(params, defaults)
+        self.is_paged = is_paged
+        self._paged_warned = False
+        self.name2qmap = {}
+        if optim_bits == 8:
+            self.fill_qmap()
+
+    def fill_qmap(self):
+        self.name2qmap["dynamic"] = DYNAMIC_MAP_SIGNED.clone()
+        self.name2qmap["udynamic"] = DYNAMIC_MAP_UNSIGNED.clone()
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def state_dict(self):
+        state_dict = super().state_dict()
+        state_dict["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in state_dict["state"].items()}
+        for param_state in state_dict["state"].values():
+            if isinstance(param_state, dict):
+                nested = {key: param_state.pop(key) for key in list(param_state) if key in self.non_castable_tensor_keys}
+                if nested:
+                    param_state[self._FSDP_WRAPPED_QUANT_STATE_KEY] = nested
+        return state_dict
+
+    def load_state_dict(self, state_dict, move_to_device=True):
+        """Load a state_dict written by kestrel or by bitsandbytes (nested or flat layout).
+
+        Every parameter's state is checked against its parameter before anything is changed; on a mismatch a
+        ValueError names the parameter and the offending entry, and the optimizer keeps its state.
+        """
+        name = type(self).__name__
+        state_dict = copy.deepcopy(state_dict)
+        for param_state in state_dict["state"].values():
+            if isinstance(param_state, dict) and self._FSDP_WRAPPED_QUANT_STATE_KEY in param_state:
+                param_state.update(param_state.pop(self._FSDP_WRAPPED_QUANT_STATE_KEY))
+        groups, saved_groups = self.param_groups, state_dict["param_groups"]
+        if len(groups) != len(saved_groups):
+            raise ValueError(f"{name}.load_state_dict: the state_dict has {len(saved_groups)} parameter groups, "
+                             f"the optimizer {len(groups)}")
+        for index, (group, saved) in enumerate(zip(groups, saved_groups)):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(f"{name}.load_state_dict: parameter group {index} has {len(saved['params'])} "
+                                 f"parameters in the state_dict, {len(group['params'])} in the optimizer")
+        id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
+                          chain.from_iterable(g["params"] for g in groups)))
+        ordinal = {id(p): i for i, p in enumerate(chain.from_iterable(g["params"] for g in groups))}
+
+        new_state = defaultdict(dict)
+        for key, value in state_dict["state"].items():
+            if key not in id_map:
+                new_state[key] = value
+                continue
+            param = id_map[key]
+            self._check_loaded_state(param, value, ordinal[id(param)])
+            new_state[param] = self._place_loaded_state(param, value, move_to_device)
+        new_groups = []
+        for group, saved in zip(groups, saved_groups):
+            merged = dict(saved)
+            merged["params"] = group["params"]
+            new_groups.append(merged)
+        self.__setstate__({"state": new_state, "param_groups": new_groups})
+
+    def _check_loaded_state(self, param, state, index):
+        name = type(self).__name__
+        where = f"{name}.load_state_dict: parameter {index} (shape {tuple(param.shape)})"
+        if not isinstance(state, dict):
+            raise ValueError(f"{where}: its state must be a dict, got {type(state).__name__}")
+        n = param.numel()
+        for key in ("state1", "state2"):
+            if key not in state:
+                continue
+            tensor = state[key]
+            if tensor.dtype == torch.uint8:
+                expected = n * (2 if tensor.dim() == param.dim() + 1 and tensor.shape[0] == 2 else 1)
+                if tensor.numel() != expected:
+                    raise ValueError(f"{where}: {key} has {tensor.numel()} elements, expected {expected}")
+                absmax_key, qmap_key = "absmax" + key[-1], "qmap" + key[-1]
+                for needed in (absmax_key, qmap_key):
+                    if needed not in state:
+                        raise ValueError(f"{where}: an 8-bit {key} needs {needed}, which the state_dict lacks")
+                blocks = _blocks(n) * expected // n
+                if state[absmax_key].dtype != torch.float32 or state[absmax_key].numel() != blocks:
+                    raise ValueError(f"{where}: {absmax_key} must be float32 with {blocks} values, got "
+                                     f"{state[absmax_key].dtype} with {state[absmax_key].numel()}")
+                if state[qmap_key].dtype != torch.float32 or state[qmap_key].numel() != 256:
+                    raise ValueError(f"{where}: {qmap_key} must be float32 with 256 values, got "
+                                     f"{state[qmap_key].dtype} with {state[qmap_key].numel()}")
+            elif tensor.dtype == torch.float32:
+                if tensor.numel() not in (n, 2 * n):
+                    raise ValueError(f"{where}: {key} has {tensor.numel()} elements, expected {n}")
+            else:
+                raise ValueError(f"{where}: {key} must be uint8 (8-bit state) or float32 (32-bit state), "
+                                 f"got {tensor.dtype}")
+        if "state1" in state and "state2" in state and state["state1"].dtype != state["state2"].dtype:
+            raise ValueError(f"{where}: state1 is {state['state1'].dtype} but state2 is {state['state2'].dtype}")
+
+    def _place_loaded_state(self, param, state, move_to_device):
+        placed = {}
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                if key in self.non_castable_tensor_keys:
+                    placed[key] = value.to(param.device) if move_to_device else value
+                elif key == "step":
+                    placed[key] = int(value.item())
+                elif value.is_floating_point() and param.is_floating_point():
+                    placed[key] = value.to(device=param.device, dtype=param.dtype)
+                else:
+                    placed[key] = value.to(param.device)
+            else:
+                placed[key] = value
+        return placed
+
+    # ----------------------------------------------------------------------------------------- stepping
+    def _check_param(self, p, index):
+        name = type(self).__name__
+        where = f"{name}: parameter {index} (shape {tuple(p.shape)})"
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{where} has a sparse gradient; {name} supports dense gradients only")
+        if p.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{where} is {p.dtype}; {name} supports float32, float16 and bfloat16 parameters")
+        if p.grad.dtype != p.dtype:
+            raise TypeError(f"{where} is {p.dtype} but its gradient is {p.grad.dtype}")
+        if p.grad.shape != p.shape:
+            raise ValueError(f"{where}: its gradient has shape {tuple(p.grad.shape)}")
+        if p.grad.device != p.device:
+            raise ValueError(f"{where} is on {p.device} but its gradient is on {p.grad.device}")
+        _ext.require(name, p.device)
+        state = self.state.get(p)
+        if state and "state1" in state and state["state1"].device != p.device:
+            raise ValueError(f"{where} is on {p.device} but its optimizer state is on {state['state1'].device}")
+
+    def _paged_buffer_warning(self, p):
+        if self.is_paged and p.device.type == "cpu" and not self._paged_warned:
+            warnings.warn(f"{type(self).__name__}: paged optimizer state needs CUDA; on CPU it behaves as unpaged",
+                          stacklevel=3)
+            self._paged_warned = True
+        if self.is_paged and p.device.type == "cuda":
+            raise NotImplementedError(f"{type(self).__name__}: paged (managed-memory) state on CUDA is not "
+                                      "implemented yet; use is_paged=False")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Check every parameter before changing anything, so that bad input leaves all state untouched.
+        work = []
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._check_param(p, index)
+                    work.append((group, p))
+                index += 1
+        for group, p in work:
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
+            if not p.grad.is_contiguous():
+                p.grad = p.grad.contiguous()
+            if len(self.state[p]) == 0:
+                self._paged_buffer_warning(p)
+                self.init_state(group, p)
+        for group in self.param_groups:
+            self.update_group([p for g, p in work if g is group], group)
+        return loss
+
+    def init_state(self, group, p):
+        raise NotImplementedError
+
+    def update_group(self, params, group):
+        raise NotImplementedError
