@@ -1,0 +1,108 @@
+"""Plain-PyTorch model of the fused 8-bit / 32-bit Adam step (spec: optim8bit.md), float32 operations in the
+kernels' order: the test oracle for the CPU and CUDA kernels."""
+
+import ctypes
+import ctypes.util
+
+import numpy as np
+import torch
+
+from .quantize import nearest_code
+
+BLOCKSIZE = 256
+
+
+def _libm_powf():
+    # The kernels call the C library's powf; numpy's float32 power rounds differently in the last place.
+    path = ctypes.util.find_library("m")
+    if path is None:
+        return lambda x, y: np.power(np.float32(x), np.float32(y))
+    powf = ctypes.CDLL(path).powf
+    powf.restype, powf.argtypes = ctypes.c_float, [ctypes.c_float, ctypes.c_float]
+    return lambda x, y: np.float32(powf(x, y))
+
+
+_powf = _libm_powf()
+
+
+def adam_scalars(step, lr, beta1, beta2, eps, weight_decay):
+    """The per-step float32 scalars, computed in float32 as the kernels compute them."""
+    f = np.float32
+    correction1 = f(1.0) - _powf(f(beta1), f(step))
+    correction2 = np.sqrt(f(1.0) - _powf(f(beta2), f(step)))
+    return dict(
+        beta1=float(f(beta1)), beta2=float(f(beta2)),
+        one_minus_beta1=float(f(1.0) - f(beta1)), one_minus_beta2=float(f(1.0) - f(beta2)),
+        step_size=float((-f(lr) * correction2) / correction1), eps_c2=float(correction2 * f(eps)),
+        decay=float(f(1.0) - f(lr) * f(weight_decay)), apply_decay=weight_decay > 0,
+    )
+
+
+def _per_element(block_values, n):
+    return block_values.repeat_interleave(BLOCKSIZE)[:n]
+
+
+def _sqrt(x):
+    # Correctly rounded float32 square root (torch's vectorised float32 sqrt on CPU is not, in the last place).
+    return x.double().sqrt().float()
+
+
+def _update_param(p, s1, s2, finite, a):
+    new_p = (p.float() + (s1 / (_sqrt(s2) + a["eps_c2"])) * a["step_size"]).to(p.dtype)
+    if a["apply_decay"]:
+        new_p = (new_p.float() * a["decay"]).to(p.dtype)
+    return torch.where(finite, new_p, p)
+
+
+def _block_absmax(s, n):
+    blocks = torch.zeros(((n + BLOCKSIZE - 1) // BLOCKSIZE) * BLOCKSIZE, dtype=torch.float32, device=s.device)
+    blocks[:n] = s
+    return blocks.view(-1, BLOCKSIZE).abs().amax(dim=1)
+
+
+def _requantize(s, absmax, qmap, signed):
+    n = s.numel()
+    scale = _per_element(absmax, n)
+    v = torch.where(scale > 0, s / scale, torch.zeros_like(s))
+    idx = nearest_code(v, qmap)
+    if signed:  # bnb's sign fix
+        differs = torch.signbit(qmap[idx]) != torch.signbit(v)
+        step = torch.where(v > 0, torch.ones_like(idx), -torch.ones_like(idx))
+        idx = torch.where(differs, (idx + step).clamp(0, 255), idx)
+    return idx.to(torch.uint8)
+
+
+@torch.no_grad()
+def adam8bit_step(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step, lr, beta1, beta2, eps, weight_decay,
+                  gnorm_scale=1.0):
+    """One step on flat tensors, in place."""
+    a = adam_scalars(step, lr, beta1, beta2, eps, weight_decay)
+    n = p.numel()
+    grad = g.reshape(-1).float() * float(np.float32(gnorm_scale))
+    finite = torch.isfinite(grad)
+    s1 = qmap1[state1.reshape(-1).long()] * _per_element(absmax1, n)
+    s2 = qmap2[state2.reshape(-1).long()] * _per_element(absmax2, n)
+    s1 = s1 * a["beta1"] + grad * a["one_minus_beta1"]
+    s2 = s2 * a["beta2"] + (grad * grad) * a["one_minus_beta2"]
+    s1 = torch.where(finite, s1, torch.zeros_like(s1))
+    s2 = torch.where(finite, s2, torch.zeros_like(s2))
+    new_max1, new_max2 = _block_absmax(s1, n), _block_absmax(s2, n)
+    p.view(-1).copy_(_update_param(p.reshape(-1), s1, s2, finite, a))
+    state1.view(-1).copy_(_requantize(s1, new_max1, qmap1, signed=True))
+    state2.view(-1).copy_(_requantize(s2, new_max2, qmap2, signed=False))
+    absmax1.copy_(new_max1)
+    absmax2.copy_(new_max2)
+
+
+@torch.no_grad()
+def adam32bit_step(p, g, state1, state2, step, lr, beta1, beta2, eps, weight_decay, gnorm_scale=1.0):
+    """One step with float32 states, in place; a NaN/Inf gradient element is skipped (bnb's 32-bit kernel)."""
+    a = adam_scalars(step, lr, beta1, beta2, eps, weight_decay)
+    grad = g.reshape(-1).float() * float(np.float32(gnorm_scale))
+    finite = torch.isfinite(grad)
+    s1, s2 = state1.view(-1), state2.view(-1)
+    new_s1 = s1 * a["beta1"] + grad * a["one_minus_beta1"]
+    new_s2 = s2 * a["beta2"] + (grad * grad) * a["one_minus_beta2"]
+    p.view(-1).copy_(_update_param(p.reshape(-1), new_s1, new_s2, finite, a))
+    s1.copy_(torch.where(finite, new_s1, s1))
+    s2.copy_(torch.where(finite, new_s2, s2))
