@@ -5,6 +5,7 @@
 #include <stdint.h>
 
 #include "kestrel/common.h"
+#include "kestrel/optim.h"
 
 namespace kestrel {
 namespace cuda {
@@ -14,6 +15,12 @@ int quantize_blockwise(DType dtype, const void* x, const float* code, uint8_t* c
                        int blocksize, void* stream);
 int dequantize_blockwise(DType dtype, const uint8_t* codes, const float* absmax, const float* code, void* out,
                          int64_t n, int blocksize, void* stream);
+
+// One fused Adam step over `num_tensors` parameters of one dtype: `meta` (device memory) describes them, block
+// offsets ascending; `total_blocks` is the sum of their 256-element block counts. `qmap1`/`qmap2` (device, 256
+// floats each) are the signed and unsigned maps of the 8-bit states; ignored when !eight_bit.
+int adam_step(DType dtype, bool eight_bit, const optim::AdamTensorMeta* meta, int num_tensors, int64_t total_blocks,
+              const float* qmap1, const float* qmap2, void* stream);
 
 // Architectures this library's device code was compiled for, e.g. "sm_80/sm_90a".
 const char* compiled_archs();

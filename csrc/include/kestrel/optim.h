@@ -42,7 +42,13 @@ inline AdamScalars make_adam_scalars(int64_t step, float lr, float beta1, float 
   return a;
 }
 
-KESTREL_HD bool is_finite(float v) { return v - v == 0.0f; }  // false for NaN and +-Inf
+KESTREL_HD bool is_finite(float v) {
+#if defined(__CUDA_ARCH__)
+  return isfinite(v);
+#else
+  return __builtin_isfinite(v);
+#endif
+}
 
 // Steps 1-2: the new moments from the old ones and a finite gradient.
 KESTREL_HD void adam_moments(const AdamScalars& a, float g, float& s1, float& s2) {
@@ -66,6 +72,20 @@ KESTREL_HD uint8_t requantize_signed(const float* code, const float* midpoints, 
 KESTREL_HD uint8_t requantize_unsigned(const float* midpoints, float s, float absmax) {
   return (uint8_t)quant::nearest_code_bsearch(midpoints, normalize_state(s, absmax));
 }
+
+// One parameter of a fused multi-tensor step: raw pointers, its size, the index of its first 256-element block in
+// the launch, and its per-step scalars (parameters of one launch may be at different steps).
+struct AdamTensorMeta {
+  void* param;
+  const void* grad;
+  void* state1;      // uint8 codes (8-bit) or float32
+  void* state2;
+  float* absmax1;    // 8-bit only
+  float* absmax2;
+  int64_t numel;
+  int64_t first_block;
+  AdamScalars scalars;
+};
 
 }  // namespace optim
 }  // namespace kestrel

@@ -1,0 +1,95 @@
+// CUDA launcher of the fused Adam step: checks, device guard, per-parameter metadata (in pinned memory, copied
+// asynchronously on the current stream: no host synchronisation), one kernel launch for all parameters.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../optim_checks.h"
+#include "kestrel/launch.h"
+
+namespace kestrel {
+namespace {
+
+DType to_kestrel_dtype(c10::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "kestrel: unsupported dtype ", t);
+  }
+}
+
+void launch_adam(const char* op, bool eight_bit, at::TensorList params, at::TensorList grads, at::TensorList state1,
+                 at::TensorList state2, at::TensorList absmax1, at::TensorList absmax2, const float* qmap1,
+                 const float* qmap2, c10::IntArrayRef steps, double lr, double beta1, double beta2, double eps,
+                 double weight_decay, double gnorm_scale) {
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  const c10::ScalarType dtype = params[0].scalar_type();
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].device() == device, op, ": all parameters of one call must be on one device; parameter ",
+                i, " is on ", params[i].device(), ", parameter 0 on ", device);
+    TORCH_CHECK(params[i].scalar_type() == dtype, op, ": all parameters of one call must have one dtype; parameter ",
+                i, " is ", params[i].scalar_type(), ", parameter 0 ", dtype);
+  }
+  const c10::cuda::CUDAGuard guard(device);
+  const int64_t count = static_cast<int64_t>(params.size());
+  at::Tensor meta_host = at::empty({count * static_cast<int64_t>(sizeof(optim::AdamTensorMeta))},
+                                   at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  auto* meta = reinterpret_cast<optim::AdamTensorMeta*>(meta_host.data_ptr());
+  int64_t total_blocks = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    optim::AdamTensorMeta& m = meta[i];
+    m.param = params[i].data_ptr();
+    m.grad = grads[i].data_ptr();
+    m.state1 = state1[i].data_ptr();
+    m.state2 = state2[i].data_ptr();
+    m.absmax1 = eight_bit ? absmax1[i].data_ptr<float>() : nullptr;
+    m.absmax2 = eight_bit ? absmax2[i].data_ptr<float>() : nullptr;
+    m.numel = params[i].numel();
+    m.first_block = total_blocks;
+    m.scalars = optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2, (float)eps,
+                                         (float)weight_decay, (float)gnorm_scale);
+    total_blocks += optim_num_blocks(m.numel);
+  }
+  // The caching host allocator keeps the pinned block alive until this copy on the current stream has run.
+  at::Tensor meta_device = meta_host.to(device, /*non_blocking=*/true);
+  C10_CUDA_CHECK(static_cast<cudaError_t>(cuda::adam_step(
+      to_kestrel_dtype(dtype), eight_bit, reinterpret_cast<const optim::AdamTensorMeta*>(meta_device.data_ptr()),
+      static_cast<int>(count), total_blocks, qmap1, qmap2, c10::cuda::getCurrentCUDAStream().stream())));
+}
+
+void adam8bit_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
+                        at::TensorList absmax1, at::TensorList absmax2, const at::Tensor& qmap1,
+                        const at::Tensor& qmap2, c10::IntArrayRef steps, double lr, double beta1, double beta2,
+                        double eps, double weight_decay, double gnorm_scale) {
+  constexpr const char* op = "adam8bit_step_";
+  check_adam_args(op, params, grads, state1, state2, absmax1, absmax2, &qmap1, &qmap2, steps, true);
+  if (!params.empty()) {
+    TORCH_CHECK(qmap1.device() == params[0].device() && qmap2.device() == params[0].device(), op,
+                ": qmap1 and qmap2 must be on ", params[0].device(), ", got ", qmap1.device(), " and ", qmap2.device());
+  }
+  launch_adam(op, true, params, grads, state1, state2, absmax1, absmax2, qmap1.data_ptr<float>(),
+              qmap2.data_ptr<float>(), steps, lr, beta1, beta2, eps, weight_decay, gnorm_scale);
+}
+
+void adam32bit_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
+                         c10::IntArrayRef steps, double lr, double beta1, double beta2, double eps,
+                         double weight_decay, double gnorm_scale) {
+  constexpr const char* op = "adam32bit_step_";
+  check_adam_args(op, params, grads, state1, state2, {}, {}, nullptr, nullptr, steps, false);
+  launch_adam(op, false, params, grads, state1, state2, {}, {}, nullptr, nullptr, steps, lr, beta1, beta2, eps,
+              weight_decay, gnorm_scale);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kestrel, CUDA, m) {
+  m.impl("adam8bit_step_", &adam8bit_step_cuda);
+  m.impl("adam32bit_step_", &adam32bit_step_cuda);
+}
+
+}  // namespace kestrel

@@ -1,0 +1,125 @@
+// CUDA kernel of the fused multi-tensor Adam step (8-bit block-wise or 32-bit states). Framework-free.
+//
+// One warp per 256-element block: each lane handles 8 elements strided by 32 (coalesced), the block's new absmax is
+// a warp-shuffle max, the maps and their midpoints sit in shared memory. A launch covers every parameter of one
+// dtype; a warp finds its parameter by binary search over the block offsets in the metadata.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "kestrel/optim.h"
+#include "kestrel/quantize.cuh"
+
+namespace kestrel {
+namespace cuda {
+
+constexpr int kAdamThreads = 256;
+constexpr int kAdamWarps = kAdamThreads / 32;
+constexpr int kAdamItems = optim::kBlockSize / 32;
+
+__device__ __forceinline__ int find_tensor(const optim::AdamTensorMeta* meta, int num_tensors, int64_t block) {
+  int lo = 0, hi = num_tensors - 1;  // the last tensor whose first_block <= block
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (meta[mid].first_block <= block) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+template <typename T, bool EIGHT_BIT>
+__global__ void __launch_bounds__(kAdamThreads)
+    adam_step_kernel(const optim::AdamTensorMeta* __restrict__ meta, int num_tensors, int64_t total_blocks,
+                     const float* __restrict__ qmap1, const float* __restrict__ qmap2) {
+  __shared__ float code1[quant::kCodeSize], code2[quant::kCodeSize];
+  __shared__ float mid1[quant::kMidpointsSize], mid2[quant::kMidpointsSize];
+  const int tid = threadIdx.x;
+  if (EIGHT_BIT) {
+    code1[tid] = qmap1[tid];
+    code2[tid] = qmap2[tid];
+    __syncthreads();
+    mid1[tid] = tid < quant::kCodeSize - 1 ? quant::midpoint(code1, tid) : __int_as_float(0x7f800000);
+    mid2[tid] = tid < quant::kCodeSize - 1 ? quant::midpoint(code2, tid) : __int_as_float(0x7f800000);
+    __syncthreads();
+  }
+  const int lane = tid & 31;
+  const int64_t block = (int64_t)blockIdx.x * kAdamWarps + (tid >> 5);
+  if (block >= total_blocks) return;
+
+  const optim::AdamTensorMeta& m = meta[find_tensor(meta, num_tensors, block)];
+  const optim::AdamScalars a = m.scalars;
+  const int64_t local_block = block - m.first_block;
+  const int64_t begin = local_block * optim::kBlockSize;
+  const int64_t end = min(begin + (int64_t)optim::kBlockSize, m.numel);
+  T* p = static_cast<T*>(m.param);
+  const T* g = static_cast<const T*>(m.grad);
+
+  float s1[kAdamItems], s2[kAdamItems];
+  bool finite[kAdamItems];
+  float max1 = 0.0f, max2 = 0.0f;
+  const float old_max1 = EIGHT_BIT ? m.absmax1[local_block] : 0.0f;
+  const float old_max2 = EIGHT_BIT ? m.absmax2[local_block] : 0.0f;
+#pragma unroll
+  for (int k = 0; k < kAdamItems; ++k) {
+    const int64_t i = begin + lane + 32 * k;
+    const bool valid = i < end;
+    const float grad = valid ? ElementIO<T>::load(g + i) * a.gnorm_scale : 0.0f;
+    float m1, m2;
+    if (EIGHT_BIT) {
+      const uint8_t* c1 = static_cast<const uint8_t*>(m.state1);
+      const uint8_t* c2 = static_cast<const uint8_t*>(m.state2);
+      m1 = valid ? quant::dequantize_value(code1, c1[i], old_max1) : 0.0f;
+      m2 = valid ? quant::dequantize_value(code2, c2[i], old_max2) : 0.0f;
+    } else {
+      m1 = valid ? static_cast<const float*>(m.state1)[i] : 0.0f;
+      m2 = valid ? static_cast<const float*>(m.state2)[i] : 0.0f;
+    }
+    const float old1 = m1, old2 = m2;
+    optim::adam_moments(a, grad, m1, m2);
+    finite[k] = optim::is_finite(grad);
+    if (EIGHT_BIT) {  // a NaN/Inf gradient zeroes the 8-bit state (bnb's 8-bit kernel) ...
+      m1 = finite[k] ? m1 : 0.0f;
+      m2 = finite[k] ? m2 : 0.0f;
+    } else {  // ... and leaves the 32-bit state unchanged (bnb's 32-bit kernel)
+      m1 = finite[k] ? m1 : old1;
+      m2 = finite[k] ? m2 : old2;
+    }
+    s1[k] = m1;
+    s2[k] = m2;
+    max1 = fmaxf(max1, fabsf(m1));
+    max2 = fmaxf(max2, fabsf(m2));
+  }
+  if (EIGHT_BIT) {
+    max1 = warp_max(max1);
+    max2 = warp_max(max2);
+    if (lane == 0) {
+      m.absmax1[local_block] = max1;
+      m.absmax2[local_block] = max2;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kAdamItems; ++k) {
+    const int64_t i = begin + lane + 32 * k;
+    if (i >= end) continue;
+    if (finite[k]) {  // the parameter moves only for a finite gradient
+      float new_p = ElementIO<T>::round(optim::adam_param_update(a, ElementIO<T>::load_plain(p + i), s1[k], s2[k]));
+      if (a.apply_decay) new_p = ElementIO<T>::round(new_p * a.decay);
+      ElementIO<T>::store(p + i, new_p);
+    }
+    if (EIGHT_BIT) {
+      static_cast<uint8_t*>(m.state1)[i] = optim::requantize_signed(code1, mid1, s1[k], max1);
+      static_cast<uint8_t*>(m.state2)[i] = optim::requantize_unsigned(mid2, s2[k], max2);
+    } else {
+      static_cast<float*>(m.state1)[i] = s1[k];
+      static_cast<float*>(m.state2)[i] = s2[k];
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace kestrel
