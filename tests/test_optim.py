@@ -411,6 +411,12 @@ def test_step_errors_leave_state_untouched():
     mixed.grad = torch.ones(10, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="is torch.float32 but its gradient is torch.bfloat16"):
         opt3.step()
+    on_meta = torch.nn.Parameter(torch.empty(10, device="meta"))
+    opt4 = AdamW8bit([on_meta])
+    on_meta.grad = torch.empty(10, device="meta")
+    with pytest.raises(NotImplementedError, match="AdamW8bit: no kernel for device meta; kestrel has kernels for cpu and cuda"):
+        opt4.step()
+    assert len(opt4.state[on_meta]) == 0
 
 
 def test_paged_on_cpu_warns_once_and_runs_unpaged():

@@ -19,7 +19,7 @@ constexpr int kMaxBucketSteps = 4;
 struct CodeTable {
   float code[quant::kCodeSize];
   float midpoints[quant::kMidpointsSize];
-  uint8_t bucket_start[quant::kNumBuckets];
+  uint8_t bucket_start[quant::kNumBuckets + 4];  // +4: a vector gather may read a dword at the last entry
   int bucket_steps;  // comparisons after the bucket lookup; -1 when the map needs the binary search
 
   explicit CodeTable(const float* values) {
@@ -27,6 +27,7 @@ struct CodeTable {
     for (int j = 0; j < quant::kCodeSize - 1; ++j) midpoints[j] = quant::midpoint(code, j);
     midpoints[quant::kCodeSize - 1] = std::numeric_limits<float>::infinity();
     const int steps = quant::build_bucket_table(midpoints, bucket_start);
+    std::memset(bucket_start + quant::kNumBuckets, 0, 4);
     bucket_steps = steps <= kMaxBucketSteps ? steps : -1;
   }
 

@@ -9,6 +9,7 @@
 #include "code_table.h"
 #include "cpu_utils.h"
 #include "kestrel/optim.h"
+#include "optim_avx512.h"
 
 namespace kestrel {
 namespace {
@@ -139,6 +140,17 @@ void adam8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
       uint8_t* c2 = state2[i].data_ptr<uint8_t>();
       float* m1 = absmax1[i].data_ptr<float>();
       float* m2 = absmax2[i].data_ptr<float>();
+#if defined(KESTREL_HAVE_AVX512_PATH)
+      // The vector path needs the dynamic maps' one-comparison bucket search; a partial last block stays scalar.
+      if (cpu::avx512::supported() && q1->bucket_steps == 1 && q2->bucket_steps == 1) {
+        const int64_t full = n / kBlockSize;
+        cpu::parallel_over_blocks(n, full, [&](int64_t first, int64_t end) {
+          cpu::avx512::adam8bit_full_blocks<T>(p, g, c1, c2, m1, m2, a, *q1, *q2, first, end);
+        });
+        if (full * kBlockSize < n) AdamCpu<T>::eight(p, g, c1, c2, m1, m2, n, a, *q1, *q2, full, full + 1);
+        return;
+      }
+#endif
       cpu::parallel_over_blocks(n, optim_num_blocks(n), [&](int64_t first, int64_t end) {
         AdamCpu<T>::eight(p, g, c1, c2, m1, m2, n, a, *q1, *q2, first, end);
       });

@@ -6,7 +6,7 @@ import platform
 import sys
 
 # Benchmark modules by name; each has run(device, quick) -> list of harness rows.
-BENCHMARKS = {"quantize": "kestrel.benchmarks.bench_quantize"}
+BENCHMARKS = {"quantize": "kestrel.benchmarks.bench_quantize", "optim": "kestrel.benchmarks.bench_optim"}
 
 
 def _triton_version():
