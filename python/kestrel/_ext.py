@@ -37,13 +37,19 @@ def available():
     return _C is not None
 
 
+_BUILD_INFO = None
+
+
 def build_info():
     """A dict describing how kestrel._C was built (cuda_archs as a list), or None when it is not built."""
+    global _BUILD_INFO
     if _C is None:
         return None
-    info = dict(_C.build_info())
-    info["cuda_archs"] = [arch for arch in info["cuda_archs"].split("/") if arch]
-    return info
+    if _BUILD_INFO is None:
+        info = dict(_C.build_info())
+        info["cuda_archs"] = [arch for arch in info["cuda_archs"].split("/") if arch]
+        _BUILD_INFO = info
+    return dict(_BUILD_INFO)
 
 
 def require(op, device=None):
@@ -53,7 +59,7 @@ def require(op, device=None):
             f"kestrel.{op} needs the native extension kestrel._C, which could not be imported "
             f"({_IMPORT_ERROR}). To fix, {BUILD_HINT}."
         )
-    if device is None:
+    if device is None or device.type == "cpu":
         return
     if device.type == "cuda" and not build_info()["cuda"]:
         raise ExtensionMissing(
