@@ -28,6 +28,15 @@ TORCH_LIBRARY(kestrel, m) {
   m.def(
       "adam32bit_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(c!)[] state2, int[] steps, "
       "float lr, float beta1, float beta2, float eps, float weight_decay, float gnorm_scale) -> ()");
+  // The same for the one-state optimizers (bnb's Optimizer1State): optimizer is "momentum" (SGD), "rmsprop",
+  // "adagrad" or "lion"; an 8-bit state1 uses the signed map qmap1.
+  m.def(
+      "one_state8bit_step_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
+      "Tensor(c!)[] absmax1, Tensor qmap1, int[] steps, float lr, float beta1, float beta2, float eps, "
+      "float weight_decay, float gnorm_scale) -> ()");
+  m.def(
+      "one_state32bit_step_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, int[] steps, "
+      "float lr, float beta1, float beta2, float eps, float weight_decay, float gnorm_scale) -> ()");
 }
 
 namespace {

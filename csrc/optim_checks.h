@@ -12,12 +12,13 @@ inline int64_t optim_num_blocks(int64_t n) { return (n + optim::kBlockSize - 1) 
 
 // Every list has one entry per parameter; each parameter is a dense, contiguous float tensor with a gradient of the
 // same dtype and size on the same device; states have the sizes and dtypes of an 8-bit (or 32-bit) state.
+// A one-state optimizer passes its state1/absmax1/qmap1 also as state2/absmax2/qmap2.
 inline void check_adam_args(const char* op, at::TensorList params, at::TensorList grads, at::TensorList state1,
                             at::TensorList state2, at::TensorList absmax1, at::TensorList absmax2,
                             const at::Tensor* qmap1, const at::Tensor* qmap2, c10::IntArrayRef steps, bool eight_bit) {
   const size_t count = params.size();
   TORCH_CHECK(grads.size() == count && state1.size() == count && state2.size() == count && steps.size() == count, op,
-              ": params, grads, state1, state2 and steps must have one entry per parameter, got ", count, ", ",
+              ": params, grads, states and steps must have one entry per parameter, got ", count, ", ",
               grads.size(), ", ", state1.size(), ", ", state2.size(), ", ", steps.size());
   if (eight_bit) {
     TORCH_CHECK(absmax1.size() == count && absmax2.size() == count, op,
@@ -60,6 +61,14 @@ inline void check_adam_args(const char* op, at::TensorList params, at::TensorLis
       }
     }
   }
+}
+
+inline optim::OneState parse_one_state(const char* op, c10::string_view name) {
+  if (name == "momentum") return optim::OneState::kMomentum;
+  if (name == "rmsprop") return optim::OneState::kRMSprop;
+  if (name == "adagrad") return optim::OneState::kAdagrad;
+  if (name == "lion") return optim::OneState::kLion;
+  TORCH_CHECK(false, op, ": optimizer must be one of momentum, rmsprop, adagrad, lion, got ", name);
 }
 
 }  // namespace kestrel

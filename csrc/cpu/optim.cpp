@@ -15,13 +15,13 @@ namespace kestrel {
 namespace {
 
 using cpu::CodeTable;
-using optim::AdamScalars;
+using optim::StepScalars;
 using optim::kBlockSize;
 
 template <typename T>
 KESTREL_ALWAYS_INLINE void adam8bit_blocks(T* __restrict__ p, const T* __restrict__ g, uint8_t* __restrict__ c1,
                                            uint8_t* __restrict__ c2, float* __restrict__ absmax1,
-                                           float* __restrict__ absmax2, int64_t n, const AdamScalars& a,
+                                           float* __restrict__ absmax2, int64_t n, const StepScalars& a,
                                            const CodeTable& q1, const CodeTable& q2, int64_t first, int64_t end) {
   float s1[kBlockSize], s2[kBlockSize];
   int finite[kBlockSize];
@@ -63,7 +63,7 @@ KESTREL_ALWAYS_INLINE void adam8bit_blocks(T* __restrict__ p, const T* __restric
 // bnb's 32-bit kernel: an element with a NaN/Inf gradient is skipped (parameter and states unchanged).
 template <typename T>
 KESTREL_ALWAYS_INLINE void adam32bit_blocks(T* __restrict__ p, const T* __restrict__ g, float* __restrict__ s1,
-                                            float* __restrict__ s2, int64_t n, const AdamScalars& a, int64_t first,
+                                            float* __restrict__ s2, int64_t n, const StepScalars& a, int64_t first,
                                             int64_t end) {
   const int64_t stop = std::min(n, end * kBlockSize);
   for (int64_t i = first * kBlockSize; i < stop; ++i) {
@@ -79,17 +79,78 @@ KESTREL_ALWAYS_INLINE void adam32bit_blocks(T* __restrict__ p, const T* __restri
   }
 }
 
+// One-state optimizers, 8-bit (signed map, sign fix) or 32-bit state. A NaN/Inf gradient keeps the parameter; the
+// 8-bit state of that element becomes 0 and a 32-bit state is left unchanged (as for Adam).
+template <optim::OneState KIND, typename T>
+KESTREL_ALWAYS_INLINE void one_state_blocks(T* __restrict__ p, const T* __restrict__ g, void* state,
+                                            float* __restrict__ absmax, int64_t n, const StepScalars& a,
+                                            const CodeTable* q, int64_t first, int64_t end) {
+  float s[kBlockSize], new_p[kBlockSize];
+  int finite[kBlockSize];
+  for (int64_t b = first; b < end; ++b) {
+    const int64_t begin = b * kBlockSize;
+    const int len = (int)std::min<int64_t>(kBlockSize, n - begin);
+    uint8_t* codes = q ? static_cast<uint8_t*>(state) + begin : nullptr;
+    float* full = q ? nullptr : static_cast<float*>(state) + begin;
+    const float old_max = q ? absmax[b] : 0.0f;
+    float new_max = 0.0f;
+    for (int i = 0; i < len; ++i) {
+      const float grad = static_cast<float>(g[begin + i]) * a.gnorm_scale;
+      const float old_s = q ? quant::dequantize_value(q->code, codes[i], old_max) : full[i];
+      float s1 = old_s, updated;
+      optim::one_state_update<KIND>(a, grad, static_cast<float>(p[begin + i]), s1, updated);
+      const int ok = optim::is_finite(grad);
+      s1 = ok ? s1 : (q ? 0.0f : old_s);
+      s[i] = s1;
+      new_p[i] = updated;
+      finite[i] = ok;
+      new_max = std::fabs(s1) > new_max ? std::fabs(s1) : new_max;
+    }
+    for (int i = 0; i < len; ++i)
+      if (finite[i]) p[begin + i] = static_cast<T>(new_p[i]);
+    if (q) {
+      absmax[b] = new_max;
+      for (int i = 0; i < len; ++i) {
+        const float v = optim::normalize_state(s[i], new_max);
+        codes[i] = static_cast<uint8_t>(quant::apply_sign_fix(q->code, q->nearest(v), v));
+      }
+    } else {
+      for (int i = 0; i < len; ++i) full[i] = s[i];
+    }
+  }
+}
+
 #define KESTREL_DEFINE_ADAM_CPU(SUFFIX, T)                                                                         \
   KESTREL_CPU_CLONES void adam8bit_blocks_##SUFFIX(T* p, const T* g, uint8_t* c1, uint8_t* c2, float* absmax1,     \
-                                                   float* absmax2, int64_t n, const AdamScalars& a,               \
+                                                   float* absmax2, int64_t n, const StepScalars& a,               \
                                                    const CodeTable& q1, const CodeTable& q2, int64_t first,       \
                                                    int64_t end) {                                                 \
     adam8bit_blocks<T>(p, g, c1, c2, absmax1, absmax2, n, a, q1, q2, first, end);                                 \
   }                                                                                                               \
   KESTREL_CPU_CLONES void adam32bit_blocks_##SUFFIX(T* p, const T* g, float* s1, float* s2, int64_t n,            \
-                                                    const AdamScalars& a, int64_t first, int64_t end) {           \
+                                                    const StepScalars& a, int64_t first, int64_t end) {           \
     adam32bit_blocks<T>(p, g, s1, s2, n, a, first, end);                                                          \
   }
+#define KESTREL_DEFINE_ONE_STATE_CPU(SUFFIX, T)                                                                    \
+  KESTREL_CPU_CLONES void one_state_blocks_##SUFFIX(optim::OneState kind, T* p, const T* g, void* state,             \
+                                                    float* absmax, int64_t n, const StepScalars& a,                  \
+                                                    const CodeTable* q, int64_t first, int64_t end) {                \
+    switch (kind) {                                                                                                  \
+      case optim::OneState::kMomentum:                                                                               \
+        return one_state_blocks<optim::OneState::kMomentum, T>(p, g, state, absmax, n, a, q, first, end);           \
+      case optim::OneState::kRMSprop:                                                                                \
+        return one_state_blocks<optim::OneState::kRMSprop, T>(p, g, state, absmax, n, a, q, first, end);            \
+      case optim::OneState::kAdagrad:                                                                                \
+        return one_state_blocks<optim::OneState::kAdagrad, T>(p, g, state, absmax, n, a, q, first, end);            \
+      case optim::OneState::kLion:                                                                                   \
+        return one_state_blocks<optim::OneState::kLion, T>(p, g, state, absmax, n, a, q, first, end);               \
+    }                                                                                                                \
+  }
+KESTREL_DEFINE_ONE_STATE_CPU(f32, float)
+KESTREL_DEFINE_ONE_STATE_CPU(f16, c10::Half)
+KESTREL_DEFINE_ONE_STATE_CPU(bf16, c10::BFloat16)
+#undef KESTREL_DEFINE_ONE_STATE_CPU
+
 KESTREL_DEFINE_ADAM_CPU(f32, float)
 KESTREL_DEFINE_ADAM_CPU(f16, c10::Half)
 KESTREL_DEFINE_ADAM_CPU(bf16, c10::BFloat16)
@@ -104,6 +165,8 @@ struct AdamCpu;
     static void eight(Args... args) { adam8bit_blocks_##SUFFIX(args...); }                \
     template <typename... Args>                                                          \
     static void thirty_two(Args... args) { adam32bit_blocks_##SUFFIX(args...); }          \
+    template <typename... Args>                                                          \
+    static void one_state(Args... args) { one_state_blocks_##SUFFIX(args...); }           \
   };
 KESTREL_ADAM_CPU_TRAITS(f32, float)
 KESTREL_ADAM_CPU_TRAITS(f16, c10::Half)
@@ -130,7 +193,7 @@ void adam8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t n = params[i].numel();
     if (n == 0) continue;
-    const AdamScalars a = optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2, (float)eps,
+    const StepScalars a = optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2, (float)eps,
                                                    (float)weight_decay, (float)gnorm_scale);
     dispatch_float(params[i].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
@@ -165,7 +228,7 @@ void adam32bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t n = params[i].numel();
     if (n == 0) continue;
-    const AdamScalars a = optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2, (float)eps,
+    const StepScalars a = optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2, (float)eps,
                                                    (float)weight_decay, (float)gnorm_scale);
     dispatch_float(params[i].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
@@ -180,11 +243,54 @@ void adam32bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
   }
 }
 
+void one_state_step_cpu(const char* op, c10::string_view optimizer, at::TensorList params, at::TensorList grads,
+                        at::TensorList state1, at::TensorList absmax1, const at::Tensor* qmap1,
+                        c10::IntArrayRef steps, double lr, double beta1, double beta2, double eps,
+                        double weight_decay, double gnorm_scale) {
+  const bool eight_bit = qmap1 != nullptr;
+  const optim::OneState kind = parse_one_state(op, optimizer);
+  check_adam_args(op, params, grads, state1, state1, absmax1, absmax1, qmap1, qmap1, steps, eight_bit);
+  const auto q1 = eight_bit ? cpu::code_table_for(qmap1->data_ptr<float>()) : nullptr;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t n = params[i].numel();
+    if (n == 0) continue;
+    const StepScalars a = optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2, (float)eps,
+                                                   (float)weight_decay, (float)gnorm_scale);
+    dispatch_float(params[i].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      T* p = params[i].data_ptr<T>();
+      const T* g = grads[i].data_ptr<T>();
+      void* s = state1[i].data_ptr();
+      float* m = eight_bit ? absmax1[i].data_ptr<float>() : nullptr;
+      cpu::parallel_over_blocks(n, optim_num_blocks(n), [&](int64_t first, int64_t end) {
+        AdamCpu<T>::one_state(kind, p, g, s, m, n, a, q1.get(), first, end);
+      });
+    });
+  }
+}
+
+void one_state8bit_step_cpu(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
+                            at::TensorList state1, at::TensorList absmax1, const at::Tensor& qmap1,
+                            c10::IntArrayRef steps, double lr, double beta1, double beta2, double eps,
+                            double weight_decay, double gnorm_scale) {
+  one_state_step_cpu("one_state8bit_step_", optimizer, params, grads, state1, absmax1, &qmap1, steps, lr, beta1,
+                     beta2, eps, weight_decay, gnorm_scale);
+}
+
+void one_state32bit_step_cpu(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
+                             at::TensorList state1, c10::IntArrayRef steps, double lr, double beta1, double beta2,
+                             double eps, double weight_decay, double gnorm_scale) {
+  one_state_step_cpu("one_state32bit_step_", optimizer, params, grads, state1, {}, nullptr, steps, lr, beta1, beta2,
+                     eps, weight_decay, gnorm_scale);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kestrel, CPU, m) {
   m.impl("adam8bit_step_", &adam8bit_step_cpu);
   m.impl("adam32bit_step_", &adam32bit_step_cpu);
+  m.impl("one_state8bit_step_", &one_state8bit_step_cpu);
+  m.impl("one_state32bit_step_", &one_state32bit_step_cpu);
 }
 
 }  // namespace kestrel

@@ -97,7 +97,7 @@ inline __m512i load_codes(const uint8_t* p) {
 // Full 256-element blocks [first, end) of one tensor (the caller handles a partial last block with scalar code).
 template <typename T>
 void adam8bit_full_blocks(T* p, const T* g, uint8_t* c1, uint8_t* c2, float* absmax1, float* absmax2,
-                          const optim::AdamScalars& a, const CodeTable& q1, const CodeTable& q2, int64_t first,
+                          const optim::StepScalars& a, const CodeTable& q1, const CodeTable& q2, int64_t first,
                           int64_t end) {
   constexpr int kBlock = optim::kBlockSize;
   alignas(64) float s1[kBlock], s2[kBlock];

@@ -7,7 +7,7 @@ namespace cuda {
 namespace {
 
 template <typename T>
-cudaError_t launch_adam(bool eight_bit, const optim::AdamTensorMeta* meta, int num_tensors, int64_t total_blocks,
+cudaError_t launch_adam(bool eight_bit, const optim::TensorMeta* meta, int num_tensors, int64_t total_blocks,
                         const float* qmap1, const float* qmap2, cudaStream_t stream) {
   if (total_blocks == 0 || num_tensors == 0) return cudaSuccess;
   const int64_t ctas = (total_blocks + kAdamWarps - 1) / kAdamWarps;
@@ -19,9 +19,50 @@ cudaError_t launch_adam(bool eight_bit, const optim::AdamTensorMeta* meta, int n
   return cudaGetLastError();
 }
 
+template <typename T, optim::OneState KIND>
+cudaError_t launch_one_state_kind(bool eight_bit, const optim::TensorMeta* meta, int num_tensors,
+                                  int64_t total_blocks, const float* qmap1, cudaStream_t stream) {
+  const int64_t ctas = (total_blocks + kAdamWarps - 1) / kAdamWarps;
+  if (ctas > 0x7fffffffLL) return cudaErrorInvalidValue;
+  if (eight_bit)
+    one_state_kernel<T, KIND, true><<<(unsigned)ctas, kAdamThreads, 0, stream>>>(meta, num_tensors, total_blocks, qmap1);
+  else
+    one_state_kernel<T, KIND, false><<<(unsigned)ctas, kAdamThreads, 0, stream>>>(meta, num_tensors, total_blocks, qmap1);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_one_state(optim::OneState kind, bool eight_bit, const optim::TensorMeta* meta, int num_tensors,
+                             int64_t total_blocks, const float* qmap1, cudaStream_t stream) {
+  if (total_blocks == 0 || num_tensors == 0) return cudaSuccess;
+  switch (kind) {
+    case optim::OneState::kMomentum:
+      return launch_one_state_kind<T, optim::OneState::kMomentum>(eight_bit, meta, num_tensors, total_blocks, qmap1, stream);
+    case optim::OneState::kRMSprop:
+      return launch_one_state_kind<T, optim::OneState::kRMSprop>(eight_bit, meta, num_tensors, total_blocks, qmap1, stream);
+    case optim::OneState::kAdagrad:
+      return launch_one_state_kind<T, optim::OneState::kAdagrad>(eight_bit, meta, num_tensors, total_blocks, qmap1, stream);
+    case optim::OneState::kLion:
+      return launch_one_state_kind<T, optim::OneState::kLion>(eight_bit, meta, num_tensors, total_blocks, qmap1, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace
 
-int adam_step(DType dtype, bool eight_bit, const optim::AdamTensorMeta* meta, int num_tensors, int64_t total_blocks,
+int one_state_step(DType dtype, optim::OneState kind, bool eight_bit, const optim::TensorMeta* meta,
+                   int num_tensors, int64_t total_blocks, const float* qmap1, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::kFloat32: return launch_one_state<float>(kind, eight_bit, meta, num_tensors, total_blocks, qmap1, s);
+    case DType::kFloat16: return launch_one_state<__half>(kind, eight_bit, meta, num_tensors, total_blocks, qmap1, s);
+    case DType::kBFloat16:
+      return launch_one_state<__nv_bfloat16>(kind, eight_bit, meta, num_tensors, total_blocks, qmap1, s);
+  }
+  return cudaErrorInvalidValue;
+}
+
+int adam_step(DType dtype, bool eight_bit, const optim::TensorMeta* meta, int num_tensors, int64_t total_blocks,
               const float* qmap1, const float* qmap2, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {

@@ -22,7 +22,8 @@ DType to_kestrel_dtype(c10::ScalarType t) {
   }
 }
 
-void launch_adam(const char* op, bool eight_bit, at::TensorList params, at::TensorList grads, at::TensorList state1,
+// kind < 0: Adam; otherwise the one-state optimizer of that kind (state2/absmax2/qmap2 ignored).
+void launch_step(const char* op, int kind, bool eight_bit, at::TensorList params, at::TensorList grads, at::TensorList state1,
                  at::TensorList state2, at::TensorList absmax1, at::TensorList absmax2, const float* qmap1,
                  const float* qmap2, c10::IntArrayRef steps, double lr, double beta1, double beta2, double eps,
                  double weight_decay, double gnorm_scale) {
@@ -37,16 +38,16 @@ void launch_adam(const char* op, bool eight_bit, at::TensorList params, at::Tens
   }
   const c10::cuda::CUDAGuard guard(device);
   const int64_t count = static_cast<int64_t>(params.size());
-  at::Tensor meta_host = at::empty({count * static_cast<int64_t>(sizeof(optim::AdamTensorMeta))},
+  at::Tensor meta_host = at::empty({count * static_cast<int64_t>(sizeof(optim::TensorMeta))},
                                    at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  auto* meta = reinterpret_cast<optim::AdamTensorMeta*>(meta_host.data_ptr());
+  auto* meta = reinterpret_cast<optim::TensorMeta*>(meta_host.data_ptr());
   int64_t total_blocks = 0;
   for (int64_t i = 0; i < count; ++i) {
-    optim::AdamTensorMeta& m = meta[i];
+    optim::TensorMeta& m = meta[i];
     m.param = params[i].data_ptr();
     m.grad = grads[i].data_ptr();
     m.state1 = state1[i].data_ptr();
-    m.state2 = state2[i].data_ptr();
+    m.state2 = kind < 0 ? state2[i].data_ptr() : nullptr;
     m.absmax1 = eight_bit ? absmax1[i].data_ptr<float>() : nullptr;
     m.absmax2 = eight_bit ? absmax2[i].data_ptr<float>() : nullptr;
     m.numel = params[i].numel();
@@ -57,9 +58,14 @@ void launch_adam(const char* op, bool eight_bit, at::TensorList params, at::Tens
   }
   // The caching host allocator keeps the pinned block alive until this copy on the current stream has run.
   at::Tensor meta_device = meta_host.to(device, /*non_blocking=*/true);
-  C10_CUDA_CHECK(static_cast<cudaError_t>(cuda::adam_step(
-      to_kestrel_dtype(dtype), eight_bit, reinterpret_cast<const optim::AdamTensorMeta*>(meta_device.data_ptr()),
-      static_cast<int>(count), total_blocks, qmap1, qmap2, c10::cuda::getCurrentCUDAStream().stream())));
+  const auto* device_meta = reinterpret_cast<const optim::TensorMeta*>(meta_device.data_ptr());
+  void* stream = c10::cuda::getCurrentCUDAStream().stream();
+  const int error = kind < 0 ? cuda::adam_step(to_kestrel_dtype(dtype), eight_bit, device_meta, static_cast<int>(count),
+                                               total_blocks, qmap1, qmap2, stream)
+                             : cuda::one_state_step(to_kestrel_dtype(dtype), static_cast<optim::OneState>(kind),
+                                                    eight_bit, device_meta, static_cast<int>(count), total_blocks,
+                                                    qmap1, stream);
+  C10_CUDA_CHECK(static_cast<cudaError_t>(error));
 }
 
 void adam8bit_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
@@ -72,7 +78,7 @@ void adam8bit_step_cuda(at::TensorList params, at::TensorList grads, at::TensorL
     TORCH_CHECK(qmap1.device() == params[0].device() && qmap2.device() == params[0].device(), op,
                 ": qmap1 and qmap2 must be on ", params[0].device(), ", got ", qmap1.device(), " and ", qmap2.device());
   }
-  launch_adam(op, true, params, grads, state1, state2, absmax1, absmax2, qmap1.data_ptr<float>(),
+  launch_step(op, -1, true, params, grads, state1, state2, absmax1, absmax2, qmap1.data_ptr<float>(),
               qmap2.data_ptr<float>(), steps, lr, beta1, beta2, eps, weight_decay, gnorm_scale);
 }
 
@@ -81,7 +87,32 @@ void adam32bit_step_cuda(at::TensorList params, at::TensorList grads, at::Tensor
                          double weight_decay, double gnorm_scale) {
   constexpr const char* op = "adam32bit_step_";
   check_adam_args(op, params, grads, state1, state2, {}, {}, nullptr, nullptr, steps, false);
-  launch_adam(op, false, params, grads, state1, state2, {}, {}, nullptr, nullptr, steps, lr, beta1, beta2, eps,
+  launch_step(op, -1, false, params, grads, state1, state2, {}, {}, nullptr, nullptr, steps, lr, beta1, beta2, eps,
+              weight_decay, gnorm_scale);
+}
+
+void one_state8bit_step_cuda(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
+                             at::TensorList state1, at::TensorList absmax1, const at::Tensor& qmap1,
+                             c10::IntArrayRef steps, double lr, double beta1, double beta2, double eps,
+                             double weight_decay, double gnorm_scale) {
+  constexpr const char* op = "one_state8bit_step_";
+  const int kind = static_cast<int>(parse_one_state(op, optimizer));
+  check_adam_args(op, params, grads, state1, state1, absmax1, absmax1, &qmap1, &qmap1, steps, true);
+  if (!params.empty()) {
+    TORCH_CHECK(qmap1.device() == params[0].device(), op, ": qmap1 must be on ", params[0].device(), ", got ",
+                qmap1.device());
+  }
+  launch_step(op, kind, true, params, grads, state1, state1, absmax1, absmax1, qmap1.data_ptr<float>(), nullptr,
+              steps, lr, beta1, beta2, eps, weight_decay, gnorm_scale);
+}
+
+void one_state32bit_step_cuda(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
+                              at::TensorList state1, c10::IntArrayRef steps, double lr, double beta1, double beta2,
+                              double eps, double weight_decay, double gnorm_scale) {
+  constexpr const char* op = "one_state32bit_step_";
+  const int kind = static_cast<int>(parse_one_state(op, optimizer));
+  check_adam_args(op, params, grads, state1, state1, {}, {}, nullptr, nullptr, steps, false);
+  launch_step(op, kind, false, params, grads, state1, state1, {}, {}, nullptr, nullptr, steps, lr, beta1, beta2, eps,
               weight_decay, gnorm_scale);
 }
 
@@ -90,6 +121,8 @@ void adam32bit_step_cuda(at::TensorList params, at::TensorList grads, at::Tensor
 TORCH_LIBRARY_IMPL(kestrel, CUDA, m) {
   m.impl("adam8bit_step_", &adam8bit_step_cuda);
   m.impl("adam32bit_step_", &adam32bit_step_cuda);
+  m.impl("one_state8bit_step_", &one_state8bit_step_cuda);
+  m.impl("one_state32bit_step_", &one_state32bit_step_cuda);
 }
 
 }  // namespace kestrel

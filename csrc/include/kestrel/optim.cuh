@@ -17,7 +17,7 @@ constexpr int kAdamThreads = 256;
 constexpr int kAdamWarps = kAdamThreads / 32;
 constexpr int kAdamItems = optim::kBlockSize / 32;
 
-__device__ __forceinline__ int find_tensor(const optim::AdamTensorMeta* meta, int num_tensors, int64_t block) {
+__device__ __forceinline__ int find_tensor(const optim::TensorMeta* meta, int num_tensors, int64_t block) {
   int lo = 0, hi = num_tensors - 1;  // the last tensor whose first_block <= block
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
@@ -34,7 +34,7 @@ __device__ __forceinline__ float warp_max(float v) {
 
 template <typename T, bool EIGHT_BIT>
 __global__ void __launch_bounds__(kAdamThreads)
-    adam_step_kernel(const optim::AdamTensorMeta* __restrict__ meta, int num_tensors, int64_t total_blocks,
+    adam_step_kernel(const optim::TensorMeta* __restrict__ meta, int num_tensors, int64_t total_blocks,
                      const float* __restrict__ qmap1, const float* __restrict__ qmap2) {
   __shared__ float code1[quant::kCodeSize], code2[quant::kCodeSize];
   __shared__ float mid1[quant::kMidpointsSize], mid2[quant::kMidpointsSize];
@@ -51,8 +51,8 @@ __global__ void __launch_bounds__(kAdamThreads)
   const int64_t block = (int64_t)blockIdx.x * kAdamWarps + (tid >> 5);
   if (block >= total_blocks) return;
 
-  const optim::AdamTensorMeta& m = meta[find_tensor(meta, num_tensors, block)];
-  const optim::AdamScalars a = m.scalars;
+  const optim::TensorMeta& m = meta[find_tensor(meta, num_tensors, block)];
+  const optim::StepScalars a = m.scalars;
   const int64_t local_block = block - m.first_block;
   const int64_t begin = local_block * optim::kBlockSize;
   const int64_t end = min(begin + (int64_t)optim::kBlockSize, m.numel);
@@ -118,6 +118,70 @@ __global__ void __launch_bounds__(kAdamThreads)
       static_cast<float*>(m.state1)[i] = s1[k];
       static_cast<float*>(m.state2)[i] = s2[k];
     }
+  }
+}
+
+// One-state optimizers: the same layout (one warp per 256-element block), state1 only.
+template <typename T, optim::OneState KIND, bool EIGHT_BIT>
+__global__ void __launch_bounds__(kAdamThreads)
+    one_state_kernel(const optim::TensorMeta* __restrict__ meta, int num_tensors, int64_t total_blocks,
+                     const float* __restrict__ qmap1) {
+  __shared__ float code1[quant::kCodeSize];
+  __shared__ float mid1[quant::kMidpointsSize];
+  const int tid = threadIdx.x;
+  if (EIGHT_BIT) {
+    code1[tid] = qmap1[tid];
+    __syncthreads();
+    mid1[tid] = tid < quant::kCodeSize - 1 ? quant::midpoint(code1, tid) : __int_as_float(0x7f800000);
+    __syncthreads();
+  }
+  const int lane = tid & 31;
+  const int64_t block = (int64_t)blockIdx.x * kAdamWarps + (tid >> 5);
+  if (block >= total_blocks) return;
+
+  const optim::TensorMeta& m = meta[find_tensor(meta, num_tensors, block)];
+  const optim::StepScalars a = m.scalars;
+  const int64_t local_block = block - m.first_block;
+  const int64_t begin = local_block * optim::kBlockSize;
+  const int64_t end = min(begin + (int64_t)optim::kBlockSize, m.numel);
+  T* p = static_cast<T*>(m.param);
+  const T* g = static_cast<const T*>(m.grad);
+
+  float s1[kAdamItems], new_p[kAdamItems];
+  bool finite[kAdamItems];
+  float new_max = 0.0f;
+  const float old_max = EIGHT_BIT ? m.absmax1[local_block] : 0.0f;
+#pragma unroll
+  for (int k = 0; k < kAdamItems; ++k) {
+    const int64_t i = begin + lane + 32 * k;
+    const bool valid = i < end;
+    const float grad = valid ? ElementIO<T>::load(g + i) * a.gnorm_scale : 0.0f;
+    float old_s = 0.0f;
+    if (valid) {
+      old_s = EIGHT_BIT ? quant::dequantize_value(code1, static_cast<const uint8_t*>(m.state1)[i], old_max)
+                        : static_cast<const float*>(m.state1)[i];
+    }
+    float s = old_s, updated = 0.0f;
+    optim::one_state_update<KIND>(a, grad, valid ? ElementIO<T>::load_plain(p + i) : 0.0f, s, updated);
+    finite[k] = optim::is_finite(grad);
+    s = finite[k] ? s : (EIGHT_BIT ? 0.0f : old_s);
+    s1[k] = valid ? s : 0.0f;
+    new_p[k] = updated;
+    new_max = fmaxf(new_max, fabsf(s1[k]));
+  }
+  if (EIGHT_BIT) {
+    new_max = warp_max(new_max);
+    if (lane == 0) m.absmax1[local_block] = new_max;
+  }
+#pragma unroll
+  for (int k = 0; k < kAdamItems; ++k) {
+    const int64_t i = begin + lane + 32 * k;
+    if (i >= end) continue;
+    if (finite[k]) ElementIO<T>::store(p + i, new_p[k]);
+    if (EIGHT_BIT)
+      static_cast<uint8_t*>(m.state1)[i] = optim::requantize_signed(code1, mid1, s1[k], new_max);
+    else
+      static_cast<float*>(m.state1)[i] = s1[k];
   }
 }
 

@@ -1,6 +1,6 @@
 // Block-wise 8-bit (and 32-bit) Adam: the per-element math, shared by the CPU and CUDA kernels.
 //
-// Spec: optim8bit.md, "One fused step per element". The host computes the per-step scalars once (AdamScalars), so
+// Spec: optim8bit.md, "One fused step per element". The host computes the per-step scalars once (StepScalars), so
 // the CPU and CUDA kernels run the same float32 operations in the same order; both are compiled without
 // floating-point contraction (-ffp-contract=off, nvcc --fmad=false), so their results are bit-identical.
 #pragma once
@@ -14,20 +14,26 @@ namespace optim {
 
 constexpr int kBlockSize = 256;  // elements per absmax block of an 8-bit state (bnb's optimizer blocks)
 
-struct AdamScalars {
+// The per-step scalars of one parameter, computed once on the host (float32, as bnb's kernels compute them).
+struct StepScalars {
   float beta1, beta2;
   float one_minus_beta1, one_minus_beta2;
-  float step_size;    // -lr * sqrt(1 - beta2^t) / (1 - beta1^t)
-  float eps_c2;       // eps * sqrt(1 - beta2^t)
-  float decay;        // 1 - lr * weight_decay, applied after the update when apply_decay
+  float step_size;    // Adam: -lr * sqrt(1 - beta2^t) / (1 - beta1^t)
+  float eps_c2;       // Adam: eps * sqrt(1 - beta2^t)
+  float decay;        // 1 - lr * weight_decay (decoupled decay: Adam after the update, Lion before)
   float gnorm_scale;  // gradient scale (1 unless clipping)
+  float lr, eps, weight_decay;
+  int step;
   int apply_decay;
 };
 
+// Optimizers with one state (bnb's Optimizer1State); the state uses the signed map when 8-bit.
+enum class OneState : int { kMomentum = 0, kRMSprop = 1, kAdagrad = 2, kLion = 3 };
+
 // The scalars of step `step` (>= 1), in float32 as bnb's kernel computes them (IEEE division for step_size).
-inline AdamScalars make_adam_scalars(int64_t step, float lr, float beta1, float beta2, float eps, float weight_decay,
+inline StepScalars make_adam_scalars(int64_t step, float lr, float beta1, float beta2, float eps, float weight_decay,
                                      float gnorm_scale) {
-  AdamScalars a;
+  StepScalars a;
   a.beta1 = beta1;
   a.beta2 = beta2;
   a.one_minus_beta1 = 1.0f - beta1;
@@ -38,6 +44,10 @@ inline AdamScalars make_adam_scalars(int64_t step, float lr, float beta1, float 
   a.eps_c2 = correction2 * eps;
   a.decay = 1.0f - lr * weight_decay;
   a.gnorm_scale = gnorm_scale;
+  a.lr = lr;
+  a.eps = eps;
+  a.weight_decay = weight_decay;
+  a.step = (int)step;
   a.apply_decay = weight_decay > 0.0f;
   return a;
 }
@@ -51,14 +61,36 @@ KESTREL_HD bool is_finite(float v) {
 }
 
 // Steps 1-2: the new moments from the old ones and a finite gradient.
-KESTREL_HD void adam_moments(const AdamScalars& a, float g, float& s1, float& s2) {
+KESTREL_HD void adam_moments(const StepScalars& a, float g, float& s1, float& s2) {
   s1 = s1 * a.beta1 + a.one_minus_beta1 * g;
   s2 = s2 * a.beta2 + a.one_minus_beta2 * (g * g);
 }
 
 // Step 4, before rounding to the parameter's dtype: p + step_size * s1 / (sqrt(s2) + eps * c2).
-KESTREL_HD float adam_param_update(const AdamScalars& a, float p, float s1, float s2) {
+KESTREL_HD float adam_param_update(const StepScalars& a, float p, float s1, float s2) {
   return p + a.step_size * (s1 / (sqrtf(s2) + a.eps_c2));
+}
+
+KESTREL_HD float sign_of(float v) { return v > 0.0f ? 1.0f : (v < 0.0f ? -1.0f : 0.0f); }
+
+// One-state optimizers (spec: "Other optimizers"): the new state and the new parameter (before rounding to its
+// dtype) from the old state s1, the parameter p and a finite gradient g (already scaled by gnorm_scale).
+template <OneState KIND>
+KESTREL_HD void one_state_update(const StepScalars& a, float g, float p, float& s1, float& new_p) {
+  if (KIND == OneState::kLion) {
+    const float decayed = a.apply_decay ? p * a.decay : p;
+    new_p = decayed - a.lr * sign_of(s1 * a.beta1 + a.one_minus_beta1 * g);
+    s1 = s1 * a.beta2 + a.one_minus_beta2 * g;
+    return;
+  }
+  if (a.apply_decay) g = g + p * a.weight_decay;  // L2 decay, added to the gradient
+  if (KIND == OneState::kMomentum) {
+    s1 = a.step == 1 ? g : s1 * a.beta1 + g;
+    new_p = p - a.lr * s1;
+  } else {
+    s1 = KIND == OneState::kRMSprop ? s1 * a.beta1 + a.one_minus_beta1 * (g * g) : s1 + g * g;
+    new_p = p - a.lr * (g / (sqrtf(s1) + a.eps));
+  }
 }
 
 // Step 5's normalisation of a new state by its block's new absmax (0 for an all-zero block).
@@ -73,9 +105,9 @@ KESTREL_HD uint8_t requantize_unsigned(const float* midpoints, float s, float ab
   return (uint8_t)quant::nearest_code_bsearch(midpoints, normalize_state(s, absmax));
 }
 
-// One parameter of a fused multi-tensor step: raw pointers, its size, the index of its first 256-element block in
+// One parameter of a fused multi-tensor step (Adam: two states; one-state optimizers: state2/absmax2 unused): raw pointers, its size, the index of its first 256-element block in
 // the launch, and its per-step scalars (parameters of one launch may be at different steps).
-struct AdamTensorMeta {
+struct TensorMeta {
   void* param;
   const void* grad;
   void* state1;      // uint8 codes (8-bit) or float32
@@ -84,7 +116,7 @@ struct AdamTensorMeta {
   float* absmax2;
   int64_t numel;
   int64_t first_block;
-  AdamScalars scalars;
+  StepScalars scalars;
 };
 
 }  // namespace optim

@@ -18,3 +18,13 @@ if _ext.available():
     @torch.library.register_fake("kestrel::adam32bit_step_")
     def _adam32bit_step_fake(params, grads, state1, state2, steps, lr, beta1, beta2, eps, weight_decay, gnorm_scale):
         return None
+
+    @torch.library.register_fake("kestrel::one_state8bit_step_")
+    def _one_state8bit_step_fake(optimizer, params, grads, state1, absmax1, qmap1, steps, lr, beta1, beta2, eps,
+                                 weight_decay, gnorm_scale):
+        return None
+
+    @torch.library.register_fake("kestrel::one_state32bit_step_")
+    def _one_state32bit_step_fake(optimizer, params, grads, state1, steps, lr, beta1, beta2, eps, weight_decay,
+                                  gnorm_scale):
+        return None

@@ -106,3 +106,40 @@ def adam32bit_step(p, g, state1, state2, step, lr, beta1, beta2, eps, weight_dec
     p.view(-1).copy_(_update_param(p.reshape(-1), new_s1, new_s2, finite, a))
     s1.copy_(torch.where(finite, new_s1, s1))
     s2.copy_(torch.where(finite, new_s2, s2))
+
+
+def _one_state_update(kind, a, grad, p32, s, lr, eps, weight_decay, step):
+    """(new state, new parameter before rounding) in the kernels' float32 order."""
+    f = lambda v: float(np.float32(v))  # noqa: E731
+    if kind == "lion":
+        decayed = p32 * a["decay"] if a["apply_decay"] else p32
+        new_p = decayed - torch.sign(s * a["beta1"] + grad * a["one_minus_beta1"]) * f(lr)
+        return s * a["beta2"] + grad * a["one_minus_beta2"], new_p
+    if weight_decay > 0:
+        grad = grad + p32 * f(weight_decay)
+    if kind == "momentum":
+        s = grad.clone() if step == 1 else s * a["beta1"] + grad
+        return s, p32 - s * f(lr)
+    s = s * a["beta1"] + (grad * grad) * a["one_minus_beta1"] if kind == "rmsprop" else s + grad * grad
+    return s, p32 - (grad / (_sqrt(s) + f(eps))) * f(lr)
+
+
+@torch.no_grad()
+def one_state_step(kind, p, g, state1, absmax1, qmap1, step, lr, beta1, beta2, eps, weight_decay, gnorm_scale=1.0):
+    """One step of SGD-momentum / RMSprop / Adagrad / Lion on flat tensors, in place; 8-bit when qmap1 is given
+    (signed map, sign fix), else float32 state. A NaN/Inf gradient keeps the parameter; its 8-bit state becomes 0
+    and a float32 state is kept."""
+    a = adam_scalars(step, lr, beta1, beta2, eps, weight_decay)
+    n = p.numel()
+    grad = g.reshape(-1).float() * float(np.float32(gnorm_scale))
+    finite = torch.isfinite(grad)
+    old = qmap1[state1.reshape(-1).long()] * _per_element(absmax1, n) if qmap1 is not None else state1.reshape(-1)
+    s, new_p = _one_state_update(kind, a, grad, p.reshape(-1).float(), old.clone(), lr, eps, weight_decay, step)
+    s = torch.where(finite, s, torch.zeros_like(s) if qmap1 is not None else old)
+    p.view(-1).copy_(torch.where(finite, new_p.to(p.dtype), p.reshape(-1)))
+    if qmap1 is None:
+        state1.view(-1).copy_(s)
+        return
+    new_max = _block_absmax(s, n)
+    state1.view(-1).copy_(_requantize(s, new_max, qmap1, signed=True))
+    absmax1.copy_(new_max)

@@ -1,0 +1,192 @@
+"""The one-state optimizers of bitsandbytes 0.50 (SGD with momentum, RMSprop, Adagrad, Lion), 8-bit or 32-bit
+state, with bnb's signatures and argument checks. The 8-bit state uses the signed dynamic map (as bnb does, even
+for RMSprop and Adagrad), in blocks of 256.
+
+Update rules (t the step, from 1): SGD `g += wd*p; s = g (t=1) else momentum*s + g; p -= lr*s`; RMSprop
+`g += wd*p; s = alpha*s + (1-alpha)*g*g; p -= lr*g/(sqrt(s)+eps)`; Adagrad `g += wd*p; s += g*g;
+p -= lr*g/(sqrt(s)+eps)`; Lion `p *= 1-lr*wd; p -= lr*sign(b1*s + (1-b1)*g); s = b2*s + (1-b2)*g`.
+"""
+
+from collections import defaultdict
+
+import torch
+
+from .optimizer import MockArgs, Optimizer8bit, _blocks
+
+
+class _OneState(Optimizer8bit):
+    """bnb's Optimizer1State: `optimizer_name` one of momentum, rmsprop, adagrad, lion."""
+
+    def __init__(self, optimizer_name, params, lr=1e-3, betas=(0.9, 0.0), eps=1e-8, weight_decay=0.0, optim_bits=32,
+                 args=None, min_8bit_size=4096, is_paged=False):
+        name = type(self).__name__
+        if not lr >= 0.0:
+            raise ValueError(f"{name}: lr must be >= 0, got {lr}")
+        if not eps >= 0.0:
+            raise ValueError(f"{name}: eps must be >= 0, got {eps}")
+        for i, beta in enumerate(betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"{name}: betas[{i}] must be in [0, 1), got {beta}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"{name}: weight_decay must be >= 0, got {weight_decay}")
+        if optim_bits not in (8, 32):
+            raise ValueError(f"{name}: optim_bits must be 8 or 32, got {optim_bits}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults, optim_bits, is_paged)
+        if args is None:
+            args = MockArgs(dict(optim_bits=optim_bits, min_8bit_size=min_8bit_size, max_unorm=0.0, skip_zeros=False))
+        self.args = args
+        self.optimizer_name = optimizer_name
+
+    @torch.no_grad()
+    def init_state(self, group, p):
+        state = self.state[p]
+        state["step"] = 0
+        if not (self.args.optim_bits == 8 and p.numel() >= self.args.min_8bit_size):
+            state["state1"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            return
+        if "dynamic" not in self.name2qmap:
+            self.fill_qmap()
+        if self.name2qmap["dynamic"].device != p.device:
+            self.name2qmap["dynamic"] = self.name2qmap["dynamic"].to(p.device)
+        state["state1"] = torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.contiguous_format)
+        state["qmap1"] = self.name2qmap["dynamic"]
+        state["absmax1"] = torch.zeros(_blocks(p.numel()), dtype=torch.float32, device=p.device)
+
+    @torch.no_grad()
+    def update_group(self, params, group):
+        beta1, beta2 = (tuple(group["betas"]) + (0.0, 0.0))[:2]
+        scalars = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
+                   1.0)
+        batches = defaultdict(list)
+        for p in params:
+            state = self.state[p]
+            state["step"] += 1
+            eight_bit = state["state1"].dtype == torch.uint8
+            batches[(p.device, p.dtype, eight_bit, id(state["qmap1"]) if eight_bit else None)].append(p)
+        for (_, _, eight_bit, _), batch in batches.items():
+            states = [self.state[p] for p in batch]
+            grads = [p.grad for p in batch]
+            steps = [s["step"] for s in states]
+            if eight_bit:
+                torch.ops.kestrel.one_state8bit_step_(self.optimizer_name, batch, grads, [s["state1"] for s in states],
+                                                      [s["absmax1"] for s in states], states[0]["qmap1"], steps,
+                                                      *scalars)
+            else:
+                torch.ops.kestrel.one_state32bit_step_(self.optimizer_name, batch, grads,
+                                                       [s["state1"] for s in states], steps, *scalars)
+
+
+def _reject(name, condition, message, error=NotImplementedError):
+    if condition:
+        raise error(f"{name}: {message}")
+
+
+class _SGD(_OneState):
+    def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, optim_bits=32, args=None,
+                 min_8bit_size=4096):
+        name = type(self).__name__
+        _reject(name, momentum == 0, "SGD without momentum is not supported (momentum must be > 0, got 0)")
+        _reject(name, dampening != 0, f"dampening is not supported (got {dampening})")
+        _reject(name, nesterov, "nesterov=True is not supported")
+        super().__init__("momentum", params, lr, (momentum, dampening), 0.0, weight_decay, optim_bits, args,
+                         min_8bit_size)
+
+
+class SGD(_SGD):
+    """SGD with momentum, 8-bit (optim_bits=8) or 32-bit state (bnb.optim.SGD)."""
+
+
+class SGD8bit(_SGD):
+    """SGD with momentum and 8-bit state (a drop-in for bnb.optim.SGD8bit)."""
+
+    def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, args=None,
+                 min_8bit_size=4096):
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, 8, args, min_8bit_size)
+
+
+class SGD32bit(_SGD):
+    def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, args=None,
+                 min_8bit_size=4096):
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, 32, args, min_8bit_size)
+
+
+class _RMSprop(_OneState):
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
+                 optim_bits=32, args=None, min_8bit_size=4096):
+        name = type(self).__name__
+        _reject(name, alpha == 0, "RMSprop with alpha=0 is not supported")
+        _reject(name, centered, "centered RMSprop is not supported")
+        _reject(name, momentum != 0, f"momentum is not supported (got {momentum}; bnb ignores it silently)")
+        super().__init__("rmsprop", params, lr, (alpha, momentum), eps, weight_decay, optim_bits, args, min_8bit_size)
+
+
+class RMSprop(_RMSprop):
+    """RMSprop, 8-bit (optim_bits=8) or 32-bit state (bnb.optim.RMSprop)."""
+
+
+class RMSprop8bit(_RMSprop):
+    """RMSprop with 8-bit state (a drop-in for bnb.optim.RMSprop8bit)."""
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False, args=None,
+                 min_8bit_size=4096):
+        super().__init__(params, lr, alpha, eps, weight_decay, momentum, centered, 8, args, min_8bit_size)
+
+
+class RMSprop32bit(_RMSprop):
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False, args=None,
+                 min_8bit_size=4096):
+        super().__init__(params, lr, alpha, eps, weight_decay, momentum, centered, 32, args, min_8bit_size)
+
+
+class _Adagrad(_OneState):
+    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
+                 optim_bits=32, args=None, min_8bit_size=4096):
+        name = type(self).__name__
+        _reject(name, initial_accumulator_value != 0,
+                f"initial_accumulator_value must be 0, got {initial_accumulator_value}", ValueError)
+        _reject(name, lr_decay != 0, f"lr_decay must be 0, got {lr_decay}", ValueError)
+        super().__init__("adagrad", params, lr, (0.0, 0.0), eps, weight_decay, optim_bits, args, min_8bit_size)
+
+
+class Adagrad(_Adagrad):
+    """Adagrad, 8-bit (optim_bits=8) or 32-bit state (bnb.optim.Adagrad)."""
+
+
+class Adagrad8bit(_Adagrad):
+    """Adagrad with 8-bit state (a drop-in for bnb.optim.Adagrad8bit)."""
+
+    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
+                 optim_bits=8, args=None, min_8bit_size=4096):
+        _reject(type(self).__name__, optim_bits != 8, f"optim_bits is fixed to 8, got {optim_bits}", ValueError)
+        super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, 8, args, min_8bit_size)
+
+
+class Adagrad32bit(_Adagrad):
+    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
+                 optim_bits=32, args=None, min_8bit_size=4096):
+        super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, 32, args, min_8bit_size)
+
+
+class _Lion(_OneState):
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0, optim_bits=32, args=None,
+                 min_8bit_size=4096, is_paged=False):
+        super().__init__("lion", params, lr, betas, 0.0, weight_decay, optim_bits, args, min_8bit_size, is_paged)
+
+
+class Lion(_Lion):
+    """Lion, 8-bit (optim_bits=8) or 32-bit state (bnb.optim.Lion)."""
+
+
+class Lion8bit(_Lion):
+    """Lion with 8-bit state (a drop-in for bnb.optim.Lion8bit)."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0, args=None, min_8bit_size=4096,
+                 is_paged=False):
+        super().__init__(params, lr, betas, weight_decay, 8, args, min_8bit_size, is_paged)
+
+
+class Lion32bit(_Lion):
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0, args=None, min_8bit_size=4096,
+                 is_paged=False):
+        super().__init__(params, lr, betas, weight_decay, 32, args, min_8bit_size, is_paged)
