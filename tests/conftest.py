@@ -4,6 +4,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import helpers  # noqa: E402
+import pytest  # noqa: E402
 
 
 def pytest_configure(config):
@@ -12,3 +13,14 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     helpers.skip_gpu_items(items)
+
+
+@pytest.fixture(autouse=True)
+def fresh_optim_manager():
+    """GlobalOptimManager is process-global (keyed by parameter id): give every test a clean one."""
+    yield
+    try:
+        from kestrel.optim import GlobalOptimManager
+    except ImportError:
+        return
+    GlobalOptimManager.get_instance().initialize()

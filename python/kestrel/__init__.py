@@ -9,5 +9,6 @@ from . import _ext
 from . import ops
 from . import functional
 from . import optim
+from . import nn
 
-__all__ = ["__version__", "functional", "ops", "optim"]
+__all__ = ["__version__", "functional", "nn", "ops", "optim"]

@@ -49,10 +49,10 @@ class _Adam(Optimizer8bit):
         self.optimizer_name = "adam"
 
     @torch.no_grad()
-    def init_state(self, group, p):
+    def init_state(self, p, config):
         state = self.state[p]
         state["step"] = 0
-        eight_bit = self.args.optim_bits == 8 and p.numel() >= self.args.min_8bit_size
+        eight_bit = config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"]
         if not eight_bit:
             state["state1"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
             state["state2"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
@@ -70,18 +70,18 @@ class _Adam(Optimizer8bit):
         state["absmax2"] = torch.zeros(_blocks(p.numel()), dtype=torch.float32, device=p.device)
 
     @torch.no_grad()
-    def update_group(self, params, group):
-        beta1, beta2 = group["betas"]
-        scalars = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
-                   1.0)
-        batches = defaultdict(list)  # one fused call per (device, dtype, 8-bit or not, maps)
-        for p in params:
+    def update_params(self, items):
+        batches = defaultdict(list)  # one fused call per (device, dtype, 8-bit or not, maps, hyperparameters)
+        for p, config in items:
             state = self.state[p]
             state["step"] += 1
             eight_bit = state["state1"].dtype == torch.uint8
             maps = (id(state["qmap1"]), id(state["qmap2"])) if eight_bit else None
-            batches[(p.device, p.dtype, eight_bit, maps)].append(p)
-        for (_, _, eight_bit, _), batch in batches.items():
+            beta1, beta2 = config["betas"][:2]
+            scalars = (float(config["lr"]), float(beta1), float(beta2), float(config["eps"]),
+                       float(config["weight_decay"]), 1.0)
+            batches[(p.device, p.dtype, eight_bit, maps, scalars)].append(p)
+        for (_, _, eight_bit, _, scalars), batch in batches.items():
             states = [self.state[p] for p in batch]
             grads = [p.grad for p in batch]
             steps = [s["step"] for s in states]

@@ -39,10 +39,10 @@ class _OneState(Optimizer8bit):
         self.optimizer_name = optimizer_name
 
     @torch.no_grad()
-    def init_state(self, group, p):
+    def init_state(self, p, config):
         state = self.state[p]
         state["step"] = 0
-        if not (self.args.optim_bits == 8 and p.numel() >= self.args.min_8bit_size):
+        if not (config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"]):
             state["state1"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
             return
         if "dynamic" not in self.name2qmap:
@@ -54,17 +54,17 @@ class _OneState(Optimizer8bit):
         state["absmax1"] = torch.zeros(_blocks(p.numel()), dtype=torch.float32, device=p.device)
 
     @torch.no_grad()
-    def update_group(self, params, group):
-        beta1, beta2 = (tuple(group["betas"]) + (0.0, 0.0))[:2]
-        scalars = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
-                   1.0)
+    def update_params(self, items):
         batches = defaultdict(list)
-        for p in params:
+        for p, config in items:
             state = self.state[p]
             state["step"] += 1
             eight_bit = state["state1"].dtype == torch.uint8
-            batches[(p.device, p.dtype, eight_bit, id(state["qmap1"]) if eight_bit else None)].append(p)
-        for (_, _, eight_bit, _), batch in batches.items():
+            beta1, beta2 = (tuple(config["betas"]) + (0.0, 0.0))[:2]
+            scalars = (float(config["lr"]), float(beta1), float(beta2), float(config["eps"]),
+                       float(config["weight_decay"]), 1.0)
+            batches[(p.device, p.dtype, eight_bit, id(state["qmap1"]) if eight_bit else None, scalars)].append(p)
+        for (_, _, eight_bit, _, scalars), batch in batches.items():
             states = [self.state[p] for p in batch]
             grads = [p.grad for p in batch]
             steps = [s["step"] for s in states]

@@ -10,6 +10,7 @@ import torch
 
 from .. import _ext
 from ..ops.quantize import DYNAMIC_MAP_SIGNED, DYNAMIC_MAP_UNSIGNED
+from .manager import GlobalOptimManager
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCKSIZE = 256  # elements per absmax block of an 8-bit state, as bnb's optimizers use
@@ -35,6 +36,7 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     def __init__(self, params, defaults, optim_bits=32, is_paged=False):
         super().__init__(params, defaults)
+        self.mng = GlobalOptimManager.get_instance()
         self.is_paged = is_paged
         self._paged_warned = False
         self.name2qmap = {}
@@ -180,27 +182,54 @@ class Optimizer8bit(torch.optim.Optimizer):
                 loss = closure()
         # Check every parameter before changing anything, so that bad input leaves all state untouched.
         work = []
-        index = 0
-        for group in self.param_groups:
-            for p in group["params"]:
+        ordinal = 0
+        for group_index, group in enumerate(self.param_groups):
+            for position, p in enumerate(group["params"]):
                 if p.grad is not None:
-                    self._check_param(p, index)
-                    work.append((group, p))
-                index += 1
-        for group, p in work:
+                    self._check_param(p, ordinal)
+                    work.append((group_index, position, p))
+                ordinal += 1
+        self.mng.resolve_module_overrides()
+        by_group = defaultdict(list)
+        base_configs = {}
+        for group_index, position, p in work:
+            if group_index not in base_configs:
+                base_configs[group_index] = self.group_config(self.param_groups[group_index])
+            config = self.get_config(base_configs[group_index], p, (group_index, position))
             if not p.is_contiguous():
                 p.data = p.data.contiguous()
             if not p.grad.is_contiguous():
                 p.grad = p.grad.contiguous()
             if len(self.state[p]) == 0:
                 self._paged_buffer_warning(p)
-                self.init_state(group, p)
-        for group in self.param_groups:
-            self.update_group([p for g, p in work if g is group], group)
+                self.init_state(p, config)
+            by_group[group_index].append((p, config))
+        for items in by_group.values():
+            self.update_params(items)
         return loss
 
-    def init_state(self, group, p):
+    def group_config(self, group):
+        """A group's settings and the optimizer's args (optim_bits, min_8bit_size, max_unorm)."""
+        config = {key: value for key, value in group.items() if key != "params"}
+        config.update(optim_bits=self.args.optim_bits, min_8bit_size=self.args.min_8bit_size,
+                      max_unorm=getattr(self.args, "max_unorm", 0.0))
+        return config
+
+    def get_config(self, base, p, index):
+        """The settings of parameter p at `index` = (group index, position): its group's (`base`, not modified),
+        then GlobalOptimManager overrides by registration index, then by parameter identity."""
+        by_index, by_id = self.mng.index2config.get(index), self.mng.pid2config.get(id(p))
+        if by_index is None and by_id is None:
+            return base
+        config = dict(base)
+        config.update(by_index or {})
+        config.update(by_id or {})
+        return config
+
+    def init_state(self, p, config):
         raise NotImplementedError
 
-    def update_group(self, params, group):
+    def update_params(self, items):
+        """One step for [(parameter, config)]: one kernel call per batch of equal device, dtype, state kind and
+        hyperparameters."""
         raise NotImplementedError
