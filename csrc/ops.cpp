@@ -18,16 +18,19 @@ TORCH_LIBRARY(kestrel, m) {
   m.def(
       "dequantize_blockwise(Tensor codes, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) -> Tensor");
 
-  // One fused Adam/AdamW step (bnb semantics: decoupled weight decay after the update) for a list of parameters of
-  // one dtype and device: 8-bit block-wise states (signed map qmap1, unsigned map qmap2, blocks of 256) or
-  // float32 states. steps[i] is parameter i's step count after this step.
+  // One fused step of a two-state optimizer (bnb's Optimizer2State: optimizer "adam" — Adam/AdamW with decoupled
+  // weight decay after the update — or "ademamix", whose state1 holds two first moments) for a list of
+  // parameters of one dtype and device: 8-bit block-wise states (signed map qmap1, unsigned map qmap2, blocks of
+  // 256) or float32 states. steps[i] is parameter i's step count after this step; beta3 and alpha are AdEMAMix's.
   m.def(
-      "adam8bit_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(c!)[] state2, "
-      "Tensor(d!)[] absmax1, Tensor(e!)[] absmax2, Tensor qmap1, Tensor qmap2, int[] steps, float lr, float beta1, "
-      "float beta2, float eps, float weight_decay, float gnorm_scale) -> ()");
+      "two_state8bit_step_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
+      "Tensor(c!)[] state2, Tensor(d!)[] absmax1, Tensor(e!)[] absmax2, Tensor qmap1, Tensor qmap2, int[] steps, "
+      "float lr, float beta1, float beta2, float beta3, float alpha, float eps, float weight_decay, "
+      "float gnorm_scale) -> ()");
   m.def(
-      "adam32bit_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(c!)[] state2, int[] steps, "
-      "float lr, float beta1, float beta2, float eps, float weight_decay, float gnorm_scale) -> ()");
+      "two_state32bit_step_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
+      "Tensor(c!)[] state2, int[] steps, float lr, float beta1, float beta2, float beta3, float alpha, float eps, "
+      "float weight_decay, float gnorm_scale) -> ()");
   // The same for the one-state optimizers (bnb's Optimizer1State): optimizer is "momentum" (SGD), "rmsprop",
   // "adagrad" or "lion"; an 8-bit state1 uses the signed map qmap1.
   m.def(

@@ -12,10 +12,12 @@ inline int64_t optim_num_blocks(int64_t n) { return (n + optim::kBlockSize - 1) 
 
 // Every list has one entry per parameter; each parameter is a dense, contiguous float tensor with a gradient of the
 // same dtype and size on the same device; states have the sizes and dtypes of an 8-bit (or 32-bit) state.
-// A one-state optimizer passes its state1/absmax1/qmap1 also as state2/absmax2/qmap2.
+// A one-state optimizer passes its state1/absmax1/qmap1 also as state2/absmax2/qmap2. state1 holds `moments1`
+// moments per element (2 for AdEMAMix: shape (2, *param.shape), absmax1 (2, blocks)).
 inline void check_adam_args(const char* op, at::TensorList params, at::TensorList grads, at::TensorList state1,
                             at::TensorList state2, at::TensorList absmax1, at::TensorList absmax2,
-                            const at::Tensor* qmap1, const at::Tensor* qmap2, c10::IntArrayRef steps, bool eight_bit) {
+                            const at::Tensor* qmap1, const at::Tensor* qmap2, c10::IntArrayRef steps, bool eight_bit,
+                            int64_t moments1 = 1) {
   const size_t count = params.size();
   TORCH_CHECK(grads.size() == count && state1.size() == count && state2.size() == count && steps.size() == count, op,
               ": params, grads, states and steps must have one entry per parameter, got ", count, ", ",
@@ -46,21 +48,32 @@ inline void check_adam_args(const char* op, at::TensorList params, at::TensorLis
                 ": parameter ", i, ", its gradient and states must be on one device (", p.device(), ")");
     TORCH_CHECK(steps[i] >= 1, op, ": steps[", i, "] must be >= 1, got ", steps[i]);
     const auto state_dtype = eight_bit ? at::kByte : at::kFloat;
+    int64_t moments = moments1;
     for (const at::Tensor* s : {&state1[i], &state2[i]}) {
-      TORCH_CHECK(s->scalar_type() == state_dtype && s->numel() == n && s->is_contiguous(), op, ": the states of "
-                  "parameter ", i, " must be contiguous ", state_dtype, " tensors of ", n, " elements, got ",
-                  s->scalar_type(), " with ", s->numel());
+      TORCH_CHECK(s->scalar_type() == state_dtype && s->numel() == moments * n && s->is_contiguous(), op,
+                  ": the states of parameter ", i, " must be contiguous ", state_dtype, " tensors of ", moments, " x ",
+                  n, " elements, got ", s->scalar_type(), " with ", s->numel());
+      moments = 1;
     }
     if (eight_bit) {
       const int64_t blocks = optim_num_blocks(n);
+      moments = moments1;
       for (const at::Tensor* a : {&absmax1[i], &absmax2[i]}) {
-        TORCH_CHECK(a->scalar_type() == at::kFloat && a->numel() == blocks && a->is_contiguous() &&
+        TORCH_CHECK(a->scalar_type() == at::kFloat && a->numel() == moments * blocks && a->is_contiguous() &&
                         a->device() == p.device(),
-                    op, ": absmax1/absmax2 of parameter ", i, " must be contiguous float32 tensors of ceil(", n,
-                    " / 256) = ", blocks, " values on ", p.device(), ", got ", a->scalar_type(), " with ", a->numel());
+                    op, ": absmax1/absmax2 of parameter ", i, " must be contiguous float32 tensors of ", moments,
+                    " x ceil(", n, " / 256) = ", moments * blocks, " values on ", p.device(), ", got ",
+                    a->scalar_type(), " with ", a->numel());
+        moments = 1;
       }
     }
   }
+}
+
+inline optim::TwoState parse_two_state(const char* op, c10::string_view name) {
+  if (name == "adam") return optim::TwoState::kAdam;
+  if (name == "ademamix") return optim::TwoState::kAdEMAMix;
+  TORCH_CHECK(false, op, ": optimizer must be adam or ademamix, got ", name);
 }
 
 inline optim::OneState parse_one_state(const char* op, c10::string_view name) {

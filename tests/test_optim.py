@@ -444,14 +444,15 @@ def test_opcheck(device):
                 s2 = [torch.randint(0, 256, (k,), dtype=torch.uint8, device=device).view(t.shape) for k, t in zip(n, p)]
                 a1 = [torch.rand((k + 255) // 256, device=device) for k in n]
                 a2 = [torch.rand((k + 255) // 256, device=device) for k in n]
-                args = (p, g, s1, s2, a1, a2, KF.create_dynamic_map(True).to(device),
-                        KF.create_dynamic_map(False).to(device), [3] * len(p), 1e-3, 0.9, 0.999, 1e-8, 0.01, 1.0)
-                torch.library.opcheck(torch.ops.kestrel.adam8bit_step_.default, args)
+                args = ("adam", p, g, s1, s2, a1, a2, KF.create_dynamic_map(True).to(device),
+                        KF.create_dynamic_map(False).to(device), [3] * len(p), 1e-3, 0.9, 0.999, 0.0, 0.0, 1e-8, 0.01,
+                        1.0)
+                torch.library.opcheck(torch.ops.kestrel.two_state8bit_step_.default, args)
             else:
                 s1 = [torch.randn(t.shape, device=device) for t in p]
                 s2 = [torch.rand(t.shape, device=device) for t in p]
-                args = (p, g, s1, s2, [3] * len(p), 1e-3, 0.9, 0.999, 1e-8, 0.01, 1.0)
-                torch.library.opcheck(torch.ops.kestrel.adam32bit_step_.default, args)
+                args = ("adam", p, g, s1, s2, [3] * len(p), 1e-3, 0.9, 0.999, 0.0, 0.0, 1e-8, 0.01, 1.0)
+                torch.library.opcheck(torch.ops.kestrel.two_state32bit_step_.default, args)
 
 
 def test_op_level_checks():
@@ -461,13 +462,14 @@ def test_op_level_checks():
     a = [torch.zeros(20)]
     code = KF.create_dynamic_map()
     with pytest.raises(RuntimeError, match="the gradient of parameter 0 must have 5000 elements, got 4000"):
-        torch.ops.kestrel.adam8bit_step_(p, g, s, s, a, a, code, code, [1], 1e-3, 0.9, 0.999, 1e-8, 0.0, 1.0)
-    with pytest.raises(RuntimeError, match=r"must be contiguous float32 tensors of ceil\(5000 / 256\) = 20 values"):
-        torch.ops.kestrel.adam8bit_step_(p, [torch.randn(5000)], s, s, [torch.zeros(19)], a, code, code, [1],
-                                         1e-3, 0.9, 0.999, 1e-8, 0.0, 1.0)
+        torch.ops.kestrel.two_state8bit_step_("adam", p, g, s, s, a, a, code, code, [1], 1e-3, 0.9, 0.999, 0.0, 0.0,
+                                              1e-8, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match=r"must be contiguous float32 tensors of 1 x ceil\(5000 / 256\) = 20 values"):
+        torch.ops.kestrel.two_state8bit_step_("adam", p, [torch.randn(5000)], s, s, [torch.zeros(19)], a, code, code,
+                                              [1], 1e-3, 0.9, 0.999, 0.0, 0.0, 1e-8, 0.0, 1.0)
     with pytest.raises(RuntimeError, match=r"steps\[0\] must be >= 1, got 0"):
-        torch.ops.kestrel.adam8bit_step_(p, [torch.randn(5000)], s, s, a, a, code, code, [0], 1e-3, 0.9, 0.999,
-                                         1e-8, 0.0, 1.0)
+        torch.ops.kestrel.two_state8bit_step_("adam", p, [torch.randn(5000)], s, s, a, a, code, code, [0], 1e-3, 0.9,
+                                              0.999, 0.0, 0.0, 1e-8, 0.0, 1.0)
 
 
 @pytest.mark.gpu

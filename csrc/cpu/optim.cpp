@@ -18,37 +18,51 @@ using cpu::CodeTable;
 using optim::StepScalars;
 using optim::kBlockSize;
 
-template <typename T>
-KESTREL_ALWAYS_INLINE void adam8bit_blocks(T* __restrict__ p, const T* __restrict__ g, uint8_t* __restrict__ c1,
-                                           uint8_t* __restrict__ c2, float* __restrict__ absmax1,
-                                           float* __restrict__ absmax2, int64_t n, const StepScalars& a,
-                                           const CodeTable& q1, const CodeTable& q2, int64_t first, int64_t end) {
-  float s1[kBlockSize], s2[kBlockSize];
+// Adam or AdEMAMix with 8-bit states. AdEMAMix's slow moment m2 lives in the second half of state1 / absmax1.
+template <optim::TwoState KIND, typename T>
+KESTREL_ALWAYS_INLINE void two_state8bit_blocks(T* __restrict__ p, const T* __restrict__ g, uint8_t* __restrict__ c1,
+                                                uint8_t* __restrict__ c2, float* __restrict__ absmax1,
+                                                float* __restrict__ absmax2, int64_t n, const StepScalars& a,
+                                                const CodeTable& q1, const CodeTable& q2, int64_t first,
+                                                int64_t end) {
+  constexpr bool kMix = KIND == optim::TwoState::kAdEMAMix;
+  const int64_t blocks = optim_num_blocks(n);
+  uint8_t* c3 = c1 + n;               // AdEMAMix: the slow first moment's codes
+  float* absmax3 = absmax1 + blocks;  // ... and its absmax
+  float s1[kBlockSize], s2[kBlockSize], s3[kBlockSize];
   int finite[kBlockSize];
   for (int64_t b = first; b < end; ++b) {
     const int64_t begin = b * kBlockSize;
     const int len = (int)std::min<int64_t>(kBlockSize, n - begin);
-    const float old_max1 = absmax1[b], old_max2 = absmax2[b];
-    float max1 = 0.0f, max2 = 0.0f;
+    const float old_max1 = absmax1[b], old_max2 = absmax2[b], old_max3 = kMix ? absmax3[b] : 0.0f;
+    float max1 = 0.0f, max2 = 0.0f, max3 = 0.0f;
     for (int i = 0; i < len; ++i) {
       const float grad = static_cast<float>(g[begin + i]) * a.gnorm_scale;
       float m1 = quant::dequantize_value(q1.code, c1[begin + i], old_max1);
       float m2 = quant::dequantize_value(q2.code, c2[begin + i], old_max2);
-      optim::adam_moments(a, grad, m1, m2);
+      float m3 = kMix ? quant::dequantize_value(q1.code, c3[begin + i], old_max3) : 0.0f;
+      if (kMix) optim::ademamix_moments(a, grad, m1, m3, m2);
+      else optim::adam_moments(a, grad, m1, m2);
       const int ok = optim::is_finite(grad);
       m1 = ok ? m1 : 0.0f;
       m2 = ok ? m2 : 0.0f;
+      m3 = ok ? m3 : 0.0f;
       s1[i] = m1;
       s2[i] = m2;
+      s3[i] = m3;
       finite[i] = ok;
       max1 = std::fabs(m1) > max1 ? std::fabs(m1) : max1;
       max2 = std::fabs(m2) > max2 ? std::fabs(m2) : max2;
+      max3 = std::fabs(m3) > max3 ? std::fabs(m3) : max3;
     }
     absmax1[b] = max1;
     absmax2[b] = max2;
+    if (kMix) absmax3[b] = max3;
     for (int i = 0; i < len; ++i) {
       const T old_p = p[begin + i];
-      T new_p = static_cast<T>(optim::adam_param_update(a, static_cast<float>(old_p), s1[i], s2[i]));
+      const float updated = kMix ? optim::ademamix_param_update(a, static_cast<float>(old_p), s1[i], s3[i], s2[i])
+                                 : optim::adam_param_update(a, static_cast<float>(old_p), s1[i], s2[i]);
+      T new_p = static_cast<T>(updated);
       if (a.apply_decay) new_p = static_cast<T>(static_cast<float>(new_p) * a.decay);
       p[begin + i] = finite[i] ? new_p : old_p;
     }
@@ -56,25 +70,35 @@ KESTREL_ALWAYS_INLINE void adam8bit_blocks(T* __restrict__ p, const T* __restric
       const float v1 = optim::normalize_state(s1[i], max1);
       c1[begin + i] = static_cast<uint8_t>(quant::apply_sign_fix(q1.code, q1.nearest(v1), v1));
       c2[begin + i] = static_cast<uint8_t>(q2.nearest(optim::normalize_state(s2[i], max2)));
+      if (kMix) {
+        const float v3 = optim::normalize_state(s3[i], max3);
+        c3[begin + i] = static_cast<uint8_t>(quant::apply_sign_fix(q1.code, q1.nearest(v3), v3));
+      }
     }
   }
 }
 
-// bnb's 32-bit kernel: an element with a NaN/Inf gradient is skipped (parameter and states unchanged).
-template <typename T>
-KESTREL_ALWAYS_INLINE void adam32bit_blocks(T* __restrict__ p, const T* __restrict__ g, float* __restrict__ s1,
-                                            float* __restrict__ s2, int64_t n, const StepScalars& a, int64_t first,
-                                            int64_t end) {
+// 32-bit states, as bnb's 32-bit kernel: an element with a NaN/Inf gradient is skipped (parameter and states kept).
+template <optim::TwoState KIND, typename T>
+KESTREL_ALWAYS_INLINE void two_state32bit_blocks(T* __restrict__ p, const T* __restrict__ g, float* __restrict__ s1,
+                                                 float* __restrict__ s2, int64_t n, const StepScalars& a,
+                                                 int64_t first, int64_t end) {
+  constexpr bool kMix = KIND == optim::TwoState::kAdEMAMix;
+  float* s3 = s1 + n;
   const int64_t stop = std::min(n, end * kBlockSize);
   for (int64_t i = first * kBlockSize; i < stop; ++i) {
     const float grad = static_cast<float>(g[i]) * a.gnorm_scale;
-    float m1 = s1[i], m2 = s2[i];
-    optim::adam_moments(a, grad, m1, m2);
-    T new_p = static_cast<T>(optim::adam_param_update(a, static_cast<float>(p[i]), m1, m2));
+    float m1 = s1[i], m2 = s2[i], m3 = kMix ? s3[i] : 0.0f;
+    if (kMix) optim::ademamix_moments(a, grad, m1, m3, m2);
+    else optim::adam_moments(a, grad, m1, m2);
+    const float updated = kMix ? optim::ademamix_param_update(a, static_cast<float>(p[i]), m1, m3, m2)
+                               : optim::adam_param_update(a, static_cast<float>(p[i]), m1, m2);
+    T new_p = static_cast<T>(updated);
     if (a.apply_decay) new_p = static_cast<T>(static_cast<float>(new_p) * a.decay);
     const bool ok = optim::is_finite(grad);
     s1[i] = ok ? m1 : s1[i];
     s2[i] = ok ? m2 : s2[i];
+    if (kMix) s3[i] = ok ? m3 : s3[i];
     p[i] = ok ? new_p : p[i];
   }
 }
@@ -120,16 +144,23 @@ KESTREL_ALWAYS_INLINE void one_state_blocks(T* __restrict__ p, const T* __restri
   }
 }
 
-#define KESTREL_DEFINE_ADAM_CPU(SUFFIX, T)                                                                         \
-  KESTREL_CPU_CLONES void adam8bit_blocks_##SUFFIX(T* p, const T* g, uint8_t* c1, uint8_t* c2, float* absmax1,     \
-                                                   float* absmax2, int64_t n, const StepScalars& a,               \
-                                                   const CodeTable& q1, const CodeTable& q2, int64_t first,       \
-                                                   int64_t end) {                                                 \
-    adam8bit_blocks<T>(p, g, c1, c2, absmax1, absmax2, n, a, q1, q2, first, end);                                 \
-  }                                                                                                               \
-  KESTREL_CPU_CLONES void adam32bit_blocks_##SUFFIX(T* p, const T* g, float* s1, float* s2, int64_t n,            \
-                                                    const StepScalars& a, int64_t first, int64_t end) {           \
-    adam32bit_blocks<T>(p, g, s1, s2, n, a, first, end);                                                          \
+#define KESTREL_DEFINE_TWO_STATE_CPU(SUFFIX, T)                                                                   \
+  KESTREL_CPU_CLONES void two_state8bit_blocks_##SUFFIX(optim::TwoState kind, T* p, const T* g, uint8_t* c1,       \
+                                                        uint8_t* c2, float* absmax1, float* absmax2, int64_t n,    \
+                                                        const StepScalars& a, const CodeTable& q1,                 \
+                                                        const CodeTable& q2, int64_t first, int64_t end) {         \
+    if (kind == optim::TwoState::kAdEMAMix)                                                                         \
+      two_state8bit_blocks<optim::TwoState::kAdEMAMix, T>(p, g, c1, c2, absmax1, absmax2, n, a, q1, q2, first, end); \
+    else                                                                                                            \
+      two_state8bit_blocks<optim::TwoState::kAdam, T>(p, g, c1, c2, absmax1, absmax2, n, a, q1, q2, first, end);     \
+  }                                                                                                                 \
+  KESTREL_CPU_CLONES void two_state32bit_blocks_##SUFFIX(optim::TwoState kind, T* p, const T* g, float* s1,        \
+                                                         float* s2, int64_t n, const StepScalars& a,               \
+                                                         int64_t first, int64_t end) {                             \
+    if (kind == optim::TwoState::kAdEMAMix)                                                                         \
+      two_state32bit_blocks<optim::TwoState::kAdEMAMix, T>(p, g, s1, s2, n, a, first, end);                         \
+    else                                                                                                            \
+      two_state32bit_blocks<optim::TwoState::kAdam, T>(p, g, s1, s2, n, a, first, end);                             \
   }
 #define KESTREL_DEFINE_ONE_STATE_CPU(SUFFIX, T)                                                                    \
   KESTREL_CPU_CLONES void one_state_blocks_##SUFFIX(optim::OneState kind, T* p, const T* g, void* state,             \
@@ -151,27 +182,27 @@ KESTREL_DEFINE_ONE_STATE_CPU(f16, c10::Half)
 KESTREL_DEFINE_ONE_STATE_CPU(bf16, c10::BFloat16)
 #undef KESTREL_DEFINE_ONE_STATE_CPU
 
-KESTREL_DEFINE_ADAM_CPU(f32, float)
-KESTREL_DEFINE_ADAM_CPU(f16, c10::Half)
-KESTREL_DEFINE_ADAM_CPU(bf16, c10::BFloat16)
-#undef KESTREL_DEFINE_ADAM_CPU
+KESTREL_DEFINE_TWO_STATE_CPU(f32, float)
+KESTREL_DEFINE_TWO_STATE_CPU(f16, c10::Half)
+KESTREL_DEFINE_TWO_STATE_CPU(bf16, c10::BFloat16)
+#undef KESTREL_DEFINE_TWO_STATE_CPU
 
 template <typename T>
-struct AdamCpu;
-#define KESTREL_ADAM_CPU_TRAITS(SUFFIX, T)                                               \
-  template <>                                                                            \
-  struct AdamCpu<T> {                                                                    \
-    template <typename... Args>                                                          \
-    static void eight(Args... args) { adam8bit_blocks_##SUFFIX(args...); }                \
-    template <typename... Args>                                                          \
-    static void thirty_two(Args... args) { adam32bit_blocks_##SUFFIX(args...); }          \
-    template <typename... Args>                                                          \
-    static void one_state(Args... args) { one_state_blocks_##SUFFIX(args...); }           \
+struct KernelsCpu;
+#define KESTREL_KERNELS_CPU_TRAITS(SUFFIX, T)                                              \
+  template <>                                                                              \
+  struct KernelsCpu<T> {                                                                   \
+    template <typename... Args>                                                            \
+    static void two_state8bit(Args... args) { two_state8bit_blocks_##SUFFIX(args...); }     \
+    template <typename... Args>                                                            \
+    static void two_state32bit(Args... args) { two_state32bit_blocks_##SUFFIX(args...); }   \
+    template <typename... Args>                                                            \
+    static void one_state(Args... args) { one_state_blocks_##SUFFIX(args...); }             \
   };
-KESTREL_ADAM_CPU_TRAITS(f32, float)
-KESTREL_ADAM_CPU_TRAITS(f16, c10::Half)
-KESTREL_ADAM_CPU_TRAITS(bf16, c10::BFloat16)
-#undef KESTREL_ADAM_CPU_TRAITS
+KESTREL_KERNELS_CPU_TRAITS(f32, float)
+KESTREL_KERNELS_CPU_TRAITS(f16, c10::Half)
+KESTREL_KERNELS_CPU_TRAITS(bf16, c10::BFloat16)
+#undef KESTREL_KERNELS_CPU_TRAITS
 
 template <typename Fn>
 void dispatch_float(c10::ScalarType dtype, const Fn& fn) {
@@ -183,18 +214,23 @@ void dispatch_float(c10::ScalarType dtype, const Fn& fn) {
   }
 }
 
-void adam8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
-                       at::TensorList absmax1, at::TensorList absmax2, const at::Tensor& qmap1,
-                       const at::Tensor& qmap2, c10::IntArrayRef steps, double lr, double beta1, double beta2,
-                       double eps, double weight_decay, double gnorm_scale) {
-  check_adam_args("adam8bit_step_", params, grads, state1, state2, absmax1, absmax2, &qmap1, &qmap2, steps, true);
+void two_state8bit_step_cpu(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
+                            at::TensorList state1, at::TensorList state2, at::TensorList absmax1,
+                            at::TensorList absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2,
+                            c10::IntArrayRef steps, double lr, double beta1, double beta2, double beta3, double alpha,
+                            double eps, double weight_decay, double gnorm_scale) {
+  constexpr const char* op = "two_state8bit_step_";
+  const optim::TwoState kind = parse_two_state(op, optimizer);
+  const int64_t moments1 = kind == optim::TwoState::kAdEMAMix ? 2 : 1;
+  check_adam_args(op, params, grads, state1, state2, absmax1, absmax2, &qmap1, &qmap2, steps, true, moments1);
   const auto q1 = cpu::code_table_for(qmap1.data_ptr<float>());
   const auto q2 = cpu::code_table_for(qmap2.data_ptr<float>());
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t n = params[i].numel();
     if (n == 0) continue;
     const StepScalars a = optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2, (float)eps,
-                                                   (float)weight_decay, (float)gnorm_scale);
+                                                   (float)weight_decay, (float)gnorm_scale, (float)beta3,
+                                                   (float)alpha);
     dispatch_float(params[i].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       T* p = params[i].data_ptr<T>();
@@ -204,32 +240,39 @@ void adam8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
       float* m1 = absmax1[i].data_ptr<float>();
       float* m2 = absmax2[i].data_ptr<float>();
 #if defined(KESTREL_HAVE_AVX512_PATH)
-      // The vector path needs the dynamic maps' one-comparison bucket search; a partial last block stays scalar.
-      if (cpu::avx512::supported() && q1->bucket_steps == 1 && q2->bucket_steps == 1) {
+      // The vector path (Adam, the dynamic maps' one-comparison bucket search); a partial last block stays scalar.
+      if (kind == optim::TwoState::kAdam && cpu::avx512::supported() && q1->bucket_steps == 1 &&
+          q2->bucket_steps == 1) {
         const int64_t full = n / kBlockSize;
         cpu::parallel_over_blocks(n, full, [&](int64_t first, int64_t end) {
           cpu::avx512::adam8bit_full_blocks<T>(p, g, c1, c2, m1, m2, a, *q1, *q2, first, end);
         });
-        if (full * kBlockSize < n) AdamCpu<T>::eight(p, g, c1, c2, m1, m2, n, a, *q1, *q2, full, full + 1);
+        if (full * kBlockSize < n)
+          KernelsCpu<T>::two_state8bit(kind, p, g, c1, c2, m1, m2, n, a, *q1, *q2, full, full + 1);
         return;
       }
 #endif
       cpu::parallel_over_blocks(n, optim_num_blocks(n), [&](int64_t first, int64_t end) {
-        AdamCpu<T>::eight(p, g, c1, c2, m1, m2, n, a, *q1, *q2, first, end);
+        KernelsCpu<T>::two_state8bit(kind, p, g, c1, c2, m1, m2, n, a, *q1, *q2, first, end);
       });
     });
   }
 }
 
-void adam32bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
-                        c10::IntArrayRef steps, double lr, double beta1, double beta2, double eps, double weight_decay,
-                        double gnorm_scale) {
-  check_adam_args("adam32bit_step_", params, grads, state1, state2, {}, {}, nullptr, nullptr, steps, false);
+void two_state32bit_step_cpu(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
+                             at::TensorList state1, at::TensorList state2, c10::IntArrayRef steps, double lr,
+                             double beta1, double beta2, double beta3, double alpha, double eps, double weight_decay,
+                             double gnorm_scale) {
+  constexpr const char* op = "two_state32bit_step_";
+  const optim::TwoState kind = parse_two_state(op, optimizer);
+  const int64_t moments1 = kind == optim::TwoState::kAdEMAMix ? 2 : 1;
+  check_adam_args(op, params, grads, state1, state2, {}, {}, nullptr, nullptr, steps, false, moments1);
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t n = params[i].numel();
     if (n == 0) continue;
     const StepScalars a = optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2, (float)eps,
-                                                   (float)weight_decay, (float)gnorm_scale);
+                                                   (float)weight_decay, (float)gnorm_scale, (float)beta3,
+                                                   (float)alpha);
     dispatch_float(params[i].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       T* p = params[i].data_ptr<T>();
@@ -237,7 +280,7 @@ void adam32bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
       float* s1 = state1[i].data_ptr<float>();
       float* s2 = state2[i].data_ptr<float>();
       cpu::parallel_over_blocks(n, optim_num_blocks(n), [&](int64_t first, int64_t end) {
-        AdamCpu<T>::thirty_two(p, g, s1, s2, n, a, first, end);
+        KernelsCpu<T>::two_state32bit(kind, p, g, s1, s2, n, a, first, end);
       });
     });
   }
@@ -263,7 +306,7 @@ void one_state_step_cpu(const char* op, c10::string_view optimizer, at::TensorLi
       void* s = state1[i].data_ptr();
       float* m = eight_bit ? absmax1[i].data_ptr<float>() : nullptr;
       cpu::parallel_over_blocks(n, optim_num_blocks(n), [&](int64_t first, int64_t end) {
-        AdamCpu<T>::one_state(kind, p, g, s, m, n, a, q1.get(), first, end);
+        KernelsCpu<T>::one_state(kind, p, g, s, m, n, a, q1.get(), first, end);
       });
     });
   }
@@ -287,8 +330,8 @@ void one_state32bit_step_cpu(c10::string_view optimizer, at::TensorList params, 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kestrel, CPU, m) {
-  m.impl("adam8bit_step_", &adam8bit_step_cpu);
-  m.impl("adam32bit_step_", &adam32bit_step_cpu);
+  m.impl("two_state8bit_step_", &two_state8bit_step_cpu);
+  m.impl("two_state32bit_step_", &two_state32bit_step_cpu);
   m.impl("one_state8bit_step_", &one_state8bit_step_cpu);
   m.impl("one_state32bit_step_", &one_state32bit_step_cpu);
 }

@@ -6,17 +6,29 @@ namespace kestrel {
 namespace cuda {
 namespace {
 
-template <typename T>
-cudaError_t launch_adam(bool eight_bit, const optim::TensorMeta* meta, int num_tensors, int64_t total_blocks,
-                        const float* qmap1, const float* qmap2, cudaStream_t stream) {
-  if (total_blocks == 0 || num_tensors == 0) return cudaSuccess;
+template <typename T, optim::TwoState KIND>
+cudaError_t launch_two_state_kind(bool eight_bit, const optim::TensorMeta* meta, int num_tensors,
+                                  int64_t total_blocks, const float* qmap1, const float* qmap2, cudaStream_t stream) {
   const int64_t ctas = (total_blocks + kAdamWarps - 1) / kAdamWarps;
   if (ctas > 0x7fffffffLL) return cudaErrorInvalidValue;
   if (eight_bit)
-    adam_step_kernel<T, true><<<(unsigned)ctas, kAdamThreads, 0, stream>>>(meta, num_tensors, total_blocks, qmap1, qmap2);
+    two_state_kernel<T, KIND, true><<<(unsigned)ctas, kAdamThreads, 0, stream>>>(meta, num_tensors, total_blocks,
+                                                                                  qmap1, qmap2);
   else
-    adam_step_kernel<T, false><<<(unsigned)ctas, kAdamThreads, 0, stream>>>(meta, num_tensors, total_blocks, qmap1, qmap2);
+    two_state_kernel<T, KIND, false><<<(unsigned)ctas, kAdamThreads, 0, stream>>>(meta, num_tensors, total_blocks,
+                                                                                   qmap1, qmap2);
   return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_two_state(optim::TwoState kind, bool eight_bit, const optim::TensorMeta* meta, int num_tensors,
+                             int64_t total_blocks, const float* qmap1, const float* qmap2, cudaStream_t stream) {
+  if (total_blocks == 0 || num_tensors == 0) return cudaSuccess;
+  if (kind == optim::TwoState::kAdEMAMix)
+    return launch_two_state_kind<T, optim::TwoState::kAdEMAMix>(eight_bit, meta, num_tensors, total_blocks, qmap1,
+                                                                qmap2, stream);
+  return launch_two_state_kind<T, optim::TwoState::kAdam>(eight_bit, meta, num_tensors, total_blocks, qmap1, qmap2,
+                                                          stream);
 }
 
 template <typename T, optim::OneState KIND>
@@ -62,14 +74,16 @@ int one_state_step(DType dtype, optim::OneState kind, bool eight_bit, const opti
   return cudaErrorInvalidValue;
 }
 
-int adam_step(DType dtype, bool eight_bit, const optim::TensorMeta* meta, int num_tensors, int64_t total_blocks,
-              const float* qmap1, const float* qmap2, void* stream) {
+int two_state_step(DType dtype, optim::TwoState kind, bool eight_bit, const optim::TensorMeta* meta,
+                   int num_tensors, int64_t total_blocks, const float* qmap1, const float* qmap2, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case DType::kFloat32: return launch_adam<float>(eight_bit, meta, num_tensors, total_blocks, qmap1, qmap2, s);
-    case DType::kFloat16: return launch_adam<__half>(eight_bit, meta, num_tensors, total_blocks, qmap1, qmap2, s);
+    case DType::kFloat32:
+      return launch_two_state<float>(kind, eight_bit, meta, num_tensors, total_blocks, qmap1, qmap2, s);
+    case DType::kFloat16:
+      return launch_two_state<__half>(kind, eight_bit, meta, num_tensors, total_blocks, qmap1, qmap2, s);
     case DType::kBFloat16:
-      return launch_adam<__nv_bfloat16>(eight_bit, meta, num_tensors, total_blocks, qmap1, qmap2, s);
+      return launch_two_state<__nv_bfloat16>(kind, eight_bit, meta, num_tensors, total_blocks, qmap1, qmap2, s);
   }
   return cudaErrorInvalidValue;
 }

@@ -22,11 +22,12 @@ DType to_kestrel_dtype(c10::ScalarType t) {
   }
 }
 
-// kind < 0: Adam; otherwise the one-state optimizer of that kind (state2/absmax2/qmap2 ignored).
-void launch_step(const char* op, int kind, bool eight_bit, at::TensorList params, at::TensorList grads, at::TensorList state1,
+// two_state: Adam/AdEMAMix (kind a TwoState); otherwise the one-state optimizer of that kind (state2/absmax2/qmap2
+// ignored).
+void launch_step(const char* op, bool two_state, int kind, bool eight_bit, at::TensorList params, at::TensorList grads, at::TensorList state1,
                  at::TensorList state2, at::TensorList absmax1, at::TensorList absmax2, const float* qmap1,
-                 const float* qmap2, c10::IntArrayRef steps, double lr, double beta1, double beta2, double eps,
-                 double weight_decay, double gnorm_scale) {
+                 const float* qmap2, c10::IntArrayRef steps, double lr, double beta1, double beta2, double beta3,
+                 double alpha, double eps, double weight_decay, double gnorm_scale) {
   if (params.empty()) return;
   const at::Device device = params[0].device();
   const c10::ScalarType dtype = params[0].scalar_type();
@@ -53,42 +54,49 @@ void launch_step(const char* op, int kind, bool eight_bit, at::TensorList params
     m.numel = params[i].numel();
     m.first_block = total_blocks;
     m.scalars = optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2, (float)eps,
-                                         (float)weight_decay, (float)gnorm_scale);
+                                         (float)weight_decay, (float)gnorm_scale, (float)beta3, (float)alpha);
     total_blocks += optim_num_blocks(m.numel);
   }
   // The caching host allocator keeps the pinned block alive until this copy on the current stream has run.
   at::Tensor meta_device = meta_host.to(device, /*non_blocking=*/true);
   const auto* device_meta = reinterpret_cast<const optim::TensorMeta*>(meta_device.data_ptr());
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
-  const int error = kind < 0 ? cuda::adam_step(to_kestrel_dtype(dtype), eight_bit, device_meta, static_cast<int>(count),
-                                               total_blocks, qmap1, qmap2, stream)
-                             : cuda::one_state_step(to_kestrel_dtype(dtype), static_cast<optim::OneState>(kind),
-                                                    eight_bit, device_meta, static_cast<int>(count), total_blocks,
-                                                    qmap1, stream);
+  const int error =
+      two_state ? cuda::two_state_step(to_kestrel_dtype(dtype), static_cast<optim::TwoState>(kind), eight_bit,
+                                       device_meta, static_cast<int>(count), total_blocks, qmap1, qmap2, stream)
+                : cuda::one_state_step(to_kestrel_dtype(dtype), static_cast<optim::OneState>(kind), eight_bit,
+                                       device_meta, static_cast<int>(count), total_blocks, qmap1, stream);
   C10_CUDA_CHECK(static_cast<cudaError_t>(error));
 }
 
-void adam8bit_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
-                        at::TensorList absmax1, at::TensorList absmax2, const at::Tensor& qmap1,
-                        const at::Tensor& qmap2, c10::IntArrayRef steps, double lr, double beta1, double beta2,
-                        double eps, double weight_decay, double gnorm_scale) {
-  constexpr const char* op = "adam8bit_step_";
-  check_adam_args(op, params, grads, state1, state2, absmax1, absmax2, &qmap1, &qmap2, steps, true);
+void two_state8bit_step_cuda(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
+                             at::TensorList state1, at::TensorList state2, at::TensorList absmax1,
+                             at::TensorList absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2,
+                             c10::IntArrayRef steps, double lr, double beta1, double beta2, double beta3,
+                             double alpha, double eps, double weight_decay, double gnorm_scale) {
+  constexpr const char* op = "two_state8bit_step_";
+  const optim::TwoState kind = parse_two_state(op, optimizer);
+  const int64_t moments1 = kind == optim::TwoState::kAdEMAMix ? 2 : 1;
+  check_adam_args(op, params, grads, state1, state2, absmax1, absmax2, &qmap1, &qmap2, steps, true, moments1);
   if (!params.empty()) {
     TORCH_CHECK(qmap1.device() == params[0].device() && qmap2.device() == params[0].device(), op,
                 ": qmap1 and qmap2 must be on ", params[0].device(), ", got ", qmap1.device(), " and ", qmap2.device());
   }
-  launch_step(op, -1, true, params, grads, state1, state2, absmax1, absmax2, qmap1.data_ptr<float>(),
-              qmap2.data_ptr<float>(), steps, lr, beta1, beta2, eps, weight_decay, gnorm_scale);
+  launch_step(op, true, static_cast<int>(kind), true, params, grads, state1, state2, absmax1, absmax2,
+              qmap1.data_ptr<float>(), qmap2.data_ptr<float>(), steps, lr, beta1, beta2, beta3, alpha, eps,
+              weight_decay, gnorm_scale);
 }
 
-void adam32bit_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
-                         c10::IntArrayRef steps, double lr, double beta1, double beta2, double eps,
-                         double weight_decay, double gnorm_scale) {
-  constexpr const char* op = "adam32bit_step_";
-  check_adam_args(op, params, grads, state1, state2, {}, {}, nullptr, nullptr, steps, false);
-  launch_step(op, -1, false, params, grads, state1, state2, {}, {}, nullptr, nullptr, steps, lr, beta1, beta2, eps,
-              weight_decay, gnorm_scale);
+void two_state32bit_step_cuda(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
+                              at::TensorList state1, at::TensorList state2, c10::IntArrayRef steps, double lr,
+                              double beta1, double beta2, double beta3, double alpha, double eps,
+                              double weight_decay, double gnorm_scale) {
+  constexpr const char* op = "two_state32bit_step_";
+  const optim::TwoState kind = parse_two_state(op, optimizer);
+  const int64_t moments1 = kind == optim::TwoState::kAdEMAMix ? 2 : 1;
+  check_adam_args(op, params, grads, state1, state2, {}, {}, nullptr, nullptr, steps, false, moments1);
+  launch_step(op, true, static_cast<int>(kind), false, params, grads, state1, state2, {}, {}, nullptr, nullptr,
+              steps, lr, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale);
 }
 
 void one_state8bit_step_cuda(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
@@ -102,8 +110,8 @@ void one_state8bit_step_cuda(c10::string_view optimizer, at::TensorList params, 
     TORCH_CHECK(qmap1.device() == params[0].device(), op, ": qmap1 must be on ", params[0].device(), ", got ",
                 qmap1.device());
   }
-  launch_step(op, kind, true, params, grads, state1, state1, absmax1, absmax1, qmap1.data_ptr<float>(), nullptr,
-              steps, lr, beta1, beta2, eps, weight_decay, gnorm_scale);
+  launch_step(op, false, kind, true, params, grads, state1, state1, absmax1, absmax1, qmap1.data_ptr<float>(),
+              nullptr, steps, lr, beta1, beta2, 0.0, 0.0, eps, weight_decay, gnorm_scale);
 }
 
 void one_state32bit_step_cuda(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
@@ -112,15 +120,15 @@ void one_state32bit_step_cuda(c10::string_view optimizer, at::TensorList params,
   constexpr const char* op = "one_state32bit_step_";
   const int kind = static_cast<int>(parse_one_state(op, optimizer));
   check_adam_args(op, params, grads, state1, state1, {}, {}, nullptr, nullptr, steps, false);
-  launch_step(op, kind, false, params, grads, state1, state1, {}, {}, nullptr, nullptr, steps, lr, beta1, beta2, eps,
-              weight_decay, gnorm_scale);
+  launch_step(op, false, kind, false, params, grads, state1, state1, {}, {}, nullptr, nullptr, steps, lr, beta1,
+              beta2, 0.0, 0.0, eps, weight_decay, gnorm_scale);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kestrel, CUDA, m) {
-  m.impl("adam8bit_step_", &adam8bit_step_cuda);
-  m.impl("adam32bit_step_", &adam32bit_step_cuda);
+  m.impl("two_state8bit_step_", &two_state8bit_step_cuda);
+  m.impl("two_state32bit_step_", &two_state32bit_step_cuda);
   m.impl("one_state8bit_step_", &one_state8bit_step_cuda);
   m.impl("one_state32bit_step_", &one_state32bit_step_cuda);
 }

@@ -16,11 +16,12 @@ int quantize_blockwise(DType dtype, const void* x, const float* code, uint8_t* c
 int dequantize_blockwise(DType dtype, const uint8_t* codes, const float* absmax, const float* code, void* out,
                          int64_t n, int blocksize, void* stream);
 
-// One fused Adam step over `num_tensors` parameters of one dtype: `meta` (device memory) describes them, block
-// offsets ascending; `total_blocks` is the sum of their 256-element block counts. `qmap1`/`qmap2` (device, 256
-// floats each) are the signed and unsigned maps of the 8-bit states; ignored when !eight_bit.
-int adam_step(DType dtype, bool eight_bit, const optim::TensorMeta* meta, int num_tensors, int64_t total_blocks,
-              const float* qmap1, const float* qmap2, void* stream);
+// One fused step of a two-state optimizer (Adam, AdEMAMix) over `num_tensors` parameters of one dtype: `meta`
+// (device memory) describes them, block offsets ascending; `total_blocks` is the sum of their 256-element block
+// counts. `qmap1`/`qmap2` (device, 256 floats each) are the signed and unsigned maps of the 8-bit states; ignored
+// when !eight_bit.
+int two_state_step(DType dtype, optim::TwoState kind, bool eight_bit, const optim::TensorMeta* meta,
+                   int num_tensors, int64_t total_blocks, const float* qmap1, const float* qmap2, void* stream);
 
 // The same for a one-state optimizer (state2/absmax2 of the metadata unused; qmap1 the signed map).
 int one_state_step(DType dtype, optim::OneState kind, bool eight_bit, const optim::TensorMeta* meta,

@@ -32,10 +32,12 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-template <typename T, bool EIGHT_BIT>
+// Adam or AdEMAMix (whose slow first moment m3 lives in the second half of state1 / absmax1).
+template <typename T, optim::TwoState KIND, bool EIGHT_BIT>
 __global__ void __launch_bounds__(kAdamThreads)
-    adam_step_kernel(const optim::TensorMeta* __restrict__ meta, int num_tensors, int64_t total_blocks,
+    two_state_kernel(const optim::TensorMeta* __restrict__ meta, int num_tensors, int64_t total_blocks,
                      const float* __restrict__ qmap1, const float* __restrict__ qmap2) {
+  constexpr bool kMix = KIND == optim::TwoState::kAdEMAMix;
   __shared__ float code1[quant::kCodeSize], code2[quant::kCodeSize];
   __shared__ float mid1[quant::kMidpointsSize], mid2[quant::kMidpointsSize];
   const int tid = threadIdx.x;
@@ -56,50 +58,63 @@ __global__ void __launch_bounds__(kAdamThreads)
   const int64_t local_block = block - m.first_block;
   const int64_t begin = local_block * optim::kBlockSize;
   const int64_t end = min(begin + (int64_t)optim::kBlockSize, m.numel);
+  const int64_t blocks = (m.numel + optim::kBlockSize - 1) / optim::kBlockSize;
   T* p = static_cast<T*>(m.param);
   const T* g = static_cast<const T*>(m.grad);
 
-  float s1[kAdamItems], s2[kAdamItems];
+  float s1[kAdamItems], s2[kAdamItems], s3[kAdamItems];
   bool finite[kAdamItems];
-  float max1 = 0.0f, max2 = 0.0f;
+  float max1 = 0.0f, max2 = 0.0f, max3 = 0.0f;
   const float old_max1 = EIGHT_BIT ? m.absmax1[local_block] : 0.0f;
   const float old_max2 = EIGHT_BIT ? m.absmax2[local_block] : 0.0f;
+  const float old_max3 = EIGHT_BIT && kMix ? m.absmax1[blocks + local_block] : 0.0f;
 #pragma unroll
   for (int k = 0; k < kAdamItems; ++k) {
     const int64_t i = begin + lane + 32 * k;
     const bool valid = i < end;
     const float grad = valid ? ElementIO<T>::load(g + i) * a.gnorm_scale : 0.0f;
-    float m1, m2;
-    if (EIGHT_BIT) {
-      const uint8_t* c1 = static_cast<const uint8_t*>(m.state1);
-      const uint8_t* c2 = static_cast<const uint8_t*>(m.state2);
-      m1 = valid ? quant::dequantize_value(code1, c1[i], old_max1) : 0.0f;
-      m2 = valid ? quant::dequantize_value(code2, c2[i], old_max2) : 0.0f;
-    } else {
-      m1 = valid ? static_cast<const float*>(m.state1)[i] : 0.0f;
-      m2 = valid ? static_cast<const float*>(m.state2)[i] : 0.0f;
+    float m1 = 0.0f, m2 = 0.0f, m3 = 0.0f;
+    if (valid) {
+      if (EIGHT_BIT) {
+        const uint8_t* c1 = static_cast<const uint8_t*>(m.state1);
+        m1 = quant::dequantize_value(code1, c1[i], old_max1);
+        m2 = quant::dequantize_value(code2, static_cast<const uint8_t*>(m.state2)[i], old_max2);
+        if (kMix) m3 = quant::dequantize_value(code1, c1[m.numel + i], old_max3);
+      } else {
+        const float* f1 = static_cast<const float*>(m.state1);
+        m1 = f1[i];
+        m2 = static_cast<const float*>(m.state2)[i];
+        if (kMix) m3 = f1[m.numel + i];
+      }
     }
-    const float old1 = m1, old2 = m2;
-    optim::adam_moments(a, grad, m1, m2);
+    const float old1 = m1, old2 = m2, old3 = m3;
+    if (kMix) optim::ademamix_moments(a, grad, m1, m3, m2);
+    else optim::adam_moments(a, grad, m1, m2);
     finite[k] = optim::is_finite(grad);
-    if (EIGHT_BIT) {  // a NaN/Inf gradient zeroes the 8-bit state (bnb's 8-bit kernel) ...
+    if (EIGHT_BIT) {  // a NaN/Inf gradient zeroes the 8-bit states (bnb's 8-bit kernel) ...
       m1 = finite[k] ? m1 : 0.0f;
       m2 = finite[k] ? m2 : 0.0f;
-    } else {  // ... and leaves the 32-bit state unchanged (bnb's 32-bit kernel)
+      m3 = finite[k] ? m3 : 0.0f;
+    } else {  // ... and leaves 32-bit states unchanged (bnb's 32-bit kernel)
       m1 = finite[k] ? m1 : old1;
       m2 = finite[k] ? m2 : old2;
+      m3 = finite[k] ? m3 : old3;
     }
-    s1[k] = m1;
-    s2[k] = m2;
-    max1 = fmaxf(max1, fabsf(m1));
-    max2 = fmaxf(max2, fabsf(m2));
+    s1[k] = valid ? m1 : 0.0f;
+    s2[k] = valid ? m2 : 0.0f;
+    s3[k] = valid ? m3 : 0.0f;
+    max1 = fmaxf(max1, fabsf(s1[k]));
+    max2 = fmaxf(max2, fabsf(s2[k]));
+    max3 = fmaxf(max3, fabsf(s3[k]));
   }
   if (EIGHT_BIT) {
     max1 = warp_max(max1);
     max2 = warp_max(max2);
+    if (kMix) max3 = warp_max(max3);
     if (lane == 0) {
       m.absmax1[local_block] = max1;
       m.absmax2[local_block] = max2;
+      if (kMix) m.absmax1[blocks + local_block] = max3;
     }
   }
 #pragma unroll
@@ -107,16 +122,23 @@ __global__ void __launch_bounds__(kAdamThreads)
     const int64_t i = begin + lane + 32 * k;
     if (i >= end) continue;
     if (finite[k]) {  // the parameter moves only for a finite gradient
-      float new_p = ElementIO<T>::round(optim::adam_param_update(a, ElementIO<T>::load_plain(p + i), s1[k], s2[k]));
+      const float old_p = ElementIO<T>::load_plain(p + i);
+      const float updated = kMix ? optim::ademamix_param_update(a, old_p, s1[k], s3[k], s2[k])
+                                 : optim::adam_param_update(a, old_p, s1[k], s2[k]);
+      float new_p = ElementIO<T>::round(updated);
       if (a.apply_decay) new_p = ElementIO<T>::round(new_p * a.decay);
       ElementIO<T>::store(p + i, new_p);
     }
     if (EIGHT_BIT) {
-      static_cast<uint8_t*>(m.state1)[i] = optim::requantize_signed(code1, mid1, s1[k], max1);
+      uint8_t* c1 = static_cast<uint8_t*>(m.state1);
+      c1[i] = optim::requantize_signed(code1, mid1, s1[k], max1);
       static_cast<uint8_t*>(m.state2)[i] = optim::requantize_unsigned(mid2, s2[k], max2);
+      if (kMix) c1[m.numel + i] = optim::requantize_signed(code1, mid1, s3[k], max3);
     } else {
-      static_cast<float*>(m.state1)[i] = s1[k];
+      float* f1 = static_cast<float*>(m.state1);
+      f1[i] = s1[k];
       static_cast<float*>(m.state2)[i] = s2[k];
+      if (kMix) f1[m.numel + i] = s3[k];
     }
   }
 }

@@ -23,16 +23,21 @@ struct StepScalars {
   float decay;        // 1 - lr * weight_decay (decoupled decay: Adam after the update, Lion before)
   float gnorm_scale;  // gradient scale (1 unless clipping)
   float lr, eps, weight_decay;
+  // AdEMAMix: the slow first moment's beta and its weight; the bias corrections 1 - beta1^t and sqrt(1 - beta2^t)
+  float beta3, one_minus_beta3, alpha, correction1, correction2;
   int step;
   int apply_decay;
 };
+
+// Optimizers with two states (bnb's Optimizer2State). AdEMAMix's state1 holds two first moments (m1, then m2).
+enum class TwoState : int { kAdam = 0, kAdEMAMix = 1 };
 
 // Optimizers with one state (bnb's Optimizer1State); the state uses the signed map when 8-bit.
 enum class OneState : int { kMomentum = 0, kRMSprop = 1, kAdagrad = 2, kLion = 3 };
 
 // The scalars of step `step` (>= 1), in float32 as bnb's kernel computes them (IEEE division for step_size).
 inline StepScalars make_adam_scalars(int64_t step, float lr, float beta1, float beta2, float eps, float weight_decay,
-                                     float gnorm_scale) {
+                                     float gnorm_scale, float beta3 = 0.0f, float alpha = 0.0f) {
   StepScalars a;
   a.beta1 = beta1;
   a.beta2 = beta2;
@@ -41,6 +46,11 @@ inline StepScalars make_adam_scalars(int64_t step, float lr, float beta1, float 
   const float correction1 = 1.0f - powf(beta1, (float)step);
   const float correction2 = sqrtf(1.0f - powf(beta2, (float)step));
   a.step_size = (-lr * correction2) / correction1;
+  a.correction1 = correction1;
+  a.correction2 = correction2;
+  a.beta3 = beta3;
+  a.one_minus_beta3 = 1.0f - beta3;
+  a.alpha = alpha;
   a.eps_c2 = correction2 * eps;
   a.decay = 1.0f - lr * weight_decay;
   a.gnorm_scale = gnorm_scale;
@@ -64,6 +74,18 @@ KESTREL_HD bool is_finite(float v) {
 KESTREL_HD void adam_moments(const StepScalars& a, float g, float& s1, float& s2) {
   s1 = s1 * a.beta1 + a.one_minus_beta1 * g;
   s2 = s2 * a.beta2 + a.one_minus_beta2 * (g * g);
+}
+
+// AdEMAMix (Pagliardini et al.): the fast and slow first moments and the second moment.
+KESTREL_HD void ademamix_moments(const StepScalars& a, float g, float& m1, float& m2, float& nu) {
+  m1 = m1 * a.beta1 + a.one_minus_beta1 * g;
+  m2 = m2 * a.beta3 + a.one_minus_beta3 * g;
+  nu = nu * a.beta2 + a.one_minus_beta2 * (g * g);
+}
+
+// p - lr * (m1 / c1 + alpha * m2) / (sqrt(nu) / c2 + eps), before rounding (decay follows, as for Adam).
+KESTREL_HD float ademamix_param_update(const StepScalars& a, float p, float m1, float m2, float nu) {
+  return p - a.lr * ((m1 / a.correction1 + a.alpha * m2) / (sqrtf(nu) / a.correction2 + a.eps));
 }
 
 // Step 4, before rounding to the parameter's dtype: p + step_size * s1 / (sqrt(s2) + eps * c2).

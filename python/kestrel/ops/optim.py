@@ -1,7 +1,8 @@
 """Fake (meta) kernels of the fused optimizer ops, so that an optimizer step traces under torch.compile.
 
-The ops themselves (torch.ops.kestrel.adam8bit_step_ / adam32bit_step_) are called by kestrel.optim; they mutate
-their tensor-list arguments in place and return nothing.
+The ops themselves (torch.ops.kestrel.two_state8bit_step_ / two_state32bit_step_ / one_state8bit_step_ /
+one_state32bit_step_) are called by kestrel.optim; they mutate their tensor-list arguments in place and return
+nothing.
 """
 
 import torch
@@ -10,13 +11,14 @@ from .. import _ext
 
 if _ext.available():
 
-    @torch.library.register_fake("kestrel::adam8bit_step_")
-    def _adam8bit_step_fake(params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps, lr, beta1, beta2,
-                            eps, weight_decay, gnorm_scale):
+    @torch.library.register_fake("kestrel::two_state8bit_step_")
+    def _two_state8bit_step_fake(optimizer, params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps, lr,
+                                 beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale):
         return None
 
-    @torch.library.register_fake("kestrel::adam32bit_step_")
-    def _adam32bit_step_fake(params, grads, state1, state2, steps, lr, beta1, beta2, eps, weight_decay, gnorm_scale):
+    @torch.library.register_fake("kestrel::two_state32bit_step_")
+    def _two_state32bit_step_fake(optimizer, params, grads, state1, state2, steps, lr, beta1, beta2, beta3, alpha,
+                                  eps, weight_decay, gnorm_scale):
         return None
 
     @torch.library.register_fake("kestrel::one_state8bit_step_")

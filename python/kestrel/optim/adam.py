@@ -78,7 +78,7 @@ class _Adam(Optimizer8bit):
             eight_bit = state["state1"].dtype == torch.uint8
             maps = (id(state["qmap1"]), id(state["qmap2"])) if eight_bit else None
             beta1, beta2 = config["betas"][:2]
-            scalars = (float(config["lr"]), float(beta1), float(beta2), float(config["eps"]),
+            scalars = (float(config["lr"]), float(beta1), float(beta2), 0.0, 0.0, float(config["eps"]),
                        float(config["weight_decay"]), 1.0)
             batches[(p.device, p.dtype, eight_bit, maps, scalars)].append(p)
         for (_, _, eight_bit, _, scalars), batch in batches.items():
@@ -86,13 +86,13 @@ class _Adam(Optimizer8bit):
             grads = [p.grad for p in batch]
             steps = [s["step"] for s in states]
             if eight_bit:
-                torch.ops.kestrel.adam8bit_step_(
-                    batch, grads, [s["state1"] for s in states], [s["state2"] for s in states],
+                torch.ops.kestrel.two_state8bit_step_(
+                    "adam", batch, grads, [s["state1"] for s in states], [s["state2"] for s in states],
                     [s["absmax1"] for s in states], [s["absmax2"] for s in states], states[0]["qmap1"],
                     states[0]["qmap2"], steps, *scalars)
             else:
-                torch.ops.kestrel.adam32bit_step_(batch, grads, [s["state1"] for s in states],
-                                                  [s["state2"] for s in states], steps, *scalars)
+                torch.ops.kestrel.two_state32bit_step_("adam", batch, grads, [s["state1"] for s in states],
+                                                       [s["state2"] for s in states], steps, *scalars)
 
 
 _SIGNATURE_DOC = """
