@@ -69,6 +69,12 @@ class _Adam(Optimizer8bit):
         state["absmax1"] = torch.zeros(_blocks(p.numel()), dtype=torch.float32, device=p.device)
         state["absmax2"] = torch.zeros(_blocks(p.numel()), dtype=torch.float32, device=p.device)
 
+    def step_scalars(self, config, step):
+        """(lr, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale) for the kernel at `step`."""
+        beta1, beta2 = config["betas"][:2]
+        return (float(config["lr"]), float(beta1), float(beta2), 0.0, 0.0, float(config["eps"]),
+                float(config["weight_decay"]), 1.0)
+
     @torch.no_grad()
     def update_params(self, items):
         batches = defaultdict(list)  # one fused call per (device, dtype, 8-bit or not, maps, hyperparameters)
@@ -77,9 +83,7 @@ class _Adam(Optimizer8bit):
             state["step"] += 1
             eight_bit = state["state1"].dtype == torch.uint8
             maps = (id(state["qmap1"]), id(state["qmap2"])) if eight_bit else None
-            beta1, beta2 = config["betas"][:2]
-            scalars = (float(config["lr"]), float(beta1), float(beta2), 0.0, 0.0, float(config["eps"]),
-                       float(config["weight_decay"]), 1.0)
+            scalars = self.step_scalars(config, state["step"])
             batches[(p.device, p.dtype, eight_bit, maps, scalars)].append(p)
         for (_, _, eight_bit, _, scalars), batch in batches.items():
             states = [self.state[p] for p in batch]
@@ -87,11 +91,11 @@ class _Adam(Optimizer8bit):
             steps = [s["step"] for s in states]
             if eight_bit:
                 torch.ops.kestrel.two_state8bit_step_(
-                    "adam", batch, grads, [s["state1"] for s in states], [s["state2"] for s in states],
+                    self.optimizer_name, batch, grads, [s["state1"] for s in states], [s["state2"] for s in states],
                     [s["absmax1"] for s in states], [s["absmax2"] for s in states], states[0]["qmap1"],
                     states[0]["qmap2"], steps, *scalars)
             else:
-                torch.ops.kestrel.two_state32bit_step_("adam", batch, grads, [s["state1"] for s in states],
+                torch.ops.kestrel.two_state32bit_step_(self.optimizer_name, batch, grads, [s["state1"] for s in states],
                                                        [s["state2"] for s in states], steps, *scalars)
 
 

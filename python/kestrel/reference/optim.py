@@ -143,3 +143,45 @@ def one_state_step(kind, p, g, state1, absmax1, qmap1, step, lr, beta1, beta2, e
     new_max = _block_absmax(s, n)
     state1.view(-1).copy_(_requantize(s, new_max, qmap1, signed=True))
     absmax1.copy_(new_max)
+
+
+@torch.no_grad()
+def ademamix_step(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step, lr, beta1, beta2, beta3, alpha, eps,
+                  weight_decay, gnorm_scale=1.0):
+    """One AdEMAMix step in place: state1 (2, n) holds m1 and m2, state2 nu; 8-bit when qmap1 is given (absmax1
+    (2, blocks)), else float32 states (a NaN/Inf gradient element is then skipped)."""
+    f = lambda v: float(np.float32(v))  # noqa: E731
+    a = adam_scalars(step, lr, beta1, beta2, eps, weight_decay)
+    correction1 = f(np.float32(1.0) - _powf(np.float32(beta1), np.float32(step)))
+    correction2 = f(np.sqrt(np.float32(1.0) - _powf(np.float32(beta2), np.float32(step))))
+    n = p.numel()
+    grad = g.reshape(-1).float() * f(gnorm_scale)
+    finite = torch.isfinite(grad)
+    eight_bit = qmap1 is not None
+    s1, s2 = state1.view(2, -1), state2.view(-1)
+    if eight_bit:
+        old1 = qmap1[s1[0].long()] * _per_element(absmax1[0], n)
+        old3 = qmap1[s1[1].long()] * _per_element(absmax1[1], n)
+        old2 = qmap2[s2.long()] * _per_element(absmax2, n)
+    else:
+        old1, old3, old2 = s1[0].clone(), s1[1].clone(), s2.clone()
+    m1 = old1 * a["beta1"] + grad * a["one_minus_beta1"]
+    m3 = old3 * f(beta3) + grad * f(np.float32(1.0) - np.float32(beta3))
+    nu = old2 * a["beta2"] + (grad * grad) * a["one_minus_beta2"]
+    if eight_bit:
+        m1, m3, nu = (torch.where(finite, t, torch.zeros_like(t)) for t in (m1, m3, nu))
+    else:
+        m1, m3, nu = (torch.where(finite, t, old) for t, old in ((m1, old1), (m3, old3), (nu, old2)))
+    update = (m1 / correction1 + m3 * f(alpha)) / (_sqrt(nu) / correction2 + f(eps))
+    new_p = (p.reshape(-1).float() - update * f(lr)).to(p.dtype)
+    if a["apply_decay"]:
+        new_p = (new_p.float() * a["decay"]).to(p.dtype)
+    p.view(-1).copy_(torch.where(finite, new_p, p.reshape(-1)))
+    if not eight_bit:
+        s1[0].copy_(m1), s1[1].copy_(m3), s2.copy_(nu)
+        return
+    max1, max3, max2 = _block_absmax(m1, n), _block_absmax(m3, n), _block_absmax(nu, n)
+    s1[0].copy_(_requantize(m1, max1, qmap1, signed=True))
+    s1[1].copy_(_requantize(m3, max3, qmap1, signed=True))
+    s2.copy_(_requantize(nu, max2, qmap2, signed=False))
+    absmax1[0].copy_(max1), absmax1[1].copy_(max3), absmax2.copy_(max2)

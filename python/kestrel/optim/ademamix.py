@@ -1,0 +1,92 @@
+"""AdEMAMix (Pagliardini et al., 2024) with 8-bit or 32-bit state, bitsandbytes 0.50's classes and semantics.
+
+state1 holds two first moments, m1 (beta1) and m2 (beta3), shape (2, *p.shape) (absmax1 (2, blocks) when 8-bit,
+both on the signed map); state2 holds nu (beta2, unsigned map). The update is
+p -= lr * (m1 / (1 - beta1^t) + alpha * m2) / (sqrt(nu) / sqrt(1 - beta2^t) + eps), then p *= 1 - lr * weight_decay.
+Optional warm-ups: alpha_t = min(t * alpha / t_alpha, alpha) and the beta3 schedule of the paper (bnb's formula).
+"""
+
+import math
+
+import torch
+
+from .adam import _Adam
+from .optimizer import _blocks
+
+
+class _AdEMAMix(_Adam):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=5.0, t_alpha=None, t_beta3=None, eps=1e-8,
+                 weight_decay=1e-2, optim_bits=32, min_8bit_size=4096, is_paged=False):
+        name = type(self).__name__
+        if len(betas) != 3:
+            raise ValueError(f"{name}: betas must hold three values (beta1, beta2, beta3), got {tuple(betas)}")
+        if not 0.0 <= betas[2] < 1.0:
+            raise ValueError(f"{name}: betas[2] must be in [0, 1), got {betas[2]}")
+        if not alpha >= 0.0:
+            raise ValueError(f"{name}: alpha must be >= 0, got {alpha}")
+        for key, value in (("t_alpha", t_alpha), ("t_beta3", t_beta3)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name}: {key} must be None or > 0, got {value}")
+        super().__init__(params, lr, tuple(betas[:2]), eps, weight_decay, False, optim_bits, None, min_8bit_size,
+                         is_paged)
+        for group in self.param_groups:
+            group.update(betas=tuple(betas), alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3)
+        self.defaults.update(betas=tuple(betas), alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3)
+        self.optimizer_name = "ademamix"
+
+    @staticmethod
+    def scheduled(config, step):
+        """(alpha_t, beta3_t) at `step`, bnb's warm-up schedules."""
+        beta1, _, beta3 = config["betas"]
+        alpha, t_alpha, t_beta3 = config["alpha"], config.get("t_alpha"), config.get("t_beta3")
+        alpha_t = min(step * alpha / t_alpha, alpha) if t_alpha else alpha
+        if t_beta3:
+            ln_beta1, ln_beta3 = math.log(beta1), math.log(beta3)
+            scale = step / t_beta3
+            beta3_t = min(math.exp((ln_beta1 * ln_beta3) / ((1 - scale) * ln_beta3 + scale * ln_beta1)), beta3)
+        else:
+            beta3_t = beta3
+        return alpha_t, beta3_t
+
+    def step_scalars(self, config, step):
+        beta1, beta2, _ = config["betas"]
+        alpha_t, beta3_t = self.scheduled(config, step)
+        return (float(config["lr"]), float(beta1), float(beta2), float(beta3_t), float(alpha_t), float(config["eps"]),
+                float(config["weight_decay"]), 1.0)
+
+    @torch.no_grad()
+    def init_state(self, p, config):
+        state = self.state[p]
+        state["step"] = 0
+        eight_bit = config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"]
+        dtype = torch.uint8 if eight_bit else torch.float32
+        state["state1"] = torch.zeros((2, *p.shape), dtype=dtype, device=p.device)
+        state["state2"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+        if not eight_bit:
+            return
+        if "dynamic" not in self.name2qmap:
+            self.fill_qmap()
+        for key in ("dynamic", "udynamic"):
+            if self.name2qmap[key].device != p.device:
+                self.name2qmap[key] = self.name2qmap[key].to(p.device)
+        state["qmap1"], state["qmap2"] = self.name2qmap["dynamic"], self.name2qmap["udynamic"]
+        state["absmax1"] = torch.zeros((2, _blocks(p.numel())), dtype=torch.float32, device=p.device)
+        state["absmax2"] = torch.zeros(_blocks(p.numel()), dtype=torch.float32, device=p.device)
+
+
+class AdEMAMix(_AdEMAMix):
+    """AdEMAMix with 8-bit (optim_bits=8) or 32-bit state (bnb.optim.AdEMAMix)."""
+
+
+class AdEMAMix8bit(_AdEMAMix):
+    """AdEMAMix with 8-bit state (a drop-in for bnb.optim.AdEMAMix8bit)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=5.0, t_alpha=None, t_beta3=None, eps=1e-8,
+                 weight_decay=1e-2, min_8bit_size=4096, is_paged=False):
+        super().__init__(params, lr, betas, alpha, t_alpha, t_beta3, eps, weight_decay, 8, min_8bit_size, is_paged)
+
+
+class AdEMAMix32bit(_AdEMAMix):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=5.0, t_alpha=None, t_beta3=None, eps=1e-8,
+                 weight_decay=1e-2, min_8bit_size=4096, is_paged=False):
+        super().__init__(params, lr, betas, alpha, t_alpha, t_beta3, eps, weight_decay, 32, min_8bit_size, is_paged)
