@@ -374,8 +374,6 @@ def test_constructor_errors():
         AdamW8bit(params, betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="AdamW: optim_bits must be 8 or 32, got 4"):
         AdamW(params, optim_bits=4)
-    with pytest.raises(NotImplementedError, match="percentile_clipping=5 is not supported yet"):
-        AdamW8bit(params, percentile_clipping=5)
     with pytest.raises(ValueError, match="block_wise=False"):
         AdamW8bit(params, block_wise=False)
     AdamW8bit(params, percentile_clipping=100, block_wise=True)  # bnb 0.49's defaults are accepted
@@ -517,3 +515,42 @@ def test_parity_with_bitsandbytes_cuda(dtype):
             same = (opt.state[a][key] == bnb_opt.state[b][key]).float().mean().item()
             assert same >= 0.999, (key, same)
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=0)
+
+
+def bnb049_percentile_scale(history, grad, step, percentile):
+    """bnb 0.49's percentile clipping, written out: the gradient scale of this step (history updated in place)."""
+    history[step % 100] = grad.float().pow(2).sum()
+    current = history[step % 100].sqrt()
+    clip = torch.sort(history).values[percentile].sqrt()
+    return float(clip / current) if current > clip else 1.0
+
+
+@pytest.mark.parametrize("cls,eight_bit", [(AdamW8bit, True), (AdamW, False)])
+def test_percentile_clipping_follows_bitsandbytes_049(cls, eight_bit):
+    g = torch.Generator().manual_seed(20)
+    p = torch.nn.Parameter(torch.randn(4097, generator=g))
+    opt = cls([p], lr=1e-2, weight_decay=0.01, percentile_clipping=5)
+    model = ReferenceRun([p], [eight_bit], 1e-2, BETAS, EPS, 0.01)
+    history = torch.zeros(100)
+    signed, unsigned = KF.create_dynamic_map(True), KF.create_dynamic_map(False)
+    scales = []
+    for step in range(1, 131):
+        grad = torch.randn(4097, generator=g) * (10.0 if step % 7 == 0 else 1.0)  # spikes to clip
+        scale = bnb049_percentile_scale(history, grad, step, 5)
+        scales.append(scale)
+        p.grad = grad
+        opt.step()
+        state = model.states[0]
+        if eight_bit:
+            ref.adam8bit_step(model.params[0], grad, *state, signed, unsigned, step, 1e-2, 0.9, 0.999, 1e-8, 0.01, scale)
+        else:
+            ref.adam32bit_step(model.params[0], grad, *state, step, 1e-2, 0.9, 0.999, 1e-8, 0.01, scale)
+    assert torch.equal(p.detach(), model.params[0])
+    assert torch.equal(opt.state[p]["gnorm_vec"], history)
+    assert scales[0] == 0.0  # bnb 0.49: the unfilled history (zeros) clips the first steps to nothing
+    assert any(0.0 < s < 1.0 for s in scales[100:]) and 1.0 in scales[100:]
+
+
+def test_percentile_clipping_argument_check():
+    with pytest.raises(ValueError, match=r"percentile_clipping must be an integer in \[1, 100\], got 0"):
+        AdamW8bit([torch.nn.Parameter(torch.zeros(3))], percentile_clipping=0)

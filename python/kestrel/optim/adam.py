@@ -37,9 +37,6 @@ class _Adam(Optimizer8bit):
         if not block_wise:
             raise ValueError(f"{name}: block_wise=False (bnb 0.49's tensor-wise 8-bit state) is not supported; "
                              "kestrel's 8-bit state is block-wise, as bnb 0.50's")
-        if percentile_clipping != 100:
-            raise NotImplementedError(f"{name}: percentile_clipping={percentile_clipping} is not supported yet; "
-                                      "only 100 (no clipping)")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, alpha=0.0, t_alpha=None,
                         t_beta3=None)
         super().__init__(params, defaults, optim_bits, is_paged)
@@ -47,11 +44,13 @@ class _Adam(Optimizer8bit):
             args = MockArgs(dict(optim_bits=optim_bits, min_8bit_size=min_8bit_size, max_unorm=0.0, skip_zeros=False))
         self.args = args
         self.optimizer_name = "adam"
+        self.set_percentile_clipping(percentile_clipping)
 
     @torch.no_grad()
     def init_state(self, p, config):
         state = self.state[p]
         state["step"] = 0
+        self.init_clipping_state(p)
         eight_bit = config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"]
         if not eight_bit:
             state["state1"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
@@ -69,11 +68,11 @@ class _Adam(Optimizer8bit):
         state["absmax1"] = torch.zeros(_blocks(p.numel()), dtype=torch.float32, device=p.device)
         state["absmax2"] = torch.zeros(_blocks(p.numel()), dtype=torch.float32, device=p.device)
 
-    def step_scalars(self, config, step):
+    def step_scalars(self, config, step, gnorm_scale=1.0):
         """(lr, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale) for the kernel at `step`."""
         beta1, beta2 = config["betas"][:2]
         return (float(config["lr"]), float(beta1), float(beta2), 0.0, 0.0, float(config["eps"]),
-                float(config["weight_decay"]), 1.0)
+                float(config["weight_decay"]), gnorm_scale)
 
     @torch.no_grad()
     def update_params(self, items):
@@ -83,7 +82,7 @@ class _Adam(Optimizer8bit):
             state["step"] += 1
             eight_bit = state["state1"].dtype == torch.uint8
             maps = (id(state["qmap1"]), id(state["qmap2"])) if eight_bit else None
-            scalars = self.step_scalars(config, state["step"])
+            scalars = self.step_scalars(config, state["step"], self.gnorm_scale(p))
             batches[(p.device, p.dtype, eight_bit, maps, scalars)].append(p)
         for (_, _, eight_bit, _, scalars), batch in batches.items():
             states = [self.state[p] for p in batch]
@@ -102,7 +101,8 @@ class _Adam(Optimizer8bit):
 _SIGNATURE_DOC = """
     Arguments (bitsandbytes 0.50): params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay={wd},
     amsgrad=False (True raises), optim_bits={bits}, args=None, min_8bit_size=4096 (smaller tensors keep float32
-    state), is_paged=False. bnb 0.49's percentile_clipping=100 and block_wise=True are accepted as keywords.
+    state), is_paged=False. bnb 0.49's percentile_clipping=100 (clip each gradient to the given percentile of its
+    last 100 norms) and block_wise=True (False raises) are accepted as keywords.
 """
 
 

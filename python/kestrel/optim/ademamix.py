@@ -48,11 +48,11 @@ class _AdEMAMix(_Adam):
             beta3_t = beta3
         return alpha_t, beta3_t
 
-    def step_scalars(self, config, step):
+    def step_scalars(self, config, step, gnorm_scale=1.0):
         beta1, beta2, _ = config["betas"]
         alpha_t, beta3_t = self.scheduled(config, step)
         return (float(config["lr"]), float(beta1), float(beta2), float(beta3_t), float(alpha_t), float(config["eps"]),
-                float(config["weight_decay"]), 1.0)
+                float(config["weight_decay"]), gnorm_scale)
 
     @torch.no_grad()
     def init_state(self, p, config):

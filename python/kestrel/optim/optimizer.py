@@ -38,6 +38,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.mng = GlobalOptimManager.get_instance()
         self.is_paged = is_paged
+        self.percentile_clipping = 100
         self._paged_warned = False
         self.name2qmap = {}
         if optim_bits == 8:
@@ -228,6 +229,31 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     def init_state(self, p, config):
         raise NotImplementedError
+
+    def set_percentile_clipping(self, percentile):
+        name = type(self).__name__
+        if isinstance(percentile, bool) or not isinstance(percentile, int) or not 1 <= percentile <= 100:
+            raise ValueError(f"{name}: percentile_clipping must be an integer in [1, 100], got {percentile!r}")
+        self.percentile_clipping = percentile
+
+    def init_clipping_state(self, p):
+        if self.percentile_clipping < 100:
+            self.state[p]["gnorm_vec"] = torch.zeros(100, dtype=torch.float32, device=p.device)
+
+    @torch.no_grad()
+    def gnorm_scale(self, p):
+        """bnb 0.49's percentile clipping: keep the last 100 squared gradient norms; if this step's norm exceeds the
+        `percentile`-th smallest of them (index into the sorted history, zeros of unfilled slots included, as bnb
+        does), scale the gradient down to it. 1.0 when percentile_clipping is 100. (Reads one value to the host.)"""
+        if self.percentile_clipping >= 100:
+            return 1.0
+        state = self.state[p]
+        history = state["gnorm_vec"]
+        slot = state["step"] % 100
+        history[slot] = p.grad.float().pow(2).sum()
+        current = history[slot].sqrt()
+        clip = torch.sort(history).values[self.percentile_clipping].sqrt()
+        return float((clip / current).item()) if bool(current > clip) else 1.0
 
     def update_params(self, items):
         """One step for [(parameter, config)]: one kernel call per batch of equal device, dtype, state kind and
