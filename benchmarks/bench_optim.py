@@ -1,9 +1,10 @@
-"""One optimizer step: kestrel AdamW8bit beside bitsandbytes AdamW8bit and torch's fused AdamW (32-bit state).
+"""One optimizer step: kestrel's 8-bit optimizers beside bitsandbytes' and the torch optimizer each replaces.
 
-CPU: one tensor of 16.8M parameters, fp32 and bf16 (2 threads on the development machine).
-GPU: the 1.30B-parameter LLM tensor mix of shared/bench/device_anchors.py (218 tensors), bf16 and fp32.
-GB/s counts the bytes an 8-bit step must move: parameter read + write, gradient read, both 8-bit states read +
-write and their absmax (16.06 B/param for fp32, 10.06 for bf16).
+AdamW8bit: CPU, one tensor of 16.8M parameters, fp32 and bf16 (2 threads on the development machine); GPU, the
+1.30B-parameter LLM tensor mix of shared/bench/device_anchors.py (218 tensors), bf16 and fp32, beside bnb and
+torch's fused AdamW. The rest of the family (SGD8bit, RMSprop8bit, Adagrad8bit, Lion8bit, AdEMAMix8bit): 16.8M
+fp32 parameters on the CPU, 268M bf16 on a GPU. GB/s counts the bytes an 8-bit step must move: parameter read +
+write, gradient read, each 8-bit state read + write and its absmax.
 """
 
 import torch
@@ -51,6 +52,57 @@ def optimizers(device):
     return makers
 
 
+def family(device):
+    """(name, number of 8-bit states, kestrel maker, [(baseline name, maker)])."""
+    from kestrel import optim as K
+
+    try:
+        import bitsandbytes as bnb
+
+        B = bnb.optim
+    except Exception:  # not installed
+        B = None
+    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    rows = [
+        ("SGD8bit", 1, lambda ps: K.SGD8bit(ps, lr=1e-3, momentum=0.9),
+         [("bitsandbytes SGD8bit", B and (lambda ps: B.SGD8bit(ps, lr=1e-3, momentum=0.9))),
+          ("torch SGD", lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, **fused))]),
+        ("RMSprop8bit", 1, lambda ps: K.RMSprop8bit(ps, lr=1e-3),
+         [("bitsandbytes RMSprop8bit", B and (lambda ps: B.RMSprop8bit(ps, lr=1e-3))),
+          ("torch RMSprop", lambda ps: torch.optim.RMSprop(ps, lr=1e-3, foreach=True))]),
+        ("Adagrad8bit", 1, lambda ps: K.Adagrad8bit(ps, lr=1e-3),
+         [("bitsandbytes Adagrad8bit", B and (lambda ps: B.Adagrad8bit(ps, lr=1e-3))),
+          ("torch Adagrad", lambda ps: torch.optim.Adagrad(ps, lr=1e-3, foreach=True))]),
+        ("Lion8bit", 1, lambda ps: K.Lion8bit(ps, lr=1e-4),
+         [("bitsandbytes Lion8bit", B and (lambda ps: B.Lion8bit(ps, lr=1e-4)))]),
+        ("AdEMAMix8bit", 3, lambda ps: K.AdEMAMix8bit(ps, lr=1e-4),
+         [("bitsandbytes AdEMAMix8bit", B and (lambda ps: B.AdEMAMix8bit(ps, lr=1e-4)))]),
+    ]
+    return [(name, states, make, [(b, m) for b, m in baselines if m]) for name, states, make, baselines in rows]
+
+
+def run_family(device, quick=False):
+    shapes = [(1 << 20,)] if quick else ([(268_435_456,)] if device.type == "cuda" else [(16_777_216,)])
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    for name, states, make, baselines in family(device):
+        steps = {}
+        for label, maker in [("kestrel", make)] + baselines:
+            params = make_params(shapes, dtype, device)
+            opt = maker(params)
+            opt.step()
+            steps[label] = opt.step
+        n = sum(torch.Size(s).numel() for s in shapes)
+        nbytes = n * (3 * torch.tensor([], dtype=dtype).element_size() + 2 * states) + states * 2 * 4 * ((n + 255) // 256)
+        rows += compare(f"{name} step", f"{n / 1e6:.1f}M params {DTYPE_NAMES[dtype]}", device, steps["kestrel"],
+                        [(label, fn) for label, fn in steps.items() if label != "kestrel"], nbytes,
+                        repeats=5 if device.type == "cpu" else 10)
+        del steps
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 def state_bytes_per_param(opt, params):
     total = 0
     seen = set()
@@ -86,7 +138,7 @@ def run(device, quick=False):
         del steps
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows
+    return rows + run_family(device, quick)
 
 
 try:  # pytest-benchmark microbenchmarks (CPU)

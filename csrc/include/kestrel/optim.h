@@ -93,7 +93,8 @@ KESTREL_HD float adam_param_update(const StepScalars& a, float p, float s1, floa
   return p + a.step_size * (s1 / (sqrtf(s2) + a.eps_c2));
 }
 
-KESTREL_HD float sign_of(float v) { return v > 0.0f ? 1.0f : (v < 0.0f ? -1.0f : 0.0f); }
+// sign(v) in {-1, 0, 1} (0 for NaN), without branches so that the CPU loops vectorize.
+KESTREL_HD float sign_of(float v) { return (float)((int)(v > 0.0f) - (int)(v < 0.0f)); }
 
 // One-state optimizers (spec: "Other optimizers"): the new state and the new parameter (before rounding to its
 // dtype) from the old state s1, the parameter p and a finite gradient g (already scaled by gnorm_scale).
