@@ -26,20 +26,21 @@ TORCH_LIBRARY(kestrel, m) {
       "two_state8bit_step_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
       "Tensor(c!)[] state2, Tensor(d!)[] absmax1, Tensor(e!)[] absmax2, Tensor qmap1, Tensor qmap2, int[] steps, "
       "float lr, float beta1, float beta2, float beta3, float alpha, float eps, float weight_decay, "
-      "float gnorm_scale) -> ()");
+      "float gnorm_scale, int round_seed=-1) -> ()");
   m.def(
       "two_state32bit_step_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
       "Tensor(c!)[] state2, int[] steps, float lr, float beta1, float beta2, float beta3, float alpha, float eps, "
-      "float weight_decay, float gnorm_scale) -> ()");
+      "float weight_decay, float gnorm_scale, int round_seed=-1) -> ()");
   // The same for the one-state optimizers (bnb's Optimizer1State): optimizer is "momentum" (SGD), "rmsprop",
   // "adagrad" or "lion"; an 8-bit state1 uses the signed map qmap1.
   m.def(
       "one_state8bit_step_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
       "Tensor(c!)[] absmax1, Tensor qmap1, int[] steps, float lr, float beta1, float beta2, float eps, "
-      "float weight_decay, float gnorm_scale) -> ()");
+      "float weight_decay, float gnorm_scale, int round_seed=-1) -> ()");
   m.def(
       "one_state32bit_step_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, int[] steps, "
-      "float lr, float beta1, float beta2, float eps, float weight_decay, float gnorm_scale) -> ()");
+      "float lr, float beta1, float beta2, float eps, float weight_decay, float gnorm_scale, int round_seed=-1) -> ()");
+  // round_seed >= 0 (all four ops): bf16 parameters round stochastically (unbiased), deterministic given the seed.
 }
 
 namespace {

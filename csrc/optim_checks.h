@@ -70,6 +70,15 @@ inline void check_adam_args(const char* op, at::TensorList params, at::TensorLis
   }
 }
 
+// round_seed < 0: parameters round to nearest even; otherwise bf16 parameters round stochastically with that seed
+// and salt `index` (the tensor's position in the call).
+inline optim::StepScalars with_rounding(optim::StepScalars a, int64_t round_seed, size_t index) {
+  a.stochastic_round = round_seed >= 0;
+  a.round_seed = round_seed >= 0 ? static_cast<uint64_t>(round_seed) : 0;
+  a.salt = static_cast<int>(index);
+  return a;
+}
+
 inline optim::TwoState parse_two_state(const char* op, c10::string_view name) {
   if (name == "adam") return optim::TwoState::kAdam;
   if (name == "ademamix") return optim::TwoState::kAdEMAMix;

@@ -5,6 +5,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "../optim_checks.h"
 #include "code_table.h"
 #include "cpu_utils.h"
@@ -17,6 +19,15 @@ namespace {
 using cpu::CodeTable;
 using optim::StepScalars;
 using optim::kBlockSize;
+
+// The parameter's new value in its dtype: round to nearest even, or stochastically for bf16 when asked.
+template <typename T>
+KESTREL_ALWAYS_INLINE T round_param(float v, const StepScalars& a, int64_t index, int which) {
+  if constexpr (std::is_same<T, c10::BFloat16>::value) {
+    if (a.stochastic_round) v = optim::stochastic_round_bf16(v, a, index, which);
+  }
+  return static_cast<T>(v);
+}
 
 // Adam or AdEMAMix with 8-bit states. AdEMAMix's slow moment m2 lives in the second half of state1 / absmax1.
 template <optim::TwoState KIND, typename T>
@@ -62,8 +73,8 @@ KESTREL_ALWAYS_INLINE void two_state8bit_blocks(T* __restrict__ p, const T* __re
       const T old_p = p[begin + i];
       const float updated = kMix ? optim::ademamix_param_update(a, static_cast<float>(old_p), s1[i], s3[i], s2[i])
                                  : optim::adam_param_update(a, static_cast<float>(old_p), s1[i], s2[i]);
-      T new_p = static_cast<T>(updated);
-      if (a.apply_decay) new_p = static_cast<T>(static_cast<float>(new_p) * a.decay);
+      T new_p = round_param<T>(updated, a, begin + i, 0);
+      if (a.apply_decay) new_p = round_param<T>(static_cast<float>(new_p) * a.decay, a, begin + i, 1);
       p[begin + i] = finite[i] ? new_p : old_p;
     }
     for (int i = 0; i < len; ++i) {
@@ -93,8 +104,8 @@ KESTREL_ALWAYS_INLINE void two_state32bit_blocks(T* __restrict__ p, const T* __r
     else optim::adam_moments(a, grad, m1, m2);
     const float updated = kMix ? optim::ademamix_param_update(a, static_cast<float>(p[i]), m1, m3, m2)
                                : optim::adam_param_update(a, static_cast<float>(p[i]), m1, m2);
-    T new_p = static_cast<T>(updated);
-    if (a.apply_decay) new_p = static_cast<T>(static_cast<float>(new_p) * a.decay);
+    T new_p = round_param<T>(updated, a, i, 0);
+    if (a.apply_decay) new_p = round_param<T>(static_cast<float>(new_p) * a.decay, a, i, 1);
     const bool ok = optim::is_finite(grad);
     s1[i] = ok ? m1 : s1[i];
     s2[i] = ok ? m2 : s2[i];
@@ -131,7 +142,7 @@ KESTREL_ALWAYS_INLINE void one_state_blocks(T* __restrict__ p, const T* __restri
       new_max = std::fabs(s1) > new_max ? std::fabs(s1) : new_max;
     }
     for (int i = 0; i < len; ++i)
-      if (finite[i]) p[begin + i] = static_cast<T>(new_p[i]);
+      if (finite[i]) p[begin + i] = round_param<T>(new_p[i], a, begin + i, 0);
     if (q) {
       absmax[b] = new_max;
       for (int i = 0; i < len; ++i) {
@@ -218,7 +229,7 @@ void two_state8bit_step_cpu(c10::string_view optimizer, at::TensorList params, a
                             at::TensorList state1, at::TensorList state2, at::TensorList absmax1,
                             at::TensorList absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2,
                             c10::IntArrayRef steps, double lr, double beta1, double beta2, double beta3, double alpha,
-                            double eps, double weight_decay, double gnorm_scale) {
+                            double eps, double weight_decay, double gnorm_scale, int64_t round_seed) {
   constexpr const char* op = "two_state8bit_step_";
   const optim::TwoState kind = parse_two_state(op, optimizer);
   const int64_t moments1 = kind == optim::TwoState::kAdEMAMix ? 2 : 1;
@@ -228,9 +239,10 @@ void two_state8bit_step_cpu(c10::string_view optimizer, at::TensorList params, a
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t n = params[i].numel();
     if (n == 0) continue;
-    const StepScalars a = optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2, (float)eps,
-                                                   (float)weight_decay, (float)gnorm_scale, (float)beta3,
-                                                   (float)alpha);
+    const StepScalars a = with_rounding(optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2,
+                                                                 (float)eps, (float)weight_decay, (float)gnorm_scale,
+                                                                 (float)beta3, (float)alpha),
+                                        round_seed, i);
     dispatch_float(params[i].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       T* p = params[i].data_ptr<T>();
@@ -241,8 +253,8 @@ void two_state8bit_step_cpu(c10::string_view optimizer, at::TensorList params, a
       float* m2 = absmax2[i].data_ptr<float>();
 #if defined(KESTREL_HAVE_AVX512_PATH)
       // The vector path (Adam, the dynamic maps' one-comparison bucket search); a partial last block stays scalar.
-      if (kind == optim::TwoState::kAdam && cpu::avx512::supported() && q1->bucket_steps == 1 &&
-          q2->bucket_steps == 1) {
+      if (kind == optim::TwoState::kAdam && !a.stochastic_round && cpu::avx512::supported() &&
+          q1->bucket_steps == 1 && q2->bucket_steps == 1) {
         const int64_t full = n / kBlockSize;
         cpu::parallel_over_blocks(n, full, [&](int64_t first, int64_t end) {
           cpu::avx512::adam8bit_full_blocks<T>(p, g, c1, c2, m1, m2, a, *q1, *q2, first, end);
@@ -262,7 +274,7 @@ void two_state8bit_step_cpu(c10::string_view optimizer, at::TensorList params, a
 void two_state32bit_step_cpu(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
                              at::TensorList state1, at::TensorList state2, c10::IntArrayRef steps, double lr,
                              double beta1, double beta2, double beta3, double alpha, double eps, double weight_decay,
-                             double gnorm_scale) {
+                             double gnorm_scale, int64_t round_seed) {
   constexpr const char* op = "two_state32bit_step_";
   const optim::TwoState kind = parse_two_state(op, optimizer);
   const int64_t moments1 = kind == optim::TwoState::kAdEMAMix ? 2 : 1;
@@ -270,9 +282,10 @@ void two_state32bit_step_cpu(c10::string_view optimizer, at::TensorList params, 
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t n = params[i].numel();
     if (n == 0) continue;
-    const StepScalars a = optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2, (float)eps,
-                                                   (float)weight_decay, (float)gnorm_scale, (float)beta3,
-                                                   (float)alpha);
+    const StepScalars a = with_rounding(optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2,
+                                                                 (float)eps, (float)weight_decay, (float)gnorm_scale,
+                                                                 (float)beta3, (float)alpha),
+                                        round_seed, i);
     dispatch_float(params[i].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       T* p = params[i].data_ptr<T>();
@@ -289,7 +302,7 @@ void two_state32bit_step_cpu(c10::string_view optimizer, at::TensorList params, 
 void one_state_step_cpu(const char* op, c10::string_view optimizer, at::TensorList params, at::TensorList grads,
                         at::TensorList state1, at::TensorList absmax1, const at::Tensor* qmap1,
                         c10::IntArrayRef steps, double lr, double beta1, double beta2, double eps,
-                        double weight_decay, double gnorm_scale) {
+                        double weight_decay, double gnorm_scale, int64_t round_seed) {
   const bool eight_bit = qmap1 != nullptr;
   const optim::OneState kind = parse_one_state(op, optimizer);
   check_adam_args(op, params, grads, state1, state1, absmax1, absmax1, qmap1, qmap1, steps, eight_bit);
@@ -297,8 +310,9 @@ void one_state_step_cpu(const char* op, c10::string_view optimizer, at::TensorLi
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t n = params[i].numel();
     if (n == 0) continue;
-    const StepScalars a = optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2, (float)eps,
-                                                   (float)weight_decay, (float)gnorm_scale);
+    const StepScalars a = with_rounding(optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2,
+                                                                 (float)eps, (float)weight_decay, (float)gnorm_scale),
+                                        round_seed, i);
     dispatch_float(params[i].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       T* p = params[i].data_ptr<T>();
@@ -315,16 +329,16 @@ void one_state_step_cpu(const char* op, c10::string_view optimizer, at::TensorLi
 void one_state8bit_step_cpu(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
                             at::TensorList state1, at::TensorList absmax1, const at::Tensor& qmap1,
                             c10::IntArrayRef steps, double lr, double beta1, double beta2, double eps,
-                            double weight_decay, double gnorm_scale) {
+                            double weight_decay, double gnorm_scale, int64_t round_seed) {
   one_state_step_cpu("one_state8bit_step_", optimizer, params, grads, state1, absmax1, &qmap1, steps, lr, beta1,
-                     beta2, eps, weight_decay, gnorm_scale);
+                     beta2, eps, weight_decay, gnorm_scale, round_seed);
 }
 
 void one_state32bit_step_cpu(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
                              at::TensorList state1, c10::IntArrayRef steps, double lr, double beta1, double beta2,
-                             double eps, double weight_decay, double gnorm_scale) {
+                             double eps, double weight_decay, double gnorm_scale, int64_t round_seed) {
   one_state_step_cpu("one_state32bit_step_", optimizer, params, grads, state1, {}, nullptr, steps, lr, beta1, beta2,
-                     eps, weight_decay, gnorm_scale);
+                     eps, weight_decay, gnorm_scale, round_seed);
 }
 
 }  // namespace

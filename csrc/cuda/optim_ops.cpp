@@ -27,7 +27,7 @@ DType to_kestrel_dtype(c10::ScalarType t) {
 void launch_step(const char* op, bool two_state, int kind, bool eight_bit, at::TensorList params, at::TensorList grads, at::TensorList state1,
                  at::TensorList state2, at::TensorList absmax1, at::TensorList absmax2, const float* qmap1,
                  const float* qmap2, c10::IntArrayRef steps, double lr, double beta1, double beta2, double beta3,
-                 double alpha, double eps, double weight_decay, double gnorm_scale) {
+                 double alpha, double eps, double weight_decay, double gnorm_scale, int64_t round_seed) {
   if (params.empty()) return;
   const at::Device device = params[0].device();
   const c10::ScalarType dtype = params[0].scalar_type();
@@ -53,8 +53,10 @@ void launch_step(const char* op, bool two_state, int kind, bool eight_bit, at::T
     m.absmax2 = eight_bit ? absmax2[i].data_ptr<float>() : nullptr;
     m.numel = params[i].numel();
     m.first_block = total_blocks;
-    m.scalars = optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2, (float)eps,
-                                         (float)weight_decay, (float)gnorm_scale, (float)beta3, (float)alpha);
+    m.scalars = with_rounding(optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2, (float)eps,
+                                                       (float)weight_decay, (float)gnorm_scale, (float)beta3,
+                                                       (float)alpha),
+                              round_seed, static_cast<size_t>(i));
     total_blocks += optim_num_blocks(m.numel);
   }
   // The caching host allocator keeps the pinned block alive until this copy on the current stream has run.
@@ -73,7 +75,7 @@ void two_state8bit_step_cuda(c10::string_view optimizer, at::TensorList params, 
                              at::TensorList state1, at::TensorList state2, at::TensorList absmax1,
                              at::TensorList absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2,
                              c10::IntArrayRef steps, double lr, double beta1, double beta2, double beta3,
-                             double alpha, double eps, double weight_decay, double gnorm_scale) {
+                             double alpha, double eps, double weight_decay, double gnorm_scale, int64_t round_seed) {
   constexpr const char* op = "two_state8bit_step_";
   const optim::TwoState kind = parse_two_state(op, optimizer);
   const int64_t moments1 = kind == optim::TwoState::kAdEMAMix ? 2 : 1;
@@ -84,25 +86,25 @@ void two_state8bit_step_cuda(c10::string_view optimizer, at::TensorList params, 
   }
   launch_step(op, true, static_cast<int>(kind), true, params, grads, state1, state2, absmax1, absmax2,
               qmap1.data_ptr<float>(), qmap2.data_ptr<float>(), steps, lr, beta1, beta2, beta3, alpha, eps,
-              weight_decay, gnorm_scale);
+              weight_decay, gnorm_scale, round_seed);
 }
 
 void two_state32bit_step_cuda(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
                               at::TensorList state1, at::TensorList state2, c10::IntArrayRef steps, double lr,
                               double beta1, double beta2, double beta3, double alpha, double eps,
-                              double weight_decay, double gnorm_scale) {
+                              double weight_decay, double gnorm_scale, int64_t round_seed) {
   constexpr const char* op = "two_state32bit_step_";
   const optim::TwoState kind = parse_two_state(op, optimizer);
   const int64_t moments1 = kind == optim::TwoState::kAdEMAMix ? 2 : 1;
   check_adam_args(op, params, grads, state1, state2, {}, {}, nullptr, nullptr, steps, false, moments1);
   launch_step(op, true, static_cast<int>(kind), false, params, grads, state1, state2, {}, {}, nullptr, nullptr,
-              steps, lr, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale);
+              steps, lr, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale, round_seed);
 }
 
 void one_state8bit_step_cuda(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
                              at::TensorList state1, at::TensorList absmax1, const at::Tensor& qmap1,
                              c10::IntArrayRef steps, double lr, double beta1, double beta2, double eps,
-                             double weight_decay, double gnorm_scale) {
+                             double weight_decay, double gnorm_scale, int64_t round_seed) {
   constexpr const char* op = "one_state8bit_step_";
   const int kind = static_cast<int>(parse_one_state(op, optimizer));
   check_adam_args(op, params, grads, state1, state1, absmax1, absmax1, &qmap1, &qmap1, steps, true);
@@ -111,17 +113,17 @@ void one_state8bit_step_cuda(c10::string_view optimizer, at::TensorList params, 
                 qmap1.device());
   }
   launch_step(op, false, kind, true, params, grads, state1, state1, absmax1, absmax1, qmap1.data_ptr<float>(),
-              nullptr, steps, lr, beta1, beta2, 0.0, 0.0, eps, weight_decay, gnorm_scale);
+              nullptr, steps, lr, beta1, beta2, 0.0, 0.0, eps, weight_decay, gnorm_scale, round_seed);
 }
 
 void one_state32bit_step_cuda(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
                               at::TensorList state1, c10::IntArrayRef steps, double lr, double beta1, double beta2,
-                              double eps, double weight_decay, double gnorm_scale) {
+                              double eps, double weight_decay, double gnorm_scale, int64_t round_seed) {
   constexpr const char* op = "one_state32bit_step_";
   const int kind = static_cast<int>(parse_one_state(op, optimizer));
   check_adam_args(op, params, grads, state1, state1, {}, {}, nullptr, nullptr, steps, false);
   launch_step(op, false, kind, false, params, grads, state1, state1, {}, {}, nullptr, nullptr, steps, lr, beta1,
-              beta2, 0.0, 0.0, eps, weight_decay, gnorm_scale);
+              beta2, 0.0, 0.0, eps, weight_decay, gnorm_scale, round_seed);
 }
 
 }  // namespace

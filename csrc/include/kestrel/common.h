@@ -28,4 +28,14 @@ KESTREL_HD uint32_t float_bits(float v) {
 #endif
 }
 
+KESTREL_HD float float_from_bits(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float v;
+  memcpy(&v, &u, sizeof(v));
+  return v;
+#endif
+}
+
 }  // namespace kestrel

@@ -7,6 +7,8 @@
 
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include "kestrel/optim.h"
 #include "kestrel/quantize.cuh"
 
@@ -24,6 +26,13 @@ __device__ __forceinline__ int find_tensor(const optim::TensorMeta* meta, int nu
     if (meta[mid].first_block <= block) lo = mid; else hi = mid - 1;
   }
   return lo;
+}
+
+// The parameter's new value after rounding to T: nearest even, or stochastic for bf16 when asked.
+template <typename T>
+__device__ __forceinline__ float round_param(float v, const optim::StepScalars& a, int64_t index, int which) {
+  if (std::is_same<T, __nv_bfloat16>::value && a.stochastic_round) v = optim::stochastic_round_bf16(v, a, index, which);
+  return ElementIO<T>::round(v);
 }
 
 __device__ __forceinline__ float warp_max(float v) {
@@ -125,8 +134,8 @@ __global__ void __launch_bounds__(kAdamThreads)
       const float old_p = ElementIO<T>::load_plain(p + i);
       const float updated = kMix ? optim::ademamix_param_update(a, old_p, s1[k], s3[k], s2[k])
                                  : optim::adam_param_update(a, old_p, s1[k], s2[k]);
-      float new_p = ElementIO<T>::round(updated);
-      if (a.apply_decay) new_p = ElementIO<T>::round(new_p * a.decay);
+      float new_p = round_param<T>(updated, a, i, 0);
+      if (a.apply_decay) new_p = round_param<T>(new_p * a.decay, a, i, 1);
       ElementIO<T>::store(p + i, new_p);
     }
     if (EIGHT_BIT) {
@@ -199,7 +208,7 @@ __global__ void __launch_bounds__(kAdamThreads)
   for (int k = 0; k < kAdamItems; ++k) {
     const int64_t i = begin + lane + 32 * k;
     if (i >= end) continue;
-    if (finite[k]) ElementIO<T>::store(p + i, new_p[k]);
+    if (finite[k]) ElementIO<T>::store(p + i, round_param<T>(new_p[k], a, i, 0));
     if (EIGHT_BIT)
       static_cast<uint8_t*>(m.state1)[i] = optim::requantize_signed(code1, mid1, s1[k], new_max);
     else

@@ -27,6 +27,11 @@ struct StepScalars {
   float beta3, one_minus_beta3, alpha, correction1, correction2;
   int step;
   int apply_decay;
+  // Opt-in stochastic rounding of bf16 parameters: on when stochastic_round, with a per-optimizer seed and a
+  // per-tensor salt (the tensor's position in the call).
+  int stochastic_round;
+  int salt;
+  uint64_t round_seed;
 };
 
 // Optimizers with two states (bnb's Optimizer2State). AdEMAMix's state1 holds two first moments (m1, then m2).
@@ -59,7 +64,31 @@ inline StepScalars make_adam_scalars(int64_t step, float lr, float beta1, float 
   a.weight_decay = weight_decay;
   a.step = (int)step;
   a.apply_decay = weight_decay > 0.0f;
+  a.stochastic_round = 0;
+  a.salt = 0;
+  a.round_seed = 0;
   return a;
+}
+
+// Stochastic rounding to bf16: a counter-based hash of (seed, step, salt, index, which) gives the 16 bits below
+// bf16's mantissa; adding them before truncating rounds the magnitude up with probability equal to the dropped
+// fraction, so the rounded value is unbiased. The CPU and CUDA kernels draw the same bits. Inf and NaN pass
+// through (the caller's ordinary conversion handles them). `which` separates two roundings of one element.
+KESTREL_HD uint32_t hash_bits(uint64_t x) {
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ull;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebull;
+  x ^= x >> 31;
+  return (uint32_t)(x >> 32);
+}
+
+KESTREL_HD float stochastic_round_bf16(float v, const StepScalars& a, int64_t index, int which) {
+  const uint32_t u = float_bits(v);
+  if ((u & 0x7f800000u) == 0x7f800000u) return v;
+  const uint64_t key = a.round_seed ^ ((uint64_t)a.step * 0x9e3779b97f4a7c15ull) ^
+                       ((uint64_t)a.salt * 0xc2b2ae3d27d4eb4full) ^ (((uint64_t)index * 2 + which) * 0x165667b19e3779f9ull);
+  return float_from_bits((u + (hash_bits(key) & 0xffffu)) & 0xffff0000u);
 }
 
 KESTREL_HD bool is_finite(float v) {

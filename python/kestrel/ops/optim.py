@@ -13,20 +13,21 @@ if _ext.available():
 
     @torch.library.register_fake("kestrel::two_state8bit_step_")
     def _two_state8bit_step_fake(optimizer, params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps, lr,
-                                 beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale):
+                                 beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale,
+                                 round_seed=-1):
         return None
 
     @torch.library.register_fake("kestrel::two_state32bit_step_")
     def _two_state32bit_step_fake(optimizer, params, grads, state1, state2, steps, lr, beta1, beta2, beta3, alpha,
-                                  eps, weight_decay, gnorm_scale):
+                                  eps, weight_decay, gnorm_scale, round_seed=-1):
         return None
 
     @torch.library.register_fake("kestrel::one_state8bit_step_")
     def _one_state8bit_step_fake(optimizer, params, grads, state1, absmax1, qmap1, steps, lr, beta1, beta2, eps,
-                                 weight_decay, gnorm_scale):
+                                 weight_decay, gnorm_scale, round_seed=-1):
         return None
 
     @torch.library.register_fake("kestrel::one_state32bit_step_")
     def _one_state32bit_step_fake(optimizer, params, grads, state1, steps, lr, beta1, beta2, eps, weight_decay,
-                                  gnorm_scale):
+                                  gnorm_scale, round_seed=-1):
         return None

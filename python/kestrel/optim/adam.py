@@ -15,7 +15,8 @@ class _Adam(Optimizer8bit):
     """The shared implementation (bnb's Optimizer2State for "adam")."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, optim_bits=32,
-                 args=None, min_8bit_size=4096, is_paged=False, percentile_clipping=100, block_wise=True):
+                 args=None, min_8bit_size=4096, is_paged=False, percentile_clipping=100, block_wise=True,
+                 bf16_stochastic_round=False):
         name = type(self).__name__
         if amsgrad:
             raise ValueError(f"{name} does not support amsgrad=True")
@@ -39,7 +40,7 @@ class _Adam(Optimizer8bit):
                              "kestrel's 8-bit state is block-wise, as bnb 0.50's")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, alpha=0.0, t_alpha=None,
                         t_beta3=None)
-        super().__init__(params, defaults, optim_bits, is_paged)
+        super().__init__(params, defaults, optim_bits, is_paged, bf16_stochastic_round)
         if args is None:
             args = MockArgs(dict(optim_bits=optim_bits, min_8bit_size=min_8bit_size, max_unorm=0.0, skip_zeros=False))
         self.args = args
@@ -82,7 +83,7 @@ class _Adam(Optimizer8bit):
             state["step"] += 1
             eight_bit = state["state1"].dtype == torch.uint8
             maps = (id(state["qmap1"]), id(state["qmap2"])) if eight_bit else None
-            scalars = self.step_scalars(config, state["step"], self.gnorm_scale(p))
+            scalars = self.step_scalars(config, state["step"], self.gnorm_scale(p)) + (self.round_seed_for(p, config),)
             batches[(p.device, p.dtype, eight_bit, maps, scalars)].append(p)
         for (_, _, eight_bit, _, scalars), batch in batches.items():
             states = [self.state[p] for p in batch]
@@ -102,7 +103,8 @@ _SIGNATURE_DOC = """
     Arguments (bitsandbytes 0.50): params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay={wd},
     amsgrad=False (True raises), optim_bits={bits}, args=None, min_8bit_size=4096 (smaller tensors keep float32
     state), is_paged=False. bnb 0.49's percentile_clipping=100 (clip each gradient to the given percentile of its
-    last 100 norms) and block_wise=True (False raises) are accepted as keywords.
+    last 100 norms) and block_wise=True (False raises) are accepted as keywords. bf16_stochastic_round=False (beyond
+    bnb): round bf16 parameters stochastically (unbiased), deterministic given torch's seed at construction.
 """
 
 
@@ -111,9 +113,10 @@ class Adam(_Adam):
         _SIGNATURE_DOC.format(wd=0, bits=32)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, optim_bits=32,
-                 args=None, min_8bit_size=4096, is_paged=False, *, percentile_clipping=100, block_wise=True):
+                 args=None, min_8bit_size=4096, is_paged=False, *, percentile_clipping=100, block_wise=True,
+                 bf16_stochastic_round=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, optim_bits, args, min_8bit_size, is_paged,
-                         percentile_clipping, block_wise)
+                         percentile_clipping, block_wise, bf16_stochastic_round)
 
 
 class AdamW(_Adam):
@@ -121,9 +124,9 @@ class AdamW(_Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
                  optim_bits=32, args=None, min_8bit_size=4096, is_paged=False, *, percentile_clipping=100,
-                 block_wise=True):
+                 block_wise=True, bf16_stochastic_round=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, optim_bits, args, min_8bit_size, is_paged,
-                         percentile_clipping, block_wise)
+                         percentile_clipping, block_wise, bf16_stochastic_round)
 
 
 def _fixed_bits(cls_name, bits, default_wd):
@@ -131,14 +134,14 @@ def _fixed_bits(cls_name, bits, default_wd):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=default_wd, amsgrad=False,
                  optim_bits=32, args=None, min_8bit_size=4096, is_paged=False, *, percentile_clipping=100,
-                 block_wise=True):
+                 block_wise=True, bf16_stochastic_round=False):
         if amsgrad:
             raise ValueError(f"{cls_name} does not support amsgrad=True")
         if optim_bits != 32:
             raise ValueError(f"{cls_name}: optim_bits is fixed to {bits} (only the default optim_bits=32 is accepted, "
                              f"for bnb compatibility), got {optim_bits}")
         _Adam.__init__(self, params, lr, betas, eps, weight_decay, False, bits, args, min_8bit_size, is_paged,
-                       percentile_clipping, block_wise)
+                       percentile_clipping, block_wise, bf16_stochastic_round)
 
     return __init__
 

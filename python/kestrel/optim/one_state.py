@@ -18,7 +18,8 @@ class _OneState(Optimizer8bit):
     """bnb's Optimizer1State: `optimizer_name` one of momentum, rmsprop, adagrad, lion."""
 
     def __init__(self, optimizer_name, params, lr=1e-3, betas=(0.9, 0.0), eps=1e-8, weight_decay=0.0, optim_bits=32,
-                 args=None, min_8bit_size=4096, is_paged=False, percentile_clipping=100, block_wise=True):
+                 args=None, min_8bit_size=4096, is_paged=False, percentile_clipping=100, block_wise=True,
+                 bf16_stochastic_round=False):
         name = type(self).__name__
         if not lr >= 0.0:
             raise ValueError(f"{name}: lr must be >= 0, got {lr}")
@@ -35,7 +36,7 @@ class _OneState(Optimizer8bit):
             raise ValueError(f"{name}: block_wise=False (bnb 0.49's tensor-wise 8-bit state) is not supported; "
                              "kestrel's 8-bit state is block-wise, as bnb 0.50's")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        super().__init__(params, defaults, optim_bits, is_paged)
+        super().__init__(params, defaults, optim_bits, is_paged, bf16_stochastic_round)
         if args is None:
             args = MockArgs(dict(optim_bits=optim_bits, min_8bit_size=min_8bit_size, max_unorm=0.0, skip_zeros=False))
         self.args = args
@@ -67,7 +68,7 @@ class _OneState(Optimizer8bit):
             eight_bit = state["state1"].dtype == torch.uint8
             beta1, beta2 = (tuple(config["betas"]) + (0.0, 0.0))[:2]
             scalars = (float(config["lr"]), float(beta1), float(beta2), float(config["eps"]),
-                       float(config["weight_decay"]), self.gnorm_scale(p))
+                       float(config["weight_decay"]), self.gnorm_scale(p), self.round_seed_for(p, config))
             batches[(p.device, p.dtype, eight_bit, id(state["qmap1"]) if eight_bit else None, scalars)].append(p)
         for (_, _, eight_bit, _, scalars), batch in batches.items():
             states = [self.state[p] for p in batch]
@@ -89,13 +90,14 @@ def _reject(name, condition, message, error=NotImplementedError):
 
 class _SGD(_OneState):
     def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, optim_bits=32, args=None,
-                 min_8bit_size=4096, *, percentile_clipping=100, block_wise=True):
+                 min_8bit_size=4096, *, percentile_clipping=100, block_wise=True,
+                 bf16_stochastic_round=False):
         name = type(self).__name__
         _reject(name, momentum == 0, "SGD without momentum is not supported (momentum must be > 0, got 0)")
         _reject(name, dampening != 0, f"dampening is not supported (got {dampening})")
         _reject(name, nesterov, "nesterov=True is not supported")
         super().__init__("momentum", params, lr, (momentum, dampening), 0.0, weight_decay, optim_bits, args,
-                         min_8bit_size, False, percentile_clipping, block_wise)
+                         min_8bit_size, False, percentile_clipping, block_wise, bf16_stochastic_round)
 
 
 class SGD(_SGD):
@@ -106,27 +108,32 @@ class SGD8bit(_SGD):
     """SGD with momentum and 8-bit state (a drop-in for bnb.optim.SGD8bit)."""
 
     def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, args=None,
-                 min_8bit_size=4096, *, percentile_clipping=100, block_wise=True):
+                 min_8bit_size=4096, *, percentile_clipping=100, block_wise=True,
+                 bf16_stochastic_round=False):
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, 8, args, min_8bit_size,
-                         percentile_clipping=percentile_clipping, block_wise=block_wise)
+                         percentile_clipping=percentile_clipping, block_wise=block_wise,
+                         bf16_stochastic_round=bf16_stochastic_round)
 
 
 class SGD32bit(_SGD):
     def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, args=None,
-                 min_8bit_size=4096, *, percentile_clipping=100, block_wise=True):
+                 min_8bit_size=4096, *, percentile_clipping=100, block_wise=True,
+                 bf16_stochastic_round=False):
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, 32, args, min_8bit_size,
-                         percentile_clipping=percentile_clipping, block_wise=block_wise)
+                         percentile_clipping=percentile_clipping, block_wise=block_wise,
+                         bf16_stochastic_round=bf16_stochastic_round)
 
 
 class _RMSprop(_OneState):
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
-                 optim_bits=32, args=None, min_8bit_size=4096, *, percentile_clipping=100, block_wise=True):
+                 optim_bits=32, args=None, min_8bit_size=4096, *, percentile_clipping=100, block_wise=True,
+                 bf16_stochastic_round=False):
         name = type(self).__name__
         _reject(name, alpha == 0, "RMSprop with alpha=0 is not supported")
         _reject(name, centered, "centered RMSprop is not supported")
         _reject(name, momentum != 0, f"momentum is not supported (got {momentum}; bnb ignores it silently)")
         super().__init__("rmsprop", params, lr, (alpha, momentum), eps, weight_decay, optim_bits, args, min_8bit_size,
-                         False, percentile_clipping, block_wise)
+                         False, percentile_clipping, block_wise, bf16_stochastic_round)
 
 
 class RMSprop(_RMSprop):
@@ -137,27 +144,32 @@ class RMSprop8bit(_RMSprop):
     """RMSprop with 8-bit state (a drop-in for bnb.optim.RMSprop8bit)."""
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False, args=None,
-                 min_8bit_size=4096, *, percentile_clipping=100, block_wise=True):
+                 min_8bit_size=4096, *, percentile_clipping=100, block_wise=True,
+                 bf16_stochastic_round=False):
         super().__init__(params, lr, alpha, eps, weight_decay, momentum, centered, 8, args, min_8bit_size,
-                         percentile_clipping=percentile_clipping, block_wise=block_wise)
+                         percentile_clipping=percentile_clipping, block_wise=block_wise,
+                         bf16_stochastic_round=bf16_stochastic_round)
 
 
 class RMSprop32bit(_RMSprop):
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False, args=None,
-                 min_8bit_size=4096, *, percentile_clipping=100, block_wise=True):
+                 min_8bit_size=4096, *, percentile_clipping=100, block_wise=True,
+                 bf16_stochastic_round=False):
         super().__init__(params, lr, alpha, eps, weight_decay, momentum, centered, 32, args, min_8bit_size,
-                         percentile_clipping=percentile_clipping, block_wise=block_wise)
+                         percentile_clipping=percentile_clipping, block_wise=block_wise,
+                         bf16_stochastic_round=bf16_stochastic_round)
 
 
 class _Adagrad(_OneState):
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
-                 optim_bits=32, args=None, min_8bit_size=4096, *, percentile_clipping=100, block_wise=True):
+                 optim_bits=32, args=None, min_8bit_size=4096, *, percentile_clipping=100, block_wise=True,
+                 bf16_stochastic_round=False):
         name = type(self).__name__
         _reject(name, initial_accumulator_value != 0,
                 f"initial_accumulator_value must be 0, got {initial_accumulator_value}", ValueError)
         _reject(name, lr_decay != 0, f"lr_decay must be 0, got {lr_decay}", ValueError)
         super().__init__("adagrad", params, lr, (0.0, 0.0), eps, weight_decay, optim_bits, args, min_8bit_size,
-                         False, percentile_clipping, block_wise)
+                         False, percentile_clipping, block_wise, bf16_stochastic_round)
 
 
 class Adagrad(_Adagrad):
@@ -168,24 +180,29 @@ class Adagrad8bit(_Adagrad):
     """Adagrad with 8-bit state (a drop-in for bnb.optim.Adagrad8bit)."""
 
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
-                 optim_bits=8, args=None, min_8bit_size=4096, *, percentile_clipping=100, block_wise=True):
+                 optim_bits=8, args=None, min_8bit_size=4096, *, percentile_clipping=100, block_wise=True,
+                 bf16_stochastic_round=False):
         _reject(type(self).__name__, optim_bits != 8, f"optim_bits is fixed to 8, got {optim_bits}", ValueError)
         super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, 8, args, min_8bit_size,
-                         percentile_clipping=percentile_clipping, block_wise=block_wise)
+                         percentile_clipping=percentile_clipping, block_wise=block_wise,
+                         bf16_stochastic_round=bf16_stochastic_round)
 
 
 class Adagrad32bit(_Adagrad):
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
-                 optim_bits=32, args=None, min_8bit_size=4096, *, percentile_clipping=100, block_wise=True):
+                 optim_bits=32, args=None, min_8bit_size=4096, *, percentile_clipping=100, block_wise=True,
+                 bf16_stochastic_round=False):
         super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, 32, args, min_8bit_size,
-                         percentile_clipping=percentile_clipping, block_wise=block_wise)
+                         percentile_clipping=percentile_clipping, block_wise=block_wise,
+                         bf16_stochastic_round=bf16_stochastic_round)
 
 
 class _Lion(_OneState):
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0, optim_bits=32, args=None,
-                 min_8bit_size=4096, is_paged=False, *, percentile_clipping=100, block_wise=True):
+                 min_8bit_size=4096, is_paged=False, *, percentile_clipping=100, block_wise=True,
+                 bf16_stochastic_round=False):
         super().__init__("lion", params, lr, betas, 0.0, weight_decay, optim_bits, args, min_8bit_size, is_paged,
-                         percentile_clipping, block_wise)
+                         percentile_clipping, block_wise, bf16_stochastic_round)
 
 
 class Lion(_Lion):
@@ -196,13 +213,17 @@ class Lion8bit(_Lion):
     """Lion with 8-bit state (a drop-in for bnb.optim.Lion8bit)."""
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0, args=None, min_8bit_size=4096,
-                 is_paged=False, *, percentile_clipping=100, block_wise=True):
+                 is_paged=False, *, percentile_clipping=100, block_wise=True,
+                 bf16_stochastic_round=False):
         super().__init__(params, lr, betas, weight_decay, 8, args, min_8bit_size, is_paged,
-                         percentile_clipping=percentile_clipping, block_wise=block_wise)
+                         percentile_clipping=percentile_clipping, block_wise=block_wise,
+                         bf16_stochastic_round=bf16_stochastic_round)
 
 
 class Lion32bit(_Lion):
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0, args=None, min_8bit_size=4096,
-                 is_paged=False, *, percentile_clipping=100, block_wise=True):
+                 is_paged=False, *, percentile_clipping=100, block_wise=True,
+                 bf16_stochastic_round=False):
         super().__init__(params, lr, betas, weight_decay, 32, args, min_8bit_size, is_paged,
-                         percentile_clipping=percentile_clipping, block_wise=block_wise)
+                         percentile_clipping=percentile_clipping, block_wise=block_wise,
+                         bf16_stochastic_round=bf16_stochastic_round)

@@ -34,7 +34,11 @@ class Optimizer8bit(torch.optim.Optimizer):
     non_castable_tensor_keys = frozenset({"qmap1", "qmap2", "max1", "max2", "new_max1", "new_max2", "state1",
                                           "state2", "gnorm_vec", "absmax1", "absmax2", "unorm_vec"})
 
-    def __init__(self, params, defaults, optim_bits=32, is_paged=False):
+    def __init__(self, params, defaults, optim_bits=32, is_paged=False, bf16_stochastic_round=False):
+        if bf16_stochastic_round:
+            # drawn from torch's generator, so runs are deterministic given torch.manual_seed; saved with the
+            # param_groups, so a resumed run draws the same rounding bits
+            defaults = dict(defaults, round_seed=int(torch.randint(0, 2**62, (1,)).item()))
         super().__init__(params, defaults)
         self.mng = GlobalOptimManager.get_instance()
         self.is_paged = is_paged
@@ -229,6 +233,11 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     def init_state(self, p, config):
         raise NotImplementedError
+
+    @staticmethod
+    def round_seed_for(p, config):
+        """The kernels' round_seed: the optimizer's seed for a bf16 parameter with stochastic rounding on, else -1."""
+        return int(config.get("round_seed", -1)) if p.dtype == torch.bfloat16 else -1
 
     def set_percentile_clipping(self, percentile):
         name = type(self).__name__
