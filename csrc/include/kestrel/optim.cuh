@@ -28,11 +28,37 @@ __device__ __forceinline__ int find_tensor(const optim::TensorMeta* meta, int nu
   return lo;
 }
 
+// Copies a 256-entry map and its midpoints (+inf sentinel) into shared memory; every thread of the CTA calls it.
+__device__ __forceinline__ void stage_map(const float* __restrict__ qmap, float* code, float* mid) {
+  const int tid = threadIdx.x;
+  code[tid] = qmap[tid];
+  __syncthreads();
+  mid[tid] = tid < quant::kCodeSize - 1 ? quant::midpoint(code, tid) : __int_as_float(0x7f800000);
+  __syncthreads();
+}
+
+// The 256-element block a warp updates: its parameter's metadata and its element range.
+struct WarpBlock {
+  const optim::TensorMeta* meta;
+  int64_t local_block, begin, end;
+};
+
 // The parameter's new value after rounding to T: nearest even, or stochastic for bf16 when asked.
 template <typename T>
 __device__ __forceinline__ float round_param(float v, const optim::StepScalars& a, int64_t index, int which) {
   if (std::is_same<T, __nv_bfloat16>::value && a.stochastic_round) v = optim::stochastic_round_bf16(v, a, index, which);
   return ElementIO<T>::round(v);
+}
+
+__device__ __forceinline__ bool locate_block(const optim::TensorMeta* meta, int num_tensors, int64_t total_blocks,
+                                             WarpBlock& w) {
+  const int64_t block = (int64_t)blockIdx.x * kAdamWarps + (threadIdx.x >> 5);
+  if (block >= total_blocks) return false;
+  w.meta = &meta[find_tensor(meta, num_tensors, block)];
+  w.local_block = block - w.meta->first_block;
+  w.begin = w.local_block * optim::kBlockSize;
+  w.end = min(w.begin + (int64_t)optim::kBlockSize, w.meta->numel);
+  return true;
 }
 
 __device__ __forceinline__ float warp_max(float v) {
@@ -49,24 +75,16 @@ __global__ void __launch_bounds__(kAdamThreads)
   constexpr bool kMix = KIND == optim::TwoState::kAdEMAMix;
   __shared__ float code1[quant::kCodeSize], code2[quant::kCodeSize];
   __shared__ float mid1[quant::kMidpointsSize], mid2[quant::kMidpointsSize];
-  const int tid = threadIdx.x;
   if (EIGHT_BIT) {
-    code1[tid] = qmap1[tid];
-    code2[tid] = qmap2[tid];
-    __syncthreads();
-    mid1[tid] = tid < quant::kCodeSize - 1 ? quant::midpoint(code1, tid) : __int_as_float(0x7f800000);
-    mid2[tid] = tid < quant::kCodeSize - 1 ? quant::midpoint(code2, tid) : __int_as_float(0x7f800000);
-    __syncthreads();
+    stage_map(qmap1, code1, mid1);
+    stage_map(qmap2, code2, mid2);
   }
-  const int lane = tid & 31;
-  const int64_t block = (int64_t)blockIdx.x * kAdamWarps + (tid >> 5);
-  if (block >= total_blocks) return;
-
-  const optim::TensorMeta& m = meta[find_tensor(meta, num_tensors, block)];
+  WarpBlock w;
+  if (!locate_block(meta, num_tensors, total_blocks, w)) return;
+  const int lane = threadIdx.x & 31;
+  const optim::TensorMeta& m = *w.meta;
   const optim::StepScalars a = m.scalars;
-  const int64_t local_block = block - m.first_block;
-  const int64_t begin = local_block * optim::kBlockSize;
-  const int64_t end = min(begin + (int64_t)optim::kBlockSize, m.numel);
+  const int64_t local_block = w.local_block, begin = w.begin, end = w.end;
   const int64_t blocks = (m.numel + optim::kBlockSize - 1) / optim::kBlockSize;
   T* p = static_cast<T*>(m.param);
   const T* g = static_cast<const T*>(m.grad);
@@ -159,22 +177,13 @@ __global__ void __launch_bounds__(kAdamThreads)
                      const float* __restrict__ qmap1) {
   __shared__ float code1[quant::kCodeSize];
   __shared__ float mid1[quant::kMidpointsSize];
-  const int tid = threadIdx.x;
-  if (EIGHT_BIT) {
-    code1[tid] = qmap1[tid];
-    __syncthreads();
-    mid1[tid] = tid < quant::kCodeSize - 1 ? quant::midpoint(code1, tid) : __int_as_float(0x7f800000);
-    __syncthreads();
-  }
-  const int lane = tid & 31;
-  const int64_t block = (int64_t)blockIdx.x * kAdamWarps + (tid >> 5);
-  if (block >= total_blocks) return;
-
-  const optim::TensorMeta& m = meta[find_tensor(meta, num_tensors, block)];
+  if (EIGHT_BIT) stage_map(qmap1, code1, mid1);
+  WarpBlock w;
+  if (!locate_block(meta, num_tensors, total_blocks, w)) return;
+  const int lane = threadIdx.x & 31;
+  const optim::TensorMeta& m = *w.meta;
   const optim::StepScalars a = m.scalars;
-  const int64_t local_block = block - m.first_block;
-  const int64_t begin = local_block * optim::kBlockSize;
-  const int64_t end = min(begin + (int64_t)optim::kBlockSize, m.numel);
+  const int64_t local_block = w.local_block, begin = w.begin, end = w.end;
   T* p = static_cast<T*>(m.param);
   const T* g = static_cast<const T*>(m.grad);
 

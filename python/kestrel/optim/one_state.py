@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import torch
 
-from .optimizer import MockArgs, Optimizer8bit, _blocks
+from .optimizer import Optimizer8bit, _blocks, check_hyperparameters, default_args
 
 
 class _OneState(Optimizer8bit):
@@ -20,26 +20,10 @@ class _OneState(Optimizer8bit):
     def __init__(self, optimizer_name, params, lr=1e-3, betas=(0.9, 0.0), eps=1e-8, weight_decay=0.0, optim_bits=32,
                  args=None, min_8bit_size=4096, is_paged=False, percentile_clipping=100, block_wise=True,
                  bf16_stochastic_round=False):
-        name = type(self).__name__
-        if not lr >= 0.0:
-            raise ValueError(f"{name}: lr must be >= 0, got {lr}")
-        if not eps >= 0.0:
-            raise ValueError(f"{name}: eps must be >= 0, got {eps}")
-        for i, beta in enumerate(betas):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"{name}: betas[{i}] must be in [0, 1), got {beta}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"{name}: weight_decay must be >= 0, got {weight_decay}")
-        if optim_bits not in (8, 32):
-            raise ValueError(f"{name}: optim_bits must be 8 or 32, got {optim_bits}")
-        if not block_wise:
-            raise ValueError(f"{name}: block_wise=False (bnb 0.49's tensor-wise 8-bit state) is not supported; "
-                             "kestrel's 8-bit state is block-wise, as bnb 0.50's")
+        check_hyperparameters(type(self).__name__, lr, eps, betas, weight_decay, optim_bits, block_wise)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults, optim_bits, is_paged, bf16_stochastic_round)
-        if args is None:
-            args = MockArgs(dict(optim_bits=optim_bits, min_8bit_size=min_8bit_size, max_unorm=0.0, skip_zeros=False))
-        self.args = args
+        self.args = default_args(args, optim_bits, min_8bit_size)
         self.optimizer_name = optimizer_name
         self.set_percentile_clipping(percentile_clipping)
 

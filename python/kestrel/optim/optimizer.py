@@ -28,6 +28,31 @@ def _blocks(n):
     return (n + BLOCKSIZE - 1) // BLOCKSIZE
 
 
+def check_hyperparameters(name, lr, eps, betas, weight_decay, optim_bits, block_wise):
+    """bnb's constructor checks, with errors that name the argument and the value."""
+    if not lr >= 0.0:
+        raise ValueError(f"{name}: lr must be >= 0, got {lr}")
+    if not eps >= 0.0:
+        raise ValueError(f"{name}: eps must be >= 0, got {eps}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"{name}: betas[{i}] must be in [0, 1), got {beta}")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"{name}: weight_decay must be >= 0, got {weight_decay}")
+    if optim_bits not in (8, 32):
+        raise ValueError(f"{name}: optim_bits must be 8 or 32, got {optim_bits}")
+    if not block_wise:
+        raise ValueError(f"{name}: block_wise=False (bnb 0.49's tensor-wise 8-bit state) is not supported; "
+                         "kestrel's 8-bit state is block-wise, as bnb 0.50's")
+
+
+def default_args(args, optim_bits, min_8bit_size):
+    """bnb's `args` object, built from the constructor's arguments when the caller gives none."""
+    if args is not None:
+        return args
+    return MockArgs(dict(optim_bits=optim_bits, min_8bit_size=min_8bit_size, max_unorm=0.0, skip_zeros=False))
+
+
 class Optimizer8bit(torch.optim.Optimizer):
     # bnb nests the quantization tensors under this key in state_dict() so that FSDP does not cast or gather them.
     _FSDP_WRAPPED_QUANT_STATE_KEY = "__bnb_optimizer_quant_state__"
