@@ -9,18 +9,10 @@
 
 #include "../optim_checks.h"
 #include "kestrel/launch.h"
+#include "torch_dtype.h"
 
 namespace kestrel {
 namespace {
-
-DType to_kestrel_dtype(c10::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK(false, "kestrel: unsupported dtype ", t);
-  }
-}
 
 // two_state: Adam/AdEMAMix (kind a TwoState); otherwise the one-state optimizer of that kind (state2/absmax2/qmap2
 // ignored).

@@ -9,18 +9,10 @@
 
 #include "../quantize_checks.h"
 #include "kestrel/launch.h"
+#include "torch_dtype.h"
 
 namespace kestrel {
 namespace {
-
-DType to_kestrel_dtype(c10::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK(false, "kestrel: unsupported dtype ", t);
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& x_in, const at::Tensor& code_in,
                                                            int64_t blocksize) {
