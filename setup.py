@@ -90,7 +90,7 @@ def make_extensions():
     version = read_version()
     # No floating-point contraction anywhere: the CPU clones and the CUDA kernels must round identically.
     # (The C++ standard is the one torch's cpp_extension picks.)
-    cxx = opt + ["-ffp-contract=off", f"-DKESTREL_VERSION={version}"]
+    cxx = opt + ["-ffp-contract=off", "-fno-math-errno", f"-DKESTREL_VERSION={version}"]
     link = []
     if sys.platform.startswith("linux"):
         cxx.append("-fopenmp")

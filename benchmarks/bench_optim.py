@@ -2,7 +2,7 @@
 
 AdamW8bit: CPU, one tensor of 16.8M parameters, fp32 and bf16 (2 threads on the development machine); GPU, the
 1.30B-parameter LLM tensor mix of shared/bench/device_anchors.py (218 tensors), bf16 and fp32, beside bnb and
-torch's fused AdamW. The rest of the family (SGD8bit, RMSprop8bit, Adagrad8bit, Lion8bit, AdEMAMix8bit): 16.8M
+torch's fused AdamW. The rest of the family (SGD8bit, RMSprop8bit, Adagrad8bit, Lion8bit, AdEMAMix8bit, LAMB8bit, LARS8bit): 16.8M
 fp32 parameters on the CPU, 268M bf16 on a GPU. GB/s counts the bytes an 8-bit step must move: parameter read +
 write, gradient read, each 8-bit state read + write and its absmax.
 """
@@ -77,6 +77,14 @@ def family(device):
          [("bitsandbytes Lion8bit", B and (lambda ps: B.Lion8bit(ps, lr=1e-4)))]),
         ("AdEMAMix8bit", 3, lambda ps: K.AdEMAMix8bit(ps, lr=1e-4),
          [("bitsandbytes AdEMAMix8bit", B and (lambda ps: B.AdEMAMix8bit(ps, lr=1e-4)))]),
+        # LAMB / LARS: kestrel's step includes the trust ratio's norm pass (a second read of everything); bnb's 8-bit
+        # LAMB/LARS skip the ratio, its 32-bit ones apply it; torch has neither
+        ("LAMB8bit", 2, lambda ps: K.LAMB8bit(ps, lr=1e-3),
+         [("bitsandbytes LAMB8bit (no trust ratio)", B and (lambda ps: B.LAMB8bit(ps, lr=1e-3))),
+          ("bitsandbytes LAMB32bit", B and (lambda ps: B.LAMB32bit(ps, lr=1e-3)))]),
+        ("LARS8bit", 1, lambda ps: K.LARS8bit(ps, lr=1e-2, momentum=0.9),
+         [("bitsandbytes LARS8bit (no trust ratio)", B and (lambda ps: B.LARS8bit(ps, lr=1e-2, momentum=0.9))),
+          ("bitsandbytes LARS32bit", B and (lambda ps: B.LARS32bit(ps, lr=1e-2, momentum=0.9)))]),
     ]
     return [(name, states, make, [(b, m) for b, m in baselines if m]) for name, states, make, baselines in rows]
 

@@ -26,21 +26,36 @@ TORCH_LIBRARY(kestrel, m) {
       "two_state8bit_step_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
       "Tensor(c!)[] state2, Tensor(d!)[] absmax1, Tensor(e!)[] absmax2, Tensor qmap1, Tensor qmap2, int[] steps, "
       "float lr, float beta1, float beta2, float beta3, float alpha, float eps, float weight_decay, "
-      "float gnorm_scale, int round_seed=-1) -> ()");
+      "float gnorm_scale, int round_seed=-1, Tensor? norms=None, float max_unorm=0.0) -> ()");
   m.def(
       "two_state32bit_step_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
       "Tensor(c!)[] state2, int[] steps, float lr, float beta1, float beta2, float beta3, float alpha, float eps, "
-      "float weight_decay, float gnorm_scale, int round_seed=-1) -> ()");
+      "float weight_decay, float gnorm_scale, int round_seed=-1, Tensor? norms=None, float max_unorm=0.0) -> ()");
   // The same for the one-state optimizers (bnb's Optimizer1State): optimizer is "momentum" (SGD), "rmsprop",
   // "adagrad" or "lion"; an 8-bit state1 uses the signed map qmap1.
   m.def(
       "one_state8bit_step_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
       "Tensor(c!)[] absmax1, Tensor qmap1, int[] steps, float lr, float beta1, float beta2, float eps, "
-      "float weight_decay, float gnorm_scale, int round_seed=-1) -> ()");
+      "float weight_decay, float gnorm_scale, int round_seed=-1, Tensor? norms=None, float max_unorm=0.0) -> ()");
   m.def(
       "one_state32bit_step_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, int[] steps, "
-      "float lr, float beta1, float beta2, float eps, float weight_decay, float gnorm_scale, int round_seed=-1) -> ()");
+      "float lr, float beta1, float beta2, float eps, float weight_decay, float gnorm_scale, int round_seed=-1, "
+      "Tensor? norms=None, float max_unorm=0.0) -> ()");
   // round_seed >= 0 (all four ops): bf16 parameters round stochastically (unbiased), deterministic given the seed.
+  // norms (update_norms' result) with max_unorm > 0: LAMB ("adam") and LARS ("momentum") scale each parameter's
+  // update by the trust ratio min(1, max_unorm * ||p|| / ||update||) (kestrel/optim.h, "trust ratio").
+  // The norm pass of LAMB / LARS, before their step: per parameter {sum of squares of the update direction, sum of
+  // squares of the parameter}, float32 (count, 2), reduced in one fixed order on every device. optimizer is "adam"
+  // or "momentum" (state2/absmax2 repeat state1/absmax1); 8-bit states when qmap1 is given.
+  m.def(
+      "update_norms(str optimizer, Tensor[] params, Tensor[] grads, Tensor[] state1, Tensor[] state2, "
+      "Tensor[] absmax1, Tensor[] absmax2, Tensor? qmap1, Tensor? qmap2, int[] steps, float beta1, float beta2, "
+      "float eps, float weight_decay, float gnorm_scale) -> Tensor");
+
+  // Paged optimizer state (CUDA only): a zero-filled tensor in CUDA managed memory on the device of `like` (never
+  // more than the device has free), and an asynchronous prefetch of managed tensors to their device.
+  m.def("managed_zeros(Tensor like, int[] size, ScalarType dtype) -> Tensor");
+  m.def("prefetch(Tensor[] tensors) -> ()");
 }
 
 namespace {

@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
+
 #include "kestrel/optim.h"
 
 namespace kestrel {
@@ -77,6 +79,51 @@ inline optim::StepScalars with_rounding(optim::StepScalars a, int64_t round_seed
   a.round_seed = round_seed >= 0 ? static_cast<uint64_t>(round_seed) : 0;
   a.salt = static_cast<int>(index);
   return a;
+}
+
+// The trust-ratio inputs of a step: `norms` (update_norms' float32 (count, 2) result on the parameters' device)
+// with max_unorm > 0, for LAMB ("adam") or LARS ("momentum") only. Returns the norms' data pointer, or nullptr.
+inline const float* check_norms(const char* op, const std::optional<at::Tensor>& norms, double max_unorm,
+                                size_t count, bool supported, c10::string_view optimizer,
+                                at::Device params_device) {
+  TORCH_CHECK(max_unorm >= 0.0, op, ": max_unorm must be >= 0, got ", max_unorm);
+  if (!norms.has_value()) {
+    TORCH_CHECK(max_unorm == 0.0, op, ": max_unorm = ", max_unorm, " needs the norms from update_norms, got None");
+    return nullptr;
+  }
+  TORCH_CHECK(supported, op, ": the trust ratio (norms, max_unorm) applies to adam (LAMB) and momentum (LARS), got ",
+              optimizer);
+  const at::Tensor& t = *norms;
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 2 && t.size(0) == static_cast<int64_t>(count) &&
+                  t.size(1) == 2 && t.is_contiguous(),
+              op, ": norms must be a contiguous float32 tensor of shape (", count, ", 2), got ", t.scalar_type(),
+              " of shape ", t.sizes());
+  TORCH_CHECK(count == 0 || t.device() == params_device, op, ": norms must be on ", params_device, ", got ",
+              t.device());
+  return t.data_ptr<float>();
+}
+
+// update_norms' arguments: optimizer "adam" (LAMB: two states) or "momentum" (LARS: state2/absmax2 repeat
+// state1/absmax1); 8-bit states when qmap1 is given (and qmap2, for adam). Returns true for adam.
+inline bool check_norm_args(const char* op, c10::string_view optimizer, at::TensorList params, at::TensorList grads,
+                            at::TensorList state1, at::TensorList state2, at::TensorList absmax1,
+                            at::TensorList absmax2, const std::optional<at::Tensor>& qmap1,
+                            const std::optional<at::Tensor>& qmap2, c10::IntArrayRef steps) {
+  TORCH_CHECK(optimizer == "adam" || optimizer == "momentum", op,
+              ": optimizer must be adam (LAMB) or momentum (LARS), got ", optimizer);
+  const bool adam = optimizer == "adam";
+  const bool eight_bit = qmap1.has_value();
+  TORCH_CHECK(!adam || qmap2.has_value() == eight_bit, op,
+              ": qmap1 and qmap2 must both be given (8-bit states) or both be None (32-bit states)");
+  const at::Tensor* q1 = eight_bit ? &*qmap1 : nullptr;
+  const at::Tensor* q2 = eight_bit ? (adam ? &*qmap2 : q1) : nullptr;
+  check_adam_args(op, params, grads, state1, state2, absmax1, absmax2, q1, q2, steps, eight_bit);
+  for (size_t i = 0; eight_bit && i < params.size(); ++i) {
+    TORCH_CHECK(q1->device() == params[i].device() && q2->device() == params[i].device(), op,
+                ": the maps must be on the parameters' device ", params[i].device(), ", got ", q1->device(), " and ",
+                q2->device());
+  }
+  return adam;
 }
 
 inline optim::TwoState parse_two_state(const char* op, c10::string_view name) {

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #define KESTREL_ALWAYS_INLINE inline __attribute__((always_inline))
+#define KESTREL_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
 // Hot loops are compiled for AVX-512, AVX2 and baseline x86-64; the loader picks one (GCC ifunc). The results do
 // not depend on the clone: kernels are built with -ffp-contract=off, so no clone fuses a multiply-add.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)

@@ -1,11 +1,14 @@
 // CPU kernels of the fused Adam/AdamW step with 8-bit block-wise or 32-bit states: OpenMP over 256-element blocks,
 // the per-element math of kestrel/optim.h, no tensor-sized temporaries.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <type_traits>
+#include <vector>
 
 #include "../optim_checks.h"
 #include "code_table.h"
@@ -155,6 +158,62 @@ KESTREL_ALWAYS_INLINE void one_state_blocks(T* __restrict__ p, const T* __restri
   }
 }
 
+// The norm pass of LAMB (ADAM) / LARS: each block's {sum u^2, sum p^2} in the lane order of kestrel/optim.h, into
+// sums[2 * b], sums[2 * b + 1]. States are 8-bit when q1 is given (state2 / q2 used by LAMB only).
+template <bool ADAM, typename T>
+KESTREL_ALWAYS_INLINE void norm_blocks(const T* __restrict__ p, const T* __restrict__ g, const void* state1,
+                                       const void* state2, const float* absmax1, const float* absmax2, int64_t n,
+                                       const StepScalars& a, const CodeTable* q1, const CodeTable* q2, float* sums,
+                                       int64_t first, int64_t end) {
+  constexpr int kLanes = 32;
+  const uint8_t* c1 = static_cast<const uint8_t*>(state1);
+  const uint8_t* c2 = static_cast<const uint8_t*>(state2);
+  const float* f1 = static_cast<const float*>(state1);
+  const float* f2 = static_cast<const float*>(state2);
+  for (int64_t b = first; b < end; ++b) {
+    const int64_t begin = b * kBlockSize;
+    const float max1 = q1 ? absmax1[b] : 0.0f;
+    const float max2 = q1 && ADAM ? absmax2[b] : 0.0f;
+    // the update direction and the parameter of element i (u = 0 past the end: adds nothing)
+    auto element = [&](int64_t i, float& u, float& pv) KESTREL_ALWAYS_INLINE_LAMBDA {
+      const float grad = static_cast<float>(g[i]) * a.gnorm_scale;
+      pv = static_cast<float>(p[i]);
+      const float s1 = q1 ? quant::dequantize_value(q1->code, c1[i], max1) : f1[i];
+      if (ADAM) {
+        const float s2 = q1 ? quant::dequantize_value(q2->code, c2[i], max2) : f2[i];
+        u = optim::lamb_norm_direction(a, grad, s1, s2);
+      } else {
+        u = optim::lars_norm_direction(a, grad, pv, s1);
+      }
+    };
+    float lane_u[kLanes], lane_p[kLanes];
+    for (int l = 0; l < kLanes; ++l) lane_u[l] = lane_p[l] = 0.0f;
+    if (begin + kBlockSize <= n) {  // a full block: branch-free lanes (vectorised)
+      for (int k = 0; k < kBlockSize / kLanes; ++k) {
+        for (int l = 0; l < kLanes; ++l) {
+          float u, pv;
+          element(begin + l + kLanes * k, u, pv);
+          lane_u[l] = lane_u[l] + u * u;
+          lane_p[l] = lane_p[l] + pv * pv;
+        }
+      }
+    } else {
+      for (int k = 0; k < kBlockSize / kLanes; ++k) {
+        for (int l = 0; l < kLanes; ++l) {
+          const int64_t i = begin + l + kLanes * k;
+          if (i >= n) continue;
+          float u, pv;
+          element(i, u, pv);
+          lane_u[l] = lane_u[l] + u * u;
+          lane_p[l] = lane_p[l] + pv * pv;
+        }
+      }
+    }
+    sums[2 * b] = optim::butterfly_sum32(lane_u);
+    sums[2 * b + 1] = optim::butterfly_sum32(lane_p);
+  }
+}
+
 #define KESTREL_DEFINE_TWO_STATE_CPU(SUFFIX, T)                                                                   \
   KESTREL_CPU_CLONES void two_state8bit_blocks_##SUFFIX(optim::TwoState kind, T* p, const T* g, uint8_t* c1,       \
                                                         uint8_t* c2, float* absmax1, float* absmax2, int64_t n,    \
@@ -188,6 +247,19 @@ KESTREL_ALWAYS_INLINE void one_state_blocks(T* __restrict__ p, const T* __restri
         return one_state_blocks<optim::OneState::kLion, T>(p, g, state, absmax, n, a, q, first, end);               \
     }                                                                                                                \
   }
+#define KESTREL_DEFINE_NORMS_CPU(SUFFIX, T)                                                                       \
+  KESTREL_CPU_CLONES void norm_blocks_##SUFFIX(bool adam, const T* p, const T* g, const void* state1,              \
+                                               const void* state2, const float* absmax1, const float* absmax2,    \
+                                               int64_t n, const StepScalars& a, const CodeTable* q1,              \
+                                               const CodeTable* q2, float* sums, int64_t first, int64_t end) {    \
+    if (adam) norm_blocks<true, T>(p, g, state1, state2, absmax1, absmax2, n, a, q1, q2, sums, first, end);        \
+    else norm_blocks<false, T>(p, g, state1, state2, absmax1, absmax2, n, a, q1, q2, sums, first, end);            \
+  }
+KESTREL_DEFINE_NORMS_CPU(f32, float)
+KESTREL_DEFINE_NORMS_CPU(f16, c10::Half)
+KESTREL_DEFINE_NORMS_CPU(bf16, c10::BFloat16)
+#undef KESTREL_DEFINE_NORMS_CPU
+
 KESTREL_DEFINE_ONE_STATE_CPU(f32, float)
 KESTREL_DEFINE_ONE_STATE_CPU(f16, c10::Half)
 KESTREL_DEFINE_ONE_STATE_CPU(bf16, c10::BFloat16)
@@ -209,6 +281,8 @@ struct KernelsCpu;
     static void two_state32bit(Args... args) { two_state32bit_blocks_##SUFFIX(args...); }   \
     template <typename... Args>                                                            \
     static void one_state(Args... args) { one_state_blocks_##SUFFIX(args...); }             \
+    template <typename... Args>                                                            \
+    static void norms(Args... args) { norm_blocks_##SUFFIX(args...); }                      \
   };
 KESTREL_KERNELS_CPU_TRAITS(f32, float)
 KESTREL_KERNELS_CPU_TRAITS(f16, c10::Half)
@@ -229,20 +303,25 @@ void two_state8bit_step_cpu(c10::string_view optimizer, at::TensorList params, a
                             at::TensorList state1, at::TensorList state2, at::TensorList absmax1,
                             at::TensorList absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2,
                             c10::IntArrayRef steps, double lr, double beta1, double beta2, double beta3, double alpha,
-                            double eps, double weight_decay, double gnorm_scale, int64_t round_seed) {
+                            double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
+                            const std::optional<at::Tensor>& norms, double max_unorm) {
   constexpr const char* op = "two_state8bit_step_";
   const optim::TwoState kind = parse_two_state(op, optimizer);
   const int64_t moments1 = kind == optim::TwoState::kAdEMAMix ? 2 : 1;
   check_adam_args(op, params, grads, state1, state2, absmax1, absmax2, &qmap1, &qmap2, steps, true, moments1);
+  const float* norm_data = check_norms(op, norms, max_unorm, params.size(), kind == optim::TwoState::kAdam, optimizer,
+                                       params.empty() ? at::Device(at::kCPU) : params[0].device());
   const auto q1 = cpu::code_table_for(qmap1.data_ptr<float>());
   const auto q2 = cpu::code_table_for(qmap2.data_ptr<float>());
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t n = params[i].numel();
     if (n == 0) continue;
-    const StepScalars a = with_rounding(optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2,
-                                                                 (float)eps, (float)weight_decay, (float)gnorm_scale,
-                                                                 (float)beta3, (float)alpha),
-                                        round_seed, i);
+    StepScalars a = with_rounding(optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2,
+                                                           (float)eps, (float)weight_decay, (float)gnorm_scale,
+                                                           (float)beta3, (float)alpha),
+                                  round_seed, i);
+    a.max_unorm = (float)max_unorm;
+    optim::apply_trust_ratio(a, norm_data ? norm_data + 2 * i : nullptr, /*adam=*/true);
     dispatch_float(params[i].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       T* p = params[i].data_ptr<T>();
@@ -274,18 +353,23 @@ void two_state8bit_step_cpu(c10::string_view optimizer, at::TensorList params, a
 void two_state32bit_step_cpu(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
                              at::TensorList state1, at::TensorList state2, c10::IntArrayRef steps, double lr,
                              double beta1, double beta2, double beta3, double alpha, double eps, double weight_decay,
-                             double gnorm_scale, int64_t round_seed) {
+                             double gnorm_scale, int64_t round_seed, const std::optional<at::Tensor>& norms,
+                             double max_unorm) {
   constexpr const char* op = "two_state32bit_step_";
   const optim::TwoState kind = parse_two_state(op, optimizer);
   const int64_t moments1 = kind == optim::TwoState::kAdEMAMix ? 2 : 1;
   check_adam_args(op, params, grads, state1, state2, {}, {}, nullptr, nullptr, steps, false, moments1);
+  const float* norm_data = check_norms(op, norms, max_unorm, params.size(), kind == optim::TwoState::kAdam, optimizer,
+                                       params.empty() ? at::Device(at::kCPU) : params[0].device());
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t n = params[i].numel();
     if (n == 0) continue;
-    const StepScalars a = with_rounding(optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2,
-                                                                 (float)eps, (float)weight_decay, (float)gnorm_scale,
-                                                                 (float)beta3, (float)alpha),
-                                        round_seed, i);
+    StepScalars a = with_rounding(optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2,
+                                                           (float)eps, (float)weight_decay, (float)gnorm_scale,
+                                                           (float)beta3, (float)alpha),
+                                  round_seed, i);
+    a.max_unorm = (float)max_unorm;
+    optim::apply_trust_ratio(a, norm_data ? norm_data + 2 * i : nullptr, /*adam=*/true);
     dispatch_float(params[i].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       T* p = params[i].data_ptr<T>();
@@ -302,17 +386,22 @@ void two_state32bit_step_cpu(c10::string_view optimizer, at::TensorList params, 
 void one_state_step_cpu(const char* op, c10::string_view optimizer, at::TensorList params, at::TensorList grads,
                         at::TensorList state1, at::TensorList absmax1, const at::Tensor* qmap1,
                         c10::IntArrayRef steps, double lr, double beta1, double beta2, double eps,
-                        double weight_decay, double gnorm_scale, int64_t round_seed) {
+                        double weight_decay, double gnorm_scale, int64_t round_seed,
+                        const std::optional<at::Tensor>& norms, double max_unorm) {
   const bool eight_bit = qmap1 != nullptr;
   const optim::OneState kind = parse_one_state(op, optimizer);
   check_adam_args(op, params, grads, state1, state1, absmax1, absmax1, qmap1, qmap1, steps, eight_bit);
+  const float* norm_data = check_norms(op, norms, max_unorm, params.size(), kind == optim::OneState::kMomentum,
+                                       optimizer, params.empty() ? at::Device(at::kCPU) : params[0].device());
   const auto q1 = eight_bit ? cpu::code_table_for(qmap1->data_ptr<float>()) : nullptr;
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t n = params[i].numel();
     if (n == 0) continue;
-    const StepScalars a = with_rounding(optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2,
-                                                                 (float)eps, (float)weight_decay, (float)gnorm_scale),
-                                        round_seed, i);
+    StepScalars a = with_rounding(optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2,
+                                                           (float)eps, (float)weight_decay, (float)gnorm_scale),
+                                  round_seed, i);
+    a.max_unorm = (float)max_unorm;
+    optim::apply_trust_ratio(a, norm_data ? norm_data + 2 * i : nullptr, /*adam=*/false);
     dispatch_float(params[i].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       T* p = params[i].data_ptr<T>();
@@ -329,21 +418,65 @@ void one_state_step_cpu(const char* op, c10::string_view optimizer, at::TensorLi
 void one_state8bit_step_cpu(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
                             at::TensorList state1, at::TensorList absmax1, const at::Tensor& qmap1,
                             c10::IntArrayRef steps, double lr, double beta1, double beta2, double eps,
-                            double weight_decay, double gnorm_scale, int64_t round_seed) {
+                            double weight_decay, double gnorm_scale, int64_t round_seed,
+                            const std::optional<at::Tensor>& norms, double max_unorm) {
   one_state_step_cpu("one_state8bit_step_", optimizer, params, grads, state1, absmax1, &qmap1, steps, lr, beta1,
-                     beta2, eps, weight_decay, gnorm_scale, round_seed);
+                     beta2, eps, weight_decay, gnorm_scale, round_seed, norms, max_unorm);
 }
 
 void one_state32bit_step_cpu(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
                              at::TensorList state1, c10::IntArrayRef steps, double lr, double beta1, double beta2,
-                             double eps, double weight_decay, double gnorm_scale, int64_t round_seed) {
+                             double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
+                             const std::optional<at::Tensor>& norms, double max_unorm) {
   one_state_step_cpu("one_state32bit_step_", optimizer, params, grads, state1, {}, nullptr, steps, lr, beta1, beta2,
-                     eps, weight_decay, gnorm_scale, round_seed);
+                     eps, weight_decay, gnorm_scale, round_seed, norms, max_unorm);
+}
+
+// LAMB ("adam") / LARS ("momentum"): each parameter's {sum u^2, sum p^2} before the step (kestrel/optim.h).
+at::Tensor update_norms_cpu(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
+                            at::TensorList state1, at::TensorList state2, at::TensorList absmax1,
+                            at::TensorList absmax2, const std::optional<at::Tensor>& qmap1,
+                            const std::optional<at::Tensor>& qmap2, c10::IntArrayRef steps, double beta1,
+                            double beta2, double eps, double weight_decay, double gnorm_scale) {
+  constexpr const char* op = "update_norms";
+  const bool adam = check_norm_args(op, optimizer, params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2,
+                                    steps);
+  const bool eight_bit = qmap1.has_value();
+  const int64_t count = static_cast<int64_t>(params.size());
+  at::Tensor norms = at::zeros({count, 2}, at::TensorOptions().dtype(at::kFloat));
+  float* out = norms.data_ptr<float>();
+  const auto q1 = eight_bit ? cpu::code_table_for(qmap1->data_ptr<float>()) : nullptr;
+  const auto q2 = eight_bit && adam ? cpu::code_table_for(qmap2->data_ptr<float>()) : nullptr;
+  std::vector<float> sums;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t n = params[i].numel();
+    if (n == 0) continue;
+    const StepScalars a = optim::make_adam_scalars(steps[i], 0.0f, (float)beta1, (float)beta2, (float)eps,
+                                                   (float)weight_decay, (float)gnorm_scale);
+    const int64_t blocks = optim_num_blocks(n);
+    sums.assign(2 * blocks, 0.0f);
+    dispatch_float(params[i].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      const T* p = params[i].data_ptr<T>();
+      const T* g = grads[i].data_ptr<T>();
+      const void* s1 = state1[i].data_ptr();
+      const void* s2 = state2[i].data_ptr();
+      const float* m1 = eight_bit ? absmax1[i].data_ptr<float>() : nullptr;
+      const float* m2 = eight_bit ? absmax2[i].data_ptr<float>() : nullptr;
+      cpu::parallel_over_blocks(n, blocks, [&](int64_t first, int64_t end) {
+        KernelsCpu<T>::norms(adam, p, g, s1, s2, m1, m2, n, a, q1.get(), q2.get(), sums.data(), first, end);
+      });
+    });
+    out[2 * i] = (float)optim::tree_sum_blocks(sums.data(), blocks, 0);
+    out[2 * i + 1] = (float)optim::tree_sum_blocks(sums.data(), blocks, 1);
+  }
+  return norms;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kestrel, CPU, m) {
+  m.impl("update_norms", &update_norms_cpu);
   m.impl("two_state8bit_step_", &two_state8bit_step_cpu);
   m.impl("two_state32bit_step_", &two_state32bit_step_cpu);
   m.impl("one_state8bit_step_", &one_state8bit_step_cpu);

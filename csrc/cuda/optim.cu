@@ -60,7 +60,45 @@ cudaError_t launch_one_state(optim::OneState kind, bool eight_bit, const optim::
   return cudaErrorInvalidValue;
 }
 
+template <typename T>
+cudaError_t launch_norms(bool adam, bool eight_bit, const optim::TensorMeta* meta, int num_tensors,
+                         int64_t total_blocks, const float* qmap1, const float* qmap2, float* block_sums,
+                         cudaStream_t stream) {
+  if (num_tensors == 0) return cudaSuccess;
+  const int64_t ctas = (total_blocks + kAdamWarps - 1) / kAdamWarps;
+  if (ctas > 0x7fffffffLL) return cudaErrorInvalidValue;
+  if (ctas > 0) {
+    const dim3 grid((unsigned)ctas);
+    if (adam && eight_bit)
+      norm_kernel<T, true, true><<<grid, kAdamThreads, 0, stream>>>(meta, num_tensors, total_blocks, qmap1, qmap2, block_sums);
+    else if (adam)
+      norm_kernel<T, true, false><<<grid, kAdamThreads, 0, stream>>>(meta, num_tensors, total_blocks, qmap1, qmap2, block_sums);
+    else if (eight_bit)
+      norm_kernel<T, false, true><<<grid, kAdamThreads, 0, stream>>>(meta, num_tensors, total_blocks, qmap1, qmap2, block_sums);
+    else
+      norm_kernel<T, false, false><<<grid, kAdamThreads, 0, stream>>>(meta, num_tensors, total_blocks, qmap1, qmap2, block_sums);
+    const cudaError_t error = cudaGetLastError();
+    if (error != cudaSuccess) return error;
+  }
+  norm_reduce_kernel<<<(unsigned)num_tensors, optim::kNormThreads, 0, stream>>>(meta, block_sums);
+  return cudaGetLastError();
+}
+
 }  // namespace
+
+int update_norms(DType dtype, bool adam, bool eight_bit, const optim::TensorMeta* meta, int num_tensors,
+                 int64_t total_blocks, const float* qmap1, const float* qmap2, float* block_sums, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::kFloat32:
+      return launch_norms<float>(adam, eight_bit, meta, num_tensors, total_blocks, qmap1, qmap2, block_sums, s);
+    case DType::kFloat16:
+      return launch_norms<__half>(adam, eight_bit, meta, num_tensors, total_blocks, qmap1, qmap2, block_sums, s);
+    case DType::kBFloat16:
+      return launch_norms<__nv_bfloat16>(adam, eight_bit, meta, num_tensors, total_blocks, qmap1, qmap2, block_sums, s);
+  }
+  return cudaErrorInvalidValue;
+}
 
 int one_state_step(DType dtype, optim::OneState kind, bool eight_bit, const optim::TensorMeta* meta,
                    int num_tensors, int64_t total_blocks, const float* qmap1, void* stream) {

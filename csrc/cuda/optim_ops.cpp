@@ -2,6 +2,7 @@
 // asynchronously on the current stream: no host synchronisation), one kernel launch for all parameters.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -14,13 +15,11 @@
 namespace kestrel {
 namespace {
 
-// two_state: Adam/AdEMAMix (kind a TwoState); otherwise the one-state optimizer of that kind (state2/absmax2/qmap2
-// ignored).
-void launch_step(const char* op, bool two_state, int kind, bool eight_bit, at::TensorList params, at::TensorList grads, at::TensorList state1,
-                 at::TensorList state2, at::TensorList absmax1, at::TensorList absmax2, const float* qmap1,
-                 const float* qmap2, c10::IntArrayRef steps, double lr, double beta1, double beta2, double beta3,
-                 double alpha, double eps, double weight_decay, double gnorm_scale, int64_t round_seed) {
-  if (params.empty()) return;
+// The per-parameter metadata of one launch, in pinned host memory (params of one device and dtype; the caller
+// fills the pointers it needs). Returns the pinned tensor; total_blocks receives the launch's block count.
+at::Tensor make_meta(const char* op, at::TensorList params, at::TensorList grads, c10::IntArrayRef steps, double lr,
+                     double beta1, double beta2, double beta3, double alpha, double eps, double weight_decay,
+                     double gnorm_scale, int64_t round_seed, int64_t& total_blocks) {
   const at::Device device = params[0].device();
   const c10::ScalarType dtype = params[0].scalar_type();
   for (size_t i = 0; i < params.size(); ++i) {
@@ -29,20 +28,16 @@ void launch_step(const char* op, bool two_state, int kind, bool eight_bit, at::T
     TORCH_CHECK(params[i].scalar_type() == dtype, op, ": all parameters of one call must have one dtype; parameter ",
                 i, " is ", params[i].scalar_type(), ", parameter 0 ", dtype);
   }
-  const c10::cuda::CUDAGuard guard(device);
   const int64_t count = static_cast<int64_t>(params.size());
   at::Tensor meta_host = at::empty({count * static_cast<int64_t>(sizeof(optim::TensorMeta))},
                                    at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   auto* meta = reinterpret_cast<optim::TensorMeta*>(meta_host.data_ptr());
-  int64_t total_blocks = 0;
+  total_blocks = 0;
   for (int64_t i = 0; i < count; ++i) {
     optim::TensorMeta& m = meta[i];
+    m = optim::TensorMeta{};
     m.param = params[i].data_ptr();
     m.grad = grads[i].data_ptr();
-    m.state1 = state1[i].data_ptr();
-    m.state2 = kind < 0 ? state2[i].data_ptr() : nullptr;
-    m.absmax1 = eight_bit ? absmax1[i].data_ptr<float>() : nullptr;
-    m.absmax2 = eight_bit ? absmax2[i].data_ptr<float>() : nullptr;
     m.numel = params[i].numel();
     m.first_block = total_blocks;
     m.scalars = with_rounding(optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2, (float)eps,
@@ -51,10 +46,44 @@ void launch_step(const char* op, bool two_state, int kind, bool eight_bit, at::T
                               round_seed, static_cast<size_t>(i));
     total_blocks += optim_num_blocks(m.numel);
   }
-  // The caching host allocator keeps the pinned block alive until this copy on the current stream has run.
-  at::Tensor meta_device = meta_host.to(device, /*non_blocking=*/true);
-  const auto* device_meta = reinterpret_cast<const optim::TensorMeta*>(meta_device.data_ptr());
+  return meta_host;
+}
+
+// The metadata copied to the device on the current stream (the caching host allocator keeps the pinned block alive
+// until the copy has run: no host synchronisation).
+const optim::TensorMeta* to_device(const at::Tensor& meta_host, at::Device device, at::Tensor& keep) {
+  keep = meta_host.to(device, /*non_blocking=*/true);
+  return reinterpret_cast<const optim::TensorMeta*>(keep.data_ptr());
+}
+
+// two_state: Adam/AdEMAMix (kind a TwoState); otherwise the one-state optimizer of that kind (state2/absmax2/qmap2
+// ignored). norms: the trust-ratio inputs (LAMB/LARS) or nullptr.
+void launch_step(const char* op, bool two_state, int kind, bool eight_bit, at::TensorList params, at::TensorList grads, at::TensorList state1,
+                 at::TensorList state2, at::TensorList absmax1, at::TensorList absmax2, const float* qmap1,
+                 const float* qmap2, c10::IntArrayRef steps, double lr, double beta1, double beta2, double beta3,
+                 double alpha, double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
+                 const float* norms, double max_unorm) {
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  int64_t total_blocks = 0;
+  at::Tensor meta_host = make_meta(op, params, grads, steps, lr, beta1, beta2, beta3, alpha, eps, weight_decay,
+                                   gnorm_scale, round_seed, total_blocks);
+  auto* meta = reinterpret_cast<optim::TensorMeta*>(meta_host.data_ptr());
+  const int64_t count = static_cast<int64_t>(params.size());
+  for (int64_t i = 0; i < count; ++i) {
+    optim::TensorMeta& m = meta[i];
+    m.state1 = state1[i].data_ptr();
+    m.state2 = two_state ? state2[i].data_ptr() : nullptr;
+    m.absmax1 = eight_bit ? absmax1[i].data_ptr<float>() : nullptr;
+    m.absmax2 = eight_bit && two_state ? absmax2[i].data_ptr<float>() : nullptr;
+    m.norms = norms ? norms + 2 * i : nullptr;
+    m.scalars.max_unorm = (float)max_unorm;
+  }
+  at::Tensor meta_device;
+  const optim::TensorMeta* device_meta = to_device(meta_host, device, meta_device);
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
+  const c10::ScalarType dtype = params[0].scalar_type();
   const int error =
       two_state ? cuda::two_state_step(to_kestrel_dtype(dtype), static_cast<optim::TwoState>(kind), eight_bit,
                                        device_meta, static_cast<int>(count), total_blocks, qmap1, qmap2, stream)
@@ -63,64 +92,116 @@ void launch_step(const char* op, bool two_state, int kind, bool eight_bit, at::T
   C10_CUDA_CHECK(static_cast<cudaError_t>(error));
 }
 
+at::Tensor update_norms_cuda(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
+                             at::TensorList state1, at::TensorList state2, at::TensorList absmax1,
+                             at::TensorList absmax2, const std::optional<at::Tensor>& qmap1,
+                             const std::optional<at::Tensor>& qmap2, c10::IntArrayRef steps, double beta1,
+                             double beta2, double eps, double weight_decay, double gnorm_scale) {
+  constexpr const char* op = "update_norms";
+  const bool adam = check_norm_args(op, optimizer, params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2,
+                                    steps);
+  const bool eight_bit = qmap1.has_value();
+  const int64_t count = static_cast<int64_t>(params.size());
+  if (count == 0) return at::zeros({0, 2}, at::TensorOptions().dtype(at::kFloat));
+  const at::Device device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  int64_t total_blocks = 0;
+  at::Tensor meta_host = make_meta(op, params, grads, steps, 0.0, beta1, beta2, 0.0, 0.0, eps, weight_decay,
+                                   gnorm_scale, -1, total_blocks);
+  at::Tensor norms = at::empty({count, 2}, at::TensorOptions().dtype(at::kFloat).device(device));
+  at::Tensor block_sums = at::empty({std::max<int64_t>(1, 2 * total_blocks)},
+                                    at::TensorOptions().dtype(at::kFloat).device(device));
+  auto* meta = reinterpret_cast<optim::TensorMeta*>(meta_host.data_ptr());
+  for (int64_t i = 0; i < count; ++i) {
+    meta[i].state1 = state1[i].data_ptr();
+    meta[i].state2 = adam ? state2[i].data_ptr() : nullptr;
+    meta[i].absmax1 = eight_bit ? absmax1[i].data_ptr<float>() : nullptr;
+    meta[i].absmax2 = eight_bit && adam ? absmax2[i].data_ptr<float>() : nullptr;
+    meta[i].norms_out = norms.data_ptr<float>() + 2 * i;
+  }
+  at::Tensor meta_device;
+  const optim::TensorMeta* device_meta = to_device(meta_host, device, meta_device);
+  const float* q1 = eight_bit ? qmap1->data_ptr<float>() : nullptr;
+  const float* q2 = eight_bit && adam ? qmap2->data_ptr<float>() : nullptr;
+  const int error = cuda::update_norms(to_kestrel_dtype(params[0].scalar_type()), adam, eight_bit, device_meta,
+                                       static_cast<int>(count), total_blocks, q1, q2, block_sums.data_ptr<float>(),
+                                       c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_CHECK(static_cast<cudaError_t>(error));
+  return norms;
+}
+
 void two_state8bit_step_cuda(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
                              at::TensorList state1, at::TensorList state2, at::TensorList absmax1,
                              at::TensorList absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2,
                              c10::IntArrayRef steps, double lr, double beta1, double beta2, double beta3,
-                             double alpha, double eps, double weight_decay, double gnorm_scale, int64_t round_seed) {
+                             double alpha, double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
+                             const std::optional<at::Tensor>& norms, double max_unorm) {
   constexpr const char* op = "two_state8bit_step_";
   const optim::TwoState kind = parse_two_state(op, optimizer);
   const int64_t moments1 = kind == optim::TwoState::kAdEMAMix ? 2 : 1;
   check_adam_args(op, params, grads, state1, state2, absmax1, absmax2, &qmap1, &qmap2, steps, true, moments1);
+  const float* norm_data = check_norms(op, norms, max_unorm, params.size(), kind == optim::TwoState::kAdam, optimizer,
+                                       params.empty() ? at::Device(at::kCUDA) : params[0].device());
   if (!params.empty()) {
     TORCH_CHECK(qmap1.device() == params[0].device() && qmap2.device() == params[0].device(), op,
                 ": qmap1 and qmap2 must be on ", params[0].device(), ", got ", qmap1.device(), " and ", qmap2.device());
   }
   launch_step(op, true, static_cast<int>(kind), true, params, grads, state1, state2, absmax1, absmax2,
               qmap1.data_ptr<float>(), qmap2.data_ptr<float>(), steps, lr, beta1, beta2, beta3, alpha, eps,
-              weight_decay, gnorm_scale, round_seed);
+              weight_decay, gnorm_scale, round_seed, norm_data, max_unorm);
 }
 
 void two_state32bit_step_cuda(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
                               at::TensorList state1, at::TensorList state2, c10::IntArrayRef steps, double lr,
                               double beta1, double beta2, double beta3, double alpha, double eps,
-                              double weight_decay, double gnorm_scale, int64_t round_seed) {
+                              double weight_decay, double gnorm_scale, int64_t round_seed,
+                              const std::optional<at::Tensor>& norms, double max_unorm) {
   constexpr const char* op = "two_state32bit_step_";
   const optim::TwoState kind = parse_two_state(op, optimizer);
   const int64_t moments1 = kind == optim::TwoState::kAdEMAMix ? 2 : 1;
   check_adam_args(op, params, grads, state1, state2, {}, {}, nullptr, nullptr, steps, false, moments1);
+  const float* norm_data = check_norms(op, norms, max_unorm, params.size(), kind == optim::TwoState::kAdam, optimizer,
+                                       params.empty() ? at::Device(at::kCUDA) : params[0].device());
   launch_step(op, true, static_cast<int>(kind), false, params, grads, state1, state2, {}, {}, nullptr, nullptr,
-              steps, lr, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale, round_seed);
+              steps, lr, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale, round_seed, norm_data, max_unorm);
 }
 
 void one_state8bit_step_cuda(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
                              at::TensorList state1, at::TensorList absmax1, const at::Tensor& qmap1,
                              c10::IntArrayRef steps, double lr, double beta1, double beta2, double eps,
-                             double weight_decay, double gnorm_scale, int64_t round_seed) {
+                             double weight_decay, double gnorm_scale, int64_t round_seed,
+                             const std::optional<at::Tensor>& norms, double max_unorm) {
   constexpr const char* op = "one_state8bit_step_";
   const int kind = static_cast<int>(parse_one_state(op, optimizer));
   check_adam_args(op, params, grads, state1, state1, absmax1, absmax1, &qmap1, &qmap1, steps, true);
+  const float* norm_data = check_norms(op, norms, max_unorm, params.size(), kind == 0, optimizer,
+                                       params.empty() ? at::Device(at::kCUDA) : params[0].device());
   if (!params.empty()) {
     TORCH_CHECK(qmap1.device() == params[0].device(), op, ": qmap1 must be on ", params[0].device(), ", got ",
                 qmap1.device());
   }
   launch_step(op, false, kind, true, params, grads, state1, state1, absmax1, absmax1, qmap1.data_ptr<float>(),
-              nullptr, steps, lr, beta1, beta2, 0.0, 0.0, eps, weight_decay, gnorm_scale, round_seed);
+              nullptr, steps, lr, beta1, beta2, 0.0, 0.0, eps, weight_decay, gnorm_scale, round_seed, norm_data,
+              max_unorm);
 }
 
 void one_state32bit_step_cuda(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
                               at::TensorList state1, c10::IntArrayRef steps, double lr, double beta1, double beta2,
-                              double eps, double weight_decay, double gnorm_scale, int64_t round_seed) {
+                              double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
+                              const std::optional<at::Tensor>& norms, double max_unorm) {
   constexpr const char* op = "one_state32bit_step_";
   const int kind = static_cast<int>(parse_one_state(op, optimizer));
   check_adam_args(op, params, grads, state1, state1, {}, {}, nullptr, nullptr, steps, false);
+  const float* norm_data = check_norms(op, norms, max_unorm, params.size(), kind == 0, optimizer,
+                                       params.empty() ? at::Device(at::kCUDA) : params[0].device());
   launch_step(op, false, kind, false, params, grads, state1, state1, {}, {}, nullptr, nullptr, steps, lr, beta1,
-              beta2, 0.0, 0.0, eps, weight_decay, gnorm_scale, round_seed);
+              beta2, 0.0, 0.0, eps, weight_decay, gnorm_scale, round_seed, norm_data, max_unorm);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kestrel, CUDA, m) {
+  m.impl("update_norms", &update_norms_cuda);
   m.impl("two_state8bit_step_", &two_state8bit_step_cuda);
   m.impl("two_state32bit_step_", &two_state32bit_step_cuda);
   m.impl("one_state8bit_step_", &one_state8bit_step_cuda);

@@ -27,6 +27,11 @@ int two_state_step(DType dtype, optim::TwoState kind, bool eight_bit, const opti
 int one_state_step(DType dtype, optim::OneState kind, bool eight_bit, const optim::TensorMeta* meta,
                    int num_tensors, int64_t total_blocks, const float* qmap1, void* stream);
 
+// LAMB (adam) / LARS norm pass over `num_tensors` parameters: each meta[i].norms_out (device, 2 floats) receives
+// {sum u^2, sum p^2}; `block_sums` (device, 2 * total_blocks floats) is scratch. Deterministic.
+int update_norms(DType dtype, bool adam, bool eight_bit, const optim::TensorMeta* meta, int num_tensors,
+                 int64_t total_blocks, const float* qmap1, const float* qmap2, float* block_sums, void* stream);
+
 // Architectures this library's device code was compiled for, e.g. "sm_80/sm_90a".
 const char* compiled_archs();
 

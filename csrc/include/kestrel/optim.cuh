@@ -83,7 +83,8 @@ __global__ void __launch_bounds__(kAdamThreads)
   if (!locate_block(meta, num_tensors, total_blocks, w)) return;
   const int lane = threadIdx.x & 31;
   const optim::TensorMeta& m = *w.meta;
-  const optim::StepScalars a = m.scalars;
+  optim::StepScalars a = m.scalars;
+  if (!kMix) optim::apply_trust_ratio(a, m.norms, /*adam=*/true);  // LAMB
   const int64_t local_block = w.local_block, begin = w.begin, end = w.end;
   const int64_t blocks = (m.numel + optim::kBlockSize - 1) / optim::kBlockSize;
   T* p = static_cast<T*>(m.param);
@@ -182,7 +183,8 @@ __global__ void __launch_bounds__(kAdamThreads)
   if (!locate_block(meta, num_tensors, total_blocks, w)) return;
   const int lane = threadIdx.x & 31;
   const optim::TensorMeta& m = *w.meta;
-  const optim::StepScalars a = m.scalars;
+  optim::StepScalars a = m.scalars;
+  if (KIND == optim::OneState::kMomentum) optim::apply_trust_ratio(a, m.norms, /*adam=*/false);  // LARS
   const int64_t local_block = w.local_block, begin = w.begin, end = w.end;
   T* p = static_cast<T*>(m.param);
   const T* g = static_cast<const T*>(m.grad);
@@ -222,6 +224,90 @@ __global__ void __launch_bounds__(kAdamThreads)
       static_cast<uint8_t*>(m.state1)[i] = optim::requantize_signed(code1, mid1, s1[k], new_max);
     else
       static_cast<float*>(m.state1)[i] = s1[k];
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {  // the butterfly of optim::butterfly_sum32
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = v + __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// The norm pass of LAMB (ADAM) / LARS: each 256-element block's {sum u^2, sum p^2} into block_sums (two floats per
+// block of the launch), in the lane order of kestrel/optim.h.
+template <typename T, bool ADAM, bool EIGHT_BIT>
+__global__ void __launch_bounds__(kAdamThreads)
+    norm_kernel(const optim::TensorMeta* __restrict__ meta, int num_tensors, int64_t total_blocks,
+                const float* __restrict__ qmap1, const float* __restrict__ qmap2, float* __restrict__ block_sums) {
+  __shared__ float code1[quant::kCodeSize], code2[quant::kCodeSize];
+  if (EIGHT_BIT) {
+    code1[threadIdx.x] = qmap1[threadIdx.x];
+    if (ADAM) code2[threadIdx.x] = qmap2[threadIdx.x];
+    __syncthreads();
+  }
+  WarpBlock w;
+  if (!locate_block(meta, num_tensors, total_blocks, w)) return;
+  const int lane = threadIdx.x & 31;
+  const optim::TensorMeta& m = *w.meta;
+  const optim::StepScalars a = m.scalars;
+  const T* p = static_cast<const T*>(m.param);
+  const T* g = static_cast<const T*>(m.grad);
+  const float old_max1 = EIGHT_BIT ? m.absmax1[w.local_block] : 0.0f;
+  const float old_max2 = EIGHT_BIT && ADAM ? m.absmax2[w.local_block] : 0.0f;
+  float sum_u = 0.0f, sum_p = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kAdamItems; ++k) {
+    const int64_t i = w.begin + lane + 32 * k;
+    if (i >= w.end) continue;
+    const float grad = ElementIO<T>::load(g + i) * a.gnorm_scale;
+    const float pv = ElementIO<T>::load(p + i);
+    const float s1 = EIGHT_BIT ? quant::dequantize_value(code1, static_cast<const uint8_t*>(m.state1)[i], old_max1)
+                               : static_cast<const float*>(m.state1)[i];
+    float u;
+    if (ADAM) {
+      const float s2 = EIGHT_BIT ? quant::dequantize_value(code2, static_cast<const uint8_t*>(m.state2)[i], old_max2)
+                                 : static_cast<const float*>(m.state2)[i];
+      u = optim::lamb_norm_direction(a, grad, s1, s2);
+    } else {
+      u = optim::lars_norm_direction(a, grad, pv, s1);
+    }
+    sum_u = sum_u + u * u;
+    sum_p = sum_p + pv * pv;
+  }
+  sum_u = warp_sum(sum_u);
+  sum_p = warp_sum(sum_p);
+  if (lane == 0) {
+    const int64_t b = m.first_block + w.local_block;
+    block_sums[2 * b] = sum_u;
+    block_sums[2 * b + 1] = sum_p;
+  }
+}
+
+// One CTA per parameter: its block sums added in double in the order of optim::tree_sum_blocks, into norms_out.
+__global__ void __launch_bounds__(optim::kNormThreads)
+    norm_reduce_kernel(const optim::TensorMeta* __restrict__ meta, const float* __restrict__ block_sums) {
+  __shared__ double acc_u[optim::kNormThreads], acc_p[optim::kNormThreads];
+  const optim::TensorMeta& m = meta[blockIdx.x];
+  const int64_t blocks = (m.numel + optim::kBlockSize - 1) / optim::kBlockSize;
+  const int t = threadIdx.x;
+  double su = 0.0, sp = 0.0;
+  for (int64_t b = t; b < blocks; b += optim::kNormThreads) {
+    su += (double)block_sums[2 * (m.first_block + b)];
+    sp += (double)block_sums[2 * (m.first_block + b) + 1];
+  }
+  acc_u[t] = su;
+  acc_p[t] = sp;
+  __syncthreads();
+  for (int stride = optim::kNormThreads / 2; stride > 0; stride >>= 1) {
+    if (t < stride) {
+      acc_u[t] += acc_u[t + stride];
+      acc_p[t] += acc_p[t + stride];
+    }
+    __syncthreads();
+  }
+  if (t == 0) {
+    m.norms_out[0] = (float)acc_u[0];
+    m.norms_out[1] = (float)acc_p[0];
   }
 }
 

@@ -32,6 +32,8 @@ struct StepScalars {
   int stochastic_round;
   int salt;
   uint64_t round_seed;
+  // LAMB / LARS: the trust-ratio bound on the update norm (0: off); see apply_trust_ratio.
+  float max_unorm;
 };
 
 // Optimizers with two states (bnb's Optimizer2State). AdEMAMix's state1 holds two first moments (m1, then m2).
@@ -67,6 +69,7 @@ inline StepScalars make_adam_scalars(int64_t step, float lr, float beta1, float 
   a.stochastic_round = 0;
   a.salt = 0;
   a.round_seed = 0;
+  a.max_unorm = 0.0f;
   return a;
 }
 
@@ -117,9 +120,12 @@ KESTREL_HD float ademamix_param_update(const StepScalars& a, float p, float m1, 
   return p - a.lr * ((m1 / a.correction1 + a.alpha * m2) / (sqrtf(nu) / a.correction2 + a.eps));
 }
 
+// Adam's update direction s1 / (sqrt(s2) + eps * c2) (the step is step_size times it).
+KESTREL_HD float adam_direction(const StepScalars& a, float s1, float s2) { return s1 / (sqrtf(s2) + a.eps_c2); }
+
 // Step 4, before rounding to the parameter's dtype: p + step_size * s1 / (sqrt(s2) + eps * c2).
 KESTREL_HD float adam_param_update(const StepScalars& a, float p, float s1, float s2) {
-  return p + a.step_size * (s1 / (sqrtf(s2) + a.eps_c2));
+  return p + a.step_size * adam_direction(a, s1, s2);
 }
 
 // sign(v) in {-1, 0, 1} (0 for NaN), without branches so that the CPU loops vectorize.
@@ -143,6 +149,68 @@ KESTREL_HD void one_state_update(const StepScalars& a, float g, float p, float& 
     s1 = KIND == OneState::kRMSprop ? s1 * a.beta1 + a.one_minus_beta1 * (g * g) : s1 + g * g;
     new_p = p - a.lr * (g / (sqrtf(s1) + a.eps));
   }
+}
+
+// ---------------------------------------------------------------------------------------------- trust ratio
+// LAMB (Adam) and LARS (SGD with momentum) scale a parameter's update so that its norm is at most max_unorm times
+// the parameter's norm (bnb's max_unorm): scale = min(1, max_unorm * ||p|| / ||u||), with ||p|| taken before the
+// step and u the update direction: LAMB's bias-corrected m_hat / (sqrt(v_hat) + eps) (= (c2 / c1) times
+// adam_direction), LARS's new momentum. An all-zero parameter (||p|| = 0, e.g. a zero-initialised bias) is not
+// held at zero: its scale is 1. Elements with a NaN/Inf gradient (skipped by the step) count as 0.
+//
+// The norms are sums of squares reduced in one fixed order on the CPU and the GPU, so both get the same scale:
+// within a 256-element block, "lane" l (0..31) adds the squares of elements l, l+32, ..., l+224 in float; the 32
+// lane sums combine as a butterfly (offsets 16, 8, 4, 2, 1); the block sums of a tensor are then added in double by
+// 256 "threads" (thread t takes blocks t, t+256, ... in order) and combined by a halving tree.
+constexpr int kNormThreads = 256;
+
+// The combined value of 32 lane sums under the butterfly (every lane ends with this value); `v` is overwritten.
+inline float butterfly_sum32(float* v) {
+  for (int offset = 16; offset > 0; offset >>= 1)
+    for (int l = 0; l < offset; ++l) v[l] = v[l] + v[l + offset];
+  return v[0];
+}
+
+// A tensor's total from its block sums (stride 2: the blocks' (u, p) pairs), in the fixed order above.
+inline double tree_sum_blocks(const float* block_sums, int64_t blocks, int which) {
+  double acc[kNormThreads];
+  for (int t = 0; t < kNormThreads; ++t) {
+    double s = 0.0;
+    for (int64_t b = t; b < blocks; b += kNormThreads) s += (double)block_sums[2 * b + which];
+    acc[t] = s;
+  }
+  for (int stride = kNormThreads / 2; stride > 0; stride >>= 1)
+    for (int t = 0; t < stride; ++t) acc[t] += acc[t + stride];
+  return acc[0];
+}
+
+// The scale of the update: min(1, max_unorm * ||p|| / ||u||), 1 for ||p|| = 0.
+KESTREL_HD float trust_ratio(float max_unorm, float unorm, float pnorm) {
+  const float limit = max_unorm * pnorm;
+  return (limit > 0.0f && unorm > limit) ? limit / unorm : 1.0f;
+}
+
+// Fold the trust ratio into a parameter's step scalars, from its norms {sum u^2, sum p^2} (`adam`: u is
+// adam_direction, whose bias-corrected norm is (c2 / c1) times its own).
+KESTREL_HD void apply_trust_ratio(StepScalars& a, const float* norms, bool adam) {
+  if (norms == nullptr || !(a.max_unorm > 0.0f)) return;
+  const float unorm = adam ? sqrtf(norms[0]) * (a.correction2 / a.correction1) : sqrtf(norms[0]);
+  const float scale = trust_ratio(a.max_unorm, unorm, sqrtf(norms[1]));
+  if (adam) a.step_size = a.step_size * scale;
+  else a.lr = a.lr * scale;
+}
+
+// One element's update direction for the norm pass, from its old state(s) and gradient (0 for a NaN/Inf gradient,
+// which the step skips): LAMB's adam_direction of the new moments, LARS's new momentum.
+KESTREL_HD float lamb_norm_direction(const StepScalars& a, float g, float s1, float s2) {
+  adam_moments(a, g, s1, s2);
+  const float u = adam_direction(a, s1, s2);
+  return is_finite(g) ? u : 0.0f;
+}
+KESTREL_HD float lars_norm_direction(const StepScalars& a, float g, float p, float s1) {
+  float new_p;
+  one_state_update<OneState::kMomentum>(a, g, p, s1, new_p);
+  return is_finite(g) ? s1 : 0.0f;
 }
 
 // Step 5's normalisation of a new state by its block's new absmax (0 for an all-zero block).
@@ -169,6 +237,8 @@ struct TensorMeta {
   int64_t numel;
   int64_t first_block;
   StepScalars scalars;
+  const float* norms;  // LAMB/LARS: {sum u^2, sum p^2} of this parameter (update_norms), or nullptr
+  float* norms_out;    // update_norms: where this parameter's sums go
 };
 
 }  // namespace optim

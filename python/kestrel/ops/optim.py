@@ -2,7 +2,7 @@
 
 The ops themselves (torch.ops.kestrel.two_state8bit_step_ / two_state32bit_step_ / one_state8bit_step_ /
 one_state32bit_step_) are called by kestrel.optim; they mutate their tensor-list arguments in place and return
-nothing.
+nothing. update_norms (LAMB / LARS) returns a float32 (len(params), 2) tensor of sums of squares.
 """
 
 import torch
@@ -14,20 +14,34 @@ if _ext.available():
     @torch.library.register_fake("kestrel::two_state8bit_step_")
     def _two_state8bit_step_fake(optimizer, params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps, lr,
                                  beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale,
-                                 round_seed=-1):
+                                 round_seed=-1, norms=None, max_unorm=0.0):
         return None
 
     @torch.library.register_fake("kestrel::two_state32bit_step_")
     def _two_state32bit_step_fake(optimizer, params, grads, state1, state2, steps, lr, beta1, beta2, beta3, alpha,
-                                  eps, weight_decay, gnorm_scale, round_seed=-1):
+                                  eps, weight_decay, gnorm_scale, round_seed=-1, norms=None, max_unorm=0.0):
         return None
 
     @torch.library.register_fake("kestrel::one_state8bit_step_")
     def _one_state8bit_step_fake(optimizer, params, grads, state1, absmax1, qmap1, steps, lr, beta1, beta2, eps,
-                                 weight_decay, gnorm_scale, round_seed=-1):
+                                 weight_decay, gnorm_scale, round_seed=-1, norms=None, max_unorm=0.0):
         return None
 
     @torch.library.register_fake("kestrel::one_state32bit_step_")
     def _one_state32bit_step_fake(optimizer, params, grads, state1, steps, lr, beta1, beta2, eps, weight_decay,
-                                  gnorm_scale, round_seed=-1):
+                                  gnorm_scale, round_seed=-1, norms=None, max_unorm=0.0):
+        return None
+
+    @torch.library.register_fake("kestrel::update_norms")
+    def _update_norms_fake(optimizer, params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps, beta1,
+                           beta2, eps, weight_decay, gnorm_scale):
+        device = params[0].device if params else torch.device("cpu")
+        return torch.empty((len(params), 2), dtype=torch.float32, device=device)
+
+    @torch.library.register_fake("kestrel::managed_zeros")
+    def _managed_zeros_fake(like, size, dtype):
+        return like.new_empty(size, dtype=dtype)
+
+    @torch.library.register_fake("kestrel::prefetch")
+    def _prefetch_fake(tensors):
         return None

@@ -8,7 +8,7 @@ from collections import defaultdict
 
 import torch
 
-from .optimizer import Optimizer8bit, _blocks, check_hyperparameters, default_args
+from .optimizer import Optimizer8bit, _blocks, check_hyperparameters, check_max_unorm, default_args, paged_class
 
 
 class _Adam(Optimizer8bit):
@@ -16,7 +16,7 @@ class _Adam(Optimizer8bit):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, optim_bits=32,
                  args=None, min_8bit_size=4096, is_paged=False, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False):
+                 bf16_stochastic_round=False, max_unorm=0.0):
         name = type(self).__name__
         if amsgrad:
             raise ValueError(f"{name} does not support amsgrad=True")
@@ -28,28 +28,29 @@ class _Adam(Optimizer8bit):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, alpha=0.0, t_alpha=None,
                         t_beta3=None)
         super().__init__(params, defaults, optim_bits, is_paged, bf16_stochastic_round)
-        self.args = default_args(args, optim_bits, min_8bit_size)
+        self.args = default_args(args, optim_bits, min_8bit_size, max_unorm)
         self.optimizer_name = "adam"
+        check_max_unorm(name, self.args, supported=True)
         self.set_percentile_clipping(percentile_clipping)
 
     @torch.no_grad()
     def init_state(self, p, config):
         state = self.state[p]
         state["step"] = 0
-        self.init_clipping_state(p)
+        self.init_clipping_state(p, config)
         eight_bit = config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"]
         if not eight_bit:
-            state["state1"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-            state["state2"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            state["state1"] = self.state_zeros(p, torch.float32)
+            state["state2"] = self.state_zeros(p, torch.float32)
             return
         if "dynamic" not in self.name2qmap:
             self.fill_qmap()
         for key in ("dynamic", "udynamic"):
             if self.name2qmap[key].device != p.device:
                 self.name2qmap[key] = self.name2qmap[key].to(p.device)
-        state["state1"] = torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.contiguous_format)
+        state["state1"] = self.state_zeros(p, torch.uint8)
         state["qmap1"] = self.name2qmap["dynamic"]
-        state["state2"] = torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.contiguous_format)
+        state["state2"] = self.state_zeros(p, torch.uint8)
         state["qmap2"] = self.name2qmap["udynamic"]
         state["absmax1"] = torch.zeros(_blocks(p.numel()), dtype=torch.float32, device=p.device)
         state["absmax2"] = torch.zeros(_blocks(p.numel()), dtype=torch.float32, device=p.device)
@@ -69,19 +70,29 @@ class _Adam(Optimizer8bit):
             eight_bit = state["state1"].dtype == torch.uint8
             maps = (id(state["qmap1"]), id(state["qmap2"])) if eight_bit else None
             scalars = self.step_scalars(config, state["step"], self.gnorm_scale(p)) + (self.round_seed_for(p, config),)
-            batches[(p.device, p.dtype, eight_bit, maps, scalars)].append(p)
-        for (_, _, eight_bit, _, scalars), batch in batches.items():
+            max_unorm = float(config.get("max_unorm", 0.0) or 0.0)
+            batches[(p.device, p.dtype, eight_bit, maps, scalars, max_unorm)].append(p)
+        for (_, _, eight_bit, _, scalars, max_unorm), batch in batches.items():
             states = [self.state[p] for p in batch]
             grads = [p.grad for p in batch]
             steps = [s["step"] for s in states]
+            state1, state2 = [s["state1"] for s in states], [s["state2"] for s in states]
+            absmax1 = [s["absmax1"] for s in states] if eight_bit else []
+            absmax2 = [s["absmax2"] for s in states] if eight_bit else []
+            qmap1, qmap2 = (states[0]["qmap1"], states[0]["qmap2"]) if eight_bit else (None, None)
+            self.prefetch(batch[0], state1 + state2)
+            norms = None
+            if max_unorm > 0.0:  # LAMB's trust ratio: the norm pass first (no host synchronisation)
+                lr, beta1, beta2, _, _, eps, weight_decay, gnorm_scale, _ = scalars
+                norms = torch.ops.kestrel.update_norms(self.optimizer_name, batch, grads, state1, state2, absmax1,
+                                                       absmax2, qmap1, qmap2, steps, beta1, beta2, eps, weight_decay,
+                                                       gnorm_scale)
             if eight_bit:
-                torch.ops.kestrel.two_state8bit_step_(
-                    self.optimizer_name, batch, grads, [s["state1"] for s in states], [s["state2"] for s in states],
-                    [s["absmax1"] for s in states], [s["absmax2"] for s in states], states[0]["qmap1"],
-                    states[0]["qmap2"], steps, *scalars)
+                torch.ops.kestrel.two_state8bit_step_(self.optimizer_name, batch, grads, state1, state2, absmax1,
+                                                      absmax2, qmap1, qmap2, steps, *scalars, norms, max_unorm)
             else:
-                torch.ops.kestrel.two_state32bit_step_(self.optimizer_name, batch, grads, [s["state1"] for s in states],
-                                                       [s["state2"] for s in states], steps, *scalars)
+                torch.ops.kestrel.two_state32bit_step_(self.optimizer_name, batch, grads, state1, state2, steps,
+                                                       *scalars, norms, max_unorm)
 
 
 _SIGNATURE_DOC = """
@@ -151,3 +162,11 @@ class Adam32bit(_Adam):
 class AdamW32bit(_Adam):
     __doc__ = "AdamW with float32 state, bnb's update rule." + _SIGNATURE_DOC.format(wd=1e-2, bits=32)
     __init__ = _fixed_bits("AdamW32bit", 32, 1e-2)
+
+
+PagedAdam = paged_class(Adam, "PagedAdam")
+PagedAdamW = paged_class(AdamW, "PagedAdamW")
+PagedAdam8bit = paged_class(Adam8bit, "PagedAdam8bit")
+PagedAdamW8bit = paged_class(AdamW8bit, "PagedAdamW8bit")
+PagedAdam32bit = paged_class(Adam32bit, "PagedAdam32bit")
+PagedAdamW32bit = paged_class(AdamW32bit, "PagedAdamW32bit")

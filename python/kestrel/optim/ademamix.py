@@ -11,7 +11,7 @@ import math
 import torch
 
 from .adam import _Adam
-from .optimizer import _blocks
+from .optimizer import _blocks, check_max_unorm, paged_class
 
 
 class _AdEMAMix(_Adam):
@@ -33,6 +33,7 @@ class _AdEMAMix(_Adam):
             group.update(betas=tuple(betas), alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3)
         self.defaults.update(betas=tuple(betas), alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3)
         self.optimizer_name = "ademamix"
+        check_max_unorm(name, self.args, supported=False)
 
     @staticmethod
     def scheduled(config, step):
@@ -60,8 +61,8 @@ class _AdEMAMix(_Adam):
         state["step"] = 0
         eight_bit = config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"]
         dtype = torch.uint8 if eight_bit else torch.float32
-        state["state1"] = torch.zeros((2, *p.shape), dtype=dtype, device=p.device)
-        state["state2"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+        state["state1"] = self.state_zeros(p, dtype, (2, *p.shape))
+        state["state2"] = self.state_zeros(p, dtype)
         if not eight_bit:
             return
         if "dynamic" not in self.name2qmap:
@@ -92,3 +93,8 @@ class AdEMAMix32bit(_AdEMAMix):
                  weight_decay=1e-2, min_8bit_size=4096, is_paged=False, *, bf16_stochastic_round=False):
         super().__init__(params, lr, betas, alpha, t_alpha, t_beta3, eps, weight_decay, 32, min_8bit_size, is_paged,
                          bf16_stochastic_round=bf16_stochastic_round)
+
+
+PagedAdEMAMix = paged_class(AdEMAMix, "PagedAdEMAMix")
+PagedAdEMAMix8bit = paged_class(AdEMAMix8bit, "PagedAdEMAMix8bit")
+PagedAdEMAMix32bit = paged_class(AdEMAMix32bit, "PagedAdEMAMix32bit")

@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import torch
 
-from .optimizer import Optimizer8bit, _blocks, check_hyperparameters, default_args
+from .optimizer import Optimizer8bit, _blocks, check_hyperparameters, check_max_unorm, default_args, paged_class
 
 
 class _OneState(Optimizer8bit):
@@ -19,27 +19,28 @@ class _OneState(Optimizer8bit):
 
     def __init__(self, optimizer_name, params, lr=1e-3, betas=(0.9, 0.0), eps=1e-8, weight_decay=0.0, optim_bits=32,
                  args=None, min_8bit_size=4096, is_paged=False, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False):
+                 bf16_stochastic_round=False, max_unorm=0.0):
         check_hyperparameters(type(self).__name__, lr, eps, betas, weight_decay, optim_bits, block_wise)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults, optim_bits, is_paged, bf16_stochastic_round)
-        self.args = default_args(args, optim_bits, min_8bit_size)
+        self.args = default_args(args, optim_bits, min_8bit_size, max_unorm)
         self.optimizer_name = optimizer_name
+        check_max_unorm(type(self).__name__, self.args, supported=optimizer_name == "momentum")
         self.set_percentile_clipping(percentile_clipping)
 
     @torch.no_grad()
     def init_state(self, p, config):
         state = self.state[p]
         state["step"] = 0
-        self.init_clipping_state(p)
+        self.init_clipping_state(p, config)
         if not (config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"]):
-            state["state1"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            state["state1"] = self.state_zeros(p, torch.float32)
             return
         if "dynamic" not in self.name2qmap:
             self.fill_qmap()
         if self.name2qmap["dynamic"].device != p.device:
             self.name2qmap["dynamic"] = self.name2qmap["dynamic"].to(p.device)
-        state["state1"] = torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.contiguous_format)
+        state["state1"] = self.state_zeros(p, torch.uint8)
         state["qmap1"] = self.name2qmap["dynamic"]
         state["absmax1"] = torch.zeros(_blocks(p.numel()), dtype=torch.float32, device=p.device)
 
@@ -53,18 +54,29 @@ class _OneState(Optimizer8bit):
             beta1, beta2 = (tuple(config["betas"]) + (0.0, 0.0))[:2]
             scalars = (float(config["lr"]), float(beta1), float(beta2), float(config["eps"]),
                        float(config["weight_decay"]), self.gnorm_scale(p), self.round_seed_for(p, config))
-            batches[(p.device, p.dtype, eight_bit, id(state["qmap1"]) if eight_bit else None, scalars)].append(p)
-        for (_, _, eight_bit, _, scalars), batch in batches.items():
+            max_unorm = float(config.get("max_unorm", 0.0) or 0.0)
+            key = (p.device, p.dtype, eight_bit, id(state["qmap1"]) if eight_bit else None, scalars, max_unorm)
+            batches[key].append(p)
+        for (_, _, eight_bit, _, scalars, max_unorm), batch in batches.items():
             states = [self.state[p] for p in batch]
             grads = [p.grad for p in batch]
             steps = [s["step"] for s in states]
+            state1 = [s["state1"] for s in states]
+            absmax1 = [s["absmax1"] for s in states] if eight_bit else []
+            qmap1 = states[0]["qmap1"] if eight_bit else None
+            self.prefetch(batch[0], state1)
+            norms = None
+            if max_unorm > 0.0:  # LARS's trust ratio: the norm pass first (no host synchronisation)
+                _, beta1, beta2, eps, weight_decay, gnorm_scale, _ = scalars
+                norms = torch.ops.kestrel.update_norms(self.optimizer_name, batch, grads, state1, state1, absmax1,
+                                                       absmax1, qmap1, None, steps, beta1, beta2, eps, weight_decay,
+                                                       gnorm_scale)
             if eight_bit:
-                torch.ops.kestrel.one_state8bit_step_(self.optimizer_name, batch, grads, [s["state1"] for s in states],
-                                                      [s["absmax1"] for s in states], states[0]["qmap1"], steps,
-                                                      *scalars)
+                torch.ops.kestrel.one_state8bit_step_(self.optimizer_name, batch, grads, state1, absmax1, qmap1, steps,
+                                                      *scalars, norms, max_unorm)
             else:
-                torch.ops.kestrel.one_state32bit_step_(self.optimizer_name, batch, grads,
-                                                       [s["state1"] for s in states], steps, *scalars)
+                torch.ops.kestrel.one_state32bit_step_(self.optimizer_name, batch, grads, state1, steps, *scalars,
+                                                       norms, max_unorm)
 
 
 def _reject(name, condition, message, error=NotImplementedError):
@@ -105,6 +117,43 @@ class SGD32bit(_SGD):
                  bf16_stochastic_round=False):
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, 32, args, min_8bit_size,
                          percentile_clipping=percentile_clipping, block_wise=block_wise,
+                         bf16_stochastic_round=bf16_stochastic_round)
+
+
+class _LARS(_OneState):
+    """LARS (You et al., 2017) as bnb has it: SGD with momentum (L2 decay in the gradient) whose update is scaled by
+    the trust ratio min(1, max_unorm * ||p|| / ||momentum||), ||p|| before the step (1 for an all-zero parameter).
+    bnb's 8-bit LARS skips the ratio silently; kestrel applies it (a norm pass before the fused step)."""
+
+    def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, optim_bits=32, args=None,
+                 min_8bit_size=4096, max_unorm=0.02, *, bf16_stochastic_round=False):
+        name = type(self).__name__
+        _reject(name, momentum == 0, "LARS without momentum is not supported (momentum must be > 0, got 0)")
+        _reject(name, dampening != 0, f"dampening is not supported (got {dampening})")
+        _reject(name, nesterov, "nesterov=True is not supported")
+        super().__init__("momentum", params, lr, (momentum, dampening), 0.0, weight_decay, optim_bits, args,
+                         min_8bit_size, False, 100, True, bf16_stochastic_round, max_unorm)
+
+
+class LARS(_LARS):
+    """LARS, 8-bit (optim_bits=8) or 32-bit state (bnb.optim.LARS)."""
+
+
+class LARS8bit(_LARS):
+    """LARS with 8-bit state (bnb.optim.LARS8bit's signature; the trust ratio is applied)."""
+
+    def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, args=None,
+                 min_8bit_size=4096, max_unorm=0.02, *, bf16_stochastic_round=False):
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, 8, args, min_8bit_size, max_unorm,
+                         bf16_stochastic_round=bf16_stochastic_round)
+
+
+class LARS32bit(_LARS):
+    """LARS with float32 state (bnb.optim.LARS32bit)."""
+
+    def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, args=None,
+                 min_8bit_size=4096, max_unorm=0.02, *, bf16_stochastic_round=False):
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, 32, args, min_8bit_size, max_unorm,
                          bf16_stochastic_round=bf16_stochastic_round)
 
 
@@ -211,3 +260,8 @@ class Lion32bit(_Lion):
         super().__init__(params, lr, betas, weight_decay, 32, args, min_8bit_size, is_paged,
                          percentile_clipping=percentile_clipping, block_wise=block_wise,
                          bf16_stochastic_round=bf16_stochastic_round)
+
+
+PagedLion = paged_class(Lion, "PagedLion")
+PagedLion8bit = paged_class(Lion8bit, "PagedLion8bit")
+PagedLion32bit = paged_class(Lion32bit, "PagedLion32bit")

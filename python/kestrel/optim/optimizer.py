@@ -46,11 +46,37 @@ def check_hyperparameters(name, lr, eps, betas, weight_decay, optim_bits, block_
                          "kestrel's 8-bit state is block-wise, as bnb 0.50's")
 
 
-def default_args(args, optim_bits, min_8bit_size):
+def check_max_unorm(name, args, supported):
+    """max_unorm (bnb's args.max_unorm, the trust-ratio bound of LAMB / LARS) must be >= 0, and > 0 only where the
+    kernels apply it (Adam-family two-state and SGD-momentum updates)."""
+    max_unorm = getattr(args, "max_unorm", 0.0) or 0.0
+    if not max_unorm >= 0.0:
+        raise ValueError(f"{name}: max_unorm must be >= 0, got {max_unorm}")
+    if max_unorm > 0.0 and not supported:
+        raise ValueError(f"{name}: max_unorm (the LAMB / LARS trust ratio) applies to Adam and SGD-momentum updates "
+                         f"only, got max_unorm={max_unorm}")
+
+
+def default_args(args, optim_bits, min_8bit_size, max_unorm=0.0):
     """bnb's `args` object, built from the constructor's arguments when the caller gives none."""
     if args is not None:
         return args
-    return MockArgs(dict(optim_bits=optim_bits, min_8bit_size=min_8bit_size, max_unorm=0.0, skip_zeros=False))
+    return MockArgs(dict(optim_bits=optim_bits, min_8bit_size=min_8bit_size, max_unorm=max_unorm,
+                         skip_zeros=False))
+
+
+def paged_class(base, name):
+    """bnb's Paged<Name>: `base` with is_paged fixed to True (its signature otherwise; is_paged is not accepted)."""
+
+    def __init__(self, *args, **kwargs):
+        if "is_paged" in kwargs:
+            raise TypeError(f"{name}: is_paged is fixed to True; do not pass it")
+        base.__init__(self, *args, is_paged=True, **kwargs)
+
+    doc = (f"{base.__name__} with paged state (bnb.optim.{name}): on a GPU, state1/state2 live in CUDA managed "
+           "memory (the driver may evict them to host memory under pressure) and are prefetched before each step; "
+           "never more than the device has free is asked for. On CPU it warns once and behaves as unpaged.")
+    return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": base.__module__})
 
 
 class Optimizer8bit(torch.optim.Optimizer):
@@ -164,7 +190,10 @@ class Optimizer8bit(torch.optim.Optimizer):
         placed = {}
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
-                if key in self.non_castable_tensor_keys:
+                if key in ("state1", "state2") and self._pages(param):  # paged: back into managed memory
+                    placed[key] = self.state_zeros(param, value.dtype, value.shape)
+                    placed[key].copy_(value)
+                elif key in self.non_castable_tensor_keys:
                     placed[key] = value.to(param.device) if move_to_device else value
                 elif key == "step":
                     placed[key] = int(value.item())
@@ -200,9 +229,21 @@ class Optimizer8bit(torch.optim.Optimizer):
             warnings.warn(f"{type(self).__name__}: paged optimizer state needs CUDA; on CPU it behaves as unpaged",
                           stacklevel=3)
             self._paged_warned = True
-        if self.is_paged and p.device.type == "cuda":
-            raise NotImplementedError(f"{type(self).__name__}: paged (managed-memory) state on CUDA is not "
-                                      "implemented yet; use is_paged=False")
+
+    def _pages(self, p):
+        return self.is_paged and p.device.type == "cuda"
+
+    def state_zeros(self, p, dtype, shape=None):
+        """A zero state buffer for parameter p: in CUDA managed memory when paged (on a GPU), else ordinary."""
+        shape = tuple(p.shape) if shape is None else tuple(shape)
+        if self._pages(p):
+            return torch.ops.kestrel.managed_zeros(p, list(shape), dtype)
+        return torch.zeros(shape, dtype=dtype, device=p.device)
+
+    def prefetch(self, p, tensors):
+        """Paged state: prefetch the managed buffers to p's GPU on the current stream before the kernel reads them."""
+        if self._pages(p):
+            torch.ops.kestrel.prefetch(list(tensors))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -270,9 +311,13 @@ class Optimizer8bit(torch.optim.Optimizer):
             raise ValueError(f"{name}: percentile_clipping must be an integer in [1, 100], got {percentile!r}")
         self.percentile_clipping = percentile
 
-    def init_clipping_state(self, p):
+    def init_clipping_state(self, p, config=None):
         if self.percentile_clipping < 100:
             self.state[p]["gnorm_vec"] = torch.zeros(100, dtype=torch.float32, device=p.device)
+        if config is not None and (config.get("max_unorm", 0.0) or 0.0) > 0.0:
+            # bnb's layout: its step reads state["unorm_vec"] when max_unorm > 0, so a checkpoint of ours loads into
+            # bnb; kestrel's trust ratio takes its norms from the norm pass and does not use it
+            self.state[p]["unorm_vec"] = torch.zeros((1,), dtype=torch.float32, device=p.device)
 
     @torch.no_grad()
     def gnorm_scale(self, p):

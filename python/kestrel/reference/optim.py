@@ -35,7 +35,58 @@ def adam_scalars(step, lr, beta1, beta2, eps, weight_decay):
         one_minus_beta1=float(f(1.0) - f(beta1)), one_minus_beta2=float(f(1.0) - f(beta2)),
         step_size=float((-f(lr) * correction2) / correction1), eps_c2=float(correction2 * f(eps)),
         decay=float(f(1.0) - f(lr) * f(weight_decay)), apply_decay=weight_decay > 0,
+        correction1=float(correction1), correction2=float(correction2), lr=float(f(lr)),
     )
+
+
+def norm_sums(u, p):
+    """(sum u^2, sum p^2) of flat float32 tensors in the kernels' fixed order (kestrel/optim.h, "trust ratio"):
+    per 256-block, lane l sums elements l, l+32, ... in float32, the lanes combine as a butterfly; the block sums
+    are added in double by 256 strided threads and a halving tree."""
+    out = []
+    n = u.numel()
+    blocks = (n + BLOCKSIZE - 1) // BLOCKSIZE
+    for x in (u.float(), p.float()):
+        padded = torch.zeros(blocks * BLOCKSIZE, dtype=torch.float32)
+        padded[:n] = x.cpu()
+        lanes_in = padded.view(blocks, BLOCKSIZE // 32, 32)
+        lanes = torch.zeros(blocks, 32, dtype=torch.float32)
+        for k in range(BLOCKSIZE // 32):
+            lanes = lanes + lanes_in[:, k, :] * lanes_in[:, k, :]
+        offset = 16
+        while offset > 0:
+            lanes[:, :offset] = lanes[:, :offset] + lanes[:, offset:2 * offset]
+            offset //= 2
+        block_sums = lanes[:, 0].double()
+        rows = (blocks + 255) // 256
+        strided = torch.zeros(rows * 256, dtype=torch.float64)
+        strided[:blocks] = block_sums
+        acc = torch.zeros(256, dtype=torch.float64)
+        for r in range(rows):
+            acc = acc + strided[r * 256:(r + 1) * 256]
+        stride = 128
+        while stride > 0:
+            acc[:stride] = acc[:stride] + acc[stride:2 * stride]
+            stride //= 2
+        out.append(np.float32(acc[0].item()))
+    return out
+
+
+def trust_ratio(sums, max_unorm, a, adam):
+    """The float32 scale of the update from norm_sums (kestrel/optim.h apply_trust_ratio)."""
+    f = np.float32
+    unorm = f(np.sqrt(f(sums[0])))
+    if adam:
+        unorm = f(unorm * f(f(a["correction2"]) / f(a["correction1"])))
+    limit = f(f(max_unorm) * f(np.sqrt(f(sums[1]))))
+    return f(limit / unorm) if (limit > 0 and unorm > limit) else f(1.0)
+
+
+def _apply_lamb(a, s1, s2, finite, p, max_unorm):
+    if max_unorm > 0:
+        u = torch.where(finite, s1 / (_sqrt(s2) + a["eps_c2"]), torch.zeros_like(s1))
+        scale = trust_ratio(norm_sums(u, p.reshape(-1).float()), max_unorm, a, adam=True)
+        a["step_size"] = float(np.float32(np.float32(a["step_size"]) * scale))
 
 
 def _per_element(block_values, n):
@@ -74,8 +125,8 @@ def _requantize(s, absmax, qmap, signed):
 
 @torch.no_grad()
 def adam8bit_step(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step, lr, beta1, beta2, eps, weight_decay,
-                  gnorm_scale=1.0):
-    """One step on flat tensors, in place."""
+                  gnorm_scale=1.0, max_unorm=0.0):
+    """One step on flat tensors, in place (LAMB with max_unorm > 0)."""
     a = adam_scalars(step, lr, beta1, beta2, eps, weight_decay)
     n = p.numel()
     grad = g.reshape(-1).float() * float(np.float32(gnorm_scale))
@@ -87,6 +138,7 @@ def adam8bit_step(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step, lr
     s1 = torch.where(finite, s1, torch.zeros_like(s1))
     s2 = torch.where(finite, s2, torch.zeros_like(s2))
     new_max1, new_max2 = _block_absmax(s1, n), _block_absmax(s2, n)
+    _apply_lamb(a, s1, s2, finite, p, max_unorm)
     p.view(-1).copy_(_update_param(p.reshape(-1), s1, s2, finite, a))
     state1.view(-1).copy_(_requantize(s1, new_max1, qmap1, signed=True))
     state2.view(-1).copy_(_requantize(s2, new_max2, qmap2, signed=False))
@@ -95,14 +147,16 @@ def adam8bit_step(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step, lr
 
 
 @torch.no_grad()
-def adam32bit_step(p, g, state1, state2, step, lr, beta1, beta2, eps, weight_decay, gnorm_scale=1.0):
-    """One step with float32 states, in place; a NaN/Inf gradient element is skipped (bnb's 32-bit kernel)."""
+def adam32bit_step(p, g, state1, state2, step, lr, beta1, beta2, eps, weight_decay, gnorm_scale=1.0, max_unorm=0.0):
+    """One step with float32 states, in place; a NaN/Inf gradient element is skipped (bnb's 32-bit kernel). LAMB
+    with max_unorm > 0."""
     a = adam_scalars(step, lr, beta1, beta2, eps, weight_decay)
     grad = g.reshape(-1).float() * float(np.float32(gnorm_scale))
     finite = torch.isfinite(grad)
     s1, s2 = state1.view(-1), state2.view(-1)
     new_s1 = s1 * a["beta1"] + grad * a["one_minus_beta1"]
     new_s2 = s2 * a["beta2"] + (grad * grad) * a["one_minus_beta2"]
+    _apply_lamb(a, new_s1, new_s2, finite, p, max_unorm)
     p.view(-1).copy_(_update_param(p.reshape(-1), new_s1, new_s2, finite, a))
     s1.copy_(torch.where(finite, new_s1, s1))
     s2.copy_(torch.where(finite, new_s2, s2))
@@ -125,16 +179,21 @@ def _one_state_update(kind, a, grad, p32, s, lr, eps, weight_decay, step):
 
 
 @torch.no_grad()
-def one_state_step(kind, p, g, state1, absmax1, qmap1, step, lr, beta1, beta2, eps, weight_decay, gnorm_scale=1.0):
+def one_state_step(kind, p, g, state1, absmax1, qmap1, step, lr, beta1, beta2, eps, weight_decay, gnorm_scale=1.0,
+                   max_unorm=0.0):
     """One step of SGD-momentum / RMSprop / Adagrad / Lion on flat tensors, in place; 8-bit when qmap1 is given
     (signed map, sign fix), else float32 state. A NaN/Inf gradient keeps the parameter; its 8-bit state becomes 0
-    and a float32 state is kept."""
+    and a float32 state is kept. LARS: kind "momentum" with max_unorm > 0."""
     a = adam_scalars(step, lr, beta1, beta2, eps, weight_decay)
     n = p.numel()
     grad = g.reshape(-1).float() * float(np.float32(gnorm_scale))
     finite = torch.isfinite(grad)
     old = qmap1[state1.reshape(-1).long()] * _per_element(absmax1, n) if qmap1 is not None else state1.reshape(-1)
     s, new_p = _one_state_update(kind, a, grad, p.reshape(-1).float(), old.clone(), lr, eps, weight_decay, step)
+    if kind == "momentum" and max_unorm > 0:  # LARS
+        u = torch.where(finite, s, torch.zeros_like(s))
+        scale = trust_ratio(norm_sums(u, p.reshape(-1).float()), max_unorm, a, adam=False)
+        new_p = p.reshape(-1).float() - s * float(np.float32(np.float32(a["lr"]) * scale))
     s = torch.where(finite, s, torch.zeros_like(s) if qmap1 is not None else old)
     p.view(-1).copy_(torch.where(finite, new_p.to(p.dtype), p.reshape(-1)))
     if qmap1 is None:
