@@ -8,6 +8,7 @@ from collections import defaultdict
 
 import torch
 
+from . import distributed as D
 from .optimizer import Optimizer8bit, _blocks, check_hyperparameters, check_max_unorm, default_args, paged_class
 
 
@@ -52,8 +53,8 @@ class _Adam(Optimizer8bit):
         state["qmap1"] = self.name2qmap["dynamic"]
         state["state2"] = self.state_zeros(p, torch.uint8)
         state["qmap2"] = self.name2qmap["udynamic"]
-        state["absmax1"] = torch.zeros(_blocks(p.numel()), dtype=torch.float32, device=p.device)
-        state["absmax2"] = torch.zeros(_blocks(p.numel()), dtype=torch.float32, device=p.device)
+        state["absmax1"] = torch.zeros(_blocks(D.local(p).numel()), dtype=torch.float32, device=p.device)
+        state["absmax2"] = torch.zeros(_blocks(D.local(p).numel()), dtype=torch.float32, device=p.device)
 
     def step_scalars(self, config, step, gnorm_scale=1.0):
         """(lr, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale) for the kernel at `step`."""
@@ -71,10 +72,10 @@ class _Adam(Optimizer8bit):
             maps = (id(state["qmap1"]), id(state["qmap2"])) if eight_bit else None
             scalars = self.step_scalars(config, state["step"], self.gnorm_scale(p)) + (self.round_seed_for(p, config),)
             max_unorm = float(config.get("max_unorm", 0.0) or 0.0)
-            batches[(p.device, p.dtype, eight_bit, maps, scalars, max_unorm)].append(p)
-        for (_, _, eight_bit, _, scalars, max_unorm), batch in batches.items():
+            batches[(p.device, p.dtype, eight_bit, maps, scalars, max_unorm, self.shard_key(p))].append(p)
+        for (_, _, eight_bit, _, scalars, max_unorm, _), batch in batches.items():
             states = [self.state[p] for p in batch]
-            grads = [p.grad for p in batch]
+            params, grads = self.local_batch(batch)
             steps = [s["step"] for s in states]
             state1, state2 = [s["state1"] for s in states], [s["state2"] for s in states]
             absmax1 = [s["absmax1"] for s in states] if eight_bit else []
@@ -84,14 +85,15 @@ class _Adam(Optimizer8bit):
             norms = None
             if max_unorm > 0.0:  # LAMB's trust ratio: the norm pass first (no host synchronisation)
                 lr, beta1, beta2, _, _, eps, weight_decay, gnorm_scale, _ = scalars
-                norms = torch.ops.kestrel.update_norms(self.optimizer_name, batch, grads, state1, state2, absmax1,
+                norms = torch.ops.kestrel.update_norms(self.optimizer_name, params, grads, state1, state2, absmax1,
                                                        absmax2, qmap1, qmap2, steps, beta1, beta2, eps, weight_decay,
                                                        gnorm_scale)
+                norms = self.reduce_norms(batch[0], norms)
             if eight_bit:
-                torch.ops.kestrel.two_state8bit_step_(self.optimizer_name, batch, grads, state1, state2, absmax1,
+                torch.ops.kestrel.two_state8bit_step_(self.optimizer_name, params, grads, state1, state2, absmax1,
                                                       absmax2, qmap1, qmap2, steps, *scalars, norms, max_unorm)
             else:
-                torch.ops.kestrel.two_state32bit_step_(self.optimizer_name, batch, grads, state1, state2, steps,
+                torch.ops.kestrel.two_state32bit_step_(self.optimizer_name, params, grads, state1, state2, steps,
                                                        *scalars, norms, max_unorm)
 
 

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from . import distributed as D
 from .adam import _Adam
 from .optimizer import _blocks, check_max_unorm, paged_class
 
@@ -71,8 +72,8 @@ class _AdEMAMix(_Adam):
             if self.name2qmap[key].device != p.device:
                 self.name2qmap[key] = self.name2qmap[key].to(p.device)
         state["qmap1"], state["qmap2"] = self.name2qmap["dynamic"], self.name2qmap["udynamic"]
-        state["absmax1"] = torch.zeros((2, _blocks(p.numel())), dtype=torch.float32, device=p.device)
-        state["absmax2"] = torch.zeros(_blocks(p.numel()), dtype=torch.float32, device=p.device)
+        state["absmax1"] = torch.zeros((2, _blocks(D.local(p).numel())), dtype=torch.float32, device=p.device)
+        state["absmax2"] = torch.zeros(_blocks(D.local(p).numel()), dtype=torch.float32, device=p.device)
 
 
 class AdEMAMix(_AdEMAMix):

@@ -11,6 +11,7 @@ from collections import defaultdict
 
 import torch
 
+from . import distributed as D
 from .optimizer import Optimizer8bit, _blocks, check_hyperparameters, check_max_unorm, default_args, paged_class
 
 
@@ -42,7 +43,7 @@ class _OneState(Optimizer8bit):
             self.name2qmap["dynamic"] = self.name2qmap["dynamic"].to(p.device)
         state["state1"] = self.state_zeros(p, torch.uint8)
         state["qmap1"] = self.name2qmap["dynamic"]
-        state["absmax1"] = torch.zeros(_blocks(p.numel()), dtype=torch.float32, device=p.device)
+        state["absmax1"] = torch.zeros(_blocks(D.local(p).numel()), dtype=torch.float32, device=p.device)
 
     @torch.no_grad()
     def update_params(self, items):
@@ -55,11 +56,12 @@ class _OneState(Optimizer8bit):
             scalars = (float(config["lr"]), float(beta1), float(beta2), float(config["eps"]),
                        float(config["weight_decay"]), self.gnorm_scale(p), self.round_seed_for(p, config))
             max_unorm = float(config.get("max_unorm", 0.0) or 0.0)
-            key = (p.device, p.dtype, eight_bit, id(state["qmap1"]) if eight_bit else None, scalars, max_unorm)
+            key = (p.device, p.dtype, eight_bit, id(state["qmap1"]) if eight_bit else None, scalars, max_unorm,
+                   self.shard_key(p))
             batches[key].append(p)
-        for (_, _, eight_bit, _, scalars, max_unorm), batch in batches.items():
+        for (_, _, eight_bit, _, scalars, max_unorm, _), batch in batches.items():
             states = [self.state[p] for p in batch]
-            grads = [p.grad for p in batch]
+            params, grads = self.local_batch(batch)
             steps = [s["step"] for s in states]
             state1 = [s["state1"] for s in states]
             absmax1 = [s["absmax1"] for s in states] if eight_bit else []
@@ -68,14 +70,15 @@ class _OneState(Optimizer8bit):
             norms = None
             if max_unorm > 0.0:  # LARS's trust ratio: the norm pass first (no host synchronisation)
                 _, beta1, beta2, eps, weight_decay, gnorm_scale, _ = scalars
-                norms = torch.ops.kestrel.update_norms(self.optimizer_name, batch, grads, state1, state1, absmax1,
+                norms = torch.ops.kestrel.update_norms(self.optimizer_name, params, grads, state1, state1, absmax1,
                                                        absmax1, qmap1, None, steps, beta1, beta2, eps, weight_decay,
                                                        gnorm_scale)
+                norms = self.reduce_norms(batch[0], norms)
             if eight_bit:
-                torch.ops.kestrel.one_state8bit_step_(self.optimizer_name, batch, grads, state1, absmax1, qmap1, steps,
+                torch.ops.kestrel.one_state8bit_step_(self.optimizer_name, params, grads, state1, absmax1, qmap1, steps,
                                                       *scalars, norms, max_unorm)
             else:
-                torch.ops.kestrel.one_state32bit_step_(self.optimizer_name, batch, grads, state1, steps, *scalars,
+                torch.ops.kestrel.one_state32bit_step_(self.optimizer_name, params, grads, state1, steps, *scalars,
                                                        norms, max_unorm)
 
 

@@ -10,6 +10,7 @@ import torch
 
 from .. import _ext
 from ..ops.quantize import DYNAMIC_MAP_SIGNED, DYNAMIC_MAP_UNSIGNED
+from . import distributed as D
 from .manager import GlobalOptimManager
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -96,6 +97,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         self.percentile_clipping = 100
         self._paged_warned = False
         self.name2qmap = {}
+        self._shards = {}
         if optim_bits == 8:
             self.fill_qmap()
 
@@ -107,6 +109,10 @@ class Optimizer8bit(torch.optim.Optimizer):
     def state_dict(self):
         state_dict = super().state_dict()
         state_dict["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in state_dict["state"].items()}
+        ordered = [p for group in self.param_groups for p in group["params"]]
+        for index, param_state in state_dict["state"].items():
+            if isinstance(index, int) and index < len(ordered) and self.shard(ordered[index]) is not None:
+                state_dict["state"][index] = self._export_sharded(ordered[index], param_state)
         for param_state in state_dict["state"].values():
             if isinstance(param_state, dict):
                 nested = {key: param_state.pop(key) for key in list(param_state) if key in self.non_castable_tensor_keys}
@@ -143,7 +149,9 @@ class Optimizer8bit(torch.optim.Optimizer):
                 new_state[key] = value
                 continue
             param = id_map[key]
-            self._check_loaded_state(param, value, ordinal[id(param)])
+            if self.shard(param) is not None:
+                value = self._import_sharded(param, value)
+            self._check_loaded_state(D.local(param), value, ordinal[id(param)])
             new_state[param] = self._place_loaded_state(param, value, move_to_device)
         new_groups = []
         for group, saved in zip(groups, saved_groups):
@@ -151,6 +159,68 @@ class Optimizer8bit(torch.optim.Optimizer):
             merged["params"] = group["params"]
             new_groups.append(merged)
         self.__setstate__({"state": new_state, "param_groups": new_groups})
+
+    # ----------------------------------------------------------------------------------------- sharded parameters
+    @staticmethod
+    def _moments(state_tensor, local_param):
+        return state_tensor.shape[0] if state_tensor.dim() == local_param.dim() + 1 else 1
+
+    def _export_sharded(self, p, state):
+        """A sharded (FSDP2) parameter's state in the mesh-independent layout of kestrel.optim.distributed:
+        states as DTensors placed like the parameter (global-block codes), absmax replicated (every block's)."""
+        info, loc = self.shard(p), D.local(p)
+        out = dict(state)
+        for key in ("state1", "state2"):
+            if key not in state:
+                continue
+            tensor = state[key]
+            moments = self._moments(tensor, loc)
+            if tensor.dtype == torch.uint8:
+                absmax_key, qmap_key = "absmax" + key[-1], "qmap" + key[-1]
+                absmax = state[absmax_key].reshape(moments, -1)
+                pairs = [D.export_codes(tensor.reshape(moments, -1)[m], absmax[m], state[qmap_key], info)
+                         for m in range(moments)]
+                codes = torch.stack([c for c, _ in pairs]).reshape(tensor.shape)
+                full = torch.stack([a for _, a in pairs]).reshape((moments, -1) if moments > 1 else (-1,))
+                out[key] = D.as_sharded(codes, info, moments)
+                out[absmax_key] = D.as_replicated(full, info)
+            else:
+                out[key] = D.as_sharded(tensor, info, moments)
+        return out
+
+    def _import_sharded(self, p, state):
+        """The local state of a sharded parameter from the mesh-independent layout (DTensors from
+        torch.distributed.checkpoint, or full plain tensors from a single-process checkpoint)."""
+        info, loc = self.shard(p), D.local(p)
+        name = type(self).__name__
+        out = dict(state)
+        for key in ("state1", "state2"):
+            if key not in state:
+                continue
+            tensor = state[key]
+            if D.is_dtensor(tensor):
+                tensor = tensor.to_local()
+            else:  # a full tensor: this shard's slice
+                moments = tensor.numel() // max(info.numel, 1)
+                if tensor.numel() != moments * info.numel or moments not in (1, 2):
+                    raise ValueError(f"{name}.load_state_dict: {key} has {tensor.numel()} elements, expected a "
+                                     f"multiple of the parameter's {info.numel}")
+                tensor = tensor.reshape(moments, -1)[:, info.offset:info.offset + info.local_numel]
+                tensor = tensor.reshape(((moments,) if moments > 1 else ()) + tuple(loc.shape))
+            moments = self._moments(tensor, loc)
+            if tensor.dtype == torch.uint8:
+                absmax_key, qmap_key = "absmax" + key[-1], "qmap" + key[-1]
+                full = state[absmax_key]
+                full = full.to_local() if D.is_dtensor(full) else full
+                qmap = state[qmap_key].to(tensor.device)
+                full = full.to(tensor.device).reshape(moments, -1)
+                pairs = [D.import_codes(tensor.reshape(moments, -1)[m], full[m], qmap, info) for m in range(moments)]
+                out[key] = torch.stack([c for c, _ in pairs]).reshape(tensor.shape).contiguous()
+                absmax = torch.stack([a for _, a in pairs])
+                out[absmax_key] = (absmax if moments > 1 else absmax[0]).contiguous()
+            else:
+                out[key] = tensor.contiguous()
+        return out
 
     def _check_loaded_state(self, param, state, index):
         name = type(self).__name__
@@ -220,6 +290,11 @@ class Optimizer8bit(torch.optim.Optimizer):
         if p.grad.device != p.device:
             raise ValueError(f"{where} is on {p.device} but its gradient is on {p.grad.device}")
         _ext.require(name, p.device)
+        if D.is_dtensor(p):
+            if not D.is_dtensor(p.grad) or p.grad.placements != p.placements:
+                raise ValueError(f"{where} is a DTensor placed {tuple(p.placements)}; its gradient must be placed "
+                                 f"the same way, got {type(p.grad).__name__}")
+            self.shard(p)  # raises for unsupported placements
         state = self.state.get(p)
         if state and "state1" in state and state["state1"].device != p.device:
             raise ValueError(f"{where} is on {p.device} but its optimizer state is on {state['state1'].device}")
@@ -230,12 +305,35 @@ class Optimizer8bit(torch.optim.Optimizer):
                           stacklevel=3)
             self._paged_warned = True
 
+    def shard(self, p):
+        """ShardInfo of a Shard(0) DTensor parameter (FSDP2), None otherwise (cached per parameter)."""
+        if not D.is_dtensor(p):
+            return None
+        key = id(p)
+        if key not in self._shards:
+            self._shards[key] = D.shard_info(p)
+        return self._shards[key]
+
+    def shard_key(self, p):
+        """Batches never mix sharded and unsharded parameters (their norms are reduced differently)."""
+        info = self.shard(p)
+        return None if info is None else id(info.group)
+
+    def local_batch(self, batch):
+        """(local parameters, local gradients) of a batch: what the kernels update in place."""
+        return [D.local(p) for p in batch], [D.local(p.grad) for p in batch]
+
+    def reduce_norms(self, p, norms):
+        """LAMB/LARS on sharded parameters: the norm pass's sums of squares over all shards."""
+        info = self.shard(p)
+        return D.all_reduce_sum(norms, info) if info is not None else norms
+
     def _pages(self, p):
         return self.is_paged and p.device.type == "cuda"
 
     def state_zeros(self, p, dtype, shape=None):
         """A zero state buffer for parameter p: in CUDA managed memory when paged (on a GPU), else ordinary."""
-        shape = tuple(p.shape) if shape is None else tuple(shape)
+        shape = tuple(D.local(p).shape) if shape is None else tuple(shape)
         if self._pages(p):
             return torch.ops.kestrel.managed_zeros(p, list(shape), dtype)
         return torch.zeros(shape, dtype=dtype, device=p.device)
@@ -267,10 +365,15 @@ class Optimizer8bit(torch.optim.Optimizer):
             if group_index not in base_configs:
                 base_configs[group_index] = self.group_config(self.param_groups[group_index])
             config = self.get_config(base_configs[group_index], p, (group_index, position))
-            if not p.is_contiguous():
-                p.data = p.data.contiguous()
-            if not p.grad.is_contiguous():
-                p.grad = p.grad.contiguous()
+            if D.is_dtensor(p):
+                if not (D.local(p).is_contiguous() and D.local(p.grad).is_contiguous()):
+                    raise ValueError(f"{type(self).__name__}: the local shard of a DTensor parameter or of its "
+                                     "gradient is not contiguous")
+            else:
+                if not p.is_contiguous():
+                    p.data = p.data.contiguous()
+                if not p.grad.is_contiguous():
+                    p.grad = p.grad.contiguous()
             if len(self.state[p]) == 0:
                 self._paged_buffer_warning(p)
                 self.init_state(p, config)
@@ -329,7 +432,9 @@ class Optimizer8bit(torch.optim.Optimizer):
         state = self.state[p]
         history = state["gnorm_vec"]
         slot = state["step"] % 100
-        history[slot] = p.grad.float().pow(2).sum()
+        squared = D.local(p.grad).float().pow(2).sum()
+        info = self.shard(p)
+        history[slot] = D.all_reduce_sum(squared, info) if info is not None else squared
         current = history[slot].sqrt()
         clip = torch.sort(history).values[self.percentile_clipping].sqrt()
         return float((clip / current).item()) if bool(current > clip) else 1.0
