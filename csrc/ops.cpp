@@ -24,23 +24,25 @@ TORCH_LIBRARY(kestrel, m) {
   // 256) or float32 states. steps[i] is parameter i's step count after this step; beta3 and alpha are AdEMAMix's.
   m.def(
       "two_state8bit_step_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
-      "Tensor(c!)[] state2, Tensor(d!)[] absmax1, Tensor(e!)[] absmax2, Tensor qmap1, Tensor qmap2, int[] steps, "
+      "Tensor(c!)[] state2, Tensor(d!)[] absmax1, Tensor(e!)[] absmax2, Tensor qmap1, Tensor qmap2, Tensor steps, "
       "float lr, float beta1, float beta2, float beta3, float alpha, float eps, float weight_decay, "
-      "float gnorm_scale, int round_seed=-1, Tensor? norms=None, float max_unorm=0.0) -> ()");
+      "float gnorm_scale, int round_seed=-1, Tensor? norms=None, float max_unorm=0.0, Tensor? lr_tensor=None) -> ()");
   m.def(
       "two_state32bit_step_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
-      "Tensor(c!)[] state2, int[] steps, float lr, float beta1, float beta2, float beta3, float alpha, float eps, "
-      "float weight_decay, float gnorm_scale, int round_seed=-1, Tensor? norms=None, float max_unorm=0.0) -> ()");
+      "Tensor(c!)[] state2, Tensor steps, float lr, float beta1, float beta2, float beta3, float alpha, float eps, "
+      "float weight_decay, float gnorm_scale, int round_seed=-1, Tensor? norms=None, float max_unorm=0.0, Tensor? lr_tensor=None) -> ()");
   // The same for the one-state optimizers (bnb's Optimizer1State): optimizer is "momentum" (SGD), "rmsprop",
   // "adagrad" or "lion"; an 8-bit state1 uses the signed map qmap1.
   m.def(
       "one_state8bit_step_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
-      "Tensor(c!)[] absmax1, Tensor qmap1, int[] steps, float lr, float beta1, float beta2, float eps, "
-      "float weight_decay, float gnorm_scale, int round_seed=-1, Tensor? norms=None, float max_unorm=0.0) -> ()");
+      "Tensor(c!)[] absmax1, Tensor qmap1, Tensor steps, float lr, float beta1, float beta2, float eps, "
+      "float weight_decay, float gnorm_scale, int round_seed=-1, Tensor? norms=None, float max_unorm=0.0, Tensor? lr_tensor=None) -> ()");
   m.def(
-      "one_state32bit_step_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, int[] steps, "
+      "one_state32bit_step_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor steps, "
       "float lr, float beta1, float beta2, float eps, float weight_decay, float gnorm_scale, int round_seed=-1, "
-      "Tensor? norms=None, float max_unorm=0.0) -> ()");
+      "Tensor? norms=None, float max_unorm=0.0, Tensor? lr_tensor=None) -> ()");
+  // steps: a 1-D CPU int64 tensor, each parameter's step count after this step. lr_tensor (a one-element CPU
+  // float tensor), when given, replaces lr (an LR schedule without recompiling a compiled step).
   // round_seed >= 0 (all four ops): bf16 parameters round stochastically (unbiased), deterministic given the seed.
   // norms (update_norms' result) with max_unorm > 0: LAMB ("adam") and LARS ("momentum") scale each parameter's
   // update by the trust ratio min(1, max_unorm * ||p|| / ||update||) (kestrel/optim.h, "trust ratio").
@@ -49,7 +51,7 @@ TORCH_LIBRARY(kestrel, m) {
   // or "momentum" (state2/absmax2 repeat state1/absmax1); 8-bit states when qmap1 is given.
   m.def(
       "update_norms(str optimizer, Tensor[] params, Tensor[] grads, Tensor[] state1, Tensor[] state2, "
-      "Tensor[] absmax1, Tensor[] absmax2, Tensor? qmap1, Tensor? qmap2, int[] steps, float beta1, float beta2, "
+      "Tensor[] absmax1, Tensor[] absmax2, Tensor? qmap1, Tensor? qmap2, Tensor steps, float beta1, float beta2, "
       "float eps, float weight_decay, float gnorm_scale) -> Tensor");
 
   // Paged optimizer state (CUDA only): a zero-filled tensor in CUDA managed memory on the device of `like` (never

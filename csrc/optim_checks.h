@@ -5,10 +5,33 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <vector>
 
 #include "kestrel/optim.h"
 
 namespace kestrel {
+
+// The per-parameter step counts: a CPU int64 tensor of one value per parameter (a tensor, so that a compiled
+// optimizer step does not recompile as the count grows).
+inline std::vector<int64_t> read_steps(const char* op, const at::Tensor& steps, size_t count) {
+  TORCH_CHECK(steps.device().is_cpu() && steps.scalar_type() == at::kLong && steps.dim() == 1 &&
+                  steps.numel() == static_cast<int64_t>(count),
+              op, ": steps must be a 1-D CPU int64 tensor of ", count, " step counts (one per parameter), got ",
+              steps.scalar_type(), " of shape ", steps.sizes(), " on ", steps.device());
+  const at::Tensor contiguous = steps.contiguous();
+  const int64_t* data = contiguous.data_ptr<int64_t>();
+  return std::vector<int64_t>(data, data + count);
+}
+
+// The learning rate: `lr`, or the value of lr_tensor (a 0-d CPU float tensor, for schedulers under torch.compile).
+inline double read_lr(const char* op, double lr, const std::optional<at::Tensor>& lr_tensor) {
+  if (!lr_tensor.has_value()) return lr;
+  const at::Tensor& t = *lr_tensor;
+  TORCH_CHECK(t.device().is_cpu() && t.numel() == 1 && t.is_floating_point(), op,
+              ": lr_tensor must be a one-element CPU float tensor, got ", t.scalar_type(), " of shape ", t.sizes(),
+              " on ", t.device());
+  return t.item<double>();
+}
 
 inline int64_t optim_num_blocks(int64_t n) { return (n + optim::kBlockSize - 1) / optim::kBlockSize; }
 

@@ -45,3 +45,13 @@ def skip_gpu_items(items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def same_state_value(a, b):
+    """Two optimizer-state entries are equal: tensors bit for bit; a step count may be an int (bnb, checkpoints)
+    on one side and a 0-d tensor (kestrel's live state) on the other."""
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        return torch.equal(a, b) if a.device == b.device else torch.equal(a.cpu(), b.cpu())
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return int(a) == int(b)
+    return a == b

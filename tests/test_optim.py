@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kestrel
-from helpers import FLOAT_DTYPES, devices
+from helpers import FLOAT_DTYPES, devices, same_state_value
 from kestrel import functional as KF
 from kestrel.optim import Adam, Adam8bit, Adam32bit, AdamW, AdamW8bit, AdamW32bit
 from kestrel.reference import optim as ref
@@ -306,7 +306,7 @@ def test_load_bitsandbytes_checkpoint(nested):
     opt.load_state_dict(sd)
     for mine, bnb_p in zip(ours, theirs):
         for key, value in bnb_opt.state[bnb_p].items():
-            assert torch.equal(opt.state[mine][key], value) if torch.is_tensor(value) else opt.state[mine][key] == value
+            assert same_state_value(opt.state[mine][key], value)
     # continue one step: equals the spec's model started from bnb's state
     g = torch.Generator().manual_seed(10)
     grads = [heterogeneous_grad(p.shape, p.dtype, "cpu", g) for p in ours]
@@ -333,7 +333,7 @@ def test_our_checkpoint_loads_into_bitsandbytes():
     bnb_opt.load_state_dict(opt.state_dict())
     for mine, bnb_p in zip(ours, theirs):
         for key, value in opt.state[mine].items():
-            assert torch.equal(bnb_opt.state[bnb_p][key], value) if torch.is_tensor(value) else bnb_opt.state[bnb_p][key] == value
+            assert same_state_value(bnb_opt.state[bnb_p][key], value)
     _train(bnb_opt, theirs, 2, torch.Generator().manual_seed(13))  # bnb can continue from it
     assert bnb_opt.state[theirs[0]]["step"] == 12
 
@@ -443,13 +443,13 @@ def test_opcheck(device):
                 a1 = [torch.rand((k + 255) // 256, device=device) for k in n]
                 a2 = [torch.rand((k + 255) // 256, device=device) for k in n]
                 args = ("adam", p, g, s1, s2, a1, a2, KF.create_dynamic_map(True).to(device),
-                        KF.create_dynamic_map(False).to(device), [3] * len(p), 1e-3, 0.9, 0.999, 0.0, 0.0, 1e-8, 0.01,
+                        KF.create_dynamic_map(False).to(device), torch.tensor([3] * len(p)), 1e-3, 0.9, 0.999, 0.0, 0.0, 1e-8, 0.01,
                         1.0)
                 torch.library.opcheck(torch.ops.kestrel.two_state8bit_step_.default, args)
             else:
                 s1 = [torch.randn(t.shape, device=device) for t in p]
                 s2 = [torch.rand(t.shape, device=device) for t in p]
-                args = ("adam", p, g, s1, s2, [3] * len(p), 1e-3, 0.9, 0.999, 0.0, 0.0, 1e-8, 0.01, 1.0)
+                args = ("adam", p, g, s1, s2, torch.tensor([3] * len(p)), 1e-3, 0.9, 0.999, 0.0, 0.0, 1e-8, 0.01, 1.0)
                 torch.library.opcheck(torch.ops.kestrel.two_state32bit_step_.default, args)
 
 
@@ -460,13 +460,20 @@ def test_op_level_checks():
     a = [torch.zeros(20)]
     code = KF.create_dynamic_map()
     with pytest.raises(RuntimeError, match="the gradient of parameter 0 must have 5000 elements, got 4000"):
-        torch.ops.kestrel.two_state8bit_step_("adam", p, g, s, s, a, a, code, code, [1], 1e-3, 0.9, 0.999, 0.0, 0.0,
+        torch.ops.kestrel.two_state8bit_step_("adam", p, g, s, s, a, a, code, code, torch.tensor([1]), 1e-3, 0.9, 0.999, 0.0, 0.0,
                                               1e-8, 0.0, 1.0)
     with pytest.raises(RuntimeError, match=r"must be contiguous float32 tensors of 1 x ceil\(5000 / 256\) = 20 values"):
         torch.ops.kestrel.two_state8bit_step_("adam", p, [torch.randn(5000)], s, s, [torch.zeros(19)], a, code, code,
-                                              [1], 1e-3, 0.9, 0.999, 0.0, 0.0, 1e-8, 0.0, 1.0)
+                                              torch.tensor([1]), 1e-3, 0.9, 0.999, 0.0, 0.0, 1e-8, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match="steps must be a 1-D CPU int64 tensor of 1 step counts"):
+        torch.ops.kestrel.two_state8bit_step_("adam", p, [torch.randn(5000)], s, s, a, a, code, code,
+                                              torch.tensor([1.0]), 1e-3, 0.9, 0.999, 0.0, 0.0, 1e-8, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match="lr_tensor must be a one-element CPU float tensor"):
+        torch.ops.kestrel.two_state8bit_step_("adam", p, [torch.randn(5000)], s, s, a, a, code, code,
+                                              torch.tensor([1]), 1e-3, 0.9, 0.999, 0.0, 0.0, 1e-8, 0.0, 1.0, -1, None,
+                                              0.0, torch.tensor([1, 2]))
     with pytest.raises(RuntimeError, match=r"steps\[0\] must be >= 1, got 0"):
-        torch.ops.kestrel.two_state8bit_step_("adam", p, [torch.randn(5000)], s, s, a, a, code, code, [0], 1e-3, 0.9,
+        torch.ops.kestrel.two_state8bit_step_("adam", p, [torch.randn(5000)], s, s, a, a, code, code, torch.tensor([0]), 1e-3, 0.9,
                                               0.999, 0.0, 0.0, 1e-8, 0.0, 1.0)
 
 
@@ -490,7 +497,7 @@ def test_cuda_kernel_equals_cpu_kernel(dtype):
         assert torch.equal(a, b.cpu())
         for key, value in opts[0].state[a].items():
             other = opts[1].state[b][key]
-            assert torch.equal(value, other.cpu()) if torch.is_tensor(value) else value == other
+            assert same_state_value(value, other)
 
 
 @pytest.mark.gpu

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kestrel
-from helpers import FLOAT_DTYPES, devices
+from helpers import FLOAT_DTYPES, devices, same_state_value
 from kestrel import functional as KF
 from kestrel.optim import LAMB, LARS, LAMB8bit, LAMB32bit, LARS8bit, LARS32bit
 from kestrel.reference import optim as ref
@@ -108,7 +108,7 @@ def test_update_norms_op_matches_reference_order(device, eight_bit, optimizer):
         s2, a2, q2, old2 = s1, a1, None, None
     step, beta1, beta2, eps, wd = 3, 0.9, 0.999, 1e-8, 0.01
     norms = torch.ops.kestrel.update_norms(optimizer, [p], [grad], [s1], [s2], [a1] if eight_bit else [],
-                                           [a2] if eight_bit else [], q1, q2, [step], beta1, beta2, eps, wd, 1.0)
+                                           [a2] if eight_bit else [], q1, q2, torch.tensor([step]), beta1, beta2, eps, wd, 1.0)
     a = ref.adam_scalars(step, 0.0, beta1, beta2, eps, wd)
     f = lambda v: float(np.float32(v))  # noqa: E731
     if optimizer == "adam":
@@ -266,7 +266,7 @@ def test_bitsandbytes_parity_and_checkpoints(cls, bits, kw):
         for p_loaded, p_source in zip(loaded.param_groups[0]["params"], source.param_groups[0]["params"]):
             for key, value in source.state[p_source].items():
                 got = loaded.state[p_loaded][key]
-                assert torch.equal(got, value) if torch.is_tensor(value) else got == value
+                assert same_state_value(got, value)
     for o in (mine, back):
         for p in o.param_groups[0]["params"]:
             p.grad = torch.randn_like(p)
@@ -331,21 +331,21 @@ def test_op_checks():
     p, g, s = [torch.zeros(4)], [torch.zeros(4)], [torch.zeros(4)]
     with pytest.raises(RuntimeError, match="update_norms: optimizer must be adam \\(LAMB\\) or momentum \\(LARS\\), "
                                            "got lion"):
-        torch.ops.kestrel.update_norms("lion", p, g, s, s, [], [], None, None, [1], 0.9, 0.99, 1e-8, 0.0, 1.0)
+        torch.ops.kestrel.update_norms("lion", p, g, s, s, [], [], None, None, torch.tensor([1]), 0.9, 0.99, 1e-8, 0.0, 1.0)
     with pytest.raises(RuntimeError, match="max_unorm = 1 needs the norms from update_norms"):
-        torch.ops.kestrel.one_state32bit_step_("momentum", p, g, s, [1], 1e-3, 0.9, 0.0, 1e-8, 0.0, 1.0, -1, None,
+        torch.ops.kestrel.one_state32bit_step_("momentum", p, g, s, torch.tensor([1]), 1e-3, 0.9, 0.0, 1e-8, 0.0, 1.0, -1, None,
                                                1.0)
     with pytest.raises(RuntimeError, match="the trust ratio .* applies to adam \\(LAMB\\) and momentum \\(LARS\\), "
                                            "got lion"):
-        torch.ops.kestrel.one_state32bit_step_("lion", p, g, s, [1], 1e-3, 0.9, 0.99, 1e-8, 0.0, 1.0, -1,
+        torch.ops.kestrel.one_state32bit_step_("lion", p, g, s, torch.tensor([1]), 1e-3, 0.9, 0.99, 1e-8, 0.0, 1.0, -1,
                                                torch.zeros(1, 2), 1.0)
     with pytest.raises(RuntimeError, match=r"norms must be a contiguous float32 tensor of shape \(1, 2\), got Float "
                                            r"of shape \[2, 2\]"):
-        torch.ops.kestrel.two_state32bit_step_("adam", p, g, s, [torch.zeros(4)], [1], 1e-3, 0.9, 0.99, 0.0, 0.0,
+        torch.ops.kestrel.two_state32bit_step_("adam", p, g, s, [torch.zeros(4)], torch.tensor([1]), 1e-3, 0.9, 0.99, 0.0, 0.0,
                                                1e-8, 0.0, 1.0, -1, torch.zeros(2, 2), 1.0)
     before = p[0].clone()
     with pytest.raises(RuntimeError, match="max_unorm must be >= 0, got -1"):
-        torch.ops.kestrel.one_state32bit_step_("momentum", p, [torch.ones(4)], s, [1], 1e-3, 0.9, 0.0, 1e-8, 0.0,
+        torch.ops.kestrel.one_state32bit_step_("momentum", p, [torch.ones(4)], s, torch.tensor([1]), 1e-3, 0.9, 0.0, 1e-8, 0.0,
                                                1.0, -1, torch.zeros(1, 2), -1.0)
     assert torch.equal(p[0], before)
 
@@ -358,15 +358,15 @@ def test_opcheck(device):
     c2 = [torch.randint(0, 256, (5000,), dtype=torch.uint8, device=device)]
     a1, a2 = [torch.rand(20, device=device)], [torch.rand(20, device=device)]
     torch.library.opcheck(torch.ops.kestrel.update_norms.default,
-                          ("adam", p, g, c1, c2, a1, a2, code, ucode, [2], 0.9, 0.99, 1e-8, 0.01, 1.0))
+                          ("adam", p, g, c1, c2, a1, a2, code, ucode, torch.tensor([2]), 0.9, 0.99, 1e-8, 0.01, 1.0))
     torch.library.opcheck(torch.ops.kestrel.update_norms.default,
-                          ("momentum", p, g, c1, c1, a1, a1, code, None, [2], 0.9, 0.0, 1e-8, 0.01, 1.0))
+                          ("momentum", p, g, c1, c1, a1, a1, code, None, torch.tensor([2]), 0.9, 0.0, 1e-8, 0.01, 1.0))
     norms = torch.rand(1, 2, device=device)
     torch.library.opcheck(torch.ops.kestrel.two_state8bit_step_.default,
-                          ("adam", p, g, c1, c2, a1, a2, code, ucode, [2], 1e-3, 0.9, 0.99, 0.0, 0.0, 1e-8, 0.01,
+                          ("adam", p, g, c1, c2, a1, a2, code, ucode, torch.tensor([2]), 1e-3, 0.9, 0.99, 0.0, 0.0, 1e-8, 0.01,
                            1.0, -1, norms, 1.0))
     torch.library.opcheck(torch.ops.kestrel.one_state32bit_step_.default,
-                          ("momentum", p, g, [torch.rand(5000, device=device)], [2], 1e-3, 0.9, 0.0, 1e-8, 0.01, 1.0,
+                          ("momentum", p, g, [torch.rand(5000, device=device)], torch.tensor([2]), 1e-3, 0.9, 0.0, 1e-8, 0.01, 1.0,
                            -1, norms, 0.02))
 
 
@@ -407,4 +407,4 @@ def test_cuda_kernel_equals_cpu_kernel(dtype, cls, bits, kw):
         assert torch.equal(a, b.cpu())
         for key, value in opts[0].state[a].items():
             other = opts[1].state[b][key]
-            assert torch.equal(value, other.cpu()) if torch.is_tensor(value) else value == other
+            assert same_state_value(value, other)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kestrel
-from helpers import FLOAT_DTYPES, devices
+from helpers import FLOAT_DTYPES, devices, same_state_value
 from kestrel import functional as KF
 from kestrel.optim import (SGD, SGD8bit, Adagrad, Adagrad8bit, Adagrad32bit, Lion, Lion8bit, Lion32bit, RMSprop,
                            RMSprop8bit, RMSprop32bit, SGD32bit)
@@ -180,7 +180,7 @@ def test_close_to_bitsandbytes_cpu_and_checkpoints_interoperate(cls, kind, kwarg
         for p_loaded, p_source in zip(loaded.param_groups[0]["params"], source.param_groups[0]["params"]):
             for key, value in source.state[p_source].items():
                 got = loaded.state[p_loaded][key]
-                assert torch.equal(got, value) if torch.is_tensor(value) else got == value
+                assert same_state_value(got, value)
     for p in mine.param_groups[0]["params"]:
         p.grad = torch.randn_like(p)
     mine.step()
@@ -208,7 +208,7 @@ def test_argument_checks():
     with pytest.raises(ValueError, match="Lion: optim_bits must be 8 or 32, got 16"):
         Lion(params, optim_bits=16)
     with pytest.raises(RuntimeError, match="optimizer must be one of momentum, rmsprop, adagrad, lion, got adam"):
-        torch.ops.kestrel.one_state32bit_step_("adam", [torch.zeros(4)], [torch.zeros(4)], [torch.zeros(4)], [1],
+        torch.ops.kestrel.one_state32bit_step_("adam", [torch.zeros(4)], [torch.zeros(4)], [torch.zeros(4)], torch.tensor([1]),
                                                1e-3, 0.9, 0.0, 1e-8, 0.0, 1.0)
 
 
@@ -221,9 +221,9 @@ def test_opcheck(device):
         s = [torch.randint(0, 256, (5000,), dtype=torch.uint8, device=device)]
         a = [torch.rand(20, device=device)]
         torch.library.opcheck(torch.ops.kestrel.one_state8bit_step_.default,
-                              (kind, p, g, s, a, code, [2], 1e-3, 0.9, 0.99, 1e-8, 0.01, 1.0))
+                              (kind, p, g, s, a, code, torch.tensor([2]), 1e-3, 0.9, 0.99, 1e-8, 0.01, 1.0))
         torch.library.opcheck(torch.ops.kestrel.one_state32bit_step_.default,
-                              (kind, p, g, [torch.rand(5000, device=device)], [2], 1e-3, 0.9, 0.99, 1e-8, 0.01, 1.0))
+                              (kind, p, g, [torch.rand(5000, device=device)], torch.tensor([2]), 1e-3, 0.9, 0.99, 1e-8, 0.01, 1.0))
 
 
 @pytest.mark.gpu
@@ -245,4 +245,4 @@ def test_cuda_kernel_equals_cpu_kernel(dtype, cls, kind, kwargs, _):
         assert torch.equal(a, b.cpu())
         for key, value in opts[0].state[a].items():
             other = opts[1].state[b][key]
-            assert torch.equal(value, other.cpu()) if torch.is_tensor(value) else value == other
+            assert same_state_value(value, other)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import kestrel
+from helpers import same_state_value
 from kestrel import optim as K
 
 pytestmark = pytest.mark.skipif(not kestrel._ext.available(), reason="kestrel._C is not built")
@@ -49,7 +50,7 @@ def test_paged_on_cpu_warns_once_and_equals_unpaged(paged, plain, kwargs):
         assert torch.equal(a, b)
         for key, value in ref_opt.state[b].items():
             got = opt.state[a][key]
-            assert torch.equal(got, value) if torch.is_tensor(value) else got == value
+            assert same_state_value(got, value)
 
 
 def test_paged_signature_checks():
@@ -74,7 +75,7 @@ def test_paged_on_gpu_is_managed_and_equals_unpaged(paged, plain, kwargs, dtype)
         assert torch.equal(a, b)
         for key, value in ref_opt.state[b].items():
             got = opt.state[a][key]
-            assert torch.equal(got, value) if torch.is_tensor(value) else got == value
+            assert same_state_value(got, value)
     # the paged states are outside the caching allocator's segments (managed memory); the unpaged ones inside
     segments = [(s["address"], s["address"] + s["total_size"]) for s in torch.cuda.memory_snapshot()]
 

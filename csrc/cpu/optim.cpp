@@ -302,9 +302,13 @@ void dispatch_float(c10::ScalarType dtype, const Fn& fn) {
 void two_state8bit_step_cpu(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
                             at::TensorList state1, at::TensorList state2, at::TensorList absmax1,
                             at::TensorList absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2,
-                            c10::IntArrayRef steps, double lr, double beta1, double beta2, double beta3, double alpha,
+                            const at::Tensor& steps_tensor, double lr, double beta1, double beta2, double beta3, double alpha,
                             double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
-                            const std::optional<at::Tensor>& norms, double max_unorm) {
+                            const std::optional<at::Tensor>& norms, double max_unorm,
+    const std::optional<at::Tensor>& lr_tensor) {
+  const std::vector<int64_t> steps_vec = read_steps("two_state8bit_step_", steps_tensor, params.size());
+  const c10::IntArrayRef steps(steps_vec);
+  lr = read_lr("two_state8bit_step_", lr, lr_tensor);
   constexpr const char* op = "two_state8bit_step_";
   const optim::TwoState kind = parse_two_state(op, optimizer);
   const int64_t moments1 = kind == optim::TwoState::kAdEMAMix ? 2 : 1;
@@ -351,10 +355,14 @@ void two_state8bit_step_cpu(c10::string_view optimizer, at::TensorList params, a
 }
 
 void two_state32bit_step_cpu(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
-                             at::TensorList state1, at::TensorList state2, c10::IntArrayRef steps, double lr,
+                             at::TensorList state1, at::TensorList state2, const at::Tensor& steps_tensor, double lr,
                              double beta1, double beta2, double beta3, double alpha, double eps, double weight_decay,
                              double gnorm_scale, int64_t round_seed, const std::optional<at::Tensor>& norms,
-                             double max_unorm) {
+                             double max_unorm,
+    const std::optional<at::Tensor>& lr_tensor) {
+  const std::vector<int64_t> steps_vec = read_steps("two_state32bit_step_", steps_tensor, params.size());
+  const c10::IntArrayRef steps(steps_vec);
+  lr = read_lr("two_state32bit_step_", lr, lr_tensor);
   constexpr const char* op = "two_state32bit_step_";
   const optim::TwoState kind = parse_two_state(op, optimizer);
   const int64_t moments1 = kind == optim::TwoState::kAdEMAMix ? 2 : 1;
@@ -417,17 +425,25 @@ void one_state_step_cpu(const char* op, c10::string_view optimizer, at::TensorLi
 
 void one_state8bit_step_cpu(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
                             at::TensorList state1, at::TensorList absmax1, const at::Tensor& qmap1,
-                            c10::IntArrayRef steps, double lr, double beta1, double beta2, double eps,
+                            const at::Tensor& steps_tensor, double lr, double beta1, double beta2, double eps,
                             double weight_decay, double gnorm_scale, int64_t round_seed,
-                            const std::optional<at::Tensor>& norms, double max_unorm) {
+                            const std::optional<at::Tensor>& norms, double max_unorm,
+    const std::optional<at::Tensor>& lr_tensor) {
+  const std::vector<int64_t> steps_vec = read_steps("one_state8bit_step_", steps_tensor, params.size());
+  const c10::IntArrayRef steps(steps_vec);
+  lr = read_lr("one_state8bit_step_", lr, lr_tensor);
   one_state_step_cpu("one_state8bit_step_", optimizer, params, grads, state1, absmax1, &qmap1, steps, lr, beta1,
                      beta2, eps, weight_decay, gnorm_scale, round_seed, norms, max_unorm);
 }
 
 void one_state32bit_step_cpu(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
-                             at::TensorList state1, c10::IntArrayRef steps, double lr, double beta1, double beta2,
+                             at::TensorList state1, const at::Tensor& steps_tensor, double lr, double beta1, double beta2,
                              double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
-                             const std::optional<at::Tensor>& norms, double max_unorm) {
+                             const std::optional<at::Tensor>& norms, double max_unorm,
+    const std::optional<at::Tensor>& lr_tensor) {
+  const std::vector<int64_t> steps_vec = read_steps("one_state32bit_step_", steps_tensor, params.size());
+  const c10::IntArrayRef steps(steps_vec);
+  lr = read_lr("one_state32bit_step_", lr, lr_tensor);
   one_state_step_cpu("one_state32bit_step_", optimizer, params, grads, state1, {}, nullptr, steps, lr, beta1, beta2,
                      eps, weight_decay, gnorm_scale, round_seed, norms, max_unorm);
 }
@@ -436,8 +452,10 @@ void one_state32bit_step_cpu(c10::string_view optimizer, at::TensorList params, 
 at::Tensor update_norms_cpu(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
                             at::TensorList state1, at::TensorList state2, at::TensorList absmax1,
                             at::TensorList absmax2, const std::optional<at::Tensor>& qmap1,
-                            const std::optional<at::Tensor>& qmap2, c10::IntArrayRef steps, double beta1,
+                            const std::optional<at::Tensor>& qmap2, const at::Tensor& steps_tensor, double beta1,
                             double beta2, double eps, double weight_decay, double gnorm_scale) {
+  const std::vector<int64_t> steps_vec = read_steps("update_norms", steps_tensor, params.size());
+  const c10::IntArrayRef steps(steps_vec);
   constexpr const char* op = "update_norms";
   const bool adam = check_norm_args(op, optimizer, params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2,
                                     steps);

@@ -95,8 +95,10 @@ void launch_step(const char* op, bool two_state, int kind, bool eight_bit, at::T
 at::Tensor update_norms_cuda(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
                              at::TensorList state1, at::TensorList state2, at::TensorList absmax1,
                              at::TensorList absmax2, const std::optional<at::Tensor>& qmap1,
-                             const std::optional<at::Tensor>& qmap2, c10::IntArrayRef steps, double beta1,
+                             const std::optional<at::Tensor>& qmap2, const at::Tensor& steps_tensor, double beta1,
                              double beta2, double eps, double weight_decay, double gnorm_scale) {
+  const std::vector<int64_t> steps_vec = read_steps("update_norms", steps_tensor, params.size());
+  const c10::IntArrayRef steps(steps_vec);
   constexpr const char* op = "update_norms";
   const bool adam = check_norm_args(op, optimizer, params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2,
                                     steps);
@@ -133,9 +135,13 @@ at::Tensor update_norms_cuda(c10::string_view optimizer, at::TensorList params, 
 void two_state8bit_step_cuda(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
                              at::TensorList state1, at::TensorList state2, at::TensorList absmax1,
                              at::TensorList absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2,
-                             c10::IntArrayRef steps, double lr, double beta1, double beta2, double beta3,
+                             const at::Tensor& steps_tensor, double lr, double beta1, double beta2, double beta3,
                              double alpha, double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
-                             const std::optional<at::Tensor>& norms, double max_unorm) {
+                             const std::optional<at::Tensor>& norms, double max_unorm,
+    const std::optional<at::Tensor>& lr_tensor) {
+  const std::vector<int64_t> steps_vec = read_steps("two_state8bit_step_", steps_tensor, params.size());
+  const c10::IntArrayRef steps(steps_vec);
+  lr = read_lr("two_state8bit_step_", lr, lr_tensor);
   constexpr const char* op = "two_state8bit_step_";
   const optim::TwoState kind = parse_two_state(op, optimizer);
   const int64_t moments1 = kind == optim::TwoState::kAdEMAMix ? 2 : 1;
@@ -152,10 +158,14 @@ void two_state8bit_step_cuda(c10::string_view optimizer, at::TensorList params, 
 }
 
 void two_state32bit_step_cuda(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
-                              at::TensorList state1, at::TensorList state2, c10::IntArrayRef steps, double lr,
+                              at::TensorList state1, at::TensorList state2, const at::Tensor& steps_tensor, double lr,
                               double beta1, double beta2, double beta3, double alpha, double eps,
                               double weight_decay, double gnorm_scale, int64_t round_seed,
-                              const std::optional<at::Tensor>& norms, double max_unorm) {
+                              const std::optional<at::Tensor>& norms, double max_unorm,
+    const std::optional<at::Tensor>& lr_tensor) {
+  const std::vector<int64_t> steps_vec = read_steps("two_state32bit_step_", steps_tensor, params.size());
+  const c10::IntArrayRef steps(steps_vec);
+  lr = read_lr("two_state32bit_step_", lr, lr_tensor);
   constexpr const char* op = "two_state32bit_step_";
   const optim::TwoState kind = parse_two_state(op, optimizer);
   const int64_t moments1 = kind == optim::TwoState::kAdEMAMix ? 2 : 1;
@@ -168,9 +178,13 @@ void two_state32bit_step_cuda(c10::string_view optimizer, at::TensorList params,
 
 void one_state8bit_step_cuda(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
                              at::TensorList state1, at::TensorList absmax1, const at::Tensor& qmap1,
-                             c10::IntArrayRef steps, double lr, double beta1, double beta2, double eps,
+                             const at::Tensor& steps_tensor, double lr, double beta1, double beta2, double eps,
                              double weight_decay, double gnorm_scale, int64_t round_seed,
-                             const std::optional<at::Tensor>& norms, double max_unorm) {
+                             const std::optional<at::Tensor>& norms, double max_unorm,
+    const std::optional<at::Tensor>& lr_tensor) {
+  const std::vector<int64_t> steps_vec = read_steps("one_state8bit_step_", steps_tensor, params.size());
+  const c10::IntArrayRef steps(steps_vec);
+  lr = read_lr("one_state8bit_step_", lr, lr_tensor);
   constexpr const char* op = "one_state8bit_step_";
   const int kind = static_cast<int>(parse_one_state(op, optimizer));
   check_adam_args(op, params, grads, state1, state1, absmax1, absmax1, &qmap1, &qmap1, steps, true);
@@ -186,9 +200,13 @@ void one_state8bit_step_cuda(c10::string_view optimizer, at::TensorList params, 
 }
 
 void one_state32bit_step_cuda(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
-                              at::TensorList state1, c10::IntArrayRef steps, double lr, double beta1, double beta2,
+                              at::TensorList state1, const at::Tensor& steps_tensor, double lr, double beta1, double beta2,
                               double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
-                              const std::optional<at::Tensor>& norms, double max_unorm) {
+                              const std::optional<at::Tensor>& norms, double max_unorm,
+    const std::optional<at::Tensor>& lr_tensor) {
+  const std::vector<int64_t> steps_vec = read_steps("one_state32bit_step_", steps_tensor, params.size());
+  const c10::IntArrayRef steps(steps_vec);
+  lr = read_lr("one_state32bit_step_", lr, lr_tensor);
   constexpr const char* op = "one_state32bit_step_";
   const int kind = static_cast<int>(parse_one_state(op, optimizer));
   check_adam_args(op, params, grads, state1, state1, {}, {}, nullptr, nullptr, steps, false);

@@ -37,7 +37,7 @@ class _Adam(Optimizer8bit):
     @torch.no_grad()
     def init_state(self, p, config):
         state = self.state[p]
-        state["step"] = 0
+        state["step"] = self.new_step()
         self.init_clipping_state(p, config)
         eight_bit = config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"]
         if not eight_bit:
@@ -59,7 +59,7 @@ class _Adam(Optimizer8bit):
     def step_scalars(self, config, step, gnorm_scale=1.0):
         """(lr, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale) for the kernel at `step`."""
         beta1, beta2 = config["betas"][:2]
-        return (float(config["lr"]), float(beta1), float(beta2), 0.0, 0.0, float(config["eps"]),
+        return (self.lr_of(config)[0], float(beta1), float(beta2), 0.0, 0.0, float(config["eps"]),
                 float(config["weight_decay"]), gnorm_scale)
 
     @torch.no_grad()
@@ -72,11 +72,14 @@ class _Adam(Optimizer8bit):
             maps = (id(state["qmap1"]), id(state["qmap2"])) if eight_bit else None
             scalars = self.step_scalars(config, state["step"], self.gnorm_scale(p)) + (self.round_seed_for(p, config),)
             max_unorm = float(config.get("max_unorm", 0.0) or 0.0)
-            batches[(p.device, p.dtype, eight_bit, maps, scalars, max_unorm, self.shard_key(p))].append(p)
-        for (_, _, eight_bit, _, scalars, max_unorm, _), batch in batches.items():
+            lr_tensor = self.lr_of(config)[1]
+            key = (p.device, p.dtype, eight_bit, maps, scalars, max_unorm, self.shard_key(p), id(lr_tensor))
+            batches[key].append((p, lr_tensor))
+        for (_, _, eight_bit, _, scalars, max_unorm, _, _), entries in batches.items():
+            batch, lr_tensor = [p for p, _ in entries], entries[0][1]
             states = [self.state[p] for p in batch]
             params, grads = self.local_batch(batch)
-            steps = [s["step"] for s in states]
+            steps = self.steps_of(states)
             state1, state2 = [s["state1"] for s in states], [s["state2"] for s in states]
             absmax1 = [s["absmax1"] for s in states] if eight_bit else []
             absmax2 = [s["absmax2"] for s in states] if eight_bit else []
@@ -91,10 +94,11 @@ class _Adam(Optimizer8bit):
                 norms = self.reduce_norms(batch[0], norms)
             if eight_bit:
                 torch.ops.kestrel.two_state8bit_step_(self.optimizer_name, params, grads, state1, state2, absmax1,
-                                                      absmax2, qmap1, qmap2, steps, *scalars, norms, max_unorm)
+                                                      absmax2, qmap1, qmap2, steps, *scalars, norms, max_unorm,
+                                                      lr_tensor)
             else:
                 torch.ops.kestrel.two_state32bit_step_(self.optimizer_name, params, grads, state1, state2, steps,
-                                                       *scalars, norms, max_unorm)
+                                                       *scalars, norms, max_unorm, lr_tensor)
 
 
 _SIGNATURE_DOC = """

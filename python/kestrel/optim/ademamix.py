@@ -52,14 +52,17 @@ class _AdEMAMix(_Adam):
 
     def step_scalars(self, config, step, gnorm_scale=1.0):
         beta1, beta2, _ = config["betas"]
-        alpha_t, beta3_t = self.scheduled(config, step)
-        return (float(config["lr"]), float(beta1), float(beta2), float(beta3_t), float(alpha_t), float(config["eps"]),
+        if config.get("t_alpha") or config.get("t_beta3"):  # the warm-ups read the step on the host
+            alpha_t, beta3_t = self.scheduled(config, int(step))
+        else:
+            alpha_t, beta3_t = config["alpha"], config["betas"][2]
+        return (self.lr_of(config)[0], float(beta1), float(beta2), float(beta3_t), float(alpha_t), float(config["eps"]),
                 float(config["weight_decay"]), gnorm_scale)
 
     @torch.no_grad()
     def init_state(self, p, config):
         state = self.state[p]
-        state["step"] = 0
+        state["step"] = self.new_step()
         eight_bit = config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"]
         dtype = torch.uint8 if eight_bit else torch.float32
         state["state1"] = self.state_zeros(p, dtype, (2, *p.shape))

@@ -32,7 +32,7 @@ class _OneState(Optimizer8bit):
     @torch.no_grad()
     def init_state(self, p, config):
         state = self.state[p]
-        state["step"] = 0
+        state["step"] = self.new_step()
         self.init_clipping_state(p, config)
         if not (config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"]):
             state["state1"] = self.state_zeros(p, torch.float32)
@@ -53,16 +53,18 @@ class _OneState(Optimizer8bit):
             state["step"] += 1
             eight_bit = state["state1"].dtype == torch.uint8
             beta1, beta2 = (tuple(config["betas"]) + (0.0, 0.0))[:2]
-            scalars = (float(config["lr"]), float(beta1), float(beta2), float(config["eps"]),
+            scalars = (self.lr_of(config)[0], float(beta1), float(beta2), float(config["eps"]),
                        float(config["weight_decay"]), self.gnorm_scale(p), self.round_seed_for(p, config))
             max_unorm = float(config.get("max_unorm", 0.0) or 0.0)
+            lr_tensor = self.lr_of(config)[1]
             key = (p.device, p.dtype, eight_bit, id(state["qmap1"]) if eight_bit else None, scalars, max_unorm,
-                   self.shard_key(p))
-            batches[key].append(p)
-        for (_, _, eight_bit, _, scalars, max_unorm, _), batch in batches.items():
+                   self.shard_key(p), id(lr_tensor))
+            batches[key].append((p, lr_tensor))
+        for (_, _, eight_bit, _, scalars, max_unorm, _, _), entries in batches.items():
+            batch, lr_tensor = [p for p, _ in entries], entries[0][1]
             states = [self.state[p] for p in batch]
             params, grads = self.local_batch(batch)
-            steps = [s["step"] for s in states]
+            steps = self.steps_of(states)
             state1 = [s["state1"] for s in states]
             absmax1 = [s["absmax1"] for s in states] if eight_bit else []
             qmap1 = states[0]["qmap1"] if eight_bit else None
@@ -76,10 +78,10 @@ class _OneState(Optimizer8bit):
                 norms = self.reduce_norms(batch[0], norms)
             if eight_bit:
                 torch.ops.kestrel.one_state8bit_step_(self.optimizer_name, params, grads, state1, absmax1, qmap1, steps,
-                                                      *scalars, norms, max_unorm)
+                                                      *scalars, norms, max_unorm, lr_tensor)
             else:
                 torch.ops.kestrel.one_state32bit_step_(self.optimizer_name, params, grads, state1, steps, *scalars,
-                                                       norms, max_unorm)
+                                                       norms, max_unorm, lr_tensor)
 
 
 def _reject(name, condition, message, error=NotImplementedError):

@@ -109,6 +109,9 @@ class Optimizer8bit(torch.optim.Optimizer):
     def state_dict(self):
         state_dict = super().state_dict()
         state_dict["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in state_dict["state"].items()}
+        for param_state in state_dict["state"].values():
+            if isinstance(param_state, dict) and torch.is_tensor(param_state.get("step")):
+                param_state["step"] = int(param_state["step"])  # bnb's layout: a plain int
         ordered = [p for group in self.param_groups for p in group["params"]]
         for index, param_state in state_dict["state"].items():
             if isinstance(index, int) and index < len(ordered) and self.shard(ordered[index]) is not None:
@@ -266,11 +269,13 @@ class Optimizer8bit(torch.optim.Optimizer):
                 elif key in self.non_castable_tensor_keys:
                     placed[key] = value.to(param.device) if move_to_device else value
                 elif key == "step":
-                    placed[key] = int(value.item())
+                    placed[key] = torch.tensor(int(value.item()), dtype=torch.int64)
                 elif value.is_floating_point() and param.is_floating_point():
                     placed[key] = value.to(device=param.device, dtype=param.dtype)
                 else:
                     placed[key] = value.to(param.device)
+            elif key == "step":
+                placed[key] = torch.tensor(int(value), dtype=torch.int64)
             else:
                 placed[key] = value
         return placed
@@ -404,6 +409,25 @@ class Optimizer8bit(torch.optim.Optimizer):
         raise NotImplementedError
 
     @staticmethod
+    def new_step():
+        """A parameter's step count: a CPU int64 tensor (a compiled step does not recompile as it grows; the
+        checkpoint holds a plain int, as bnb's does)."""
+        return torch.zeros((), dtype=torch.int64)
+
+    @staticmethod
+    def steps_of(states):
+        return torch.stack([s["step"] for s in states])
+
+    @staticmethod
+    def lr_of(config):
+        """(lr as a float, lr as a tensor or None): a tensor lr (e.g. torch.tensor(1e-3), updated in place by a
+        scheduler) goes to the kernels as a tensor, so that a compiled step does not recompile when it changes."""
+        lr = config["lr"]
+        if torch.is_tensor(lr):
+            return 0.0, lr
+        return float(lr), None
+
+    @staticmethod
     def round_seed_for(p, config):
         """The kernels' round_seed: the optimizer's seed for a bf16 parameter with stochastic rounding on, else -1."""
         return int(config.get("round_seed", -1)) if p.dtype == torch.bfloat16 else -1
@@ -431,7 +455,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             return 1.0
         state = self.state[p]
         history = state["gnorm_vec"]
-        slot = state["step"] % 100
+        slot = int(state["step"]) % 100
         squared = D.local(p.grad).float().pow(2).sum()
         info = self.shard(p)
         history[slot] = D.all_reduce_sum(squared, info) if info is not None else squared

@@ -1,0 +1,146 @@
+"""8-bit optimizers under torch.compile: a training step with optimizer.step() compiles with fullgraph=True, gives
+the eager numbers, and does not recompile as the step count grows or an LR scheduler changes a tensor lr."""
+
+import pytest
+import torch
+
+import kestrel
+from kestrel import optim as K
+
+pytestmark = pytest.mark.skipif(not kestrel._ext.available(), reason="kestrel._C is not built")
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles its own closure of one code object: dynamo's per-code recompile budget starts afresh."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+SHAPES = [(64, 128), (4097,), (300,)]  # 8-bit, 8-bit with a partial block, 32-bit (below min_8bit_size)
+
+
+def params_and_grads(steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    start = [torch.randn(s, generator=g) * 0.1 for s in SHAPES]
+    grads = [[torch.randn(s, generator=g) * 0.1 for s in SHAPES] for _ in range(steps)]
+    return start, grads
+
+
+class CountingBackend:
+    def __init__(self, inner="eager"):
+        self.compiles, self.inner = 0, inner
+
+    def __call__(self, gm, example_inputs):
+        self.compiles += 1
+        return gm.forward
+
+
+@pytest.mark.parametrize("name,kwargs", [("AdamW8bit", {}), ("Lion8bit", {}), ("LAMB8bit", {}),
+                                         ("SGD8bit", dict(momentum=0.9)), ("AdEMAMix8bit", {})])
+def test_compiled_step_equals_eager_without_recompiling(name, kwargs):
+    start, grads = params_and_grads(6)
+    eager = [torch.nn.Parameter(t.clone()) for t in start]
+    compiled = [torch.nn.Parameter(t.clone()) for t in start]
+    cls = getattr(K, name)
+    opt_eager, opt_compiled = cls(eager, lr=1e-3, **kwargs), cls(compiled, lr=1e-3, **kwargs)
+    backend = CountingBackend()
+
+    @torch.compile(fullgraph=True, backend=backend)
+    def step(gs):
+        for p, g in zip(compiled, gs):
+            p.grad = g
+        opt_compiled.step()
+
+    for gs in grads:
+        for p, g in zip(eager, gs):
+            p.grad = g.clone()
+        opt_eager.step()
+        step([g.clone() for g in gs])
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+    for a, b in zip(eager, compiled):
+        for key, value in opt_eager.state[a].items():
+            other = opt_compiled.state[b][key]
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other
+    # the first call builds the state; every later step reuses one graph (the step count is a tensor)
+    assert backend.compiles <= 2, f"{backend.compiles} compilations for 6 steps"
+
+
+def test_tensor_lr_with_a_scheduler_does_not_recompile():
+    """torch's recipe for a compiled optimizer with an LR scheduler (the scheduler wraps step() in a function dynamo
+    does not trace, so the step compiles as its own frame): a tensor lr, changed in place, never recompiles."""
+    start, grads = params_and_grads(6, seed=1)
+    eager = [torch.nn.Parameter(t.clone()) for t in start]
+    compiled = [torch.nn.Parameter(t.clone()) for t in start]
+    opt_eager = K.AdamW8bit(eager, lr=torch.tensor(1e-2))
+    opt_compiled = K.AdamW8bit(compiled, lr=torch.tensor(1e-2))
+    sched_eager = torch.optim.lr_scheduler.StepLR(opt_eager, step_size=1, gamma=0.5)
+    sched_compiled = torch.optim.lr_scheduler.StepLR(opt_compiled, step_size=1, gamma=0.5)
+    backend = CountingBackend()
+
+    @torch.compile(fullgraph=False, backend=backend)
+    def step(gs):
+        for p, g in zip(compiled, gs):
+            p.grad = g
+        opt_compiled.step()
+
+    after_warmup = None
+    for index, gs in enumerate(grads):
+        for p, g in zip(eager, gs):
+            p.grad = g.clone()
+        opt_eager.step()
+        sched_eager.step()
+        step([g.clone() for g in gs])
+        sched_compiled.step()
+        if index == 1:
+            after_warmup = backend.compiles
+    assert float(opt_compiled.param_groups[0]["lr"]) == pytest.approx(1e-2 * 0.5 ** 6)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+    assert backend.compiles == after_warmup, f"recompiled as the lr changed: {after_warmup} -> {backend.compiles}"
+
+
+def test_float_and_tensor_lr_give_the_same_step():
+    start, grads = params_and_grads(3, seed=2)
+    a = [torch.nn.Parameter(t.clone()) for t in start]
+    b = [torch.nn.Parameter(t.clone()) for t in start]
+    opt_a, opt_b = K.AdamW8bit(a, lr=1e-3), K.AdamW8bit(b, lr=torch.tensor(1e-3, dtype=torch.float64))
+    for gs in grads:
+        for p, q, g in zip(a, b, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+
+
+def test_training_step_with_backward_compiles_fullgraph():
+    """forward, backward and optimizer.step() in one fullgraph=True function (inductor), against eager."""
+    if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        pytest.skip("this torch cannot trace Tensor.backward() in a full graph")
+    torch.manual_seed(0)
+    x = torch.randn(16, 64)
+    models = [torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
+              for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [K.AdamW8bit(m.parameters(), lr=1e-2) for m in models]
+
+    def train_step(model, opt):
+        loss = (model(x) - x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        compiled = torch.compile(train_step, fullgraph=True)
+        losses = [[], []]
+        for _ in range(4):
+            losses[0].append(train_step(models[0], opts[0]).item())
+            opts[0].zero_grad()
+            losses[1].append(compiled(models[1], opts[1]).item())
+            opts[1].zero_grad()
+    assert losses[0][-1] < losses[0][0]
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=1e-6)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-5)
