@@ -144,3 +144,77 @@ def test_training_step_with_backward_compiles_fullgraph():
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=1e-6)
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-5)
+
+
+def test_capturable_checks_and_cpu_behaviour():
+    start, grads = params_and_grads(3, seed=3)
+    a = [torch.nn.Parameter(t.clone()) for t in start]
+    b = [torch.nn.Parameter(t.clone()) for t in start]
+    opt_a, opt_b = K.AdamW8bit(a, lr=1e-3), K.AdamW8bit(b, lr=1e-3, capturable=True)
+    for gs in grads:
+        for p, q, g in zip(a, b, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)  # on the CPU, capturable changes nothing
+    p = [torch.nn.Parameter(torch.randn(5000))]
+    p[0].grad = torch.randn(5000)
+    for make, message in [
+        (lambda: K.AdamW8bit(p, capturable=True, percentile_clipping=5), "percentile_clipping reads the gradient norm"),
+        (lambda: K.LAMB8bit(p, capturable=True), r"the trust ratio \(max_unorm=1.0\) is not capturable"),
+        (lambda: K.AdEMAMix8bit(p, capturable=True, t_alpha=100), "warm-ups read the step on the host"),
+    ]:
+        opt = make()
+        with pytest.raises(ValueError, match=message):
+            opt.step()
+        assert len(opt.state) == 0  # rejected before any state was built
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,kwargs", [("AdamW8bit", {}), ("AdamW32bit", {}), ("Lion8bit", {}),
+                                         ("SGD8bit", dict(momentum=0.9)), ("AdEMAMix8bit", {})])
+def test_cuda_graph_replay_equals_eager(name, kwargs):
+    """capturable=True: one step captured in a CUDA graph and replayed with new gradients and a changed device lr
+    equals the same capturable optimizer stepped eagerly, bit for bit (and the non-capturable one within float
+    rounding: the bias corrections are computed on the device)."""
+    cls = getattr(K, name)
+    start, grads = params_and_grads(8, seed=4)
+    graphed = [torch.nn.Parameter(t.cuda()) for t in start]
+    eager = [torch.nn.Parameter(t.cuda()) for t in start]
+    lr_graphed = torch.tensor(1e-3, device="cuda")
+    lr_eager = torch.tensor(1e-3, device="cuda")
+    opt_g = cls(graphed, lr=lr_graphed, capturable=True, **kwargs)
+    opt_e = cls(eager, lr=lr_eager, capturable=True, **kwargs)
+    static = [torch.zeros_like(p) for p in graphed]
+    for p, s in zip(graphed, static):
+        p.grad = s
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: builds the state outside the capture
+        for gs in grads[:2]:
+            for s, g, p in zip(static, gs, eager):
+                s.copy_(g.cuda())
+                p.grad = g.cuda()
+            opt_g.step()
+            opt_e.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt_g.step()
+    for index, gs in enumerate(grads[2:]):
+        if index == 3:
+            lr_graphed.fill_(5e-4)
+            lr_eager.fill_(5e-4)
+        for s, g, p in zip(static, gs, eager):
+            s.copy_(g.cuda())
+            p.grad = g.cuda()
+        graph.replay()
+        opt_e.step()
+    torch.cuda.synchronize()
+    for a, b in zip(graphed, eager):
+        assert torch.equal(a, b)
+        for key, value in opt_e.state[b].items():
+            other = opt_g.state[a][key]
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other
+    assert int(opt_g.state[graphed[0]]["step"]) == 8

@@ -5,7 +5,11 @@
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include <cstring>
+#include <vector>
 #include <torch/library.h>
 
 #include "../optim_checks.h"
@@ -19,7 +23,7 @@ namespace {
 // fills the pointers it needs). Returns the pinned tensor; total_blocks receives the launch's block count.
 at::Tensor make_meta(const char* op, at::TensorList params, at::TensorList grads, c10::IntArrayRef steps, double lr,
                      double beta1, double beta2, double beta3, double alpha, double eps, double weight_decay,
-                     double gnorm_scale, int64_t round_seed, int64_t& total_blocks) {
+                     double gnorm_scale, int64_t round_seed, int64_t& total_blocks, bool pinned = true) {
   const at::Device device = params[0].device();
   const c10::ScalarType dtype = params[0].scalar_type();
   for (size_t i = 0; i < params.size(); ++i) {
@@ -29,13 +33,12 @@ at::Tensor make_meta(const char* op, at::TensorList params, at::TensorList grads
                 i, " is ", params[i].scalar_type(), ", parameter 0 ", dtype);
   }
   const int64_t count = static_cast<int64_t>(params.size());
-  at::Tensor meta_host = at::empty({count * static_cast<int64_t>(sizeof(optim::TensorMeta))},
-                                   at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  at::Tensor meta_host = at::zeros({count * static_cast<int64_t>(sizeof(optim::TensorMeta))},
+                                   at::TensorOptions().dtype(at::kByte).pinned_memory(pinned));
   auto* meta = reinterpret_cast<optim::TensorMeta*>(meta_host.data_ptr());
   total_blocks = 0;
   for (int64_t i = 0; i < count; ++i) {
     optim::TensorMeta& m = meta[i];
-    m = optim::TensorMeta{};
     m.param = params[i].data_ptr();
     m.grad = grads[i].data_ptr();
     m.numel = params[i].numel();
@@ -49,11 +52,69 @@ at::Tensor make_meta(const char* op, at::TensorList params, at::TensorList grads
   return meta_host;
 }
 
+// The step counts and lr of a step op: host values, or (a capturable step) device pointers the kernel reads, so
+// that a captured CUDA graph replays with the current values.
+struct StepArgs {
+  std::vector<int64_t> steps;
+  const int64_t* step_dev = nullptr;
+  const float* lr_dev = nullptr;
+};
+
+StepArgs read_step_args(const char* op, const at::Tensor& steps, const std::optional<at::Tensor>& lr_tensor,
+                        at::TensorList params, double& lr) {
+  StepArgs r;
+  const size_t count = params.size();
+  if (steps.is_cuda()) {
+    TORCH_CHECK(steps.scalar_type() == at::kLong && steps.dim() == 1 &&
+                    steps.numel() == static_cast<int64_t>(count) && steps.is_contiguous(),
+                op, ": steps on the GPU (a capturable step) must be a contiguous 1-D int64 tensor of ", count,
+                " step counts, got ", steps.scalar_type(), " of shape ", steps.sizes());
+    TORCH_CHECK(count == 0 || steps.device() == params[0].device(), op, ": steps must be on ", params[0].device(),
+                " or the CPU, got ", steps.device());
+    r.steps.assign(count, 1);  // placeholders: the kernel reads the counts
+    r.step_dev = steps.data_ptr<int64_t>();
+  } else {
+    r.steps = read_steps(op, steps, count);
+  }
+  if (lr_tensor.has_value() && lr_tensor->is_cuda()) {
+    TORCH_CHECK(lr_tensor->scalar_type() == at::kFloat && lr_tensor->numel() == 1 &&
+                    (count == 0 || lr_tensor->device() == params[0].device()),
+                op, ": an lr_tensor on the GPU must be one float32 value on the parameters' device, got ",
+                lr_tensor->scalar_type(), " with ", lr_tensor->numel(), " values on ", lr_tensor->device());
+    r.lr_dev = lr_tensor->data_ptr<float>();
+  } else {
+    lr = read_lr(op, lr, lr_tensor);
+  }
+  return r;
+}
+
 // The metadata copied to the device on the current stream (the caching host allocator keeps the pinned block alive
 // until the copy has run: no host synchronisation).
 const optim::TensorMeta* to_device(const at::Tensor& meta_host, at::Device device, at::Tensor& keep) {
   keep = meta_host.to(device, /*non_blocking=*/true);
   return reinterpret_cast<const optim::TensorMeta*>(keep.data_ptr());
+}
+
+// During a CUDA graph capture: the metadata goes through a pinned buffer allocated for this capture and never
+// freed (the graph's copy node reads it at every replay; a capturable step's metadata is the same at every step,
+// since the step count and the lr are read on the device). Pinned memory is allocated in relaxed capture mode, as
+// PyTorch's allocators do, outside the caching host allocator (whose blocks are reused).
+const optim::TensorMeta* captured_device_meta(const at::Tensor& meta_host, at::Device device, at::Tensor& keep) {
+  const size_t bytes = static_cast<size_t>(meta_host.numel());
+  void* host = nullptr;
+  {
+    const c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
+    C10_CUDA_CHECK(cudaHostAlloc(&host, bytes, cudaHostAllocDefault));
+  }
+  std::memcpy(host, meta_host.data_ptr(), bytes);
+  keep = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).device(device));
+  C10_CUDA_CHECK(cudaMemcpyAsync(keep.data_ptr(), host, bytes, cudaMemcpyHostToDevice,
+                                 c10::cuda::getCurrentCUDAStream().stream()));
+  return reinterpret_cast<const optim::TensorMeta*>(keep.data_ptr());
+}
+
+bool capturing() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
 }
 
 // two_state: Adam/AdEMAMix (kind a TwoState); otherwise the one-state optimizer of that kind (state2/absmax2/qmap2
@@ -62,13 +123,16 @@ void launch_step(const char* op, bool two_state, int kind, bool eight_bit, at::T
                  at::TensorList state2, at::TensorList absmax1, at::TensorList absmax2, const float* qmap1,
                  const float* qmap2, c10::IntArrayRef steps, double lr, double beta1, double beta2, double beta3,
                  double alpha, double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
-                 const float* norms, double max_unorm) {
+                 const float* norms, double max_unorm, const StepArgs& step_args) {
   if (params.empty()) return;
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
   int64_t total_blocks = 0;
+  const bool in_capture = capturing();
+  TORCH_CHECK(!in_capture || step_args.step_dev != nullptr, op, ": a step captured in a CUDA graph must be "
+              "capturable (step counts on the GPU: build the optimizer with capturable=True)");
   at::Tensor meta_host = make_meta(op, params, grads, steps, lr, beta1, beta2, beta3, alpha, eps, weight_decay,
-                                   gnorm_scale, round_seed, total_blocks);
+                                   gnorm_scale, round_seed, total_blocks, /*pinned=*/!in_capture);
   auto* meta = reinterpret_cast<optim::TensorMeta*>(meta_host.data_ptr());
   const int64_t count = static_cast<int64_t>(params.size());
   for (int64_t i = 0; i < count; ++i) {
@@ -79,9 +143,12 @@ void launch_step(const char* op, bool two_state, int kind, bool eight_bit, at::T
     m.absmax2 = eight_bit && two_state ? absmax2[i].data_ptr<float>() : nullptr;
     m.norms = norms ? norms + 2 * i : nullptr;
     m.scalars.max_unorm = (float)max_unorm;
+    m.step_ptr = step_args.step_dev ? step_args.step_dev + i : nullptr;
+    m.lr_ptr = step_args.lr_dev;
   }
   at::Tensor meta_device;
-  const optim::TensorMeta* device_meta = to_device(meta_host, device, meta_device);
+  const optim::TensorMeta* device_meta =
+      in_capture ? captured_device_meta(meta_host, device, meta_device) : to_device(meta_host, device, meta_device);
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
   const c10::ScalarType dtype = params[0].scalar_type();
   const int error =
@@ -102,6 +169,7 @@ at::Tensor update_norms_cuda(c10::string_view optimizer, at::TensorList params, 
   constexpr const char* op = "update_norms";
   const bool adam = check_norm_args(op, optimizer, params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2,
                                     steps);
+  TORCH_CHECK(!capturing(), op, ": the trust ratio's norm pass cannot be captured in a CUDA graph yet");
   const bool eight_bit = qmap1.has_value();
   const int64_t count = static_cast<int64_t>(params.size());
   if (count == 0) return at::zeros({0, 2}, at::TensorOptions().dtype(at::kFloat));
@@ -139,9 +207,8 @@ void two_state8bit_step_cuda(c10::string_view optimizer, at::TensorList params, 
                              double alpha, double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
                              const std::optional<at::Tensor>& norms, double max_unorm,
     const std::optional<at::Tensor>& lr_tensor) {
-  const std::vector<int64_t> steps_vec = read_steps("two_state8bit_step_", steps_tensor, params.size());
-  const c10::IntArrayRef steps(steps_vec);
-  lr = read_lr("two_state8bit_step_", lr, lr_tensor);
+  const StepArgs step_args = read_step_args("two_state8bit_step_", steps_tensor, lr_tensor, params, lr);
+  const c10::IntArrayRef steps(step_args.steps);
   constexpr const char* op = "two_state8bit_step_";
   const optim::TwoState kind = parse_two_state(op, optimizer);
   const int64_t moments1 = kind == optim::TwoState::kAdEMAMix ? 2 : 1;
@@ -154,7 +221,7 @@ void two_state8bit_step_cuda(c10::string_view optimizer, at::TensorList params, 
   }
   launch_step(op, true, static_cast<int>(kind), true, params, grads, state1, state2, absmax1, absmax2,
               qmap1.data_ptr<float>(), qmap2.data_ptr<float>(), steps, lr, beta1, beta2, beta3, alpha, eps,
-              weight_decay, gnorm_scale, round_seed, norm_data, max_unorm);
+              weight_decay, gnorm_scale, round_seed, norm_data, max_unorm, step_args);
 }
 
 void two_state32bit_step_cuda(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
@@ -163,9 +230,8 @@ void two_state32bit_step_cuda(c10::string_view optimizer, at::TensorList params,
                               double weight_decay, double gnorm_scale, int64_t round_seed,
                               const std::optional<at::Tensor>& norms, double max_unorm,
     const std::optional<at::Tensor>& lr_tensor) {
-  const std::vector<int64_t> steps_vec = read_steps("two_state32bit_step_", steps_tensor, params.size());
-  const c10::IntArrayRef steps(steps_vec);
-  lr = read_lr("two_state32bit_step_", lr, lr_tensor);
+  const StepArgs step_args = read_step_args("two_state32bit_step_", steps_tensor, lr_tensor, params, lr);
+  const c10::IntArrayRef steps(step_args.steps);
   constexpr const char* op = "two_state32bit_step_";
   const optim::TwoState kind = parse_two_state(op, optimizer);
   const int64_t moments1 = kind == optim::TwoState::kAdEMAMix ? 2 : 1;
@@ -173,7 +239,8 @@ void two_state32bit_step_cuda(c10::string_view optimizer, at::TensorList params,
   const float* norm_data = check_norms(op, norms, max_unorm, params.size(), kind == optim::TwoState::kAdam, optimizer,
                                        params.empty() ? at::Device(at::kCUDA) : params[0].device());
   launch_step(op, true, static_cast<int>(kind), false, params, grads, state1, state2, {}, {}, nullptr, nullptr,
-              steps, lr, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale, round_seed, norm_data, max_unorm);
+              steps, lr, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale, round_seed, norm_data, max_unorm,
+              step_args);
 }
 
 void one_state8bit_step_cuda(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
@@ -182,9 +249,8 @@ void one_state8bit_step_cuda(c10::string_view optimizer, at::TensorList params, 
                              double weight_decay, double gnorm_scale, int64_t round_seed,
                              const std::optional<at::Tensor>& norms, double max_unorm,
     const std::optional<at::Tensor>& lr_tensor) {
-  const std::vector<int64_t> steps_vec = read_steps("one_state8bit_step_", steps_tensor, params.size());
-  const c10::IntArrayRef steps(steps_vec);
-  lr = read_lr("one_state8bit_step_", lr, lr_tensor);
+  const StepArgs step_args = read_step_args("one_state8bit_step_", steps_tensor, lr_tensor, params, lr);
+  const c10::IntArrayRef steps(step_args.steps);
   constexpr const char* op = "one_state8bit_step_";
   const int kind = static_cast<int>(parse_one_state(op, optimizer));
   check_adam_args(op, params, grads, state1, state1, absmax1, absmax1, &qmap1, &qmap1, steps, true);
@@ -196,7 +262,7 @@ void one_state8bit_step_cuda(c10::string_view optimizer, at::TensorList params, 
   }
   launch_step(op, false, kind, true, params, grads, state1, state1, absmax1, absmax1, qmap1.data_ptr<float>(),
               nullptr, steps, lr, beta1, beta2, 0.0, 0.0, eps, weight_decay, gnorm_scale, round_seed, norm_data,
-              max_unorm);
+              max_unorm, step_args);
 }
 
 void one_state32bit_step_cuda(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
@@ -204,16 +270,15 @@ void one_state32bit_step_cuda(c10::string_view optimizer, at::TensorList params,
                               double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
                               const std::optional<at::Tensor>& norms, double max_unorm,
     const std::optional<at::Tensor>& lr_tensor) {
-  const std::vector<int64_t> steps_vec = read_steps("one_state32bit_step_", steps_tensor, params.size());
-  const c10::IntArrayRef steps(steps_vec);
-  lr = read_lr("one_state32bit_step_", lr, lr_tensor);
+  const StepArgs step_args = read_step_args("one_state32bit_step_", steps_tensor, lr_tensor, params, lr);
+  const c10::IntArrayRef steps(step_args.steps);
   constexpr const char* op = "one_state32bit_step_";
   const int kind = static_cast<int>(parse_one_state(op, optimizer));
   check_adam_args(op, params, grads, state1, state1, {}, {}, nullptr, nullptr, steps, false);
   const float* norm_data = check_norms(op, norms, max_unorm, params.size(), kind == 0, optimizer,
                                        params.empty() ? at::Device(at::kCUDA) : params[0].device());
   launch_step(op, false, kind, false, params, grads, state1, state1, {}, {}, nullptr, nullptr, steps, lr, beta1,
-              beta2, 0.0, 0.0, eps, weight_decay, gnorm_scale, round_seed, norm_data, max_unorm);
+              beta2, 0.0, 0.0, eps, weight_decay, gnorm_scale, round_seed, norm_data, max_unorm, step_args);
 }
 
 }  // namespace

@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(kAdamThreads)
   if (!locate_block(meta, num_tensors, total_blocks, w)) return;
   const int lane = threadIdx.x & 31;
   const optim::TensorMeta& m = *w.meta;
-  optim::StepScalars a = m.scalars;
+  optim::StepScalars a = optim::scalars_of(m);
   if (!kMix) optim::apply_trust_ratio(a, m.norms, /*adam=*/true);  // LAMB
   const int64_t local_block = w.local_block, begin = w.begin, end = w.end;
   const int64_t blocks = (m.numel + optim::kBlockSize - 1) / optim::kBlockSize;
@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(kAdamThreads)
   if (!locate_block(meta, num_tensors, total_blocks, w)) return;
   const int lane = threadIdx.x & 31;
   const optim::TensorMeta& m = *w.meta;
-  optim::StepScalars a = m.scalars;
+  optim::StepScalars a = optim::scalars_of(m);
   if (KIND == optim::OneState::kMomentum) optim::apply_trust_ratio(a, m.norms, /*adam=*/false);  // LARS
   const int64_t local_block = w.local_block, begin = w.begin, end = w.end;
   T* p = static_cast<T*>(m.param);
@@ -249,7 +249,7 @@ __global__ void __launch_bounds__(kAdamThreads)
   if (!locate_block(meta, num_tensors, total_blocks, w)) return;
   const int lane = threadIdx.x & 31;
   const optim::TensorMeta& m = *w.meta;
-  const optim::StepScalars a = m.scalars;
+  const optim::StepScalars a = optim::scalars_of(m);
   const T* p = static_cast<const T*>(m.param);
   const T* g = static_cast<const T*>(m.grad);
   const float old_max1 = EIGHT_BIT ? m.absmax1[w.local_block] : 0.0f;

@@ -34,6 +34,7 @@ struct StepScalars {
   uint64_t round_seed;
   // LAMB / LARS: the trust-ratio bound on the update norm (0: off); see apply_trust_ratio.
   float max_unorm;
+  float unused;  // explicit (zero) padding: the CUDA launcher keys a cache on the raw bytes of the metadata
 };
 
 // Optimizers with two states (bnb's Optimizer2State). AdEMAMix's state1 holds two first moments (m1, then m2).
@@ -41,6 +42,20 @@ enum class TwoState : int { kAdam = 0, kAdEMAMix = 1 };
 
 // Optimizers with one state (bnb's Optimizer1State); the state uses the signed map when 8-bit.
 enum class OneState : int { kMomentum = 0, kRMSprop = 1, kAdagrad = 2, kLion = 3 };
+
+// The scalars that depend on the step and the learning rate (host, or device for a capturable step whose step
+// count and lr live in device memory): bias corrections, step size, decay. float32, as bnb's kernel computes them.
+KESTREL_HD void set_step_and_lr(StepScalars& a, int64_t step, float lr) {
+  const float correction1 = 1.0f - powf(a.beta1, (float)step);
+  const float correction2 = sqrtf(1.0f - powf(a.beta2, (float)step));
+  a.step_size = (-lr * correction2) / correction1;
+  a.correction1 = correction1;
+  a.correction2 = correction2;
+  a.eps_c2 = correction2 * a.eps;
+  a.decay = 1.0f - lr * a.weight_decay;
+  a.lr = lr;
+  a.step = (int)step;
+}
 
 // The scalars of step `step` (>= 1), in float32 as bnb's kernel computes them (IEEE division for step_size).
 inline StepScalars make_adam_scalars(int64_t step, float lr, float beta1, float beta2, float eps, float weight_decay,
@@ -50,26 +65,19 @@ inline StepScalars make_adam_scalars(int64_t step, float lr, float beta1, float 
   a.beta2 = beta2;
   a.one_minus_beta1 = 1.0f - beta1;
   a.one_minus_beta2 = 1.0f - beta2;
-  const float correction1 = 1.0f - powf(beta1, (float)step);
-  const float correction2 = sqrtf(1.0f - powf(beta2, (float)step));
-  a.step_size = (-lr * correction2) / correction1;
-  a.correction1 = correction1;
-  a.correction2 = correction2;
   a.beta3 = beta3;
   a.one_minus_beta3 = 1.0f - beta3;
   a.alpha = alpha;
-  a.eps_c2 = correction2 * eps;
-  a.decay = 1.0f - lr * weight_decay;
   a.gnorm_scale = gnorm_scale;
-  a.lr = lr;
   a.eps = eps;
   a.weight_decay = weight_decay;
-  a.step = (int)step;
   a.apply_decay = weight_decay > 0.0f;
   a.stochastic_round = 0;
   a.salt = 0;
   a.round_seed = 0;
   a.max_unorm = 0.0f;
+  a.unused = 0.0f;
+  set_step_and_lr(a, step, lr);
   return a;
 }
 
@@ -239,7 +247,18 @@ struct TensorMeta {
   StepScalars scalars;
   const float* norms;  // LAMB/LARS: {sum u^2, sum p^2} of this parameter (update_norms), or nullptr
   float* norms_out;    // update_norms: where this parameter's sums go
+  // A capturable step (CUDA graphs): the step count and the lr in device memory, read by the kernel (scalars are
+  // then recomputed there with set_step_and_lr); nullptr otherwise.
+  const int64_t* step_ptr;
+  const float* lr_ptr;
 };
+
+// The scalars a kernel uses for parameter `m`: the host's, or recomputed from the device step count and lr.
+KESTREL_HD StepScalars scalars_of(const TensorMeta& m) {
+  StepScalars a = m.scalars;
+  if (m.step_ptr != nullptr) set_step_and_lr(a, *m.step_ptr, m.lr_ptr != nullptr ? *m.lr_ptr : a.lr);
+  return a;
+}
 
 }  // namespace optim
 }  // namespace kestrel

@@ -17,7 +17,7 @@ class _Adam(Optimizer8bit):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, optim_bits=32,
                  args=None, min_8bit_size=4096, is_paged=False, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False, max_unorm=0.0):
+                 bf16_stochastic_round=False, max_unorm=0.0, capturable=False):
         name = type(self).__name__
         if amsgrad:
             raise ValueError(f"{name} does not support amsgrad=True")
@@ -28,7 +28,7 @@ class _Adam(Optimizer8bit):
         check_hyperparameters(name, lr, eps, betas, weight_decay, optim_bits, block_wise)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, alpha=0.0, t_alpha=None,
                         t_beta3=None)
-        super().__init__(params, defaults, optim_bits, is_paged, bf16_stochastic_round)
+        super().__init__(params, defaults, optim_bits, is_paged, bf16_stochastic_round, capturable)
         self.args = default_args(args, optim_bits, min_8bit_size, max_unorm)
         self.optimizer_name = "adam"
         check_max_unorm(name, self.args, supported=True)
@@ -37,7 +37,7 @@ class _Adam(Optimizer8bit):
     @torch.no_grad()
     def init_state(self, p, config):
         state = self.state[p]
-        state["step"] = self.new_step()
+        state["step"] = self.new_step(p)
         self.init_clipping_state(p, config)
         eight_bit = config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"]
         if not eight_bit:
@@ -116,9 +116,9 @@ class Adam(_Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, optim_bits=32,
                  args=None, min_8bit_size=4096, is_paged=False, *, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False):
+                 bf16_stochastic_round=False, capturable=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, optim_bits, args, min_8bit_size, is_paged,
-                         percentile_clipping, block_wise, bf16_stochastic_round)
+                         percentile_clipping, block_wise, bf16_stochastic_round, capturable=capturable)
 
 
 class AdamW(_Adam):
@@ -126,9 +126,9 @@ class AdamW(_Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
                  optim_bits=32, args=None, min_8bit_size=4096, is_paged=False, *, percentile_clipping=100,
-                 block_wise=True, bf16_stochastic_round=False):
+                 block_wise=True, bf16_stochastic_round=False, capturable=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, optim_bits, args, min_8bit_size, is_paged,
-                         percentile_clipping, block_wise, bf16_stochastic_round)
+                         percentile_clipping, block_wise, bf16_stochastic_round, capturable=capturable)
 
 
 def _fixed_bits(cls_name, bits, default_wd):
@@ -136,14 +136,14 @@ def _fixed_bits(cls_name, bits, default_wd):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=default_wd, amsgrad=False,
                  optim_bits=32, args=None, min_8bit_size=4096, is_paged=False, *, percentile_clipping=100,
-                 block_wise=True, bf16_stochastic_round=False):
+                 block_wise=True, bf16_stochastic_round=False, capturable=False):
         if amsgrad:
             raise ValueError(f"{cls_name} does not support amsgrad=True")
         if optim_bits != 32:
             raise ValueError(f"{cls_name}: optim_bits is fixed to {bits} (only the default optim_bits=32 is accepted, "
                              f"for bnb compatibility), got {optim_bits}")
         _Adam.__init__(self, params, lr, betas, eps, weight_decay, False, bits, args, min_8bit_size, is_paged,
-                       percentile_clipping, block_wise, bf16_stochastic_round)
+                       percentile_clipping, block_wise, bf16_stochastic_round, capturable=capturable)
 
     return __init__
 

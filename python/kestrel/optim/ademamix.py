@@ -17,7 +17,8 @@ from .optimizer import _blocks, check_max_unorm, paged_class
 
 class _AdEMAMix(_Adam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=5.0, t_alpha=None, t_beta3=None, eps=1e-8,
-                 weight_decay=1e-2, optim_bits=32, min_8bit_size=4096, is_paged=False, *, bf16_stochastic_round=False):
+                 weight_decay=1e-2, optim_bits=32, min_8bit_size=4096, is_paged=False, *, bf16_stochastic_round=False,
+                 capturable=False):
         name = type(self).__name__
         if len(betas) != 3:
             raise ValueError(f"{name}: betas must hold three values (beta1, beta2, beta3), got {tuple(betas)}")
@@ -29,7 +30,7 @@ class _AdEMAMix(_Adam):
             if value is not None and not value > 0:
                 raise ValueError(f"{name}: {key} must be None or > 0, got {value}")
         super().__init__(params, lr, tuple(betas[:2]), eps, weight_decay, False, optim_bits, None, min_8bit_size,
-                         is_paged, bf16_stochastic_round=bf16_stochastic_round)
+                         is_paged, bf16_stochastic_round=bf16_stochastic_round, capturable=capturable)
         for group in self.param_groups:
             group.update(betas=tuple(betas), alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3)
         self.defaults.update(betas=tuple(betas), alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3)
@@ -62,7 +63,7 @@ class _AdEMAMix(_Adam):
     @torch.no_grad()
     def init_state(self, p, config):
         state = self.state[p]
-        state["step"] = self.new_step()
+        state["step"] = self.new_step(p)
         eight_bit = config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"]
         dtype = torch.uint8 if eight_bit else torch.float32
         state["state1"] = self.state_zeros(p, dtype, (2, *p.shape))
@@ -87,16 +88,18 @@ class AdEMAMix8bit(_AdEMAMix):
     """AdEMAMix with 8-bit state (a drop-in for bnb.optim.AdEMAMix8bit)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=5.0, t_alpha=None, t_beta3=None, eps=1e-8,
-                 weight_decay=1e-2, min_8bit_size=4096, is_paged=False, *, bf16_stochastic_round=False):
+                 weight_decay=1e-2, min_8bit_size=4096, is_paged=False, *, bf16_stochastic_round=False,
+                 capturable=False):
         super().__init__(params, lr, betas, alpha, t_alpha, t_beta3, eps, weight_decay, 8, min_8bit_size, is_paged,
-                         bf16_stochastic_round=bf16_stochastic_round)
+                         bf16_stochastic_round=bf16_stochastic_round, capturable=capturable)
 
 
 class AdEMAMix32bit(_AdEMAMix):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=5.0, t_alpha=None, t_beta3=None, eps=1e-8,
-                 weight_decay=1e-2, min_8bit_size=4096, is_paged=False, *, bf16_stochastic_round=False):
+                 weight_decay=1e-2, min_8bit_size=4096, is_paged=False, *, bf16_stochastic_round=False,
+                 capturable=False):
         super().__init__(params, lr, betas, alpha, t_alpha, t_beta3, eps, weight_decay, 32, min_8bit_size, is_paged,
-                         bf16_stochastic_round=bf16_stochastic_round)
+                         bf16_stochastic_round=bf16_stochastic_round, capturable=capturable)
 
 
 PagedAdEMAMix = paged_class(AdEMAMix, "PagedAdEMAMix")

@@ -20,10 +20,10 @@ class _OneState(Optimizer8bit):
 
     def __init__(self, optimizer_name, params, lr=1e-3, betas=(0.9, 0.0), eps=1e-8, weight_decay=0.0, optim_bits=32,
                  args=None, min_8bit_size=4096, is_paged=False, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False, max_unorm=0.0):
+                 bf16_stochastic_round=False, max_unorm=0.0, capturable=False):
         check_hyperparameters(type(self).__name__, lr, eps, betas, weight_decay, optim_bits, block_wise)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        super().__init__(params, defaults, optim_bits, is_paged, bf16_stochastic_round)
+        super().__init__(params, defaults, optim_bits, is_paged, bf16_stochastic_round, capturable)
         self.args = default_args(args, optim_bits, min_8bit_size, max_unorm)
         self.optimizer_name = optimizer_name
         check_max_unorm(type(self).__name__, self.args, supported=optimizer_name == "momentum")
@@ -32,7 +32,7 @@ class _OneState(Optimizer8bit):
     @torch.no_grad()
     def init_state(self, p, config):
         state = self.state[p]
-        state["step"] = self.new_step()
+        state["step"] = self.new_step(p)
         self.init_clipping_state(p, config)
         if not (config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"]):
             state["state1"] = self.state_zeros(p, torch.float32)
@@ -92,13 +92,13 @@ def _reject(name, condition, message, error=NotImplementedError):
 class _SGD(_OneState):
     def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, optim_bits=32, args=None,
                  min_8bit_size=4096, *, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False):
+                 bf16_stochastic_round=False, capturable=False):
         name = type(self).__name__
         _reject(name, momentum == 0, "SGD without momentum is not supported (momentum must be > 0, got 0)")
         _reject(name, dampening != 0, f"dampening is not supported (got {dampening})")
         _reject(name, nesterov, "nesterov=True is not supported")
         super().__init__("momentum", params, lr, (momentum, dampening), 0.0, weight_decay, optim_bits, args,
-                         min_8bit_size, False, percentile_clipping, block_wise, bf16_stochastic_round)
+                         min_8bit_size, False, percentile_clipping, block_wise, bf16_stochastic_round, capturable=capturable)
 
 
 class SGD(_SGD):
@@ -110,19 +110,19 @@ class SGD8bit(_SGD):
 
     def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, args=None,
                  min_8bit_size=4096, *, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False):
+                 bf16_stochastic_round=False, capturable=False):
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, 8, args, min_8bit_size,
                          percentile_clipping=percentile_clipping, block_wise=block_wise,
-                         bf16_stochastic_round=bf16_stochastic_round)
+                         bf16_stochastic_round=bf16_stochastic_round, capturable=capturable)
 
 
 class SGD32bit(_SGD):
     def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, args=None,
                  min_8bit_size=4096, *, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False):
+                 bf16_stochastic_round=False, capturable=False):
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, 32, args, min_8bit_size,
                          percentile_clipping=percentile_clipping, block_wise=block_wise,
-                         bf16_stochastic_round=bf16_stochastic_round)
+                         bf16_stochastic_round=bf16_stochastic_round, capturable=capturable)
 
 
 class _LARS(_OneState):
@@ -131,13 +131,13 @@ class _LARS(_OneState):
     bnb's 8-bit LARS skips the ratio silently; kestrel applies it (a norm pass before the fused step)."""
 
     def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, optim_bits=32, args=None,
-                 min_8bit_size=4096, max_unorm=0.02, *, bf16_stochastic_round=False):
+                 min_8bit_size=4096, max_unorm=0.02, *, bf16_stochastic_round=False, capturable=False):
         name = type(self).__name__
         _reject(name, momentum == 0, "LARS without momentum is not supported (momentum must be > 0, got 0)")
         _reject(name, dampening != 0, f"dampening is not supported (got {dampening})")
         _reject(name, nesterov, "nesterov=True is not supported")
         super().__init__("momentum", params, lr, (momentum, dampening), 0.0, weight_decay, optim_bits, args,
-                         min_8bit_size, False, 100, True, bf16_stochastic_round, max_unorm)
+                         min_8bit_size, False, 100, True, bf16_stochastic_round, max_unorm, capturable)
 
 
 class LARS(_LARS):
@@ -148,30 +148,30 @@ class LARS8bit(_LARS):
     """LARS with 8-bit state (bnb.optim.LARS8bit's signature; the trust ratio is applied)."""
 
     def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, args=None,
-                 min_8bit_size=4096, max_unorm=0.02, *, bf16_stochastic_round=False):
+                 min_8bit_size=4096, max_unorm=0.02, *, bf16_stochastic_round=False, capturable=False):
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, 8, args, min_8bit_size, max_unorm,
-                         bf16_stochastic_round=bf16_stochastic_round)
+                         bf16_stochastic_round=bf16_stochastic_round, capturable=capturable)
 
 
 class LARS32bit(_LARS):
     """LARS with float32 state (bnb.optim.LARS32bit)."""
 
     def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, args=None,
-                 min_8bit_size=4096, max_unorm=0.02, *, bf16_stochastic_round=False):
+                 min_8bit_size=4096, max_unorm=0.02, *, bf16_stochastic_round=False, capturable=False):
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, 32, args, min_8bit_size, max_unorm,
-                         bf16_stochastic_round=bf16_stochastic_round)
+                         bf16_stochastic_round=bf16_stochastic_round, capturable=capturable)
 
 
 class _RMSprop(_OneState):
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
                  optim_bits=32, args=None, min_8bit_size=4096, *, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False):
+                 bf16_stochastic_round=False, capturable=False):
         name = type(self).__name__
         _reject(name, alpha == 0, "RMSprop with alpha=0 is not supported")
         _reject(name, centered, "centered RMSprop is not supported")
         _reject(name, momentum != 0, f"momentum is not supported (got {momentum}; bnb ignores it silently)")
         super().__init__("rmsprop", params, lr, (alpha, momentum), eps, weight_decay, optim_bits, args, min_8bit_size,
-                         False, percentile_clipping, block_wise, bf16_stochastic_round)
+                         False, percentile_clipping, block_wise, bf16_stochastic_round, capturable=capturable)
 
 
 class RMSprop(_RMSprop):
@@ -183,31 +183,31 @@ class RMSprop8bit(_RMSprop):
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False, args=None,
                  min_8bit_size=4096, *, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False):
+                 bf16_stochastic_round=False, capturable=False):
         super().__init__(params, lr, alpha, eps, weight_decay, momentum, centered, 8, args, min_8bit_size,
                          percentile_clipping=percentile_clipping, block_wise=block_wise,
-                         bf16_stochastic_round=bf16_stochastic_round)
+                         bf16_stochastic_round=bf16_stochastic_round, capturable=capturable)
 
 
 class RMSprop32bit(_RMSprop):
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False, args=None,
                  min_8bit_size=4096, *, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False):
+                 bf16_stochastic_round=False, capturable=False):
         super().__init__(params, lr, alpha, eps, weight_decay, momentum, centered, 32, args, min_8bit_size,
                          percentile_clipping=percentile_clipping, block_wise=block_wise,
-                         bf16_stochastic_round=bf16_stochastic_round)
+                         bf16_stochastic_round=bf16_stochastic_round, capturable=capturable)
 
 
 class _Adagrad(_OneState):
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
                  optim_bits=32, args=None, min_8bit_size=4096, *, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False):
+                 bf16_stochastic_round=False, capturable=False):
         name = type(self).__name__
         _reject(name, initial_accumulator_value != 0,
                 f"initial_accumulator_value must be 0, got {initial_accumulator_value}", ValueError)
         _reject(name, lr_decay != 0, f"lr_decay must be 0, got {lr_decay}", ValueError)
         super().__init__("adagrad", params, lr, (0.0, 0.0), eps, weight_decay, optim_bits, args, min_8bit_size,
-                         False, percentile_clipping, block_wise, bf16_stochastic_round)
+                         False, percentile_clipping, block_wise, bf16_stochastic_round, capturable=capturable)
 
 
 class Adagrad(_Adagrad):
@@ -219,28 +219,28 @@ class Adagrad8bit(_Adagrad):
 
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
                  optim_bits=8, args=None, min_8bit_size=4096, *, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False):
+                 bf16_stochastic_round=False, capturable=False):
         _reject(type(self).__name__, optim_bits != 8, f"optim_bits is fixed to 8, got {optim_bits}", ValueError)
         super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, 8, args, min_8bit_size,
                          percentile_clipping=percentile_clipping, block_wise=block_wise,
-                         bf16_stochastic_round=bf16_stochastic_round)
+                         bf16_stochastic_round=bf16_stochastic_round, capturable=capturable)
 
 
 class Adagrad32bit(_Adagrad):
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
                  optim_bits=32, args=None, min_8bit_size=4096, *, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False):
+                 bf16_stochastic_round=False, capturable=False):
         super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, 32, args, min_8bit_size,
                          percentile_clipping=percentile_clipping, block_wise=block_wise,
-                         bf16_stochastic_round=bf16_stochastic_round)
+                         bf16_stochastic_round=bf16_stochastic_round, capturable=capturable)
 
 
 class _Lion(_OneState):
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0, optim_bits=32, args=None,
                  min_8bit_size=4096, is_paged=False, *, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False):
+                 bf16_stochastic_round=False, capturable=False):
         super().__init__("lion", params, lr, betas, 0.0, weight_decay, optim_bits, args, min_8bit_size, is_paged,
-                         percentile_clipping, block_wise, bf16_stochastic_round)
+                         percentile_clipping, block_wise, bf16_stochastic_round, capturable=capturable)
 
 
 class Lion(_Lion):
@@ -252,19 +252,19 @@ class Lion8bit(_Lion):
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0, args=None, min_8bit_size=4096,
                  is_paged=False, *, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False):
+                 bf16_stochastic_round=False, capturable=False):
         super().__init__(params, lr, betas, weight_decay, 8, args, min_8bit_size, is_paged,
                          percentile_clipping=percentile_clipping, block_wise=block_wise,
-                         bf16_stochastic_round=bf16_stochastic_round)
+                         bf16_stochastic_round=bf16_stochastic_round, capturable=capturable)
 
 
 class Lion32bit(_Lion):
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0, args=None, min_8bit_size=4096,
                  is_paged=False, *, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False):
+                 bf16_stochastic_round=False, capturable=False):
         super().__init__(params, lr, betas, weight_decay, 32, args, min_8bit_size, is_paged,
                          percentile_clipping=percentile_clipping, block_wise=block_wise,
-                         bf16_stochastic_round=bf16_stochastic_round)
+                         bf16_stochastic_round=bf16_stochastic_round, capturable=capturable)
 
 
 PagedLion = paged_class(Lion, "PagedLion")

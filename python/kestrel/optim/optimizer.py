@@ -86,7 +86,7 @@ class Optimizer8bit(torch.optim.Optimizer):
     non_castable_tensor_keys = frozenset({"qmap1", "qmap2", "max1", "max2", "new_max1", "new_max2", "state1",
                                           "state2", "gnorm_vec", "absmax1", "absmax2", "unorm_vec"})
 
-    def __init__(self, params, defaults, optim_bits=32, is_paged=False, bf16_stochastic_round=False):
+    def __init__(self, params, defaults, optim_bits=32, is_paged=False, bf16_stochastic_round=False, capturable=False):
         if bf16_stochastic_round:
             # drawn from torch's generator, so runs are deterministic given torch.manual_seed; saved with the
             # param_groups, so a resumed run draws the same rounding bits
@@ -94,6 +94,9 @@ class Optimizer8bit(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.mng = GlobalOptimManager.get_instance()
         self.is_paged = is_paged
+        # capturable (CUDA graphs): step counts live on the parameter's device and the kernels read them (and a
+        # device-tensor lr) there, so one captured step replays with the current values
+        self.capturable = bool(capturable)
         self.percentile_clipping = 100
         self._paged_warned = False
         self.name2qmap = {}
@@ -269,13 +272,13 @@ class Optimizer8bit(torch.optim.Optimizer):
                 elif key in self.non_castable_tensor_keys:
                     placed[key] = value.to(param.device) if move_to_device else value
                 elif key == "step":
-                    placed[key] = torch.tensor(int(value.item()), dtype=torch.int64)
+                    placed[key] = self.new_step(param).fill_(int(value.item()))
                 elif value.is_floating_point() and param.is_floating_point():
                     placed[key] = value.to(device=param.device, dtype=param.dtype)
                 else:
                     placed[key] = value.to(param.device)
             elif key == "step":
-                placed[key] = torch.tensor(int(value), dtype=torch.int64)
+                placed[key] = self.new_step(param).fill_(int(value))
             else:
                 placed[key] = value
         return placed
@@ -303,6 +306,24 @@ class Optimizer8bit(torch.optim.Optimizer):
         state = self.state.get(p)
         if state and "state1" in state and state["state1"].device != p.device:
             raise ValueError(f"{where} is on {p.device} but its optimizer state is on {state['state1'].device}")
+
+    def _check_capturable(self, p, config):
+        """What a captured (CUDA graph) step cannot do: read values on the host each step."""
+        name = type(self).__name__
+        lr = config["lr"]
+        if torch.is_tensor(lr) and p.device.type == "cuda" and lr.device != p.device:
+            raise ValueError(f"{name}(capturable=True): a tensor lr must be on the parameters' device {p.device}, "
+                             f"got {lr.device}")
+        if torch.is_tensor(lr) and p.device.type == "cuda" and lr.dtype != torch.float32:
+            raise ValueError(f"{name}(capturable=True): a tensor lr must be float32, got {lr.dtype}")
+        if self.percentile_clipping < 100:
+            raise ValueError(f"{name}(capturable=True): percentile_clipping reads the gradient norm on the host; "
+                             f"it cannot be captured (got percentile_clipping={self.percentile_clipping})")
+        if (config.get("max_unorm", 0.0) or 0.0) > 0.0:
+            raise ValueError(f"{name}(capturable=True): the trust ratio (max_unorm={config['max_unorm']}) is not "
+                             "capturable yet; use max_unorm=0")
+        if config.get("t_alpha") or config.get("t_beta3"):
+            raise ValueError(f"{name}(capturable=True): the t_alpha/t_beta3 warm-ups read the step on the host")
 
     def _paged_buffer_warning(self, p):
         if self.is_paged and p.device.type == "cpu" and not self._paged_warned:
@@ -379,6 +400,8 @@ class Optimizer8bit(torch.optim.Optimizer):
                     p.data = p.data.contiguous()
                 if not p.grad.is_contiguous():
                     p.grad = p.grad.contiguous()
+            if self.capturable:
+                self._check_capturable(p, config)
             if len(self.state[p]) == 0:
                 self._paged_buffer_warning(p)
                 self.init_state(p, config)
@@ -408,11 +431,11 @@ class Optimizer8bit(torch.optim.Optimizer):
     def init_state(self, p, config):
         raise NotImplementedError
 
-    @staticmethod
-    def new_step():
-        """A parameter's step count: a CPU int64 tensor (a compiled step does not recompile as it grows; the
-        checkpoint holds a plain int, as bnb's does)."""
-        return torch.zeros((), dtype=torch.int64)
+    def new_step(self, p=None):
+        """A parameter's step count: an int64 tensor (a compiled step does not recompile as it grows; the
+        checkpoint holds a plain int, as bnb's does), on the CPU, or on the parameter's GPU when capturable."""
+        device = p.device if (self.capturable and p is not None and p.device.type == "cuda") else "cpu"
+        return torch.zeros((), dtype=torch.int64, device=device)
 
     @staticmethod
     def steps_of(states):
