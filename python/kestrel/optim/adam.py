@@ -107,6 +107,8 @@ _SIGNATURE_DOC = """
     state), is_paged=False. bnb 0.49's percentile_clipping=100 (clip each gradient to the given percentile of its
     last 100 norms) and block_wise=True (False raises) are accepted as keywords. bf16_stochastic_round=False (beyond
     bnb): round bf16 parameters stochastically (unbiased), deterministic given torch's seed at construction.
+    capturable=False (beyond bnb): keep step counts on the GPU (and accept a float32 GPU tensor lr) so that a step can
+    be captured in a CUDA graph. lr may be a tensor (for LR schedulers under torch.compile).
 """
 
 
