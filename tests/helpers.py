@@ -55,3 +55,23 @@ def same_state_value(a, b):
     if torch.is_tensor(a) or torch.is_tensor(b):
         return int(a) == int(b)
     return a == b
+
+
+def assert_cuda_equals_cpu(make, cpu_params, steps=10, seed=5, grad_fn=None):
+    """Step an optimizer built by make(params) on CPU parameters and on CUDA copies with the same gradients; the
+    parameters and every state entry must be bit-identical. grad_fn(shape, dtype, generator) draws a CPU gradient
+    (default: N(0, 0.1^2))."""
+    cuda_params = [torch.nn.Parameter(p.detach().cuda()) for p in cpu_params]
+    opts = make(cpu_params), make(cuda_params)
+    g = torch.Generator().manual_seed(seed)
+    draw = grad_fn or (lambda shape, dtype, gen: (torch.randn(shape, generator=gen) * 0.1).to(dtype))
+    for _ in range(steps):
+        for a, b in zip(cpu_params, cuda_params):
+            grad = draw(a.shape, a.dtype, g)
+            a.grad, b.grad = grad, grad.cuda()
+        opts[0].step()
+        opts[1].step()
+    for a, b in zip(cpu_params, cuda_params):
+        assert torch.equal(a, b.cpu())
+        for key, value in opts[0].state[a].items():
+            assert same_state_value(value, opts[1].state[b][key]), key

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kestrel
-from helpers import FLOAT_DTYPES, devices, same_state_value
+from helpers import FLOAT_DTYPES, devices, assert_cuda_equals_cpu, same_state_value
 from kestrel import functional as KF
 from kestrel.optim import Adam, Adam8bit, Adam32bit, AdamW, AdamW8bit, AdamW32bit
 from kestrel.reference import optim as ref
@@ -484,20 +484,8 @@ def test_cuda_kernel_equals_cpu_kernel(dtype):
     torch.manual_seed(17)
     shapes = [(4097,), (300, 70), (1000,), (1 << 16,)]
     cpu = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in shapes]
-    cuda = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
-    opts = AdamW8bit(cpu, lr=1e-2, weight_decay=0.1), AdamW8bit(cuda, lr=1e-2, weight_decay=0.1)
-    g = torch.Generator().manual_seed(18)
-    for _ in range(10):
-        grads = [heterogeneous_grad(p.shape, dtype, "cpu", g) for p in cpu]
-        for a, b, grad in zip(cpu, cuda, grads):
-            a.grad, b.grad = grad, grad.cuda()
-        opts[0].step()
-        opts[1].step()
-    for a, b in zip(cpu, cuda):
-        assert torch.equal(a, b.cpu())
-        for key, value in opts[0].state[a].items():
-            other = opts[1].state[b][key]
-            assert same_state_value(value, other)
+    assert_cuda_equals_cpu(lambda ps: AdamW8bit(ps, lr=1e-2, weight_decay=0.1), cpu, seed=18,
+                           grad_fn=lambda shape, dtype, gen: heterogeneous_grad(shape, dtype, "cpu", gen))
 
 
 @pytest.mark.gpu

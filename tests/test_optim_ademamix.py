@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kestrel
-from helpers import FLOAT_DTYPES, devices, same_state_value
+from helpers import FLOAT_DTYPES, devices, assert_cuda_equals_cpu, same_state_value
 from kestrel import functional as KF
 from kestrel.optim import AdEMAMix, AdEMAMix8bit, AdEMAMix32bit
 from kestrel.reference import optim as ref
@@ -180,17 +180,4 @@ def test_argument_checks():
 def test_cuda_kernel_equals_cpu_kernel(dtype):
     torch.manual_seed(4)
     cpu = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in [(4097,), (300, 70), (1000,)]]
-    cuda = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
-    opts = AdEMAMix8bit(cpu, t_alpha=5, t_beta3=5), AdEMAMix8bit(cuda, t_alpha=5, t_beta3=5)
-    g = torch.Generator().manual_seed(5)
-    for _ in range(10):
-        for a, b in zip(cpu, cuda):
-            grad = (torch.randn(a.shape, generator=g) * 0.1).to(dtype)
-            a.grad, b.grad = grad, grad.cuda()
-        opts[0].step()
-        opts[1].step()
-    for a, b in zip(cpu, cuda):
-        assert torch.equal(a, b.cpu())
-        for key, value in opts[0].state[a].items():
-            other = opts[1].state[b][key]
-            assert same_state_value(value, other)
+    assert_cuda_equals_cpu(lambda ps: AdEMAMix8bit(ps, t_alpha=5, t_beta3=5), cpu)

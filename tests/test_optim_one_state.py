@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kestrel
-from helpers import FLOAT_DTYPES, devices, same_state_value
+from helpers import FLOAT_DTYPES, devices, assert_cuda_equals_cpu, same_state_value
 from kestrel import functional as KF
 from kestrel.optim import (SGD, SGD8bit, Adagrad, Adagrad8bit, Adagrad32bit, Lion, Lion8bit, Lion32bit, RMSprop,
                            RMSprop8bit, RMSprop32bit, SGD32bit)
@@ -232,17 +232,4 @@ def test_opcheck(device):
 def test_cuda_kernel_equals_cpu_kernel(dtype, cls, kind, kwargs, _):
     torch.manual_seed(4)
     cpu = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in [(4097,), (300, 70), (1000,)]]
-    cuda = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
-    opts = cls(cpu, weight_decay=0.01, **kwargs), cls(cuda, weight_decay=0.01, **kwargs)
-    g = torch.Generator().manual_seed(5)
-    for _ in range(10):
-        for a, b in zip(cpu, cuda):
-            grad = (torch.randn(a.shape, generator=g) * 0.1).to(dtype)
-            a.grad, b.grad = grad, grad.cuda()
-        opts[0].step()
-        opts[1].step()
-    for a, b in zip(cpu, cuda):
-        assert torch.equal(a, b.cpu())
-        for key, value in opts[0].state[a].items():
-            other = opts[1].state[b][key]
-            assert same_state_value(value, other)
+    assert_cuda_equals_cpu(lambda ps: cls(ps, weight_decay=0.01, **kwargs), cpu)

@@ -1,5 +1,6 @@
 """Modules: StableEmbedding (bnb's), and the kernel-backed layers of later families."""
 
+from .attention import SoftplusAttention
 from .embedding import StableEmbedding
 
-__all__ = ["StableEmbedding"]
+__all__ = ["SoftplusAttention", "StableEmbedding"]

@@ -1,0 +1,151 @@
+"""Triton forward kernel of softplus attention (LSSA, and LSSAR's two passes), spec attention.md §1.
+
+One program per (block of BLOCK_M query rows, batch x query head). The query rows are normalised and scaled by
+c_i = ln(D) ln(N_i) once; each key block is normalised as it is loaded. LSSA keeps only running sums (the softplus
+weights are non-negative: no running max), LSSAR reads the keys twice: pass 1 gets s_i = sum f and m_i = max x,
+pass 2 accumulates (relu(r) / r_max)^p with r_max = N_i softplus(m_i) / (s_i + eps) - o_i, so that r^p never
+overflows. fp32 accumulation; the second matrix product takes the weights in the value dtype (fp16/bf16), as flash
+attention does, or in fp32 for fp32 inputs. Decode: query row i sits at absolute position len_b - Lq + i.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _softplus(x):
+    # softplus(x) = log(1 + e^x); x itself past 20 (the difference is below float32's resolution)
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+
+
+@triton.jit
+def _load_keys(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, length):
+    kmask = offs_n < length
+    k = tl.load(K + base_k + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    v = tl.load(V + base_v + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    kf = k.to(tl.float32)
+    norm = tl.sqrt(tl.sum(kf * kf, 1))
+    kn = kf / tl.maximum(norm, 1e-12)[:, None]
+    return kn, v, kmask
+
+
+@triton.jit
+def softplus_attention_fwd_kernel(
+    Q, K, V, O, S, M, LENS,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    H_Q, GROUP, Lq, Lk, log_d, eps, power,
+    CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr, HAS_LENS: tl.constexpr, FP32_DOT: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H_Q
+    h = pid_bh % H_Q
+    hk = h // GROUP
+    if HAS_LENS:
+        length = tl.load(LENS + b).to(tl.int32)
+    else:
+        length = Lk
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < Lq
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    qn = q / tl.maximum(tl.sqrt(tl.sum(q * q, 1)), 1e-12)[:, None]
+    pos = length - Lq + offs_m  # absolute positions of the rows
+    if CAUSAL:
+        count = tl.maximum(pos + 1, 0).to(tl.float32)
+        hi = tl.minimum(length, pid_m * BLOCK_M + BLOCK_M + length - Lq)
+    else:
+        count = tl.zeros([BLOCK_M], dtype=tl.float32) + length
+        hi = length
+    scale = log_d * tl.log(tl.maximum(count, 1.0))  # c_i = ln(D) ln(N_i)
+    qs = qn * scale[:, None]
+    base_k = b * stride_kb + hk * stride_kh
+    base_v = b * stride_vb + hk * stride_vh
+
+    s = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    for start in range(0, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        kn, v, kmask = _load_keys(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, length)
+        x = tl.dot(qs, tl.trans(kn), input_precision="ieee")
+        visible = kmask[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= pos[:, None])
+        f = tl.where(visible, _softplus(x), 0.0)
+        s += tl.sum(f, 1)
+        if REWEIGHT:
+            m = tl.maximum(m, tl.max(tl.where(visible, x, float("-inf")), 1))
+        else:
+            if FP32_DOT:
+                acc += tl.dot(f, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(f.to(v.dtype), v)
+
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    stat = pid_bh * Lq + offs_m
+    tl.store(S + stat, s, mask=row_ok)
+    if not REWEIGHT:
+        out = acc / (s + eps)[:, None]
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        tl.store(M + stat, m, mask=row_ok)
+        offset = tl.where(count > 3.0, 1.0, 0.0)
+        inv = 1.0 / (s + eps)
+        r_max = count * _softplus(m) * inv - offset
+        positive = r_max > 0.0
+        safe = tl.where(positive, r_max, 1.0)
+        sw = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start in range(0, hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            kn, v, kmask = _load_keys(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, length)
+            x = tl.dot(qs, tl.trans(kn), input_precision="ieee")
+            visible = kmask[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= pos[:, None])
+            r = count[:, None] * _softplus(x) * inv[:, None] - offset[:, None]
+            ratio = tl.where(visible & (r > 0.0), r / safe[:, None], 1.0)
+            w = tl.where(visible & (r > 0.0), tl.exp2(power * tl.log2(ratio)), 0.0)
+            sw += tl.sum(w, 1)
+            if FP32_DOT:
+                acc += tl.dot(w, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(w.to(v.dtype), v)
+        scaled_eps = eps / tl.exp2(power * tl.log2(safe))
+        out = tl.where(positive[:, None], acc / (sw + scaled_eps)[:, None], 0.0)
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+def softplus_attention_forward(q, k, v, causal, reweight_p, eps, cache_seqlens=None, block_m=None, block_n=None):
+    """Launch the forward kernel: (out, s, m) with s = sum f and m = max x per row (m only for LSSAR), fp32 (B,Hq,Lq).
+    Works on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
+    import math
+
+    import torch
+
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty_like(q)
+    s = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    m = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    lens = cache_seqlens.to(device=q.device, dtype=torch.int32).contiguous() if cache_seqlens is not None else s
+    block_m = block_m or (64 if D <= 64 else 32) if q.is_cuda else (block_m or 16)
+    block_n = block_n or (64 if q.is_cuda else 16)
+    grid = (triton.cdiv(Lq, block_m), B * Hq)
+    softplus_attention_fwd_kernel[grid](
+        q, k, v, out, s, m, lens,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        Hq, Hq // Hkv, Lq, Lk, math.log(D), eps, float(reweight_p or 0.0),
+        CAUSAL=bool(causal), REWEIGHT=reweight_p is not None, HAS_LENS=cache_seqlens is not None,
+        FP32_DOT=q.dtype == torch.float32, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
+    )
+    return out, s, m

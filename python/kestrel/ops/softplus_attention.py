@@ -1,0 +1,106 @@
+"""Softplus attention with re-weighting (LSSA / LSSAR, spec attention.md §1).
+
+`softplus_attention(q, k, v, *, causal=True, reweight_p=None, eps=1e-8, cache_seqlens=None)`:
+q (B, Hq, Lq, D), k and v (B, Hkv, Lk, D), Hq a multiple of Hkv (GQA/MQA). reweight_p=None is LSSA, a number p is
+LSSAR. Decode: Lq < Lk, query row i at absolute position len_b - Lq + i (len_b = cache_seqlens[b], the valid keys
+of sequence b, or Lk). The output has q's dtype.
+
+Forward: on CUDA the Triton kernel (kestrel/kernels/softplus_attention.py, head dims 64 and 128), on the CPU the
+plain-PyTorch path of kestrel.reference.attention in float32 (float64 for float64 inputs). Backward (both devices): autograd through that
+float32 PyTorch path, recomputed from q, k, v (O(Lq*Lk) memory; a fused backward kernel is not written yet).
+"""
+
+import torch
+
+from ..reference import attention as _ref
+
+KERNEL_HEAD_DIMS = (64, 128)
+
+
+def _check(q, k, v, reweight_p, eps, cache_seqlens):
+    name = "softplus_attention"
+    for label, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name}: {label} must be a 4-D tensor (B, H, L, D), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise TypeError(f"{name}: {label} must be float32, float16, bfloat16 (or float64 on the CPU), got "
+                            f"{t.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"{name}: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{name}: q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, Hq, Lq, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"{name}: k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"{name}: k must be (B={B}, Hkv, Lk, D={D}), got {tuple(k.shape)}")
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"{name}: the query heads ({Hq}) must be a multiple of the key/value heads ({Hkv})")
+    if Lq > Lk:
+        raise ValueError(f"{name}: more query rows ({Lq}) than keys ({Lk}); decode puts the rows at the end of the "
+                         "keys")
+    if reweight_p is not None and not (isinstance(reweight_p, (int, float)) and reweight_p > 0):
+        raise ValueError(f"{name}: reweight_p must be None (LSSA) or a positive number (LSSAR), got {reweight_p!r}")
+    if not eps > 0:
+        raise ValueError(f"{name}: eps must be > 0, got {eps}")
+    if cache_seqlens is not None:
+        if cache_seqlens.shape != (B,) or cache_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name}: cache_seqlens must be an int32/int64 tensor of shape ({B},), got "
+                             f"{cache_seqlens.dtype} of shape {tuple(cache_seqlens.shape)}")
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if lo < Lq or hi > Lk:
+            raise ValueError(f"{name}: cache_seqlens must lie in [Lq={Lq}, Lk={Lk}], got values in [{lo}, {hi}]")
+
+
+@torch.library.custom_op("kestrel::softplus_attention", mutates_args=())
+def _softplus_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, reweight_p: float,
+                           eps: float, cache_seqlens: torch.Tensor | None) -> torch.Tensor:
+    p = reweight_p if reweight_p > 0 else None
+    if q.is_cuda:
+        from ..kernels.softplus_attention import softplus_attention_forward
+
+        return softplus_attention_forward(q, k, v, causal, p, eps, cache_seqlens)[0]
+    with torch.no_grad():
+        return _ref.softplus_attention(q, k, v, causal, p, eps, cache_seqlens)
+
+
+@_softplus_attention_op.register_fake
+def _(q, k, v, causal, reweight_p, eps, cache_seqlens):
+    return torch.empty_like(q)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, reweight_p, eps, cache_seqlens = inputs
+    ctx.save_for_backward(q, k, v, cache_seqlens)
+    ctx.options = (causal, reweight_p, eps)
+
+
+def _backward(ctx, grad_out):
+    q, k, v, cache_seqlens = ctx.saved_tensors
+    causal, reweight_p, eps = ctx.options
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        out = _ref.softplus_attention(*leaves, causal, reweight_p if reweight_p > 0 else None, eps, cache_seqlens)
+        grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, (q, k, v))]
+    return grads[0], grads[1], grads[2], None, None, None, None
+
+
+_softplus_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def softplus_attention(q, k, v, *, causal=True, reweight_p=None, eps=1e-8, cache_seqlens=None):
+    """LSSA (reweight_p=None) or LSSAR (reweight_p=p) attention; see the module docstring."""
+    _check(q, k, v, reweight_p, eps, cache_seqlens)
+    if q.is_cuda and q.shape[-1] not in KERNEL_HEAD_DIMS:
+        raise ValueError(f"softplus_attention: the CUDA kernel takes head dims {KERNEL_HEAD_DIMS}, got "
+                         f"{q.shape[-1]}; pad the head dim")
+    if q.is_cuda and q.dtype == torch.float64:
+        raise TypeError("softplus_attention: float64 runs on the CPU path only; the CUDA kernel takes float32, "
+                        "float16 and bfloat16")
+    return _softplus_attention_op(q, k, v, bool(causal), float(reweight_p or 0.0), float(eps), cache_seqlens)
+
+
+__all__ = ["softplus_attention", "KERNEL_HEAD_DIMS"]

@@ -1,0 +1,60 @@
+"""Plain-PyTorch softplus attention (LSSA / LSSAR, spec attention.md §1): the CPU path of
+kestrel.ops.softplus_attention (differentiable through autograd) and, in float64, the tests' reference.
+
+Shapes: q (B, Hq, Lq, D), k and v (B, Hkv, Lk, D), Hq % Hkv == 0. Query row i of sequence b sits at absolute
+position len_b - Lq + i, where len_b is cache_seqlens[b] (the number of valid keys of sequence b) or Lk; keys at
+positions >= len_b are ignored.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def positions_and_counts(B, Lq, Lk, causal, cache_seqlens, device):
+    """(visible (B, 1, Lq, Lk) bool, N (B, 1, Lq, 1) float): which keys each row sees and how many."""
+    lengths = (cache_seqlens.to(device=device, dtype=torch.long) if cache_seqlens is not None
+               else torch.full((B,), Lk, dtype=torch.long, device=device))
+    keys = torch.arange(Lk, device=device)
+    rows = lengths[:, None] - Lq + torch.arange(Lq, device=device)[None, :]  # (B, Lq) absolute positions
+    valid = keys[None, None, :] < lengths[:, None, None]
+    if causal:
+        visible = valid & (keys[None, None, :] <= rows[:, :, None])
+        counts = (rows + 1).clamp_min(0)
+    else:
+        visible = valid.expand(B, Lq, Lk)
+        counts = lengths[:, None].expand(B, Lq)
+    return visible[:, None], counts[:, None, :, None].to(torch.float64)
+
+
+def softplus_attention(q, k, v, causal=True, reweight_p=None, eps=1e-8, cache_seqlens=None, compute_dtype=None):
+    """out (B, Hq, Lq, D) in q's dtype; the math in compute_dtype (default: float64 for float64 inputs, else
+    float32)."""
+    dtype = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
+    if group > 1:
+        kf, vf = kf.repeat_interleave(group, dim=1), vf.repeat_interleave(group, dim=1)
+    qn, kn = F.normalize(qf, dim=-1), F.normalize(kf, dim=-1)
+    visible, counts = positions_and_counts(B, Lq, Lk, causal, cache_seqlens, q.device)
+    counts = counts.to(dtype)
+    scale = math.log(D) * torch.log(counts.clamp_min(1.0))  # c_i = ln(D) ln(N_i); 0 for N_i <= 1
+    x = scale * (qn @ kn.transpose(-1, -2))
+    f = torch.where(visible, F.softplus(x), torch.zeros_like(x))
+    s = f.sum(-1, keepdim=True)
+    if reweight_p is None:
+        return ((f @ vf) / (s + eps)).to(q.dtype)
+    # LSSAR: w = relu(N a - o)^p with a = f / (s + eps), o = 0 for N <= 3 and 1 otherwise; divided by the row's
+    # largest r before the power (r^15 overflows float32 at long context), eps scaled to match
+    offset = (counts > 3).to(dtype)
+    r = torch.where(visible, counts * (f / (s + eps)) - offset, torch.zeros_like(x))
+    r_max = r.amax(-1, keepdim=True)
+    positive = r_max > 0
+    safe_max = torch.where(positive, r_max, torch.ones_like(r_max))
+    w = (F.relu(r) / safe_max) ** reweight_p
+    scaled_eps = eps / safe_max ** reweight_p
+    out = (w @ vf) / (w.sum(-1, keepdim=True) + scaled_eps)
+    return torch.where(positive, out, torch.zeros_like(out)).to(q.dtype)

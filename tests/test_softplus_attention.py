@@ -1,0 +1,212 @@
+"""Softplus attention (LSSA / LSSAR): the Triton forward kernel (under TRITON_INTERPRET=1 in CI) and the CPU path
+against a float64 reference written from the spec's formulas; backward; decode against prefill; LSSAR's edge
+cases; the op's checks, opcheck and torch.compile; the module."""
+
+import math
+
+import pytest
+import torch
+
+import kestrel
+from helpers import gpu_available
+from kestrel.ops import softplus_attention
+
+try:
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
+
+def float64_reference(q, k, v, causal=True, p=None, eps=1e-8, lens=None):
+    """The spec, term by term, in float64 (no overflow guard: float64 holds r^15 here)."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    k = k.repeat_interleave(Hq // Hkv, dim=1)
+    v = v.repeat_interleave(Hq // Hkv, dim=1)
+    out = torch.zeros(B, Hq, Lq, D, dtype=torch.float64)
+    for b in range(B):
+        length = int(lens[b]) if lens is not None else Lk
+        for i in range(Lq):
+            pos = length - Lq + i
+            n = pos + 1 if causal else length
+            keys = range(n)
+            qh = q[b, :, i] / q[b, :, i].norm(dim=-1, keepdim=True)
+            kh = k[b, :, :n] / k[b, :, :n].norm(dim=-1, keepdim=True)
+            c = math.log(D) * math.log(n)
+            f = torch.nn.functional.softplus(c * torch.einsum("hd,hnd->hn", qh, kh))
+            a = f / (f.sum(-1, keepdim=True) + eps)
+            if p is None:
+                w, denominator = a, 1.0
+                out[b, :, i] = torch.einsum("hn,hnd->hd", w, v[b, :, list(keys)]) / denominator
+            else:
+                o = 0.0 if n <= 3 else 1.0
+                w = torch.relu(n * a - o) ** p
+                out[b, :, i] = torch.einsum("hn,hnd->hd", w, v[b, :, list(keys)]) / (w.sum(-1, keepdim=True) + eps)
+    return out
+
+
+def inputs(B, Hq, Hkv, Lq, Lk, D, dtype=torch.float32, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda H, L: torch.randn(B, H, L, D, generator=g).to(dtype).to(device)  # noqa: E731
+    return make(Hq, Lq), make(Hkv, Lk), make(Hkv, Lk)
+
+
+CASES = [  # (B, Hq, Hkv, Lq, Lk, D, causal)
+    (1, 2, 2, 1, 1, 64, True),
+    (2, 2, 1, 3, 3, 64, True),
+    (1, 4, 2, 4, 4, 64, False),
+    (1, 2, 1, 65, 65, 64, True),
+    (1, 2, 2, 65, 65, 128, False),
+    (1, 2, 1, 3, 40, 64, True),  # decode: 3 rows at the end of a 40-key cache
+]
+SLOW_CASES = [pytest.param((1, 2, 1, 257, 257, 64, True), marks=pytest.mark.slow),
+              pytest.param((1, 1, 1, 257, 257, 128, False), marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("case", CASES + SLOW_CASES)
+@pytest.mark.parametrize("p", [None, 15.0])
+def test_cpu_path_matches_float64(case, p):
+    B, Hq, Hkv, Lq, Lk, D, causal = case
+    q, k, v = inputs(B, Hq, Hkv, Lq, Lk, D)
+    out = softplus_attention(q, k, v, causal=causal, reweight_p=p)
+    torch.testing.assert_close(out.double(), float64_reference(q, k, v, causal, p), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+@pytest.mark.parametrize("case", CASES + SLOW_CASES)
+@pytest.mark.parametrize("p", [None, 15.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_forward_matches_float64(case, p, dtype):
+    """The Triton kernel itself (interpreted on the CPU in CI, compiled on a GPU)."""
+    from kestrel.kernels.softplus_attention import softplus_attention_forward
+
+    B, Hq, Hkv, Lq, Lk, D, causal = case
+    device = "cuda" if gpu_available() else "cpu"
+    q, k, v = inputs(B, Hq, Hkv, Lq, Lk, D, dtype=dtype, device=device)
+    out, s, _ = softplus_attention_forward(q, k, v, causal, p, 1e-8)
+    expected = float64_reference(q.cpu(), k.cpu(), v.cpu(), causal, p)
+    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(out.cpu().double(), expected, **tol)
+    assert s.dtype == torch.float32 and bool((s > 0).all())
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+def test_triton_per_sequence_cache_lengths():
+    """Batch of two sequences with different cache lengths: each row at len_b - Lq + i, keys past len_b ignored."""
+    from kestrel.kernels.softplus_attention import softplus_attention_forward
+
+    q, k, v = inputs(2, 2, 1, 2, 30, 64, seed=3)
+    lens = torch.tensor([30, 17], dtype=torch.int32)
+    for p in (None, 15.0):
+        out, _, _ = softplus_attention_forward(q, k, v, True, p, 1e-8, cache_seqlens=lens)
+        torch.testing.assert_close(out.double(), float64_reference(q, k, v, True, p, lens=lens), atol=2e-5, rtol=1e-4)
+        cpu = softplus_attention(q, k, v, reweight_p=p, cache_seqlens=lens)
+        torch.testing.assert_close(cpu, out, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("p", [None, 15.0])
+def test_prefill_equals_token_by_token_decode(p):
+    q, k, v = inputs(1, 4, 2, 12, 12, 64, seed=4)
+    full = softplus_attention(q, k, v, reweight_p=p)
+    rows = [softplus_attention(q[:, :, i:i + 1], k[:, :, :i + 1], v[:, :, :i + 1], reweight_p=p) for i in range(12)]
+    # float32 sums in another order; LSSAR's power 15 multiplies relative rounding by 15
+    tol = dict(atol=1e-6, rtol=1e-5) if p is None else dict(atol=5e-5, rtol=1e-3)
+    torch.testing.assert_close(torch.cat(rows, dim=2), full, **tol)
+
+
+@pytest.mark.parametrize("p", [None, 15.0])
+def test_backward_matches_float64(p):
+    q, k, v = inputs(1, 2, 1, 9, 9, 64, seed=5)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    softplus_attention(*leaves, reweight_p=p).pow(2).sum().backward()
+    ref = [t.double().clone().requires_grad_(True) for t in (q, k, v)]
+    float64_reference(*ref, True, p).pow(2).sum().backward()
+    for ours, theirs in zip(leaves, ref):
+        torch.testing.assert_close(ours.grad.double(), theirs.grad, atol=1e-4, rtol=1e-3)
+
+
+def test_gradcheck_tiny_float64():
+    q, k, v = (t.double().requires_grad_(True) for t in inputs(1, 2, 1, 4, 4, 8, seed=6))
+    for p in (None, 3.0):
+        assert torch.autograd.gradcheck(lambda a, b, c: softplus_attention(a, b, c, reweight_p=p), (q, k, v))
+
+
+def test_lssar_edge_cases():
+    q, k, v = inputs(1, 1, 1, 6, 6, 64, seed=7)
+    out = softplus_attention(q, k, v, reweight_p=15.0)
+    # N = 1: c = 0, a = 1, o = 0: the first row is v_0 (up to eps)
+    torch.testing.assert_close(out[0, 0, 0], v[0, 0, 0], atol=1e-6, rtol=1e-6)
+    # uniform rows: every key the same, a = 1/N, r = N a - 1 = 0 for N > 3, all w = 0: the output is 0
+    same = k[:, :, :1].expand(1, 1, 6, 64).contiguous()
+    uniform = softplus_attention(q, same, v, reweight_p=15.0)
+    assert torch.equal(uniform[0, 0, 4:], torch.zeros_like(uniform[0, 0, 4:]))
+    # a long needle row: the query equals one key among 4096, r ~ N softplus(c) / sum f is large and r^15 overflows
+    # float32 in eager code; the kernel's path stays finite and matches float64
+    g = torch.Generator().manual_seed(8)
+    keys = torch.randn(1, 1, 4096, 64, generator=g)
+    values = torch.randn(1, 1, 4096, 64, generator=g)
+    query = keys[:, :, 1234:1235].clone() * 3
+    eager_r = (4096 * torch.nn.functional.softplus(torch.tensor(math.log(64) * math.log(4096))) / 4096.0)
+    assert torch.isinf(torch.tensor(float(eager_r) * 500.0) ** 15)  # the eager overflow this guards against
+    out = softplus_attention(query, keys, values, causal=False, reweight_p=15.0)
+    assert bool(torch.isfinite(out).all())
+    torch.testing.assert_close(out.double(), float64_reference(query, keys, values, False, 15.0), atol=1e-5,
+                               rtol=1e-4)
+
+
+def test_argument_checks():
+    q, k, v = inputs(1, 3, 2, 4, 4, 64)
+    with pytest.raises(ValueError, match=r"query heads \(3\) must be a multiple of the key/value heads \(2\)"):
+        softplus_attention(q, k, v)
+    q, k, v = inputs(1, 2, 1, 5, 4, 64)
+    with pytest.raises(ValueError, match=r"more query rows \(5\) than keys \(4\)"):
+        softplus_attention(q, k, v)
+    q, k, v = inputs(1, 2, 1, 4, 4, 64)
+    with pytest.raises(ValueError, match="reweight_p must be None"):
+        softplus_attention(q, k, v, reweight_p=-1)
+    with pytest.raises(TypeError, match="q, k and v must share one dtype"):
+        softplus_attention(q, k.half(), v)
+    with pytest.raises(ValueError, match=r"cache_seqlens must lie in \[Lq=4, Lk=4\], got values in \[2, 2\]"):
+        softplus_attention(q, k, v, cache_seqlens=torch.tensor([2]))
+    with pytest.raises(ValueError, match="q must be a 4-D tensor"):
+        softplus_attention(q[0], k, v)
+
+
+def test_opcheck_and_compile():
+    q, k, v = inputs(1, 2, 1, 5, 7, 64, seed=9)
+    for p in (0.0, 15.0):
+        torch.library.opcheck(torch.ops.kestrel.softplus_attention.default, (q, k, v, True, p, 1e-8, None))
+    compiled = torch.compile(lambda a, b, c: softplus_attention(a, b, c, reweight_p=15.0), fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), softplus_attention(q, k, v, reweight_p=15.0))
+
+
+def test_module_decode_equals_prefill():
+    torch.manual_seed(10)
+    layer = kestrel.nn.SoftplusAttention(128, 4, 2, reweight_p=15.0)
+    x = torch.randn(2, 9, 128)
+    full, (k, v) = layer(x)
+    assert k.shape == (2, 2, 9, 32)
+    head, cache = layer(x[:, :5])
+    rows = [head]
+    for i in range(5, 9):
+        y, cache = layer(x[:, i:i + 1], kv_cache=cache)
+        rows.append(y)
+    torch.testing.assert_close(torch.cat(rows, dim=1), full, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"num_heads \(4\) must be a multiple of num_kv_heads \(3\)"):
+        kestrel.nn.SoftplusAttention(128, 4, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("p", [None, 15.0])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_op_forward_backward(p, dtype):
+    q, k, v = inputs(2, 8, 2, 300, 300, 128, dtype=dtype, device="cuda", seed=11)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = softplus_attention(*leaves, reweight_p=p)
+    expected = float64_reference(q.cpu(), k.cpu(), v.cpu(), True, p)
+    torch.testing.assert_close(out.cpu().double(), expected, atol=3e-3, rtol=3e-3)
+    out.float().pow(2).sum().backward()
+    assert all(bool(torch.isfinite(t.grad).all()) for t in leaves)
