@@ -149,3 +149,166 @@ def softplus_attention_forward(q, k, v, causal, reweight_p, eps, cache_seqlens=N
         FP32_DOT=q.dtype == torch.float32, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
     )
     return out, s, m
+
+
+# ------------------------------------------------------------------------------------------------------- backward
+# LSSA (reweight_p=None): out_i = sum_j f_ij v_j / (s_i + eps) with f = softplus(x), x = c_i qn_i . kn_j. With
+# delta_i = dO_i . out_i: g_ij = (dO_i . v_j - delta_i) / (s_i + eps), dx = g * sigmoid(x) (visible only),
+# dv_j = sum_i f_ij dO_i / (s_i + eps), dqn_i = c_i sum_j dx_ij kn_j, dkn_j = sum_i c_i dx_ij qn_i, and the
+# normalisations: dq = (dqn - qn (qn . dqn)) / |q| (likewise for k).
+
+
+@triton.jit
+def _rows(Q, DO, O, S, LENS, b, h, pid_bh, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_ob, stride_oh,
+          stride_om, Lq, Lk, log_d, eps, CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr):
+    """A block of query rows: (qn * c, raw norm, dO, delta, 1 / (s + eps), positions, length, rows ok)."""
+    if HAS_LENS:
+        length = tl.load(LENS + b).to(tl.int32)
+    else:
+        length = Lk
+    row_ok = offs_m < Lq
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    norm = tl.maximum(tl.sqrt(tl.sum(q * q, 1)), 1e-12)
+    qn = q / norm[:, None]
+    pos = length - Lq + offs_m
+    if CAUSAL:
+        count = tl.maximum(pos + 1, 0).to(tl.float32)
+    else:
+        count = tl.zeros([offs_m.shape[0]], dtype=tl.float32) + length
+    scale = log_d * tl.log(tl.maximum(count, 1.0))
+    o_off = b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    do = tl.load(DO + o_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    out = tl.load(O + o_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    delta = tl.sum(do * out, 1)
+    s = tl.load(S + pid_bh * Lq + offs_m, mask=row_ok, other=1.0)
+    inv = 1.0 / (s + eps)
+    return qn, norm, scale, do, delta, inv, pos, length, row_ok
+
+
+@triton.jit
+def lssa_bwd_dq_kernel(
+    Q, K, V, O, DO, S, LENS, DQ,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    H_Q, GROUP, Lq, Lk, log_d, eps,
+    CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H_Q
+    h = pid_bh % H_Q
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    qn, norm, scale, do, delta, inv, pos, length, row_ok = _rows(
+        Q, DO, O, S, LENS, b, h, pid_bh, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_ob, stride_oh,
+        stride_om, Lq, Lk, log_d, eps, CAUSAL, HAS_LENS)
+    qs = qn * scale[:, None]
+    if CAUSAL:
+        hi = tl.minimum(length, pid_m * BLOCK_M + BLOCK_M + length - Lq)
+    else:
+        hi = length
+    base_k = b * stride_kb + hk * stride_kh
+    base_v = b * stride_vb + hk * stride_vh
+    dqn = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    for start in range(0, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        kn, v, kmask = _load_keys(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, length)
+        x = tl.dot(qs, tl.trans(kn), input_precision="ieee")
+        visible = kmask[None, :] & row_ok[:, None]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= pos[:, None])
+        dov = tl.dot(do, tl.trans(v.to(tl.float32)), input_precision="ieee")
+        g = (dov - delta[:, None]) * inv[:, None]
+        dx = tl.where(visible, g * tl.sigmoid(x), 0.0)
+        dqn += tl.dot(dx, kn, input_precision="ieee")
+    dqn = dqn * scale[:, None]
+    dq = (dqn - qn * tl.sum(qn * dqn, 1)[:, None]) / norm[:, None]
+    tl.store(DQ + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def lssa_bwd_dkdv_kernel(
+    Q, K, V, O, DO, S, LENS, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    H_Q, H_KV, GROUP, Lq, Lk, log_d, eps,
+    CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H_KV
+    hk = pid_bh % H_KV
+    if HAS_LENS:
+        length = tl.load(LENS + b).to(tl.int32)
+    else:
+        length = Lk
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    base_k = b * stride_kb + hk * stride_kh
+    base_v = b * stride_vb + hk * stride_vh
+    kmask = offs_n < length
+    k = tl.load(K + base_k + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    kf = k.to(tl.float32)
+    knorm = tl.maximum(tl.sqrt(tl.sum(kf * kf, 1)), 1e-12)
+    kn = kf / knorm[:, None]
+    v = tl.load(V + base_v + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None],
+                other=0.0).to(tl.float32)
+    dkn = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    if CAUSAL:  # rows before the first key of this block see none of it
+        lo = tl.maximum(pid_n * BLOCK_N - (length - Lq), 0)
+        lo = (lo // BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * H_Q + h
+        for start in range(lo, Lq, BLOCK_M):
+            offs_m = start + tl.arange(0, BLOCK_M)
+            qn, norm, scale, do, delta, inv, pos, _, row_ok = _rows(
+                Q, DO, O, S, LENS, b, h, bh, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_ob, stride_oh,
+                stride_om, Lq, Lk, log_d, eps, CAUSAL, HAS_LENS)
+            qs = qn * scale[:, None]
+            x = tl.dot(qs, tl.trans(kn), input_precision="ieee")
+            visible = kmask[None, :] & row_ok[:, None]
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= pos[:, None])
+            f = tl.where(visible, _softplus(x), 0.0)
+            dv += tl.dot(tl.trans(f), do * inv[:, None], input_precision="ieee")
+            dov = tl.dot(do, tl.trans(v), input_precision="ieee")
+            dx = tl.where(visible, (dov - delta[:, None]) * inv[:, None] * tl.sigmoid(x), 0.0)
+            dkn += tl.dot(tl.trans(dx), qs, input_precision="ieee")
+    dk = (dkn - kn * tl.sum(kn * dkn, 1)[:, None]) / knorm[:, None]
+    tl.store(DK + base_k + offs_n[:, None] * stride_kn + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=kmask[:, None])
+    tl.store(DV + base_v + offs_n[:, None] * stride_vn + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=kmask[:, None])
+
+
+def lssa_backward(q, k, v, out, s, grad_out, causal, eps, cache_seqlens=None, block_m=None, block_n=None):
+    """(dq, dk, dv) of LSSA from the forward's out and row sums s. CUDA, or CPU under TRITON_INTERPRET=1. Keys past a
+    sequence's cache length get zero gradients."""
+    import math
+
+    import torch
+
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    q, k, v, out, grad_out = (t.contiguous() for t in (q, k, v, out, grad_out))
+    dq = torch.empty_like(q)
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
+    lens = cache_seqlens.to(device=q.device, dtype=torch.int32).contiguous() if cache_seqlens is not None else s
+    block_m = block_m or (64 if q.is_cuda else 16)
+    block_n = block_n or (64 if q.is_cuda else 16)
+    common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+              v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2))
+    flags = dict(CAUSAL=bool(causal), HAS_LENS=cache_seqlens is not None, D=D, BLOCK_M=block_m, BLOCK_N=block_n)
+    lssa_bwd_dq_kernel[(triton.cdiv(Lq, block_m), B * Hq)](
+        q, k, v, out, grad_out, s, lens, dq, *common, Hq, Hq // Hkv, Lq, Lk, math.log(D), eps, **flags)
+    lssa_bwd_dkdv_kernel[(triton.cdiv(Lk, block_n), B * Hkv)](
+        q, k, v, out, grad_out, s, lens, dk, dv, *common, Hq, Hkv, Hq // Hkv, Lq, Lk, math.log(D), eps, **flags)
+    return dq, dk, dv

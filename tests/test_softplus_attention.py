@@ -210,3 +210,22 @@ def test_cuda_op_forward_backward(p, dtype):
     torch.testing.assert_close(out.cpu().double(), expected, atol=3e-3, rtol=3e-3)
     out.float().pow(2).sum().backward()
     assert all(bool(torch.isfinite(t.grad).all()) for t in leaves)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+@pytest.mark.parametrize("case", CASES[1:] + [(2, 2, 1, 3, 30, 64, True)])
+def test_triton_lssa_backward_matches_float64(case):
+    """The LSSA backward kernels (dq; dk and dv summed over each GQA group) against float64 autograd."""
+    from kestrel.kernels.softplus_attention import lssa_backward, softplus_attention_forward
+
+    B, Hq, Hkv, Lq, Lk, D, causal = case
+    device = "cuda" if gpu_available() else "cpu"
+    q, k, v = inputs(B, Hq, Hkv, Lq, Lk, D, device=device, seed=12)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(13)).to(device)
+    lens = torch.tensor([Lk, Lk - 7], dtype=torch.int32) if B == 2 and Lk > Lq + 7 else None
+    out, s, _ = softplus_attention_forward(q, k, v, causal, None, 1e-8, cache_seqlens=lens)
+    grads = lssa_backward(q, k, v, out, s, grad_out, causal, 1e-8, cache_seqlens=lens)
+    leaves = [t.cpu().double().requires_grad_(True) for t in (q, k, v)]
+    float64_reference(*leaves, causal, None, lens=lens).backward(grad_out.cpu().double())
+    for ours, leaf in zip(grads, leaves):
+        torch.testing.assert_close(ours.cpu().double(), leaf.grad, atol=1e-5, rtol=1e-4)

@@ -6,8 +6,10 @@ LSSAR. Decode: Lq < Lk, query row i at absolute position len_b - Lq + i (len_b =
 of sequence b, or Lk). The output has q's dtype.
 
 Forward: on CUDA the Triton kernel (kestrel/kernels/softplus_attention.py, head dims 64 and 128), on the CPU the
-plain-PyTorch path of kestrel.reference.attention in float32 (float64 for float64 inputs). Backward (both devices): autograd through that
-float32 PyTorch path, recomputed from q, k, v (O(Lq*Lk) memory; a fused backward kernel is not written yet).
+plain-PyTorch path of kestrel.reference.attention in float32 (float64 for float64 inputs). Backward: LSSA on CUDA
+runs the Triton backward kernels (dq, and dk/dv summed over each GQA group); LSSAR on CUDA and everything on the
+CPU differentiate the float32 PyTorch formulation, recomputed from q, k, v (O(Lq*Lk) memory: a fused LSSAR
+backward kernel is not written yet).
 """
 
 import torch
@@ -56,34 +58,45 @@ def _check(q, k, v, reweight_p, eps, cache_seqlens):
 
 @torch.library.custom_op("kestrel::softplus_attention", mutates_args=())
 def _softplus_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, reweight_p: float,
-                           eps: float, cache_seqlens: torch.Tensor | None) -> torch.Tensor:
+                           eps: float, cache_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, s): the attention and each row's sum of softplus weights (float32 (B, Hq, Lq), for the backward)."""
     p = reweight_p if reweight_p > 0 else None
     if q.is_cuda:
         from ..kernels.softplus_attention import softplus_attention_forward
 
-        return softplus_attention_forward(q, k, v, causal, p, eps, cache_seqlens)[0]
+        out, s, _ = softplus_attention_forward(q, k, v, causal, p, eps, cache_seqlens)
+        return out, s
     with torch.no_grad():
-        return _ref.softplus_attention(q, k, v, causal, p, eps, cache_seqlens)
+        return _ref.softplus_attention(q, k, v, causal, p, eps, cache_seqlens, return_sum=True)
 
 
 @_softplus_attention_op.register_fake
 def _(q, k, v, causal, reweight_p, eps, cache_seqlens):
-    return torch.empty_like(q)
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, causal, reweight_p, eps, cache_seqlens = inputs
-    ctx.save_for_backward(q, k, v, cache_seqlens)
+    out, s = output
+    ctx.save_for_backward(q, k, v, cache_seqlens, out, s)
     ctx.options = (causal, reweight_p, eps)
+    ctx.mark_non_differentiable(s)
 
 
-def _backward(ctx, grad_out):
-    q, k, v, cache_seqlens = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_s):
+    q, k, v, cache_seqlens, out, s = ctx.saved_tensors
     causal, reweight_p, eps = ctx.options
+    if q.is_cuda and reweight_p <= 0:  # LSSA: the Triton backward kernels
+        from ..kernels.softplus_attention import lssa_backward
+
+        dq, dk, dv = lssa_backward(q, k, v, out, s, grad_out, causal, eps, cache_seqlens)
+        return dq, dk, dv, None, None, None, None
+    # LSSAR, and the CPU path: autograd through the float32 PyTorch formulation, recomputed
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        out = _ref.softplus_attention(*leaves, causal, reweight_p if reweight_p > 0 else None, eps, cache_seqlens)
-        grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+        recomputed = _ref.softplus_attention(*leaves, causal, reweight_p if reweight_p > 0 else None, eps,
+                                             cache_seqlens)
+        grads = torch.autograd.grad(recomputed, leaves, grad_out, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, (q, k, v))]
     return grads[0], grads[1], grads[2], None, None, None, None
 
@@ -100,7 +113,7 @@ def softplus_attention(q, k, v, *, causal=True, reweight_p=None, eps=1e-8, cache
     if q.is_cuda and q.dtype == torch.float64:
         raise TypeError("softplus_attention: float64 runs on the CPU path only; the CUDA kernel takes float32, "
                         "float16 and bfloat16")
-    return _softplus_attention_op(q, k, v, bool(causal), float(reweight_p or 0.0), float(eps), cache_seqlens)
+    return _softplus_attention_op(q, k, v, bool(causal), float(reweight_p or 0.0), float(eps), cache_seqlens)[0]
 
 
 __all__ = ["softplus_attention", "KERNEL_HEAD_DIMS"]

@@ -28,9 +28,10 @@ def positions_and_counts(B, Lq, Lk, causal, cache_seqlens, device):
     return visible[:, None], counts[:, None, :, None].to(torch.float64)
 
 
-def softplus_attention(q, k, v, causal=True, reweight_p=None, eps=1e-8, cache_seqlens=None, compute_dtype=None):
+def softplus_attention(q, k, v, causal=True, reweight_p=None, eps=1e-8, cache_seqlens=None, compute_dtype=None,
+                       return_sum=False):
     """out (B, Hq, Lq, D) in q's dtype; the math in compute_dtype (default: float64 for float64 inputs, else
-    float32)."""
+    float32). return_sum: also the rows' sums s_i = sum_j f_ij, float32 (B, Hq, Lq), as the kernel returns them."""
     dtype = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -45,8 +46,13 @@ def softplus_attention(q, k, v, causal=True, reweight_p=None, eps=1e-8, cache_se
     x = scale * (qn @ kn.transpose(-1, -2))
     f = torch.where(visible, F.softplus(x), torch.zeros_like(x))
     s = f.sum(-1, keepdim=True)
+    out = _combine(f, s, vf, counts, visible, x, reweight_p, eps, dtype).to(q.dtype)
+    return (out, s[..., 0].float()) if return_sum else out
+
+
+def _combine(f, s, vf, counts, visible, x, reweight_p, eps, dtype):
     if reweight_p is None:
-        return ((f @ vf) / (s + eps)).to(q.dtype)
+        return (f @ vf) / (s + eps)
     # LSSAR: w = relu(N a - o)^p with a = f / (s + eps), o = 0 for N <= 3 and 1 otherwise; divided by the row's
     # largest r before the power (r^15 overflows float32 at long context), eps scaled to match
     offset = (counts > 3).to(dtype)
@@ -57,4 +63,4 @@ def softplus_attention(q, k, v, causal=True, reweight_p=None, eps=1e-8, cache_se
     w = (F.relu(r) / safe_max) ** reweight_p
     scaled_eps = eps / safe_max ** reweight_p
     out = (w @ vf) / (w.sum(-1, keepdim=True) + scaled_eps)
-    return torch.where(positive, out, torch.zeros_like(out)).to(q.dtype)
+    return torch.where(positive, out, torch.zeros_like(out))
