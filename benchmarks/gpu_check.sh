@@ -27,7 +27,7 @@ echo "== build" | tee "$OUT/build.log"
 "$PY" -m kestrel info 2>&1 | tee -a "$OUT/env.log"
 
 echo "== GPU tests"
-"$PY" -m pytest -m gpu -q -ra tests 2>&1 | tee "$OUT/tests.log"
+"$PY" -m pytest -m "gpu or triton" -q -ra tests 2>&1 | tee "$OUT/tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 if [ -z "${KESTREL_GPU_CHECK_SKIP_BENCH:-}" ]; then

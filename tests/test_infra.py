@@ -94,3 +94,11 @@ def test_cli_help_lists_only_real_commands():
     assert result.returncode == 0
     assert "info" in result.stdout and "bench" in result.stdout
     assert run_cli("no-such-command").returncode != 0
+
+
+def test_softplus_attention_benchmark_runs_quick_on_cpu():
+    from kestrel.benchmarks import bench_softplus_attention
+
+    rows = bench_softplus_attention.run("cpu", quick=True)
+    assert {r.op for r in rows} == {"LSSA forward", "LSSAR forward (p=15)", "LSSA forward+backward"}
+    assert all(r.ours_ms > 0 and r.baseline_ms > 0 for r in rows)

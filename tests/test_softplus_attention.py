@@ -75,6 +75,7 @@ def test_cpu_path_matches_float64(case, p):
     torch.testing.assert_close(out.double(), float64_reference(q, k, v, causal, p), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.triton
 @pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
 @pytest.mark.parametrize("case", CASES + SLOW_CASES)
 @pytest.mark.parametrize("p", [None, 15.0])
@@ -93,6 +94,7 @@ def test_triton_forward_matches_float64(case, p, dtype):
     assert s.dtype == torch.float32 and bool((s > 0).all())
 
 
+@pytest.mark.triton
 @pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
 def test_triton_per_sequence_cache_lengths():
     """Batch of two sequences with different cache lengths: each row at len_b - Lq + i, keys past len_b ignored."""
@@ -212,6 +214,7 @@ def test_cuda_op_forward_backward(p, dtype):
     assert all(bool(torch.isfinite(t.grad).all()) for t in leaves)
 
 
+@pytest.mark.triton
 @pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
 @pytest.mark.parametrize("case", CASES[1:] + [(2, 2, 1, 3, 30, 64, True)])
 def test_triton_lssa_backward_matches_float64(case):

@@ -6,7 +6,8 @@ import platform
 import sys
 
 # Benchmark modules by name; each has run(device, quick) -> list of harness rows.
-BENCHMARKS = {"quantize": "kestrel.benchmarks.bench_quantize", "optim": "kestrel.benchmarks.bench_optim"}
+BENCHMARKS = {"quantize": "kestrel.benchmarks.bench_quantize", "optim": "kestrel.benchmarks.bench_optim",
+              "softplus_attention": "kestrel.benchmarks.bench_softplus_attention"}
 
 
 def _triton_version():
