@@ -102,3 +102,10 @@ def test_softplus_attention_benchmark_runs_quick_on_cpu():
     rows = bench_softplus_attention.run("cpu", quick=True)
     assert {r.op for r in rows} == {"LSSA forward", "LSSAR forward (p=15)", "LSSA forward+backward"}
     assert all(r.ours_ms > 0 and r.baseline_ms > 0 for r in rows)
+
+
+def test_plga_attention_benchmark_runs_quick_on_cpu():
+    from kestrel.benchmarks import bench_plga_attention
+
+    rows = bench_plga_attention.run("cpu", quick=True)
+    assert {r.op for r in rows} == {"PLGA forward", "PLGA forward+backward"}

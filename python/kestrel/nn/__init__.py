@@ -2,5 +2,6 @@
 
 from .attention import SoftplusAttention
 from .embedding import StableEmbedding
+from .plga import PLGACache, PowerLawGraphAttention
 
-__all__ = ["SoftplusAttention", "StableEmbedding"]
+__all__ = ["PLGACache", "PowerLawGraphAttention", "SoftplusAttention", "StableEmbedding"]

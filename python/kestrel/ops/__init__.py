@@ -2,6 +2,7 @@
 
 from . import optim as _optim_fakes  # noqa: F401  (registers the fakes)
 from .quantize import create_dynamic_map, dequantize_blockwise, quantize_blockwise
+from .plga_attention import plga_attention
 from .softplus_attention import softplus_attention
 
-__all__ = ["create_dynamic_map", "quantize_blockwise", "dequantize_blockwise", "softplus_attention"]
+__all__ = ["create_dynamic_map", "quantize_blockwise", "dequantize_blockwise", "plga_attention", "softplus_attention"]

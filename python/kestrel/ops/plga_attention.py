@@ -1,0 +1,84 @@
+"""Power-law graph attention (PLGA, PLDR-LLM; spec attention.md §2).
+
+`plga_attention(q, k, v, G, *, causal=True, cache_seqlens=None)` = softmax((q·G)·kᵀ/√d)·v with G of shape
+(B or 1, Hq, d, d) multiplying the query (after RoPE) on the query side, q (B, Hq, Lq, d), k and v (B, Hkv, Lk, d),
+Hq a multiple of Hkv (GQA: G belongs to the query heads). Decode: Lq < Lk puts the rows at the end of the keys
+(cache_seqlens (B,) gives each sequence its own number of valid keys).
+
+The kernel plan the spec allows ("a GEMM then flash attention"): q' = q·G as one batched matrix product in float32
+(2·L·d² FLOPs per head, a few % of the attention), cast back to q's dtype, then PyTorch's fused
+scaled_dot_product_attention (FlashAttention on a GPU for fp16/bf16). Autograd gives dq = dq'·Gᵀ and
+dG = Σ_l q_lᵀ dq'_l through the product.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _check(q, k, v, G, cache_seqlens):
+    name = "plga_attention"
+    for label, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name}: {label} must be a 4-D tensor (B, H, L, d), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: {label} must be a floating-point tensor, got {t.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"{name}: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, Hq, Lq, d = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != d:
+        raise ValueError(f"{name}: k and v must both be (B={B}, Hkv, Lk, d={d}), got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"{name}: the query heads ({Hq}) must be a multiple of the key/value heads ({Hkv})")
+    if Lq > Lk:
+        raise ValueError(f"{name}: more query rows ({Lq}) than keys ({Lk})")
+    if not isinstance(G, torch.Tensor) or G.dim() != 4 or G.shape[0] not in (1, B) or G.shape[1:] != (Hq, d, d):
+        raise ValueError(f"{name}: G must be (B={B} or 1, Hq={Hq}, d={d}, d={d}), got "
+                         f"{tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__}")
+    if G.device != q.device or k.device != q.device or v.device != q.device:
+        raise ValueError(f"{name}: q, k, v and G must be on one device")
+    if cache_seqlens is not None:
+        if cache_seqlens.shape != (B,):
+            raise ValueError(f"{name}: cache_seqlens must have shape ({B},), got {tuple(cache_seqlens.shape)}")
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if lo < Lq or hi > Lk:
+            raise ValueError(f"{name}: cache_seqlens must lie in [Lq={Lq}, Lk={Lk}], got values in [{lo}, {hi}]")
+
+
+def _mask(B, Lq, Lk, causal, cache_seqlens, device):
+    """None (plain causal or full attention over all keys) or a bool mask (B, 1, Lq, Lk) of visible keys."""
+    if cache_seqlens is None and (not causal or Lq == Lk):
+        return None
+    lengths = (cache_seqlens.to(device=device, dtype=torch.long) if cache_seqlens is not None
+               else torch.full((B,), Lk, dtype=torch.long, device=device))
+    keys = torch.arange(Lk, device=device)
+    visible = keys[None, None, :] < lengths[:, None, None]
+    if causal:
+        rows = lengths[:, None] - Lq + torch.arange(Lq, device=device)[None, :]
+        visible = visible & (keys[None, None, :] <= rows[:, :, None])
+    else:
+        visible = visible.expand(B, Lq, Lk)
+    return visible[:, None]
+
+
+def plga_attention(q, k, v, G, *, causal=True, cache_seqlens=None):
+    """softmax((q·G)·kᵀ/√d + mask)·v; see the module docstring."""
+    _check(q, k, v, G, cache_seqlens)
+    B, Hq, Lq, d = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    wide = torch.promote_types(q.dtype, torch.float32)  # float32 (float64 stays float64)
+    q_metric = torch.matmul(q.to(wide), G.to(wide)).to(q.dtype)  # q' = q·G (query side)
+    mask = _mask(B, Lq, Lk, causal, cache_seqlens, q.device)
+    if Hq != Hkv:
+        group = Hq // Hkv
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q_metric, k, v, attn_mask=mask,
+                                          is_causal=bool(causal) and mask is None and Lq > 1,
+                                          scale=1.0 / math.sqrt(d))
+
+
+__all__ = ["plga_attention"]

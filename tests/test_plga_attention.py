@@ -1,0 +1,161 @@
+"""Power-law graph attention and the G-cache: the op against float64 (G = I equals SDPA; q·G, not Gᵀ), GQA, decode,
+backward (gradcheck), compile; the module's metric learner, G-cache, predefined G, parameter names."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kestrel
+from kestrel.nn.plga import PLGACache, rope
+from kestrel.ops import plga_attention
+
+
+def float64_plga(q, k, v, G, causal=True, lens=None):
+    """softmax((q·G)·kᵀ/√d + mask)·v in float64, row by row (rows at the end of each sequence's keys)."""
+    q, k, v, G = q.double(), k.double(), v.double(), G.double()
+    B, Hq, Lq, d = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    k, v = k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1)
+    G = G.expand(B, Hq, d, d)
+    out = torch.zeros(B, Hq, Lq, d, dtype=torch.float64)
+    for b in range(B):
+        length = int(lens[b]) if lens is not None else Lk
+        for i in range(Lq):
+            n = length - Lq + i + 1 if causal else length
+            scores = torch.einsum("hd,hnd->hn", torch.einsum("hd,hde->he", q[b, :, i], G[b]), k[b, :, :n])
+            out[b, :, i] = torch.einsum("hn,hnd->hd", torch.softmax(scores / math.sqrt(d), -1), v[b, :, :n])
+    return out
+
+
+def inputs(B, Hq, Hkv, Lq, Lk, d, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda H, L: torch.randn(B, H, L, d, generator=g).to(dtype)  # noqa: E731
+    G = torch.randn(1, Hq, d, d, generator=g) / math.sqrt(d) + torch.eye(d)
+    return make(Hq, Lq), make(Hkv, Lk), make(Hkv, Lk), G
+
+
+@pytest.mark.parametrize("case", [(1, 2, 2, 1, 1, 16, True), (2, 4, 2, 3, 3, 16, True), (1, 2, 1, 4, 4, 64, False),
+                                  (1, 4, 1, 65, 65, 64, True), (2, 2, 2, 3, 20, 32, True)])
+def test_matches_float64(case):
+    B, Hq, Hkv, Lq, Lk, d, causal = case
+    q, k, v, G = inputs(B, Hq, Hkv, Lq, Lk, d)
+    torch.testing.assert_close(plga_attention(q, k, v, G, causal=causal).double(),
+                               float64_plga(q, k, v, G, causal), atol=2e-5, rtol=1e-4)
+
+
+def test_identity_equals_sdpa_and_orientation_is_q_times_g():
+    q, k, v, G = inputs(2, 4, 4, 9, 9, 32, seed=1)
+    eye = torch.eye(32).expand(1, 4, 32, 32)
+    torch.testing.assert_close(plga_attention(q, k, v, eye), F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                               atol=1e-6, rtol=1e-5)
+    # a non-symmetric G after RoPE: q·G, not Gᵀ
+    positions = torch.arange(9)
+    rq = rope(q.transpose(1, 2), positions).transpose(1, 2)
+    rk = rope(k.transpose(1, 2), positions).transpose(1, 2)
+    ours = plga_attention(rq, rk, v, G)
+    torch.testing.assert_close(ours.double(), float64_plga(rq, rk, v, G), atol=2e-5, rtol=1e-4)
+    transposed = float64_plga(rq, rk, v, G.transpose(-1, -2))
+    assert (ours.double() - transposed).abs().max() > 1e-2
+
+
+def test_decode_rows_and_cache_lengths():
+    q, k, v, G = inputs(2, 2, 1, 12, 12, 16, seed=2)
+    full = plga_attention(q, k, v, G)
+    rows = torch.cat([plga_attention(q[:, :, i:i + 1], k[:, :, :i + 1], v[:, :, :i + 1], G) for i in range(12)], 2)
+    torch.testing.assert_close(rows, full, atol=1e-6, rtol=1e-5)
+    lens = torch.tensor([12, 7])
+    out = plga_attention(q[:, :, :2], k, v, G, cache_seqlens=lens)
+    torch.testing.assert_close(out.double(), float64_plga(q[:, :, :2], k, v, G, lens=lens), atol=2e-5, rtol=1e-4)
+
+
+def test_backward_gradcheck_and_formulas():
+    q, k, v, G = (t.double().requires_grad_(True) for t in inputs(1, 2, 1, 5, 5, 8, seed=3))
+    assert torch.autograd.gradcheck(lambda a, b, c, g: plga_attention(a, b, c, g), (q, k, v, G))
+    # dG = Σ_l q_lᵀ dq'_l and dq = dq'·Gᵀ, against the explicit product
+    qm = (q @ G).detach().requires_grad_(True)
+    out = F.scaled_dot_product_attention(qm, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
+    grad = torch.randn_like(out)
+    dqm, = torch.autograd.grad(out, qm, grad)
+    dq, dG = torch.autograd.grad(plga_attention(q, k, v, G), (q, G), grad)
+    torch.testing.assert_close(dq, dqm @ G.transpose(-1, -2))
+    torch.testing.assert_close(dG, (q.transpose(-1, -2) @ dqm).sum(0, keepdim=True))
+
+
+def test_compile_and_errors():
+    q, k, v, G = inputs(1, 2, 1, 5, 5, 16, seed=4)
+    compiled = torch.compile(lambda a, b, c, g: plga_attention(a, b, c, g), fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, G), plga_attention(q, k, v, G))
+    with pytest.raises(ValueError, match=r"G must be \(B=1 or 1, Hq=2, d=16, d=16\), got \(1, 2, 16, 8\)"):
+        plga_attention(q, k, v, G[..., :8])
+    with pytest.raises(ValueError, match=r"query heads \(2\) must be a multiple of the key/value heads \(3\)"):
+        plga_attention(q, torch.randn(1, 3, 5, 16), torch.randn(1, 3, 5, 16), G)
+
+
+def test_module_g_cache_decode_and_names():
+    torch.manual_seed(5)
+    layer = kestrel.nn.PowerLawGraphAttention(64, 4, A_dff=24)
+    names = set(layer.state_dict())
+    for name in ("wq.weight", "wk.bias", "dense.weight", "layernorm1.weight", "plgatt_layer.Wlst", "plgatt_layer.blst",
+                 "plgatt_layer.pwlst", "plgatt_layer.alst", "plgatt_layer.balst", "reslayerAs.7.layernormA.weight",
+                 "reslayerAs.0.denseAs.1.gluw3.weight", "reslayerAs.3.denseAs.0.gluw2.bias"):
+        assert name in names, name
+    assert layer.plgatt_layer.Wlst.shape == (4, 16, 16)
+    calls = []
+    layer.reslayerAs[0].register_forward_hook(lambda *args: calls.append(1))
+    x = torch.randn(2, 10, 64)
+    full, _ = layer(x)
+    assert len(calls) == 1
+    y, cache = layer(x[:, :6])
+    assert isinstance(cache, PLGACache) and cache.G.shape == (2, 4, 16, 16) and cache.A.shape == (2, 4, 16, 16)
+    prompt_G = cache.G
+    rows = [y]
+    for i in range(6, 10):
+        y, cache = layer(x[:, i:i + 1], cache=cache)
+        rows.append(y)
+        assert cache.G is prompt_G  # the G-cache: built once from the prompt
+    assert len(calls) == 2  # the metric learner ran on the two prompts only
+    decoded = torch.cat(rows, 1)
+    # the prompt fixes G: the first 6 rows equal the full pass's only if G came from the same prompt, so compare
+    # with a full pass whose G is the 6-token prompt's
+    fixed = kestrel.nn.PowerLawGraphAttention(64, 4, A_dff=24, G=prompt_G[0])
+    fixed.load_state_dict({k: v for k, v in layer.state_dict().items() if k.split(".")[0] in
+                           ("wq", "wk", "wv", "dense")}, strict=False)
+    torch.testing.assert_close(decoded[:1], fixed(x[:1])[0], atol=1e-5, rtol=1e-4)
+    # use_g_cache=False rebuilds G from the cached metric each step: the same rows
+    layer.use_g_cache = False
+    y, cache = layer(x[:, :6])
+    assert cache.G is None and cache.A is not None
+    rebuilt = [y]
+    for i in range(6, 10):
+        y, cache = layer(x[:, i:i + 1], cache=cache)
+        rebuilt.append(y)
+    torch.testing.assert_close(torch.cat(rebuilt, 1), decoded, atol=1e-6, rtol=1e-5)
+
+
+def test_predefined_identity_g_is_rope_attention():
+    torch.manual_seed(6)
+    layer = kestrel.nn.PowerLawGraphAttention(64, 4, G="identity")
+    assert not any(name.startswith("plgatt_layer") or name.startswith("reslayerAs") for name in layer.state_dict())
+    x = torch.randn(1, 8, 64)
+    y, _ = layer(x)
+    split = lambda t: t.view(1, 8, 4, 16)  # noqa: E731
+    positions = torch.arange(8)
+    q = rope(split(layer.wq(x)), positions).transpose(1, 2)
+    k = rope(split(layer.wk(x)), positions).transpose(1, 2)
+    v = split(layer.wv(x)).transpose(1, 2)
+    expected = layer.dense(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(1, 8, 64))
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"a predefined G must be \(num_heads=4, d=16, d=16\)"):
+        kestrel.nn.PowerLawGraphAttention(64, 4, G=torch.eye(8))
+
+
+def test_negative_powers_stay_finite_in_float32():
+    torch.manual_seed(7)
+    layer = kestrel.nn.PowerLawGraphAttention(32, 2, A_dff=8, num_reslayerA=2)
+    with torch.no_grad():
+        layer.plgatt_layer.pwlst.fill_(-1.5)
+    y, cache = layer(torch.randn(1, 5, 32))
+    assert bool(torch.isfinite(y).all()) and bool(torch.isfinite(cache.G).all())
+    assert bool((cache.a_lm > 0).all())  # iSwiGLU(x) + 1e-9 > 0
