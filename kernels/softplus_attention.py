@@ -31,7 +31,7 @@ def _load_keys(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, lengt
 
 @triton.jit
 def softplus_attention_fwd_kernel(
-    Q, K, V, O, S, M, LENS,
+    Q, K, V, O, S, M, W, LENS,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -117,13 +117,14 @@ def softplus_attention_fwd_kernel(
             else:
                 acc += tl.dot(w.to(v.dtype), v)
         scaled_eps = eps / tl.exp2(power * tl.log2(safe))
+        tl.store(W + stat, sw + scaled_eps, mask=row_ok)  # the scaled denominator, for the backward
         out = tl.where(positive[:, None], acc / (sw + scaled_eps)[:, None], 0.0)
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
 def softplus_attention_forward(q, k, v, causal, reweight_p, eps, cache_seqlens=None, block_m=None, block_n=None):
-    """Launch the forward kernel: (out, s, m) with s = sum f and m = max x per row (m only for LSSAR), fp32 (B,Hq,Lq).
-    Works on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
+    """Launch the forward kernel: (out, s, m, w), fp32 (B, Hq, Lq) row statistics: s = sum f; for LSSAR also m = max x
+    and w = sum (relu(r)/r_max)^p + eps / r_max^p (the scaled denominator). CUDA, or CPU under TRITON_INTERPRET=1."""
     import math
 
     import torch
@@ -134,12 +135,13 @@ def softplus_attention_forward(q, k, v, causal, reweight_p, eps, cache_seqlens=N
     out = torch.empty_like(q)
     s = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     m = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    w = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     lens = cache_seqlens.to(device=q.device, dtype=torch.int32).contiguous() if cache_seqlens is not None else s
     block_m = block_m or (64 if D <= 64 else 32) if q.is_cuda else (block_m or 16)
     block_n = block_n or (64 if q.is_cuda else 16)
     grid = (triton.cdiv(Lq, block_m), B * Hq)
     softplus_attention_fwd_kernel[grid](
-        q, k, v, out, s, m, lens,
+        q, k, v, out, s, m, w, lens,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -148,7 +150,7 @@ def softplus_attention_forward(q, k, v, causal, reweight_p, eps, cache_seqlens=N
         CAUSAL=bool(causal), REWEIGHT=reweight_p is not None, HAS_LENS=cache_seqlens is not None,
         FP32_DOT=q.dtype == torch.float32, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
     )
-    return out, s, m
+    return out, s, m, w
 
 
 # ------------------------------------------------------------------------------------------------------- backward
@@ -311,4 +313,195 @@ def lssa_backward(q, k, v, out, s, grad_out, causal, eps, cache_seqlens=None, bl
         q, k, v, out, grad_out, s, lens, dq, *common, Hq, Hq // Hkv, Lq, Lk, math.log(D), eps, **flags)
     lssa_bwd_dkdv_kernel[(triton.cdiv(Lk, block_n), B * Hkv)](
         q, k, v, out, grad_out, s, lens, dk, dv, *common, Hq, Hkv, Hq // Hkv, Lq, Lk, math.log(D), eps, **flags)
+    return dq, dk, dv
+
+
+# LSSAR (reweight_p = p): a = f / (s + eps), r = N a - o, w = relu(r)^p, out = sum w v / (sum w + eps). With the
+# forward's scaling (w' = (r / r_max)^p, W' = sum w' + eps / r_max^p): dv_j = sum_i w'_ij dO_i / W'_i;
+# dr_ij = (dO_i . v_j - delta_i) p (r_ij / r_max_i)^(p-1) / (r_max_i W'_i) for r_ij > 0 (bounded: no overflow);
+# da = N dr; df_ij = (da_ij - gamma_i) / (s_i + eps) with gamma_i = sum_j da_ij a_ij (a row reduction: the dq
+# kernel's first pass, stored for the dk/dv kernel); dx = df sigmoid(x).
+
+
+@triton.jit
+def _lssar_row_stats(S, M, W, stat, row_ok, count, eps):
+    s = tl.load(S + stat, mask=row_ok, other=1.0)
+    m = tl.load(M + stat, mask=row_ok, other=0.0)
+    wden = tl.load(W + stat, mask=row_ok, other=1.0)
+    inv = 1.0 / (s + eps)
+    offset = tl.where(count > 3.0, 1.0, 0.0)
+    r_max = count * _softplus(m) * inv - offset
+    positive = (r_max > 0.0) & row_ok
+    safe = tl.where(positive, r_max, 1.0)
+    # dr = (dO.v - delta) * coef * (r / r_max)^(p - 1), zero for rows whose weights are all zero
+    coef = tl.where(positive, 1.0 / (safe * wden), 0.0)
+    return inv, offset, safe, coef, wden
+
+
+@triton.jit
+def _lssar_tile(x, visible, count, inv, offset, safe, coef, dov, delta, power):
+    """(a, w', da) of a tile: attention weights, scaled re-weights and d(loss)/da."""
+    f = tl.where(visible, _softplus(x), 0.0)
+    a = f * inv[:, None]
+    r = count[:, None] * a - offset[:, None]
+    live = visible & (r > 0.0)
+    ratio = tl.where(live, r / safe[:, None], 1.0)
+    log_ratio = tl.log2(ratio)
+    w = tl.where(live, tl.exp2(power * log_ratio), 0.0)
+    dr = tl.where(live, (dov - delta[:, None]) * coef[:, None] * power * tl.exp2((power - 1.0) * log_ratio), 0.0)
+    return a, w, count[:, None] * dr
+
+
+@triton.jit
+def lssar_bwd_dq_kernel(
+    Q, K, V, O, DO, S, M, W, LENS, DQ, GAMMA,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    H_Q, GROUP, Lq, Lk, log_d, eps, power,
+    CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H_Q
+    h = pid_bh % H_Q
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    qn, norm, scale, do, delta, _, pos, length, row_ok = _rows(
+        Q, DO, O, S, LENS, b, h, pid_bh, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_ob, stride_oh,
+        stride_om, Lq, Lk, log_d, eps, CAUSAL, HAS_LENS)
+    if CAUSAL:
+        count = tl.maximum(pos + 1, 0).to(tl.float32)
+        hi = tl.minimum(length, pid_m * BLOCK_M + BLOCK_M + length - Lq)
+    else:
+        count = tl.zeros([BLOCK_M], dtype=tl.float32) + length
+        hi = length
+    stat = pid_bh * Lq + offs_m
+    inv, offset, safe, coef, _ = _lssar_row_stats(S, M, W, stat, row_ok, count, eps)
+    qs = qn * scale[:, None]
+    base_k = b * stride_kb + hk * stride_kh
+    base_v = b * stride_vb + hk * stride_vh
+    gamma = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start in range(0, hi, BLOCK_N):  # pass 1: gamma = sum_j da_j a_j
+        offs_n = start + tl.arange(0, BLOCK_N)
+        kn, v, kmask = _load_keys(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, length)
+        x = tl.dot(qs, tl.trans(kn), input_precision="ieee")
+        visible = kmask[None, :] & row_ok[:, None]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= pos[:, None])
+        dov = tl.dot(do, tl.trans(v.to(tl.float32)), input_precision="ieee")
+        a, w, da = _lssar_tile(x, visible, count, inv, offset, safe, coef, dov, delta, power)
+        gamma += tl.sum(da * a, 1)
+    tl.store(GAMMA + stat, gamma, mask=row_ok)
+    dqn = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    for start in range(0, hi, BLOCK_N):  # pass 2: dq
+        offs_n = start + tl.arange(0, BLOCK_N)
+        kn, v, kmask = _load_keys(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, length)
+        x = tl.dot(qs, tl.trans(kn), input_precision="ieee")
+        visible = kmask[None, :] & row_ok[:, None]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= pos[:, None])
+        dov = tl.dot(do, tl.trans(v.to(tl.float32)), input_precision="ieee")
+        a, w, da = _lssar_tile(x, visible, count, inv, offset, safe, coef, dov, delta, power)
+        dx = tl.where(visible, (da - gamma[:, None]) * inv[:, None] * tl.sigmoid(x), 0.0)
+        dqn += tl.dot(dx, kn, input_precision="ieee")
+    dqn = dqn * scale[:, None]
+    dq = (dqn - qn * tl.sum(qn * dqn, 1)[:, None]) / norm[:, None]
+    tl.store(DQ + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def lssar_bwd_dkdv_kernel(
+    Q, K, V, O, DO, S, M, W, LENS, GAMMA, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    H_Q, H_KV, GROUP, Lq, Lk, log_d, eps, power,
+    CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H_KV
+    hk = pid_bh % H_KV
+    if HAS_LENS:
+        length = tl.load(LENS + b).to(tl.int32)
+    else:
+        length = Lk
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    base_k = b * stride_kb + hk * stride_kh
+    base_v = b * stride_vb + hk * stride_vh
+    kmask = offs_n < length
+    k = tl.load(K + base_k + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    kf = k.to(tl.float32)
+    knorm = tl.maximum(tl.sqrt(tl.sum(kf * kf, 1)), 1e-12)
+    kn = kf / knorm[:, None]
+    v = tl.load(V + base_v + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None],
+                other=0.0).to(tl.float32)
+    dkn = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    if CAUSAL:
+        lo = tl.maximum(pid_n * BLOCK_N - (length - Lq), 0)
+        lo = (lo // BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * H_Q + h
+        for start in range(lo, Lq, BLOCK_M):
+            offs_m = start + tl.arange(0, BLOCK_M)
+            qn, norm, scale, do, delta, _, pos, _, row_ok = _rows(
+                Q, DO, O, S, LENS, b, h, bh, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_ob, stride_oh,
+                stride_om, Lq, Lk, log_d, eps, CAUSAL, HAS_LENS)
+            if CAUSAL:
+                count = tl.maximum(pos + 1, 0).to(tl.float32)
+            else:
+                count = tl.zeros([BLOCK_M], dtype=tl.float32) + length
+            stat = bh * Lq + offs_m
+            inv, offset, safe, coef, wden = _lssar_row_stats(S, M, W, stat, row_ok, count, eps)
+            gamma = tl.load(GAMMA + stat, mask=row_ok, other=0.0)
+            qs = qn * scale[:, None]
+            x = tl.dot(qs, tl.trans(kn), input_precision="ieee")
+            visible = kmask[None, :] & row_ok[:, None]
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= pos[:, None])
+            dov = tl.dot(do, tl.trans(v), input_precision="ieee")
+            a, w, da = _lssar_tile(x, visible, count, inv, offset, safe, coef, dov, delta, power)
+            dv += tl.dot(tl.trans(w), do * tl.where(coef > 0.0, 1.0 / wden, 0.0)[:, None], input_precision="ieee")
+            dx = tl.where(visible, (da - gamma[:, None]) * inv[:, None] * tl.sigmoid(x), 0.0)
+            dkn += tl.dot(tl.trans(dx), qs, input_precision="ieee")
+    dk = (dkn - kn * tl.sum(kn * dkn, 1)[:, None]) / knorm[:, None]
+    tl.store(DK + base_k + offs_n[:, None] * stride_kn + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=kmask[:, None])
+    tl.store(DV + base_v + offs_n[:, None] * stride_vn + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=kmask[:, None])
+
+
+def lssar_backward(q, k, v, out, s, m, w, grad_out, causal, power, eps, cache_seqlens=None, block_m=None,
+                   block_n=None):
+    """(dq, dk, dv) of LSSAR from the forward's out and row statistics (s, m, w). CUDA, or CPU under
+    TRITON_INTERPRET=1."""
+    import math
+
+    import torch
+
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    q, k, v, out, grad_out = (t.contiguous() for t in (q, k, v, out, grad_out))
+    dq = torch.empty_like(q)
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
+    gamma = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    lens = cache_seqlens.to(device=q.device, dtype=torch.int32).contiguous() if cache_seqlens is not None else s
+    block_m = block_m or (64 if q.is_cuda else 16)
+    block_n = block_n or (64 if q.is_cuda else 16)
+    common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+              v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2))
+    flags = dict(CAUSAL=bool(causal), HAS_LENS=cache_seqlens is not None, D=D, BLOCK_M=block_m, BLOCK_N=block_n)
+    lssar_bwd_dq_kernel[(triton.cdiv(Lq, block_m), B * Hq)](
+        q, k, v, out, grad_out, s, m, w, lens, dq, gamma, *common, Hq, Hq // Hkv, Lq, Lk, math.log(D), eps,
+        float(power), **flags)
+    lssar_bwd_dkdv_kernel[(triton.cdiv(Lk, block_n), B * Hkv)](
+        q, k, v, out, grad_out, s, m, w, lens, gamma, dk, dv, *common, Hq, Hkv, Hq // Hkv, Lq, Lk, math.log(D),
+        eps, float(power), **flags)
     return dq, dk, dv

@@ -87,7 +87,7 @@ def test_triton_forward_matches_float64(case, p, dtype):
     B, Hq, Hkv, Lq, Lk, D, causal = case
     device = "cuda" if gpu_available() else "cpu"
     q, k, v = inputs(B, Hq, Hkv, Lq, Lk, D, dtype=dtype, device=device)
-    out, s, _ = softplus_attention_forward(q, k, v, causal, p, 1e-8)
+    out, s, _, _ = softplus_attention_forward(q, k, v, causal, p, 1e-8)
     expected = float64_reference(q.cpu(), k.cpu(), v.cpu(), causal, p)
     tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(out.cpu().double(), expected, **tol)
@@ -103,7 +103,7 @@ def test_triton_per_sequence_cache_lengths():
     q, k, v = inputs(2, 2, 1, 2, 30, 64, seed=3)
     lens = torch.tensor([30, 17], dtype=torch.int32)
     for p in (None, 15.0):
-        out, _, _ = softplus_attention_forward(q, k, v, True, p, 1e-8, cache_seqlens=lens)
+        out = softplus_attention_forward(q, k, v, True, p, 1e-8, cache_seqlens=lens)[0]
         torch.testing.assert_close(out.double(), float64_reference(q, k, v, True, p, lens=lens), atol=2e-5, rtol=1e-4)
         cpu = softplus_attention(q, k, v, reweight_p=p, cache_seqlens=lens)
         torch.testing.assert_close(cpu, out, atol=2e-5, rtol=1e-4)
@@ -226,9 +226,31 @@ def test_triton_lssa_backward_matches_float64(case):
     q, k, v = inputs(B, Hq, Hkv, Lq, Lk, D, device=device, seed=12)
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(13)).to(device)
     lens = torch.tensor([Lk, Lk - 7], dtype=torch.int32) if B == 2 and Lk > Lq + 7 else None
-    out, s, _ = softplus_attention_forward(q, k, v, causal, None, 1e-8, cache_seqlens=lens)
+    out, s, _, _ = softplus_attention_forward(q, k, v, causal, None, 1e-8, cache_seqlens=lens)
     grads = lssa_backward(q, k, v, out, s, grad_out, causal, 1e-8, cache_seqlens=lens)
     leaves = [t.cpu().double().requires_grad_(True) for t in (q, k, v)]
     float64_reference(*leaves, causal, None, lens=lens).backward(grad_out.cpu().double())
     for ours, leaf in zip(grads, leaves):
         torch.testing.assert_close(ours.cpu().double(), leaf.grad, atol=1e-5, rtol=1e-4)
+
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+@pytest.mark.parametrize("case", CASES[1:] + [(2, 2, 1, 3, 30, 64, True)])
+def test_triton_lssar_backward_matches_float64(case):
+    """The LSSAR backward kernels (two passes for the row reduction; overflow-safe scaling) against float64."""
+    from kestrel.kernels.softplus_attention import lssar_backward, softplus_attention_forward
+
+    B, Hq, Hkv, Lq, Lk, D, causal = case
+    device = "cuda" if gpu_available() else "cpu"
+    q, k, v = inputs(B, Hq, Hkv, Lq, Lk, D, device=device, seed=14)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(15)).to(device)
+    lens = torch.tensor([Lk, Lk - 7], dtype=torch.int32) if B == 2 and Lk > Lq + 7 else None
+    out, s, m, w = softplus_attention_forward(q, k, v, causal, 15.0, 1e-8, cache_seqlens=lens)
+    grads = lssar_backward(q, k, v, out, s, m, w, grad_out, causal, 15.0, 1e-8, cache_seqlens=lens)
+    leaves = [t.cpu().double().requires_grad_(True) for t in (q, k, v)]
+    float64_reference(*leaves, causal, 15.0, lens=lens).backward(grad_out.cpu().double())
+    for ours, leaf in zip(grads, leaves):
+        scale = leaf.grad.abs().max().item()
+        torch.testing.assert_close(ours.cpu().double(), leaf.grad, atol=1e-5 * max(scale, 1.0), rtol=1e-4)

@@ -6,10 +6,9 @@ LSSAR. Decode: Lq < Lk, query row i at absolute position len_b - Lq + i (len_b =
 of sequence b, or Lk). The output has q's dtype.
 
 Forward: on CUDA the Triton kernel (kestrel/kernels/softplus_attention.py, head dims 64 and 128), on the CPU the
-plain-PyTorch path of kestrel.reference.attention in float32 (float64 for float64 inputs). Backward: LSSA on CUDA
-runs the Triton backward kernels (dq, and dk/dv summed over each GQA group); LSSAR on CUDA and everything on the
-CPU differentiate the float32 PyTorch formulation, recomputed from q, k, v (O(Lq*Lk) memory: a fused LSSAR
-backward kernel is not written yet).
+plain-PyTorch path of kestrel.reference.attention in float32 (float64 for float64 inputs). Backward: on CUDA the
+Triton backward kernels (LSSA and LSSAR: dq, and dk/dv summed over each GQA group; LSSAR's dq kernel reads the keys
+twice for its row reduction); on the CPU, autograd through the PyTorch formulation, recomputed from q, k, v.
 """
 
 import torch
@@ -59,39 +58,45 @@ def _check(q, k, v, reweight_p, eps, cache_seqlens):
 @torch.library.custom_op("kestrel::softplus_attention", mutates_args=())
 def _softplus_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, reweight_p: float,
                            eps: float, cache_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, s): the attention and each row's sum of softplus weights (float32 (B, Hq, Lq), for the backward)."""
+    """(out, stats): the attention and the rows' statistics for the backward, float32 (3, B, Hq, Lq): the sum of
+    softplus weights, and for LSSAR the largest score and the scaled re-weighting denominator (CPU: sums only)."""
     p = reweight_p if reweight_p > 0 else None
     if q.is_cuda:
         from ..kernels.softplus_attention import softplus_attention_forward
 
-        out, s, _ = softplus_attention_forward(q, k, v, causal, p, eps, cache_seqlens)
-        return out, s
+        out, s, m, w = softplus_attention_forward(q, k, v, causal, p, eps, cache_seqlens)
+        return out, torch.stack([s, m, w])
     with torch.no_grad():
-        return _ref.softplus_attention(q, k, v, causal, p, eps, cache_seqlens, return_sum=True)
+        out, s = _ref.softplus_attention(q, k, v, causal, p, eps, cache_seqlens, return_sum=True)
+        return out, torch.stack([s, torch.zeros_like(s), torch.zeros_like(s)])
 
 
 @_softplus_attention_op.register_fake
 def _(q, k, v, causal, reweight_p, eps, cache_seqlens):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty((3,) + tuple(q.shape[:3]), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, causal, reweight_p, eps, cache_seqlens = inputs
-    out, s = output
-    ctx.save_for_backward(q, k, v, cache_seqlens, out, s)
+    out, stats = output
+    ctx.save_for_backward(q, k, v, cache_seqlens, out, stats)
     ctx.options = (causal, reweight_p, eps)
-    ctx.mark_non_differentiable(s)
+    ctx.mark_non_differentiable(stats)
 
 
 def _backward(ctx, grad_out, _grad_s):
-    q, k, v, cache_seqlens, out, s = ctx.saved_tensors
+    q, k, v, cache_seqlens, out, stats = ctx.saved_tensors
     causal, reweight_p, eps = ctx.options
-    if q.is_cuda and reweight_p <= 0:  # LSSA: the Triton backward kernels
-        from ..kernels.softplus_attention import lssa_backward
+    if q.is_cuda:  # the Triton backward kernels
+        from ..kernels.softplus_attention import lssa_backward, lssar_backward
 
-        dq, dk, dv = lssa_backward(q, k, v, out, s, grad_out, causal, eps, cache_seqlens)
+        if reweight_p <= 0:
+            dq, dk, dv = lssa_backward(q, k, v, out, stats[0], grad_out, causal, eps, cache_seqlens)
+        else:
+            dq, dk, dv = lssar_backward(q, k, v, out, stats[0], stats[1], stats[2], grad_out, causal, reweight_p, eps,
+                                        cache_seqlens)
         return dq, dk, dv, None, None, None, None
-    # LSSAR, and the CPU path: autograd through the float32 PyTorch formulation, recomputed
+    # the CPU path: autograd through the float32 PyTorch formulation, recomputed
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
         recomputed = _ref.softplus_attention(*leaves, causal, reweight_p if reweight_p > 0 else None, eps,
