@@ -7,19 +7,14 @@ GPU: B4 H16 L4096 D128 and B8 H16 L2048 D64, causal, bf16, forward and forward+b
 import torch
 import torch.nn.functional as F
 
-from .harness import compare
+from .harness import attention_cases, compare
 
 
 def run(device, quick=False):
     from kestrel.ops import plga_attention
 
     device = torch.device(device)
-    if device.type == "cuda":
-        cases = [(4, 16, 4096, 128), (8, 16, 2048, 64)] if not quick else [(1, 4, 1024, 64)]
-        dtype = torch.bfloat16
-    else:
-        cases = [(1, 4, 512, 64)] if not quick else [(1, 2, 128, 64)]
-        dtype = torch.float32
+    cases, dtype = attention_cases(device, quick)
     rows = []
     for B, H, L, D in cases:
         g = torch.Generator().manual_seed(0)

@@ -8,7 +8,7 @@ q, k, v and out once (attention is compute-bound; the column is for reference on
 import torch
 import torch.nn.functional as F
 
-from .harness import compare
+from .harness import attention_cases, compare
 
 
 def _inputs(B, H, L, D, dtype, device, grad=False):
@@ -45,12 +45,7 @@ def run(device, quick=False):
     from kestrel.ops import softplus_attention
 
     device = torch.device(device)
-    if device.type == "cuda":
-        cases = [(4, 16, 4096, 128), (8, 16, 2048, 64)] if not quick else [(1, 4, 1024, 64)]
-        dtype = torch.bfloat16
-    else:
-        cases = [(1, 4, 512, 64)] if not quick else [(1, 2, 128, 64)]
-        dtype = torch.float32
+    cases, dtype = attention_cases(device, quick)
     flex = _flex_lssa(device)
     rows = []
     for B, H, L, D in cases:

@@ -1,11 +1,14 @@
-"""Triton forward kernel of softplus attention (LSSA, and LSSAR's two passes), spec attention.md §1.
+"""Triton kernels of softplus attention (LSSA and LSSAR), forward and backward, spec attention.md §1.
 
-One program per (block of BLOCK_M query rows, batch x query head). The query rows are normalised and scaled by
+Forward: one program per (block of BLOCK_M query rows, batch x query head). The query rows are normalised and scaled by
 c_i = ln(D) ln(N_i) once; each key block is normalised as it is loaded. LSSA keeps only running sums (the softplus
 weights are non-negative: no running max), LSSAR reads the keys twice: pass 1 gets s_i = sum f and m_i = max x,
 pass 2 accumulates (relu(r) / r_max)^p with r_max = N_i softplus(m_i) / (s_i + eps) - o_i, so that r^p never
 overflows. fp32 accumulation; the second matrix product takes the weights in the value dtype (fp16/bf16), as flash
 attention does, or in fp32 for fp32 inputs. Decode: query row i sits at absolute position len_b - Lq + i.
+Backward: a dq kernel per block of query rows (LSSAR: two passes over the keys, the first for a row reduction) and a
+dk/dv kernel per block of keys (looping over the query heads of its GQA group), both recomputing the scores from the
+forward's row statistics; the formulas are above the backward kernels.
 """
 
 import triton
@@ -19,13 +22,19 @@ def _softplus(x):
 
 
 @triton.jit
-def _load_keys(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, length):
+def _load_keys_normed(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, length):
+    """A block of keys, normalised, with their norms, the values (input dtype) and the valid-key mask."""
     kmask = offs_n < length
     k = tl.load(K + base_k + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kmask[:, None], other=0.0)
     v = tl.load(V + base_v + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None], other=0.0)
     kf = k.to(tl.float32)
-    norm = tl.sqrt(tl.sum(kf * kf, 1))
-    kn = kf / tl.maximum(norm, 1e-12)[:, None]
+    norm = tl.maximum(tl.sqrt(tl.sum(kf * kf, 1)), 1e-12)
+    return kf / norm[:, None], norm, v, kmask
+
+
+@triton.jit
+def _load_keys(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, length):
+    kn, _, v, kmask = _load_keys_normed(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, length)
     return kn, v, kmask
 
 
@@ -154,16 +163,23 @@ def softplus_attention_forward(q, k, v, causal, reweight_p, eps, cache_seqlens=N
 
 
 # ------------------------------------------------------------------------------------------------------- backward
-# LSSA (reweight_p=None): out_i = sum_j f_ij v_j / (s_i + eps) with f = softplus(x), x = c_i qn_i . kn_j. With
-# delta_i = dO_i . out_i: g_ij = (dO_i . v_j - delta_i) / (s_i + eps), dx = g * sigmoid(x) (visible only),
-# dv_j = sum_i f_ij dO_i / (s_i + eps), dqn_i = c_i sum_j dx_ij kn_j, dkn_j = sum_i c_i dx_ij qn_i, and the
-# normalisations: dq = (dqn - qn (qn . dqn)) / |q| (likewise for k).
+# LSSA: out_i = sum_j f_ij v_j / (s_i + eps), f = softplus(x), x = c_i qn_i . kn_j. With delta_i = dO_i . out_i:
+# dx_ij = (dO_i . v_j - delta_i) / (s_i + eps) * sigmoid(x_ij) (visible only), dv_j = sum_i f_ij dO_i / (s_i + eps).
+# LSSAR (REWEIGHT, power p): a = f / (s + eps), r = N a - o, w = relu(r)^p, out = sum w v / (sum w + eps). With the
+# forward's scaling (w' = (r / r_max)^p, W' = sum w' + eps / r_max^p): dv_j = sum_i w'_ij dO_i / W'_i;
+# dr_ij = (dO_i . v_j - delta_i) p (r_ij / r_max_i)^(p-1) / (r_max_i W'_i) for r_ij > 0 (bounded: no overflow);
+# da = N dr; dx_ij = (da_ij - gamma_i) / (s_i + eps) * sigmoid(x_ij) with gamma_i = sum_j da_ij a_ij (a row
+# reduction: a first pass of the dq kernel, stored for the dk/dv kernel).
+# Both: dqn_i = c_i sum_j dx_ij kn_j, dkn_j = sum_i c_i dx_ij qn_i, then the normalisations' Jacobians
+# dq = (dqn - qn (qn . dqn)) / |q| (likewise for k); dk and dv sum over the query heads of each GQA group.
 
 
 @triton.jit
-def _rows(Q, DO, O, S, LENS, b, h, pid_bh, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_ob, stride_oh,
-          stride_om, Lq, Lk, log_d, eps, CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr):
-    """A block of query rows: (qn * c, raw norm, dO, delta, 1 / (s + eps), positions, length, rows ok)."""
+def _rows(Q, DO, O, S, M, W, LENS, b, h, pid_bh, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_ob,
+          stride_oh, stride_om, Lq, Lk, log_d, eps, CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr,
+          REWEIGHT: tl.constexpr):
+    """A block of query rows: (qs = qn c, qn, |q|, c, dO, delta, 1/(s+eps), positions, length, rows ok, stat index,
+    N, o, r_max, dr coefficient, dv scale)."""
     if HAS_LENS:
         length = tl.load(LENS + b).to(tl.int32)
     else:
@@ -183,182 +199,66 @@ def _rows(Q, DO, O, S, LENS, b, h, pid_bh, offs_m, offs_d, stride_qb, stride_qh,
     do = tl.load(DO + o_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
     out = tl.load(O + o_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
     delta = tl.sum(do * out, 1)
-    s = tl.load(S + pid_bh * Lq + offs_m, mask=row_ok, other=1.0)
-    inv = 1.0 / (s + eps)
-    return qn, norm, scale, do, delta, inv, pos, length, row_ok
-
-
-@triton.jit
-def lssa_bwd_dq_kernel(
-    Q, K, V, O, DO, S, LENS, DQ,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_om,
-    H_Q, GROUP, Lq, Lk, log_d, eps,
-    CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H_Q
-    h = pid_bh % H_Q
-    hk = h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    qn, norm, scale, do, delta, inv, pos, length, row_ok = _rows(
-        Q, DO, O, S, LENS, b, h, pid_bh, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_ob, stride_oh,
-        stride_om, Lq, Lk, log_d, eps, CAUSAL, HAS_LENS)
-    qs = qn * scale[:, None]
-    if CAUSAL:
-        hi = tl.minimum(length, pid_m * BLOCK_M + BLOCK_M + length - Lq)
+    stat = pid_bh * Lq + offs_m
+    inv = 1.0 / (tl.load(S + stat, mask=row_ok, other=1.0) + eps)
+    if REWEIGHT:
+        m = tl.load(M + stat, mask=row_ok, other=0.0)
+        wden = tl.load(W + stat, mask=row_ok, other=1.0)
+        offset = tl.where(count > 3.0, 1.0, 0.0)
+        r_max = count * _softplus(m) * inv - offset
+        positive = (r_max > 0.0) & row_ok
+        safe = tl.where(positive, r_max, 1.0)
+        coef = tl.where(positive, 1.0 / (safe * wden), 0.0)
+        dv_scale = tl.where(positive, 1.0 / wden, 0.0)
     else:
-        hi = length
-    base_k = b * stride_kb + hk * stride_kh
-    base_v = b * stride_vb + hk * stride_vh
-    dqn = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    for start in range(0, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        kn, v, kmask = _load_keys(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, length)
-        x = tl.dot(qs, tl.trans(kn), input_precision="ieee")
-        visible = kmask[None, :] & row_ok[:, None]
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= pos[:, None])
-        dov = tl.dot(do, tl.trans(v.to(tl.float32)), input_precision="ieee")
-        g = (dov - delta[:, None]) * inv[:, None]
-        dx = tl.where(visible, g * tl.sigmoid(x), 0.0)
-        dqn += tl.dot(dx, kn, input_precision="ieee")
-    dqn = dqn * scale[:, None]
-    dq = (dqn - qn * tl.sum(qn * dqn, 1)[:, None]) / norm[:, None]
-    tl.store(DQ + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+        offset = tl.zeros_like(inv)
+        safe = tl.zeros_like(inv) + 1.0
+        coef = tl.zeros_like(inv)
+        dv_scale = inv
+    return (qn * scale[:, None], qn, norm, scale, do, delta, inv, pos, length, row_ok, stat, count, offset, safe,
+            coef, dv_scale)
 
 
 @triton.jit
-def lssa_bwd_dkdv_kernel(
-    Q, K, V, O, DO, S, LENS, DK, DV,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_om,
-    H_Q, H_KV, GROUP, Lq, Lk, log_d, eps,
-    CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H_KV
-    hk = pid_bh % H_KV
-    if HAS_LENS:
-        length = tl.load(LENS + b).to(tl.int32)
-    else:
-        length = Lk
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    base_k = b * stride_kb + hk * stride_kh
-    base_v = b * stride_vb + hk * stride_vh
-    kmask = offs_n < length
-    k = tl.load(K + base_k + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kmask[:, None], other=0.0)
-    kf = k.to(tl.float32)
-    knorm = tl.maximum(tl.sqrt(tl.sum(kf * kf, 1)), 1e-12)
-    kn = kf / knorm[:, None]
-    v = tl.load(V + base_v + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None],
-                other=0.0).to(tl.float32)
-    dkn = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-    if CAUSAL:  # rows before the first key of this block see none of it
-        lo = tl.maximum(pid_n * BLOCK_N - (length - Lq), 0)
-        lo = (lo // BLOCK_M) * BLOCK_M
-    else:
-        lo = 0
-    for g in range(0, GROUP):
-        h = hk * GROUP + g
-        bh = b * H_Q + h
-        for start in range(lo, Lq, BLOCK_M):
-            offs_m = start + tl.arange(0, BLOCK_M)
-            qn, norm, scale, do, delta, inv, pos, _, row_ok = _rows(
-                Q, DO, O, S, LENS, b, h, bh, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_ob, stride_oh,
-                stride_om, Lq, Lk, log_d, eps, CAUSAL, HAS_LENS)
-            qs = qn * scale[:, None]
-            x = tl.dot(qs, tl.trans(kn), input_precision="ieee")
-            visible = kmask[None, :] & row_ok[:, None]
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= pos[:, None])
-            f = tl.where(visible, _softplus(x), 0.0)
-            dv += tl.dot(tl.trans(f), do * inv[:, None], input_precision="ieee")
-            dov = tl.dot(do, tl.trans(v), input_precision="ieee")
-            dx = tl.where(visible, (dov - delta[:, None]) * inv[:, None] * tl.sigmoid(x), 0.0)
-            dkn += tl.dot(tl.trans(dx), qs, input_precision="ieee")
-    dk = (dkn - kn * tl.sum(kn * dkn, 1)[:, None]) / knorm[:, None]
-    tl.store(DK + base_k + offs_n[:, None] * stride_kn + offs_d[None, :], dk.to(DK.dtype.element_ty),
-             mask=kmask[:, None])
-    tl.store(DV + base_v + offs_n[:, None] * stride_vn + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=kmask[:, None])
-
-
-def lssa_backward(q, k, v, out, s, grad_out, causal, eps, cache_seqlens=None, block_m=None, block_n=None):
-    """(dq, dk, dv) of LSSA from the forward's out and row sums s. CUDA, or CPU under TRITON_INTERPRET=1. Keys past a
-    sequence's cache length get zero gradients."""
-    import math
-
-    import torch
-
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    q, k, v, out, grad_out = (t.contiguous() for t in (q, k, v, out, grad_out))
-    dq = torch.empty_like(q)
-    dk = torch.zeros_like(k)
-    dv = torch.zeros_like(v)
-    lens = cache_seqlens.to(device=q.device, dtype=torch.int32).contiguous() if cache_seqlens is not None else s
-    block_m = block_m or (64 if q.is_cuda else 16)
-    block_n = block_n or (64 if q.is_cuda else 16)
-    common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-              v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2))
-    flags = dict(CAUSAL=bool(causal), HAS_LENS=cache_seqlens is not None, D=D, BLOCK_M=block_m, BLOCK_N=block_n)
-    lssa_bwd_dq_kernel[(triton.cdiv(Lq, block_m), B * Hq)](
-        q, k, v, out, grad_out, s, lens, dq, *common, Hq, Hq // Hkv, Lq, Lk, math.log(D), eps, **flags)
-    lssa_bwd_dkdv_kernel[(triton.cdiv(Lk, block_n), B * Hkv)](
-        q, k, v, out, grad_out, s, lens, dk, dv, *common, Hq, Hkv, Hq // Hkv, Lq, Lk, math.log(D), eps, **flags)
-    return dq, dk, dv
-
-
-# LSSAR (reweight_p = p): a = f / (s + eps), r = N a - o, w = relu(r)^p, out = sum w v / (sum w + eps). With the
-# forward's scaling (w' = (r / r_max)^p, W' = sum w' + eps / r_max^p): dv_j = sum_i w'_ij dO_i / W'_i;
-# dr_ij = (dO_i . v_j - delta_i) p (r_ij / r_max_i)^(p-1) / (r_max_i W'_i) for r_ij > 0 (bounded: no overflow);
-# da = N dr; df_ij = (da_ij - gamma_i) / (s_i + eps) with gamma_i = sum_j da_ij a_ij (a row reduction: the dq
-# kernel's first pass, stored for the dk/dv kernel); dx = df sigmoid(x).
-
-
-@triton.jit
-def _lssar_row_stats(S, M, W, stat, row_ok, count, eps):
-    s = tl.load(S + stat, mask=row_ok, other=1.0)
-    m = tl.load(M + stat, mask=row_ok, other=0.0)
-    wden = tl.load(W + stat, mask=row_ok, other=1.0)
-    inv = 1.0 / (s + eps)
-    offset = tl.where(count > 3.0, 1.0, 0.0)
-    r_max = count * _softplus(m) * inv - offset
-    positive = (r_max > 0.0) & row_ok
-    safe = tl.where(positive, r_max, 1.0)
-    # dr = (dO.v - delta) * coef * (r / r_max)^(p - 1), zero for rows whose weights are all zero
-    coef = tl.where(positive, 1.0 / (safe * wden), 0.0)
-    return inv, offset, safe, coef, wden
-
-
-@triton.jit
-def _lssar_tile(x, visible, count, inv, offset, safe, coef, dov, delta, power):
+def _lssar_terms(x, visible, count, inv, offset, safe, coef, dov, delta, power):
     """(a, w', da) of a tile: attention weights, scaled re-weights and d(loss)/da."""
-    f = tl.where(visible, _softplus(x), 0.0)
-    a = f * inv[:, None]
+    a = tl.where(visible, _softplus(x), 0.0) * inv[:, None]
     r = count[:, None] * a - offset[:, None]
     live = visible & (r > 0.0)
-    ratio = tl.where(live, r / safe[:, None], 1.0)
-    log_ratio = tl.log2(ratio)
+    log_ratio = tl.log2(tl.where(live, r / safe[:, None], 1.0))
     w = tl.where(live, tl.exp2(power * log_ratio), 0.0)
     dr = tl.where(live, (dov - delta[:, None]) * coef[:, None] * power * tl.exp2((power - 1.0) * log_ratio), 0.0)
     return a, w, count[:, None] * dr
 
 
 @triton.jit
-def lssar_bwd_dq_kernel(
+def _tile(qs, kn, v, offs_n, kmask, row_ok, pos, do, delta, inv, count, offset, safe, coef, gamma, power,
+          CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr):
+    """(weight for dv, dx, a, da) of one (rows x keys) tile; a and da feed LSSAR's row reduction."""
+    x = tl.dot(qs, tl.trans(kn), input_precision="ieee")
+    visible = kmask[None, :] & row_ok[:, None]
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] <= pos[:, None])
+    dov = tl.dot(do, tl.trans(v), input_precision="ieee")
+    if REWEIGHT:
+        a, weight, da = _lssar_terms(x, visible, count, inv, offset, safe, coef, dov, delta, power)
+        dx = tl.where(visible, (da - gamma[:, None]) * inv[:, None] * tl.sigmoid(x), 0.0)
+    else:
+        weight = tl.where(visible, _softplus(x), 0.0)
+        dx = tl.where(visible, (dov - delta[:, None]) * inv[:, None] * tl.sigmoid(x), 0.0)
+        a = weight
+        da = weight
+    return weight, dx, a, da
+
+
+@triton.jit
+def softplus_attention_bwd_dq_kernel(
     Q, K, V, O, DO, S, M, W, LENS, DQ, GAMMA,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
     H_Q, GROUP, Lq, Lk, log_d, eps, power,
-    CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, REWEIGHT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -367,43 +267,30 @@ def lssar_bwd_dq_kernel(
     hk = h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    qn, norm, scale, do, delta, _, pos, length, row_ok = _rows(
-        Q, DO, O, S, LENS, b, h, pid_bh, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_ob, stride_oh,
-        stride_om, Lq, Lk, log_d, eps, CAUSAL, HAS_LENS)
+    qs, qn, norm, scale, do, delta, inv, pos, length, row_ok, stat, count, offset, safe, coef, _ = _rows(
+        Q, DO, O, S, M, W, LENS, b, h, pid_bh, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_ob,
+        stride_oh, stride_om, Lq, Lk, log_d, eps, CAUSAL, HAS_LENS, REWEIGHT)
     if CAUSAL:
-        count = tl.maximum(pos + 1, 0).to(tl.float32)
         hi = tl.minimum(length, pid_m * BLOCK_M + BLOCK_M + length - Lq)
     else:
-        count = tl.zeros([BLOCK_M], dtype=tl.float32) + length
         hi = length
-    stat = pid_bh * Lq + offs_m
-    inv, offset, safe, coef, _ = _lssar_row_stats(S, M, W, stat, row_ok, count, eps)
-    qs = qn * scale[:, None]
     base_k = b * stride_kb + hk * stride_kh
     base_v = b * stride_vb + hk * stride_vh
     gamma = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start in range(0, hi, BLOCK_N):  # pass 1: gamma = sum_j da_j a_j
-        offs_n = start + tl.arange(0, BLOCK_N)
-        kn, v, kmask = _load_keys(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, length)
-        x = tl.dot(qs, tl.trans(kn), input_precision="ieee")
-        visible = kmask[None, :] & row_ok[:, None]
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= pos[:, None])
-        dov = tl.dot(do, tl.trans(v.to(tl.float32)), input_precision="ieee")
-        a, w, da = _lssar_tile(x, visible, count, inv, offset, safe, coef, dov, delta, power)
-        gamma += tl.sum(da * a, 1)
-    tl.store(GAMMA + stat, gamma, mask=row_ok)
+    if REWEIGHT:  # pass 1: gamma_i = sum_j da_ij a_ij
+        for start in range(0, hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            kn, v, kmask = _load_keys(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, length)
+            _, _, a, da = _tile(qs, kn, v.to(tl.float32), offs_n, kmask, row_ok, pos, do, delta, inv, count, offset,
+                                safe, coef, gamma, power, CAUSAL, REWEIGHT)
+            gamma += tl.sum(da * a, 1)
+        tl.store(GAMMA + stat, gamma, mask=row_ok)
     dqn = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    for start in range(0, hi, BLOCK_N):  # pass 2: dq
+    for start in range(0, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         kn, v, kmask = _load_keys(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, length)
-        x = tl.dot(qs, tl.trans(kn), input_precision="ieee")
-        visible = kmask[None, :] & row_ok[:, None]
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= pos[:, None])
-        dov = tl.dot(do, tl.trans(v.to(tl.float32)), input_precision="ieee")
-        a, w, da = _lssar_tile(x, visible, count, inv, offset, safe, coef, dov, delta, power)
-        dx = tl.where(visible, (da - gamma[:, None]) * inv[:, None] * tl.sigmoid(x), 0.0)
+        _, dx, _, _ = _tile(qs, kn, v.to(tl.float32), offs_n, kmask, row_ok, pos, do, delta, inv, count, offset,
+                            safe, coef, gamma, power, CAUSAL, REWEIGHT)
         dqn += tl.dot(dx, kn, input_precision="ieee")
     dqn = dqn * scale[:, None]
     dq = (dqn - qn * tl.sum(qn * dqn, 1)[:, None]) / norm[:, None]
@@ -412,12 +299,13 @@ def lssar_bwd_dq_kernel(
 
 
 @triton.jit
-def lssar_bwd_dkdv_kernel(
+def softplus_attention_bwd_dkdv_kernel(
     Q, K, V, O, DO, S, M, W, LENS, GAMMA, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
     H_Q, H_KV, GROUP, Lq, Lk, log_d, eps, power,
-    CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, REWEIGHT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -431,44 +319,28 @@ def lssar_bwd_dkdv_kernel(
     offs_d = tl.arange(0, D)
     base_k = b * stride_kb + hk * stride_kh
     base_v = b * stride_vb + hk * stride_vh
-    kmask = offs_n < length
-    k = tl.load(K + base_k + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kmask[:, None], other=0.0)
-    kf = k.to(tl.float32)
-    knorm = tl.maximum(tl.sqrt(tl.sum(kf * kf, 1)), 1e-12)
-    kn = kf / knorm[:, None]
-    v = tl.load(V + base_v + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None],
-                other=0.0).to(tl.float32)
+    kn, knorm, v, kmask = _load_keys_normed(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, length)
+    v = v.to(tl.float32)
     dkn = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-    if CAUSAL:
-        lo = tl.maximum(pid_n * BLOCK_N - (length - Lq), 0)
-        lo = (lo // BLOCK_M) * BLOCK_M
-    else:
-        lo = 0
+    lo = 0
+    if CAUSAL:  # query rows before this key block see none of it
+        lo = (tl.maximum(pid_n * BLOCK_N - (length - Lq), 0) // BLOCK_M) * BLOCK_M
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H_Q + h
         for start in range(lo, Lq, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
-            qn, norm, scale, do, delta, _, pos, _, row_ok = _rows(
-                Q, DO, O, S, LENS, b, h, bh, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_ob, stride_oh,
-                stride_om, Lq, Lk, log_d, eps, CAUSAL, HAS_LENS)
-            if CAUSAL:
-                count = tl.maximum(pos + 1, 0).to(tl.float32)
+            qs, _, _, _, do, delta, inv, pos, _, row_ok, stat, count, offset, safe, coef, dv_scale = _rows(
+                Q, DO, O, S, M, W, LENS, b, h, bh, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_ob,
+                stride_oh, stride_om, Lq, Lk, log_d, eps, CAUSAL, HAS_LENS, REWEIGHT)
+            if REWEIGHT:
+                gamma = tl.load(GAMMA + stat, mask=row_ok, other=0.0)
             else:
-                count = tl.zeros([BLOCK_M], dtype=tl.float32) + length
-            stat = bh * Lq + offs_m
-            inv, offset, safe, coef, wden = _lssar_row_stats(S, M, W, stat, row_ok, count, eps)
-            gamma = tl.load(GAMMA + stat, mask=row_ok, other=0.0)
-            qs = qn * scale[:, None]
-            x = tl.dot(qs, tl.trans(kn), input_precision="ieee")
-            visible = kmask[None, :] & row_ok[:, None]
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= pos[:, None])
-            dov = tl.dot(do, tl.trans(v), input_precision="ieee")
-            a, w, da = _lssar_tile(x, visible, count, inv, offset, safe, coef, dov, delta, power)
-            dv += tl.dot(tl.trans(w), do * tl.where(coef > 0.0, 1.0 / wden, 0.0)[:, None], input_precision="ieee")
-            dx = tl.where(visible, (da - gamma[:, None]) * inv[:, None] * tl.sigmoid(x), 0.0)
+                gamma = tl.zeros([BLOCK_M], dtype=tl.float32)
+            weight, dx, _, _ = _tile(qs, kn, v, offs_n, kmask, row_ok, pos, do, delta, inv, count, offset, safe,
+                                     coef, gamma, power, CAUSAL, REWEIGHT)
+            dv += tl.dot(tl.trans(weight), do * dv_scale[:, None], input_precision="ieee")
             dkn += tl.dot(tl.trans(dx), qs, input_precision="ieee")
     dk = (dkn - kn * tl.sum(kn * dkn, 1)[:, None]) / knorm[:, None]
     tl.store(DK + base_k + offs_n[:, None] * stride_kn + offs_d[None, :], dk.to(DK.dtype.element_ty),
@@ -477,10 +349,10 @@ def lssar_bwd_dkdv_kernel(
              mask=kmask[:, None])
 
 
-def lssar_backward(q, k, v, out, s, m, w, grad_out, causal, power, eps, cache_seqlens=None, block_m=None,
-                   block_n=None):
-    """(dq, dk, dv) of LSSAR from the forward's out and row statistics (s, m, w). CUDA, or CPU under
-    TRITON_INTERPRET=1."""
+def softplus_attention_backward(q, k, v, out, stats, grad_out, causal, reweight_p, eps, cache_seqlens=None,
+                                block_m=None, block_n=None):
+    """(dq, dk, dv) from the forward's out and row statistics stats = (s, m, w) (m and w are read for LSSAR only).
+    CUDA, or CPU under TRITON_INTERPRET=1. Keys past a sequence's cache length get zero gradients."""
     import math
 
     import torch
@@ -488,20 +360,21 @@ def lssar_backward(q, k, v, out, s, m, w, grad_out, causal, power, eps, cache_se
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     q, k, v, out, grad_out = (t.contiguous() for t in (q, k, v, out, grad_out))
-    dq = torch.empty_like(q)
-    dk = torch.zeros_like(k)
-    dv = torch.zeros_like(v)
+    s, m, w = (t.contiguous() for t in stats)
+    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     gamma = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     lens = cache_seqlens.to(device=q.device, dtype=torch.int32).contiguous() if cache_seqlens is not None else s
     block_m = block_m or (64 if q.is_cuda else 16)
     block_n = block_n or (64 if q.is_cuda else 16)
-    common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-              v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2))
-    flags = dict(CAUSAL=bool(causal), HAS_LENS=cache_seqlens is not None, D=D, BLOCK_M=block_m, BLOCK_N=block_n)
-    lssar_bwd_dq_kernel[(triton.cdiv(Lq, block_m), B * Hq)](
-        q, k, v, out, grad_out, s, m, w, lens, dq, gamma, *common, Hq, Hq // Hkv, Lq, Lk, math.log(D), eps,
-        float(power), **flags)
-    lssar_bwd_dkdv_kernel[(triton.cdiv(Lk, block_n), B * Hkv)](
-        q, k, v, out, grad_out, s, m, w, lens, gamma, dk, dv, *common, Hq, Hkv, Hq // Hkv, Lq, Lk, math.log(D),
-        eps, float(power), **flags)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2))
+    flags = dict(CAUSAL=bool(causal), HAS_LENS=cache_seqlens is not None, REWEIGHT=reweight_p is not None, D=D,
+                 BLOCK_M=block_m, BLOCK_N=block_n)
+    power = float(reweight_p or 0.0)
+    softplus_attention_bwd_dq_kernel[(triton.cdiv(Lq, block_m), B * Hq)](
+        q, k, v, out, grad_out, s, m, w, lens, dq, gamma, *strides, Hq, Hq // Hkv, Lq, Lk, math.log(D), eps, power,
+        **flags)
+    softplus_attention_bwd_dkdv_kernel[(triton.cdiv(Lk, block_n), B * Hkv)](
+        q, k, v, out, grad_out, s, m, w, lens, gamma, dk, dv, *strides, Hq, Hkv, Hq // Hkv, Lq, Lk, math.log(D),
+        eps, power, **flags)
     return dq, dk, dv

@@ -217,40 +217,21 @@ def test_cuda_op_forward_backward(p, dtype):
 @pytest.mark.triton
 @pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
 @pytest.mark.parametrize("case", CASES[1:] + [(2, 2, 1, 3, 30, 64, True)])
-def test_triton_lssa_backward_matches_float64(case):
-    """The LSSA backward kernels (dq; dk and dv summed over each GQA group) against float64 autograd."""
-    from kestrel.kernels.softplus_attention import lssa_backward, softplus_attention_forward
+@pytest.mark.parametrize("p", [None, 15.0])
+def test_triton_backward_matches_float64(case, p):
+    """The backward kernels against float64 autograd: LSSA; LSSAR (two passes for its row reduction, overflow-safe
+    scaling); dk and dv summed over each GQA group; keys past a sequence's cache length get zero gradients."""
+    from kestrel.kernels.softplus_attention import softplus_attention_backward, softplus_attention_forward
 
     B, Hq, Hkv, Lq, Lk, D, causal = case
     device = "cuda" if gpu_available() else "cpu"
     q, k, v = inputs(B, Hq, Hkv, Lq, Lk, D, device=device, seed=12)
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(13)).to(device)
     lens = torch.tensor([Lk, Lk - 7], dtype=torch.int32) if B == 2 and Lk > Lq + 7 else None
-    out, s, _, _ = softplus_attention_forward(q, k, v, causal, None, 1e-8, cache_seqlens=lens)
-    grads = lssa_backward(q, k, v, out, s, grad_out, causal, 1e-8, cache_seqlens=lens)
+    out, s, m, w = softplus_attention_forward(q, k, v, causal, p, 1e-8, cache_seqlens=lens)
+    grads = softplus_attention_backward(q, k, v, out, (s, m, w), grad_out, causal, p, 1e-8, cache_seqlens=lens)
     leaves = [t.cpu().double().requires_grad_(True) for t in (q, k, v)]
-    float64_reference(*leaves, causal, None, lens=lens).backward(grad_out.cpu().double())
+    float64_reference(*leaves, causal, p, lens=lens).backward(grad_out.cpu().double())
     for ours, leaf in zip(grads, leaves):
-        torch.testing.assert_close(ours.cpu().double(), leaf.grad, atol=1e-5, rtol=1e-4)
-
-
-
-@pytest.mark.triton
-@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
-@pytest.mark.parametrize("case", CASES[1:] + [(2, 2, 1, 3, 30, 64, True)])
-def test_triton_lssar_backward_matches_float64(case):
-    """The LSSAR backward kernels (two passes for the row reduction; overflow-safe scaling) against float64."""
-    from kestrel.kernels.softplus_attention import lssar_backward, softplus_attention_forward
-
-    B, Hq, Hkv, Lq, Lk, D, causal = case
-    device = "cuda" if gpu_available() else "cpu"
-    q, k, v = inputs(B, Hq, Hkv, Lq, Lk, D, device=device, seed=14)
-    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(15)).to(device)
-    lens = torch.tensor([Lk, Lk - 7], dtype=torch.int32) if B == 2 and Lk > Lq + 7 else None
-    out, s, m, w = softplus_attention_forward(q, k, v, causal, 15.0, 1e-8, cache_seqlens=lens)
-    grads = lssar_backward(q, k, v, out, s, m, w, grad_out, causal, 15.0, 1e-8, cache_seqlens=lens)
-    leaves = [t.cpu().double().requires_grad_(True) for t in (q, k, v)]
-    float64_reference(*leaves, causal, 15.0, lens=lens).backward(grad_out.cpu().double())
-    for ours, leaf in zip(grads, leaves):
-        scale = leaf.grad.abs().max().item()
-        torch.testing.assert_close(ours.cpu().double(), leaf.grad, atol=1e-5 * max(scale, 1.0), rtol=1e-4)
+        scale = max(leaf.grad.abs().max().item(), 1.0)
+        torch.testing.assert_close(ours.cpu().double(), leaf.grad, atol=1e-5 * scale, rtol=1e-4)

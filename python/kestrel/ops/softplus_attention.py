@@ -88,13 +88,10 @@ def _backward(ctx, grad_out, _grad_s):
     q, k, v, cache_seqlens, out, stats = ctx.saved_tensors
     causal, reweight_p, eps = ctx.options
     if q.is_cuda:  # the Triton backward kernels
-        from ..kernels.softplus_attention import lssa_backward, lssar_backward
+        from ..kernels.softplus_attention import softplus_attention_backward
 
-        if reweight_p <= 0:
-            dq, dk, dv = lssa_backward(q, k, v, out, stats[0], grad_out, causal, eps, cache_seqlens)
-        else:
-            dq, dk, dv = lssar_backward(q, k, v, out, stats[0], stats[1], stats[2], grad_out, causal, reweight_p, eps,
-                                        cache_seqlens)
+        dq, dk, dv = softplus_attention_backward(q, k, v, out, stats, grad_out, causal,
+                                                 reweight_p if reweight_p > 0 else None, eps, cache_seqlens)
         return dq, dk, dv, None, None, None, None
     # the CPU path: autograd through the float32 PyTorch formulation, recomputed
     with torch.enable_grad():
