@@ -109,3 +109,10 @@ def test_plga_attention_benchmark_runs_quick_on_cpu():
 
     rows = bench_plga_attention.run("cpu", quick=True)
     assert {r.op for r in rows} == {"PLGA forward", "PLGA forward+backward"}
+
+
+def test_vq_topk_benchmark_runs_quick_on_cpu():
+    from kestrel.benchmarks import bench_vq_topk
+
+    rows = bench_vq_topk.run("cpu", quick=True)
+    assert [r.op for r in rows] == ["vq_topk (ip)"]

@@ -1,0 +1,123 @@
+"""Fused top-k codebook lookup (spec retrieval.md §1).
+
+`vq_topk(x, codebook, k, *, metric="cosine", banned=None) -> (scores, ids)`: x (N, d) or (H, N, d), codebook
+(C, d) or (H, C, d) (one codebook per head, all heads in one launch), banned bool (C,) or (H, C). Scores float32,
+ids int64, (N, k) or (H, N, k), best first, ties to the lower index. Metrics: "l2" (score −‖x−c‖²), "ip" (x·c),
+"cosine" (x·c / (‖x‖‖c‖)). The N×C score matrix is never built: on CUDA the Triton kernel keeps a running top-k per
+row over codebook tiles; on the CPU the same ranking runs over chunks of codes (memory O(N·(k + chunk))).
+"""
+
+import torch
+
+METRICS = ("l2", "ip", "cosine")
+CPU_CHUNK_ELEMENTS = 1 << 24  # N x chunk scores per CPU step
+
+
+def _check(x, codebook, k, metric, banned):
+    name = "vq_topk"
+    if metric not in METRICS:
+        raise ValueError(f"{name}: metric must be one of {METRICS}, got {metric!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
+        raise ValueError(f"{name}: x must be (N, d) or (H, N, d), got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not isinstance(codebook, torch.Tensor) or codebook.dim() != x.dim():
+        raise ValueError(f"{name}: codebook must be {'(C, d)' if x.dim() == 2 else '(H, C, d)'} like x, got "
+                         f"{tuple(codebook.shape) if isinstance(codebook, torch.Tensor) else type(codebook).__name__}")
+    for label, t in (("x", x), ("codebook", codebook)):
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise TypeError(f"{name}: {label} must be a float tensor, got {t.dtype}")
+    if codebook.device != x.device:
+        raise ValueError(f"{name}: x is on {x.device} but codebook on {codebook.device}")
+    if codebook.shape[-1] != x.shape[-1] or (x.dim() == 3 and codebook.shape[0] != x.shape[0]):
+        raise ValueError(f"{name}: x {tuple(x.shape)} and codebook {tuple(codebook.shape)} must share d (and H)")
+    C = codebook.shape[-2]
+    if not isinstance(k, int) or not 1 <= k <= C:
+        raise ValueError(f"{name}: k must be an integer in [1, C={C}], got {k!r}")
+    if banned is not None:
+        expected = tuple(codebook.shape[:-1])
+        if banned.dtype != torch.bool or tuple(banned.shape) != expected:
+            raise ValueError(f"{name}: banned must be a bool tensor of shape {expected}, got {banned.dtype} of "
+                             f"shape {tuple(banned.shape)}")
+        allowed = int((~banned).sum(-1).min())
+        if allowed < k:
+            raise ValueError(f"{name}: banned leaves {allowed} codes, fewer than k={k}")
+
+
+def _code_terms(codebook, metric, banned):
+    """(scale, bias) per code, float32 (H, C): ranking score = scale * x·c + bias."""
+    cb = codebook.float()
+    if metric == "l2":
+        scale = torch.full(cb.shape[:-1], 2.0, device=cb.device)
+        bias = -(cb * cb).sum(-1)
+    elif metric == "cosine":
+        scale = 1.0 / cb.norm(dim=-1).clamp_min(1e-12)
+        bias = torch.zeros(cb.shape[:-1], device=cb.device)
+    else:
+        scale = torch.ones(cb.shape[:-1], device=cb.device)
+        bias = torch.zeros(cb.shape[:-1], device=cb.device)
+    if banned is not None:
+        bias = bias.masked_fill(banned.to(cb.device), float("-inf"))
+    return scale, bias
+
+
+def _chunk_topk(tile, ids, k):
+    """The k best of each row of a chunk, ties to the lower id, in id order: every score above the k-th best value,
+    then the first of those equal to it (ids ascend along the row)."""
+    kth = torch.topk(tile, k, dim=-1).values[..., -1:]
+    above = tile > kth
+    equal = tile == kth
+    room = k - above.sum(-1, keepdim=True)
+    chosen = above | (equal & (torch.cumsum(equal, dim=-1) <= room))
+    cols = chosen.nonzero()[:, -1].reshape(*tile.shape[:-1], k)  # row-major: per row, ascending columns
+    return torch.gather(tile, -1, cols), torch.gather(ids, -1, cols)
+
+
+def _topk_chunked(x, codebook, scale, bias, k, chunk=None):
+    """The CPU path: per chunk of codes the k best (ties to the lower id), merged with the running best by a stable
+    sort of 2k candidates (the running best hold lower ids than the chunk, so equal scores keep id order)."""
+    H, N, _ = x.shape
+    C = codebook.shape[1]
+    chunk = chunk or max(k, min(C, CPU_CHUNK_ELEMENTS // max(H * N, 1)))
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(dtype)
+    best_s = torch.empty((H, N, 0), dtype=dtype, device=x.device)
+    best_i = torch.empty((H, N, 0), dtype=torch.long, device=x.device)
+    for start in range(0, C, chunk):
+        cb = codebook[:, start:start + chunk].to(dtype)
+        tile = torch.matmul(xf, cb.transpose(1, 2)) * scale[:, None, start:start + chunk].to(dtype) + \
+            bias[:, None, start:start + chunk].to(dtype)
+        ids = torch.arange(start, start + cb.shape[1], device=x.device).expand(H, N, -1)
+        tile_s, tile_i = _chunk_topk(tile, ids, min(k, cb.shape[1]))
+        scores = torch.cat([best_s, tile_s], dim=-1)
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+        best_s = torch.gather(scores, -1, order)
+        best_i = torch.gather(torch.cat([best_i, tile_i], dim=-1), -1, order)
+    return best_s, best_i
+
+
+def vq_topk(x, codebook, k, *, metric="cosine", banned=None, chunk=None):
+    """The k best codes of each row of x; see the module docstring. `chunk` (CPU path) caps the codes per step."""
+    _check(x, codebook, k, metric, banned)
+    squeeze = x.dim() == 2
+    xs, cbs = (x[None], codebook[None]) if squeeze else (x, codebook)
+    bans = banned if banned is None or not squeeze else banned[None]
+    scale, bias = _code_terms(cbs, metric, bans)
+    if x.is_cuda and x.dtype != torch.float64:
+        from ..kernels.vq_topk import vq_topk_triton
+
+        ranked, ids = vq_topk_triton(xs, cbs, bias, scale, k)
+        ranked, ids = ranked[..., :k], ids[..., :k].long()
+    else:
+        ranked, ids = _topk_chunked(xs, cbs, scale, bias, k, chunk)
+    xf = xs.to(ranked.dtype)
+    if metric == "l2":
+        scores = ranked - (xf * xf).sum(-1, keepdim=True)
+    elif metric == "cosine":
+        scores = ranked / xf.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    else:
+        scores = ranked
+    scores = scores.float() if scores.dtype != torch.float64 else scores
+    return (scores[0], ids[0]) if squeeze else (scores, ids)
+
+
+__all__ = ["vq_topk", "METRICS"]
