@@ -19,8 +19,8 @@
 namespace kestrel {
 namespace {
 
-// The per-parameter metadata of one launch, in pinned host memory (params of one device and dtype; the caller
-// fills the pointers it needs). Returns the pinned tensor; total_blocks receives the launch's block count.
+// The per-parameter metadata of one launch, in pinned host memory (params of one device and dtype), zero-filled so
+// that every pointer the caller does not set (states, norms, device step/lr) is null. Returns the pinned tensor; total_blocks receives the launch's block count.
 at::Tensor make_meta(const char* op, at::TensorList params, at::TensorList grads, c10::IntArrayRef steps, double lr,
                      double beta1, double beta2, double beta3, double alpha, double eps, double weight_decay,
                      double gnorm_scale, int64_t round_seed, int64_t& total_blocks, bool pinned = true) {

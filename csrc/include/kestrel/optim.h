@@ -34,7 +34,6 @@ struct StepScalars {
   uint64_t round_seed;
   // LAMB / LARS: the trust-ratio bound on the update norm (0: off); see apply_trust_ratio.
   float max_unorm;
-  float unused;  // explicit (zero) padding: the CUDA launcher keys a cache on the raw bytes of the metadata
 };
 
 // Optimizers with two states (bnb's Optimizer2State). AdEMAMix's state1 holds two first moments (m1, then m2).
@@ -76,7 +75,6 @@ inline StepScalars make_adam_scalars(int64_t step, float lr, float beta1, float 
   a.salt = 0;
   a.round_seed = 0;
   a.max_unorm = 0.0f;
-  a.unused = 0.0f;
   set_step_and_lr(a, step, lr);
   return a;
 }
