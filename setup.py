@@ -122,7 +122,8 @@ def main():
     setup(
         version=read_version(),
         package_dir={"": "python", "kestrel.kernels": "kernels", "kestrel.benchmarks": "benchmarks"},
-        packages=["kestrel", "kestrel.nn", "kestrel.ops", "kestrel.optim", "kestrel.reference", "kestrel.kernels",
+        packages=["kestrel", "kestrel.nn", "kestrel.ops", "kestrel.optim", "kestrel.reference", "kestrel.models",
+                  "kestrel.decoding", "kestrel.kernels",
                   "kestrel.benchmarks"],
         ext_modules=make_extensions(),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -1,0 +1,50 @@
+"""The preallocated KV cache of a KestrelLM (spec decoding.md §3): all layers in one tensor per K and V,
+(num_layers, B, n_kv_heads, max_len, head_dim), so that kestrel.ops.compact_kv_cache moves every layer's accepted
+rows in one launch; per-sequence lengths `seqlens (B,)` int32; for "plga" the G-cache (num_layers, B, n_heads,
+head_dim, head_dim) float32, built from the prompt by the first cached forward and reused afterwards.
+"""
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers, batch_size, num_kv_heads, max_len, head_dim, *, dtype=torch.float32,
+                 device="cpu", g_heads=None):
+        for label, value in (("num_layers", num_layers), ("batch_size", batch_size), ("num_kv_heads", num_kv_heads),
+                             ("max_len", max_len), ("head_dim", head_dim)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"KVCache: {label} must be a positive int, got {value!r}")
+        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.G = (torch.zeros((num_layers, batch_size, g_heads, head_dim, head_dim), dtype=torch.float32,
+                              device=device) if g_heads else None)
+        self.g_built = False
+
+    @classmethod
+    def for_model(cls, model, batch_size, max_len=None, dtype=None):
+        """A cache for `model` (a KestrelLM) in the model's dtype, max_len defaulting to config.max_seq_len."""
+        config = model.config
+        return cls(config.n_layers, batch_size, config.n_kv_heads, max_len or config.max_seq_len, config.head_dim,
+                   dtype=dtype or model.dtype, device=model.device,
+                   g_heads=config.n_heads if config.attention == "plga" else None)
+
+    @property
+    def batch_size(self):
+        return self.k.shape[1]
+
+    @property
+    def max_len(self):
+        return self.k.shape[3]
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.seqlens, self.G) if t is not None)
+
+    def reset(self):
+        """Forget every sequence (the buffers stay allocated; the G-cache is rebuilt by the next prefill)."""
+        self.seqlens.zero_()
+        self.g_built = False
+
+
+__all__ = ["KVCache"]

@@ -1,0 +1,83 @@
+"""KestrelConfig: the hyper-parameters of a KestrelLM (spec decoding.md §3)."""
+
+from dataclasses import asdict, dataclass, fields
+
+ATTENTION_KINDS = ("softmax", "lssa", "lssar", "plga")
+
+
+@dataclass
+class KestrelConfig:
+    """A decoder-only transformer: RoPE, RMSNorm, SwiGLU MLP, GQA (n_kv_heads key/value heads).
+
+    attention: "softmax" (scaled dot-product), "lssa" (softplus attention), "lssar" (softplus attention with
+    re-weighting, exponent lssar_p), "plga" (power-law graph attention with the metric learner; G is built from the
+    prompt and kept in the cache). codebook_attn / codebook_mlp: a kestrel.nn.CodebookLayer (num_codes codes, top
+    codebook_k) before the attention output projection / after the MLP. stable_embedding: kestrel.nn.StableEmbedding
+    instead of nn.Embedding. num_draft_heads: Medusa-style draft heads (head k predicts the token k + 2 places
+    ahead of the hidden state's position, one further than the LM head). max_seq_len: the RoPE and cache limit.
+    """
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int | None = None
+    attention: str = "softmax"
+    num_draft_heads: int = 0
+    max_seq_len: int = 2048
+    d_ff: int | None = None  # None: 8/3 d_model rounded up to a multiple of 32
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-6
+    lssar_p: float = 15.0
+    softplus_eps: float = 1e-8
+    plga_a_dff: int = 64
+    plga_num_reslayer: int = 2
+    plga_num_dense: int = 2
+    codebook_attn: bool = False
+    codebook_mlp: bool = False
+    num_codes: int = 256
+    codebook_k: int = 8
+    stable_embedding: bool = False
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        name = "KestrelConfig"
+        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}: {key} must be a positive int, got {value!r}")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"{name}: attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        if self.d_model % self.n_heads != 0:
+            raise ValueError(f"{name}: d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
+        if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(f"{name}: n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
+                             f"({self.n_kv_heads})")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"{name}: the head dim d_model / n_heads must be even for RoPE, got {self.head_dim}")
+        if self.num_draft_heads < 0:
+            raise ValueError(f"{name}: num_draft_heads must be >= 0, got {self.num_draft_heads}")
+        if self.d_ff is None:
+            self.d_ff = (8 * self.d_model // 3 + 31) // 32 * 32
+        if self.attention == "lssar" and not self.lssar_p > 0:
+            raise ValueError(f"{name}: lssar_p must be > 0, got {self.lssar_p}")
+
+    @property
+    def head_dim(self):
+        return self.d_model // self.n_heads
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"KestrelConfig.from_dict: unknown keys {unknown}")
+        return cls(**values)
+
+
+__all__ = ["ATTENTION_KINDS", "KestrelConfig"]

@@ -1,0 +1,208 @@
+"""KestrelLM: shapes, every attention kind, cached decoding (and the PLGA G-cache) against a full re-forward, the
+tree forward against causal attention over prefix + path, save/load, training steps, GPU parity."""
+
+import pytest
+import torch
+
+from helpers import devices
+from kestrel.decoding.cache import KVCache
+from kestrel.models import ATTENTION_KINDS, KestrelConfig, KestrelLM
+from kestrel.reference.tree import ancestor_bits, ancestor_lists
+
+
+def tiny(attention="softmax", **overrides):
+    values = dict(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, attention=attention,
+                  max_seq_len=64)
+    values.update(overrides)
+    return KestrelConfig(**values)
+
+
+def make_model(attention, dtype=torch.float64, seed=0, device="cpu", **overrides):
+    torch.manual_seed(seed)
+    model = KestrelLM(tiny(attention, **overrides)).to(device=device, dtype=dtype).eval()
+    # random norms and draft heads, so that nothing is trivially symmetric
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "draft_heads" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def copy_g_cache(source, batch_rows, model, max_len):
+    """A fresh cache that reuses `source`'s G-cache (rows batch_rows): the re-forward a G-cache decode must equal."""
+    cache = KVCache.for_model(model, len(batch_rows), max_len)
+    if source.G is not None:
+        cache.G.copy_(source.G[:, batch_rows])
+        cache.g_built = True
+    return cache
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="attention must be one of"):
+        tiny("flash")
+    with pytest.raises(ValueError, match=r"n_heads \(4\) must be a multiple of n_kv_heads \(3\)"):
+        tiny(n_kv_heads=3)
+    with pytest.raises(ValueError, match="d_model"):
+        tiny(d_model=30)
+    config = tiny("lssar", num_draft_heads=2)
+    assert KestrelConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown keys"):
+        KestrelConfig.from_dict({**config.to_dict(), "bogus": 1})
+
+
+@pytest.mark.parametrize("attention", ATTENTION_KINDS)
+def test_forward_shapes_and_causality(attention):
+    model = make_model(attention, dtype=torch.float32)
+    ids = torch.randint(0, 40, (3, 12))
+    logits = model(ids)
+    assert logits.shape == (3, 12, 40) and torch.isfinite(logits).all()
+    if attention == "plga":
+        return  # PLGA's metric is built from the whole block's queries: by design not causal in training
+    changed = ids.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % 40
+    assert torch.allclose(model(changed)[:, :8], logits[:, :8], atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ATTENTION_KINDS)
+def test_cached_decode_equals_full_forward(attention):
+    """Prefill with mixed prompt lengths, then token-by-token decode: every logit row equals the same row of one
+    forward over the whole sequence (PLGA: the re-forward reuses the prompt's G, which the G-cache keeps)."""
+    model = make_model(attention)
+    B, total = 3, 14
+    lengths = torch.tensor([5, 9, 2])
+    ids = torch.randint(0, 40, (B, total))
+    cache = KVCache.for_model(model, B, 32)
+    prefill = model(ids[:, :9], cache, lengths=lengths)
+    assert cache.seqlens.tolist() == [5, 9, 2]
+    decoded = {b: [prefill[b, :lengths[b]]] for b in range(B)}
+    # one token per sequence and step, each sequence continuing after its own prompt
+    for step in range(total - 9):
+        next_ids = torch.stack([ids[b, lengths[b] + step] for b in range(B)])[:, None]
+        out = model(next_ids, cache)
+        for b in range(B):
+            decoded[b].append(out[b])
+    assert cache.seqlens.tolist() == [5 + 5, 9 + 5, 2 + 5]
+    for b in range(B):
+        n = int(lengths[b]) + total - 9
+        reference = model(ids[b:b + 1, :n], copy_g_cache(cache, [b], model, 32))[0]
+        torch.testing.assert_close(torch.cat(decoded[b]), reference, rtol=0, atol=1e-12)
+    if attention != "plga":  # the cache-free forward is the same function
+        torch.testing.assert_close(model(ids[1:2, :14]), torch.cat(decoded[1])[None], rtol=0, atol=1e-12)
+
+
+def test_plga_g_cache_built_once_from_prompt():
+    model = make_model("plga")
+    ids = torch.randint(0, 40, (2, 8))
+    cache = KVCache.for_model(model, 2, 16)
+    model(ids[:, :6], cache, lengths=torch.tensor([6, 3]))
+    G = cache.G.clone()
+    assert cache.g_built and G.abs().sum() > 0
+    # the second sequence's G comes from its own 3 prompt tokens, not from the padding after them
+    single = KVCache.for_model(model, 1, 16)
+    model(ids[1:2, :3], single)
+    torch.testing.assert_close(single.G[:, 0], G[:, 1])
+    model(ids[:, 6:7], cache)
+    assert torch.equal(cache.G, G)  # decoding reuses it
+
+
+@pytest.mark.parametrize("attention", ATTENTION_KINDS)
+def test_tree_forward_equals_path_forward(attention):
+    """Each tree node's logits equal a causal forward over its sequence's prefix + root-to-node path."""
+    model = make_model(attention)
+    parents = torch.tensor([[-1, 0, 0, 1, 1, 2, 3], [-1, 0, 1, 2, -2, -2, -2]])
+    depth = torch.tensor([[0, 1, 1, 2, 2, 2, 3], [0, 1, 2, 3, 0, 0, 0]])
+    lengths = torch.tensor([5, 3])
+    ids = torch.randint(0, 40, (2, 5))
+    cache = KVCache.for_model(model, 2, 32)
+    model(ids, cache, lengths=lengths)
+    tree_ids = torch.randint(0, 40, (2, 7))
+    logits, hidden = model(tree_ids, cache, tree_depth=depth, tree_mask_bits=ancestor_bits(parents),
+                           return_hidden=True)
+    assert cache.seqlens.tolist() == [5, 3]  # a tree forward does not advance the cache
+    for b in range(2):
+        for i, path in enumerate(ancestor_lists(parents[b].tolist())):
+            if path is None:
+                continue
+            sequence = torch.cat([ids[b, :lengths[b]], tree_ids[b, path]])[None]
+            ref_logits, ref_hidden = model(sequence, copy_g_cache(cache, [b], model, 32), return_hidden=True)
+            torch.testing.assert_close(logits[b, i], ref_logits[0, -1], rtol=0, atol=1e-12)
+            torch.testing.assert_close(hidden[b, i], ref_hidden[0, -1], rtol=0, atol=1e-12)
+
+
+def test_input_checks():
+    model = make_model("softmax")
+    with pytest.raises(ValueError, match=r"input_ids must be an int64 tensor \(B, L\)"):
+        model(torch.zeros(2, 3, 4, dtype=torch.long))
+    cache = KVCache.for_model(model, 2, 8)
+    with pytest.raises(ValueError, match="the cache holds 2 sequences, input_ids has 3"):
+        model(torch.zeros(3, 2, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match=r"the cache holds 8 positions per sequence, this forward needs 10"):
+        model(torch.zeros(2, 10, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="has no draft heads"):
+        model.draft_logits(torch.zeros(2, 32, dtype=torch.float64))
+    with pytest.raises(ValueError, match="max_len must be a positive int"):
+        KVCache(1, 1, 1, 0, 8)
+
+
+def test_draft_heads_start_as_the_lm_head():
+    torch.manual_seed(0)
+    model = KestrelLM(tiny(num_draft_heads=3)).eval()
+    hidden = torch.randn(2, 5, 32)
+    drafts = model.draft_logits(hidden)
+    assert drafts.shape == (2, 5, 3, 40)
+    for k in range(3):  # zero-initialised residual blocks: every head repeats the LM head at first
+        torch.testing.assert_close(drafts[:, :, k], model.lm_head(hidden))
+
+
+def test_save_load_roundtrip(tmp_path):
+    model = make_model("lssar", dtype=torch.float32, num_draft_heads=2, stable_embedding=True)
+    path = tmp_path / "model.pt"
+    model.save(path)
+    loaded = KestrelLM.load(path).eval()
+    ids = torch.randint(0, 40, (2, 7))
+    torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
+    assert loaded.config == model.config
+    fresh = KestrelLM(model.config)
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh.eval()(ids), model(ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("attention", ATTENTION_KINDS)
+def test_training_reduces_loss(attention):
+    """A few AdamW8bit steps on a fixed batch lower the loss (gradients reach every attention kind's parameters)."""
+    from kestrel.optim import AdamW8bit
+
+    torch.manual_seed(0)
+    model = KestrelLM(tiny(attention, d_model=64, n_heads=4, stable_embedding=True))
+    ids = torch.randint(0, 40, (4, 16))
+    optimizer = AdamW8bit(model.parameters(), lr=3e-3, min_8bit_size=1024)
+    losses = []
+    for _ in range(8):
+        logits = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 40), ids[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert model.layers[0].attn.q_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("attention", ATTENTION_KINDS)
+def test_device_matches_cpu(device, attention):
+    """The same weights give the same logits (and the same cached decode) on `device` as in float64 on the CPU."""
+    head_dim = 64  # the softplus CUDA kernel takes head dims 64 and 128
+    cpu = make_model(attention, dtype=torch.float64, d_model=4 * head_dim)
+    model = make_model(attention, dtype=torch.float32, device=device, d_model=4 * head_dim)
+    model.load_state_dict({k: v.to(torch.float32) for k, v in cpu.state_dict().items()})
+    ids = torch.randint(0, 40, (2, 10))
+    expected = cpu(ids)
+    torch.testing.assert_close(model(ids.to(device)).double().cpu(), expected, rtol=1e-3, atol=1e-3)
+    cache = KVCache.for_model(model, 2, 16)
+    model(ids[:, :6].to(device), cache)
+    steps = [model(ids[:, t:t + 1].to(device), cache) for t in range(6, 10)]
+    ref_cache = KVCache.for_model(cpu, 2, 16)
+    cpu(ids[:, :6], ref_cache)
+    ref_steps = [cpu(ids[:, t:t + 1], ref_cache) for t in range(6, 10)]
+    torch.testing.assert_close(torch.cat(steps, 1).double().cpu(), torch.cat(ref_steps, 1), rtol=1e-3, atol=1e-3)
