@@ -4,7 +4,8 @@ from . import optim as _optim_fakes  # noqa: F401  (registers the fakes)
 from .quantize import create_dynamic_map, dequantize_blockwise, quantize_blockwise
 from .plga_attention import plga_attention
 from .softplus_attention import softplus_attention
+from .tree_attention import tree_attention
 from .vq_topk import vq_topk
 
 __all__ = ["create_dynamic_map", "quantize_blockwise", "dequantize_blockwise", "plga_attention", "softplus_attention",
-           "vq_topk"]
+           "tree_attention", "vq_topk"]
