@@ -38,9 +38,12 @@ def _check(x, codebook, k, metric, banned):
         if banned.dtype != torch.bool or tuple(banned.shape) != expected:
             raise ValueError(f"{name}: banned must be a bool tensor of shape {expected}, got {banned.dtype} of "
                              f"shape {tuple(banned.shape)}")
-        allowed = int((~banned).sum(-1).min())
-        if allowed < k:
-            raise ValueError(f"{name}: banned leaves {allowed} codes, fewer than k={k}")
+        if banned.device != codebook.device:
+            raise ValueError(f"{name}: banned is on {banned.device} but codebook on {codebook.device}")
+        if not torch.compiler.is_compiling():  # a host read: skipped inside compiled graphs
+            allowed = int((~banned).sum(-1).min())
+            if allowed < k:
+                raise ValueError(f"{name}: banned leaves {allowed} codes, fewer than k={k}")
 
 
 def _code_terms(codebook, metric, banned):
@@ -95,28 +98,43 @@ def _topk_chunked(x, codebook, scale, bias, k, chunk=None):
     return best_s, best_i
 
 
-def vq_topk(x, codebook, k, *, metric="cosine", banned=None, chunk=None):
-    """The k best codes of each row of x; see the module docstring. `chunk` (CPU path) caps the codes per step."""
-    _check(x, codebook, k, metric, banned)
-    squeeze = x.dim() == 2
-    xs, cbs = (x[None], codebook[None]) if squeeze else (x, codebook)
-    bans = banned if banned is None or not squeeze else banned[None]
-    scale, bias = _code_terms(cbs, metric, bans)
+@torch.library.custom_op("kestrel::vq_topk", mutates_args=())
+def _vq_topk_op(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str, banned: torch.Tensor | None,
+                chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (H, N, d), codebook (H, C, d), banned (H, C) or None; chunk > 0 caps the codes per CPU step."""
+    scale, bias = _code_terms(codebook, metric, banned)
     if x.is_cuda and x.dtype != torch.float64:
         from ..kernels.vq_topk import vq_topk_triton
 
-        ranked, ids = vq_topk_triton(xs, cbs, bias, scale, k)
+        ranked, ids = vq_topk_triton(x, codebook, bias, scale, k)
         ranked, ids = ranked[..., :k], ids[..., :k].long()
     else:
-        ranked, ids = _topk_chunked(xs, cbs, scale, bias, k, chunk)
-    xf = xs.to(ranked.dtype)
+        ranked, ids = _topk_chunked(x, codebook, scale, bias, k, chunk or None)
+    xf = x.to(ranked.dtype)
     if metric == "l2":
         scores = ranked - (xf * xf).sum(-1, keepdim=True)
     elif metric == "cosine":
         scores = ranked / xf.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     else:
         scores = ranked
-    scores = scores.float() if scores.dtype != torch.float64 else scores
+    return (scores.float() if scores.dtype != torch.float64 else scores).contiguous(), ids.contiguous()
+
+
+@_vq_topk_op.register_fake
+def _(x, codebook, k, metric, banned, chunk):
+    H, N, _ = x.shape
+    scores_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty((H, N, k), dtype=scores_dtype), x.new_empty((H, N, k), dtype=torch.int64)
+
+
+def vq_topk(x, codebook, k, *, metric="cosine", banned=None, chunk=None):
+    """The k best codes of each row of x; see the module docstring. `chunk` (CPU path) caps the codes per step.
+    Not differentiable: selection only (kestrel.nn.CodebookLayer and kv_bottleneck_lookup carry the gradients)."""
+    _check(x, codebook, k, metric, banned)
+    squeeze = x.dim() == 2
+    xs, cbs = (x[None], codebook[None]) if squeeze else (x, codebook)
+    bans = banned if banned is None or not squeeze else banned[None]
+    scores, ids = torch.ops.kestrel.vq_topk(xs.detach(), cbs.detach(), k, metric, bans, int(chunk or 0))
     return (scores[0], ids[0]) if squeeze else (scores, ids)
 
 

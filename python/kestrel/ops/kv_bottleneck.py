@@ -1,0 +1,106 @@
+"""Discrete key-value bottleneck lookup (spec retrieval.md §3).
+
+`kv_bottleneck_lookup(z_proj, keys, values, k=1) -> (out, ids)`: z_proj (B, C, dk) — the input projected once per
+codebook —, keys (C, P, dk), values (C, P, dv). For every row and codebook c the k keys nearest in squared L2 (ties
+to the lower index), ids (B, C, k) int64 best first, and out (B, C, dv) the mean of their value rows, in values'
+dtype (accumulated in float32, float64 for float64 values).
+
+Forward: on CUDA one Triton launch (kestrel/kernels/vq_topk.py with its value-gather epilogue: a running top-k
+over key tiles, then the k value rows read and averaged; no B×C×P score tensor); on the CPU the chunked top-k of
+kestrel.ops.vq_topk and a gather. Backward: gradient to `values` only, a scatter-add of grad_out / k into the
+selected rows (every other row gets exactly zero); the keys are frozen and the lookup is not differentiable in
+z_proj (DKVB's encoder is frozen), so both get no gradient.
+"""
+
+import torch
+
+from .vq_topk import _code_terms, _topk_chunked
+
+
+def _check(z_proj, keys, values, k):
+    name = "kv_bottleneck_lookup"
+    for label, t, dims in (("z_proj", z_proj, "(B, C, dk)"), ("keys", keys, "(C, P, dk)"),
+                           ("values", values, "(C, P, dv)")):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{name}: {label} must be {dims}, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: {label} must be a float tensor, got {t.dtype}")
+        if t.device != z_proj.device:
+            raise ValueError(f"{name}: {label} is on {t.device} but z_proj on {z_proj.device}")
+    B, C, dk = z_proj.shape
+    if tuple(keys.shape[::2]) != (C, dk):
+        raise ValueError(f"{name}: keys must be (C={C}, P, dk={dk}) for z_proj {tuple(z_proj.shape)}, "
+                         f"got {tuple(keys.shape)}")
+    if tuple(values.shape[:2]) != tuple(keys.shape[:2]):
+        raise ValueError(f"{name}: values must be (C, P, dv) = ({keys.shape[0]}, {keys.shape[1]}, dv) like keys, "
+                         f"got {tuple(values.shape)}")
+    P = keys.shape[1]
+    if not isinstance(k, int) or not 1 <= k <= P:
+        raise ValueError(f"{name}: k must be an integer in [1, P={P}], got {k!r}")
+
+
+@torch.library.custom_op("kestrel::kv_bottleneck_lookup", mutates_args=())
+def _lookup_op(z_proj: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = z_proj.transpose(0, 1)  # (C, B, dk): one "head" per codebook
+    scale, bias = _code_terms(keys, "l2", None)
+    if z_proj.is_cuda and z_proj.dtype != torch.float64:
+        from ..kernels.vq_topk import vq_topk_triton
+
+        _, ids, out = vq_topk_triton(x, keys, bias, scale, k, values=values)
+        ids = ids[..., :k].long()
+    else:
+        _, ids = _topk_chunked(x, keys, scale, bias, k)  # (C, B, k)
+        C, B = ids.shape[:2]
+        acc = torch.float64 if values.dtype == torch.float64 else torch.float32
+        rows = torch.gather(values.to(acc), 1, ids.reshape(C, B * k, 1).expand(-1, -1, values.shape[-1]))
+        out = rows.reshape(C, B, k, -1).mean(2).to(values.dtype)
+    return out.transpose(0, 1).contiguous(), ids.transpose(0, 1).contiguous()
+
+
+@_lookup_op.register_fake
+def _(z_proj, keys, values, k):
+    B, C = z_proj.shape[:2]
+    return values.new_empty((B, C, values.shape[-1])), z_proj.new_empty((B, C, k), dtype=torch.int64)
+
+
+@torch.library.custom_op("kestrel::kv_bottleneck_values_grad", mutates_args=())
+def _values_grad_op(grad_out: torch.Tensor, ids: torch.Tensor, num_pairs: int) -> torch.Tensor:
+    """(C, P, dv) gradient of the values: grad_out (B, C, dv) / k scattered into the rows ids (B, C, k) select."""
+    B, C, k = ids.shape
+    dv = grad_out.shape[-1]
+    acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+    flat = (ids + torch.arange(C, device=ids.device)[None, :, None] * num_pairs).reshape(-1)
+    src = (grad_out.to(acc) / k)[:, :, None, :].expand(B, C, k, dv).reshape(-1, dv)
+    grad = torch.zeros((C * num_pairs, dv), dtype=acc, device=grad_out.device).index_add_(0, flat, src)
+    return grad.view(C, num_pairs, dv).to(grad_out.dtype)
+
+
+@_values_grad_op.register_fake
+def _(grad_out, ids, num_pairs):
+    return grad_out.new_empty((ids.shape[1], num_pairs, grad_out.shape[-1]))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.num_pairs = inputs[1].shape[1]
+    ctx.values_dtype = inputs[2].dtype
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_out, _grad_ids):
+    (ids,) = ctx.saved_tensors
+    grad_values = torch.ops.kestrel.kv_bottleneck_values_grad(grad_out.contiguous(), ids, ctx.num_pairs)
+    return None, None, grad_values.to(ctx.values_dtype), None
+
+
+_lookup_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def kv_bottleneck_lookup(z_proj, keys, values, k=1):
+    """Nearest-key search fused with the value gather; see the module docstring."""
+    _check(z_proj, keys, values, k)
+    return torch.ops.kestrel.kv_bottleneck_lookup(z_proj.detach(), keys.detach(), values, k)
+
+
+__all__ = ["kv_bottleneck_lookup"]
