@@ -8,7 +8,8 @@ import sys
 # Benchmark modules by name; each has run(device, quick) -> list of harness rows.
 BENCHMARKS = {"quantize": "kestrel.benchmarks.bench_quantize", "optim": "kestrel.benchmarks.bench_optim",
               "softplus_attention": "kestrel.benchmarks.bench_softplus_attention",
-              "plga_attention": "kestrel.benchmarks.bench_plga_attention", "vq_topk": "kestrel.benchmarks.bench_vq_topk"}
+              "plga_attention": "kestrel.benchmarks.bench_plga_attention", "vq_topk": "kestrel.benchmarks.bench_vq_topk",
+              "tree_attention": "kestrel.benchmarks.bench_tree_attention"}
 
 
 def _triton_version():

@@ -120,14 +120,16 @@ def tree_attention_cpu(q, k_cache, v_cache, cache_seqlens, tree_mask_bits, softm
     running = (torch.full((B, Hkv, rows), float("-inf"), dtype=dtype), torch.zeros((B, Hkv, rows), dtype=dtype),
                torch.zeros((B, Hkv, rows, D), dtype=dtype))
     chunk = chunk or max(64, CPU_CHUNK_ELEMENTS // max(B * Hq * T, 1))
-    prefix = int(lengths.max())
+    shortest, prefix = int(lengths.min()), int(lengths.max())
     for start in range(0, prefix, chunk):
         stop = min(start + chunk, prefix)
-        valid = (torch.arange(start, stop) < lengths[:, None])[:, None, :, None]  # (B, 1, C, 1)
-        # positions past a shorter sequence's prefix may hold its tree or garbage (NaN): zero them, mask them
-        keys = k_cache[:, :, start:stop].to(dtype).masked_fill(~valid, 0.0)
-        values = v_cache[:, :, start:stop].to(dtype).masked_fill(~valid, 0.0)
-        scores = (qg @ keys.transpose(-1, -2)).masked_fill(~valid.transpose(-1, -2), float("-inf"))
+        keys, values = k_cache[:, :, start:stop].to(dtype), v_cache[:, :, start:stop].to(dtype)
+        scores = qg @ keys.transpose(-1, -2)
+        if stop > shortest:
+            # positions past a shorter sequence's prefix may hold its tree or garbage (NaN): zero them, mask them
+            valid = (torch.arange(start, stop) < lengths[:, None])[:, None, :, None]  # (B, 1, C, 1)
+            values = values.masked_fill(~valid, 0.0)
+            scores = scores.masked_fill(~valid.transpose(-1, -2), float("-inf"))
         running = _softmax_merge(scores, values, running)
     slots = (lengths[:, None] + torch.arange(T))[:, None, :, None].expand(B, Hkv, T, D)
     cols = torch.arange(T)
