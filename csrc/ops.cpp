@@ -58,6 +58,21 @@ TORCH_LIBRARY(kestrel, m) {
   // more than the device has free), and an asynchronous prefetch of managed tensors to their device.
   m.def("managed_zeros(Tensor like, int[] size, ScalarType dtype) -> Tensor");
   m.def("prefetch(Tensor[] tensors) -> ()");
+
+  // Draft-tree verification (spec decoding.md §2; walks and rounding in kestrel/tree_verify.h). The tree is given by
+  // first_child / next_sibling (B, T) int32 (kestrel.decoding.build_tree); accept_index has max_depth + 1 columns.
+  m.def(
+      "verify_tree_greedy(Tensor candidates, Tensor target_ids, Tensor first_child, Tensor next_sibling, "
+      "int max_depth) -> (Tensor accept_index, Tensor accept_len, Tensor next_token)");
+  m.def(
+      "verify_tree_sample(Tensor candidates, Tensor target_probs, Tensor first_child, Tensor next_sibling, "
+      "Tensor uniform, Tensor uniform_final, Tensor? draft_probs, int max_depth) -> (Tensor accept_index, "
+      "Tensor accept_len, Tensor next_token)");
+  // Moves the accepted nodes' K/V rows (cache rows len + accept_index[b, j]) to rows len + j and adds
+  // 1 + accept_len (from accept_index) to cache_seqlens, in place. Caches (B, H, Lmax, D) or (NL, B, H, Lmax, D).
+  m.def(
+      "compact_kv_cache(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) cache_seqlens, Tensor accept_index) "
+      "-> ()");
 }
 
 namespace {

@@ -6,6 +6,7 @@
 
 #include "kestrel/common.h"
 #include "kestrel/optim.h"
+#include "kestrel/tree_verify.h"
 
 namespace kestrel {
 namespace cuda {
@@ -31,6 +32,23 @@ int one_state_step(DType dtype, optim::OneState kind, bool eight_bit, const opti
 // {sum u^2, sum p^2}; `block_sums` (device, 2 * total_blocks floats) is scratch. Deterministic.
 int update_norms(DType dtype, bool adam, bool eight_bit, const optim::TensorMeta* meta, int num_tensors,
                  int64_t total_blocks, const float* qmap1, const float* qmap2, float* block_sums, void* stream);
+
+// Draft-tree verification (kestrel/tree_verify.h), one launch each; contiguous (B, T[, V]) inputs.
+// accept_index (B, max_depth + 1) is written whole. verify_tree_sample: draft_probs and scratch (B, V floats) are
+// null for deterministic drafts; excluded is (B, T) int64 scratch.
+int verify_tree_greedy(const int64_t* candidates, const int64_t* target_ids, const int32_t* first_child,
+                       const int32_t* next_sibling, int64_t batch, int64_t num_nodes, int64_t max_depth,
+                       int32_t* accept_index, int32_t* accept_len, int64_t* next_token, void* stream);
+int verify_tree_sample(const int64_t* candidates, const float* target_probs, const float* draft_probs,
+                       const int32_t* first_child, const int32_t* next_sibling, const float* uniform,
+                       const float* uniform_final, float* scratch, int64_t* excluded, int64_t batch,
+                       int64_t num_nodes, int64_t vocab, int64_t max_depth, int32_t* accept_index,
+                       int32_t* accept_len, int64_t* next_token, void* stream);
+// KV-cache compaction of k and v (one launch for every layer and head) and cache_seqlens += 1 + accept_len (a
+// second, one-thread-per-sequence launch); rows outside [0, max_len) are skipped.
+int compact_kv_cache(int element_size, const tree::CacheView& k, const tree::CacheView& v, int32_t* cache_seqlens,
+                     const int32_t* accept_index, int64_t width, int64_t layers, int64_t batch, int64_t heads,
+                     int64_t max_len, void* stream);
 
 // Architectures this library's device code was compiled for, e.g. "sm_80/sm_90a".
 const char* compiled_archs();

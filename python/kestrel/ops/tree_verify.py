@@ -1,0 +1,212 @@
+"""Draft-tree verification and KV-cache compaction for speculative decoding (spec decoding.md §2).
+
+A step of tree speculative decoding: build the draft tree (`kestrel.decoding.build_tree`), run the target model once
+over the tree's T nodes (cache positions [len, len + T)), verify, then compact the cache:
+
+    tree = build_tree(parents)                                    # TreeBuffers
+    logits = model(candidates, positions=cache_seqlens[:, None] + tree.depth, tree_mask=tree.ancestor_bits)
+    accept_index, accept_len, next_token = verify_tree_greedy(candidates, logits.argmax(-1), tree)
+    # or: p = sampling_probs(logits, temperature, top_k, top_p)
+    #     verify_tree_sample(candidates, p, tree, torch.rand(B, T), torch.rand(B))
+    compact_kv_cache(k_cache, v_cache, cache_seqlens, accept_index)
+    # emitted: candidates[b, accept_index[b, 1 : 1 + accept_len[b]]], then next_token[b]
+
+Outputs of both verify ops: accept_index (B, max_depth + 1) int32, the accepted path's node indices root first
+(accept_index[:, 0] == 0), -1 padded; accept_len (B,) int32, the accepted nodes after the root; next_token (B,)
+int64, the token that follows the last accepted node. No host synchronisation anywhere (the shapes depend only on
+the inputs' shapes and tree.max_depth); one kernel launch per call on CUDA (compaction: one launch for all layers
+plus one for the lengths).
+
+Random numbers of `verify_tree_sample` (so that the CPU and CUDA kernels and kestrel.reference.tree_verify agree
+bit for bit): uniform[b, c] in [0, 1) is used when node c is tried as a child of the current node (each node at
+most once; the root's entry is never used, nor the entries of children that are skipped); uniform_final[b] in
+[0, 1) draws next_token from the residual at the last accepted node by inverse CDF in token order. The float32
+order of every sum is documented in csrc/include/kestrel/tree_verify.h.
+"""
+
+import torch
+
+from .. import _ext
+
+_TREE_FIELDS = ("first_child", "next_sibling", "max_depth")
+
+
+def _shape(t):
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_tree(op, candidates, tree):
+    for field in _TREE_FIELDS:
+        if not hasattr(tree, field):
+            raise TypeError(f"{op}: tree must be a kestrel.decoding.TreeBuffers (with first_child, next_sibling and "
+                            f"max_depth), got {type(tree).__name__} without {field}")
+    if not isinstance(candidates, torch.Tensor) or candidates.dim() != 2 or candidates.shape[1] < 1:
+        raise ValueError(f"{op}: candidates must be (B, T) with T >= 1, got {_shape(candidates)}")
+    if candidates.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: candidates must be int64 (or int32) token ids, got {candidates.dtype}")
+    B, T = candidates.shape
+    for field in ("first_child", "next_sibling"):
+        value = getattr(tree, field)
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != (B, T) or value.dtype != torch.int32:
+            raise ValueError(f"{op}: tree.{field} must be an int32 tensor of shape ({B}, {T}) like candidates, got "
+                             f"{getattr(value, 'dtype', type(value).__name__)} of shape {_shape(value)}")
+        if value.device != candidates.device:
+            raise ValueError(f"{op}: tree.{field} must be on {candidates.device}, got {value.device}")
+    max_depth = tree.max_depth
+    if not isinstance(max_depth, int) or isinstance(max_depth, bool) or not 0 <= max_depth < T:
+        raise ValueError(f"{op}: tree.max_depth must be an int in [0, T - 1] = [0, {T - 1}], got {max_depth!r}")
+    return B, T
+
+
+def _check_like(op, name, t, shape, dtypes, device):
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {_shape(t)}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{op}: {name} must be {' or '.join(str(d) for d in dtypes)}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} must be on {device}, got {t.device}")
+
+
+def verify_tree_greedy(candidates, target_ids, tree):
+    """Greedy verification of a draft tree.
+
+    candidates (B, T) int64: each node's token (node 0, the root, is the last emitted token); target_ids (B, T)
+    int64: the target's argmax at each node (the token it predicts after that node); tree: the TreeBuffers of the
+    tree (first_child, next_sibling, max_depth). From the root, repeatedly move to the first child (lowest node
+    index) whose candidate equals target_ids at the current node. Returns (accept_index, accept_len, next_token);
+    next_token = target_ids at the last accepted node. Padded nodes (parent -2) are never children.
+    """
+    op = "verify_tree_greedy"
+    B, T = _check_tree(op, candidates, tree)
+    _check_like(op, "target_ids", target_ids, (B, T), (torch.int64, torch.int32), candidates.device)
+    _ext.require(op, candidates.device)
+    return torch.ops.kestrel.verify_tree_greedy(candidates.long(), target_ids.long(), tree.first_child,
+                                                tree.next_sibling, tree.max_depth)
+
+
+def verify_tree_sample(candidates, target_probs, tree, uniform, uniform_final, draft_probs=None):
+    """Lossless verification of a draft tree by recursive rejection sampling.
+
+    candidates (B, T) int64; target_probs (B, T, V): the target's distribution after each node, with temperature /
+    top-k / top-p already applied (see `sampling_probs`; rows are nonnegative weights, normalised inside); tree:
+    TreeBuffers; uniform (B, T) and uniform_final (B,) float32 in [0, 1) (e.g. torch.rand); draft_probs: None for
+    deterministic drafts (every child proposed with probability 1, e.g. top-k of draft heads), or (B, T, V) float32:
+    the draft distribution q at each node, from which that node's children were drawn independently.
+
+    At the current node with residual p (total M), the children are tried in order, child c with uniform[c]:
+    deterministic drafts accept x iff uniform[c] * M < p(x), else p(x) <- 0; sampled drafts accept iff
+    uniform[c] * q(x) * M < p(x) (probability min(1, p(x) / (M q(x)))), else p <- max(0, p - q M). A child whose
+    token equals an earlier sibling's is rejected without using its uniform (sampled drafts still take the
+    residual step, as for any rejected draw). When no child is accepted, next_token is drawn from the residual with
+    uniform_final. The emitted tokens are distributed exactly as sampling from target_probs token by token.
+    Returns (accept_index, accept_len, next_token).
+    """
+    op = "verify_tree_sample"
+    B, T = _check_tree(op, candidates, tree)
+    floats = (torch.float32, torch.float16, torch.bfloat16)
+    device = candidates.device
+    if not isinstance(target_probs, torch.Tensor) or target_probs.dim() != 3 or \
+            tuple(target_probs.shape[:2]) != (B, T) or target_probs.shape[2] < 1:
+        raise ValueError(f"{op}: target_probs must be (B, T, V) = ({B}, {T}, V), got {_shape(target_probs)}")
+    V = target_probs.shape[2]
+    _check_like(op, "target_probs", target_probs, (B, T, V), floats, device)
+    if draft_probs is not None:
+        _check_like(op, "draft_probs", draft_probs, (B, T, V), floats, device)
+        draft_probs = draft_probs.float()
+    _check_like(op, "uniform", uniform, (B, T), (torch.float32,), device)
+    _check_like(op, "uniform_final", uniform_final, (B,), (torch.float32,), device)
+    _ext.require(op, device)
+    return torch.ops.kestrel.verify_tree_sample(candidates.long(), target_probs.float(), tree.first_child,
+                                                tree.next_sibling, uniform, uniform_final, draft_probs,
+                                                tree.max_depth)
+
+
+def compact_kv_cache(k_cache, v_cache, cache_seqlens, accept_index):
+    """Keep only the accepted tree nodes in the KV cache, in place.
+
+    k_cache, v_cache: (B, H, Lmax, D) or (NL, B, H, Lmax, D) (every layer in one tensor; the head dims of k and v
+    may differ); cache_seqlens (B,) int32: the prefix lengths, the tree's K/V at rows [len, len + T);
+    accept_index (B, W) int32 from a verify op. The rows len + accept_index[b, j] move to len + j for
+    j = 0 .. accept_len[b], where accept_len[b] = (number of entries >= 0) - 1; then cache_seqlens += 1 + accept_len.
+    Rows past the new length keep stale values (never read again). On the CPU the accept_index rows are checked
+    (root first, ascending, -1 padded, inside the cache); on CUDA (no host sync) rows that would fall outside the
+    cache are skipped.
+    """
+    op = "compact_kv_cache"
+    if not isinstance(k_cache, torch.Tensor) or k_cache.dim() not in (4, 5):
+        raise ValueError(f"{op}: k_cache must be (B, H, Lmax, D) or (NL, B, H, Lmax, D), got {_shape(k_cache)}")
+    if not isinstance(v_cache, torch.Tensor) or v_cache.dim() != k_cache.dim() or \
+            v_cache.shape[:-1] != k_cache.shape[:-1]:
+        raise ValueError(f"{op}: v_cache must match k_cache {tuple(k_cache.shape)} but for the last dim, got "
+                         f"{_shape(v_cache)}")
+    if v_cache.dtype != k_cache.dtype or v_cache.device != k_cache.device:
+        raise TypeError(f"{op}: v_cache must have k_cache's dtype and device ({k_cache.dtype}, {k_cache.device}), "
+                        f"got {v_cache.dtype}, {v_cache.device}")
+    B = k_cache.shape[-4]
+    _check_like(op, "cache_seqlens", cache_seqlens, (B,), (torch.int32,), k_cache.device)
+    if not isinstance(accept_index, torch.Tensor) or accept_index.dim() != 2 or accept_index.shape[0] != B:
+        raise ValueError(f"{op}: accept_index must be (B, Dmax + 1) with B = {B}, got {_shape(accept_index)}")
+    _check_like(op, "accept_index", accept_index, tuple(accept_index.shape), (torch.int32,), k_cache.device)
+    _ext.require(op, k_cache.device)
+    torch.ops.kestrel.compact_kv_cache(k_cache, v_cache, cache_seqlens, accept_index)
+
+
+def sampling_probs(logits, temperature=1.0, top_k=None, top_p=None):
+    """The target distribution p for `verify_tree_sample` (and for plain sampling): float32 (..., V).
+
+    temperature 0 gives the one-hot of the argmax (lowest index among equal logits: sampling then equals greedy
+    decoding); otherwise softmax(logits / temperature) restricted to, in this order, the top_k largest logits
+    (every token tied with the k-th largest is kept) and the smallest set of most likely tokens whose probability
+    sums to at least top_p (the most likely token always stays; ties in the sort keep the lower index first), then
+    renormalised. Works under torch.compile (no host synchronisation).
+    """
+    name = "sampling_probs"
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 1 or not logits.is_floating_point():
+        raise ValueError(f"{name}: logits must be a float tensor (..., V), got {_shape(logits)}")
+    if not temperature >= 0:
+        raise ValueError(f"{name}: temperature must be >= 0, got {temperature}")
+    V = logits.shape[-1]
+    if top_k is not None and (not isinstance(top_k, int) or not 1 <= top_k):
+        raise ValueError(f"{name}: top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"{name}: top_p must be None or in (0, 1], got {top_p!r}")
+    logits = logits.float()
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), V).float()
+    scaled = logits / temperature
+    if top_k is not None and top_k < V:
+        kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if top_p is not None and top_p < 1:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the more likely tokens
+        keep_sorted = before < top_p
+        keep_sorted[..., 0] = True
+        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+        probs = probs.masked_fill(~keep, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+if _ext.available():
+
+    @torch.library.register_fake("kestrel::verify_tree_greedy")
+    def _verify_tree_greedy_fake(candidates, target_ids, first_child, next_sibling, max_depth):
+        B = candidates.shape[0]
+        return (candidates.new_empty((B, max_depth + 1), dtype=torch.int32),
+                candidates.new_empty((B,), dtype=torch.int32), candidates.new_empty((B,), dtype=torch.int64))
+
+    @torch.library.register_fake("kestrel::verify_tree_sample")
+    def _verify_tree_sample_fake(candidates, target_probs, first_child, next_sibling, uniform, uniform_final,
+                                 draft_probs, max_depth):
+        B = candidates.shape[0]
+        return (candidates.new_empty((B, max_depth + 1), dtype=torch.int32),
+                candidates.new_empty((B,), dtype=torch.int32), candidates.new_empty((B,), dtype=torch.int64))
+
+    @torch.library.register_fake("kestrel::compact_kv_cache")
+    def _compact_kv_cache_fake(k_cache, v_cache, cache_seqlens, accept_index):
+        return None
+
+
+__all__ = ["compact_kv_cache", "sampling_probs", "verify_tree_greedy", "verify_tree_sample"]
