@@ -1,0 +1,235 @@
+"""generate(): plain and tree-speculative decoding of a KestrelLM with a preallocated KV cache (spec decoding.md §3).
+
+The cache holds every token of a sequence but the last emitted one (the pending token, as in Medusa): a plain step
+feeds the pending token and picks the next; a speculative step makes the pending token the root of a draft tree,
+runs one tree forward, verifies, compacts the cache (the root and the accepted nodes' rows) and emits the accepted
+tokens followed by the target's next token. The draft heads read the hidden state of the last cached position,
+the one that produced the pending token.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import KVCache
+
+
+@dataclass
+class TreeSpec:
+    """How a speculative step drafts its tree.
+
+    Static (Medusa-style, kestrel.decoding.static_tree): `choices`, a list of paths of per-head top-k ranks, e.g.
+    [[0], [1], [0, 0], [0, 1]]: the node [r1, .., rd] holds rank rd of head d - 1 below the node [r1, .., r(d-1)];
+    the root (the pending token) is implicit. Dynamic (EAGLE-2 style, kestrel.decoding.dynamic_tree): `max_nodes`
+    tree nodes including the root; each depth expands its `topk` best nodes with the `topk` best tokens of the next
+    head, and the tree keeps the nodes with the best cumulative draft log-probability, at most `depth` levels
+    (default: every draft head).
+    """
+
+    choices: list | None = None
+    max_nodes: int | None = None
+    topk: int | None = None
+    depth: int | None = None
+
+    def __post_init__(self):
+        static, dynamic = self.choices is not None, self.max_nodes is not None or self.topk is not None
+        if static == dynamic:
+            raise ValueError("TreeSpec: give either choices=... (a static tree) or max_nodes=... and topk=... (a "
+                             f"dynamic tree), got choices={self.choices!r}, max_nodes={self.max_nodes!r}, "
+                             f"topk={self.topk!r}")
+        if static:
+            if not self.choices or not all(isinstance(c, (list, tuple)) and len(c) > 0 for c in self.choices):
+                raise ValueError(f"TreeSpec: choices must be a non-empty list of non-empty rank paths, got "
+                                 f"{self.choices!r}")
+        else:
+            if not (isinstance(self.max_nodes, int) and self.max_nodes > 1):
+                raise ValueError(f"TreeSpec: max_nodes (the tree's nodes, root included) must be an int > 1, got "
+                                 f"{self.max_nodes!r}")
+            if not (isinstance(self.topk, int) and self.topk > 0):
+                raise ValueError(f"TreeSpec: topk must be a positive int, got {self.topk!r}")
+            if self.depth is not None and not (isinstance(self.depth, int) and self.depth > 0):
+                raise ValueError(f"TreeSpec: depth must be None or a positive int, got {self.depth!r}")
+
+    @property
+    def dynamic(self):
+        return self.choices is None
+
+    def tree_depth(self, num_heads):
+        if self.dynamic:
+            return min(self.depth or num_heads, num_heads)
+        return max(len(c) for c in self.choices)
+
+    def num_nodes(self):
+        """T, the nodes of one tree including the root."""
+        return self.max_nodes if self.dynamic else 1 + len(self.choices)
+
+
+@dataclass
+class GenerationStats:
+    """What a generate() call did: forwards after the prefill, and per speculative step the accepted lengths."""
+
+    steps: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+    accept_lengths: list = field(default_factory=list)  # per step and live sequence: accepted nodes + 1 (emitted)
+
+    @property
+    def mean_accepted_length(self):
+        """Tokens emitted per live sequence and step (1 for plain decoding)."""
+        return sum(self.accept_lengths) / len(self.accept_lengths) if self.accept_lengths else 1.0
+
+    @property
+    def tokens_per_s(self):
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+def _prompts(input_ids, prompt_lengths, device):
+    """(padded (B, Lmax) int64 on device, lengths (B,) int64 on device, host lengths list)."""
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError("generate: input_ids must be an int64 tensor (B, L) or a list of 1-D token sequences, "
+                             f"got {input_ids.dtype} of shape {tuple(input_ids.shape)}")
+        B, L = input_ids.shape
+        if prompt_lengths is None:
+            host = [L] * B
+        else:
+            host = [int(n) for n in torch.as_tensor(prompt_lengths).tolist()]
+            if len(host) != B:
+                raise ValueError(f"generate: prompt_lengths must have B={B} entries, got {len(host)}")
+        padded = input_ids.to(device=device, dtype=torch.int64)
+    else:
+        if prompt_lengths is not None:
+            raise ValueError("generate: prompt_lengths goes with a padded tensor, not with a list of sequences")
+        rows = [torch.as_tensor(row, dtype=torch.int64).reshape(-1) for row in input_ids]
+        if not rows:
+            raise ValueError("generate: input_ids is an empty list")
+        host = [len(row) for row in rows]
+        padded = torch.zeros((len(rows), max(host)), dtype=torch.int64)
+        for b, row in enumerate(rows):
+            padded[b, :len(row)] = row
+        padded = padded.to(device)
+    if min(host) < 1 or max(host) > padded.shape[1]:
+        raise ValueError(f"generate: every prompt needs 1..{padded.shape[1]} tokens, got lengths {host}")
+    return padded, torch.tensor(host, dtype=torch.int64, device=device), host
+
+
+def target_probs(logits, temperature, top_k=None, top_p=None):
+    """The sampling distribution (float32) of logits (..., V) under temperature, top-k and top-p: the one that
+    plain sampling draws from and that speculative verification preserves."""
+    from ..ops.tree_verify import sampling_probs
+
+    return sampling_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+def _choose(logits, temperature, top_k, top_p, generator):
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    probs = target_probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+class _Output:
+    """The emitted tokens per sequence on the host, with EOS and the max_new_tokens limit applied."""
+
+    def __init__(self, B, max_new_tokens, eos_token_id):
+        self.tokens = [[] for _ in range(B)]
+        self.done = [max_new_tokens == 0] * B
+        self.max_new_tokens, self.eos_token_id = max_new_tokens, eos_token_id
+
+    def add(self, b, new_tokens):
+        """Append `new_tokens` (a list) to sequence b up to EOS or the limit; the count kept."""
+        if self.done[b]:
+            return 0
+        kept = 0
+        for token in new_tokens:
+            self.tokens[b].append(token)
+            kept += 1
+            if token == self.eos_token_id or len(self.tokens[b]) == self.max_new_tokens:
+                self.done[b] = True
+                break
+        return kept
+
+    @property
+    def finished(self):
+        return all(self.done)
+
+
+@torch.no_grad()
+def generate(model, input_ids, max_new_tokens, *, temperature=0.0, top_k=None, top_p=None, speculative=None,
+             eos_token_id=None, prompt_lengths=None, pad_token_id=None, generator=None, return_stats=False):
+    """Decode `max_new_tokens` tokens after each prompt.
+
+    input_ids: (B, L) int64, or a list of 1-D token sequences of mixed lengths (or a padded tensor with
+    `prompt_lengths`). temperature 0 is greedy; otherwise tokens are sampled from softmax(logits / temperature)
+    restricted by top_k / top_p. speculative: None (one token per forward) or a TreeSpec (needs a model with draft
+    heads): greedy output is token-for-token the plain greedy output, sampled output follows the target
+    distribution. Returns (B, max_prompt_len + max_new_tokens) int64: each row its prompt then its new tokens; after
+    EOS (kept) and after a shorter prompt the row holds pad_token_id (default eos_token_id, else 0). With
+    return_stats=True, returns (tokens, GenerationStats).
+    """
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+    if top_k is not None and not (isinstance(top_k, int) and top_k > 0):
+        raise ValueError(f"generate: top_k must be None or a positive int, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"generate: top_p must be None or in (0, 1], got {top_p!r}")
+    if speculative is not None:
+        if not isinstance(speculative, TreeSpec):
+            raise ValueError(f"generate: speculative must be None or a TreeSpec, got {type(speculative).__name__}")
+        if model.config.num_draft_heads == 0:
+            raise ValueError("generate: speculative decoding needs draft heads (config.num_draft_heads > 0)")
+        if not speculative.dynamic and speculative.tree_depth(model.config.num_draft_heads) > \
+                model.config.num_draft_heads:
+            raise ValueError(f"generate: the tree choices reach depth {speculative.tree_depth(10 ** 9)}, the model "
+                             f"has {model.config.num_draft_heads} draft heads")
+    device = model.device
+    prompt, lengths, host_lengths = _prompts(input_ids, prompt_lengths, device)
+    B, L = prompt.shape
+    pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+    spare = 0 if speculative is None else speculative.num_nodes() + speculative.tree_depth(
+        model.config.num_draft_heads) + 1
+    cache = KVCache.for_model(model, B, max_len=L + max_new_tokens + spare)
+    stats = GenerationStats()
+    output = _Output(B, max_new_tokens, eos_token_id)
+    if max_new_tokens > 0:
+        started = time.perf_counter()
+        logits, hidden = model(prompt, cache, lengths=lengths, return_hidden=True)
+        rows = torch.arange(B, device=device)
+        last = lengths - 1
+        token = _choose(logits[rows, last], temperature, top_k, top_p, generator)
+        for b, value in enumerate(token.tolist()):
+            stats.new_tokens += output.add(b, [value])
+        if speculative is None:
+            _plain_loop(model, cache, token, output, stats, temperature, top_k, top_p, generator)
+        else:
+            from .speculative import speculative_loop
+
+            speculative_loop(model, cache, token, hidden[rows, last], output, stats, speculative, temperature,
+                             top_k, top_p, generator)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        stats.seconds = time.perf_counter() - started
+    result = torch.full((B, L + max_new_tokens), pad, dtype=torch.int64)
+    for b in range(B):
+        result[b, :host_lengths[b]] = prompt[b, :host_lengths[b]].cpu()
+        new = output.tokens[b]
+        result[b, host_lengths[b]:host_lengths[b] + len(new)] = torch.tensor(new, dtype=torch.int64)
+    result = result.to(device)
+    return (result, stats) if return_stats else result
+
+
+def _plain_loop(model, cache, token, output, stats, temperature, top_k, top_p, generator):
+    while not output.finished:
+        logits = model(token[:, None], cache)[:, -1]
+        token = _choose(logits, temperature, top_k, top_p, generator)
+        stats.steps += 1
+        for b, value in enumerate(token.tolist()):
+            if not output.done[b]:
+                stats.accept_lengths.append(1)
+            stats.new_tokens += output.add(b, [value])
+
+
+__all__ = ["GenerationStats", "TreeSpec", "generate", "target_probs"]

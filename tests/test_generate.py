@@ -1,0 +1,234 @@
+"""kestrel.decoding.generate: plain decoding against full re-forwards; greedy tree speculative decoding equal to plain
+greedy token for token (every attention kind, static and dynamic trees, batch > 1 with mixed prompt lengths,
+nothing accepted, acceptance to a leaf, EOS inside an accepted path); sampled speculative decoding following the
+target distribution (chi-square)."""
+
+import math
+
+import pytest
+import torch
+
+from helpers import devices
+from kestrel.decoding.generate import TreeSpec, generate
+from kestrel.models import ATTENTION_KINDS, KestrelConfig, KestrelLM
+
+V = 16
+CHAIN = TreeSpec(choices=[[0], [0, 0], [0, 0, 0]])
+STAR = TreeSpec(choices=[[i] for i in range(6)])
+KARY = TreeSpec(choices=[[0], [1], [0, 0], [0, 1], [1, 0], [1, 1], [0, 0, 0], [0, 0, 1], [1, 0, 0]])
+DYNAMIC = TreeSpec(max_nodes=12, topk=3)
+TREES = {"chain": CHAIN, "star": STAR, "kary": KARY, "dynamic": DYNAMIC}
+
+
+def counting_model(attention, noise=24.0, head_shift=0, seed=0, dtype=torch.float64, device="cpu", d_model=32,
+                   n_heads=4):
+    """A model that mostly continues x, x+1, x+2, ... (mod V): one-hot embeddings read one place further by the LM
+    head, and draft head k mapping feature x to x + k + 1 (+ head_shift: wrong drafts). The layers' outputs are
+    random with scale `noise`, so that the context sometimes changes the greedy token (drafts partly rejected)."""
+    torch.manual_seed(seed)
+    config = KestrelConfig(vocab_size=V, d_model=d_model, n_layers=2, n_heads=n_heads, n_kv_heads=n_heads // 2,
+                           attention=attention, max_seq_len=128, num_draft_heads=3, tie_embeddings=False)
+    model = KestrelLM(config)
+    with torch.no_grad():
+        eye = torch.eye(V, d_model)
+        model.embed.weight.copy_(3 * eye + 0.1 * torch.randn(V, d_model))
+        model.lm_head.weight.copy_(5 * eye.roll(1, 0))  # token y reads feature y - 1
+        for block in model.layers:
+            block.attn.o_proj.weight.normal_(0, noise / 8)
+            block.mlp.down_proj.weight.normal_(0, noise / 8)
+        features = torch.arange(V)
+        for k, head in enumerate(model.draft_heads):
+            weight = torch.zeros(d_model, d_model)
+            weight[(features + k + 1 + head_shift) % V, features] = 10.0
+            head.proj.weight.copy_(weight)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def prompts(lengths=(3, 7, 5), seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, V, (n,), generator=g) for n in lengths]
+
+
+def greedy_by_reforward(model, prompt, new_tokens, eos=None):
+    """Greedy decoding by a full forward over the whole sequence at every step (no cache)."""
+    sequence = prompt.tolist()
+    for _ in range(new_tokens):
+        token = int(model(torch.tensor([sequence]))[0, -1].argmax())
+        sequence.append(token)
+        if token == eos:
+            break
+    return sequence
+
+
+@pytest.mark.parametrize("attention", ["softmax", "lssa", "lssar"])
+def test_plain_greedy_equals_reforward(attention):
+    model = counting_model(attention)
+    batch = prompts()
+    out = generate(model, batch, 12, pad_token_id=-1)
+    assert out.shape == (3, 7 + 12)
+    for b, prompt in enumerate(batch):
+        expected = greedy_by_reforward(model, prompt, 12)
+        assert out[b, :len(expected)].tolist() == expected
+        assert (out[b, len(expected):] == -1).all()
+
+
+def test_padded_tensor_with_prompt_lengths_equals_list():
+    model = counting_model("softmax")
+    batch = prompts()
+    padded = torch.zeros(3, 7, dtype=torch.long)
+    for b, prompt in enumerate(batch):
+        padded[b, :len(prompt)] = prompt
+    assert torch.equal(generate(model, padded, 9, prompt_lengths=[3, 7, 5]), generate(model, batch, 9))
+
+
+@pytest.mark.parametrize("tree", list(TREES))
+@pytest.mark.parametrize("attention", ATTENTION_KINDS)
+def test_greedy_speculative_equals_greedy(attention, tree):
+    """Batch 3 with prompt lengths 3, 7, 5; drafts partly right (mean accepted length strictly between 1 and the
+    tree depth + 1)."""
+    model = counting_model(attention)
+    batch = prompts()
+    plain = generate(model, batch, 20)
+    out, stats = generate(model, batch, 20, speculative=TREES[tree], return_stats=True)
+    assert torch.equal(out, plain)
+    assert 1.0 < stats.mean_accepted_length < 4.0
+    assert stats.new_tokens == 3 * 20
+
+
+def test_nothing_accepted():
+    """Draft heads one token off: no draft is ever accepted, every step emits exactly the target's token."""
+    model = counting_model("softmax", noise=0.0, head_shift=1)
+    batch = prompts()
+    plain = generate(model, batch, 10)
+    out, stats = generate(model, batch, 10, speculative=KARY, return_stats=True)
+    assert torch.equal(out, plain)
+    assert set(stats.accept_lengths) == {1}
+
+
+def test_acceptance_ends_at_a_leaf():
+    """Exact drafts: every step accepts the whole chain (3 nodes after the root) and adds the target's token."""
+    model = counting_model("lssa", noise=0.0)
+    batch = prompts()
+    plain = generate(model, batch, 17)
+    out, stats = generate(model, batch, 17, speculative=CHAIN, return_stats=True)
+    assert torch.equal(out, plain)
+    assert stats.accept_lengths == [4] * (3 * 4)  # 1 token from the prefill, then 4 steps of 4
+    assert stats.steps == 4
+
+
+@pytest.mark.parametrize("tree", ["chain", "kary"])
+def test_eos_inside_an_accepted_path(tree):
+    """EOS in the middle of an accepted path: the row stops after EOS and is padded, exactly as plain greedy."""
+    model = counting_model("softmax", noise=0.0)
+    batch = [torch.tensor([4, 5]), torch.tensor([0, 1, 2]), torch.tensor([9])]
+    eos = 8  # sequence 0 reaches it as its 3rd new token (inside the first step's accepted path), sequence 2 never
+    plain = generate(model, batch, 14, eos_token_id=eos, pad_token_id=-1)
+    out, stats = generate(model, batch, 14, speculative=TREES[tree], eos_token_id=eos, pad_token_id=-1,
+                          return_stats=True)
+    assert torch.equal(out, plain)
+    width = 3 + 14
+    assert out[0].tolist() == [4, 5, 6, 7, 8] + [-1] * (width - 5)
+    assert out[1].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8] + [-1] * (width - 9)
+    assert out[2].tolist() == [9] + [(9 + i) % V for i in range(1, 15)] + [-1] * 2  # no EOS: 14 new tokens
+    assert max(stats.accept_lengths) == 4
+
+
+def chi_square_critical(df, z=3.2905):
+    """The chi-square quantile at p = 5e-4 (Wilson-Hilferty)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def chi_square(counts, expected_probs, n):
+    """Chi-square statistic and degrees of freedom, merging the cells with expected count < 5 into one."""
+    expected = expected_probs * n
+    big = expected >= 5
+    stat = (((counts[big] - expected[big]) ** 2) / expected[big]).sum().item()
+    cells = int(big.sum())
+    rest_expected, rest_count = expected[~big].sum().item(), counts[~big].sum().item()
+    if rest_expected > 0:
+        stat += (rest_count - rest_expected) ** 2 / max(rest_expected, 1e-12)
+        cells += 1
+    return stat, cells - 1
+
+
+@pytest.mark.parametrize("options", [dict(temperature=1.0), dict(temperature=0.7, top_k=5, top_p=0.9)],
+                         ids=["t1", "t0.7-topk5-topp0.9"])
+def test_sampled_speculative_follows_the_target_distribution(options):
+    """Many copies of one prompt, three new tokens sampled with a k-ary tree: the frequencies of (x1, x2) and of
+    (x2, x3) (x2, x3 come out of tree verification) pass a chi-square test against the target model's exact
+    distribution computed by enumeration."""
+    from kestrel.ops.tree_verify import sampling_probs
+
+    model = counting_model("softmax", noise=24.0, dtype=torch.float32)
+    prompt = torch.tensor([3, 9, 4])
+    n = 12000
+    generator = torch.Generator().manual_seed(11)
+    out, stats = generate(model, prompt.expand(n, 3), 3, speculative=KARY, generator=generator, return_stats=True,
+                          **options)
+    assert stats.mean_accepted_length > 1.2  # the drafts are accepted often enough to matter
+    new = out[:, 3:]
+
+    def probs(context):
+        return sampling_probs(model(context)[:, -1].double(), **options).double()
+
+    with torch.no_grad():
+        p1 = probs(prompt[None])[0]  # (V,)
+        ctx2 = torch.cat([prompt.expand(V, 3), torch.arange(V)[:, None]], 1)
+        p2 = probs(ctx2)  # (V, V): p(x2 | x1)
+        ctx3 = torch.cat([ctx2.repeat_interleave(V, 0), torch.arange(V).repeat(V)[:, None]], 1)
+        p3 = probs(ctx3).view(V, V, V)  # p(x3 | x1, x2)
+    joint12 = p1[:, None] * p2
+    joint23 = (joint12[:, :, None] * p3).sum(0)
+    for (a, b), expected in (((0, 1), joint12), ((1, 2), joint23)):
+        counts = torch.zeros(V * V, dtype=torch.float64)
+        counts.index_add_(0, new[:, a] * V + new[:, b], torch.ones(n, dtype=torch.float64))
+        stat, df = chi_square(counts, expected.flatten(), n)
+        assert stat < chi_square_critical(df), (a, b, stat, df)
+
+
+def test_sampled_chi_square_detects_a_wrong_distribution():
+    """The test above can fail: plain sampling at temperature 1 does not pass against the temperature-0.7 target."""
+    from kestrel.ops.tree_verify import sampling_probs
+
+    model = counting_model("softmax", noise=24.0, dtype=torch.float32)
+    prompt = torch.tensor([3, 9, 4])
+    n = 12000
+    out = generate(model, prompt.expand(n, 3), 1, temperature=1.0, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        wrong = sampling_probs(model(prompt[None])[0, -1].double(), temperature=0.7).double()
+        right = sampling_probs(model(prompt[None])[0, -1].double(), temperature=1.0).double()
+    counts = torch.bincount(out[:, 3], minlength=V).double()
+    stat, df = chi_square(counts, wrong, n)
+    assert stat > chi_square_critical(df)
+    stat, df = chi_square(counts, right, n)
+    assert stat < chi_square_critical(df)
+
+
+def test_generate_checks():
+    model = counting_model("softmax")
+    no_heads = KestrelLM(KestrelConfig(vocab_size=V, d_model=32, n_layers=1, n_heads=4, max_seq_len=32))
+    with pytest.raises(ValueError, match="speculative decoding needs draft heads"):
+        generate(no_heads, prompts(), 4, speculative=CHAIN)
+    with pytest.raises(ValueError, match="reach depth 4, the model has 3 draft heads"):
+        generate(model, prompts(), 4, speculative=TreeSpec(choices=[[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]]))
+    with pytest.raises(ValueError, match="either choices"):
+        TreeSpec()
+    with pytest.raises(ValueError, match="max_nodes"):
+        TreeSpec(max_nodes=1, topk=2)
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0"):
+        generate(model, prompts(), -1)
+    with pytest.raises(ValueError, match="every prompt needs 1..7 tokens"):
+        generate(model, torch.zeros(2, 7, dtype=torch.long), 3, prompt_lengths=[0, 7])
+    assert torch.equal(generate(model, prompts(), 0)[:, :3], torch.stack([p[:3] for p in prompts()]))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("attention", ATTENTION_KINDS)
+def test_greedy_speculative_equals_greedy_on_device(device, attention):
+    """float32 on `device` (head dim 64: the softplus kernel's): speculative == plain greedy."""
+    d_model = 256 if device.startswith("cuda") else 32  # the CPU case is a cheap smoke run of the same code
+    model = counting_model(attention, dtype=torch.float32, device=device, d_model=d_model)
+    batch = [p.to(device) for p in prompts()]
+    plain = generate(model, batch, 24)
+    for spec in (KARY, DYNAMIC):
+        assert torch.equal(generate(model, batch, 24, speculative=spec), plain)
