@@ -25,6 +25,32 @@ class _StraightThrough(torch.autograd.Function):
         return grad, grad
 
 
+class _GatherCodes(torch.autograd.Function):
+    """rows = codebook.reshape(-1, dim)[flat_ids]; the backward scatter-adds the rows' gradient into the selected
+    codebook rows only (float32 accumulation), as a dense tensor or, with sparse=True, a sparse COO tensor of the
+    codebook's shape (sparse dims: the code's (head,) index, dense dim: the code vector)."""
+
+    @staticmethod
+    def forward(ctx, codebook, flat_ids, sparse):
+        ctx.save_for_backward(flat_ids)
+        ctx.shape, ctx.sparse = codebook.shape, sparse
+        return codebook.reshape(-1, codebook.shape[-1])[flat_ids]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (flat_ids,) = ctx.saved_tensors
+        shape, dim = ctx.shape, ctx.shape[-1]
+        flat = flat_ids.reshape(-1)
+        rows = grad.reshape(-1, dim)
+        if ctx.sparse:
+            num_codes = shape[-2]
+            index = torch.stack([flat // num_codes, flat % num_codes]) if len(shape) == 3 else flat[None]
+            return torch.sparse_coo_tensor(index, rows, shape).coalesce(), None, None
+        acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+        total = torch.zeros((shape[:-1].numel(), dim), dtype=acc, device=rows.device)
+        return total.index_add_(0, flat, rows.to(acc)).to(grad.dtype).view(shape), None, None
+
+
 class CodebookLayer(nn.Module):
     """Top-k codebook bottleneck. `dim` is the size of one code; with `heads=H` the input's last dimension is
     H * dim, split into H heads, each with its own codebook (all heads in one kernel launch).
@@ -43,7 +69,8 @@ class CodebookLayer(nn.Module):
     - interventions (work during generation): `ban(codes)` excludes codes from the selection; `force(codes,
       positions=None)` replaces the selection at the given positions (None: everywhere) by the given codes;
       `positions` in forward are the tokens' absolute positions along dim -2 of x (default 0..L-1; a decoding loop
-      passes its cache offsets); `clear_interventions()` removes both.
+      passes its cache offsets; codes forced at a position win over codes forced everywhere);
+      `clear_interventions()` removes both.
     - `kmeans_init(samples, iters=10)`: Lloyd's k-means on the device from sample activations, its assignment
       step the fused top-1 kernel.
     """
@@ -146,7 +173,7 @@ class CodebookLayer(nn.Module):
             if self.training:
                 self._record(xh.detach(), ids)
         flat = ids + torch.arange(self.heads, device=ids.device)[None, :, None] * self.num_codes
-        codes = F.embedding(flat, cb.reshape(-1, self.dim), sparse=self.sparse_grad)  # (M, H, k, dim)
+        codes = _GatherCodes.apply(self.codebook, flat, self.sparse_grad)  # (M, H, k, dim)
         codes = codes.mean(2) if self.reduce == "mean" else codes.sum(2)
         out = _StraightThrough.apply(xh, codes).reshape(*lead, self.heads * self.dim)
         self.last_ids = ids.reshape(*lead, self.heads, self.k)
@@ -210,18 +237,21 @@ class CodebookLayer(nn.Module):
         return dead.sum(-1)
 
     @torch.no_grad()
-    def kmeans_init(self, samples, iters=10, generator=None):
+    def kmeans_init(self, samples, iters=10, *, seeding="kmeans++", generator=None):
         """Set the codebook by Lloyd's k-means on `samples` (..., heads * dim) (LayerNorm applied when the layer
-        has it), on the samples' device. Assignment: the fused top-1 kernel (cosine for the cosine metric, l2
-        otherwise); update: the mean of each cluster (scatter-add); an empty cluster takes a random sample.
-        Returns the final mean squared distance to the assigned centre per head (heads,)."""
+        has it), on the samples' device. Seeding: "kmeans++" (D² sampling, every head at once) or "random"
+        (distinct random samples). Assignment: the fused top-1 kernel (cosine for the cosine metric, l2
+        otherwise); update: the mean of each cluster (scatter-add); an empty cluster takes a random sample of its
+        head. Returns the final mean squared distance to the nearest centre per head (heads,)."""
+        if seeding not in ("kmeans++", "random"):
+            raise ValueError(f"CodebookLayer.kmeans_init: seeding must be 'kmeans++' or 'random', got {seeding!r}")
         xh = self._split(samples.to(self.codebook.device)).transpose(0, 1).float().contiguous()  # (H, M, dim)
         H, M, dim = xh.shape
         C = self.num_codes
         if M < C:
             raise ValueError(f"CodebookLayer.kmeans_init: needs at least num_codes={C} samples, got {M}")
         metric = "cosine" if self.metric == "cosine" else "l2"
-        centres = torch.stack([xh[h, torch.randperm(M, generator=generator)[:C].to(xh.device)] for h in range(H)])
+        centres = self._seed(xh, C, seeding, generator)
         offsets = torch.arange(H, device=xh.device)[:, None] * C
         for _ in range(iters):
             _, ids = vq_topk(xh, centres, 1, metric=metric)
@@ -236,6 +266,23 @@ class CodebookLayer(nn.Module):
         self._codebook3().copy_(centres.to(self.codebook.dtype))
         self.reset_counts()
         return err
+
+    @staticmethod
+    def _seed(xh, C, seeding, generator):
+        H, M, dim = xh.shape
+        if seeding == "random":
+            return torch.stack([xh[h, torch.randperm(M, generator=generator)[:C].to(xh.device)] for h in range(H)])
+        heads = torch.arange(H, device=xh.device)
+        first = torch.randint(0, M, (H,), generator=generator).to(xh.device)
+        centres = [xh[heads, first]]  # (H, dim) each
+        nearest = ((xh - centres[0][:, None]) ** 2).sum(-1)  # (H, M) squared distance to the nearest centre
+        for _ in range(1, C):
+            weights = nearest.clamp_min(0).double().cpu()
+            weights = torch.where(weights.sum(-1, keepdim=True) > 0, weights, torch.ones_like(weights))
+            pick = torch.multinomial(weights, 1, generator=generator)[:, 0].to(xh.device)
+            centres.append(xh[heads, pick])
+            nearest = torch.minimum(nearest, ((xh - centres[-1][:, None]) ** 2).sum(-1))
+        return torch.stack(centres, 1)
 
 
 __all__ = ["CodebookLayer"]

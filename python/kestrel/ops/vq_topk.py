@@ -63,9 +63,9 @@ def _code_terms(codebook, metric, banned):
     return scale, bias
 
 
-def _chunk_topk(tile, ids, k):
-    """The k best of each row of a chunk, ties to the lower id, in id order: every score above the k-th best value,
-    then the first of those equal to it (ids ascend along the row)."""
+def _chunk_topk_exact(tile, ids, k):
+    """The k best of each row, ties to the lower id, in id order: every score above the k-th best value, then the
+    first of those equal to it (ids ascend along the row)."""
     kth = torch.topk(tile, k, dim=-1).values[..., -1:]
     above = tile > kth
     equal = tile == kth
@@ -73,6 +73,31 @@ def _chunk_topk(tile, ids, k):
     chosen = above | (equal & (torch.cumsum(equal, dim=-1) <= room))
     cols = chosen.nonzero()[:, -1].reshape(*tile.shape[:-1], k)  # row-major: per row, ascending columns
     return torch.gather(tile, -1, cols), torch.gather(ids, -1, cols)
+
+
+def _chunk_topk(tile, ids, k):
+    """The k best of each row of a chunk (ids ascend along the row), ties to the lower id, sorted best first with
+    equal scores in id order. torch.topk's choice among scores equal to the k-th is unspecified, so rows where the
+    k-th value also occurs outside the selection (the (k+1)-th best equals it) are redone exactly (rare outside
+    duplicated codes)."""
+    extra = 1 if tile.shape[-1] > k else 0
+    vals, cols = torch.topk(tile, k + extra, dim=-1)
+    # the k-th value occurs outside the selection iff the (k+1)-th best equals it
+    redo = vals[..., k - 1] == vals[..., k] if extra else torch.zeros(vals.shape[:-1], dtype=torch.bool,
+                                                                      device=vals.device)
+    vals, cols = vals[..., :k], cols[..., :k]
+    if bool(redo.any()):
+        rows = redo.nonzero(as_tuple=True)
+        exact_vals, exact_cols = _chunk_topk_exact(tile[rows], torch.arange(tile.shape[-1], device=tile.device)
+                                                   .expand(len(rows[0]), -1), k)
+        vals, cols = vals.clone(), cols.clone()
+        vals[rows], cols[rows] = exact_vals, exact_cols
+    # best first, equal scores by ascending column: a stable sort by column, then a stable sort by score
+    by_col = torch.sort(cols, dim=-1, stable=True)
+    vals, cols = torch.gather(vals, -1, by_col.indices), by_col.values
+    order = torch.sort(vals, dim=-1, descending=True, stable=True).indices
+    cols = torch.gather(cols, -1, order)
+    return torch.gather(vals, -1, order), torch.gather(ids, -1, cols)
 
 
 def _topk_chunked(x, codebook, scale, bias, k, chunk=None):
@@ -87,8 +112,8 @@ def _topk_chunked(x, codebook, scale, bias, k, chunk=None):
     best_i = torch.empty((H, N, 0), dtype=torch.long, device=x.device)
     for start in range(0, C, chunk):
         cb = codebook[:, start:start + chunk].to(dtype)
-        tile = torch.matmul(xf, cb.transpose(1, 2)) * scale[:, None, start:start + chunk].to(dtype) + \
-            bias[:, None, start:start + chunk].to(dtype)
+        tile = torch.matmul(xf, cb.transpose(1, 2))
+        tile.mul_(scale[:, None, start:start + chunk].to(dtype)).add_(bias[:, None, start:start + chunk].to(dtype))
         ids = torch.arange(start, start + cb.shape[1], device=x.device).expand(H, N, -1)
         tile_s, tile_i = _chunk_topk(tile, ids, min(k, cb.shape[1]))
         scores = torch.cat([best_s, tile_s], dim=-1)
