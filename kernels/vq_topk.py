@@ -1,7 +1,8 @@
 """Triton kernel of the fused top-k codebook lookup (spec retrieval.md §1): codebook tiles stream through a
 matrix-multiply tile and each row keeps a running top-k in registers, so the N×C score matrix never exists.
 
-One program per (block of BLOCK_N rows, head). A tile's scores are x·c adjusted per code (l2: 2 x·c − ‖c‖²; cosine:
+One program per (block of BLOCK_N rows, head). fp16/bf16 inputs of one dtype go through the tensor cores as they
+are (their products are exact in float32, accumulated in float32); float32 inputs use IEEE float32 dots. A tile's scores are x·c adjusted per code (l2: 2 x·c − ‖c‖²; cosine:
 x·c / ‖c‖; ip: x·c; banned codes and codes past C: −inf), then merged with the running top-k by K rounds of
 "take the best of the union, the lowest id among equal scores". A tile whose best score cannot enter any row's
 top-k is skipped after one reduction. The caller adds the per-row term (−‖x‖² for l2, 1/‖x‖ for cosine).
@@ -21,7 +22,7 @@ def vq_topk_kernel(X, CB, BIAS, SCALE, OUT_S, OUT_I, VALUES, OUT_V, N, C, D, DV,
                    stride_xh, stride_xn, stride_ch, stride_cc, stride_bh, stride_oh, stride_on,
                    stride_vh, stride_vc, stride_ovh, stride_ovn,
                    K: tl.constexpr, K_USED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_C: tl.constexpr, GATHER: tl.constexpr, BLOCK_DV: tl.constexpr):
+                   BLOCK_C: tl.constexpr, GATHER: tl.constexpr, BLOCK_DV: tl.constexpr, LOWP: tl.constexpr):
     pid_n = tl.program_id(0)
     head = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -30,17 +31,23 @@ def vq_topk_kernel(X, CB, BIAS, SCALE, OUT_S, OUT_I, VALUES, OUT_V, N, C, D, DV,
     row_ok = offs_n < N
     d_ok = offs_d < D
     x = tl.load(X + head * stride_xh + offs_n[:, None] * stride_xn + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if not LOWP:
+        x = x.to(tl.float32)
     best_s = tl.full([BLOCK_N, K], float("-inf"), dtype=tl.float32)
     best_i = tl.full([BLOCK_N, K], BIG_ID, dtype=tl.int32)
     for start in range(0, C, BLOCK_C):
         offs_c = start + tl.arange(0, BLOCK_C)
         code_ok = offs_c < C
         cb = tl.load(CB + head * stride_ch + offs_c[:, None] * stride_cc + offs_d[None, :],
-                     mask=code_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                     mask=code_ok[:, None] & d_ok[None, :], other=0.0)
         bias = tl.load(BIAS + head * stride_bh + offs_c, mask=code_ok, other=float("-inf"))
         scale = tl.load(SCALE + head * stride_bh + offs_c, mask=code_ok, other=0.0)
-        tile = tl.dot(x, tl.trans(cb), input_precision="ieee") * scale[None, :] + bias[None, :]
+        if LOWP:  # fp16/bf16 products are exact in float32: tensor cores, float32 accumulation
+            tile = tl.dot(x, tl.trans(cb), out_dtype=tl.float32)
+        else:
+            tile = tl.dot(x, tl.trans(cb.to(tl.float32)), input_precision="ieee")
+        tile = tile * scale[None, :] + bias[None, :]
         ids = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.int32) + offs_c[None, :]
         worst = tl.min(best_s, 1)
         if tl.max(tl.max(tile, 1) - worst, 0) >= 0.0:  # some row may take a code of this tile
@@ -99,5 +106,6 @@ def vq_topk_triton(x, codebook, bias, scale, k, block_n=None, block_c=None, valu
         x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1), bias.stride(0), out_s.stride(0),
         out_s.stride(1), values.stride(0), values.stride(1), out_v.stride(0), out_v.stride(1),
         K=K, K_USED=k, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=block_n, BLOCK_C=block_c,
-        GATHER=gather, BLOCK_DV=max(2, triton.next_power_of_2(DV)))
+        GATHER=gather, BLOCK_DV=max(2, triton.next_power_of_2(DV)),
+        LOWP=x.dtype == codebook.dtype and x.dtype in (torch.float16, torch.bfloat16))
     return (out_s, out_i, out_v) if gather else (out_s, out_i)

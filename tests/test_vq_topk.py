@@ -179,3 +179,16 @@ def test_cpu_path_memory_stays_bounded_where_the_score_matrix_would_not_fit():
     extra = int(result.stdout.strip().splitlines()[-1])
     dense = N * C * 4
     assert extra < min(1.2e9, dense / 5), f"peak extra memory {extra / 1e9:.2f} GB against {dense / 1e9:.1f} GB dense"
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+def test_triton_kernel_with_fp16_inputs_on_the_tensor_core_path():
+    from kestrel.kernels.vq_topk import vq_topk_triton
+
+    device = "cuda" if gpu_available() else "cpu"
+    g = torch.Generator().manual_seed(6)
+    x, cb = torch.randn(2, 33, 32, generator=g).half(), torch.randn(2, 100, 32, generator=g).half()
+    scale, bias = _code_terms(cb, "ip", None)
+    ranked, ids = vq_topk_triton(x.to(device), cb.to(device), bias.to(device), scale.to(device), 4)
+    assert_selection(ranked[..., :4].cpu(), ids[..., :4].long().cpu(), x.float(), cb.float(), 4, "ip")
