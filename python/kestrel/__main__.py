@@ -10,7 +10,8 @@ BENCHMARKS = {"quantize": "kestrel.benchmarks.bench_quantize", "optim": "kestrel
               "softplus_attention": "kestrel.benchmarks.bench_softplus_attention",
               "plga_attention": "kestrel.benchmarks.bench_plga_attention", "vq_topk": "kestrel.benchmarks.bench_vq_topk",
               "kv_bottleneck": "kestrel.benchmarks.bench_kv_bottleneck",
-              "tree_attention": "kestrel.benchmarks.bench_tree_attention"}
+              "tree_attention": "kestrel.benchmarks.bench_tree_attention",
+              "tree_verify": "kestrel.benchmarks.bench_tree_verify"}
 
 
 def _triton_version():
