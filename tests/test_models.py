@@ -206,3 +206,23 @@ def test_device_matches_cpu(device, attention):
     cpu(ids[:, :6], ref_cache)
     ref_steps = [cpu(ids[:, t:t + 1], ref_cache) for t in range(6, 10)]
     torch.testing.assert_close(torch.cat(steps, 1).double().cpu(), torch.cat(ref_steps, 1), rtol=1e-3, atol=1e-3)
+
+
+def test_softmax_tree_forward_through_the_tree_attention_op(monkeypatch):
+    """The CUDA route of the softmax tree forward (kestrel.ops.tree_attention), forced on CPU tensors, gives the
+    masked-SDPA route's logits."""
+    from kestrel.decoding import static_tree
+    from kestrel.models import lm
+    from kestrel.ops.tree_attention import tree_attention
+
+    model = make_model("softmax", dtype=torch.float32)
+    tree = static_tree([[0], [1], [0, 0], [1, 0], [0, 0, 0]]).buffers(2)
+    ids = torch.randint(0, 40, (2, 6))
+    tree_ids = torch.randint(0, 40, (2, tree.num_nodes))
+    results = []
+    for route in (lambda q: None, lambda q: tree_attention):
+        monkeypatch.setattr(lm, "_tree_attention_op", route)
+        cache = KVCache.for_model(model, 2, 32)
+        model(ids, cache, lengths=torch.tensor([6, 4]))
+        results.append(model(tree_ids, cache, tree_depth=tree.depth, tree_mask_bits=tree.ancestor_bits))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)

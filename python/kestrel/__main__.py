@@ -1,4 +1,4 @@
-"""kestrel's command line: `python -m kestrel info` and `python -m kestrel bench`."""
+"""kestrel's command line: `python -m kestrel info`, `python -m kestrel bench` and `python -m kestrel demo`."""
 
 import argparse
 import importlib
@@ -11,7 +11,7 @@ BENCHMARKS = {"quantize": "kestrel.benchmarks.bench_quantize", "optim": "kestrel
               "plga_attention": "kestrel.benchmarks.bench_plga_attention", "vq_topk": "kestrel.benchmarks.bench_vq_topk",
               "kv_bottleneck": "kestrel.benchmarks.bench_kv_bottleneck",
               "tree_attention": "kestrel.benchmarks.bench_tree_attention",
-              "tree_verify": "kestrel.benchmarks.bench_tree_verify"}
+              "tree_verify": "kestrel.benchmarks.bench_tree_verify", "decoding": "kestrel.benchmarks.bench_decoding"}
 
 
 def _triton_version():
@@ -77,6 +77,12 @@ def cmd_bench(args):
     return 0
 
 
+def cmd_demo(args):
+    from .demo import run
+
+    return run(args)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m kestrel", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +94,12 @@ def main(argv=None):
     bench.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
     bench.add_argument("--csv", metavar="PATH", help="also write the rows as CSV")
     bench.set_defaults(func=cmd_bench)
+    from .demo import add_arguments as add_demo_arguments
+
+    demo = commands.add_parser("demo", help="train a byte-level KestrelLM on the Python standard library (AdamW8bit "
+                               "beside AdamW), its draft heads, then greedy vs tree speculative decoding")
+    add_demo_arguments(demo)
+    demo.set_defaults(func=cmd_demo)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -12,48 +12,67 @@ import torch
 from ..ops.tree_verify import compact_kv_cache, sampling_probs, verify_tree_greedy, verify_tree_sample
 
 
-def speculative_loop(model, cache, token, hidden_last, output, stats, spec, temperature, top_k, top_p, generator):
-    """Run speculative steps until every sequence of `output` is done (see kestrel.decoding.generate)."""
-    from .tree import build_tree, dynamic_tree, static_tree
+class SpeculativeStep:
+    """One speculative decoding step for a model and a TreeSpec, batch size fixed: draft, tree forward, verify,
+    compact. The static tree's buffers are built once."""
 
-    device = token.device
-    B = token.shape[0]
-    rows = torch.arange(B, device=device)
-    depth = spec.tree_depth(model.config.num_draft_heads)
-    if spec.dynamic:
-        max_depth, num_leaves = min(depth, spec.max_nodes - 1), spec.max_nodes - 1
-    else:
-        static = static_tree(spec.choices)
-        static_buffers = static.buffers(B, device)
-        max_rank = int(static.rank.max()) + 1
-    while not output.finished:
-        draft_logits = model.draft_logits(hidden_last)[:, :depth]  # (B, depth, V)
+    def __init__(self, model, spec, batch_size, device):
+        from .tree import static_tree
+
+        self.model, self.spec = model, spec
+        self.depth = spec.tree_depth(model.config.num_draft_heads)
+        self.rows = torch.arange(batch_size, device=device)
         if spec.dynamic:
-            head_logprobs, head_tokens = torch.log_softmax(draft_logits.float(), dim=-1).topk(spec.topk, dim=-1)
-            parents, candidates = dynamic_tree(token, head_logprobs, head_tokens, spec.max_nodes)
-            tree = build_tree(parents, max_depth=max_depth, num_leaves=num_leaves)
+            self.max_depth, self.num_leaves = min(self.depth, spec.max_nodes - 1), spec.max_nodes - 1
         else:
-            candidates = static.candidates(token, draft_logits.topk(max_rank, dim=-1).indices)
-            tree = static_buffers
-        logits, hidden = model(candidates, cache, tree_depth=tree.depth, tree_mask_bits=tree.ancestor_bits,
-                               return_hidden=True)
+            self.static = static_tree(spec.choices)
+            self.static_buffers = self.static.buffers(batch_size, device)
+            self.max_rank = int(self.static.rank.max()) + 1
+
+    def draft(self, token, hidden_last):
+        """(candidates (B, T), TreeBuffers) from the pending tokens (B,) and the hidden states that produced them."""
+        from .tree import build_tree, dynamic_tree
+
+        draft_logits = self.model.draft_logits(hidden_last)[:, :self.depth]  # (B, depth, V)
+        if self.spec.dynamic:
+            head_logprobs, head_tokens = torch.log_softmax(draft_logits.float(), dim=-1).topk(self.spec.topk, dim=-1)
+            parents, candidates = dynamic_tree(token, head_logprobs, head_tokens, self.spec.max_nodes)
+            return candidates, build_tree(parents, max_depth=self.max_depth, num_leaves=self.num_leaves)
+        return self.static.candidates(token, draft_logits.topk(self.max_rank, dim=-1).indices), self.static_buffers
+
+    def __call__(self, cache, token, hidden_last, temperature=0.0, top_k=None, top_p=None, generator=None):
+        """Returns (candidates, accept_index, accept_len, next_token, hidden_last): the cache is compacted (its
+        seqlens advanced by 1 + accept_len), hidden_last is the hidden state of the last accepted node."""
+        candidates, tree = self.draft(token, hidden_last)
+        logits, hidden = self.model(candidates, cache, tree_depth=tree.depth, tree_mask_bits=tree.ancestor_bits,
+                                    return_hidden=True)
         if temperature == 0.0:
             accept_index, accept_len, next_token = verify_tree_greedy(candidates, logits.argmax(-1), tree)
         else:
-            T = candidates.shape[1]
+            B, T = candidates.shape
             probs = sampling_probs(logits, temperature, top_k, top_p)
-            uniform = torch.rand((B, T), generator=generator, device=device)
-            uniform_final = torch.rand((B,), generator=generator, device=device)
+            uniform = torch.rand((B, T), generator=generator, device=candidates.device)
+            uniform_final = torch.rand((B,), generator=generator, device=candidates.device)
             accept_index, accept_len, next_token = verify_tree_sample(candidates, probs, tree, uniform,
                                                                       uniform_final)
-        done = torch.tensor(output.done, device=device)
-        before = cache.seqlens.clone()
         compact_kv_cache(cache.k, cache.v, cache.seqlens, accept_index)
-        cache.seqlens.copy_(torch.where(done, before, cache.seqlens))  # finished sequences stop growing
+        rows = self.rows
         hidden_last = hidden[rows, accept_index[rows, accept_len.long()].long()]
-        token = next_token
+        return candidates, accept_index, accept_len, next_token, hidden_last
+
+
+def speculative_loop(model, cache, token, hidden_last, output, stats, spec, temperature, top_k, top_p, generator):
+    """Run speculative steps until every sequence of `output` is done (see kestrel.decoding.generate)."""
+    B = token.shape[0]
+    step = SpeculativeStep(model, spec, B, token.device)
+    while not output.finished:
+        done = torch.tensor(output.done, device=token.device)
+        before = cache.seqlens.clone()
+        candidates, accept_index, accept_len, token, hidden_last = step(cache, token, hidden_last, temperature,
+                                                                        top_k, top_p, generator)
+        cache.seqlens.copy_(torch.where(done, before, cache.seqlens))  # finished sequences stop growing
         stats.steps += 1
-        index, lengths, nexts = accept_index.tolist(), accept_len.tolist(), next_token.tolist()
+        index, lengths, nexts = accept_index.tolist(), accept_len.tolist(), token.tolist()
         tokens = candidates.tolist()
         for b in range(B):
             if output.done[b]:
@@ -63,4 +82,4 @@ def speculative_loop(model, cache, token, hidden_last, output, stats, spec, temp
             stats.new_tokens += output.add(b, emitted)
 
 
-__all__ = ["speculative_loop"]
+__all__ = ["SpeculativeStep", "speculative_loop"]

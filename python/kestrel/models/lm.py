@@ -10,8 +10,8 @@ One forward serves three uses:
   ancestors (packed bits as in kestrel.reference.tree); seqlens is left alone (kestrel.ops.compact_kv_cache moves
   the accepted rows and advances it).
 
-The tree forward of "softmax" goes through kestrel.ops.tree_attention when it is present; "lssa", "lssar" and "plga"
-use an explicit-mask PyTorch formulation of the same math (their one-token decode runs the kernels).
+The tree forward of "softmax" goes through kestrel.ops.tree_attention on CUDA (masked SDPA on the CPU); "lssa", "lssar"
+and "plga" use an explicit-mask PyTorch formulation of the same math (their one-token decode runs the kernels).
 """
 
 import math
@@ -184,8 +184,8 @@ class Attention(nn.Module):
             return plga_attention(q, k, v, self._plga_G(q, plan), causal=True)
         if plan.tree:
             if kind == "softmax":
-                tree_attention = _tree_attention_op()
-                if tree_attention is not None and (q.is_cuda or q.dtype != torch.float64):
+                tree_attention = _tree_attention_op(q)
+                if tree_attention is not None:
                     k_cache, v_cache = plan.cache.k[self.layer_index], plan.cache.v[self.layer_index]
                     return tree_attention(q, k_cache, v_cache, plan.prefix_lens, plan.tree_mask_bits)
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=plan.visible, enable_gqa=gqa)
@@ -203,10 +203,14 @@ class Attention(nn.Module):
         return plga_attention(q, k, v, self._plga_G(q, plan), causal=True, cache_seqlens=plan.key_lens)
 
 
-def _tree_attention_op():
-    from .. import ops
+def _tree_attention_op(q):
+    """kestrel.ops.tree_attention for CUDA tensors (its Triton kernel). On the CPU the masked SDPA above is the
+    faster path (the op's CPU fallback is a chunked PyTorch loop written as the kernel's oracle)."""
+    if not q.is_cuda:
+        return None
+    from ..ops.tree_attention import tree_attention
 
-    return getattr(ops, "tree_attention", None)
+    return tree_attention
 
 
 def _codebook(config, dim):
