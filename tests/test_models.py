@@ -226,3 +226,23 @@ def test_softmax_tree_forward_through_the_tree_attention_op(monkeypatch):
         model(ids, cache, lengths=torch.tensor([6, 4]))
         results.append(model(tree_ids, cache, tree_depth=tree.depth, tree_mask_bits=tree.ancestor_bits))
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
+
+
+def test_codebooks():
+    """CodebookLayer before the attention output projection and after the MLP: cached decode equals the full
+    forward, gradients reach the codebooks, greedy speculative decoding equals plain greedy."""
+    from kestrel.decoding import TreeSpec, generate
+
+    model = make_model("softmax", codebook_attn=True, codebook_mlp=True, num_codes=64, codebook_k=4,
+                       num_draft_heads=2)
+    assert model.layers[0].attn.codebook.dim == 32 and model.layers[1].mlp.codebook.num_codes == 64
+    ids = torch.randint(0, 40, (2, 10))
+    cache = KVCache.for_model(model, 2, 16)
+    steps = [model(ids[:, :6], cache)] + [model(ids[:, t:t + 1], cache) for t in range(6, 10)]
+    torch.testing.assert_close(torch.cat(steps, 1), model(ids), rtol=0, atol=1e-12)
+    spec = TreeSpec(choices=[[0], [1], [0, 0], [1, 0]])
+    assert torch.equal(generate(model, ids, 12, speculative=spec), generate(model, ids, 12))
+    model.train()
+    model(ids).logsumexp(-1).mean().backward()
+    assert model.layers[0].attn.codebook.codebook.grad.abs().sum() > 0
+    assert model.layers[1].mlp.codebook.codebook.grad.abs().sum() > 0
