@@ -104,13 +104,14 @@ def tree_attention_fwd_kernel(
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, FP32_DOT)
 
     if do_tree:
-        for start in range(0, T, BLOCK_N):
-            col = start + tl.arange(0, BLOCK_N)
-            col_ok = col < T
-            words = tl.load(BITS + b64 * stride_bb + node[:, None] * stride_bt + (col // 32)[None, :],
-                            mask=row_ok[:, None] & col_ok[None, :], other=0)
-            visible = ((words >> (col % 32)[None, :]) & 1) != 0  # arithmetic shift: bit 31 is the sign, & 1 keeps it
-            seen = tl.max(visible.to(tl.int32), 0) > 0  # columns some row of the block attends
+        # tiles of 32 tree slots: one int32 word per row holds a tile's bits
+        bit = tl.arange(0, 32)
+        for start in range(0, T, 32):
+            col = start + bit
+            word = tl.load(BITS + b64 * stride_bb + node * stride_bt + start // 32, mask=row_ok, other=0)
+            # arithmetic shift: bit 31 is the sign bit, & 1 still reads it
+            visible = (((word[:, None] >> bit[None, :]) & 1) != 0) & (col < T)[None, :]
+            seen = tl.max(visible.to(tl.int32), 0) > 0  # slots some row of the block attends: only those are read
             kv_rows = (length + col)[:, None]
             k = tl.load(k_base + kv_rows * stride_kn + offs_d[None, :], mask=seen[:, None] & d_ok[None, :],
                         other=0.0)
@@ -189,6 +190,22 @@ def choose_prefix_splits(programs, l_max, device):
     return max(1, min(wanted, l_max // MIN_SPLIT))
 
 
+def cuda_blocks(rows, head_dim, fp32):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) on a GPU for `rows` = GROUP*T query rows. Chosen so that sm_90 builds
+    keep everything in registers (no spills: checked by compiling ahead for sm_90 with the launch's specialisation;
+    not yet timed on a GPU); fp32 inputs take the exact (ieee) products on FMA units and need smaller tiles."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    fits = max(16, triton.next_power_of_2(rows))
+    if fp32:
+        if block_d <= 64:
+            return min(32, fits), 32, block_d, 8
+        return (min(32, fits), 16, block_d, 8) if block_d <= 128 else (16, 32, block_d, 8)
+    if block_d > 128:
+        return min(32, fits), 32, block_d, 4
+    block_m = min(128, fits)
+    return block_m, 64 if block_m * block_d <= 64 * 128 else 32, block_d, 8 if block_m * block_d >= 64 * 128 else 4
+
+
 def tree_attention_forward(q, k_cache, v_cache, cache_seqlens, tree_mask_bits, softmax_scale, num_splits=None,
                            min_split=MIN_SPLIT, block_m=None, block_n=None):
     """Launch the kernels: out (B, Hq, T, D) in q's dtype. num_splits: prefix slices (None: choose_prefix_splits;
@@ -208,14 +225,13 @@ def tree_attention_forward(q, k_cache, v_cache, cache_seqlens, tree_mask_bits, s
     bits = tree_mask_bits.contiguous()
     lens = cache_seqlens.contiguous()
     out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
-    block_d = max(16, triton.next_power_of_2(D))
     rows = group * T
     if q.is_cuda:
-        block_m = block_m or min(128, max(16, triton.next_power_of_2(rows)))
-        block_n = block_n or (64 if block_m * block_d <= 64 * 128 else 32)
-        num_warps = 8 if block_m * block_d >= 128 * 128 else 4
+        block_m_auto, block_n_auto, block_d, num_warps = cuda_blocks(rows, D, q.dtype == torch.float32)
+        block_m, block_n = block_m or block_m_auto, block_n or block_n_auto
         launch = dict(num_warps=num_warps, num_stages=2)
     else:
+        block_d = max(16, triton.next_power_of_2(D))
         block_m = block_m or min(64, max(16, triton.next_power_of_2(rows)))
         block_n = block_n or 32
         launch = {}
