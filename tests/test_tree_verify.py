@@ -84,7 +84,7 @@ def random_probs(shape, generator, zeros=0.3):
 
 
 @pytest.mark.parametrize("sampled", [False, True])
-@pytest.mark.parametrize("T,V", [(1, 8), (7, 8), (9, 13), (64, 12), (65, 300), (8, 600)])
+@pytest.mark.parametrize("T,V", [(1, 8), (7, 8), (9, 13), (64, 12), (65, 300), (8, 600), (9, 4099)])
 def test_sample_matches_reference(T, V, sampled):
     g = torch.Generator().manual_seed(T * 1000 + V + sampled)
     B = 4
@@ -103,6 +103,21 @@ def test_sample_matches_reference(T, V, sampled):
         got = as_lists(verify_tree_sample(candidates, target, tree, uniform, uniform_final, draft))
         ref = verify_sample_reference(candidates, target, parents, uniform, uniform_final, draft, tree.max_depth)
         assert got == tuple(ref)
+
+
+@pytest.mark.parametrize("T", [8, 65])
+def test_sample_at_temperature_zero_is_greedy(T):
+    g = torch.Generator().manual_seed(T)
+    parents = random_batch(T, 4, g, full=False)
+    tree = build_tree(parents)
+    logits = torch.randn(4, T, 6, generator=g)
+    candidates = torch.randint(0, 6, (4, T), generator=g)
+    greedy = verify_tree_greedy(candidates, logits.argmax(-1), tree)
+    for _ in range(3):
+        sample = verify_tree_sample(candidates, sampling_probs(logits, temperature=0), tree, torch.rand(4, T, generator=g),
+                                    torch.rand(4, generator=g))
+        for a, b in zip(greedy, sample):
+            assert torch.equal(a, b)
 
 
 def test_sample_duplicate_sibling_is_not_retried():

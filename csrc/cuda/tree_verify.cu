@@ -26,11 +26,9 @@ struct TeamBlock {
   int64_t vocab;
   __device__ bool leader() const { return threadIdx.x == 0; }
   __device__ void sync() const { __syncthreads(); }
-  template <typename Weight>
-  __device__ float sums(const Weight& weight, float* seg) const {
+  __device__ float sums(const tree::Residual& weight, float* seg) const {
     __syncthreads();  // nobody still reads the previous sums
-    const int s = threadIdx.x;
-    seg[s] = tree::segment_sum(weight, tree::segment_begin(vocab, s), tree::segment_end(vocab, s));
+    seg[threadIdx.x] = tree::segment_sum_of(weight, vocab, threadIdx.x);
     __syncthreads();
     float total = 0.0f;
     for (int i = 0; i < tree::kSegments; ++i) total += seg[i];

@@ -110,6 +110,20 @@ struct Residual {
   }
 };
 
+// The canonical sum of segment s of the residual; segments without an excluded token skip the per-token check.
+KESTREL_HD float segment_sum_of(const Residual& weight, int64_t vocab, int s) {
+  const int64_t begin = segment_begin(vocab, s), end = segment_end(vocab, s);
+  bool touched = false;
+  for (int e = 0; e < weight.num_excluded; ++e) touched |= weight.excluded[e] >= begin && weight.excluded[e] < end;
+  float sum = 0.0f;
+  if (touched) {
+    for (int64_t v = begin; v < end; ++v) sum += weight(v);
+  } else {
+    for (int64_t v = begin; v < end; ++v) sum += weight.probs[v];
+  }
+  return sum;
+}
+
 // The canonical segment sum of weight(v) over [begin, end).
 template <typename Weight>
 KESTREL_HD float segment_sum(const Weight& weight, int64_t begin, int64_t end) {
@@ -246,11 +260,30 @@ struct TeamSerial {
   int64_t vocab;
   KESTREL_HD bool leader() const { return true; }
   KESTREL_HD void sync() const {}
-  template <typename Weight>
-  KESTREL_HD float sums(const Weight& weight, float* seg) const {
-    for (int s = 0; s < kSegments; ++s) seg[s] = segment_sum(weight, segment_begin(vocab, s), segment_end(vocab, s));
+  // Sixteen full segments at a time with independent accumulators (each still adds its tokens in order, so the
+  // sums are the canonical ones; the interleaving only removes the serial dependence between segments). Segments
+  // holding an excluded token are then summed again with it as 0.
+  KESTREL_HD float sums(const Residual& weight, float* seg) const {
+    constexpr int kGroup = 16;
+    const int64_t length = segment_length(vocab);
+    const int64_t full = length > 0 ? vocab / length : 0;  // segments of the full length
+    int s = 0;
+    for (; s + kGroup <= full && s + kGroup <= kSegments; s += kGroup) {
+      float acc[kGroup];
+      for (int g = 0; g < kGroup; ++g) acc[g] = 0.0f;
+      const float* p = weight.probs + s * length;
+      for (int64_t i = 0; i < length; ++i)
+        for (int g = 0; g < kGroup; ++g) acc[g] += p[g * length + i];
+      for (int g = 0; g < kGroup; ++g) seg[s + g] = acc[g];
+    }
+    const Residual plain{weight.probs, weight.excluded, 0};
+    for (; s < kSegments; ++s) seg[s] = segment_sum(plain, segment_begin(vocab, s), segment_end(vocab, s));
+    for (int e = 0; e < weight.num_excluded; ++e) {
+      const int x = static_cast<int>(weight.excluded[e] / length);
+      seg[x] = segment_sum(weight, segment_begin(vocab, x), segment_end(vocab, x));
+    }
     float total = 0.0f;
-    for (int s = 0; s < kSegments; ++s) total += seg[s];
+    for (int i = 0; i < kSegments; ++i) total += seg[i];
     return total;
   }
   template <typename Fn>
