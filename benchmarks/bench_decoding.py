@@ -51,7 +51,8 @@ def run(device, quick=False):
     device = torch.device(device)
     config, dtype, prefix = model_config(device, quick)
     torch.manual_seed(0)
-    model = KestrelLM(config).to(device=device, dtype=dtype).eval()
+    with torch.device(device):  # initialise on the device (a 1B model's CPU init takes long)
+        model = KestrelLM(config).to(dtype=dtype).eval()
     with torch.no_grad():  # random draft heads (zero-initialised heads would all repeat the LM head)
         for head in model.draft_heads:
             head.proj.weight.normal_(0, 0.02)

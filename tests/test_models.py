@@ -209,8 +209,8 @@ def test_device_matches_cpu(device, attention):
 
 
 def test_softmax_tree_forward_through_the_tree_attention_op(monkeypatch):
-    """The CUDA route of the softmax tree forward (kestrel.ops.tree_attention), forced on CPU tensors, gives the
-    masked-SDPA route's logits."""
+    """The CUDA route of the softmax tree forward and one-token decode (kestrel.ops.tree_attention), forced on CPU
+    tensors, gives the masked-SDPA route's logits."""
     from kestrel.decoding import static_tree
     from kestrel.models import lm
     from kestrel.ops.tree_attention import tree_attention
@@ -224,8 +224,10 @@ def test_softmax_tree_forward_through_the_tree_attention_op(monkeypatch):
         monkeypatch.setattr(lm, "_tree_attention_op", route)
         cache = KVCache.for_model(model, 2, 32)
         model(ids, cache, lengths=torch.tensor([6, 4]))
-        results.append(model(tree_ids, cache, tree_depth=tree.depth, tree_mask_bits=tree.ancestor_bits))
-    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
+        decoded = model(ids[:, 5:6], cache)  # a one-token decode (a one-node tree on that route)
+        results.append((decoded, model(tree_ids, cache, tree_depth=tree.depth, tree_mask_bits=tree.ancestor_bits)))
+    for ours, reference in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_codebooks():

@@ -32,8 +32,8 @@ SETTINGS = {
     # name: model, data and schedule
     "quick": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=64, batch_size=8, steps=30,
                   draft_steps=30, corpus_bytes=300_000, new_tokens=32, prompts=2, lr=3e-3),
-    "cpu": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, seq_len=128, batch_size=8, steps=150,
-                draft_steps=120, corpus_bytes=2_000_000, new_tokens=96, prompts=4, lr=2e-3),
+    "cpu": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, seq_len=128, batch_size=8, steps=400,
+                draft_steps=200, corpus_bytes=4_000_000, new_tokens=96, prompts=4, lr=3e-3),
     "cuda": dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, seq_len=256, batch_size=32, steps=1500,
                  draft_steps=600, corpus_bytes=20_000_000, new_tokens=256, prompts=6, lr=1e-3),
 }
@@ -240,7 +240,15 @@ def run(args):
                                                            "tree speculative")
     identical = greedy == speculative
     for prompt, tokens in zip(prompts, greedy):
-        print(f"--- {prompt!r} ->\n{decode_text(tokens)}")
+        print(f"--- greedy: {prompt!r} ->\n{decode_text(tokens)}")
+    from .decoding.generate import generate
+
+    sampled_ids, sampled_stats = generate(
+        model, torch.tensor([list(prompts[-1].encode())], device=device), settings["new_tokens"], temperature=0.8,
+        top_p=0.95, speculative=spec, generator=torch.Generator(device).manual_seed(args.seed), return_stats=True)
+    sampled = decode_text(sampled_ids[0, len(prompts[-1].encode()):].tolist())
+    print(f"--- sampled (temperature 0.8, top-p 0.95, speculative, mean accepted length "
+          f"{sampled_stats.mean_accepted_length:.2f}): {prompts[-1]!r} ->\n{sampled}")
     print(f"greedy == speculative (token for token, {len(prompts)} prompts): {identical}")
     print(f"mean accepted length {mean_accepted:.2f} tokens/step (tree of {spec.num_nodes()} nodes); "
           f"{greedy_tps:.1f} tokens/s greedy, {spec_tps:.1f} tokens/s speculative: {spec_tps / greedy_tps:.2f}x")
@@ -258,7 +266,8 @@ def run(args):
         draft_head_val_losses=head_losses, tree_nodes=spec.num_nodes(),
         greedy_equals_speculative=identical, mean_accepted_length=mean_accepted,
         tokens_per_s_greedy=greedy_tps, tokens_per_s_speculative=spec_tps, speedup=spec_tps / greedy_tps,
-        samples={p: decode_text(t) for p, t in zip(prompts, greedy)}, plot=str(plot_path) if plotted else None,
+        samples={p: decode_text(t) for p, t in zip(prompts, greedy)}, sample_speculative_t0_8=sampled,
+        plot=str(plot_path) if plotted else None,
         seconds=time.perf_counter() - began)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"wrote {out / 'summary.json'} ({summary['seconds']:.0f} s in all)")

@@ -10,8 +10,9 @@ One forward serves three uses:
   ancestors (packed bits as in kestrel.reference.tree); seqlens is left alone (kestrel.ops.compact_kv_cache moves
   the accepted rows and advances it).
 
-The tree forward of "softmax" goes through kestrel.ops.tree_attention on CUDA (masked SDPA on the CPU); "lssa", "lssar"
-and "plga" use an explicit-mask PyTorch formulation of the same math (their one-token decode runs the kernels).
+On CUDA the "softmax" tree forward and one-token decode go through kestrel.ops.tree_attention (a one-token decode is
+a one-node tree); on the CPU, masked SDPA. "lssa", "lssar" and "plga" trees use an explicit-mask PyTorch formulation
+of the same math (their one-token decode runs the kernels).
 """
 
 import math
@@ -106,6 +107,8 @@ class _Plan:
             else:
                 positions = slots
                 self.key_lens = (seqlens + L).to(torch.int32)  # valid keys per sequence after the write
+                self.prefix_lens = cache.seqlens.to(torch.int32)
+                self.self_bits = torch.ones((B, 1, 1), dtype=torch.int32, device=device)  # used when L == 1
                 self.visible = (keys[None, None, :] <= slots[:, :, None])[:, None]  # (B, 1, L, Lk)
         self.cos, self.sin = rope_tables(positions, config.head_dim, config.rope_base)
 
@@ -153,7 +156,10 @@ class Attention(nn.Module):
             k_cache, v_cache = cache.k[self.layer_index], cache.v[self.layer_index]
             k_cache.scatter_(2, plan.write_index, k.to(k_cache.dtype))
             v_cache.scatter_(2, plan.write_index, v.to(v_cache.dtype))
-            k, v = k_cache[:, :, :plan.Lk].to(q.dtype), v_cache[:, :, :plan.Lk].to(q.dtype)
+            if q.is_cuda and config.attention in ("lssa", "lssar") and not plan.tree:
+                k, v = k_cache.to(q.dtype), v_cache.to(q.dtype)  # the kernel reads rows < cache_seqlens: no slice copy
+            else:
+                k, v = k_cache[:, :, :plan.Lk].to(q.dtype), v_cache[:, :, :plan.Lk].to(q.dtype)
         out = self._attend(q, k, v, plan)
         out = out.transpose(1, 2).reshape(B, L, H * D)
         if self.codebook is not None:
@@ -196,6 +202,10 @@ class Attention(nn.Module):
             q_metric = torch.matmul(q.to(wide), G.to(wide)).to(q.dtype)
             return F.scaled_dot_product_attention(q_metric, k, v, attn_mask=plan.visible, enable_gqa=gqa)
         if kind == "softmax":
+            tree_attention = _tree_attention_op(q) if plan.L == 1 else None
+            if tree_attention is not None:  # one-token decode: a one-node tree (the prefix and the token itself)
+                k_cache, v_cache = plan.cache.k[self.layer_index], plan.cache.v[self.layer_index]
+                return tree_attention(q, k_cache, v_cache, plan.prefix_lens, plan.self_bits)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=plan.visible, enable_gqa=gqa)
         if kind in ("lssa", "lssar"):
             return softplus_attention(q, k, v, causal=True, reweight_p=reweight_p, eps=config.softplus_eps,
