@@ -233,10 +233,12 @@ def test_triton_kernel_longer_prefix():
     device = kernel_device()
     q, k, v, lens, bits, parents = make_inputs(2, 8, 2, 33, 128, [700, 260], 800, dtype=torch.float16, seed=10,
                                                unused=(0, 4), device=device)
-    for splits in (1, 3):
-        out = tree_attention_forward(q, k, v, lens, bits, 1 / math.sqrt(128), num_splits=splits, min_split=64)
-        torch.testing.assert_close(out.cpu().double(), reference(q, k, v, lens.cpu(), bits.cpu()),
-                                   **tolerance(torch.float16))
+    expected = reference(q, k, v, lens.cpu(), bits.cpu())
+    # the interpreter's small tiles, then the GPU's (BLOCK_M 128 over 132 rows, BLOCK_N 64)
+    for splits, blocks in ((1, {}), (3, {}), (3, dict(block_m=128, block_n=64)), (1, dict(block_m=128, block_n=32))):
+        out = tree_attention_forward(q, k, v, lens, bits, 1 / math.sqrt(128), num_splits=splits, min_split=64,
+                                     **blocks)
+        torch.testing.assert_close(out.cpu().double(), expected, **tolerance(torch.float16))
 
 
 # ------------------------------------------------------------------------------------------------------ the op
@@ -272,6 +274,13 @@ def test_argument_checks():
         tree_attention(q, k, v, lens, bits, softmax_scale=-1.0)
     with pytest.raises(ValueError, match="cache_seqlens is on meta but q on cpu"):
         tree_attention(q, k, v, lens.to("meta"), bits)
+
+
+def test_forward_only():
+    q, k, v, lens, bits, _ = make_inputs(1, 2, 1, 3, 64, [5], 10, seed=12)
+    out = tree_attention(q.requires_grad_(True), k, v, lens, bits)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        out.sum().backward()
 
 
 def test_opcheck_and_compile():
