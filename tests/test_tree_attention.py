@@ -365,3 +365,11 @@ def test_cuda_opcheck_compile_and_cuda_graph():
     lens.fill_(1000)
     graph.replay()
     torch.testing.assert_close(captured, tree_attention(q, k, v, lens, bits))
+
+
+def test_benchmark_runs_quick_on_cpu():
+    from kestrel.benchmarks import bench_tree_attention
+
+    rows = bench_tree_attention.run("cpu", quick=True)
+    assert [r.baseline for r in rows] == ["SDPA one-token decode", "SDPA dense tree mask"]
+    assert all(r.op == "tree_attention T16" and r.ours_ms > 0 and r.baseline_ms > 0 for r in rows)
