@@ -248,3 +248,27 @@ def test_codebooks():
     model(ids).logsumexp(-1).mean().backward()
     assert model.layers[0].attn.codebook.codebook.grad.abs().sum() > 0
     assert model.layers[1].mlp.codebook.codebook.grad.abs().sum() > 0
+
+
+def test_draft_heads_train_with_the_base_frozen():
+    """train_steps with draft_loss after freeze_base: the heads learn (on a counting sequence, head k must predict
+    the token k + 2 ahead), the base stays bit-identical; default_optimizer is AdamW8bit."""
+    from kestrel.models.training import default_optimizer, draft_loss, freeze_base, train_steps
+    from kestrel.optim import AdamW8bit
+
+    torch.manual_seed(0)
+    model = KestrelLM(tiny(num_draft_heads=2))
+    base = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("draft_heads")}
+    heads = freeze_base(model)
+    optimizer = default_optimizer(heads, lr=3e-2)
+    assert isinstance(optimizer, AdamW8bit)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 40, (8, 1), generator=g) + torch.arange(17)) % 40 for _ in range(25)]
+    losses = train_steps(model, optimizer, batches, lambda m, tokens: draft_loss(m, tokens)[0],
+                         schedule=lambda step: 3e-2)
+    assert len(losses) == 25 and losses[-1] < losses[0] - 0.3, losses
+    for key, value in model.state_dict().items():
+        if key in base:
+            assert torch.equal(value, base[key]), key
+    with pytest.raises(ValueError, match="no draft heads"):
+        draft_loss(KestrelLM(tiny()), batches[0])

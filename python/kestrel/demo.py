@@ -101,21 +101,14 @@ def cosine_lr(step, steps, peak, warmup):
 
 
 def train(model, optimizer, corpus, settings, seed, label, loss_fn):
-    losses = []
+    from .models.training import train_steps
+
     progress = Progress(label, settings["steps"])
     warmup = max(1, settings["steps"] // 10)
-    for step, tokens in enumerate(batches(corpus, settings["batch_size"], settings["seq_len"], settings["steps"],
-                                          seed)):
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, settings["steps"], settings["lr"], warmup)
-        loss = loss_fn(model, tokens.to(model.device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        progress.update(note=f"loss {losses[-1]:.3f}")
-    return losses
+    return train_steps(model, optimizer,
+                       batches(corpus, settings["batch_size"], settings["seq_len"], settings["steps"], seed),
+                       loss_fn, schedule=lambda step: cosine_lr(step, settings["steps"], settings["lr"], warmup),
+                       on_step=lambda step, loss: progress.update(note=f"loss {loss:.3f}"))
 
 
 def smoothed(values, window=10):

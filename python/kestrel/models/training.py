@@ -51,6 +51,30 @@ def default_optimizer(params, lr=1e-3, weight_decay=0.0, **kwargs):
     return AdamW8bit(params, lr=lr, weight_decay=weight_decay, **kwargs)
 
 
+def train_steps(model, optimizer, batches, loss_fn=lm_loss, *, schedule=None, max_grad_norm=1.0, on_step=None):
+    """Run one optimizer step per batch of `batches` (token tensors (B, L + 1), moved to the model's device).
+
+    loss_fn(model, tokens) returns the loss (lm_loss; for the draft heads, after freeze_base, a function returning
+    draft_loss(...)[0]); schedule(step) gives the learning rate of each step (None: leave it); gradients are clipped
+    to max_grad_norm (None: no clipping); on_step(step, loss) is called after each step. Returns the losses."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    losses = []
+    for step, tokens in enumerate(batches):
+        if schedule is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = schedule(step)
+        loss = loss_fn(model, tokens.to(model.device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, losses[-1])
+    return losses
+
+
 def optimizer_state_bytes(optimizer):
     """Bytes of the optimizer's state tensors (each storage counted once, so shared quantisation maps count once)."""
     seen, total = set(), 0
@@ -64,4 +88,4 @@ def optimizer_state_bytes(optimizer):
     return total
 
 
-__all__ = ["default_optimizer", "draft_loss", "freeze_base", "lm_loss", "optimizer_state_bytes"]
+__all__ = ["default_optimizer", "draft_loss", "freeze_base", "lm_loss", "optimizer_state_bytes", "train_steps"]
