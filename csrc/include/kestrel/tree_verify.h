@@ -212,8 +212,9 @@ KESTREL_HD void verify_sample_row(Team& team, const SampleRow& row, int64_t* exc
             accepted = child;
             break;
           }
-          if (!sampled) {
-            excluded_buf[residual.num_excluded++] = x;
+          if (!sampled) {  // the leader records it; the others read it only after the barrier in team.sums
+            if (team.leader()) excluded_buf[residual.num_excluded] = x;
+            ++residual.num_excluded;
             total = total - px;
           }
         }
