@@ -185,7 +185,7 @@ def test_training_reduces_loss(attention):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1, losses
-    assert model.layers[0].attn.q_proj.weight.grad.abs().sum() > 0
+    assert model.layers[0].attn.qkv_proj.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("device", devices())

@@ -120,9 +120,7 @@ class Attention(nn.Module):
         super().__init__()
         self.config, self.layer_index = config, layer_index
         H, Hkv, D, d = config.n_heads, config.n_kv_heads, config.head_dim, config.d_model
-        self.q_proj = nn.Linear(d, H * D, bias=False)
-        self.k_proj = nn.Linear(d, Hkv * D, bias=False)
-        self.v_proj = nn.Linear(d, Hkv * D, bias=False)
+        self.qkv_proj = nn.Linear(d, (H + 2 * Hkv) * D, bias=False)  # q, k, v in one product
         self.o_proj = nn.Linear(H * D, d, bias=False)
         self.codebook = _codebook(config, H * D) if config.codebook_attn else None
         if config.attention == "plga":
@@ -148,9 +146,10 @@ class Attention(nn.Module):
         config = self.config
         B, L, _ = x.shape
         H, Hkv, D = config.n_heads, config.n_kv_heads, config.head_dim
-        q = apply_rope(self.q_proj(x).view(B, L, H, D).transpose(1, 2), plan.cos, plan.sin)
-        k = apply_rope(self.k_proj(x).view(B, L, Hkv, D).transpose(1, 2), plan.cos, plan.sin)
-        v = self.v_proj(x).view(B, L, Hkv, D).transpose(1, 2)
+        q, k, v = self.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = apply_rope(q.view(B, L, H, D).transpose(1, 2), plan.cos, plan.sin)
+        k = apply_rope(k.view(B, L, Hkv, D).transpose(1, 2), plan.cos, plan.sin)
+        v = v.view(B, L, Hkv, D).transpose(1, 2)
         cache = plan.cache
         if cache is not None:
             k_cache, v_cache = cache.k[self.layer_index], cache.v[self.layer_index]
@@ -233,17 +232,17 @@ def _codebook(config, dim):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate x) * up x), then the optional codebook."""
+    """SwiGLU: down(silu(gate x) * up x) (gate and up in one product), then the optional codebook."""
 
     def __init__(self, config):
         super().__init__()
-        self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
-        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.gate_up_proj = nn.Linear(config.d_model, 2 * config.d_ff, bias=False)
         self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=False)
         self.codebook = _codebook(config, config.d_model) if config.codebook_mlp else None
 
     def forward(self, x):
-        out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        out = self.down_proj(F.silu(gate) * up)
         return self.codebook(out) if self.codebook is not None else out
 
 
