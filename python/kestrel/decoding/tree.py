@@ -75,7 +75,8 @@ def build_tree(parents, max_depth=None, num_leaves=None):
 
     max_depth / num_leaves size accept_index and leaf_paths; give them (e.g. StaticTree.max_depth, or K for a
     dynamic tree) to build without a host synchronisation; when None they are read from the data (one sync each).
-    They must be at least the trees' real maximum depth and leaf count (paths beyond are cut).
+    They must be at least the trees' real maximum depth and leaf count (paths beyond are cut). parents is not
+    validated (that would need a sync): each used node's parent must be a used node of smaller index.
     """
     if not isinstance(parents, torch.Tensor) or parents.dim() != 2 or parents.shape[1] < 1:
         got = tuple(parents.shape) if isinstance(parents, torch.Tensor) else type(parents).__name__

@@ -158,7 +158,8 @@ def sampling_probs(logits, temperature=1.0, top_k=None, top_p=None):
     decoding); otherwise softmax(logits / temperature) restricted to, in this order, the top_k largest logits
     (every token tied with the k-th largest is kept) and the smallest set of most likely tokens whose probability
     sums to at least top_p (the most likely token always stays; ties in the sort keep the lower index first), then
-    renormalised. Works under torch.compile (no host synchronisation).
+    renormalised. temperature, top_k and top_p are Python numbers. Works under torch.compile (no host
+    synchronisation).
     """
     name = "sampling_probs"
     if not isinstance(logits, torch.Tensor) or logits.dim() < 1 or not logits.is_floating_point():
