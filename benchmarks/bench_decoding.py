@@ -43,49 +43,82 @@ def model_config(device, quick):
                          max_seq_len=1024), torch.float32, 128
 
 
-def run(device, quick=False):
-    from kestrel.decoding import KVCache, TreeSpec
-    from kestrel.decoding.speculative import SpeculativeStep
+def build_model(device, quick):
+    """(model, dtype, prefix) of the benchmark: random weights, random draft heads."""
     from kestrel.models import KestrelLM
 
-    device = torch.device(device)
     config, dtype, prefix = model_config(device, quick)
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the device (a 1B model's CPU init takes long)
         model = KestrelLM(config).to(dtype=dtype).eval()
-    with torch.no_grad():  # random draft heads (zero-initialised heads would all repeat the LM head)
+    with torch.no_grad():  # zero-initialised heads would all repeat the LM head
         for head in model.draft_heads:
             head.proj.weight.normal_(0, 0.02)
-    params = model.num_parameters()
-    weight_bytes = params * torch.finfo(dtype).bits // 8
-    batches = [1, 8] if not quick else [1]
-    tree_sizes = [16, 32, 64] if not quick else [16]
-    rows = []
-    for B in batches:
-        cache = KVCache.for_model(model, B, max_len=prefix + 128)
-        prompt = torch.randint(0, config.vocab_size, (B, prefix), device=device)
-        with torch.no_grad():
-            logits, hidden = model(prompt, cache, return_hidden=True)
-        token, hidden_last = logits[:, -1].argmax(-1), hidden[:, -1]
-        saved = cache.seqlens.clone()
-        kv_row_bytes = 2 * config.n_layers * config.n_kv_heads * config.head_dim * torch.finfo(dtype).bits // 8
+    return model, dtype, prefix
 
-        def plain_step():
-            model(token[:, None], cache).argmax(-1)
+
+def decoding_steps(model, B, prefix, device):
+    """(plain_step, speculative_step(T)): closures over a cache prefilled with B random prompts of `prefix` tokens;
+    each call restores the cache lengths, so every call times the same step."""
+    from kestrel.decoding import KVCache, TreeSpec
+    from kestrel.decoding.speculative import SpeculativeStep
+
+    cache = KVCache.for_model(model, B, max_len=prefix + 128)
+    prompt = torch.randint(0, model.config.vocab_size, (B, prefix), device=device)
+    with torch.no_grad():
+        logits, hidden = model(prompt, cache, return_hidden=True)
+    token, hidden_last = logits[:, -1].argmax(-1), hidden[:, -1]
+    saved = cache.seqlens.clone()
+
+    @torch.no_grad()
+    def plain_step():
+        model(token[:, None], cache).argmax(-1)
+        cache.seqlens.copy_(saved)
+
+    def speculative_step(T):
+        step = SpeculativeStep(model, TreeSpec(choices=tree_choices(T)), B, device)
+
+        @torch.no_grad()
+        def run_step():
+            step(cache, token, hidden_last)
             cache.seqlens.copy_(saved)
 
-        for T in tree_sizes:
-            step = SpeculativeStep(model, TreeSpec(choices=tree_choices(T)), B, device)
+        return run_step
 
-            def speculative_step():
-                step(cache, token, hidden_last)
-                cache.seqlens.copy_(saved)
+    return plain_step, speculative_step
 
+
+def run(device, quick=False):
+    device = torch.device(device)
+    model, dtype, prefix = build_model(device, quick)
+    config = model.config
+    params = model.num_parameters()
+    weight_bytes = params * torch.finfo(dtype).bits // 8
+    kv_row_bytes = 2 * config.n_layers * config.n_kv_heads * config.head_dim * torch.finfo(dtype).bits // 8
+    rows = []
+    for B in ([1, 8] if not quick else [1]):
+        plain_step, speculative_step = decoding_steps(model, B, prefix, device)
+        for T in ([16, 32, 64] if not quick else [16]):
             nbytes = weight_bytes + B * (prefix + T) * kv_row_bytes
-            case = (f"{params / 1e9:.2f}B {str(dtype).replace('torch.', '')} bs{B} ctx{prefix} tree{T}"
-                    if device.type == "cuda" else f"{params / 1e6:.1f}M fp32 bs{B} ctx{prefix} tree{T}")
-            with torch.no_grad():
-                rows += compare("speculative step", case, device, speculative_step,
-                                [("plain decode step", plain_step)], nbytes,
-                                repeats=11 if device.type == "cuda" else 7)
+            size = f"{params / 1e9:.2f}B" if device.type == "cuda" else f"{params / 1e6:.1f}M"
+            case = f"{size} {str(dtype).replace('torch.', '')} bs{B} ctx{prefix} tree{T}"
+            rows += compare("speculative step", case, device, speculative_step(T), [("plain decode step", plain_step)],
+                            nbytes, repeats=11 if device.type == "cuda" else 7)
     return rows
+
+
+try:  # pytest-benchmark microbenchmark (CPU)
+    import pytest
+except ImportError:  # pragma: no cover
+    pytest = None
+
+if pytest is not None:
+
+    @pytest.mark.parametrize("impl", ["speculative step tree16", "plain decode step"])
+    def test_decoding_step_cpu(benchmark, impl):
+        device = torch.device("cpu")
+        model, _, prefix = build_model(device, quick=True)
+        plain_step, speculative_step = decoding_steps(model, 1, prefix, device)
+        benchmark.group = "decoding step 0.8M fp32 bs1 ctx128"
+        benchmark.pedantic(plain_step if impl == "plain decode step" else speculative_step(16), rounds=20,
+                           warmup_rounds=2)
