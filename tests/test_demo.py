@@ -15,7 +15,7 @@ SUMMARY_KEYS = ["final_loss_adamw8bit", "final_loss_adamw", "optimizer_state_byt
 
 def test_demo_quick(tmp_path):
     out = tmp_path / "demo"
-    result = subprocess.run([sys.executable, "-m", "kestrel", "demo", "--quick", "--threads", "1", "--out", str(out)],
+    result = subprocess.run([sys.executable, "-m", "kestrel", "demo", "--quick", "--out", str(out)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

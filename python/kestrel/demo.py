@@ -173,6 +173,8 @@ def run(args):
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    elif device.type == "cpu":
+        torch.set_num_threads(1)  # this model's matmuls are small: one thread is steadier, and on a busy machine faster
     settings = dict(SETTINGS["quick" if args.quick else ("cuda" if device.type == "cuda" else "cpu")])
     for key in ("steps", "draft_steps", "new_tokens"):
         if getattr(args, key) is not None:
@@ -276,8 +278,8 @@ def add_arguments(parser):
     parser.add_argument("--steps", type=int, help="LM training steps per optimizer (default by device)")
     parser.add_argument("--draft-steps", dest="draft_steps", type=int, help="draft-head training steps")
     parser.add_argument("--new-tokens", dest="new_tokens", type=int, help="tokens generated per prompt")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own; on a busy "
-                        "machine 1 is often faster for this small model)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default 1 on the CPU: this model's "
+                        "matmuls are small, and with 2 threads a step on a busy 2-core machine was 4-8x slower)")
     parser.add_argument("--seed", type=int, default=0)
 
 
