@@ -71,6 +71,20 @@ def _sample_baseline(candidates, probs, tree, uniform, uniform_final):
     return out
 
 
+def _verify_inputs(B, V, device, g):
+    """(tree, candidates, probs, target_ids, uniform, uniform_final): each node proposes its parent's argmax, so
+    that greedy accepts a full path and sampling accepts some."""
+    tree = _tree(B, device)
+    T = tree.num_nodes
+    logits = torch.randn(B, T, V, generator=g) * 3
+    parents = tree.parents.long().cpu().clamp(min=0)
+    candidates = torch.gather(logits.argmax(-1), 1, parents).to(device)
+    candidates[:, 0] = 0
+    probs = torch.softmax(logits, -1).to(device)
+    uniform, uniform_final = torch.rand(B, T, generator=g).to(device), torch.rand(B, generator=g).to(device)
+    return tree, candidates, probs, logits.argmax(-1).to(device), uniform, uniform_final
+
+
 def _verify_rows(device, quick):
     from kestrel.ops import verify_tree_greedy, verify_tree_sample
 
@@ -81,16 +95,8 @@ def _verify_rows(device, quick):
     g = torch.Generator().manual_seed(0)
     for V in vocabs:
         for B in batches:
-            tree = _tree(B, device)
+            tree, candidates, probs, target_ids, uniform, uniform_final = _verify_inputs(B, V, device, g)
             T = tree.num_nodes
-            logits = torch.randn(B, T, V, generator=g) * 3
-            # each node proposes its parent's argmax, so that greedy accepts a full path
-            parents = tree.parents.long().cpu().clamp(min=0)
-            candidates = torch.gather(logits.argmax(-1), 1, parents).to(device)
-            candidates[:, 0] = 0
-            probs = torch.softmax(logits, -1).to(device)
-            target_ids = logits.argmax(-1).to(device)
-            uniform, uniform_final = torch.rand(B, T, generator=g).to(device), torch.rand(B, generator=g).to(device)
             case = f"T{T} V{V} bs{B}"
             rows += compare("verify_tree_greedy", case, device, lambda: verify_tree_greedy(candidates, target_ids, tree),
                             [("torch leaf-path compare", lambda: _greedy_baseline(candidates, target_ids, tree))],
@@ -150,3 +156,38 @@ def _compact_rows(device, quick):
 def run(device, quick=False):
     device = torch.device(device)
     return _verify_rows(device, quick) + _compact_rows(device, quick)
+
+
+try:  # pytest-benchmark microbenchmarks (CPU); only when pytest is around
+    import pytest
+except ImportError:  # pragma: no cover
+    pytest = None
+
+if pytest is not None:
+
+    @pytest.mark.parametrize("impl", ["kestrel", "eager torch walk"])
+    def test_verify_tree_sample_cpu(benchmark, impl):
+        from kestrel.ops import verify_tree_sample
+
+        tree, candidates, probs, _, uniform, uniform_final = _verify_inputs(8, 32000, torch.device("cpu"),
+                                                                            torch.Generator().manual_seed(0))
+        run = verify_tree_sample if impl == "kestrel" else _sample_baseline
+        benchmark.group = "verify_tree_sample T64 V32000 bs8"
+        benchmark.pedantic(lambda: run(candidates, probs, tree, uniform, uniform_final), rounds=5, warmup_rounds=1)
+
+    @pytest.mark.parametrize("impl", ["kestrel", "torch gather + scatter"])
+    def test_compact_kv_cache_cpu(benchmark, impl):
+        from kestrel.ops import compact_kv_cache
+
+        k, v = torch.randn(4, 4, 4, 512, 64), torch.randn(4, 4, 4, 512, 64)
+        lens0 = torch.full((4,), 256, dtype=torch.int32)
+        lens = lens0.clone()
+        accept_index = torch.tensor([[0, 3, 9, 20, 41, 60]] * 4, dtype=torch.int32)
+        compact = compact_kv_cache if impl == "kestrel" else _compact_baseline
+
+        def step():
+            lens.copy_(lens0)
+            compact(k, v, lens, accept_index)
+
+        benchmark.group = "compact_kv_cache NL4 B4 H4 Lmax512 D64 fp32"
+        benchmark.pedantic(step, rounds=5, warmup_rounds=1)
