@@ -98,7 +98,8 @@ def _verify_rows(device, quick):
             tree, candidates, probs, target_ids, uniform, uniform_final = _verify_inputs(B, V, device, g)
             T = tree.num_nodes
             case = f"T{T} V{V} bs{B}"
-            rows += compare("verify_tree_greedy", case, device, lambda: verify_tree_greedy(candidates, target_ids, tree),
+            rows += compare("verify_tree_greedy", case, device,
+                            lambda: verify_tree_greedy(candidates, target_ids, tree),
                             [("torch leaf-path compare", lambda: _greedy_baseline(candidates, target_ids, tree))],
                             nbytes=candidates.numel() * 16, repeats=9)
             accept_len = verify_tree_sample(candidates, probs, tree, uniform, uniform_final)[1]

@@ -118,8 +118,8 @@ def test_sample_at_temperature_zero_is_greedy(T):
     candidates = torch.randint(0, 6, (4, T), generator=g)
     greedy = verify_tree_greedy(candidates, logits.argmax(-1), tree)
     for _ in range(3):
-        sample = verify_tree_sample(candidates, sampling_probs(logits, temperature=0), tree, torch.rand(4, T, generator=g),
-                                    torch.rand(4, generator=g))
+        probs = sampling_probs(logits, temperature=0)
+        sample = verify_tree_sample(candidates, probs, tree, torch.rand(4, T, generator=g), torch.rand(4, generator=g))
         for a, b in zip(greedy, sample):
             assert torch.equal(a, b)
 
@@ -271,7 +271,8 @@ def test_sampling_probs():
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(4, 11, generator=g)
     assert torch.allclose(sampling_probs(logits), torch.softmax(logits, -1))
-    assert torch.equal(sampling_probs(logits, temperature=0), torch.nn.functional.one_hot(logits.argmax(-1), 11).float())
+    one_hot = torch.nn.functional.one_hot(logits.argmax(-1), 11).float()
+    assert torch.equal(sampling_probs(logits, temperature=0), one_hot)
     for row in range(4):
         x = logits[row].double() / 0.5
         kept = sorted(range(11), key=lambda i: -float(x[i]))[:5]

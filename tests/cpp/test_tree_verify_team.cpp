@@ -61,7 +61,10 @@ int main() {
     std::barrier<> bar(kSegments);
     std::vector<std::thread> threads;
     for (int t = 0; t < kSegments; ++t)
-      threads.emplace_back([&, t] { TeamThreads team{V, t, &bar}; verify_sample_row(team, row2, ex2.data(), seg2, ai2.data(), &al2, &nt2); });
+      threads.emplace_back([&, t] {
+        TeamThreads team{V, t, &bar};
+        verify_sample_row(team, row2, ex2.data(), seg2, ai2.data(), &al2, &nt2);
+      });
     for (auto& th : threads) th.join();
     ++cases;
     if (ai1 != ai2 || al1 != al2 || nt1 != nt2) { ++failures; std::printf("mismatch trial %d\n", trial); }

@@ -173,7 +173,8 @@ KESTREL_HD int64_t argmax_first(const float* probs, int64_t vocab) {
 KESTREL_HD bool duplicate_of_earlier_sibling(const SampleRow& row, int32_t first, int32_t child) {
   const int64_t token = row.candidates[child];
   int64_t steps = 0;
-  for (int32_t c = first; c != child && c >= 0 && c < row.num_nodes && steps < row.num_nodes; c = row.next_sibling[c], ++steps)
+  for (int32_t c = first; c != child && c >= 0 && c < row.num_nodes && steps < row.num_nodes;
+       c = row.next_sibling[c], ++steps)
     if (row.candidates[c] == token) return true;
   return false;
 }
