@@ -125,7 +125,9 @@ def softplus_attention_fwd_kernel(
                 acc += tl.dot(w, v.to(tl.float32), input_precision="ieee")
             else:
                 acc += tl.dot(w.to(v.dtype), v)
-        scaled_eps = eps / tl.exp2(power * tl.log2(safe))
+        # eps / r_max^p in the log domain, capped below float32's overflow (2^115): a near-uniform row's tiny r_max
+        # would otherwise give eps / 0 = inf in the denominator the backward divides by
+        scaled_eps = tl.exp2(tl.minimum(tl.log2(eps + 0.0 * safe) - power * tl.log2(safe), 115.0))
         tl.store(W + stat, sw + scaled_eps, mask=row_ok)  # the scaled denominator, for the backward
         out = tl.where(positive[:, None], acc / (sw + scaled_eps)[:, None], 0.0)
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])

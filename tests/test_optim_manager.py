@@ -107,3 +107,9 @@ def test_stable_embedding_init_and_forward():
     torch.testing.assert_close(emb(tokens), expected)
     half = StableEmbedding(10, 8, dtype=torch.bfloat16)
     assert half(torch.tensor([1, 2])).dtype == torch.bfloat16
+    assert half.norm.weight.dtype == torch.float32  # bnb's float32 LayerNorm for a bf16 weight
+    cast = StableEmbedding(10, 8).double()  # a module cast as a whole (model.double()) still runs
+    out = cast(torch.tensor([1, 2]))
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, torch.nn.functional.layer_norm(cast.weight[[1, 2]], (8,), cast.norm.weight,
+                                                                   cast.norm.bias))

@@ -27,5 +27,6 @@ class StableEmbedding(torch.nn.Embedding):
     def forward(self, input):
         emb = F.embedding(input, self.weight, self.padding_idx, self.max_norm, self.norm_type,
                           self.scale_grad_by_freq, self.sparse)
-        # LayerNorm in the default float dtype, then back to the weight's dtype (as bnb does)
-        return self.norm(emb.to(torch.get_default_dtype())).to(self.weight.dtype)
+        # LayerNorm in its own parameters' dtype (float32 unless the module was cast, e.g. .double()), then back to
+        # the weight's dtype: bnb's float32 LayerNorm for bf16/fp16 weights
+        return self.norm(emb.to(self.norm.weight.dtype)).to(self.weight.dtype)

@@ -61,6 +61,10 @@ def _combine(f, s, vf, counts, visible, x, reweight_p, eps, dtype):
     positive = r_max > 0
     safe_max = torch.where(positive, r_max, torch.ones_like(r_max))
     w = (F.relu(r) / safe_max) ** reweight_p
-    scaled_eps = eps / safe_max ** reweight_p
+    # eps / r_max^p in the log domain, capped below the dtype's overflow: a tiny r_max (a near-uniform row) would
+    # underflow r_max^p to 0 and give eps / 0 = inf, whose gradient is NaN; once capped, the term is >= 1e34 times
+    # Σ w (>= 1), so the output is ~0 either way and the gradient stays finite
+    cap = 0.9 * math.log(torch.finfo(dtype).max)
+    scaled_eps = torch.exp((math.log(eps) - reweight_p * torch.log(safe_max)).clamp_max(cap))
     out = (w @ vf) / (w.sum(-1, keepdim=True) + scaled_eps)
     return torch.where(positive, out, torch.zeros_like(out))
