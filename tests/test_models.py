@@ -237,7 +237,10 @@ def test_codebooks():
 
     model = make_model("softmax", codebook_attn=True, codebook_mlp=True, num_codes=64, codebook_k=4,
                        num_draft_heads=2)
-    assert model.layers[0].attn.codebook.dim == 32 and model.layers[1].mlp.codebook.num_codes == 64
+    attn_codebook = model.layers[0].attn.codebook
+    assert attn_codebook.heads == model.config.n_heads and attn_codebook.dim == model.config.head_dim
+    assert tuple(attn_codebook.codebook.shape) == (model.config.n_heads, 64, model.config.head_dim)
+    assert model.layers[1].mlp.codebook.num_codes == 64
     ids = torch.randint(0, 40, (2, 10))
     cache = KVCache.for_model(model, 2, 16)
     steps = [model(ids[:, :6], cache)] + [model(ids[:, t:t + 1], cache) for t in range(6, 10)]
@@ -248,6 +251,33 @@ def test_codebooks():
     model(ids).logsumexp(-1).mean().backward()
     assert model.layers[0].attn.codebook.codebook.grad.abs().sum() > 0
     assert model.layers[1].mlp.codebook.codebook.grad.abs().sum() > 0
+
+
+def test_codebook_interventions_during_generation():
+    """Codes forced at an absolute position hold in a cached decode as in the full forward; banned codes are never
+    chosen while generating; the chosen ids can be read back."""
+    from kestrel.decoding import generate
+
+    model = make_model("softmax", codebook_mlp=True, num_codes=32, codebook_k=2)
+    codebook = model.layers[0].mlp.codebook
+    ids = torch.randint(0, 40, (2, 8))
+    codebook.force([3, 7], positions=[6])
+    full = model(ids)
+    assert codebook.last_ids[:, 6].tolist() == [[[3, 7]]] * 2
+    cache = KVCache.for_model(model, 2, 16)
+    steps = [model(ids[:, :5], cache)] + [model(ids[:, t:t + 1], cache) for t in range(5, 8)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-12)
+    codebook.clear_interventions()
+    chosen = set()
+    hook = codebook.register_forward_hook(
+        lambda module, args, out: chosen.update(module.last_ids.reshape(-1).tolist()))
+    generate(model, ids[:, :4], 6)
+    assert chosen & {0, 1, 2, 3}, "the codes to ban are not used anyway: the test would prove nothing"
+    chosen.clear()
+    codebook.ban([0, 1, 2, 3])
+    out = generate(model, ids[:, :4], 6)
+    hook.remove()
+    assert chosen and not chosen & {0, 1, 2, 3} and out.shape == (2, 10)
 
 
 def test_draft_heads_train_with_the_base_frozen():

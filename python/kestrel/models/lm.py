@@ -110,6 +110,7 @@ class _Plan:
                 self.prefix_lens = cache.seqlens.to(torch.int32)
                 self.self_bits = torch.ones((B, 1, 1), dtype=torch.int32, device=device)  # used when L == 1
                 self.visible = (keys[None, None, :] <= slots[:, :, None])[:, None]  # (B, 1, L, Lk)
+        self.positions = positions  # (B, L) absolute token positions (tree nodes: len + depth)
         self.cos, self.sin = rope_tables(positions, config.head_dim, config.rope_base)
 
 
@@ -122,7 +123,8 @@ class Attention(nn.Module):
         H, Hkv, D, d = config.n_heads, config.n_kv_heads, config.head_dim, config.d_model
         self.qkv_proj = nn.Linear(d, (H + 2 * Hkv) * D, bias=False)  # q, k, v in one product
         self.o_proj = nn.Linear(H * D, d, bias=False)
-        self.codebook = _codebook(config, H * D) if config.codebook_attn else None
+        # one codebook per attention head (codebook features' per-head placement), all heads in one lookup
+        self.codebook = _codebook(config, D, heads=H) if config.codebook_attn else None
         if config.attention == "plga":
             from ..nn.plga import PLGALayer, ResLayerA
 
@@ -162,7 +164,7 @@ class Attention(nn.Module):
         out = self._attend(q, k, v, plan)
         out = out.transpose(1, 2).reshape(B, L, H * D)
         if self.codebook is not None:
-            out = self.codebook(out)
+            out = self.codebook(out, positions=plan.positions)  # absolute positions: forced codes work in decoding
         return self.o_proj(out)
 
     def _plga_G(self, q, plan):
@@ -222,13 +224,10 @@ def _tree_attention_op(q):
     return tree_attention
 
 
-def _codebook(config, dim):
-    try:
-        from ..nn import CodebookLayer
-    except ImportError as error:
-        raise ImportError("KestrelLM: codebook_attn / codebook_mlp need kestrel.nn.CodebookLayer, which this "
-                          f"kestrel does not have ({error})") from error
-    return CodebookLayer(dim, config.num_codes, k=config.codebook_k)
+def _codebook(config, dim, heads=1):
+    from ..nn import CodebookLayer
+
+    return CodebookLayer(dim, config.num_codes, k=config.codebook_k, heads=heads)
 
 
 class MLP(nn.Module):
@@ -240,10 +239,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=False)
         self.codebook = _codebook(config, config.d_model) if config.codebook_mlp else None
 
-    def forward(self, x):
+    def forward(self, x, positions=None):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         out = self.down_proj(F.silu(gate) * up)
-        return self.codebook(out) if self.codebook is not None else out
+        return self.codebook(out, positions=positions) if self.codebook is not None else out
 
 
 class Block(nn.Module):
@@ -256,7 +255,7 @@ class Block(nn.Module):
 
     def forward(self, x, plan):
         x = x + self.attn(self.attn_norm(x), plan)
-        return x + self.mlp(self.mlp_norm(x))
+        return x + self.mlp(self.mlp_norm(x), plan.positions)
 
 
 class DraftHead(nn.Module):
