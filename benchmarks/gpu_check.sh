@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The one GPU check: on a machine with a CUDA GPU, build the CUDA extension, run the GPU tests and the benchmarks,
-# and write every log under $OUT (default /tmp/kestrel-gpu). Peers (bitsandbytes) come as wheels in .whl/ when the
-# machine has no network (see README.md, "GPU check").
+# The one GPU check: on a machine with a CUDA GPU, build the CUDA extension, run the GPU tests, the demo with its
+# GPU defaults and the benchmarks, and write every log under $OUT (default /tmp/kestrel-gpu). Peers (bitsandbytes)
+# come as wheels in .whl/ when the machine has no network (see README.md, "GPU check").
 #   bash benchmarks/gpu_check.sh            # everything
-#   KESTREL_GPU_CHECK_SKIP_BENCH=1 ...       # build and tests only
+#   KESTREL_GPU_CHECK_SKIP_BENCH=1 ...       # no benchmarks
+#   KESTREL_GPU_CHECK_SKIP_DEMO=1 ...        # no demo
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/kestrel-gpu}"
@@ -29,6 +30,12 @@ echo "== build" | tee "$OUT/build.log"
 echo "== GPU tests"
 "$PY" -m pytest -m "gpu or triton" -q -ra tests 2>&1 | tee "$OUT/tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+if [ -z "${KESTREL_GPU_CHECK_SKIP_DEMO:-}" ]; then
+  echo "== demo on the GPU"
+  "$PY" -m kestrel demo --device cuda --out "$OUT/demo" 2>&1 | tee "$OUT/demo.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 
 if [ -z "${KESTREL_GPU_CHECK_SKIP_BENCH:-}" ]; then
   echo "== benchmarks"
