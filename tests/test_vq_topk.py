@@ -8,6 +8,7 @@ import torch
 from helpers import gpu_available
 from kestrel.ops import vq_topk
 from kestrel.ops.vq_topk import _code_terms
+from kestrel.reference.vq_topk import vq_scores
 
 try:
     import triton  # noqa: F401
@@ -18,12 +19,7 @@ except ImportError:
 
 
 def float64_scores(x, cb, metric):
-    x, cb = x.double(), cb.double()
-    if metric == "l2":
-        return -((x[:, :, None, :] - cb[:, None, :, :]) ** 2).sum(-1)
-    if metric == "ip":
-        return x @ cb.transpose(1, 2)
-    return (x / x.norm(dim=-1, keepdim=True)) @ (cb / cb.norm(dim=-1, keepdim=True)).transpose(1, 2)
+    return vq_scores(x, cb, metric)  # the dense float64 reference (kestrel.reference.vq_topk)
 
 
 def assert_selection(scores, ids, x, cb, k, metric, banned=None, tol=1e-5):
