@@ -146,6 +146,7 @@ def test_replace_dead_codes_reseeds_only_unused_codes_from_recent_inputs():
 
 @pytest.mark.parametrize("device", devices())
 def test_kmeans_init_finds_separated_clusters(device):
+    """k-means++ seeding (D² sampling on the device) then Lloyd's iterations recover separated clusters."""
     g = torch.Generator().manual_seed(7)
     centres = torch.randn(2, 6, 4, generator=g) * 10
     assign = torch.randint(0, 6, (600, 2), generator=g)
@@ -220,3 +221,11 @@ def test_cuda_layer_equals_cpu_layer():
     out_g, ids_g = gpu(x.cuda(), return_ids=True)
     assert torch.equal(ids_g.cpu(), ids)
     torch.testing.assert_close(out_g.cpu(), out)
+    # interventions set before a move follow the module to the GPU
+    moved = make_layer()
+    moved.ban([0, 1])
+    moved.force([4, 5, 6], positions=[2])
+    moved.cuda()
+    _, ids_m = moved(x.cuda(), return_ids=True)
+    assert not bool(((ids_m == 0) | (ids_m == 1)).any())
+    assert ids_m[:, 2].tolist() == [[[4, 5, 6], [4, 5, 6]]] * 4

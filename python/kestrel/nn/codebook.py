@@ -165,8 +165,9 @@ class CodebookLayer(nn.Module):
         lead = x.shape[:-1]
         xh = self._split(x)  # (M, H, dim)
         cb = self._codebook3()
+        banned = self.banned if self.banned is None else self.banned.to(cb.device)  # follows .to() / .cuda()
         with torch.no_grad():
-            _, ids = vq_topk(xh.transpose(0, 1), cb, self.k, metric=self.metric, banned=self.banned)  # (H, M, k)
+            _, ids = vq_topk(xh.transpose(0, 1), cb, self.k, metric=self.metric, banned=banned)  # (H, M, k)
             ids = ids.transpose(0, 1)  # (M, H, k)
             if self.forced:
                 ids = self._apply_forced(ids, lead, positions)
@@ -182,7 +183,7 @@ class CodebookLayer(nn.Module):
     def _apply_forced(self, ids, lead, positions):
         ids = ids.reshape(*lead, self.heads, self.k).clone()
         if None in self.forced:
-            ids[...] = self.forced[None]
+            ids[...] = self.forced[None].to(ids.device)
         if any(p is not None for p in self.forced):
             if len(lead) == 0:
                 raise ValueError("CodebookLayer: forcing codes at positions needs x with a position dimension")
@@ -195,7 +196,7 @@ class CodebookLayer(nn.Module):
             pos = pos.expand(*lead)
             for position, forced_ids in self.forced.items():
                 if position is not None:
-                    ids[pos == position] = forced_ids
+                    ids[pos == position] = forced_ids.to(ids.device)
         return ids.reshape(-1, self.heads, self.k)
 
     def _record(self, xh, ids):
@@ -239,8 +240,9 @@ class CodebookLayer(nn.Module):
     @torch.no_grad()
     def kmeans_init(self, samples, iters=10, *, seeding="kmeans++", generator=None):
         """Set the codebook by Lloyd's k-means on `samples` (..., heads * dim) (LayerNorm applied when the layer
-        has it), on the samples' device. Seeding: "kmeans++" (D² sampling, every head at once) or "random"
-        (distinct random samples). Assignment: the fused top-1 kernel (cosine for the cosine metric, l2
+        has it), on the samples' device. Seeding: "kmeans++" (D² sampling, every head at once, on the device:
+        num_codes sequential passes over the samples, O(num_codes · M · dim) work) or "random" (distinct random
+        samples: cheaper for very large codebooks). Assignment: the fused top-1 kernel (cosine for the cosine metric, l2
         otherwise); update: the mean of each cluster (scatter-add); an empty cluster takes a random sample of its
         head. Returns the final mean squared distance to the nearest centre per head (heads,)."""
         if seeding not in ("kmeans++", "random"):
@@ -273,13 +275,19 @@ class CodebookLayer(nn.Module):
         if seeding == "random":
             return torch.stack([xh[h, torch.randperm(M, generator=generator)[:C].to(xh.device)] for h in range(H)])
         heads = torch.arange(H, device=xh.device)
-        first = torch.randint(0, M, (H,), generator=generator).to(xh.device)
+        # all random numbers up front (from the caller's generator, on the CPU), then the C draws on the device:
+        # each picks a sample with probability proportional to its squared distance to the nearest centre
+        uniform = torch.rand((C, H), generator=generator, dtype=torch.float64).to(xh.device)
+        first = (uniform[0] * M).long().clamp_max(M - 1)
         centres = [xh[heads, first]]  # (H, dim) each
         nearest = ((xh - centres[0][:, None]) ** 2).sum(-1)  # (H, M) squared distance to the nearest centre
-        for _ in range(1, C):
-            weights = nearest.clamp_min(0).double().cpu()
-            weights = torch.where(weights.sum(-1, keepdim=True) > 0, weights, torch.ones_like(weights))
-            pick = torch.multinomial(weights, 1, generator=generator)[:, 0].to(xh.device)
+        for step in range(1, C):
+            cdf = torch.cumsum(nearest.double(), dim=-1)
+            total = cdf[:, -1:]
+            # a head whose samples are all covered (total 0) draws uniformly
+            target = torch.where(total > 0, uniform[step][:, None] * total, uniform[step][:, None] * M)
+            cdf = torch.where(total > 0, cdf, torch.arange(1, M + 1, device=xh.device, dtype=cdf.dtype))
+            pick = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_max(M - 1)
             centres.append(xh[heads, pick])
             nearest = torch.minimum(nearest, ((xh - centres[-1][:, None]) ** 2).sum(-1))
         return torch.stack(centres, 1)

@@ -5,6 +5,8 @@
 ids int64, (N, k) or (H, N, k), best first, ties to the lower index. Metrics: "l2" (score −‖x−c‖²), "ip" (x·c),
 "cosine" (x·c / (‖x‖‖c‖)). The N×C score matrix is never built: on CUDA the Triton kernel keeps a running top-k per
 row over codebook tiles; on the CPU the same ranking runs over chunks of codes (memory O(N·(k + chunk))).
+`banned` must leave at least k codes in every head: checked on the CPU; on a GPU (where the check would be a host
+sync) the ranks past the allowed codes are undefined.
 """
 
 import torch
@@ -40,7 +42,8 @@ def _check(x, codebook, k, metric, banned):
                              f"shape {tuple(banned.shape)}")
         if banned.device != codebook.device:
             raise ValueError(f"{name}: banned is on {banned.device} but codebook on {codebook.device}")
-        if not torch.compiler.is_compiling():  # a host read: skipped inside compiled graphs
+        # a host read: done on the CPU only (on a GPU it would sync each call), never inside compiled graphs
+        if not banned.is_cuda and not torch.compiler.is_compiling():
             allowed = int((~banned).sum(-1).min())
             if allowed < k:
                 raise ValueError(f"{name}: banned leaves {allowed} codes, fewer than k={k}")
