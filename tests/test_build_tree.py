@@ -186,3 +186,15 @@ def test_dynamic_tree_errors():
         dynamic_tree(torch.tensor([1]), lp, tok, 4, topk=4)
     with pytest.raises(ValueError, match=r"root_tokens must be \(1,\)"):
         dynamic_tree(torch.tensor([1, 2]), lp, tok, 4)
+
+
+def test_static_tree_candidate_index_built_once():
+    """candidates() gathers with an index built once per (device, topk): no host-to-device copy per step."""
+    tree = static_tree(MEDUSA_CHOICES)
+    assert tree.max_rank == 2
+    head_tokens = torch.arange(2 * 3 * 3).reshape(2, 3, 3)
+    first = tree.candidates(torch.tensor([7, 8]), head_tokens)
+    index = tree.flat_index(3, "cpu")
+    assert tree.flat_index(3, torch.device("cpu")) is index
+    assert torch.equal(tree.candidates(torch.tensor([7, 8]), head_tokens), first)
+    assert tree.flat_index(3, "cpu") is index and tree.flat_index(4, "cpu") is not index

@@ -7,7 +7,7 @@ parent has a smaller index, padding nodes have parent -2. The root is the last e
 to cache rows [len, len + T) in one target forward, node i at RoPE position len + depth[i].
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -128,7 +128,8 @@ def build_tree(parents, max_depth=None, num_leaves=None):
 @dataclass
 class StaticTree:
     """A Medusa-style tree: node i > 0 proposes the rank[i]-th token of draft head head[i] (= depth - 1); node 0 is
-    the root. All tensors are CPU (T,) int64 except parents (int32)."""
+    the root. All tensors are CPU (T,) int64 except parents (int32). The gather index of `candidates` is built once
+    per (device, topk) and kept, so a decoding step copies nothing from the host."""
 
     choices: list
     parents: torch.Tensor
@@ -136,6 +137,15 @@ class StaticTree:
     rank: torch.Tensor
     max_depth: int
     num_leaves: int
+    max_rank: int  # the largest rank, so that candidates() reads no tensor
+    _flat_index: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def flat_index(self, topk, device):
+        """(T,) int64 on `device`: node i's position head[i] * topk + rank[i] in the flattened (K * topk) top-k."""
+        key = (torch.device(device), topk)
+        if key not in self._flat_index:
+            self._flat_index[key] = (self.head.clamp(min=0) * topk + self.rank.clamp(min=0)).to(key[0])
+        return self._flat_index[key]
 
     @property
     def num_nodes(self):
@@ -153,11 +163,10 @@ class StaticTree:
             raise ValueError(f"StaticTree.candidates: head_tokens must be (B, K, topk) and root_tokens (B,), got "
                              f"{tuple(head_tokens.shape)} and {tuple(root_tokens.shape)}")
         B, K, topk = head_tokens.shape
-        if self.max_depth > K or int(self.rank.max()) >= topk:
+        if self.max_depth > K or self.max_rank >= topk:
             raise ValueError(f"StaticTree.candidates: the tree needs {self.max_depth} heads and top-"
-                             f"{int(self.rank.max()) + 1}, got head_tokens of shape {tuple(head_tokens.shape)}")
-        flat = (self.head.clamp(min=0) * topk + self.rank.clamp(min=0)).to(head_tokens.device)
-        tokens = head_tokens.reshape(B, K * topk).long()[:, flat]
+                             f"{self.max_rank + 1}, got head_tokens of shape {tuple(head_tokens.shape)}")
+        tokens = head_tokens.reshape(B, K * topk).long()[:, self.flat_index(topk, head_tokens.device)]
         tokens[:, 0] = root_tokens.long()
         return tokens
 
@@ -190,7 +199,7 @@ def static_tree(choices):
     has_child = {p for p in parents if p >= 0}
     return StaticTree(choices=ordered, parents=torch.tensor(parents, dtype=torch.int32),
                       head=torch.tensor(head), rank=torch.tensor(rank), max_depth=max(len(c) for c in ordered),
-                      num_leaves=sum(1 for i in range(len(parents)) if i not in has_child))
+                      num_leaves=sum(1 for i in range(len(parents)) if i not in has_child), max_rank=max(rank))
 
 
 def dynamic_tree(root_tokens, head_logprobs, head_tokens, max_nodes, topk=None):
