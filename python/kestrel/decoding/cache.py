@@ -2,6 +2,12 @@
 (num_layers, B, n_kv_heads, max_len, head_dim), so that kestrel.ops.compact_kv_cache moves every layer's accepted
 rows in one launch; per-sequence lengths `seqlens (B,)` int32; for "plga" the G-cache (num_layers, B, n_heads,
 head_dim, head_dim) float32, built from the prompt by the first cached forward and reused afterwards.
+
+`host_seqlens` is a host-side mirror of `seqlens` (a list of ints), or None when unknown. A cached forward sizes its
+key slice by the longest sequence: with the mirror known it reads it there, with None it reads `seqlens` from the
+device (a synchronisation). KestrelLM's cached forward keeps the mirror up to date (a right-padded prefill needs
+`lengths` as a list of ints for that); a draft-tree step that compacts the cache sets it to None, and
+kestrel.decoding.generate restores it from the accepted lengths it reads on the host anyway.
 """
 
 import torch
@@ -21,6 +27,7 @@ class KVCache:
         self.G = (torch.zeros((num_layers, batch_size, g_heads, head_dim, head_dim), dtype=torch.float32,
                               device=device) if g_heads else None)
         self.g_built = False
+        self.host_seqlens = [0] * batch_size
 
     @classmethod
     def for_model(cls, model, batch_size, max_len=None, dtype=None):
@@ -44,7 +51,14 @@ class KVCache:
     def reset(self):
         """Forget every sequence (the buffers stay allocated; the G-cache is rebuilt by the next prefill)."""
         self.seqlens.zero_()
+        self.host_seqlens = [0] * self.batch_size
         self.g_built = False
+
+    def longest(self):
+        """The longest sequence's length: from the host mirror when known, else read from the device (a sync)."""
+        if self.host_seqlens is not None:
+            return max(self.host_seqlens)
+        return int(self.seqlens.max())
 
 
 __all__ = ["KVCache"]

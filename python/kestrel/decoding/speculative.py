@@ -4,7 +4,10 @@ Each step: the draft heads read the hidden state that produced the pending token
 tokens; the tree is drafted (a static tree from TreeSpec.choices, or a dynamic one from the best cumulative draft
 log-probabilities); one target forward runs over the tree's nodes with tree attention; the tree is verified
 (kestrel.ops.tree_verify: greedy, or lossless rejection sampling with deterministic drafts); the accepted nodes'
-K/V are compacted in the cache. Everything between two host reads of the emitted tokens stays on the device.
+K/V are compacted in the cache. Everything between two host reads of the emitted tokens stays on the device: per
+step the host reads one small tensor (the accepted lengths, the accepted tokens and the next token, packed), and
+keeps the cache's host mirror of its lengths and the finished-sequence mask from it (the mask goes to the device as
+a scalar fill when a sequence finishes, no host-to-device copy).
 """
 
 import torch
@@ -27,7 +30,7 @@ class SpeculativeStep:
         else:
             self.static = static_tree(spec.choices)
             self.static_buffers = self.static.buffers(batch_size, device)
-            self.max_rank = int(self.static.rank.max()) + 1
+            self.max_rank = self.static.max_rank + 1
 
     def draft(self, token, hidden_last):
         """(candidates (B, T), TreeBuffers) from the pending tokens (B,) and the hidden states that produced them."""
@@ -56,6 +59,7 @@ class SpeculativeStep:
             accept_index, accept_len, next_token = verify_tree_sample(candidates, probs, tree, uniform,
                                                                       uniform_final)
         compact_kv_cache(cache.k, cache.v, cache.seqlens, accept_index)
+        cache.host_seqlens = None  # advanced by 1 + accept_len on the device; the caller may restore the mirror
         rows = self.rows
         hidden_last = hidden[rows, accept_index[rows, accept_len.long()].long()]
         return candidates, accept_index, accept_len, next_token, hidden_last
@@ -65,21 +69,31 @@ def speculative_loop(model, cache, token, hidden_last, output, stats, spec, temp
     """Run speculative steps until every sequence of `output` is done (see kestrel.decoding.generate)."""
     B = token.shape[0]
     step = SpeculativeStep(model, spec, B, token.device)
+    done = torch.tensor(output.done, device=token.device)  # once; afterwards scalar fills as sequences finish
+    host_seqlens = cache.host_seqlens
     while not output.finished:
-        done = torch.tensor(output.done, device=token.device)
         before = cache.seqlens.clone()
+        if host_seqlens is not None:
+            cache.host_seqlens = host_seqlens  # known before the step: the tree forward needs no device read
         candidates, accept_index, accept_len, token, hidden_last = step(cache, token, hidden_last, temperature,
                                                                         top_k, top_p, generator)
         cache.seqlens.copy_(torch.where(done, before, cache.seqlens))  # finished sequences stop growing
         stats.steps += 1
-        index, lengths, nexts = accept_index.tolist(), accept_len.tolist(), token.tolist()
-        tokens = candidates.tolist()
+        path_tokens = candidates.gather(1, accept_index.long().clamp(min=0))[:, 1:]  # (B, max_depth)
+        packed = torch.cat([accept_len.long()[:, None], path_tokens, token.long()[:, None]], 1).tolist()  # one read
         for b in range(B):
             if output.done[b]:
                 continue
-            emitted = [tokens[b][index[b][j]] for j in range(1, lengths[b] + 1)] + [nexts[b]]
-            stats.accept_lengths.append(len(emitted))
-            stats.new_tokens += output.add(b, emitted)
+            accepted = packed[b][0]
+            emitted = packed[b][1:1 + accepted] + [packed[b][-1]]
+            kept = output.add(b, emitted)
+            stats.accept_lengths.append(kept)  # the tokens kept (EOS or the limit may cut the accepted path)
+            stats.new_tokens += kept
+            if host_seqlens is not None:
+                host_seqlens[b] += 1 + accepted
+            if output.done[b]:
+                done[b] = True
+    cache.host_seqlens = host_seqlens
 
 
 __all__ = ["SpeculativeStep", "speculative_loop"]

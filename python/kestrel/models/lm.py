@@ -85,7 +85,7 @@ class _Plan:
             self.visible = None
         else:
             seqlens = cache.seqlens.to(torch.long)
-            start = int(seqlens.max())
+            start = cache.longest()  # the host mirror when known: no device read per decoding step
             self.Lk = start + L
             if self.Lk > cache.max_len:
                 raise ValueError(f"KestrelLM: the cache holds {cache.max_len} positions per sequence, this forward "
@@ -276,7 +276,9 @@ class KestrelLM(nn.Module):
     `model(input_ids)` with input_ids (B, L) int64 returns logits (B, L, vocab_size).
     `model(input_ids, cache, lengths=None, tree_depth=None, tree_mask_bits=None, return_hidden=False)`: the cached
     and tree forwards; return_hidden also returns the final hidden states (B, L, d_model) (after the last norm:
-    what the LM head and the draft heads read).
+    what the LM head and the draft heads read). lengths (B,), a tensor or a list of ints (a list keeps the cache's
+    host mirror of its lengths known, see kestrel.decoding.KVCache): the real tokens of each right-padded row; the
+    padding positions may hold any id (e.g. -1), they are embedded as token 0 and never attended to.
     """
 
     def __init__(self, config):
@@ -340,7 +342,16 @@ class KestrelLM(nn.Module):
             raise ValueError(f"KestrelLM: input_ids has {L} positions, max_seq_len is {self.config.max_seq_len}")
         if lengths is not None and tree_depth is not None:
             raise ValueError("KestrelLM: lengths applies to a plain or cached forward, not to a tree forward")
+        host_lengths = None
+        if isinstance(lengths, (list, tuple)):
+            host_lengths = [int(n) for n in lengths]
+            if len(host_lengths) != B:
+                raise ValueError(f"KestrelLM: lengths must have B={B} entries, got {len(host_lengths)}")
+            lengths = torch.tensor(host_lengths, dtype=torch.int64, device=input_ids.device)
         plan = _Plan(self, input_ids, cache, lengths, tree_depth, tree_mask_bits)
+        if plan.valid is not None:  # padding rows may hold any id (e.g. -1): embed a valid one, never read
+            input_ids = torch.where(plan.valid, input_ids, torch.zeros((), dtype=input_ids.dtype,
+                                                                       device=input_ids.device))
         x = self.embed(input_ids)
         for block in self.layers:
             x = block(x, plan)
@@ -350,6 +361,13 @@ class KestrelLM(nn.Module):
             if self.config.attention == "plga":
                 cache.g_built = True
             cache.seqlens += (lengths.to(cache.seqlens) if lengths is not None else L)
+            if cache.host_seqlens is not None:
+                if lengths is None:
+                    cache.host_seqlens = [n + L for n in cache.host_seqlens]
+                elif host_lengths is not None:
+                    cache.host_seqlens = [n + m for n, m in zip(cache.host_seqlens, host_lengths)]
+                else:
+                    cache.host_seqlens = None  # device lengths: unknown on the host until someone reads them
         return (logits, hidden) if return_hidden else logits
 
     def draft_logits(self, hidden):
