@@ -165,7 +165,10 @@ def test_sampled_speculative_follows_the_target_distribution(options):
     generator = torch.Generator().manual_seed(11)
     out, stats = generate(model, prompt.expand(n, 3), 3, speculative=KARY, generator=generator, return_stats=True,
                           **options)
-    assert stats.mean_accepted_length > 1.2  # the drafts are accepted often enough to matter
+    # the drafts are accepted often enough to matter: the 2 tokens after the prefill's come in one step (a draft
+    # accepted: 2 kept) or in two (1 kept each)
+    assert stats.accept_lengths.count(2) > 0.05 * n
+    assert sum(stats.accept_lengths) == 2 * n  # kept tokens only: nothing past max_new_tokens is counted
     new = out[:, 3:]
 
     def probs(context):
@@ -232,3 +235,121 @@ def test_greedy_speculative_equals_greedy_on_device(device, attention):
     plain = generate(model, batch, 24)
     for spec in (KARY, DYNAMIC):
         assert torch.equal(generate(model, batch, 24, speculative=spec), plain)
+
+
+class _CountDeviceReads:
+    """Counts tensor -> Python scalar reads (aten._local_scalar_dense: int(t), t.item(); on CUDA each one is a
+    synchronisation) while active."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    counter.reads += 1
+                return func(*args, **(kwargs or {}))
+
+        self.reads, self.mode = 0, Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("tree", [None, "kary", "dynamic"])
+def test_no_scalar_reads_and_host_mirror_of_the_cache_lengths(tree, monkeypatch):
+    """Greedy decoding reads no scalar from a tensor (the cache's host mirror sizes every forward); afterwards the
+    mirror equals the device lengths (EOS stops one sequence early: finished rows stop growing)."""
+    from kestrel.decoding.cache import KVCache
+
+    caches = []
+    for_model = KVCache.for_model.__func__
+    monkeypatch.setattr(KVCache, "for_model", classmethod(lambda cls, *a, **k: caches.append(
+        for_model(cls, *a, **k)) or caches[-1]))
+    model = counting_model("softmax")
+    with _CountDeviceReads() as counter:
+        out = generate(model, prompts(), 12, speculative=TREES.get(tree), eos_token_id=8)
+    assert counter.reads == 0
+    assert (out == 8).any()  # some row finished at EOS
+    (cache,) = caches
+    assert cache.host_seqlens == cache.seqlens.tolist()
+
+
+def test_forward_with_an_unknown_host_mirror_reads_the_device_lengths():
+    from kestrel.decoding.cache import KVCache
+
+    model = counting_model("softmax")
+    ids = torch.randint(0, V, (2, 5))
+    known, unknown = KVCache.for_model(model, 2, 16), KVCache.for_model(model, 2, 16)
+    model(ids, known, lengths=[5, 3])
+    model(ids, unknown, lengths=torch.tensor([5, 3]))  # device lengths: the mirror becomes unknown
+    assert known.host_seqlens == [5, 3] and unknown.host_seqlens is None
+    with _CountDeviceReads() as counter:
+        step_known = model(ids[:, :1], known)
+    assert counter.reads == 0 and known.host_seqlens == [6, 4]
+    with _CountDeviceReads() as counter:
+        step_unknown = model(ids[:, :1], unknown)
+    assert counter.reads == 1 and unknown.host_seqlens is None
+    assert torch.equal(step_known, step_unknown)
+    unknown.reset()
+    assert unknown.host_seqlens == [0, 0]
+
+
+def test_generate_runs_in_eval_mode_and_restores_the_mode():
+    """A model in training mode: generate records no codebook usage (rejected tree nodes, padding rows) and leaves
+    the model in training mode; an eval model stays in eval mode."""
+    torch.manual_seed(0)
+    config = KestrelConfig(vocab_size=V, d_model=32, n_layers=1, n_heads=4, num_draft_heads=2, codebook_mlp=True,
+                           num_codes=16, codebook_k=2, max_seq_len=64)
+    model = KestrelLM(config).double().train()
+    codebook = model.layers[0].mlp.codebook
+    generate(model, prompts(), 6, speculative=TreeSpec(choices=[[0], [1], [0, 0]]))
+    assert model.training and all(m.training for m in model.modules())
+    assert int(codebook.code_counts.sum()) == 0
+    model(torch.randint(0, V, (1, 4)))  # the counts do record in training mode
+    assert int(codebook.code_counts.sum()) > 0
+    model.eval()
+    generate(model, prompts(), 3)
+    assert not model.training
+
+
+def test_padding_ids_are_never_embedded():
+    """Padding may hold an invalid id (-1): the prompt_lengths mask keeps it out of the embedding."""
+    model = counting_model("softmax")
+    padded = torch.tensor([[1, 2, 3], [4, -1, -1]])
+    out = generate(model, padded, 3, prompt_lengths=[3, 1], pad_token_id=-1)
+    assert torch.equal(out, generate(model, [torch.tensor([1, 2, 3]), torch.tensor([4])], 3, pad_token_id=-1))
+    for tree in (KARY, DYNAMIC):
+        assert torch.equal(generate(model, padded, 3, prompt_lengths=[3, 1], pad_token_id=-1, speculative=tree), out)
+
+
+def test_accept_lengths_count_the_kept_tokens():
+    """Exact drafts and a chain of 3: the last step accepts 4 tokens but max_new_tokens keeps 2."""
+    model = counting_model("lssa", noise=0.0)
+    out, stats = generate(model, prompts(), 15, speculative=CHAIN, return_stats=True)
+    assert stats.accept_lengths == [4] * 3 * 3 + [2] * 3
+    assert sum(stats.accept_lengths) + 3 == stats.new_tokens == 3 * 15  # + the prefill's token per sequence
+
+
+def test_generate_checks_limits_up_front():
+    model = counting_model("softmax")  # 3 draft heads, V = 16, max_seq_len 128
+    # dynamic tree: at most 1 + topk + (K - 1) topk^2 nodes
+    with pytest.raises(ValueError, match=r"speculative.max_nodes must be at most 1 \+ topk \+ \(K - 1\) \* topk\^2 "
+                                         r"= 11 \(topk=2, K=3 draft heads in the tree\), got 12"):
+        generate(model, prompts(), 4, speculative=TreeSpec(max_nodes=12, topk=2))
+    with pytest.raises(ValueError, match=r"= 3 \(topk=2, K=1 draft heads in the tree\), got 4"):
+        generate(model, prompts(), 4, speculative=TreeSpec(max_nodes=4, topk=2, depth=1))
+    generate(model, prompts(), 2, speculative=TreeSpec(max_nodes=11, topk=2))  # the bound itself is fine
+    with pytest.raises(ValueError, match="speculative.topk must be at most the vocabulary size 16, got 17"):
+        generate(model, prompts(), 4, speculative=TreeSpec(max_nodes=5, topk=17))
+    # config.max_seq_len: the longest prompt (7) + max_new_tokens
+    with pytest.raises(ValueError, match=r"the longest prompt \(7 tokens\) \+ max_new_tokens \(122\) must be at most "
+                                         r"config.max_seq_len=128, got 129"):
+        generate(model, prompts(), 122)
+    assert generate(model, prompts(), 121).shape == (3, 128)

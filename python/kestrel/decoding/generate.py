@@ -5,6 +5,17 @@ feeds the pending token and picks the next; a speculative step makes the pending
 runs one tree forward, verifies, compacts the cache (the root and the accepted nodes' rows) and emits the accepted
 tokens followed by the target's next token. The draft heads read the hidden state of the last cached position,
 the one that produced the pending token.
+
+Host reads per step: one. A plain step reads the chosen tokens (B,); a speculative step reads one packed tensor
+(accepted lengths, accepted tokens, next token). Both are needed on the host anyway (EOS, the token limit, the
+output), and from them generate keeps a host mirror of the cache lengths (KVCache.host_seqlens), so the forward
+never reads the lengths back from the device. (Sampling, temperature > 0, draws with torch.multinomial / torch.rand
+on the device; what the verify and compaction ops do inside is theirs.)
+
+Greedy speculative output equals plain greedy output token for token in exact arithmetic, and the tests check it in
+float64. In float32 / bfloat16 the two paths compute the same logits with different shapes (one token vs a tree of
+T nodes: other matmul sizes and attention kernels or formulations), so where the top two logits are nearly tied
+the argmax can flip and the texts diverge from there on; on a GPU that is more likely than on the CPU.
 """
 
 import time
@@ -72,7 +83,8 @@ class GenerationStats:
     steps: int = 0
     new_tokens: int = 0
     seconds: float = 0.0
-    accept_lengths: list = field(default_factory=list)  # per step and live sequence: accepted nodes + 1 (emitted)
+    # per step and live sequence: the tokens emitted and kept (accepted nodes + 1, cut at EOS or max_new_tokens)
+    accept_lengths: list = field(default_factory=list)
 
     @property
     def mean_accepted_length(self):
@@ -164,9 +176,18 @@ def generate(model, input_ids, max_new_tokens, *, temperature=0.0, top_k=None, t
     `prompt_lengths`). temperature 0 is greedy; otherwise tokens are sampled from softmax(logits / temperature)
     restricted by top_k / top_p. speculative: None (one token per forward) or a TreeSpec (needs a model with draft
     heads): greedy output is token-for-token the plain greedy output, sampled output follows the target
-    distribution. Returns (B, max_prompt_len + max_new_tokens) int64: each row its prompt then its new tokens; after
-    EOS (kept) and after a shorter prompt the row holds pad_token_id (default eos_token_id, else 0). With
-    return_stats=True, returns (tokens, GenerationStats).
+    distribution (greedy identity is exact in float64; in float32 / bfloat16 a near-tie can flip a token, see the
+    module docstring). Returns (B, max_prompt_len + max_new_tokens) int64: each row its prompt then its new tokens;
+    after EOS (kept) and after a shorter prompt the row holds pad_token_id (default eos_token_id, else 0). The
+    padding of a padded input_ids may hold any value (e.g. -1): it is never embedded. With return_stats=True,
+    returns (tokens, GenerationStats).
+
+    max_prompt_len + max_new_tokens must not exceed model.config.max_seq_len (checked up front). The cache is sized
+    to that plus, for speculative decoding, scratch rows for the draft tree of the last step (rejected nodes only;
+    no kept token lies beyond max_seq_len).
+
+    The model runs in eval mode (no codebook usage counts or other training-time updates from decoding: rejected
+    tree nodes and padding rows would pollute them) and is put back in its previous mode afterwards.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -185,8 +206,39 @@ def generate(model, input_ids, max_new_tokens, *, temperature=0.0, top_k=None, t
                 model.config.num_draft_heads:
             raise ValueError(f"generate: the tree choices reach depth {speculative.tree_depth(10 ** 9)}, the model "
                              f"has {model.config.num_draft_heads} draft heads")
+        if speculative.dynamic:
+            _check_dynamic(speculative, model.config)
     device = model.device
     prompt, lengths, host_lengths = _prompts(input_ids, prompt_lengths, device)
+    B, L = prompt.shape
+    if max(host_lengths) + max_new_tokens > model.config.max_seq_len:
+        raise ValueError(f"generate: the longest prompt ({max(host_lengths)} tokens) + max_new_tokens "
+                         f"({max_new_tokens}) must be at most config.max_seq_len={model.config.max_seq_len}, got "
+                         f"{max(host_lengths) + max_new_tokens}")
+    was_training = model.training
+    model.eval()
+    try:
+        return _generate(model, prompt, lengths, host_lengths, max_new_tokens, temperature, top_k, top_p, speculative,
+                         eos_token_id, pad_token_id, generator, return_stats)
+    finally:
+        model.train(was_training)
+
+
+def _check_dynamic(spec, config):
+    """A dynamic TreeSpec's limits (those of kestrel.decoding.dynamic_tree), before anything runs."""
+    K = spec.tree_depth(config.num_draft_heads)
+    if spec.topk > config.vocab_size:
+        raise ValueError(f"generate: speculative.topk must be at most the vocabulary size {config.vocab_size}, got "
+                         f"{spec.topk}")
+    limit = 1 + spec.topk + (K - 1) * spec.topk ** 2
+    if spec.max_nodes > limit:
+        raise ValueError(f"generate: speculative.max_nodes must be at most 1 + topk + (K - 1) * topk^2 = {limit} "
+                         f"(topk={spec.topk}, K={K} draft heads in the tree), got {spec.max_nodes}")
+
+
+def _generate(model, prompt, lengths, host_lengths, max_new_tokens, temperature, top_k, top_p, speculative,
+              eos_token_id, pad_token_id, generator, return_stats):
+    device = prompt.device
     B, L = prompt.shape
     pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
     spare = 0 if speculative is None else speculative.num_nodes() + speculative.tree_depth(
@@ -196,7 +248,7 @@ def generate(model, input_ids, max_new_tokens, *, temperature=0.0, top_k=None, t
     output = _Output(B, max_new_tokens, eos_token_id)
     if max_new_tokens > 0:
         started = time.perf_counter()
-        logits, hidden = model(prompt, cache, lengths=lengths, return_hidden=True)
+        logits, hidden = model(prompt, cache, lengths=host_lengths, return_hidden=True)  # a list: mirror known
         rows = torch.arange(B, device=device)
         last = lengths - 1
         token = _choose(logits[rows, last], temperature, top_k, top_p, generator)
