@@ -63,3 +63,51 @@ def test_cosine_schedule(steps):
 
     values = [cosine_lr(step, steps, 1.0, 2) for step in range(steps)]
     assert values[0] == 0.5 and values[1] == 1.0 and values[-1] < values[2] and min(values) >= 0.1
+
+
+def test_quick_settings_on_cuda_have_the_softplus_kernel_head_dim():
+    from kestrel.demo import check_head_dim, settings_for
+
+    for attention in ("softmax", "lssa", "lssar", "plga"):
+        for quick in (True, False):
+            for device_type in ("cpu", "cuda"):
+                settings = settings_for(quick, device_type)
+                check_head_dim(attention, settings["d_model"] // settings["n_heads"], device_type)
+    assert settings_for(True, "cuda")["d_model"] // settings_for(True, "cuda")["n_heads"] == 64
+    assert settings_for(True, "cpu") == demo_settings("quick")
+    with pytest.raises(ValueError, match=r"--attention lssa on CUDA needs a head dim in \(64, 128\).*got d_model / "
+                                         r"n_heads = 16"):
+        check_head_dim("lssa", 16, "cuda")
+    check_head_dim("lssa", 16, "cpu")  # the CPU path takes any head dim
+
+
+def demo_settings(name):
+    from kestrel.demo import SETTINGS
+
+    return SETTINGS[name]
+
+
+def test_first_mismatch_and_near_ties():
+    """The first differing position, the logit gap between the two tokens there, and the near-tie verdict (an exact
+    tie: two LM-head rows made equal); the exit rule: strict on the CPU, near-ties tolerated on CUDA."""
+    from kestrel.demo import first_mismatch, greedy_failed
+    from kestrel.models import KestrelConfig, KestrelLM
+
+    torch.manual_seed(0)
+    model = KestrelLM(KestrelConfig(vocab_size=32, d_model=32, n_layers=1, n_heads=2, tie_embeddings=False)).double()
+    model.eval()
+    prompt, greedy = [3, 4, 5], [6, 7, 8, 9]
+    assert first_mismatch(model, prompt, greedy, list(greedy)) is None
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + greedy[:2]]))[0, -1]
+    found = first_mismatch(model, prompt, greedy, [6, 7, 1, 2])
+    assert found["position"] == 2 and (found["greedy_token"], found["speculative_token"]) == (8, 1)
+    assert found["gap"] == pytest.approx(abs(float(logits[8] - logits[1])), rel=1e-9)
+    model.lm_head.weight.data.mul_(100)  # clearly separated logits: not a near-tie
+    assert first_mismatch(model, prompt, greedy, [6, 7, 1, 2])["near_tie"] is False
+    model.lm_head.weight.data[1] = model.lm_head.weight.data[8]  # tokens 8 and 1 tie exactly
+    tie = first_mismatch(model, prompt, greedy, [6, 7, 1, 2])
+    assert tie["near_tie"] is True and tie["gap"] == 0.0
+    assert first_mismatch(model, prompt, greedy, greedy[:3])["near_tie"] is False  # stopped early
+    assert greedy_failed([tie], "cpu") and not greedy_failed([tie], "cuda")
+    assert greedy_failed([tie, dict(near_tie=False)], "cuda") and not greedy_failed([], "cpu")
