@@ -12,7 +12,10 @@ One forward serves three uses:
 
 On CUDA the "softmax" tree forward and one-token decode go through kestrel.ops.tree_attention (a one-token decode is
 a one-node tree); on the CPU, masked SDPA. "lssa", "lssar" and "plga" trees use an explicit-mask PyTorch formulation
-of the same math (their one-token decode runs the kernels).
+of the same math (their one-token decode runs the kernels). So a one-token decode and a tree forward compute the
+same logits by different numerics (other kernels or formulations, other matmul shapes): equal in exact arithmetic
+(the tests check float64), but in float32 / bfloat16 they differ by rounding, and where two logits nearly tie the
+greedy token can differ; on the GPU more likely than on the CPU.
 """
 
 import math
