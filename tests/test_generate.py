@@ -3,6 +3,7 @@ greedy token for token (every attention kind, static and dynamic trees, batch > 
 nothing accepted, acceptance to a leaf, EOS inside an accepted path); sampled speculative decoding following the
 target distribution (chi-square)."""
 
+import copy
 import math
 
 import pytest
@@ -228,13 +229,27 @@ def test_generate_checks():
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("attention", ATTENTION_KINDS)
 def test_greedy_speculative_equals_greedy_on_device(device, attention):
-    """float32 on `device` (head dim 64: the softplus kernel's): speculative == plain greedy."""
+    """float32 on `device` (head dim 64: the softplus kernel's): speculative == plain greedy, up to near-ties. The
+    one-token decode and the tree forward round differently in float32, so a row may flip where the two tokens'
+    logits nearly tie; the row must then agree up to that position, and the float64 model (on the CPU) must see a
+    gap of at most 1e-3 x max(1, |top logit|) between the two tokens there."""
     d_model = 256 if device.startswith("cuda") else 32  # the CPU case is a cheap smoke run of the same code
     model = counting_model(attention, dtype=torch.float32, device=device, d_model=d_model)
+    reference = copy.deepcopy(model).to(device="cpu", dtype=torch.float64)
     batch = [p.to(device) for p in prompts()]
-    plain = generate(model, batch, 24)
+    plain = generate(model, batch, 24).cpu()
     for spec in (KARY, DYNAMIC):
-        assert torch.equal(generate(model, batch, 24, speculative=spec), plain)
+        out = generate(model, batch, 24, speculative=spec).cpu()
+        for b in range(len(batch)):
+            ours, theirs = out[b].tolist(), plain[b].tolist()
+            if ours == theirs:
+                continue
+            position = next(i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y)
+            assert position >= len(batch[b])
+            with torch.no_grad():
+                logits = reference(torch.tensor([theirs[:position]]))[0, -1]
+            gap = abs(float(logits[ours[position]] - logits[theirs[position]]))
+            assert gap <= 1e-3 * max(1.0, abs(float(logits.max()))), (spec, b, position, gap)
 
 
 class _CountDeviceReads:
