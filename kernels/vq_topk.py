@@ -2,19 +2,49 @@
 matrix-multiply tile and each row keeps a running top-k in registers, so the N×C score matrix never exists.
 
 One program per (block of BLOCK_N rows, head). fp16/bf16 inputs of one dtype go through the tensor cores as they
-are (their products are exact in float32, accumulated in float32); float32 inputs use IEEE float32 dots. A tile's scores are x·c adjusted per code (l2: 2 x·c − ‖c‖²; cosine:
-x·c / ‖c‖; ip: x·c; banned codes and codes past C: −inf), then merged with the running top-k by K rounds of
-"take the best of the union, the lowest id among equal scores". A tile whose best score cannot enter any row's
-top-k is skipped after one reduction. The caller adds the per-row term (−‖x‖² for l2, 1/‖x‖ for cosine).
+are (their products are exact in float32, accumulated in float32); float32 inputs use IEEE float32 dots. The vector
+dimension is processed in chunks of BLOCK_D (one chunk, kept in registers, when d fits; otherwise x's chunks are
+re-read per codebook tile), so any d compiles within the shared-memory budget. A tile's scores are x·c adjusted per
+code (l2: 2 x·c − ‖c‖²; cosine: x·c / ‖c‖; ip: x·c; banned codes, codes past C and NaN scores: −inf), then merged
+with the running top-k by K rounds of "take the best of the union, the lowest id among equal scores". A tile whose
+best score cannot enter any row's top-k is skipped after one reduction. The caller adds the per-row term (−‖x‖² for
+l2, 1/‖x‖ for cosine).
 
 With GATHER (the discrete key-value bottleneck, spec §3) the same program then reads the value rows of its k ids
-and writes their mean, so the nearest-key search and the value gather are one launch.
+and writes their mean, so the nearest-key search and the value gather are one launch (an id that is not a code, as
+when banned codes leave fewer than k, reads nothing).
 """
 
 import triton
 import triton.language as tl
 
-BIG_ID = 2 ** 30
+BIG_ID = tl.constexpr(2 ** 30)  # "no code yet": above every real id (a constexpr: compiled kernels read no globals)
+
+
+@triton.jit
+def _score_tile(x_rows, row_ok, cb_rows, code_ok, x_resident, D,
+                BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr,
+                LOWP: tl.constexpr):
+    """x·c for BLOCK_N rows and BLOCK_C codes, float32, summed over the chunks of d."""
+    offs_d = tl.arange(0, BLOCK_D)
+    if ONE_CHUNK:
+        d_ok = offs_d < D
+        cb = tl.load(cb_rows + offs_d[None, :], mask=code_ok[:, None] & d_ok[None, :], other=0.0)
+        if LOWP:
+            tile = tl.dot(x_resident, tl.trans(cb), out_dtype=tl.float32)
+        else:
+            tile = tl.dot(x_resident, tl.trans(cb.to(tl.float32)), input_precision="ieee")
+    else:
+        tile = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d_ok = (d0 + offs_d) < D
+            xc = tl.load(x_rows + d0 + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            cb = tl.load(cb_rows + d0 + offs_d[None, :], mask=code_ok[:, None] & d_ok[None, :], other=0.0)
+            if LOWP:
+                tile += tl.dot(xc, tl.trans(cb), out_dtype=tl.float32)
+            else:
+                tile += tl.dot(xc.to(tl.float32), tl.trans(cb.to(tl.float32)), input_precision="ieee")
+    return tile
 
 
 @triton.jit
@@ -22,35 +52,36 @@ def vq_topk_kernel(X, CB, BIAS, SCALE, OUT_S, OUT_I, VALUES, OUT_V, N, C, D, DV,
                    stride_xh, stride_xn, stride_ch, stride_cc, stride_bh, stride_oh, stride_on,
                    stride_vh, stride_vc, stride_ovh, stride_ovn,
                    K: tl.constexpr, K_USED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_C: tl.constexpr, GATHER: tl.constexpr, BLOCK_DV: tl.constexpr, LOWP: tl.constexpr):
+                   BLOCK_C: tl.constexpr, GATHER: tl.constexpr, BLOCK_DV: tl.constexpr, LOWP: tl.constexpr,
+                   ONE_CHUNK: tl.constexpr):
     pid_n = tl.program_id(0)
-    head = tl.program_id(1)
+    head = tl.program_id(1).to(tl.int64)  # offsets in int64: H·N·d may pass 2^31 elements
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_k = tl.arange(0, K)
     row_ok = offs_n < N
-    d_ok = offs_d < D
-    x = tl.load(X + head * stride_xh + offs_n[:, None] * stride_xn + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if not LOWP:
-        x = x.to(tl.float32)
+    x_rows = X + head * stride_xh + offs_n[:, None].to(tl.int64) * stride_xn  # (BLOCK_N, 1) row starts
+    x_resident = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if ONE_CHUNK:
+        offs_d = tl.arange(0, BLOCK_D)
+        x_resident = tl.load(x_rows + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        if not LOWP:
+            x_resident = x_resident.to(tl.float32)
     best_s = tl.full([BLOCK_N, K], float("-inf"), dtype=tl.float32)
     best_i = tl.full([BLOCK_N, K], BIG_ID, dtype=tl.int32)
     for start in range(0, C, BLOCK_C):
         offs_c = start + tl.arange(0, BLOCK_C)
         code_ok = offs_c < C
-        cb = tl.load(CB + head * stride_ch + offs_c[:, None] * stride_cc + offs_d[None, :],
-                     mask=code_ok[:, None] & d_ok[None, :], other=0.0)
+        cb_rows = CB + head * stride_ch + offs_c[:, None].to(tl.int64) * stride_cc  # (BLOCK_C, 1) row starts
+        tile = _score_tile(x_rows, row_ok, cb_rows, code_ok, x_resident, D, BLOCK_N, BLOCK_C, BLOCK_D, ONE_CHUNK,
+                           LOWP)
         bias = tl.load(BIAS + head * stride_bh + offs_c, mask=code_ok, other=float("-inf"))
         scale = tl.load(SCALE + head * stride_bh + offs_c, mask=code_ok, other=0.0)
-        if LOWP:  # fp16/bf16 products are exact in float32: tensor cores, float32 accumulation
-            tile = tl.dot(x, tl.trans(cb), out_dtype=tl.float32)
-        else:
-            tile = tl.dot(x, tl.trans(cb.to(tl.float32)), input_precision="ieee")
         tile = tile * scale[None, :] + bias[None, :]
+        tile = tl.where(tile == tile, tile, float("-inf"))  # NaN ranks last, as on the CPU path
         ids = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.int32) + offs_c[None, :]
         worst = tl.min(best_s, 1)
-        if tl.max(tl.max(tile, 1) - worst, 0) >= 0.0:  # some row may take a code of this tile
+        # some row may take a code of this tile (>=, not a difference: -inf - -inf would be NaN)
+        if tl.max((tl.max(tile, 1) >= worst).to(tl.int32), 0) > 0:
             new_s = tl.full([BLOCK_N, K], float("-inf"), dtype=tl.float32)
             new_i = tl.full([BLOCK_N, K], BIG_ID, dtype=tl.int32)
             for r in tl.static_range(K):
@@ -61,28 +92,39 @@ def vq_topk_kernel(X, CB, BIAS, SCALE, OUT_S, OUT_I, VALUES, OUT_V, N, C, D, DV,
                 new_i = tl.where(offs_k[None, :] == r, pick[:, None], new_i)
                 best_s = tl.where(best_i == pick[:, None], float("-inf"), best_s)
                 tile = tl.where(ids == pick[:, None], float("-inf"), tile)
+                best_i = tl.where(best_i == pick[:, None], BIG_ID + 1, best_i)  # taken: never matches again
+                ids = tl.where(ids == pick[:, None], BIG_ID + 1, ids)
             best_s, best_i = new_s, new_i
-    out = head * stride_oh + offs_n[:, None] * stride_on + offs_k[None, :]
+    out = head * stride_oh + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :]
     tl.store(OUT_S + out, best_s, mask=row_ok[:, None])
     tl.store(OUT_I + out, best_i, mask=row_ok[:, None])
     if GATHER:  # mean of the value rows of the K_USED best ids, accumulated in float32
         offs_v = tl.arange(0, BLOCK_DV)
-        v_ok = row_ok[:, None] & (offs_v[None, :] < DV)
         acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
         for r in tl.static_range(K_USED):
             ids_r = tl.sum(tl.where(offs_k[None, :] == r, best_i, 0), 1)
+            v_ok = row_ok[:, None] & (offs_v[None, :] < DV) & (ids_r < C)[:, None]
             acc += tl.load(VALUES + head * stride_vh + ids_r[:, None].to(tl.int64) * stride_vc + offs_v[None, :],
                            mask=v_ok, other=0.0).to(tl.float32)
         acc = acc / K_USED
-        tl.store(OUT_V + head * stride_ovh + offs_n[:, None] * stride_ovn + offs_v[None, :],
-                 acc.to(OUT_V.dtype.element_ty), mask=v_ok)
+        tl.store(OUT_V + head * stride_ovh + offs_n[:, None].to(tl.int64) * stride_ovn + offs_v[None, :],
+                 acc.to(OUT_V.dtype.element_ty), mask=row_ok[:, None] & (offs_v[None, :] < DV))
+
+
+def cuda_config(D, K, lowp):
+    """(BLOCK_N, BLOCK_C, BLOCK_D, num_warps, num_stages) for a GPU launch: d in chunks of at most 64 (128 for
+    fp16/bf16), fewer rows per program when the running top-k is wide (it keeps 2·K scores per row in registers
+    through K unrolled rounds: 32 rows for K = 32, 16 for K = 64, so that the sm_90 build does not spill)."""
+    block_d = max(16, min(triton.next_power_of_2(D), 128 if lowp else 64))
+    block_n = 64 if K < 32 else 32 if K < 64 else 16
+    return block_n, 64, block_d, 4, 2
 
 
 def vq_topk_triton(x, codebook, bias, scale, k, block_n=None, block_c=None, values=None):
     """Ranking scores and ids (H, N, K) of the k best codes per row (K = k rounded up to a power of two; the caller
     slices). x (H, N, d), codebook (H, C, d), bias and scale (H, C) float32 per-code terms. With `values`
-    (H, C, dv) also returns the mean of the k selected value rows, (H, N, dv) in values' dtype. CUDA, or CPU under
-    TRITON_INTERPRET=1."""
+    (H, C, dv) also returns the mean of the k selected value rows, (H, N, dv) in values' dtype (accumulated in
+    float32). CUDA, or CPU under TRITON_INTERPRET=1."""
     import torch
 
     H, N, D = x.shape
@@ -99,13 +141,17 @@ def vq_topk_triton(x, codebook, bias, scale, k, block_n=None, block_c=None, valu
         out_v = torch.empty((H, N, DV), dtype=values.dtype, device=x.device)
     else:
         DV, values, out_v = 1, out_s, out_s  # unused pointers
-    block_n = block_n or (64 if x.is_cuda else 16)
-    block_c = block_c or (64 if x.is_cuda else 32)
+    lowp = x.dtype == codebook.dtype and x.dtype in (torch.float16, torch.bfloat16)
+    if x.is_cuda:
+        cfg_n, cfg_c, block_d, num_warps, num_stages = cuda_config(D, K, lowp)
+    else:  # the interpreter: small tiles; d in chunks of at most 32, so the tests cover the multi-chunk loop
+        cfg_n, cfg_c, block_d, num_warps, num_stages = 16, 32, min(max(16, triton.next_power_of_2(D)), 32), 4, 1
+    block_n, block_c = block_n or cfg_n, block_c or cfg_c
     vq_topk_kernel[(triton.cdiv(N, block_n), H)](
         x, codebook, bias, scale, out_s, out_i, values, out_v, N, C, D, DV,
         x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1), bias.stride(0), out_s.stride(0),
         out_s.stride(1), values.stride(0), values.stride(1), out_v.stride(0), out_v.stride(1),
-        K=K, K_USED=k, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=block_n, BLOCK_C=block_c,
-        GATHER=gather, BLOCK_DV=max(2, triton.next_power_of_2(DV)),
-        LOWP=x.dtype == codebook.dtype and x.dtype in (torch.float16, torch.bfloat16))
+        K=K, K_USED=k, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_C=block_c, GATHER=gather,
+        BLOCK_DV=max(2, triton.next_power_of_2(DV)), LOWP=lowp, ONE_CHUNK=block_d >= D,
+        num_warps=num_warps, num_stages=num_stages)
     return (out_s, out_i, out_v) if gather else (out_s, out_i)

@@ -188,3 +188,92 @@ def test_triton_kernel_with_fp16_inputs_on_the_tensor_core_path():
     scale, bias = _code_terms(cb, "ip", None)
     ranked, ids = vq_topk_triton(x.to(device), cb.to(device), bias.to(device), scale.to(device), 4)
     assert_selection(ranked[..., :4].cpu(), ids[..., :4].long().cpu(), x.float(), cb.float(), 4, "ip")
+
+
+def test_nan_rows_rank_last_and_return_valid_ids():
+    g = torch.Generator().manual_seed(8)
+    x, cb = torch.randn(4, 16, generator=g), torch.randn(30, 16, generator=g)
+    x[1] = float("nan")  # a whole row of NaN scores
+    cb[5, 0] = float("nan")  # one code scores NaN for every row
+    _, ids = vq_topk(x, cb, 3, metric="ip", chunk=8)
+    assert bool(((ids >= 0) & (ids < 30)).all())
+    assert 5 not in ids[[0, 2, 3]].reshape(-1).tolist()
+    assert ids[1].tolist() == [0, 1, 2]  # all -inf: ties to the lower index
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+@pytest.mark.parametrize("D", [40, 64])
+def test_triton_kernel_over_several_chunks_of_the_vector_dimension(D):
+    """d = 40 and 64 run as chunks of 32 under the interpreter (the GPU launch uses chunks of 64/128)."""
+    from kestrel.kernels.vq_topk import vq_topk_triton
+
+    device = "cuda" if gpu_available() else "cpu"
+    g = torch.Generator().manual_seed(D)
+    x, cb = torch.randn(2, 19, D, generator=g), torch.randn(2, 70, D, generator=g)
+    x[0, 3] = float("nan")
+    for metric in ("l2", "cosine"):
+        scale, bias = _code_terms(cb, metric, None)
+        _, ids = vq_topk_triton(x.to(device), cb.to(device), bias.to(device), scale.to(device), 4)
+        _, ref_ids = vq_topk(x, cb, 4, metric=metric)
+        assert torch.equal(ids[..., :4].long().cpu(), ref_ids), metric
+
+
+# The kernel built ahead of time for sm_90 (H100/H200) with a launch's specialisation: it must compile (a compiled
+# kernel may not read Python globals, which the interpreter allows), fit the shared memory of one SM at any d (the
+# vector dimension goes in chunks) and not spill at the common sizes. Runs without a GPU (Triton's ptxas and
+# cuobjdump), in a subprocess because the test session interprets Triton kernels.
+SM90_BUILD_CHECK = r"""
+import os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kestrel.kernels.vq_topk import cuda_config, vq_topk_kernel as fn
+
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+failures = []
+# (dtype, d, k, gather, spills allowed)
+for dt, D, k, gather, may_spill in [("bf16", 64, 8, False, False), ("fp32", 14, 1, True, False),
+                                    ("bf16", 64, 32, False, False), ("fp32", 64, 64, False, False),
+                                    ("bf16", 64, 64, False, True), ("fp16", 768, 8, False, True),
+                                    ("fp32", 768, 8, False, True)]:
+    K = max(triton.next_power_of_2(k), 2)
+    lowp = dt in ("fp16", "bf16")
+    block_n, block_c, block_d, num_warps, num_stages = cuda_config(D, K, lowp)
+    constexprs = dict(K=K, K_USED=k, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_C=block_c, GATHER=gather, BLOCK_DV=16,
+                      LOWP=lowp, ONE_CHUNK=block_d >= D)
+    pointers = {"X": dt, "CB": dt, "BIAS": "fp32", "SCALE": "fp32", "OUT_S": "fp32", "OUT_I": "i32",
+                "VALUES": "fp32", "OUT_V": "fp32"}
+    signature = {n: "constexpr" if n in constexprs else "*" + pointers[n] if n in pointers else "i32"
+                 for n in fn.arg_names}
+    aligned = [n for n in fn.arg_names if n in pointers or n.startswith("stride")]
+    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()},
+                       attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    shared = kernel.metadata.shared
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(kernel.asm["cubin"])
+        handle.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", handle.name], capture_output=True, text=True).stdout
+    stack = int(usage.split("STACK:")[1].split()[0])
+    print(dt, D, k, gather, (block_n, block_c, block_d, num_warps, num_stages), "shared", shared, "stack", stack)
+    if shared > 227 * 1024 or (stack and not may_spill):
+        failures.append((dt, D, k, gather, shared, stack))
+sys.exit(f"over budget: {failures}" if failures else 0)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+def test_sm90_build_compiles_within_budget():
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", SM90_BUILD_CHECK], env=env, capture_output=True, text=True,
+                            timeout=900)
+    if "cuobjdump" in result.stderr and "No such file" in result.stderr:
+        pytest.skip("this Triton build ships no cuobjdump")
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]

@@ -5,7 +5,7 @@
 ids int64, (N, k) or (H, N, k), best first, ties to the lower index. Metrics: "l2" (score −‖x−c‖²), "ip" (x·c),
 "cosine" (x·c / (‖x‖‖c‖)). The N×C score matrix is never built: on CUDA the Triton kernel keeps a running top-k per
 row over codebook tiles; on the CPU the same ranking runs over chunks of codes (memory O(N·(k + chunk))).
-`banned` must leave at least k codes in every head: checked on the CPU; on a GPU (where the check would be a host
+A NaN score ranks last (like −inf). `banned` must leave at least k codes in every head: checked on the CPU; on a GPU (where the check would be a host
 sync) the ranks past the allowed codes are undefined.
 """
 
@@ -117,6 +117,7 @@ def _topk_chunked(x, codebook, scale, bias, k, chunk=None):
         cb = codebook[:, start:start + chunk].to(dtype)
         tile = torch.matmul(xf, cb.transpose(1, 2))
         tile.mul_(scale[:, None, start:start + chunk].to(dtype)).add_(bias[:, None, start:start + chunk].to(dtype))
+        tile.masked_fill_(torch.isnan(tile), float("-inf"))  # NaN ranks last, as in the Triton kernel
         ids = torch.arange(start, start + cb.shape[1], device=x.device).expand(H, N, -1)
         tile_s, tile_i = _chunk_topk(tile, ids, min(k, cb.shape[1]))
         scores = torch.cat([best_s, tile_s], dim=-1)
