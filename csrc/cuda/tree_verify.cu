@@ -80,12 +80,14 @@ __global__ void compact_kernel(tree::CacheView k, tree::CacheView v, const int32
   const int32_t* index = accept_index + b * width;
   const int32_t accepted = tree::accepted_length(index, width);
   const int64_t len = cache_seqlens[b];
+  if (len < 0) return;  // the CPU rejects these; on the GPU (no sync to report) nothing is written
   Elem* rows = static_cast<Elem*>(c.data) + l * c.stride_layer + b * c.stride_batch + h * c.stride_head +
                len * c.stride_pos;
   for (int64_t d = threadIdx.x; d < c.head_dim; d += blockDim.x) {
     for (int32_t j = 1; j <= accepted; ++j) {
       const int32_t node = index[j];
-      if (node == j || node < 0 || len + node >= max_len) continue;
+      // nodes ascend along a path (node >= j); anything else, or a row outside the cache, is skipped
+      if (node == j || node < j || len + node >= max_len || len + j >= max_len) continue;
       rows[j * c.stride_pos + d * c.stride_dim] = rows[node * c.stride_pos + d * c.stride_dim];
     }
   }
@@ -109,6 +111,7 @@ cudaError_t launch_compact(const tree::CacheView& k, const tree::CacheView& v, i
     const cudaError_t error = cudaGetLastError();
     if (error != cudaSuccess) return error;
   }
+  if (batch == 0) return cudaSuccess;  // an empty grid is an invalid launch
   advance_seqlens_kernel<<<static_cast<unsigned>((batch + 127) / 128), 128, 0, stream>>>(cache_seqlens,
                                                                                         accept_index, width, batch);
   return cudaGetLastError();
