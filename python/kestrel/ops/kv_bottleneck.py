@@ -3,7 +3,7 @@
 `kv_bottleneck_lookup(z_proj, keys, values, k=1) -> (out, ids)`: z_proj (B, C, dk) — the input projected once per
 codebook —, keys (C, P, dk), values (C, P, dv). For every row and codebook c the k keys nearest in squared L2 (ties
 to the lower index), ids (B, C, k) int64 best first, and out (B, C, dv) the mean of their value rows, in values'
-dtype (accumulated in float32, float64 for float64 values).
+dtype (accumulated in float32; in float64 on the chunked path, which float64 inputs take).
 
 Forward: on CUDA one Triton launch (kestrel/kernels/vq_topk.py with its value-gather epilogue: a running top-k
 over key tiles, then the k value rows read and averaged; no B×C×P score tensor); on the CPU the chunked top-k of
