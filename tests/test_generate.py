@@ -314,6 +314,18 @@ def test_forward_with_an_unknown_host_mirror_reads_the_device_lengths():
     assert torch.equal(step_known, step_unknown)
     unknown.reset()
     assert unknown.host_seqlens == [0, 0]
+    known.seqlens.copy_(torch.tensor([5, 3]))  # written behind the mirror's back: the mirror is not trusted
+    assert known.host_seqlens is None
+    with _CountDeviceReads() as counter:
+        assert torch.equal(model(ids[:, :1], known), step_known)
+    assert counter.reads == 1
+    known.host_seqlens = [6, 4]
+    assert known.host_seqlens == [6, 4] and known.longest() == 6
+    with pytest.raises(ValueError, match="host_seqlens must have 2 entries, got 3"):
+        known.host_seqlens = [1, 2, 3]
+    with torch.inference_mode():  # no version counter: the mirror is never trusted
+        inference_cache = KVCache.for_model(model, 2, 16)
+        assert inference_cache.host_seqlens is None and inference_cache.longest() == 0
 
 
 def test_generate_runs_in_eval_mode_and_restores_the_mode():

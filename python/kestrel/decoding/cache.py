@@ -6,8 +6,11 @@ head_dim, head_dim) float32, built from the prompt by the first cached forward a
 `host_seqlens` is a host-side mirror of `seqlens` (a list of ints), or None when unknown. A cached forward sizes its
 key slice by the longest sequence: with the mirror known it reads it there, with None it reads `seqlens` from the
 device (a synchronisation). KestrelLM's cached forward keeps the mirror up to date (a right-padded prefill needs
-`lengths` as a list of ints for that); a draft-tree step that compacts the cache sets it to None, and
-kestrel.decoding.generate restores it from the accepted lengths it reads on the host anyway.
+`lengths` as a list of ints for that); a draft-tree step that compacts the cache leaves it unknown, and
+kestrel.decoding.generate restores it from the accepted lengths it reads on the host anyway. The mirror remembers
+the version counter of `seqlens` when it was set: any later in-place write to `seqlens` that does not also set the
+mirror (e.g. `cache.seqlens.copy_(saved)`) makes it unknown, so a stale mirror is never used. (Under
+torch.inference_mode the counter is not tracked and the mirror is always unknown.)
 """
 
 import torch
@@ -37,6 +40,27 @@ class KVCache:
                    dtype=dtype or model.dtype, device=model.device,
                    g_heads=config.n_heads if config.attention == "plga" else None)
 
+    def _seqlens_version(self):
+        return None if self.seqlens.is_inference() else self.seqlens._version
+
+    @property
+    def host_seqlens(self):
+        """The host mirror of seqlens (a list of ints), or None when unknown (never set, set to None, or seqlens
+        written in place since it was set)."""
+        if self._host_seqlens is None or self._host_version is None or \
+                self._host_version != self._seqlens_version():
+            return None
+        return list(self._host_seqlens)
+
+    @host_seqlens.setter
+    def host_seqlens(self, values):
+        """Set the mirror to `values` (B ints: the current seqlens) or None."""
+        if values is not None:
+            values = [int(n) for n in values]
+            if len(values) != self.batch_size:
+                raise ValueError(f"KVCache: host_seqlens must have {self.batch_size} entries, got {len(values)}")
+        self._host_seqlens, self._host_version = values, self._seqlens_version()
+
     @property
     def batch_size(self):
         return self.k.shape[1]
@@ -56,9 +80,8 @@ class KVCache:
 
     def longest(self):
         """The longest sequence's length: from the host mirror when known, else read from the device (a sync)."""
-        if self.host_seqlens is not None:
-            return max(self.host_seqlens)
-        return int(self.seqlens.max())
+        mirror = self.host_seqlens
+        return max(mirror) if mirror is not None else int(self.seqlens.max())
 
 
 __all__ = ["KVCache"]

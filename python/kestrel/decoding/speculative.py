@@ -59,7 +59,7 @@ class SpeculativeStep:
             accept_index, accept_len, next_token = verify_tree_sample(candidates, probs, tree, uniform,
                                                                       uniform_final)
         compact_kv_cache(cache.k, cache.v, cache.seqlens, accept_index)
-        cache.host_seqlens = None  # advanced by 1 + accept_len on the device; the caller may restore the mirror
+        cache.host_seqlens = None  # advanced by 1 + accept_len on the device; the caller may set the mirror again
         rows = self.rows
         hidden_last = hidden[rows, accept_index[rows, accept_len.long()].long()]
         return candidates, accept_index, accept_len, next_token, hidden_last
@@ -93,7 +93,7 @@ def speculative_loop(model, cache, token, hidden_last, output, stats, spec, temp
                 host_seqlens[b] += 1 + accepted
             if output.done[b]:
                 done[b] = True
-    cache.host_seqlens = host_seqlens
+    cache.host_seqlens = host_seqlens  # after the last in-place write to cache.seqlens
 
 
 __all__ = ["SpeculativeStep", "speculative_loop"]

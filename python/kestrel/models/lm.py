@@ -363,14 +363,14 @@ class KestrelLM(nn.Module):
         if cache is not None and tree_depth is None:
             if self.config.attention == "plga":
                 cache.g_built = True
+            mirror = cache.host_seqlens  # read before the write below (which leaves it unknown until set again)
             cache.seqlens += (lengths.to(cache.seqlens) if lengths is not None else L)
-            if cache.host_seqlens is not None:
-                if lengths is None:
-                    cache.host_seqlens = [n + L for n in cache.host_seqlens]
-                elif host_lengths is not None:
-                    cache.host_seqlens = [n + m for n, m in zip(cache.host_seqlens, host_lengths)]
-                else:
-                    cache.host_seqlens = None  # device lengths: unknown on the host until someone reads them
+            if mirror is not None and lengths is None:
+                cache.host_seqlens = [n + L for n in mirror]
+            elif mirror is not None and host_lengths is not None:
+                cache.host_seqlens = [n + m for n, m in zip(mirror, host_lengths)]
+            else:
+                cache.host_seqlens = None  # device lengths: unknown on the host until someone reads them
         return (logits, hidden) if return_hidden else logits
 
     def draft_logits(self, hidden):
