@@ -9,6 +9,11 @@ attention does, or in fp32 for fp32 inputs. Decode: query row i sits at absolute
 Backward: a dq kernel per block of query rows (LSSAR: two passes over the keys, the first for a row reduction) and a
 dk/dv kernel per block of keys (looping over the query heads of its GQA group), both recomputing the scores from the
 forward's row statistics; the formulas are above the backward kernels.
+
+The float32 matrix products (the scores, and the backward's) use "tf32x3": three TF32 tensor-core products per
+float32 product (hi·hi + hi·lo + lo·hi), float32 accuracy at tensor-core speed. IEEE float32 dots are FMA loops
+whose operand tiles do not fit in registers (the sm_90 build spilled kilobytes per thread). The tile sizes of a GPU
+launch (cuda_config) were chosen from sm_90 builds compiled ahead of time (tests/test_softplus_attention.py).
 """
 
 import triton
@@ -34,7 +39,7 @@ def _load_keys_normed(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn
 
 @triton.jit
 def _load_keys(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, length):
-    kn, _, v, kmask = _load_keys_normed(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, length)
+    kn, knorm_unused, v, kmask = _load_keys_normed(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, length)
     return kn, v, kmask
 
 
@@ -82,7 +87,7 @@ def softplus_attention_fwd_kernel(
     for start in range(0, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         kn, v, kmask = _load_keys(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, length)
-        x = tl.dot(qs, tl.trans(kn), input_precision="ieee")
+        x = tl.dot(qs, tl.trans(kn), input_precision="tf32x3")
         visible = kmask[None, :]
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= pos[:, None])
@@ -92,7 +97,7 @@ def softplus_attention_fwd_kernel(
             m = tl.maximum(m, tl.max(tl.where(visible, x, float("-inf")), 1))
         else:
             if FP32_DOT:
-                acc += tl.dot(f, v.to(tl.float32), input_precision="ieee")
+                acc += tl.dot(f, v.to(tl.float32), input_precision="tf32x3")
             else:
                 acc += tl.dot(f.to(v.dtype), v)
 
@@ -113,7 +118,7 @@ def softplus_attention_fwd_kernel(
         for start in range(0, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             kn, v, kmask = _load_keys(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, length)
-            x = tl.dot(qs, tl.trans(kn), input_precision="ieee")
+            x = tl.dot(qs, tl.trans(kn), input_precision="tf32x3")
             visible = kmask[None, :]
             if CAUSAL:
                 visible = visible & (offs_n[None, :] <= pos[:, None])
@@ -122,7 +127,7 @@ def softplus_attention_fwd_kernel(
             w = tl.where(visible & (r > 0.0), tl.exp2(power * tl.log2(ratio)), 0.0)
             sw += tl.sum(w, 1)
             if FP32_DOT:
-                acc += tl.dot(w, v.to(tl.float32), input_precision="ieee")
+                acc += tl.dot(w, v.to(tl.float32), input_precision="tf32x3")
             else:
                 acc += tl.dot(w.to(v.dtype), v)
         # eps / r_max^p in the log domain, capped below float32's overflow (2^115): a near-uniform row's tiny r_max
@@ -131,6 +136,17 @@ def softplus_attention_fwd_kernel(
         tl.store(W + stat, sw + scaled_eps, mask=row_ok)  # the scaled denominator, for the backward
         out = tl.where(positive[:, None], acc / (sw + scaled_eps)[:, None], 0.0)
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+def cuda_config(kernel, D):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a GPU launch of "fwd", "dq" or "dkdv" at head dim D, from sm_90
+    builds compiled ahead of time: the forward keeps everything in registers; the backward kernels, whose LSSAR
+    terms hold several BLOCK_M x BLOCK_N tiles at once, spill the least at these sizes (tens of bytes at D 64,
+    hundreds at D 128)."""
+    table = {("fwd", 64): (64, 64, 4, 2), ("fwd", 128): (64, 32, 4, 2),
+             ("dq", 64): (64, 32, 4, 2), ("dq", 128): (64, 32, 8, 2),
+             ("dkdv", 64): (32, 32, 8, 2), ("dkdv", 128): (16, 32, 8, 2)}
+    return table[(kernel, 64 if D <= 64 else 128)]
 
 
 def softplus_attention_forward(q, k, v, causal, reweight_p, eps, cache_seqlens=None, block_m=None, block_n=None):
@@ -148,8 +164,8 @@ def softplus_attention_forward(q, k, v, causal, reweight_p, eps, cache_seqlens=N
     m = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     w = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     lens = cache_seqlens.to(device=q.device, dtype=torch.int32).contiguous() if cache_seqlens is not None else s
-    block_m = block_m or (64 if D <= 64 else 32) if q.is_cuda else (block_m or 16)
-    block_n = block_n or (64 if q.is_cuda else 16)
+    cfg_m, cfg_n, num_warps, num_stages = cuda_config("fwd", D) if q.is_cuda else (16, 16, 4, 1)
+    block_m, block_n = block_m or cfg_m, block_n or cfg_n
     grid = (triton.cdiv(Lq, block_m), B * Hq)
     softplus_attention_fwd_kernel[grid](
         q, k, v, out, s, m, w, lens,
@@ -159,7 +175,8 @@ def softplus_attention_forward(q, k, v, causal, reweight_p, eps, cache_seqlens=N
         out.stride(0), out.stride(1), out.stride(2),
         Hq, Hq // Hkv, Lq, Lk, math.log(D), eps, float(reweight_p or 0.0),
         CAUSAL=bool(causal), REWEIGHT=reweight_p is not None, HAS_LENS=cache_seqlens is not None,
-        FP32_DOT=q.dtype == torch.float32, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
+        FP32_DOT=q.dtype == torch.float32, D=D, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out, s, m, w
 
@@ -237,11 +254,11 @@ def _lssar_terms(x, visible, count, inv, offset, safe, coef, dov, delta, power):
 def _tile(qs, kn, v, offs_n, kmask, row_ok, pos, do, delta, inv, count, offset, safe, coef, gamma, power,
           CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr):
     """(weight for dv, dx, a, da) of one (rows x keys) tile; a and da feed LSSAR's row reduction."""
-    x = tl.dot(qs, tl.trans(kn), input_precision="ieee")
+    x = tl.dot(qs, tl.trans(kn), input_precision="tf32x3")
     visible = kmask[None, :] & row_ok[:, None]
     if CAUSAL:
         visible = visible & (offs_n[None, :] <= pos[:, None])
-    dov = tl.dot(do, tl.trans(v), input_precision="ieee")
+    dov = tl.dot(do, tl.trans(v), input_precision="tf32x3")
     if REWEIGHT:
         a, weight, da = _lssar_terms(x, visible, count, inv, offset, safe, coef, dov, delta, power)
         dx = tl.where(visible, (da - gamma[:, None]) * inv[:, None] * tl.sigmoid(x), 0.0)
@@ -269,7 +286,8 @@ def softplus_attention_bwd_dq_kernel(
     hk = h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    qs, qn, norm, scale, do, delta, inv, pos, length, row_ok, stat, count, offset, safe, coef, _ = _rows(
+    # (compiled Triton treats `_` as a variable like any other: each unused result gets its own name)
+    qs, qn, norm, scale, do, delta, inv, pos, length, row_ok, stat, count, offset, safe, coef, dv_scale_unused = _rows(
         Q, DO, O, S, M, W, LENS, b, h, pid_bh, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_ob,
         stride_oh, stride_om, Lq, Lk, log_d, eps, CAUSAL, HAS_LENS, REWEIGHT)
     if CAUSAL:
@@ -283,17 +301,18 @@ def softplus_attention_bwd_dq_kernel(
         for start in range(0, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             kn, v, kmask = _load_keys(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, length)
-            _, _, a, da = _tile(qs, kn, v.to(tl.float32), offs_n, kmask, row_ok, pos, do, delta, inv, count, offset,
-                                safe, coef, gamma, power, CAUSAL, REWEIGHT)
+            weight_unused, dx_unused, a, da = _tile(qs, kn, v.to(tl.float32), offs_n, kmask, row_ok, pos, do, delta,
+                                                    inv, count, offset, safe, coef, gamma, power, CAUSAL, REWEIGHT)
             gamma += tl.sum(da * a, 1)
         tl.store(GAMMA + stat, gamma, mask=row_ok)
     dqn = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     for start in range(0, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         kn, v, kmask = _load_keys(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, length)
-        _, dx, _, _ = _tile(qs, kn, v.to(tl.float32), offs_n, kmask, row_ok, pos, do, delta, inv, count, offset,
-                            safe, coef, gamma, power, CAUSAL, REWEIGHT)
-        dqn += tl.dot(dx, kn, input_precision="ieee")
+        weight_unused2, dx, a_unused, da_unused = _tile(qs, kn, v.to(tl.float32), offs_n, kmask, row_ok, pos, do,
+                                                        delta, inv, count, offset, safe, coef, gamma, power, CAUSAL,
+                                                        REWEIGHT)
+        dqn += tl.dot(dx, kn, input_precision="tf32x3")
     dqn = dqn * scale[:, None]
     dq = (dqn - qn * tl.sum(qn * dqn, 1)[:, None]) / norm[:, None]
     tl.store(DQ + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
@@ -333,17 +352,18 @@ def softplus_attention_bwd_dkdv_kernel(
         bh = b * H_Q + h
         for start in range(lo, Lq, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
-            qs, _, _, _, do, delta, inv, pos, _, row_ok, stat, count, offset, safe, coef, dv_scale = _rows(
+            qs, qn_unused, norm_unused, scale_unused, do, delta, inv, pos, length_unused, row_ok, stat, count, offset, \
+                safe, coef, dv_scale = _rows(
                 Q, DO, O, S, M, W, LENS, b, h, bh, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_ob,
                 stride_oh, stride_om, Lq, Lk, log_d, eps, CAUSAL, HAS_LENS, REWEIGHT)
             if REWEIGHT:
                 gamma = tl.load(GAMMA + stat, mask=row_ok, other=0.0)
             else:
                 gamma = tl.zeros([BLOCK_M], dtype=tl.float32)
-            weight, dx, _, _ = _tile(qs, kn, v, offs_n, kmask, row_ok, pos, do, delta, inv, count, offset, safe,
-                                     coef, gamma, power, CAUSAL, REWEIGHT)
-            dv += tl.dot(tl.trans(weight), do * dv_scale[:, None], input_precision="ieee")
-            dkn += tl.dot(tl.trans(dx), qs, input_precision="ieee")
+            weight, dx, a_unused, da_unused = _tile(qs, kn, v, offs_n, kmask, row_ok, pos, do, delta, inv, count,
+                                                    offset, safe, coef, gamma, power, CAUSAL, REWEIGHT)
+            dv += tl.dot(tl.trans(weight), do * dv_scale[:, None], input_precision="tf32x3")
+            dkn += tl.dot(tl.trans(dx), qs, input_precision="tf32x3")
     dk = (dkn - kn * tl.sum(kn * dkn, 1)[:, None]) / knorm[:, None]
     tl.store(DK + base_k + offs_n[:, None] * stride_kn + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=kmask[:, None])
@@ -366,17 +386,17 @@ def softplus_attention_backward(q, k, v, out, stats, grad_out, causal, reweight_
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     gamma = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     lens = cache_seqlens.to(device=q.device, dtype=torch.int32).contiguous() if cache_seqlens is not None else s
-    block_m = block_m or (64 if q.is_cuda else 16)
-    block_n = block_n or (64 if q.is_cuda else 16)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2))
-    flags = dict(CAUSAL=bool(causal), HAS_LENS=cache_seqlens is not None, REWEIGHT=reweight_p is not None, D=D,
-                 BLOCK_M=block_m, BLOCK_N=block_n)
+    flags = dict(CAUSAL=bool(causal), HAS_LENS=cache_seqlens is not None, REWEIGHT=reweight_p is not None, D=D)
     power = float(reweight_p or 0.0)
-    softplus_attention_bwd_dq_kernel[(triton.cdiv(Lq, block_m), B * Hq)](
+    dq_m, dq_n, dq_warps, dq_stages = cuda_config("dq", D) if q.is_cuda else (16, 16, 4, 1)
+    softplus_attention_bwd_dq_kernel[(triton.cdiv(Lq, block_m or dq_m), B * Hq)](
         q, k, v, out, grad_out, s, m, w, lens, dq, gamma, *strides, Hq, Hq // Hkv, Lq, Lk, math.log(D), eps, power,
-        **flags)
-    softplus_attention_bwd_dkdv_kernel[(triton.cdiv(Lk, block_n), B * Hkv)](
+        BLOCK_M=block_m or dq_m, BLOCK_N=block_n or dq_n, num_warps=dq_warps, num_stages=dq_stages, **flags)
+    kv_m, kv_n, kv_warps, kv_stages = cuda_config("dkdv", D) if q.is_cuda else (16, 16, 4, 1)
+    softplus_attention_bwd_dkdv_kernel[(triton.cdiv(Lk, block_n or kv_n), B * Hkv)](
         q, k, v, out, grad_out, s, m, w, lens, gamma, dk, dv, *strides, Hq, Hkv, Hq // Hkv, Lq, Lk, math.log(D),
-        eps, power, **flags)
+        eps, power, BLOCK_M=block_m or kv_m, BLOCK_N=block_n or kv_n, num_warps=kv_warps, num_stages=kv_stages,
+        **flags)
     return dq, dk, dv
