@@ -2,7 +2,8 @@
 matrix-multiply tile and each row keeps a running top-k in registers, so the N×C score matrix never exists.
 
 One program per (block of BLOCK_N rows, head). fp16/bf16 inputs of one dtype go through the tensor cores as they
-are (their products are exact in float32, accumulated in float32); float32 inputs use IEEE float32 dots. The vector
+are (their products are exact in float32, accumulated in float32); float32 inputs use "tf32x3" dots (three TF32
+tensor-core products per float32 product: float32 accuracy at tensor-core speed). The vector
 dimension is processed in chunks of BLOCK_D (one chunk, kept in registers, when d fits; otherwise x's chunks are
 re-read per codebook tile), so any d compiles within the shared-memory budget. A tile's scores are x·c adjusted per
 code (l2: 2 x·c − ‖c‖²; cosine: x·c / ‖c‖; ip: x·c; banned codes, codes past C and NaN scores: −inf), then merged
@@ -33,7 +34,7 @@ def _score_tile(x_rows, row_ok, cb_rows, code_ok, x_resident, D,
         if LOWP:
             tile = tl.dot(x_resident, tl.trans(cb), out_dtype=tl.float32)
         else:
-            tile = tl.dot(x_resident, tl.trans(cb.to(tl.float32)), input_precision="ieee")
+            tile = tl.dot(x_resident, tl.trans(cb.to(tl.float32)), input_precision="tf32x3")
     else:
         tile = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -43,7 +44,7 @@ def _score_tile(x_rows, row_ok, cb_rows, code_ok, x_resident, D,
             if LOWP:
                 tile += tl.dot(xc, tl.trans(cb), out_dtype=tl.float32)
             else:
-                tile += tl.dot(xc.to(tl.float32), tl.trans(cb.to(tl.float32)), input_precision="ieee")
+                tile += tl.dot(xc.to(tl.float32), tl.trans(cb.to(tl.float32)), input_precision="tf32x3")
     return tile
 
 
