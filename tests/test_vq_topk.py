@@ -219,18 +219,12 @@ def test_triton_kernel_over_several_chunks_of_the_vector_dimension(D):
         assert torch.equal(ids[..., :4].long().cpu(), ref_ids), metric
 
 
-# The kernel built ahead of time for sm_90 (H100/H200) with a launch's specialisation: it must compile (a compiled
-# kernel may not read Python globals, which the interpreter allows), fit the shared memory of one SM at any d (the
-# vector dimension goes in chunks) and not spill at the common sizes. Runs without a GPU (Triton's ptxas and
-# cuobjdump), in a subprocess because the test session interprets Triton kernels.
 SM90_BUILD_CHECK = r"""
-import os, subprocess, sys, tempfile
+import sys
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from kestrel.kernels.vq_topk import cuda_config, vq_topk_kernel as fn
+from sm90_build import SHARED_MEMORY_LIMIT, build
+from kestrel.kernels.vq_topk import cuda_config, vq_topk_kernel
 
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 failures = []
 # (dtype, d, k, gather, spills allowed: k = 64 keeps tens of bytes per thread on the stack, d = 768 in float32 too)
 for dt, D, k, gather, may_spill in [("bf16", 64, 8, False, False), ("fp32", 14, 1, True, False),
@@ -244,21 +238,10 @@ for dt, D, k, gather, may_spill in [("bf16", 64, 8, False, False), ("fp32", 14, 
                       LOWP=lowp, ONE_CHUNK=block_d >= D)
     pointers = {"X": dt, "CB": dt, "BIAS": "fp32", "SCALE": "fp32", "OUT_S": "fp32", "OUT_I": "i32",
                 "VALUES": "fp32", "OUT_V": "fp32"}
-    signature = {n: "constexpr" if n in constexprs else "*" + pointers[n] if n in pointers else "i32"
-                 for n in fn.arg_names}
-    aligned = [n for n in fn.arg_names if n in pointers or n.startswith("stride")]
-    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()},
-                       attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
-    shared = kernel.metadata.shared
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
-        handle.write(kernel.asm["cubin"])
-        handle.flush()
-        usage = subprocess.run([cuobjdump, "--dump-resource-usage", handle.name], capture_output=True, text=True).stdout
-    stack = int(usage.split("STACK:")[1].split()[0])
+    shared, stack = build(vq_topk_kernel, lambda n: "*" + pointers[n] if n in pointers else "i32", constexprs,
+                          num_warps, num_stages)
     print(dt, D, k, gather, (block_n, block_c, block_d, num_warps, num_stages), "shared", shared, "stack", stack)
-    if shared > 227 * 1024 or (stack and not may_spill):
+    if shared > SHARED_MEMORY_LIMIT or (stack and not may_spill):
         failures.append((dt, D, k, gather, shared, stack))
 sys.exit(f"over budget: {failures}" if failures else 0)
 """
@@ -267,13 +250,8 @@ sys.exit(f"over budget: {failures}" if failures else 0)
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
 def test_sm90_build_compiles_within_budget():
-    import os
-    import subprocess
-    import sys
+    """Compiles (a compiled kernel may not read Python globals, which the interpreter allows), fits the shared
+    memory at any d (the vector dimension goes in chunks), no spills at the common sizes (tests/sm90_build.py)."""
+    from sm90_build import run_check
 
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", SM90_BUILD_CHECK], env=env, capture_output=True, text=True,
-                            timeout=900)
-    if "cuobjdump" in result.stderr and "No such file" in result.stderr:
-        pytest.skip("this Triton build ships no cuobjdump")
-    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    run_check(SM90_BUILD_CHECK)
