@@ -44,6 +44,20 @@ def _load_keys(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, lengt
 
 
 @triton.jit
+def _scores(K, V, base_k, base_v, start, offs_d, stride_kn, stride_vn, length, qs, pos, CAUSAL: tl.constexpr,
+            BLOCK_N: tl.constexpr):
+    """The forward's key block at `start`: scores x = qs · kn (BLOCK_M, BLOCK_N), the values, and which keys each
+    row sees (valid, and causal)."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    kn, v, kmask = _load_keys(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, length)
+    x = tl.dot(qs, tl.trans(kn), input_precision="tf32x3")
+    visible = kmask[None, :]
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] <= pos[:, None])
+    return x, v, visible
+
+
+@triton.jit
 def softplus_attention_fwd_kernel(
     Q, K, V, O, S, M, W, LENS,
     stride_qb, stride_qh, stride_qm,
@@ -85,12 +99,8 @@ def softplus_attention_fwd_kernel(
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     for start in range(0, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        kn, v, kmask = _load_keys(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, length)
-        x = tl.dot(qs, tl.trans(kn), input_precision="tf32x3")
-        visible = kmask[None, :]
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= pos[:, None])
+        x, v, visible = _scores(K, V, base_k, base_v, start, offs_d, stride_kn, stride_vn, length, qs, pos, CAUSAL,
+                                BLOCK_N)
         f = tl.where(visible, _softplus(x), 0.0)
         s += tl.sum(f, 1)
         if REWEIGHT:
@@ -116,12 +126,8 @@ def softplus_attention_fwd_kernel(
         safe = tl.where(positive, r_max, 1.0)
         sw = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start in range(0, hi, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            kn, v, kmask = _load_keys(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, length)
-            x = tl.dot(qs, tl.trans(kn), input_precision="tf32x3")
-            visible = kmask[None, :]
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= pos[:, None])
+            x, v, visible = _scores(K, V, base_k, base_v, start, offs_d, stride_kn, stride_vn, length, qs, pos,
+                                    CAUSAL, BLOCK_N)
             r = count[:, None] * _softplus(x) * inv[:, None] - offset[:, None]
             ratio = tl.where(visible & (r > 0.0), r / safe[:, None], 1.0)
             w = tl.where(visible & (r > 0.0), tl.exp2(power * tl.log2(ratio)), 0.0)
