@@ -205,8 +205,8 @@ class CodebookLayer(nn.Module):
         self.code_counts += counts.view(self.heads, self.num_codes)
         take = xh[-self.recent_size:].transpose(0, 1).to(self.recent.dtype)  # (H, m, dim): the latest rows
         m = take.shape[1]
-        slots = (self._recent_next + torch.arange(m)) % self.recent_size
-        self.recent[:, slots.to(self.recent.device)] = take
+        slots = (self._recent_next + torch.arange(m, device=self.recent.device)) % self.recent_size
+        self.recent[:, slots] = take
         self._recent_next = (self._recent_next + m) % self.recent_size
         self._recent_filled = min(self.recent_size, self._recent_filled + m)
 
