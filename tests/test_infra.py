@@ -116,3 +116,30 @@ def test_vq_topk_benchmark_runs_quick_on_cpu():
 
     rows = bench_vq_topk.run("cpu", quick=True)
     assert [r.op for r in rows] == ["vq_topk (ip)"]
+
+
+def test_kv_bottleneck_benchmark_runs_quick_on_cpu():
+    from kestrel.benchmarks import bench_kv_bottleneck
+
+    rows = bench_kv_bottleneck.run("cpu", quick=True)
+    assert [(r.op, r.baseline) for r in rows] == [("kv_bottleneck_lookup", "bmm + topk + gather")]
+    # the baseline computes the same lookup
+    g = torch.Generator().manual_seed(0)
+    z, keys, values = torch.randn(5, 3, 14, generator=g), torch.randn(3, 40, 14, generator=g), \
+        torch.randn(3, 40, 10, generator=g)
+    from kestrel.ops import kv_bottleneck_lookup
+
+    out, ids = kv_bottleneck_lookup(z, keys, values, 1)
+    base_out, base_ids = bench_kv_bottleneck.unfused(z, keys, values, 1)
+    assert torch.equal(ids, base_ids)
+    torch.testing.assert_close(out, base_out)
+
+
+def test_bench_prints_one_table(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "kestrel", "bench", "--only", "tree_verify", "kv_bottleneck",
+                             "--quick", "--csv", str(tmp_path / "rows.csv")], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("kestrel ms") == 1  # one header: one table
+    assert "verify_tree_greedy" in result.stdout and "kv_bottleneck_lookup" in result.stdout
+    assert (tmp_path / "rows.csv").read_text().count("\n") >= 3

@@ -65,12 +65,11 @@ def cmd_bench(args):
     where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{torch.get_num_threads()} threads"
     print(f"device: {device} ({where}); copy roof {harness.copy_roof_gbps(device):.1f} GB/s (read + write)")
     rows = []
-    for name in names:
+    for name in names:  # progress on stderr; the results in one table at the end
+        print(f"running {name} ...", file=sys.stderr, flush=True)
         module = importlib.import_module(BENCHMARKS[name])
-        result = module.run(device, quick=args.quick)
-        harness.print_table(result)
-        print()
-        rows += result
+        rows += module.run(device, quick=args.quick)
+    harness.print_table(rows)
     if args.csv:
         harness.write_csv(rows, args.csv)
         print(f"wrote {args.csv}")
