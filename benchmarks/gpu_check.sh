@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_check.sh            # everything
 #   KESTREL_GPU_CHECK_SKIP_BENCH=1 ...       # no benchmarks
 #   KESTREL_GPU_CHECK_SKIP_DEMO=1 ...        # no demo
+#   KESTREL_GPU_CHECK_BENCH_ONLY="vq_topk tree_attention" ...   # only these benchmarks
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/kestrel-gpu}"
@@ -39,7 +40,9 @@ fi
 
 if [ -z "${KESTREL_GPU_CHECK_SKIP_BENCH:-}" ]; then
   echo "== benchmarks"
-  "$PY" -m kestrel bench --device cuda --csv "$OUT/bench.csv" 2>&1 | tee "$OUT/bench.log"
+  # shellcheck disable=SC2086  (a list of names, split on purpose)
+  "$PY" -m kestrel bench --device cuda ${KESTREL_GPU_CHECK_BENCH_ONLY:+--only $KESTREL_GPU_CHECK_BENCH_ONLY} \
+    --csv "$OUT/bench.csv" 2>&1 | tee "$OUT/bench.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 echo "logs in $OUT"
