@@ -11,6 +11,12 @@ with the running top-k by K rounds of "take the best of the union, the lowest id
 best score cannot enter any row's top-k is skipped after one reduction. The caller adds the per-row term (−‖x‖² for
 l2, 1/‖x‖ for cosine).
 
+Identical codes: the caller searches only the first code of each group of copies (the others banned through
+BIAS) and passes the groups (MEMBERS, GSTART, GSIZE: kestrel.ops.vq_topk.duplicate_groups); the epilogue expands
+the running top-k into the copies by a K-way merge on (score, id). A matrix product may round the same x·c
+differently in different columns of a tile, so searching copies separately could order them by rounding rather
+than by index; grouped, they share one score and the lower-index rule holds exactly.
+
 With GATHER (the discrete key-value bottleneck, spec §3) the same program then reads the value rows of its k ids
 and writes their mean, so the nearest-key search and the value gather are one launch (an id that is not a code, as
 when banned codes leave fewer than k, reads nothing).
@@ -49,8 +55,8 @@ def _score_tile(x_rows, row_ok, cb_rows, code_ok, x_resident, D,
 
 
 @triton.jit
-def vq_topk_kernel(X, CB, BIAS, SCALE, OUT_S, OUT_I, VALUES, OUT_V, N, C, D, DV,
-                   stride_xh, stride_xn, stride_ch, stride_cc, stride_bh, stride_oh, stride_on,
+def vq_topk_kernel(X, CB, BIAS, SCALE, MEMBERS, GSTART, GSIZE, OUT_S, OUT_I, VALUES, OUT_V, N, C, D, DV,
+                   stride_xh, stride_xn, stride_ch, stride_cc, stride_bh, stride_gh, stride_oh, stride_on,
                    stride_vh, stride_vc, stride_ovh, stride_ovn,
                    K: tl.constexpr, K_USED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_C: tl.constexpr, GATHER: tl.constexpr, BLOCK_DV: tl.constexpr, LOWP: tl.constexpr,
@@ -96,6 +102,24 @@ def vq_topk_kernel(X, CB, BIAS, SCALE, OUT_S, OUT_I, VALUES, OUT_V, N, C, D, DV,
                 best_i = tl.where(best_i == pick[:, None], BIG_ID + 1, best_i)  # taken: never matches again
                 ids = tl.where(ids == pick[:, None], BIG_ID + 1, ids)
             best_s, best_i = new_s, new_i
+    # expand the group leaders into their copies: K rounds of "the best live head, the lowest id among equals"
+    groups = head * stride_gh
+    lead_ok = row_ok[:, None] & (best_i < C)
+    g_size = tl.load(GSIZE + groups + best_i, mask=lead_ok, other=0)
+    g_start = tl.load(GSTART + groups + best_i, mask=lead_ok, other=0)
+    taken = tl.zeros([BLOCK_N, K], dtype=tl.int32)
+    out_s = tl.full([BLOCK_N, K], float("-inf"), dtype=tl.float32)
+    out_i = tl.full([BLOCK_N, K], BIG_ID, dtype=tl.int32)
+    for r in tl.static_range(K):
+        live = taken < g_size
+        cand = tl.load(MEMBERS + groups + g_start + taken, mask=live, other=BIG_ID)
+        live_s = tl.where(live, best_s, float("-inf"))
+        m = tl.max(live_s, 1)
+        pick = tl.min(tl.where(live & (live_s == m[:, None]), cand, BIG_ID), 1)
+        out_s = tl.where(offs_k[None, :] == r, m[:, None], out_s)
+        out_i = tl.where(offs_k[None, :] == r, pick[:, None], out_i)
+        taken += (live & (cand == pick[:, None])).to(tl.int32)
+    best_s, best_i = out_s, out_i
     out = head * stride_oh + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :]
     tl.store(OUT_S + out, best_s, mask=row_ok[:, None])
     tl.store(OUT_I + out, best_i, mask=row_ok[:, None])
@@ -121,15 +145,19 @@ def cuda_config(D, K, lowp):
     return block_n, 64, block_d, 4, 2
 
 
-def vq_topk_triton(x, codebook, bias, scale, k, block_n=None, block_c=None, values=None):
+def vq_topk_triton(x, codebook, bias, scale, k, groups, block_n=None, block_c=None, values=None):
     """Ranking scores and ids (H, N, K) of the k best codes per row (K = k rounded up to a power of two; the caller
-    slices). x (H, N, d), codebook (H, C, d), bias and scale (H, C) float32 per-code terms. With `values`
+    slices). x (H, N, d), codebook (H, C, d), bias and scale (H, C) float32 per-code terms, groups = (alias,
+    members, start, size) from kestrel.ops.vq_topk.duplicate_groups (the copies are banned here). With `values`
     (H, C, dv) also returns the mean of the k selected value rows, (H, N, dv) in values' dtype (accumulated in
     float32). CUDA, or CPU under TRITON_INTERPRET=1."""
     import torch
 
     H, N, D = x.shape
     C = codebook.shape[1]
+    alias, members, g_start, g_size = groups
+    members, g_start, g_size = (t.to(device=x.device, dtype=torch.int32).contiguous() for t in (members, g_start, g_size))
+    bias = bias.masked_fill(alias.to(bias.device), float("-inf"))  # only a group's first code is searched
     K = max(triton.next_power_of_2(k), 2)
     x, codebook = x.contiguous(), codebook.contiguous()
     bias, scale = bias.contiguous(), scale.contiguous()
@@ -149,8 +177,9 @@ def vq_topk_triton(x, codebook, bias, scale, k, block_n=None, block_c=None, valu
         cfg_n, cfg_c, block_d, num_warps, num_stages = 16, 32, min(max(16, triton.next_power_of_2(D)), 32), 4, 1
     block_n, block_c = block_n or cfg_n, block_c or cfg_c
     vq_topk_kernel[(triton.cdiv(N, block_n), H)](
-        x, codebook, bias, scale, out_s, out_i, values, out_v, N, C, D, DV,
-        x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1), bias.stride(0), out_s.stride(0),
+        x, codebook, bias, scale, members, g_start, g_size, out_s, out_i, values, out_v, N, C, D, DV,
+        x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1), bias.stride(0), members.stride(0),
+        out_s.stride(0),
         out_s.stride(1), values.stride(0), values.stride(1), out_v.stride(0), out_v.stride(1),
         K=K, K_USED=k, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_C=block_c, GATHER=gather,
         BLOCK_DV=max(2, triton.next_power_of_2(DV)), LOWP=lowp, ONE_CHUNK=block_d >= D,

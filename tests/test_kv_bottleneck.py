@@ -47,13 +47,14 @@ def test_lookup_equals_the_float64_reference(k, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_fused_triton_kernel_equals_the_cpu_path(k, dtype):
     from kestrel.kernels.vq_topk import vq_topk_triton
-    from kestrel.ops.vq_topk import _code_terms
+    from kestrel.ops.vq_topk import _code_terms, duplicate_groups
 
     device = "cuda" if gpu_available() else "cpu"
     z, keys, values = inputs(B=21, C=3, P=70, seed=10 + k, dtype=dtype)
+    keys[1, 50] = keys[1, 12]  # a duplicated key: the copies tie, the lower index first
     scale, bias = _code_terms(keys, "l2", None)
     _, ids, out = vq_topk_triton(z.transpose(0, 1).to(device), keys.to(device), bias.to(device),
-                                 scale.to(device), k, values=values.to(device))
+                                 scale.to(device), k, duplicate_groups(keys), values=values.to(device))
     ref_out, ref_ids = kv_bottleneck_lookup(z.float(), keys.float(), values.float(), k)
     assert torch.equal(ids[..., :k].long().cpu().transpose(0, 1), ref_ids)
     assert out.dtype == dtype

@@ -14,7 +14,7 @@ z_proj (DKVB's encoder is frozen), so both get no gradient.
 
 import torch
 
-from .vq_topk import _code_terms, _topk_chunked
+from .vq_topk import _code_terms, ranked_topk
 
 
 def _check(z_proj, keys, values, k):
@@ -45,17 +45,7 @@ def _lookup_op(z_proj: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                k: int) -> tuple[torch.Tensor, torch.Tensor]:
     x = z_proj.transpose(0, 1)  # (C, B, dk): one "head" per codebook
     scale, bias = _code_terms(keys, "l2", None)
-    if z_proj.is_cuda and z_proj.dtype != torch.float64:
-        from ..kernels.vq_topk import vq_topk_triton
-
-        _, ids, out = vq_topk_triton(x, keys, bias, scale, k, values=values)
-        ids = ids[..., :k].long()
-    else:
-        _, ids = _topk_chunked(x, keys, scale, bias, k)  # (C, B, k)
-        C, B = ids.shape[:2]
-        acc = torch.float64 if values.dtype == torch.float64 else torch.float32
-        rows = torch.gather(values.to(acc), 1, ids.reshape(C, B * k, 1).expand(-1, -1, values.shape[-1]))
-        out = rows.reshape(C, B, k, -1).mean(2).to(values.dtype)
+    _, ids, out = ranked_topk(x, keys, scale, bias, k, values=values)  # (C, B, k), (C, B, dv)
     return out.transpose(0, 1).contiguous(), ids.transpose(0, 1).contiguous()
 
 

@@ -7,6 +7,13 @@ ids int64, (N, k) or (H, N, k), best first, ties to the lower index. Metrics: "l
 row over codebook tiles; on the CPU the same ranking runs over chunks of codes (memory O(N·(k + chunk))).
 A NaN score ranks last (like −inf). `banned` must leave at least k codes in every head: checked on the CPU; on a GPU (where the check would be a host
 sync) the ranks past the allowed codes are undefined.
+
+Ties go to the lower index whatever the rounding of the score computation: a matrix product may round the same
+x·c differently in different columns of a tile (BLAS kernels on the CPU, and the Triton interpreter, take other
+paths at a tile's edge), so identical codes could get scores one ulp apart. Identical codes (equal values, -0 == +0)
+are therefore grouped first (`duplicate_groups`): only each group's first code is searched, and the selection is
+then expanded to the copies by a k-way merge on (score, id), so copies share one score and follow the lower-index
+rule exactly.
 """
 
 import torch
@@ -64,6 +71,114 @@ def _code_terms(codebook, metric, banned):
     if banned is not None:
         bias = bias.masked_fill(banned.to(cb.device), float("-inf"))
     return scale, bias
+
+
+_HASH_PRIMES = (2147483647, 2147483629)  # two 31-bit primes: the row hash is a pair of sums modulo each
+
+
+def _hash_weights(d, device):
+    """Fixed pseudo-random weights (d, 2) in [1, prime) for the row hash (the same on every call and device)."""
+    g = torch.Generator().manual_seed(0x6b657374)
+    return torch.stack([torch.randint(1, q, (d,), generator=g, dtype=torch.int64) for q in _HASH_PRIMES],
+                       -1).to(device)
+
+
+def duplicate_groups(codebook, banned=None):
+    """Groups of identical codes per head, found with fixed shapes and no host sync.
+
+    codebook (H, C, d), banned (H, C) bool or None. Returns (alias, members, start, size), (H, C) each:
+    `alias` marks every code that equals a lower-index allowed code (compared by value, so -0 == +0; a code holding
+    NaN equals nothing; banned codes are never grouped); `members` lists the code ids group by group, ids ascending
+    within a group; for a group's first code c, `start[c]` is the position of its group in `members` and `size[c]`
+    the number of copies (alias codes hold no meaning there). Rows are bucketed by a hash of their bits (two sums
+    modulo 31-bit primes) and a bucket's neighbours are compared in full, so a hash collision never merges
+    different codes (at worst, with probability about C^2 / 2^62, it leaves two copies ungrouped).
+    """
+    H, C, d = codebook.shape
+    device = codebook.device
+    values = codebook + 0.0  # -0 -> +0: equal values get equal bits
+    int_dtype = {torch.float64: torch.int64, torch.float32: torch.int32}.get(values.dtype, torch.int16)
+    bits = values.view(int_dtype).to(torch.int64)
+    if int_dtype == torch.int64:  # hash both 32-bit halves
+        bits = torch.cat([bits & 0xFFFFFFFF, (bits >> 32) & 0xFFFFFFFF], -1)
+    else:
+        bits = bits & (0xFFFFFFFF if int_dtype == torch.int32 else 0xFFFF)
+    weights = _hash_weights(bits.shape[-1], device)
+    key = torch.zeros((H, C), dtype=torch.int64, device=device)
+    for j, q in enumerate(_HASH_PRIMES):
+        partial = ((bits % q) * weights[:, j]) % q  # < 2^62 before the modulo; the sum below stays < 2^63
+        key = key * q + partial.sum(-1) % q
+    ids = torch.arange(C, device=device).expand(H, C)
+    if banned is not None:  # a unique negative key each: banned codes are never grouped
+        key = torch.where(banned.to(device), -1 - ids, key)
+    key_sorted, order = torch.sort(key, dim=-1, stable=True)  # equal keys keep ascending ids
+    rows = values.gather(1, order[..., None].expand(H, C, d))
+    same = (key_sorted[:, 1:] == key_sorted[:, :-1]) & (rows[:, 1:] == rows[:, :-1]).all(-1)
+    first = torch.cat([torch.ones((H, 1), dtype=torch.bool, device=device), ~same], 1)
+    positions = torch.arange(C, device=device).expand(H, C)
+    group_pos = torch.cummax(torch.where(first, positions, 0), dim=1).values  # each position's group start
+    leader = order.gather(1, group_pos)
+    canonical = torch.empty_like(order).scatter_(1, order, leader)
+    alias = canonical != ids
+    start = torch.empty_like(order).scatter_(1, order, positions)  # where each code sits in `members`
+    size = torch.zeros_like(order).scatter_add_(1, canonical, torch.ones_like(order))
+    return alias, order.to(torch.int32), start.to(torch.int32), size.to(torch.int32)
+
+
+def _expand_groups(scores, ids, members, start, size, k):
+    """The k best (score, id) of the merged copies of the selected group leaders `ids` (H, N, K), ties to the lower
+    id: a k-way merge (each group's copies ascend in `members`, so a group's next copy is its lowest unused id).
+    Leaders outside [0, C) (no code) have no copies. The CPU-path twin of the Triton kernel's epilogue."""
+    C = members.shape[-1]
+    valid = (ids >= 0) & (ids < C)
+    leaders = ids.clamp(0, C - 1).flatten(1)
+    g_size = torch.where(valid, size.gather(1, leaders).view_as(ids).long(), 0)
+    g_start = start.gather(1, leaders).view_as(ids).long()
+    taken = torch.zeros_like(ids)
+    out_s = scores.new_full(scores.shape[:-1] + (k,), float("-inf"))
+    out_i = ids.new_full(ids.shape[:-1] + (k,), C)
+    big = torch.iinfo(torch.int64).max
+    for r in range(k):
+        live = taken < g_size
+        slot = (g_start + taken).clamp(max=C - 1).flatten(1)
+        cand = torch.where(live, members.gather(1, slot).view_as(ids).long(), big)
+        live_s = torch.where(live, scores, float("-inf"))
+        best = live_s.amax(-1, keepdim=True)
+        pick = torch.where(live & (live_s == best), cand, big).amin(-1, keepdim=True)
+        out_s[..., r:r + 1] = best
+        out_i[..., r:r + 1] = torch.where(pick == big, C, pick)
+        taken = taken + (live & (cand == pick)).long()
+    return out_s, out_i
+
+
+def ranked_topk(x, codebook, scale, bias, k, banned=None, chunk=None, values=None):
+    """The k best codes per row by ranking score `scale * x·c + bias`, ties to the lower id (identical codes
+    grouped, see the module docstring): (ranked scores, ids int64) (H, N, k), and with `values` (H, C, dv) the mean
+    of the selected value rows (H, N, dv). On CUDA one Triton launch; on the CPU the chunked path."""
+    groups = duplicate_groups(codebook, banned)
+    if x.is_cuda and x.dtype != torch.float64:
+        from ..kernels.vq_topk import vq_topk_triton
+
+        found = vq_topk_triton(x, codebook, bias, scale, k, groups, values=values)
+        ranked, ids = found[0][..., :k], found[1][..., :k].long()
+        return (ranked, ids, found[2]) if values is not None else (ranked, ids)
+    alias, members, start, size = groups
+    ranked, ids = _topk_chunked(x, codebook, scale, bias.masked_fill(alias, float("-inf")), k, chunk)
+    # a host read is free on the CPU: expand only the rows whose selection holds a group of copies
+    C = codebook.shape[1]
+    has_copies = size.gather(1, ids.clamp(max=C - 1).flatten(1)).view_as(ids).gt(1).any(-1)
+    if bool(has_copies.any()):
+        heads, rows = has_copies.nonzero(as_tuple=True)
+        sub_s, sub_i = _expand_groups(ranked[heads, rows][:, None], ids[heads, rows][:, None], members[heads],
+                                      start[heads], size[heads], k)
+        ranked, ids = ranked.clone(), ids.clone()
+        ranked[heads, rows], ids[heads, rows] = sub_s[:, 0], sub_i[:, 0]
+    if values is None:
+        return ranked, ids
+    H, N = ids.shape[:2]
+    acc = torch.float64 if values.dtype == torch.float64 else torch.float32
+    rows = torch.gather(values.to(acc), 1, ids.reshape(H, N * k, 1).expand(-1, -1, values.shape[-1]))
+    return ranked, ids, rows.reshape(H, N, k, -1).mean(2).to(values.dtype)
 
 
 def _chunk_topk_exact(tile, ids, k):
@@ -132,13 +247,7 @@ def _vq_topk_op(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str, ba
                 chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x (H, N, d), codebook (H, C, d), banned (H, C) or None; chunk > 0 caps the codes per CPU step."""
     scale, bias = _code_terms(codebook, metric, banned)
-    if x.is_cuda and x.dtype != torch.float64:
-        from ..kernels.vq_topk import vq_topk_triton
-
-        ranked, ids = vq_topk_triton(x, codebook, bias, scale, k)
-        ranked, ids = ranked[..., :k], ids[..., :k].long()
-    else:
-        ranked, ids = _topk_chunked(x, codebook, scale, bias, k, chunk or None)
+    ranked, ids = ranked_topk(x, codebook, scale, bias, k, banned, chunk or None)
     xf = x.to(ranked.dtype)
     if metric == "l2":
         scores = ranked - (xf * xf).sum(-1, keepdim=True)
