@@ -1,8 +1,12 @@
 // Argument checks for the tree verification and KV-cache compaction ops, shared by the CPU and CUDA launchers.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <utility>
 
 namespace kestrel {
 
@@ -72,6 +76,28 @@ inline void check_compact_args(const at::Tensor& k_cache, const at::Tensor& v_ca
   check_tree_tensor(op, "accept_index", accept_index, at::kInt, accept_index.sizes(), k_cache);
   const auto elem = k_cache.element_size();
   TORCH_CHECK(elem == 1 || elem == 2 || elem == 4 || elem == 8, op, ": unsupported element size ", elem);
+  // the same memory as K and V would have its rows moved twice
+  const auto overlap = at::get_overlap_status(k_cache, v_cache);
+  TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial, op,
+              ": k_cache and v_cache overlap in memory (the same tensor or views of one storage that share "
+              "elements); pass two separate caches");
+  if (overlap == at::MemOverlapStatus::TooHard && k_cache.numel() > 0 && v_cache.numel() > 0 &&
+      k_cache.storage().is_alias_of(v_cache.storage())) {
+    // strides too irregular for ATen's test: reject any intersection of the two byte ranges
+    auto range = [](const at::Tensor& t) {
+      int64_t last = 0;
+      for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+      const auto begin = reinterpret_cast<intptr_t>(t.data_ptr());
+      return std::make_pair(begin, begin + (last + 1) * static_cast<int64_t>(t.element_size()));
+    };
+    const auto k = range(k_cache), v = range(v_cache);
+    TORCH_CHECK(k.second <= v.first || v.second <= k.first, op,
+                ": k_cache and v_cache share a storage in overlapping byte ranges; pass two separate caches");
+  }
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k_cache", k_cache},
+                                 {"v_cache", v_cache}, {"cache_seqlens", cache_seqlens}})
+    TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", name,
+                " has elements that share memory (an expanded tensor); it is written in place");
 }
 
 }  // namespace kestrel

@@ -377,6 +377,66 @@ def test_compaction_rejects_bad_accept_index():
     assert lens.tolist() == [3]
 
 
+COMPACT_CRASH_SCRIPT = r'''
+import torch
+import kestrel
+from kestrel.ops import compact_kv_cache
+k, v = torch.randn(1, 1, 16, 4), torch.randn(1, 1, 16, 4)
+lens = torch.tensor([2**31 - 5], dtype=torch.int32)
+before = (k.clone(), v.clone())
+try:
+    compact_kv_cache(k, v, lens, torch.tensor([[0, 5, 7]], dtype=torch.int32))
+except RuntimeError as error:
+    assert "outside the cache" in str(error), error
+    assert lens.item() == 2**31 - 5 and torch.equal(k, before[0]) and torch.equal(v, before[1])
+    print("rejected")
+'''
+
+
+def test_compaction_length_near_int32_max_is_rejected_not_a_crash():
+    """The defect: `len + accept_index` was computed in int32, wrapped below Lmax and wrote far outside the cache
+    (a segfault). Run in a subprocess, so a crash fails the test instead of the session."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", COMPACT_CRASH_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "rejected" in result.stdout, (result.returncode, result.stderr[-2000:])
+
+
+def test_compaction_rejects_a_new_length_past_the_cache_and_changes_nothing():
+    k, v = torch.randn(2, 1, 8, 2), torch.randn(2, 1, 8, 2)
+    lens = torch.tensor([1, 6], dtype=torch.int32)
+    before = (k.clone(), v.clone(), lens.clone())
+    # row 1's last node sits at 6 + 2 = 8 = Lmax; row 0 is fine and must not be moved either
+    accept_index = torch.tensor([[0, 2, -1], [0, 1, 2]], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"cache_seqlens\[1\] = 6 plus accepted node 2 is outside the cache"):
+        compact_kv_cache(k, v, lens, accept_index)
+    assert torch.equal(k, before[0]) and torch.equal(v, before[1]) and torch.equal(lens, before[2])
+    with pytest.raises(RuntimeError, match=r"cache_seqlens\[0\] must be >= 0, got -1"):
+        compact_kv_cache(k, v, torch.tensor([-1, 0], dtype=torch.int32), accept_index)
+
+
+def test_compaction_rejects_k_and_v_in_the_same_memory():
+    k = torch.randn(1, 2, 8, 4)
+    lens = torch.tensor([2], dtype=torch.int32)
+    accept_index = torch.tensor([[0, 2, -1]], dtype=torch.int32)
+    before = k.clone()
+    for v in (k, k.view(1, 2, 8, 4), k[..., :4]):
+        with pytest.raises(RuntimeError, match="k_cache and v_cache overlap in memory"):
+            compact_kv_cache(k, v, lens, accept_index)
+    kv = torch.randn(2, 1, 2, 8, 4)
+    with pytest.raises(RuntimeError, match="overlap"):  # partial overlap of two views
+        compact_kv_cache(kv.view(-1)[:64].view(1, 2, 8, 4), kv.view(-1)[32:96].view(1, 2, 8, 4), lens, accept_index)
+    assert torch.equal(k, before) and lens.tolist() == [2]
+    with pytest.raises(RuntimeError, match="cache_seqlens has elements that share memory"):
+        compact_kv_cache(torch.randn(2, 1, 8, 4), torch.randn(2, 1, 8, 4), torch.tensor([2], dtype=torch.int32)
+                         .expand(2), torch.tensor([[0, 2, -1]] * 2, dtype=torch.int32))
+    # two halves of one buffer are separate caches: accepted
+    ref_k, ref_v, ref_lens = compact_reference(kv[0], kv[1], lens, accept_index)
+    compact_kv_cache(kv[0], kv[1], lens, accept_index)
+    assert torch.equal(kv[0], ref_k) and torch.equal(kv[1], ref_v) and torch.equal(lens, ref_lens)
+
+
 # ------------------------------------------------------------------------------------------------- argument checks
 
 

@@ -128,22 +128,29 @@ void compact_kv_cache_cpu(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& 
   const int64_t len_stride = cache_seqlens.stride(0);
   std::vector<int32_t> len_copy(B);
   const int32_t* ai = accept_index.data_ptr<int32_t>();
-  for (int64_t b = 0; b < B; ++b) {
+  for (int64_t b = 0; b < B; ++b) {  // every row is checked before any is moved
     const int32_t* index = ai + b * W;
     const int32_t len = lens[b * len_stride];
-    const int32_t accepted = tree::accepted_length(index, W);
-    TORCH_CHECK(index[0] == 0, op, ": accept_index[", b, ", 0] must be 0 (the root), got ", index[0]);
-    for (int64_t j = 1; j < W; ++j) {
-      if (j <= accepted) {
-        TORCH_CHECK(index[j] > index[j - 1], op, ": accept_index[", b, "] must ascend from the root and end in -1 "
-                    "padding, got ", index[j - 1], " then ", index[j], " at position ", j);
-      } else {
-        TORCH_CHECK(index[j] == -1, op, ": accept_index[", b, "] must be -1 after the path, got ", index[j],
-                    " at position ", j);
-      }
+    int64_t j = 0;
+    switch (tree::check_compaction_row(index, W, len, Lmax, &j)) {
+      case tree::kRowOk: break;
+      case tree::kRootNotZero:
+        TORCH_CHECK(false, op, ": accept_index[", b, ", 0] must be 0 (the root), got ", index[0]);
+      case tree::kNotAscending:
+        TORCH_CHECK(false, op, ": accept_index[", b, "] must ascend from the root and end in -1 padding, got ",
+                    index[j - 1], " then ", index[j], " at position ", j);
+      case tree::kBadPadding:
+        TORCH_CHECK(false, op, ": accept_index[", b, "] must be -1 after the path, got ", index[j], " at position ",
+                    j);
+      case tree::kNegativeLength:
+        TORCH_CHECK(false, op, ": cache_seqlens[", b, "] must be >= 0, got ", len);
+      case tree::kOutsideCache:
+        TORCH_CHECK(false, op, ": cache_seqlens[", b, "] = ", len, " plus accepted node ", index[j],
+                    " is outside the cache (Lmax = ", Lmax, ")");
+      case tree::kLengthOverflow:
+        TORCH_CHECK(false, op, ": cache_seqlens[", b, "] = ", len, " plus ", 1 + j,
+                    " accepted tokens passes the cache (Lmax = ", Lmax, ") or int32");
     }
-    TORCH_CHECK(len >= 0 && len + index[accepted] < Lmax, op, ": cache_seqlens[", b, "] = ", len,
-                " plus accepted node ", index[accepted], " is outside the cache (Lmax = ", Lmax, ")");
     len_copy[b] = len;
   }
   compact_one(k_cache, len_copy.data(), ai, W);

@@ -80,23 +80,28 @@ __global__ void compact_kernel(tree::CacheView k, tree::CacheView v, const int32
   const int32_t* index = accept_index + b * width;
   const int32_t accepted = tree::accepted_length(index, width);
   const int64_t len = cache_seqlens[b];
-  if (len < 0) return;  // the CPU rejects these; on the GPU (no sync to report) nothing is written
+  int64_t where;
+  // the CPU rejects an invalid row; on the GPU (no sync to report) neither the row nor its length changes
+  if (tree::check_compaction_row(index, width, len, max_len, &where) != tree::kRowOk) return;
   Elem* rows = static_cast<Elem*>(c.data) + l * c.stride_layer + b * c.stride_batch + h * c.stride_head +
                len * c.stride_pos;
   for (int64_t d = threadIdx.x; d < c.head_dim; d += blockDim.x) {
     for (int32_t j = 1; j <= accepted; ++j) {
-      const int32_t node = index[j];
-      // nodes ascend along a path (node >= j); anything else, or a row outside the cache, is skipped
-      if (node == j || node < j || len + node >= max_len || len + j >= max_len) continue;
+      const int64_t node = index[j];
+      if (node == j) continue;
       rows[j * c.stride_pos + d * c.stride_dim] = rows[node * c.stride_pos + d * c.stride_dim];
     }
   }
 }
 
 __global__ void advance_seqlens_kernel(int32_t* cache_seqlens, const int32_t* accept_index, int64_t width,
-                                       int64_t batch) {
+                                       int64_t batch, int64_t max_len) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b < batch) cache_seqlens[b] += 1 + tree::accepted_length(accept_index + b * width, width);
+  if (b >= batch) return;
+  const int32_t* index = accept_index + b * width;
+  int64_t where;
+  if (tree::check_compaction_row(index, width, cache_seqlens[b], max_len, &where) == tree::kRowOk)
+    cache_seqlens[b] += 1 + tree::accepted_length(index, width);
 }
 
 template <typename Elem>
@@ -112,8 +117,8 @@ cudaError_t launch_compact(const tree::CacheView& k, const tree::CacheView& v, i
     if (error != cudaSuccess) return error;
   }
   if (batch == 0) return cudaSuccess;  // an empty grid is an invalid launch
-  advance_seqlens_kernel<<<static_cast<unsigned>((batch + 127) / 128), 128, 0, stream>>>(cache_seqlens,
-                                                                                        accept_index, width, batch);
+  advance_seqlens_kernel<<<static_cast<unsigned>((batch + 127) / 128), 128, 0, stream>>>(
+      cache_seqlens, accept_index, width, batch, max_len);
   return cudaGetLastError();
 }
 

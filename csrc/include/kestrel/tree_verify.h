@@ -313,5 +313,36 @@ KESTREL_HD int32_t accepted_length(const int32_t* accept_index, int64_t width) {
   return count > 0 ? count - 1 : 0;
 }
 
+// Why a row's compaction is invalid (kRowOk: it is valid). The CPU launcher reports the reason; the CUDA kernels,
+// which cannot report without a host sync, leave an invalid row and its length untouched. Index arithmetic is in
+// 64 bits: a length near 2^31 plus a node index must not wrap into the cache.
+enum RowCheck : int {
+  kRowOk = 0,
+  kRootNotZero,      // accept_index[0] != 0
+  kNotAscending,     // a path entry not above the one before it
+  kBadPadding,       // an entry after the path that is not -1
+  kNegativeLength,   // cache_seqlens[b] < 0
+  kOutsideCache,     // a source row len + accept_index[j] at or past max_len
+  kLengthOverflow,   // the new length len + 1 + accept_len past max_len or INT32_MAX
+};
+
+KESTREL_HD RowCheck check_compaction_row(const int32_t* index, int64_t width, int64_t len, int64_t max_len,
+                                         int64_t* where) {
+  *where = 0;
+  if (index[0] != 0) return kRootNotZero;
+  const int32_t accepted = accepted_length(index, width);
+  for (int64_t j = 1; j < width; ++j) {
+    *where = j;
+    if (j <= accepted && index[j] <= index[j - 1]) return kNotAscending;
+    if (j > accepted && index[j] != -1) return kBadPadding;
+  }
+  *where = accepted;
+  if (len < 0) return kNegativeLength;
+  if (len + static_cast<int64_t>(index[accepted]) >= max_len) return kOutsideCache;
+  const int64_t new_len = len + 1 + accepted;
+  if (new_len > max_len || new_len > 0x7fffffffLL) return kLengthOverflow;
+  return kRowOk;
+}
+
 }  // namespace tree
 }  // namespace kestrel

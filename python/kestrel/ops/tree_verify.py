@@ -128,9 +128,10 @@ def compact_kv_cache(k_cache, v_cache, cache_seqlens, accept_index):
     may differ); cache_seqlens (B,) int32: the prefix lengths, the tree's K/V at rows [len, len + T);
     accept_index (B, W) int32 from a verify op. The rows len + accept_index[b, j] move to len + j for
     j = 0 .. accept_len[b], where accept_len[b] = (number of entries >= 0) - 1; then cache_seqlens += 1 + accept_len.
-    Rows past the new length keep stale values (never read again). On the CPU the accept_index rows are checked
-    (root first, ascending, -1 padded, inside the cache); on CUDA (no host sync) rows that would fall outside the
-    cache are skipped.
+    Rows past the new length keep stale values (never read again). Every row is checked before any is moved, in
+    64-bit index arithmetic (root first, ascending, -1 padded, source rows and the new length inside the cache and
+    int32): the CPU raises, naming the row, and changes nothing; CUDA (which cannot report without a host sync)
+    leaves an invalid row and its length untouched. K and V may not share memory (their rows would move twice).
     """
     op = "compact_kv_cache"
     if not isinstance(k_cache, torch.Tensor) or k_cache.dim() not in (4, 5):
