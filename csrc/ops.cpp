@@ -26,24 +26,25 @@ TORCH_LIBRARY(kestrel, m) {
       "two_state8bit_step_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
       "Tensor(c!)[] state2, Tensor(d!)[] absmax1, Tensor(e!)[] absmax2, Tensor qmap1, Tensor qmap2, Tensor steps, "
       "float lr, float beta1, float beta2, float beta3, float alpha, float eps, float weight_decay, "
-      "float gnorm_scale, int round_seed=-1, Tensor? norms=None, float max_unorm=0.0, Tensor? lr_tensor=None) -> ()");
+      "float gnorm_scale, int round_seed=-1, Tensor? norms=None, float max_unorm=0.0, Tensor? lr_tensor=None, bool robust_rounding=False) -> ()");
   m.def(
       "two_state32bit_step_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
       "Tensor(c!)[] state2, Tensor steps, float lr, float beta1, float beta2, float beta3, float alpha, float eps, "
-      "float weight_decay, float gnorm_scale, int round_seed=-1, Tensor? norms=None, float max_unorm=0.0, Tensor? lr_tensor=None) -> ()");
+      "float weight_decay, float gnorm_scale, int round_seed=-1, Tensor? norms=None, float max_unorm=0.0, Tensor? lr_tensor=None, bool robust_rounding=False) -> ()");
   // The same for the one-state optimizers (bnb's Optimizer1State): optimizer is "momentum" (SGD), "rmsprop",
   // "adagrad" or "lion"; an 8-bit state1 uses the signed map qmap1.
   m.def(
       "one_state8bit_step_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
       "Tensor(c!)[] absmax1, Tensor qmap1, Tensor steps, float lr, float beta1, float beta2, float eps, "
-      "float weight_decay, float gnorm_scale, int round_seed=-1, Tensor? norms=None, float max_unorm=0.0, Tensor? lr_tensor=None) -> ()");
+      "float weight_decay, float gnorm_scale, int round_seed=-1, Tensor? norms=None, float max_unorm=0.0, Tensor? lr_tensor=None, bool robust_rounding=False) -> ()");
   m.def(
       "one_state32bit_step_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor steps, "
       "float lr, float beta1, float beta2, float eps, float weight_decay, float gnorm_scale, int round_seed=-1, "
-      "Tensor? norms=None, float max_unorm=0.0, Tensor? lr_tensor=None) -> ()");
+      "Tensor? norms=None, float max_unorm=0.0, Tensor? lr_tensor=None, bool robust_rounding=False) -> ()");
   // steps: a 1-D CPU int64 tensor, each parameter's step count after this step. lr_tensor (a one-element CPU
   // float tensor), when given, replaces lr (an LR schedule without recompiling a compiled step).
   // round_seed >= 0 (all four ops): bf16 parameters round stochastically (unbiased), deterministic given the seed.
+  // robust_rounding (8-bit states): quantization never enlarges an update (kestrel/optim.h round_numerator_code).
   // norms (update_norms' result) with max_unorm > 0: LAMB ("adam") and LARS ("momentum") scale each parameter's
   // update by the trust ratio min(1, max_unorm * ||p|| / ||update||) (kestrel/optim.h, "trust ratio").
   // The norm pass of LAMB / LARS, before their step: per parameter {sum of squares of the update direction, sum of

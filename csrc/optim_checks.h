@@ -97,10 +97,12 @@ inline void check_adam_args(const char* op, at::TensorList params, at::TensorLis
 
 // round_seed < 0: parameters round to nearest even; otherwise bf16 parameters round stochastically with that seed
 // and salt `index` (the tensor's position in the call).
-inline optim::StepScalars with_rounding(optim::StepScalars a, int64_t round_seed, size_t index) {
+inline optim::StepScalars with_rounding(optim::StepScalars a, int64_t round_seed, size_t index,
+                                        bool robust_rounding) {
   a.stochastic_round = round_seed >= 0;
   a.round_seed = round_seed >= 0 ? static_cast<uint64_t>(round_seed) : 0;
   a.salt = static_cast<int>(index);
+  a.robust_rounding = robust_rounding ? 1 : 0;
   return a;
 }
 

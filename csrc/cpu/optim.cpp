@@ -57,7 +57,7 @@ KESTREL_ALWAYS_INLINE void two_state8bit_blocks(T* __restrict__ p, const T* __re
       float m3 = kMix ? quant::dequantize_value(q1.code, c3[begin + i], old_max3) : 0.0f;
       if (kMix) optim::ademamix_moments(a, grad, m1, m3, m2);
       else optim::adam_moments(a, grad, m1, m2);
-      const int ok = optim::is_finite(grad);
+      const int ok = optim::step_is_finite(grad, m1, m2, m3);
       m1 = ok ? m1 : 0.0f;
       m2 = ok ? m2 : 0.0f;
       m3 = ok ? m3 : 0.0f;
@@ -80,13 +80,15 @@ KESTREL_ALWAYS_INLINE void two_state8bit_blocks(T* __restrict__ p, const T* __re
       if (a.apply_decay) new_p = round_param<T>(static_cast<float>(new_p) * a.decay, a, begin + i, 1);
       p[begin + i] = finite[i] ? new_p : old_p;
     }
+    const bool robust = a.robust_rounding;
     for (int i = 0; i < len; ++i) {
       const float v1 = optim::normalize_state(s1[i], max1);
-      c1[begin + i] = static_cast<uint8_t>(quant::apply_sign_fix(q1.code, q1.nearest(v1), v1));
-      c2[begin + i] = static_cast<uint8_t>(q2.nearest(optim::normalize_state(s2[i], max2)));
+      const float v2 = optim::normalize_state(s2[i], max2);
+      c1[begin + i] = static_cast<uint8_t>(optim::round_numerator_code(q1.code, q1.nearest(v1), v1, robust));
+      c2[begin + i] = static_cast<uint8_t>(optim::round_denominator_code(q2.code, q2.nearest(v2), v2, robust));
       if (kMix) {
         const float v3 = optim::normalize_state(s3[i], max3);
-        c3[begin + i] = static_cast<uint8_t>(quant::apply_sign_fix(q1.code, q1.nearest(v3), v3));
+        c3[begin + i] = static_cast<uint8_t>(optim::round_numerator_code(q1.code, q1.nearest(v3), v3, robust));
       }
     }
   }
@@ -109,7 +111,7 @@ KESTREL_ALWAYS_INLINE void two_state32bit_blocks(T* __restrict__ p, const T* __r
                                : optim::adam_param_update(a, static_cast<float>(p[i]), m1, m2);
     T new_p = round_param<T>(updated, a, i, 0);
     if (a.apply_decay) new_p = round_param<T>(static_cast<float>(new_p) * a.decay, a, i, 1);
-    const bool ok = optim::is_finite(grad);
+    const bool ok = optim::step_is_finite(grad, m1, m2, m3);
     s1[i] = ok ? m1 : s1[i];
     s2[i] = ok ? m2 : s2[i];
     if (kMix) s3[i] = ok ? m3 : s3[i];
@@ -137,7 +139,7 @@ KESTREL_ALWAYS_INLINE void one_state_blocks(T* __restrict__ p, const T* __restri
       const float old_s = q ? quant::dequantize_value(q->code, codes[i], old_max) : full[i];
       float s1 = old_s, updated;
       optim::one_state_update<KIND>(a, grad, static_cast<float>(p[begin + i]), s1, updated);
-      const int ok = optim::is_finite(grad);
+      const int ok = optim::step_is_finite(grad, s1);
       s1 = ok ? s1 : (q ? 0.0f : old_s);
       s[i] = s1;
       new_p[i] = updated;
@@ -150,7 +152,8 @@ KESTREL_ALWAYS_INLINE void one_state_blocks(T* __restrict__ p, const T* __restri
       absmax[b] = new_max;
       for (int i = 0; i < len; ++i) {
         const float v = optim::normalize_state(s[i], new_max);
-        codes[i] = static_cast<uint8_t>(quant::apply_sign_fix(q->code, q->nearest(v), v));
+        codes[i] = static_cast<uint8_t>(optim::round_one_state_code<KIND>(q->code, q->nearest(v), v,
+                                                                          a.robust_rounding));
       }
     } else {
       for (int i = 0; i < len; ++i) full[i] = s[i];
@@ -305,7 +308,7 @@ void two_state8bit_step_cpu(c10::string_view optimizer, at::TensorList params, a
                             const at::Tensor& steps_tensor, double lr, double beta1, double beta2, double beta3, double alpha,
                             double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
                             const std::optional<at::Tensor>& norms, double max_unorm,
-    const std::optional<at::Tensor>& lr_tensor) {
+    const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
   const std::vector<int64_t> steps_vec = read_steps("two_state8bit_step_", steps_tensor, params.size());
   const c10::IntArrayRef steps(steps_vec);
   lr = read_lr("two_state8bit_step_", lr, lr_tensor);
@@ -323,7 +326,7 @@ void two_state8bit_step_cpu(c10::string_view optimizer, at::TensorList params, a
     StepScalars a = with_rounding(optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2,
                                                            (float)eps, (float)weight_decay, (float)gnorm_scale,
                                                            (float)beta3, (float)alpha),
-                                  round_seed, i);
+                                  round_seed, i, robust_rounding);
     a.max_unorm = (float)max_unorm;
     optim::apply_trust_ratio(a, norm_data ? norm_data + 2 * i : nullptr, /*adam=*/true);
     dispatch_float(params[i].scalar_type(), [&](auto tag) {
@@ -359,7 +362,7 @@ void two_state32bit_step_cpu(c10::string_view optimizer, at::TensorList params, 
                              double beta1, double beta2, double beta3, double alpha, double eps, double weight_decay,
                              double gnorm_scale, int64_t round_seed, const std::optional<at::Tensor>& norms,
                              double max_unorm,
-    const std::optional<at::Tensor>& lr_tensor) {
+    const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
   const std::vector<int64_t> steps_vec = read_steps("two_state32bit_step_", steps_tensor, params.size());
   const c10::IntArrayRef steps(steps_vec);
   lr = read_lr("two_state32bit_step_", lr, lr_tensor);
@@ -375,7 +378,7 @@ void two_state32bit_step_cpu(c10::string_view optimizer, at::TensorList params, 
     StepScalars a = with_rounding(optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2,
                                                            (float)eps, (float)weight_decay, (float)gnorm_scale,
                                                            (float)beta3, (float)alpha),
-                                  round_seed, i);
+                                  round_seed, i, robust_rounding);
     a.max_unorm = (float)max_unorm;
     optim::apply_trust_ratio(a, norm_data ? norm_data + 2 * i : nullptr, /*adam=*/true);
     dispatch_float(params[i].scalar_type(), [&](auto tag) {
@@ -395,7 +398,7 @@ void one_state_step_cpu(const char* op, c10::string_view optimizer, at::TensorLi
                         at::TensorList state1, at::TensorList absmax1, const at::Tensor* qmap1,
                         c10::IntArrayRef steps, double lr, double beta1, double beta2, double eps,
                         double weight_decay, double gnorm_scale, int64_t round_seed,
-                        const std::optional<at::Tensor>& norms, double max_unorm) {
+                        const std::optional<at::Tensor>& norms, double max_unorm, bool robust_rounding) {
   const bool eight_bit = qmap1 != nullptr;
   const optim::OneState kind = parse_one_state(op, optimizer);
   check_adam_args(op, params, grads, state1, state1, absmax1, absmax1, qmap1, qmap1, steps, eight_bit);
@@ -407,7 +410,7 @@ void one_state_step_cpu(const char* op, c10::string_view optimizer, at::TensorLi
     if (n == 0) continue;
     StepScalars a = with_rounding(optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2,
                                                            (float)eps, (float)weight_decay, (float)gnorm_scale),
-                                  round_seed, i);
+                                  round_seed, i, robust_rounding);
     a.max_unorm = (float)max_unorm;
     optim::apply_trust_ratio(a, norm_data ? norm_data + 2 * i : nullptr, /*adam=*/false);
     dispatch_float(params[i].scalar_type(), [&](auto tag) {
@@ -428,24 +431,24 @@ void one_state8bit_step_cpu(c10::string_view optimizer, at::TensorList params, a
                             const at::Tensor& steps_tensor, double lr, double beta1, double beta2, double eps,
                             double weight_decay, double gnorm_scale, int64_t round_seed,
                             const std::optional<at::Tensor>& norms, double max_unorm,
-    const std::optional<at::Tensor>& lr_tensor) {
+    const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
   const std::vector<int64_t> steps_vec = read_steps("one_state8bit_step_", steps_tensor, params.size());
   const c10::IntArrayRef steps(steps_vec);
   lr = read_lr("one_state8bit_step_", lr, lr_tensor);
   one_state_step_cpu("one_state8bit_step_", optimizer, params, grads, state1, absmax1, &qmap1, steps, lr, beta1,
-                     beta2, eps, weight_decay, gnorm_scale, round_seed, norms, max_unorm);
+                     beta2, eps, weight_decay, gnorm_scale, round_seed, norms, max_unorm, robust_rounding);
 }
 
 void one_state32bit_step_cpu(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
                              at::TensorList state1, const at::Tensor& steps_tensor, double lr, double beta1, double beta2,
                              double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
                              const std::optional<at::Tensor>& norms, double max_unorm,
-    const std::optional<at::Tensor>& lr_tensor) {
+    const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
   const std::vector<int64_t> steps_vec = read_steps("one_state32bit_step_", steps_tensor, params.size());
   const c10::IntArrayRef steps(steps_vec);
   lr = read_lr("one_state32bit_step_", lr, lr_tensor);
   one_state_step_cpu("one_state32bit_step_", optimizer, params, grads, state1, {}, nullptr, steps, lr, beta1, beta2,
-                     eps, weight_decay, gnorm_scale, round_seed, norms, max_unorm);
+                     eps, weight_decay, gnorm_scale, round_seed, norms, max_unorm, robust_rounding);
 }
 
 // LAMB ("adam") / LARS ("momentum"): each parameter's {sum u^2, sum p^2} before the step (kestrel/optim.h).

@@ -90,6 +90,15 @@ inline __m512i sign_fix(const CodeTable& t, __m512i idx, __m512 v) {
   return _mm512_min_epi32(_mm512_max_epi32(idx, _mm512_setzero_si512()), _mm512_set1_epi32(quant::kCodeSize - 1));
 }
 
+// optim::round_denominator_code (robust) on 16 lanes: a positive value on a code <= 0 takes the next code up.
+inline __m512i round_up_from_zero(const CodeTable& t, __m512i idx, __m512 v) {
+  const __m512 chosen = _mm512_i32gather_ps(idx, t.code, 4);
+  const __mmask16 up = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ) &
+                       _mm512_cmp_ps_mask(chosen, _mm512_setzero_ps(), _CMP_LE_OQ) &
+                       _mm512_cmplt_epi32_mask(idx, _mm512_set1_epi32(quant::kCodeSize - 1));
+  return _mm512_mask_add_epi32(idx, up, idx, _mm512_set1_epi32(1));
+}
+
 inline __m512i load_codes(const uint8_t* p) {
   return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
@@ -117,7 +126,8 @@ void adam8bit_full_blocks(T* p, const T* g, uint8_t* c1, uint8_t* c2, float* abs
       __m512 m2 = _mm512_mul_ps(_mm512_i32gather_ps(load_codes(c2 + i), q2.code, 4), old2);
       m1 = _mm512_add_ps(_mm512_mul_ps(m1, beta1), _mm512_mul_ps(omb1, grad));
       m2 = _mm512_add_ps(_mm512_mul_ps(m2, beta2), _mm512_mul_ps(omb2, _mm512_mul_ps(grad, grad)));
-      const __mmask16 ok = finite_mask(grad);
+      // optim::step_is_finite: the gradient and both new moments (a square that overflows skips the element)
+      const __mmask16 ok = finite_mask(grad) & finite_mask(m1) & finite_mask(m2);
       m1 = _mm512_maskz_mov_ps(ok, m1);
       m2 = _mm512_maskz_mov_ps(ok, m2);
       finite[j] = ok;
@@ -143,8 +153,8 @@ void adam8bit_full_blocks(T* p, const T* g, uint8_t* c1, uint8_t* c2, float* abs
       const int64_t i = base + 16 * j;
       const __m512 v1 = new_max1 > 0.0f ? _mm512_div_ps(_mm512_load_ps(s1 + 16 * j), scale1) : _mm512_setzero_ps();
       const __m512 v2 = new_max2 > 0.0f ? _mm512_div_ps(_mm512_load_ps(s2 + 16 * j), scale2) : _mm512_setzero_ps();
-      const __m512i idx1 = sign_fix(q1, nearest_code(q1, v1), v1);
-      const __m512i idx2 = nearest_code(q2, v2);
+      const __m512i idx1 = a.robust_rounding ? nearest_code(q1, v1) : sign_fix(q1, nearest_code(q1, v1), v1);
+      const __m512i idx2 = a.robust_rounding ? round_up_from_zero(q2, nearest_code(q2, v2), v2) : nearest_code(q2, v2);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(c1 + i), _mm512_cvtepi32_epi8(idx1));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(c2 + i), _mm512_cvtepi32_epi8(idx2));
     }

@@ -46,7 +46,7 @@ at::Tensor make_meta(const char* op, at::TensorList params, at::TensorList grads
     m.scalars = with_rounding(optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2, (float)eps,
                                                        (float)weight_decay, (float)gnorm_scale, (float)beta3,
                                                        (float)alpha),
-                              round_seed, static_cast<size_t>(i));
+                              round_seed, static_cast<size_t>(i), /*robust_rounding=*/false);
     total_blocks += optim_num_blocks(m.numel);
   }
   return meta_host;
@@ -58,6 +58,7 @@ struct StepArgs {
   std::vector<int64_t> steps;
   const int64_t* step_dev = nullptr;
   const float* lr_dev = nullptr;
+  bool robust_rounding = false;  // the step ops' robust_rounding argument
 };
 
 StepArgs read_step_args(const char* op, const at::Tensor& steps, const std::optional<at::Tensor>& lr_tensor,
@@ -143,6 +144,7 @@ void launch_step(const char* op, bool two_state, int kind, bool eight_bit, at::T
     m.absmax2 = eight_bit && two_state ? absmax2[i].data_ptr<float>() : nullptr;
     m.norms = norms ? norms + 2 * i : nullptr;
     m.scalars.max_unorm = (float)max_unorm;
+    m.scalars.robust_rounding = step_args.robust_rounding ? 1 : 0;
     m.step_ptr = step_args.step_dev ? step_args.step_dev + i : nullptr;
     m.lr_ptr = step_args.lr_dev;
   }
@@ -206,8 +208,9 @@ void two_state8bit_step_cuda(c10::string_view optimizer, at::TensorList params, 
                              const at::Tensor& steps_tensor, double lr, double beta1, double beta2, double beta3,
                              double alpha, double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
                              const std::optional<at::Tensor>& norms, double max_unorm,
-    const std::optional<at::Tensor>& lr_tensor) {
-  const StepArgs step_args = read_step_args("two_state8bit_step_", steps_tensor, lr_tensor, params, lr);
+    const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
+  StepArgs step_args = read_step_args("two_state8bit_step_", steps_tensor, lr_tensor, params, lr);
+  step_args.robust_rounding = robust_rounding;
   const c10::IntArrayRef steps(step_args.steps);
   constexpr const char* op = "two_state8bit_step_";
   const optim::TwoState kind = parse_two_state(op, optimizer);
@@ -229,8 +232,9 @@ void two_state32bit_step_cuda(c10::string_view optimizer, at::TensorList params,
                               double beta1, double beta2, double beta3, double alpha, double eps,
                               double weight_decay, double gnorm_scale, int64_t round_seed,
                               const std::optional<at::Tensor>& norms, double max_unorm,
-    const std::optional<at::Tensor>& lr_tensor) {
-  const StepArgs step_args = read_step_args("two_state32bit_step_", steps_tensor, lr_tensor, params, lr);
+    const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
+  StepArgs step_args = read_step_args("two_state32bit_step_", steps_tensor, lr_tensor, params, lr);
+  step_args.robust_rounding = robust_rounding;
   const c10::IntArrayRef steps(step_args.steps);
   constexpr const char* op = "two_state32bit_step_";
   const optim::TwoState kind = parse_two_state(op, optimizer);
@@ -248,8 +252,9 @@ void one_state8bit_step_cuda(c10::string_view optimizer, at::TensorList params, 
                              const at::Tensor& steps_tensor, double lr, double beta1, double beta2, double eps,
                              double weight_decay, double gnorm_scale, int64_t round_seed,
                              const std::optional<at::Tensor>& norms, double max_unorm,
-    const std::optional<at::Tensor>& lr_tensor) {
-  const StepArgs step_args = read_step_args("one_state8bit_step_", steps_tensor, lr_tensor, params, lr);
+    const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
+  StepArgs step_args = read_step_args("one_state8bit_step_", steps_tensor, lr_tensor, params, lr);
+  step_args.robust_rounding = robust_rounding;
   const c10::IntArrayRef steps(step_args.steps);
   constexpr const char* op = "one_state8bit_step_";
   const int kind = static_cast<int>(parse_one_state(op, optimizer));
@@ -269,8 +274,9 @@ void one_state32bit_step_cuda(c10::string_view optimizer, at::TensorList params,
                               at::TensorList state1, const at::Tensor& steps_tensor, double lr, double beta1, double beta2,
                               double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
                               const std::optional<at::Tensor>& norms, double max_unorm,
-    const std::optional<at::Tensor>& lr_tensor) {
-  const StepArgs step_args = read_step_args("one_state32bit_step_", steps_tensor, lr_tensor, params, lr);
+    const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
+  StepArgs step_args = read_step_args("one_state32bit_step_", steps_tensor, lr_tensor, params, lr);
+  step_args.robust_rounding = robust_rounding;
   const c10::IntArrayRef steps(step_args.steps);
   constexpr const char* op = "one_state32bit_step_";
   const int kind = static_cast<int>(parse_one_state(op, optimizer));

@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(kAdamThreads)
     const float old1 = m1, old2 = m2, old3 = m3;
     if (kMix) optim::ademamix_moments(a, grad, m1, m3, m2);
     else optim::adam_moments(a, grad, m1, m2);
-    finite[k] = optim::is_finite(grad);
+    finite[k] = optim::step_is_finite(grad, m1, m2, m3);
     if (EIGHT_BIT) {  // a NaN/Inf gradient zeroes the 8-bit states (bnb's 8-bit kernel) ...
       m1 = finite[k] ? m1 : 0.0f;
       m2 = finite[k] ? m2 : 0.0f;
@@ -159,9 +159,10 @@ __global__ void __launch_bounds__(kAdamThreads)
     }
     if (EIGHT_BIT) {
       uint8_t* c1 = static_cast<uint8_t*>(m.state1);
-      c1[i] = optim::requantize_signed(code1, mid1, s1[k], max1);
-      static_cast<uint8_t*>(m.state2)[i] = optim::requantize_unsigned(mid2, s2[k], max2);
-      if (kMix) c1[m.numel + i] = optim::requantize_signed(code1, mid1, s3[k], max3);
+      const bool robust = a.robust_rounding;
+      c1[i] = optim::requantize_signed(code1, mid1, s1[k], max1, robust);
+      static_cast<uint8_t*>(m.state2)[i] = optim::requantize_unsigned(code2, mid2, s2[k], max2, robust);
+      if (kMix) c1[m.numel + i] = optim::requantize_signed(code1, mid1, s3[k], max3, robust);
     } else {
       float* f1 = static_cast<float*>(m.state1);
       f1[i] = s1[k];
@@ -205,7 +206,7 @@ __global__ void __launch_bounds__(kAdamThreads)
     }
     float s = old_s, updated = 0.0f;
     optim::one_state_update<KIND>(a, grad, valid ? ElementIO<T>::load_plain(p + i) : 0.0f, s, updated);
-    finite[k] = optim::is_finite(grad);
+    finite[k] = optim::step_is_finite(grad, s);
     s = finite[k] ? s : (EIGHT_BIT ? 0.0f : old_s);
     s1[k] = valid ? s : 0.0f;
     new_p[k] = updated;
@@ -220,8 +221,11 @@ __global__ void __launch_bounds__(kAdamThreads)
     const int64_t i = begin + lane + 32 * k;
     if (i >= end) continue;
     if (finite[k]) ElementIO<T>::store(p + i, round_param<T>(new_p[k], a, i, 0));
-    if (EIGHT_BIT)
-      static_cast<uint8_t*>(m.state1)[i] = optim::requantize_signed(code1, mid1, s1[k], new_max);
+    if (EIGHT_BIT) {
+      const float v = optim::normalize_state(s1[k], new_max);
+      static_cast<uint8_t*>(m.state1)[i] = static_cast<uint8_t>(optim::round_one_state_code<KIND>(
+          code1, quant::nearest_code_bsearch(mid1, v), v, a.robust_rounding));
+    }
     else
       static_cast<float*>(m.state1)[i] = s1[k];
   }

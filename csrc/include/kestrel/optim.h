@@ -34,6 +34,8 @@ struct StepScalars {
   uint64_t round_seed;
   // LAMB / LARS: the trust-ratio bound on the update norm (0: off); see apply_trust_ratio.
   float max_unorm;
+  // Robust rounding of the 8-bit states (opt-in; bnb's rounding otherwise): see round_numerator_code.
+  int robust_rounding;
 };
 
 // Optimizers with two states (bnb's Optimizer2State). AdEMAMix's state1 holds two first moments (m1, then m2).
@@ -75,6 +77,7 @@ inline StepScalars make_adam_scalars(int64_t step, float lr, float beta1, float 
   a.salt = 0;
   a.round_seed = 0;
   a.max_unorm = 0.0f;
+  a.robust_rounding = 0;
   set_step_and_lr(a, step, lr);
   return a;
 }
@@ -106,6 +109,14 @@ KESTREL_HD bool is_finite(float v) {
 #else
   return __builtin_isfinite(v);
 #endif
+}
+
+// Whether an element is stepped: its gradient and its new moments are finite. A finite gradient whose square
+// overflows float32 (|g| above about 1.8e19) would otherwise make its block's absmax inf and, from the next step
+// on, every element of the block NaN; such an element is handled like a NaN/Inf gradient (parameter kept, its 8-bit
+// state zeroed, a 32-bit state kept). bnb does not check this.
+KESTREL_HD bool step_is_finite(float g, float m1, float m2 = 0.0f, float m3 = 0.0f) {
+  return is_finite(g) && is_finite(m1) && is_finite(m2) && is_finite(m3);
 }
 
 // Steps 1-2: the new moments from the old ones and a finite gradient.
@@ -211,24 +222,52 @@ KESTREL_HD void apply_trust_ratio(StepScalars& a, const float* norms, bool adam)
 KESTREL_HD float lamb_norm_direction(const StepScalars& a, float g, float s1, float s2) {
   adam_moments(a, g, s1, s2);
   const float u = adam_direction(a, s1, s2);
-  return is_finite(g) ? u : 0.0f;
+  return step_is_finite(g, s1, s2) ? u : 0.0f;
 }
 KESTREL_HD float lars_norm_direction(const StepScalars& a, float g, float p, float s1) {
   float new_p;
   one_state_update<OneState::kMomentum>(a, g, p, s1, new_p);
-  return is_finite(g) ? s1 : 0.0f;
+  return step_is_finite(g, s1) ? s1 : 0.0f;
 }
 
 // Step 5's normalisation of a new state by its block's new absmax (0 for an all-zero block).
 KESTREL_HD float normalize_state(float s, float absmax) { return absmax > 0.0f ? s / absmax : 0.0f; }
 
-// Requantize a signed-map state (with bnb's sign fix) or an unsigned-map state, given the map's midpoints.
-KESTREL_HD uint8_t requantize_signed(const float* code, const float* midpoints, float s, float absmax) {
-  const float v = normalize_state(s, absmax);
-  return (uint8_t)quant::apply_sign_fix(code, quant::nearest_code_bsearch(midpoints, v), v);
+// The code of a normalised state v after nearest rounding to `idx`. bnb's rounding applies the sign fix to
+// first moments (and to every signed-map state): a tiny negative moment takes the smallest negative code instead of
+// 0. That is a hazard: after a gradient spike raises a block's absmax, a neighbour's moment far below the map's
+// resolution is stored as -5.5e-7 of the (huge) absmax while its second moment rounds to 0, and its next update
+// divides by eps. Robust rounding keeps quantization from enlarging an update instead: a numerator state (Adam's
+// first moments, SGD's momentum, Lion's state) is plainly rounded, so one below the resolution becomes 0, and a
+// denominator state (Adam's and AdEMAMix's second moment, RMSprop's and Adagrad's accumulators) that is positive
+// never rounds to the map's zero code: it takes the next code up.
+KESTREL_HD int round_numerator_code(const float* code, int idx, float v, bool robust) {
+  return robust ? idx : quant::apply_sign_fix(code, idx, v);
 }
-KESTREL_HD uint8_t requantize_unsigned(const float* midpoints, float s, float absmax) {
-  return (uint8_t)quant::nearest_code_bsearch(midpoints, normalize_state(s, absmax));
+KESTREL_HD int round_denominator_code(const float* code, int idx, float v, bool robust) {
+  if (robust) return (v > 0.0f && code[idx] <= 0.0f && idx < quant::kCodeSize - 1) ? idx + 1 : idx;
+  return idx;
+}
+
+// Requantize a first moment (signed map) or a second moment (unsigned map), given the map and its midpoints.
+KESTREL_HD uint8_t requantize_signed(const float* code, const float* midpoints, float s, float absmax, bool robust) {
+  const float v = normalize_state(s, absmax);
+  return (uint8_t)round_numerator_code(code, quant::nearest_code_bsearch(midpoints, v), v, robust);
+}
+KESTREL_HD uint8_t requantize_unsigned(const float* code, const float* midpoints, float s, float absmax,
+                                       bool robust) {
+  const float v = normalize_state(s, absmax);
+  return (uint8_t)round_denominator_code(code, quant::nearest_code_bsearch(midpoints, v), v, robust);
+}
+
+// The one state of a one-state optimizer (signed map): RMSprop's and Adagrad's accumulators are denominators,
+// SGD's momentum and Lion's state numerators (bnb applies the sign fix to all, a no-op for the non-negative
+// accumulators).
+template <OneState KIND>
+KESTREL_HD int round_one_state_code(const float* code, int idx, float v, bool robust) {
+  if (robust && (KIND == OneState::kRMSprop || KIND == OneState::kAdagrad))
+    return round_denominator_code(code, idx, v, true);
+  return round_numerator_code(code, idx, v, robust);
 }
 
 // One parameter of a fused multi-tensor step (Adam: two states; one-state optimizers: state2/absmax2 unused): raw pointers, its size, the index of its first 256-element block in

@@ -9,29 +9,32 @@ from collections import defaultdict
 import torch
 
 from . import distributed as D
-from .optimizer import Optimizer8bit, _blocks, check_hyperparameters, check_max_unorm, default_args, paged_class
+from .optimizer import (Optimizer8bit, _blocks, check_args, check_betas, check_hyperparameters, check_int,
+                        check_max_unorm, default_args, paged_class)
 
 
 class _Adam(Optimizer8bit):
     """The shared implementation (bnb's Optimizer2State for "adam")."""
 
+    optimizer_name = "adam"
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, optim_bits=32,
                  args=None, min_8bit_size=4096, is_paged=False, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False, max_unorm=0.0, capturable=False):
+                 bf16_stochastic_round=False, max_unorm=0.0, capturable=False, robust_rounding=False,
+                 _ademamix=None):
         name = type(self).__name__
         if amsgrad:
             raise ValueError(f"{name} does not support amsgrad=True")
-        if isinstance(betas, str):  # bnb accepts '(0.9, 0.999)'
-            betas = [float(b) for b in betas.replace("(", "").replace(")", "").split(",")]
-        if len(betas) != 2:
-            raise ValueError(f"{name}: betas must hold two values (beta1, beta2), got {tuple(betas)}")
-        check_hyperparameters(name, lr, eps, betas, weight_decay, optim_bits, block_wise)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, alpha=0.0, t_alpha=None,
-                        t_beta3=None)
-        super().__init__(params, defaults, optim_bits, is_paged, bf16_stochastic_round, capturable)
+        betas = check_betas(name, betas, self.num_betas, self.beta_labels)
+        check_hyperparameters(name, lr, eps, betas, weight_decay, optim_bits, block_wise, self.beta_labels)
+        check_int(name, "min_8bit_size", min_8bit_size)
         self.args = default_args(args, optim_bits, min_8bit_size, max_unorm)
-        self.optimizer_name = "adam"
-        check_max_unorm(name, self.args, supported=True)
+        check_args(name, self.args)
+        check_max_unorm(name, self.args, supported=self.optimizer_name == "adam")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, alpha=0.0, t_alpha=None,
+                        t_beta3=None)
+        defaults.update(_ademamix or {})
+        super().__init__(params, defaults, optim_bits, is_paged, bf16_stochastic_round, capturable, robust_rounding)
         self.set_percentile_clipping(percentile_clipping)
 
     @torch.no_grad()
@@ -64,22 +67,26 @@ class _Adam(Optimizer8bit):
 
     @torch.no_grad()
     def update_params(self, items):
-        batches = defaultdict(list)  # one fused call per (device, dtype, 8-bit or not, maps, hyperparameters)
+        """One step for [(parameter, config)] (checked by step()): one fused call per batch of equal device, dtype,
+        state kind and settings. Each batch's kernel runs with the next step counts; the states' counts advance
+        after it, in place (a captured step replays the same)."""
+        batches = defaultdict(list)
         for p, config in items:
             state = self.state[p]
-            state["step"] += 1
             eight_bit = state["state1"].dtype == torch.uint8
             maps = (id(state["qmap1"]), id(state["qmap2"])) if eight_bit else None
-            scalars = self.step_scalars(config, state["step"], self.gnorm_scale(p)) + (self.round_seed_for(p, config),)
+            step = state["step"] + 1
+            scalars = self.step_scalars(config, step, self.gnorm_scale(p, step)) + (self.round_seed_for(p, config),)
             max_unorm = float(config.get("max_unorm", 0.0) or 0.0)
             lr_tensor = self.lr_of(config)[1]
-            key = (p.device, p.dtype, eight_bit, maps, scalars, max_unorm, self.shard_key(p), id(lr_tensor))
+            robust = bool(config.get("robust_rounding", False))
+            key = (p.device, p.dtype, eight_bit, maps, scalars, max_unorm, self.shard_key(p), id(lr_tensor), robust)
             batches[key].append((p, lr_tensor))
-        for (_, _, eight_bit, _, scalars, max_unorm, _, _), entries in batches.items():
+        for (_, _, eight_bit, _, scalars, max_unorm, _, _, robust), entries in batches.items():
             batch, lr_tensor = [p for p, _ in entries], entries[0][1]
             states = [self.state[p] for p in batch]
-            params, grads = self.local_batch(batch)
-            steps = self.steps_of(states)
+            params, grads, write_back = self.local_batch(batch)
+            steps = self.steps_of(states) + 1
             state1, state2 = [s["state1"] for s in states], [s["state2"] for s in states]
             absmax1 = [s["absmax1"] for s in states] if eight_bit else []
             absmax2 = [s["absmax2"] for s in states] if eight_bit else []
@@ -92,13 +99,24 @@ class _Adam(Optimizer8bit):
                                                        absmax2, qmap1, qmap2, steps, beta1, beta2, eps, weight_decay,
                                                        gnorm_scale)
                 norms = self.reduce_norms(batch[0], norms)
+                self.record_unorms(batch, norms, self.lamb_norm_factors(steps, beta1, beta2))
             if eight_bit:
                 torch.ops.kestrel.two_state8bit_step_(self.optimizer_name, params, grads, state1, state2, absmax1,
                                                       absmax2, qmap1, qmap2, steps, *scalars, norms, max_unorm,
-                                                      lr_tensor)
+                                                      lr_tensor, robust_rounding=robust)
             else:
                 torch.ops.kestrel.two_state32bit_step_(self.optimizer_name, params, grads, state1, state2, steps,
-                                                       *scalars, norms, max_unorm, lr_tensor)
+                                                       *scalars, norms, max_unorm, lr_tensor,
+                                                       robust_rounding=robust)
+            self.write_back(write_back)
+            torch._foreach_add_([s["step"] for s in states], 1)
+
+    @staticmethod
+    def lamb_norm_factors(steps, beta1, beta2):
+        """(c2 / c1)^2 per parameter, on the device of `steps`: the norm pass sums Adam's direction, bnb's unorm_vec
+        holds the bias-corrected update's."""
+        t = steps.double()
+        return ((1.0 - beta2 ** t) / (1.0 - beta1 ** t) ** 2).float()
 
 
 _SIGNATURE_DOC = """
@@ -118,9 +136,10 @@ class Adam(_Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, optim_bits=32,
                  args=None, min_8bit_size=4096, is_paged=False, *, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False, capturable=False):
+                 bf16_stochastic_round=False, capturable=False, robust_rounding=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, optim_bits, args, min_8bit_size, is_paged,
-                         percentile_clipping, block_wise, bf16_stochastic_round, capturable=capturable)
+                         percentile_clipping, block_wise, bf16_stochastic_round, capturable=capturable,
+                       robust_rounding=robust_rounding)
 
 
 class AdamW(_Adam):
@@ -128,9 +147,10 @@ class AdamW(_Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
                  optim_bits=32, args=None, min_8bit_size=4096, is_paged=False, *, percentile_clipping=100,
-                 block_wise=True, bf16_stochastic_round=False, capturable=False):
+                 block_wise=True, bf16_stochastic_round=False, capturable=False, robust_rounding=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, optim_bits, args, min_8bit_size, is_paged,
-                         percentile_clipping, block_wise, bf16_stochastic_round, capturable=capturable)
+                         percentile_clipping, block_wise, bf16_stochastic_round, capturable=capturable,
+                       robust_rounding=robust_rounding)
 
 
 def _fixed_bits(cls_name, bits, default_wd):
@@ -138,14 +158,15 @@ def _fixed_bits(cls_name, bits, default_wd):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=default_wd, amsgrad=False,
                  optim_bits=32, args=None, min_8bit_size=4096, is_paged=False, *, percentile_clipping=100,
-                 block_wise=True, bf16_stochastic_round=False, capturable=False):
+                 block_wise=True, bf16_stochastic_round=False, capturable=False, robust_rounding=False):
         if amsgrad:
             raise ValueError(f"{cls_name} does not support amsgrad=True")
         if optim_bits != 32:
             raise ValueError(f"{cls_name}: optim_bits is fixed to {bits} (only the default optim_bits=32 is accepted, "
                              f"for bnb compatibility), got {optim_bits}")
         _Adam.__init__(self, params, lr, betas, eps, weight_decay, False, bits, args, min_8bit_size, is_paged,
-                       percentile_clipping, block_wise, bf16_stochastic_round, capturable=capturable)
+                       percentile_clipping, block_wise, bf16_stochastic_round, capturable=capturable,
+                       robust_rounding=robust_rounding)
 
     return __init__
 

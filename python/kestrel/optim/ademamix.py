@@ -12,30 +12,36 @@ import torch
 
 from . import distributed as D
 from .adam import _Adam
-from .optimizer import _blocks, check_max_unorm, paged_class
+from .optimizer import _blocks, check_betas, check_number, paged_class
 
 
 class _AdEMAMix(_Adam):
+    optimizer_name = "ademamix"
+    num_betas = 3
+    state1_moments = 2  # m1 and m2
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=5.0, t_alpha=None, t_beta3=None, eps=1e-8,
                  weight_decay=1e-2, optim_bits=32, min_8bit_size=4096, is_paged=False, *, bf16_stochastic_round=False,
-                 capturable=False):
-        name = type(self).__name__
-        if len(betas) != 3:
-            raise ValueError(f"{name}: betas must hold three values (beta1, beta2, beta3), got {tuple(betas)}")
-        if not 0.0 <= betas[2] < 1.0:
-            raise ValueError(f"{name}: betas[2] must be in [0, 1), got {betas[2]}")
-        if not alpha >= 0.0:
-            raise ValueError(f"{name}: alpha must be >= 0, got {alpha}")
-        for key, value in (("t_alpha", t_alpha), ("t_beta3", t_beta3)):
-            if value is not None and not value > 0:
-                raise ValueError(f"{name}: {key} must be None or > 0, got {value}")
-        super().__init__(params, lr, tuple(betas[:2]), eps, weight_decay, False, optim_bits, None, min_8bit_size,
-                         is_paged, bf16_stochastic_round=bf16_stochastic_round, capturable=capturable)
-        for group in self.param_groups:
-            group.update(betas=tuple(betas), alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3)
-        self.defaults.update(betas=tuple(betas), alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3)
-        self.optimizer_name = "ademamix"
-        check_max_unorm(name, self.args, supported=False)
+                 capturable=False, robust_rounding=False):
+        settings = dict(alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3)
+        self.check_schedule(type(self).__name__, settings)
+        super().__init__(params, lr, betas, eps, weight_decay, False, optim_bits, None, min_8bit_size, is_paged,
+                         bf16_stochastic_round=bf16_stochastic_round, capturable=capturable,
+                         robust_rounding=robust_rounding, _ademamix=settings)
+
+    @staticmethod
+    def check_schedule(where, config):
+        check_number(where, "alpha", config["alpha"])
+        for key in ("t_alpha", "t_beta3"):
+            value = config.get(key)
+            if value is not None and not (check_number(where, key, value) > 0):
+                raise ValueError(f"{where}: {key} must be None or > 0, got {value!r}")
+
+    def check_family(self, config, where):
+        """Each group's own betas (three), alpha and warm-ups: a group's settings are its own, never the
+        constructor's."""
+        check_betas(where, config["betas"], 3)
+        self.check_schedule(where, config)
 
     @staticmethod
     def scheduled(config, step):
@@ -89,17 +95,19 @@ class AdEMAMix8bit(_AdEMAMix):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=5.0, t_alpha=None, t_beta3=None, eps=1e-8,
                  weight_decay=1e-2, min_8bit_size=4096, is_paged=False, *, bf16_stochastic_round=False,
-                 capturable=False):
+                 capturable=False, robust_rounding=False):
         super().__init__(params, lr, betas, alpha, t_alpha, t_beta3, eps, weight_decay, 8, min_8bit_size, is_paged,
-                         bf16_stochastic_round=bf16_stochastic_round, capturable=capturable)
+                         bf16_stochastic_round=bf16_stochastic_round, capturable=capturable,
+                         robust_rounding=robust_rounding)
 
 
 class AdEMAMix32bit(_AdEMAMix):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=5.0, t_alpha=None, t_beta3=None, eps=1e-8,
                  weight_decay=1e-2, min_8bit_size=4096, is_paged=False, *, bf16_stochastic_round=False,
-                 capturable=False):
+                 capturable=False, robust_rounding=False):
         super().__init__(params, lr, betas, alpha, t_alpha, t_beta3, eps, weight_decay, 32, min_8bit_size, is_paged,
-                         bf16_stochastic_round=bf16_stochastic_round, capturable=capturable)
+                         bf16_stochastic_round=bf16_stochastic_round, capturable=capturable,
+                         robust_rounding=robust_rounding)
 
 
 PagedAdEMAMix = paged_class(AdEMAMix, "PagedAdEMAMix")

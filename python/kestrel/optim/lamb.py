@@ -16,7 +16,7 @@ from .adam import _Adam
 class _LAMB(_Adam):
     def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, adam_w_mode=True, optim_bits=32, args=None, min_8bit_size=4096, max_unorm=1.0, *,
-                 bf16_stochastic_round=False, capturable=False):
+                 bf16_stochastic_round=False, capturable=False, robust_rounding=False):
         name = type(self).__name__
         if not bias_correction:
             raise ValueError(f"{name}: bias_correction=False is not supported (bnb ignores it silently)")
@@ -25,7 +25,7 @@ class _LAMB(_Adam):
                              "decoupled (bnb ignores adam_w_mode silently)")
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, optim_bits, args, min_8bit_size, False,
                          bf16_stochastic_round=bf16_stochastic_round, max_unorm=max_unorm,
-                         capturable=capturable)
+                         capturable=capturable, robust_rounding=robust_rounding)
 
 
 class LAMB(_LAMB):
@@ -37,10 +37,10 @@ class LAMB8bit(_LAMB):
 
     def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, adam_w_mode=True, args=None, min_8bit_size=4096, max_unorm=1.0, *,
-                 bf16_stochastic_round=False, capturable=False):
+                 bf16_stochastic_round=False, capturable=False, robust_rounding=False):
         super().__init__(params, lr, bias_correction, betas, eps, weight_decay, amsgrad, adam_w_mode, 8, args,
                          min_8bit_size, max_unorm, bf16_stochastic_round=bf16_stochastic_round,
-                         capturable=capturable)
+                         capturable=capturable, robust_rounding=robust_rounding)
 
 
 class LAMB32bit(_LAMB):
@@ -48,7 +48,7 @@ class LAMB32bit(_LAMB):
 
     def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, adam_w_mode=True, args=None, min_8bit_size=4096, max_unorm=1.0, *,
-                 bf16_stochastic_round=False, capturable=False):
+                 bf16_stochastic_round=False, capturable=False, robust_rounding=False):
         super().__init__(params, lr, bias_correction, betas, eps, weight_decay, amsgrad, adam_w_mode, 32, args,
                          min_8bit_size, max_unorm, bf16_stochastic_round=bf16_stochastic_round,
-                         capturable=capturable)
+                         capturable=capturable, robust_rounding=robust_rounding)

@@ -2,6 +2,7 @@
 and one fused kernel call per (device, dtype, state width) for all parameters of a group."""
 
 import copy
+import numbers
 import warnings
 from collections import defaultdict
 from itertools import chain
@@ -29,33 +30,105 @@ def _blocks(n):
     return (n + BLOCKSIZE - 1) // BLOCKSIZE
 
 
-def check_hyperparameters(name, lr, eps, betas, weight_decay, optim_bits, block_wise):
-    """bnb's constructor checks, with errors that name the argument and the value."""
-    if not lr >= 0.0:
-        raise ValueError(f"{name}: lr must be >= 0, got {lr}")
-    if not eps >= 0.0:
-        raise ValueError(f"{name}: eps must be >= 0, got {eps}")
-    for i, beta in enumerate(betas):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"{name}: betas[{i}] must be in [0, 1), got {beta}")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"{name}: weight_decay must be >= 0, got {weight_decay}")
-    if optim_bits not in (8, 32):
-        raise ValueError(f"{name}: optim_bits must be 8 or 32, got {optim_bits}")
+def _is_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_number(name, label, value, low=0.0, high=None, low_open=False, high_open=True):
+    """A finite real number (not a bool) in [low, high) (the ends as given; no upper end when high is None): else a
+    TypeError or ValueError naming it, with the expected and the given value."""
+    if not _is_number(value):
+        raise TypeError(f"{name}: {label} must be a number, got {value!r}")
+    x = float(value)
+    inside = (x > low if low_open else x >= low) and (high is None or (x < high if high_open else x <= high))
+    if not inside or x in (float("inf"), float("-inf")):
+        if high is not None:
+            expected = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        else:
+            expected = f"{'>' if low_open else '>='} {low:g}"
+        finite = "a finite number " if inside else ""
+        raise ValueError(f"{name}: {label} must be {finite}{expected}, got {value!r}")
+    return x
+
+
+def check_lr(name, lr, label="lr"):
+    """lr: a finite number >= 0, or a one-element floating-point tensor (for LR schedulers under torch.compile;
+    its value is checked when it is on the CPU)."""
+    if torch.is_tensor(lr):
+        if not lr.is_floating_point() or lr.numel() != 1:
+            raise TypeError(f"{name}: a tensor {label} must hold one floating-point value, got {lr.dtype} with "
+                            f"{lr.numel()} values")
+        if lr.device.type == "cpu" and not torch.compiler.is_compiling() and \
+                not bool(torch.isfinite(lr).all() & (lr >= 0).all()):
+            raise ValueError(f"{name}: {label} must be >= 0 and finite, got {lr.item()!r}")
+        return lr
+    if not _is_number(lr):
+        raise TypeError(f"{name}: {label} must be a number >= 0 or a one-element float tensor, got {lr!r}")
+    return check_number(name, label, lr)
+
+
+def check_int(name, label, value, low=0):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: {label} must be an integer, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name}: {label} must be >= {low}, got {value}")
+    return int(value)
+
+
+def check_betas(name, betas, count, labels=None):
+    """betas as a tuple of `count` numbers in [0, 1); `labels` name them (default betas[i])."""
+    if isinstance(betas, str):  # bnb accepts '(0.9, 0.999)'
+        try:
+            betas = [float(b) for b in betas.replace("(", "").replace(")", "").split(",")]
+        except ValueError:
+            raise ValueError(f"{name}: betas must hold {count} numbers, got {betas!r}") from None
+    try:
+        betas = tuple(betas)
+    except TypeError:
+        raise TypeError(f"{name}: betas must be a tuple of {count} numbers, got {betas!r}") from None
+    if len(betas) != count:
+        what = {2: "two values (beta1, beta2)", 3: "three values (beta1, beta2, beta3)"}.get(count, f"{count} values")
+        raise ValueError(f"{name}: betas must hold {what}, got {betas}")
+    labels = labels or [f"betas[{i}]" for i in range(count)]
+    return tuple(check_number(name, labels[i], b, 0.0, 1.0) for i, b in enumerate(betas))
+
+
+def check_hyperparameters(name, lr, eps, betas, weight_decay, optim_bits, block_wise, beta_labels=None):
+    """bnb's constructor checks, with errors that name the argument, the expected and the given value."""
+    check_lr(name, lr)
+    check_number(name, "eps", eps)
+    check_betas(name, betas, len(tuple(betas)) if not isinstance(betas, str) else 2, beta_labels)
+    check_number(name, "weight_decay", weight_decay)
+    check_optim_bits(name, optim_bits)
     if not block_wise:
         raise ValueError(f"{name}: block_wise=False (bnb 0.49's tensor-wise 8-bit state) is not supported; "
                          "kestrel's 8-bit state is block-wise, as bnb 0.50's")
+
+
+def check_optim_bits(name, optim_bits):
+    if isinstance(optim_bits, bool) or optim_bits not in (8, 32):
+        raise ValueError(f"{name}: optim_bits must be 8 or 32, got {optim_bits!r}")
+    return int(optim_bits)
 
 
 def check_max_unorm(name, args, supported):
     """max_unorm (bnb's args.max_unorm, the trust-ratio bound of LAMB / LARS) must be >= 0, and > 0 only where the
     kernels apply it (Adam-family two-state and SGD-momentum updates)."""
     max_unorm = getattr(args, "max_unorm", 0.0) or 0.0
-    if not max_unorm >= 0.0:
-        raise ValueError(f"{name}: max_unorm must be >= 0, got {max_unorm}")
+    max_unorm = check_number(name, "max_unorm", max_unorm)
     if max_unorm > 0.0 and not supported:
         raise ValueError(f"{name}: max_unorm (the LAMB / LARS trust ratio) applies to Adam and SGD-momentum updates "
                          f"only, got max_unorm={max_unorm}")
+
+
+def check_args(name, args):
+    """bnb's `args` object (optim_bits, min_8bit_size, max_unorm): checked when the optimizer is built, so that
+    nothing fails later inside step()."""
+    for attr in ("optim_bits", "min_8bit_size"):
+        if not hasattr(args, attr):
+            raise ValueError(f"{name}: args must have the attribute {attr} (bnb's args), got {args!r}")
+    check_optim_bits(name, args.optim_bits)
+    check_int(name, "min_8bit_size", args.min_8bit_size)
 
 
 def default_args(args, optim_bits, min_8bit_size, max_unorm=0.0):
@@ -86,13 +159,22 @@ class Optimizer8bit(torch.optim.Optimizer):
     non_castable_tensor_keys = frozenset({"qmap1", "qmap2", "max1", "max2", "new_max1", "new_max2", "state1",
                                           "state2", "gnorm_vec", "absmax1", "absmax2", "unorm_vec"})
 
-    def __init__(self, params, defaults, optim_bits=32, is_paged=False, bf16_stochastic_round=False, capturable=False):
+    def __init__(self, params, defaults, optim_bits=32, is_paged=False, bf16_stochastic_round=False, capturable=False,
+                 robust_rounding=False):
+        name = type(self).__name__
+        for label, flag in (("bf16_stochastic_round", bf16_stochastic_round), ("capturable", capturable),
+                            ("robust_rounding", robust_rounding), ("is_paged", is_paged)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name}: {label} must be True or False, got {flag!r}")
+        if robust_rounding:  # a group setting, kept out of the default groups so their layout stays bnb's
+            defaults = dict(defaults, robust_rounding=True)
         if bf16_stochastic_round:
             # drawn from torch's generator, so runs are deterministic given torch.manual_seed; saved with the
             # param_groups, so a resumed run draws the same rounding bits
             defaults = dict(defaults, round_seed=int(torch.randint(0, 2**62, (1,)).item()))
         super().__init__(params, defaults)
         self.mng = GlobalOptimManager.get_instance()
+        self._overrides_resolved = False  # module overrides: all of them at the first step, then new ones
         self.is_paged = is_paged
         # capturable (CUDA graphs): step counts live on the parameter's device and the kernels read them (and a
         # device-tensor lr) there, so one captured step replays with the current values
@@ -103,6 +185,40 @@ class Optimizer8bit(torch.optim.Optimizer):
         self._shards = {}
         if optim_bits == 8:
             self.fill_qmap()
+
+    # ----------------------------------------------------------------------------------------- settings
+    # The betas a family uses and the names its errors give them (SGD's betas hold (momentum, dampening)).
+    num_betas = 2
+    beta_labels = None
+
+    def add_param_group(self, param_group):
+        """torch's add_param_group, after checking the group's settings (with the defaults filled in) the way the
+        constructor checks its arguments: a bad group is rejected before it is added."""
+        if isinstance(param_group, dict):
+            own = {k: v for k, v in param_group.items() if k != "params"}
+            index = len(getattr(self, "param_groups", []))
+            # a group of the constructor's settings reports them as the constructor's arguments
+            where = f"{type(self).__name__}: parameter group {index}" if own else type(self).__name__
+            self.check_config({**getattr(self, "defaults", {}), **own}, where)
+        super().add_param_group(param_group)
+
+    def check_config(self, config, where):
+        """Check one parameter's (or group's) settings; `where` starts each message."""
+        check_lr(where, config["lr"])
+        check_number(where, "eps", config["eps"])
+        check_number(where, "weight_decay", config["weight_decay"])
+        if not isinstance(config.get("robust_rounding", False), bool):
+            raise TypeError(f"{where}: robust_rounding must be True or False, got {config['robust_rounding']!r}")
+        for key in ("optim_bits", "min_8bit_size", "max_unorm"):
+            if key in config:  # per-parameter overrides (GlobalOptimManager) and the optimizer's args
+                {"optim_bits": lambda v: check_optim_bits(where, v),
+                 "min_8bit_size": lambda v: check_int(where, "min_8bit_size", v),
+                 "max_unorm": lambda v: check_number(where, "max_unorm", v or 0.0)}[key](config[key])
+        self.check_family(config, where)
+
+    def check_family(self, config, where):
+        """The family's own settings (betas, alpha, ...)."""
+        check_betas(where, config["betas"], self.num_betas, self.beta_labels)
 
     def fill_qmap(self):
         self.name2qmap["dynamic"] = DYNAMIC_MAP_SIGNED.clone()
@@ -129,10 +245,16 @@ class Optimizer8bit(torch.optim.Optimizer):
     def load_state_dict(self, state_dict, move_to_device=True):
         """Load a state_dict written by kestrel or by bitsandbytes (nested or flat layout).
 
-        Every parameter's state is checked against its parameter before anything is changed; on a mismatch a
-        ValueError names the parameter and the offending entry, and the optimizer keeps its state.
+        Everything is checked before anything changes: the groups' settings (as the constructor checks them), each
+        parameter's state against its parameter and against this optimizer's kind (a torch.optim state, or another
+        8-bit optimizer's, is rejected), the quantization maps (256 sorted finite values). On a mismatch a ValueError
+        names the parameter and the entry, and the optimizer keeps its state.
         """
         name = type(self).__name__
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError(f"{name}.load_state_dict: expected a dict with 'state' and 'param_groups' (an optimizer's "
+                             f"state_dict()), got {type(state_dict).__name__}"
+                             + (f" with keys {sorted(map(str, state_dict))}" if isinstance(state_dict, dict) else ""))
         state_dict = copy.deepcopy(state_dict)
         for param_state in state_dict["state"].values():
             if isinstance(param_state, dict) and self._FSDP_WRAPPED_QUANT_STATE_KEY in param_state:
@@ -145,6 +267,15 @@ class Optimizer8bit(torch.optim.Optimizer):
             if len(group["params"]) != len(saved["params"]):
                 raise ValueError(f"{name}.load_state_dict: parameter group {index} has {len(saved['params'])} "
                                  f"parameters in the state_dict, {len(group['params'])} in the optimizer")
+        new_groups = []
+        for index, (group, saved) in enumerate(zip(groups, saved_groups)):
+            # settings the checkpoint lacks (e.g. kestrel-only ones in a bnb checkpoint) keep this optimizer's
+            merged = {**{k: v for k, v in group.items() if k != "params"}, **saved, "params": group["params"]}
+            try:
+                self.check_config(merged, f"{name}.load_state_dict: parameter group {index}")
+            except (TypeError, KeyError) as error:
+                raise ValueError(str(error)) from None
+            new_groups.append(merged)
         id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
                           chain.from_iterable(g["params"] for g in groups)))
         ordinal = {id(p): i for i, p in enumerate(chain.from_iterable(g["params"] for g in groups))}
@@ -158,13 +289,12 @@ class Optimizer8bit(torch.optim.Optimizer):
             if self.shard(param) is not None:
                 value = self._import_sharded(param, value)
             self._check_loaded_state(D.local(param), value, ordinal[id(param)])
-            new_state[param] = self._place_loaded_state(param, value, move_to_device)
-        new_groups = []
-        for group, saved in zip(groups, saved_groups):
-            merged = dict(saved)
-            merged["params"] = group["params"]
-            new_groups.append(merged)
-        self.__setstate__({"state": new_state, "param_groups": new_groups})
+            new_state[param] = value
+        placed = defaultdict(dict)
+        for key, value in new_state.items():
+            placed[key] = self._place_loaded_state(key, value, move_to_device) if isinstance(key, torch.Tensor) \
+                else value
+        self.__setstate__({"state": placed, "param_groups": new_groups})
 
     # ----------------------------------------------------------------------------------------- sharded parameters
     @staticmethod
@@ -228,35 +358,70 @@ class Optimizer8bit(torch.optim.Optimizer):
                 out[key] = tensor.contiguous()
         return out
 
+    # Which states a kind of optimizer keeps: two (Adam, LAMB, AdEMAMix) or one (SGD, LARS, RMSprop, Adagrad, Lion),
+    # and the first moments in state1 (AdEMAMix: two).
+    two_states = True
+    state1_moments = 1
+
     def _check_loaded_state(self, param, state, index):
         name = type(self).__name__
         where = f"{name}.load_state_dict: parameter {index} (shape {tuple(param.shape)})"
         if not isinstance(state, dict):
             raise ValueError(f"{where}: its state must be a dict, got {type(state).__name__}")
+        if not state:
+            return  # no step taken yet
+        if "state1" not in state:
+            foreign = sorted(k for k in state if isinstance(k, str))
+            raise ValueError(f"{where}: the state holds {foreign}, not a kestrel/bitsandbytes 8-bit optimizer's state "
+                             f"(step, state1, ...); is it another optimizer's checkpoint (torch.optim.* keeps "
+                             f"exp_avg / momentum_buffer)?")
+        if "step" not in state:
+            raise ValueError(f"{where}: the state lacks step")
+        step = state["step"]
+        step_value = int(step.item()) if torch.is_tensor(step) and step.numel() == 1 else step
+        if isinstance(step_value, bool) or not isinstance(step_value, numbers.Integral) or step_value < 0:
+            raise ValueError(f"{where}: step must be an integer >= 0, got {step!r}")
+        if self.two_states and "state2" not in state:
+            raise ValueError(f"{where}: {name} keeps two states (state1, state2) but the state_dict has state1 only; "
+                             "is it a one-state optimizer's checkpoint (SGD, Lion, RMSprop, Adagrad, LARS)?")
+        if not self.two_states and "state2" in state:
+            raise ValueError(f"{where}: {name} keeps one state but the state_dict has state2; is it a two-state "
+                             "optimizer's checkpoint (Adam, AdamW, LAMB, AdEMAMix)?")
         n = param.numel()
         for key in ("state1", "state2"):
             if key not in state:
                 continue
             tensor = state[key]
+            if not torch.is_tensor(tensor):
+                raise ValueError(f"{where}: {key} must be a tensor, got {type(tensor).__name__}")
+            moments = self.state1_moments if key == "state1" else 1
+            if tensor.numel() != moments * n:
+                hint = ""
+                if key == "state1" and tensor.numel() in (n, 2 * n) and tensor.numel() != moments * n:
+                    hint = (" (AdEMAMix keeps two first moments in state1, the others one: is it another optimizer's "
+                            "checkpoint?)")
+                raise ValueError(f"{where}: {key} has {tensor.numel()} elements, expected {moments * n}{hint}")
             if tensor.dtype == torch.uint8:
-                expected = n * (2 if tensor.dim() == param.dim() + 1 and tensor.shape[0] == 2 else 1)
-                if tensor.numel() != expected:
-                    raise ValueError(f"{where}: {key} has {tensor.numel()} elements, expected {expected}")
                 absmax_key, qmap_key = "absmax" + key[-1], "qmap" + key[-1]
                 for needed in (absmax_key, qmap_key):
                     if needed not in state:
                         raise ValueError(f"{where}: an 8-bit {key} needs {needed}, which the state_dict lacks")
-                blocks = _blocks(n) * expected // n
-                if state[absmax_key].dtype != torch.float32 or state[absmax_key].numel() != blocks:
+                blocks = _blocks(n) * moments
+                absmax = state[absmax_key]
+                if not torch.is_tensor(absmax) or absmax.dtype != torch.float32 or absmax.numel() != blocks:
                     raise ValueError(f"{where}: {absmax_key} must be float32 with {blocks} values, got "
-                                     f"{state[absmax_key].dtype} with {state[absmax_key].numel()}")
-                if state[qmap_key].dtype != torch.float32 or state[qmap_key].numel() != 256:
+                                     f"{getattr(absmax, 'dtype', type(absmax).__name__)} with "
+                                     f"{getattr(absmax, 'numel', lambda: '?')()}")
+                qmap = state[qmap_key]
+                if not torch.is_tensor(qmap) or qmap.dtype != torch.float32 or qmap.numel() != 256:
                     raise ValueError(f"{where}: {qmap_key} must be float32 with 256 values, got "
-                                     f"{state[qmap_key].dtype} with {state[qmap_key].numel()}")
-            elif tensor.dtype == torch.float32:
-                if tensor.numel() not in (n, 2 * n):
-                    raise ValueError(f"{where}: {key} has {tensor.numel()} elements, expected {n}")
-            else:
+                                     f"{getattr(qmap, 'dtype', type(qmap).__name__)} with "
+                                     f"{getattr(qmap, 'numel', lambda: '?')()}")
+                q = qmap.detach().cpu().reshape(-1)
+                if not bool(torch.isfinite(q).all()) or not bool((q[1:] >= q[:-1]).all()):
+                    raise ValueError(f"{where}: {qmap_key} must hold 256 finite values in ascending order (a "
+                                     "quantization map)")
+            elif tensor.dtype != torch.float32:
                 raise ValueError(f"{where}: {key} must be uint8 (8-bit state) or float32 (32-bit state), "
                                  f"got {tensor.dtype}")
         if "state1" in state and "state2" in state and state["state1"].dtype != state["state2"].dtype:
@@ -303,9 +468,19 @@ class Optimizer8bit(torch.optim.Optimizer):
                 raise ValueError(f"{where} is a DTensor placed {tuple(p.placements)}; its gradient must be placed "
                                  f"the same way, got {type(p.grad).__name__}")
             self.shard(p)  # raises for unsupported placements
+        if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(D.local(p)) == 1:
+            raise ValueError(f"{where} has elements that share memory (e.g. an expanded tensor); it cannot be updated "
+                             "element by element")
         state = self.state.get(p)
-        if state and "state1" in state and state["state1"].device != p.device:
+        if not state or "state1" not in state:
+            return
+        if state["state1"].device != p.device:
             raise ValueError(f"{where} is on {p.device} but its optimizer state is on {state['state1'].device}")
+        n = D.local(p).numel()
+        held = state["state1"].numel() // self.state1_moments
+        if held != n or ("state2" in state and state["state2"].numel() != n):
+            raise ValueError(f"{where}: its optimizer state holds {held} elements per moment but the parameter has "
+                             f"{n} (was the parameter resized or replaced after its state was made?)")
 
     def _check_capturable(self, p, config):
         """What a captured (CUDA graph) step cannot do: read values on the host each step."""
@@ -346,8 +521,24 @@ class Optimizer8bit(torch.optim.Optimizer):
         return None if info is None else id(info.group)
 
     def local_batch(self, batch):
-        """(local parameters, local gradients) of a batch: what the kernels update in place."""
-        return [D.local(p) for p in batch], [D.local(p.grad) for p in batch]
+        """(parameters, gradients, write_back) of a batch as the kernels take them: contiguous local tensors. A
+        non-contiguous parameter is updated through a contiguous copy that `write_back` copies into it, in place (its
+        storage and every view of it see the update, as with torch's optimizers)."""
+        params, grads, write_back = [], [], []
+        for p in batch:
+            loc, grad = D.local(p), D.local(p.grad)
+            if not loc.is_contiguous():
+                work = loc.contiguous()
+                write_back.append((loc, work))
+                loc = work
+            params.append(loc)
+            grads.append(grad if grad.is_contiguous() else grad.contiguous())
+        return params, grads, write_back
+
+    @staticmethod
+    def write_back(pairs):
+        for target, work in pairs:
+            target.copy_(work)
 
     def reduce_norms(self, p, norms):
         """LAMB/LARS on sharded parameters: the norm pass's sums of squares over all shards."""
@@ -375,33 +566,28 @@ class Optimizer8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Check every parameter before changing anything, so that bad input leaves all state untouched.
+        name = type(self).__name__
+        self.resolve_module_overrides()
+        # Check every parameter and setting before changing anything, so that bad input leaves all state untouched.
         work = []
         ordinal = 0
         for group_index, group in enumerate(self.param_groups):
+            base = None
             for position, p in enumerate(group["params"]):
                 if p.grad is not None:
                     self._check_param(p, ordinal)
-                    work.append((group_index, position, p))
+                    if base is None:  # group settings may have been edited since the group was added
+                        base = self.group_config(group)
+                        self.check_config(base, f"{name}: parameter group {group_index}")
+                    config = self.get_config(base, p, (group_index, position))
+                    if config is not base:
+                        self.check_config(config, f"{name}: parameter {ordinal} (with GlobalOptimManager overrides)")
+                    if self.capturable:
+                        self._check_capturable(p, config)
+                    work.append((group_index, p, config))
                 ordinal += 1
-        self.mng.resolve_module_overrides()
         by_group = defaultdict(list)
-        base_configs = {}
-        for group_index, position, p in work:
-            if group_index not in base_configs:
-                base_configs[group_index] = self.group_config(self.param_groups[group_index])
-            config = self.get_config(base_configs[group_index], p, (group_index, position))
-            if D.is_dtensor(p):
-                if not (D.local(p).is_contiguous() and D.local(p.grad).is_contiguous()):
-                    raise ValueError(f"{type(self).__name__}: the local shard of a DTensor parameter or of its "
-                                     "gradient is not contiguous")
-            else:
-                if not p.is_contiguous():
-                    p.data = p.data.contiguous()
-                if not p.grad.is_contiguous():
-                    p.grad = p.grad.contiguous()
-            if self.capturable:
-                self._check_capturable(p, config)
+        for group_index, p, config in work:
             if len(self.state[p]) == 0:
                 self._paged_buffer_warning(p)
                 self.init_state(p, config)
@@ -417,16 +603,20 @@ class Optimizer8bit(torch.optim.Optimizer):
                       max_unorm=getattr(self.args, "max_unorm", 0.0))
         return config
 
+    def resolve_module_overrides(self):
+        """StableEmbedding-style module overrides: every live registration at this optimizer's first step (as bnb's
+        check_overrides), then only those registered since (no per-step loop over every embedding)."""
+        self.mng.resolve_module_overrides(everything=not self._overrides_resolved)
+        self._overrides_resolved = True
+
     def get_config(self, base, p, index):
         """The settings of parameter p at `index` = (group index, position): its group's (`base`, not modified),
-        then GlobalOptimManager overrides by registration index, then by parameter identity."""
-        by_index, by_id = self.mng.index2config.get(index), self.mng.pid2config.get(id(p))
-        if by_index is None and by_id is None:
+        then GlobalOptimManager overrides (kestrel.optim.manager: by registration position where that position
+        still holds the registered parameter or its replacement, then by parameter identity)."""
+        overrides = self.mng.overrides_for(p, index)
+        if not overrides:
             return base
-        config = dict(base)
-        config.update(by_index or {})
-        config.update(by_id or {})
-        return config
+        return {**base, **overrides}
 
     def init_state(self, p, config):
         raise NotImplementedError
@@ -470,21 +660,31 @@ class Optimizer8bit(torch.optim.Optimizer):
             self.state[p]["unorm_vec"] = torch.zeros((1,), dtype=torch.float32, device=p.device)
 
     @torch.no_grad()
-    def gnorm_scale(self, p):
+    def gnorm_scale(self, p, step=None):
         """bnb 0.49's percentile clipping: keep the last 100 squared gradient norms; if this step's norm exceeds the
         `percentile`-th smallest of them (index into the sorted history, zeros of unfilled slots included, as bnb
-        does), scale the gradient down to it. 1.0 when percentile_clipping is 100. (Reads one value to the host.)"""
+        does), scale the gradient down to it. 1.0 when percentile_clipping is 100. `step` is the step being taken
+        (default: the state's count). (Reads one value to the host.)"""
         if self.percentile_clipping >= 100:
             return 1.0
         state = self.state[p]
         history = state["gnorm_vec"]
-        slot = int(state["step"]) % 100
+        slot = int(state["step"] if step is None else step) % 100
         squared = D.local(p.grad).float().pow(2).sum()
         info = self.shard(p)
         history[slot] = D.all_reduce_sum(squared, info) if info is not None else squared
         current = history[slot].sqrt()
         clip = torch.sort(history).values[self.percentile_clipping].sqrt()
         return float((clip / current).item()) if bool(current > clip) else 1.0
+
+    def record_unorms(self, batch, norms, factors):
+        """bnb's state["unorm_vec"] of LAMB / LARS: the sum of squares of the update direction, from the norm pass
+        (`factors` rescale it, e.g. LAMB's bias correction), on the device."""
+        targets = [self.state[p]["unorm_vec"] for p in batch if "unorm_vec" in self.state[p]]
+        if len(targets) != len(batch):
+            return
+        scaled = norms[:, :1] * (factors.to(norms.device)[:, None] if torch.is_tensor(factors) else factors)
+        torch._foreach_copy_(targets, list(scaled.unbind(0)))
 
     def update_params(self, items):
         """One step for [(parameter, config)]: one kernel call per batch of equal device, dtype, state kind and

@@ -111,37 +111,53 @@ def _block_absmax(s, n):
     return blocks.view(-1, BLOCKSIZE).abs().amax(dim=1)
 
 
-def _requantize(s, absmax, qmap, signed):
+def _requantize(s, absmax, qmap, signed, robust=False, denominator=None):
+    """Codes of a state: nearest rounding, then bnb's sign fix on signed-map states, or (robust rounding,
+    kestrel/optim.h round_numerator_code) no sign fix for numerators and, for denominators (second moments,
+    RMSprop/Adagrad accumulators; by default the unsigned-map states), a positive value never on a code <= 0."""
+    denominator = (not signed) if denominator is None else denominator
     n = s.numel()
     scale = _per_element(absmax, n)
     v = torch.where(scale > 0, s / scale, torch.zeros_like(s))
     idx = nearest_code(v, qmap)
-    if signed:  # bnb's sign fix
+    if robust:
+        if denominator:
+            idx = torch.where((v > 0) & (qmap[idx] <= 0), (idx + 1).clamp(max=255), idx)
+    elif signed:  # bnb's sign fix
         differs = torch.signbit(qmap[idx]) != torch.signbit(v)
         step = torch.where(v > 0, torch.ones_like(idx), -torch.ones_like(idx))
         idx = torch.where(differs, (idx + step).clamp(0, 255), idx)
     return idx.to(torch.uint8)
 
 
+def _stepped(grad, *moments):
+    """kestrel/optim.h step_is_finite: the gradient and the new moments are finite (a square that overflows float32
+    skips the element like a NaN/Inf gradient)."""
+    ok = torch.isfinite(grad)
+    for m in moments:
+        ok = ok & torch.isfinite(m)
+    return ok
+
+
 @torch.no_grad()
 def adam8bit_step(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step, lr, beta1, beta2, eps, weight_decay,
-                  gnorm_scale=1.0, max_unorm=0.0):
+                  gnorm_scale=1.0, max_unorm=0.0, robust_rounding=False):
     """One step on flat tensors, in place (LAMB with max_unorm > 0)."""
     a = adam_scalars(step, lr, beta1, beta2, eps, weight_decay)
     n = p.numel()
     grad = g.reshape(-1).float() * float(np.float32(gnorm_scale))
-    finite = torch.isfinite(grad)
     s1 = qmap1[state1.reshape(-1).long()] * _per_element(absmax1, n)
     s2 = qmap2[state2.reshape(-1).long()] * _per_element(absmax2, n)
     s1 = s1 * a["beta1"] + grad * a["one_minus_beta1"]
     s2 = s2 * a["beta2"] + (grad * grad) * a["one_minus_beta2"]
+    finite = _stepped(grad, s1, s2)
     s1 = torch.where(finite, s1, torch.zeros_like(s1))
     s2 = torch.where(finite, s2, torch.zeros_like(s2))
     new_max1, new_max2 = _block_absmax(s1, n), _block_absmax(s2, n)
     _apply_lamb(a, s1, s2, finite, p, max_unorm)
     p.view(-1).copy_(_update_param(p.reshape(-1), s1, s2, finite, a))
-    state1.view(-1).copy_(_requantize(s1, new_max1, qmap1, signed=True))
-    state2.view(-1).copy_(_requantize(s2, new_max2, qmap2, signed=False))
+    state1.view(-1).copy_(_requantize(s1, new_max1, qmap1, signed=True, robust=robust_rounding))
+    state2.view(-1).copy_(_requantize(s2, new_max2, qmap2, signed=False, robust=robust_rounding))
     absmax1.copy_(new_max1)
     absmax2.copy_(new_max2)
 
@@ -152,10 +168,10 @@ def adam32bit_step(p, g, state1, state2, step, lr, beta1, beta2, eps, weight_dec
     with max_unorm > 0."""
     a = adam_scalars(step, lr, beta1, beta2, eps, weight_decay)
     grad = g.reshape(-1).float() * float(np.float32(gnorm_scale))
-    finite = torch.isfinite(grad)
     s1, s2 = state1.view(-1), state2.view(-1)
     new_s1 = s1 * a["beta1"] + grad * a["one_minus_beta1"]
     new_s2 = s2 * a["beta2"] + (grad * grad) * a["one_minus_beta2"]
+    finite = _stepped(grad, new_s1, new_s2)
     _apply_lamb(a, new_s1, new_s2, finite, p, max_unorm)
     p.view(-1).copy_(_update_param(p.reshape(-1), new_s1, new_s2, finite, a))
     s1.copy_(torch.where(finite, new_s1, s1))
@@ -180,16 +196,16 @@ def _one_state_update(kind, a, grad, p32, s, lr, eps, weight_decay, step):
 
 @torch.no_grad()
 def one_state_step(kind, p, g, state1, absmax1, qmap1, step, lr, beta1, beta2, eps, weight_decay, gnorm_scale=1.0,
-                   max_unorm=0.0):
+                   max_unorm=0.0, robust_rounding=False):
     """One step of SGD-momentum / RMSprop / Adagrad / Lion on flat tensors, in place; 8-bit when qmap1 is given
     (signed map, sign fix), else float32 state. A NaN/Inf gradient keeps the parameter; its 8-bit state becomes 0
     and a float32 state is kept. LARS: kind "momentum" with max_unorm > 0."""
     a = adam_scalars(step, lr, beta1, beta2, eps, weight_decay)
     n = p.numel()
     grad = g.reshape(-1).float() * float(np.float32(gnorm_scale))
-    finite = torch.isfinite(grad)
     old = qmap1[state1.reshape(-1).long()] * _per_element(absmax1, n) if qmap1 is not None else state1.reshape(-1)
     s, new_p = _one_state_update(kind, a, grad, p.reshape(-1).float(), old.clone(), lr, eps, weight_decay, step)
+    finite = _stepped(grad, s)
     if kind == "momentum" and max_unorm > 0:  # LARS
         u = torch.where(finite, s, torch.zeros_like(s))
         scale = trust_ratio(norm_sums(u, p.reshape(-1).float()), max_unorm, a, adam=False)
@@ -200,13 +216,14 @@ def one_state_step(kind, p, g, state1, absmax1, qmap1, step, lr, beta1, beta2, e
         state1.view(-1).copy_(s)
         return
     new_max = _block_absmax(s, n)
-    state1.view(-1).copy_(_requantize(s, new_max, qmap1, signed=True))
+    state1.view(-1).copy_(_requantize(s, new_max, qmap1, signed=True, robust=robust_rounding,
+                                      denominator=kind in ("rmsprop", "adagrad")))
     absmax1.copy_(new_max)
 
 
 @torch.no_grad()
 def ademamix_step(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step, lr, beta1, beta2, beta3, alpha, eps,
-                  weight_decay, gnorm_scale=1.0):
+                  weight_decay, gnorm_scale=1.0, robust_rounding=False):
     """One AdEMAMix step in place: state1 (2, n) holds m1 and m2, state2 nu; 8-bit when qmap1 is given (absmax1
     (2, blocks)), else float32 states (a NaN/Inf gradient element is then skipped)."""
     f = lambda v: float(np.float32(v))  # noqa: E731
@@ -215,7 +232,6 @@ def ademamix_step(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step, lr
     correction2 = f(np.sqrt(np.float32(1.0) - _powf(np.float32(beta2), np.float32(step))))
     n = p.numel()
     grad = g.reshape(-1).float() * f(gnorm_scale)
-    finite = torch.isfinite(grad)
     eight_bit = qmap1 is not None
     s1, s2 = state1.view(2, -1), state2.view(-1)
     if eight_bit:
@@ -227,6 +243,7 @@ def ademamix_step(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step, lr
     m1 = old1 * a["beta1"] + grad * a["one_minus_beta1"]
     m3 = old3 * f(beta3) + grad * f(np.float32(1.0) - np.float32(beta3))
     nu = old2 * a["beta2"] + (grad * grad) * a["one_minus_beta2"]
+    finite = _stepped(grad, m1, m3, nu)
     if eight_bit:
         m1, m3, nu = (torch.where(finite, t, torch.zeros_like(t)) for t in (m1, m3, nu))
     else:
@@ -240,7 +257,7 @@ def ademamix_step(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step, lr
         s1[0].copy_(m1), s1[1].copy_(m3), s2.copy_(nu)
         return
     max1, max3, max2 = _block_absmax(m1, n), _block_absmax(m3, n), _block_absmax(nu, n)
-    s1[0].copy_(_requantize(m1, max1, qmap1, signed=True))
-    s1[1].copy_(_requantize(m3, max3, qmap1, signed=True))
-    s2.copy_(_requantize(nu, max2, qmap2, signed=False))
+    s1[0].copy_(_requantize(m1, max1, qmap1, signed=True, robust=robust_rounding))
+    s1[1].copy_(_requantize(m3, max3, qmap1, signed=True, robust=robust_rounding))
+    s2.copy_(_requantize(nu, max2, qmap2, signed=False, robust=robust_rounding))
     absmax1[0].copy_(max1), absmax1[1].copy_(max3), absmax2.copy_(max2)
