@@ -36,6 +36,7 @@ class _Adam(Optimizer8bit):
         defaults.update(_ademamix or {})
         super().__init__(params, defaults, optim_bits, is_paged, bf16_stochastic_round, capturable, robust_rounding)
         self.set_percentile_clipping(percentile_clipping)
+        self.check_capturable_settings()
 
     @torch.no_grad()
     def init_state(self, p, config):

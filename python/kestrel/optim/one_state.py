@@ -35,6 +35,7 @@ class _OneState(Optimizer8bit):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults, optim_bits, is_paged, bf16_stochastic_round, capturable, robust_rounding)
         self.set_percentile_clipping(percentile_clipping)
+        self.check_capturable_settings()
 
     @torch.no_grad()
     def init_state(self, p, config):

@@ -482,14 +482,23 @@ class Optimizer8bit(torch.optim.Optimizer):
             raise ValueError(f"{where}: its optimizer state holds {held} elements per moment but the parameter has "
                              f"{n} (was the parameter resized or replaced after its state was made?)")
 
+    def check_capturable_settings(self):
+        """capturable=True with a setting a captured step cannot take: rejected by the constructor (the same check
+        runs per parameter at each step, for overrides)."""
+        if not self.capturable:
+            return
+        for index, group in enumerate(self.param_groups):
+            config = self.group_config(group)
+            self._check_capturable(None, config)
+
     def _check_capturable(self, p, config):
         """What a captured (CUDA graph) step cannot do: read values on the host each step."""
         name = type(self).__name__
         lr = config["lr"]
-        if torch.is_tensor(lr) and p.device.type == "cuda" and lr.device != p.device:
+        if p is not None and torch.is_tensor(lr) and p.device.type == "cuda" and lr.device != p.device:
             raise ValueError(f"{name}(capturable=True): a tensor lr must be on the parameters' device {p.device}, "
                              f"got {lr.device}")
-        if torch.is_tensor(lr) and p.device.type == "cuda" and lr.dtype != torch.float32:
+        if p is not None and torch.is_tensor(lr) and p.device.type == "cuda" and lr.dtype != torch.float32:
             raise ValueError(f"{name}(capturable=True): a tensor lr must be float32, got {lr.dtype}")
         if self.percentile_clipping < 100:
             raise ValueError(f"{name}(capturable=True): percentile_clipping reads the gradient norm on the host; "
