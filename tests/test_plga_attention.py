@@ -70,6 +70,28 @@ def test_decode_rows_and_cache_lengths():
     torch.testing.assert_close(out.double(), float64_plga(q[:, :, :2], k, v, G, lens=lens), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("causal", [True, False])
+def test_keys_past_the_cache_lengths_are_ignored(bad, causal):
+    """NaN or inf in the unused cache rows (past cache_seqlens) reach neither the output nor the gradients: a -inf
+    score alone still multiplied those values by a zero weight (0 * NaN = NaN), and a NaN key made a NaN score."""
+    q, k, v, G = inputs(2, 2, 1, 2, 20, 16, seed=8)
+    lens = torch.tensor([20, 11])
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(9))
+    results = []
+    for dirty in (False, True):
+        keys, values = k.clone(), v.clone()
+        if dirty:
+            keys[1, :, 11:], values[1, :, 11:] = bad, bad
+        leaves = [t.clone().requires_grad_(True) for t in (q, keys, values, G)]
+        out = plga_attention(*leaves, causal=causal, cache_seqlens=lens)
+        out.backward(grad_out)
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for clean, dirty in zip(*results):
+        assert bool(torch.isfinite(dirty).all())
+        torch.testing.assert_close(dirty, clean, atol=0, rtol=0)
+
+
 def test_backward_gradcheck_and_formulas():
     q, k, v, G = (t.double().requires_grad_(True) for t in inputs(1, 2, 1, 5, 5, 8, seed=3))
     assert torch.autograd.gradcheck(lambda a, b, c, g: plga_attention(a, b, c, g), (q, k, v, G))

@@ -109,6 +109,57 @@ def test_triton_per_sequence_cache_lengths():
         torch.testing.assert_close(cpu, out, atol=2e-5, rtol=1e-4)
 
 
+def dirty_cache(k, v, lens, bad):
+    """Copies of k and v holding `bad` (NaN or inf) in every row past each sequence's cache length."""
+    k, v = k.clone(), v.clone()
+    for b, length in enumerate(lens.tolist()):
+        k[b, :, length:], v[b, :, length:] = bad, bad
+    return k, v
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("p", [None, 15.0])
+@pytest.mark.parametrize("causal", [True, False])
+def test_keys_past_the_cache_lengths_are_ignored(bad, p, causal):
+    """NaN or inf in the unused cache rows (past cache_seqlens) reach neither the output nor the gradients: the CPU
+    path multiplied those rows by zero weights (0 * NaN = NaN)."""
+    q, k, v = inputs(2, 2, 1, 2, 20, 64, seed=30)
+    lens = torch.tensor([20, 11])
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(31))
+    results = []
+    for keys, values in ((k, v), dirty_cache(k, v, lens, bad)):
+        leaves = [t.clone().requires_grad_(True) for t in (q, keys, values)]
+        out = softplus_attention(*leaves, causal=causal, reweight_p=p, cache_seqlens=lens)
+        out.backward(grad_out)
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for clean, dirty in zip(*results):
+        assert bool(torch.isfinite(dirty).all())
+        torch.testing.assert_close(dirty, clean, atol=0, rtol=0)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("p", [None, 15.0])
+def test_triton_keys_past_the_cache_lengths_are_ignored(bad, p):
+    """The forward and backward kernels load no key or value row past a sequence's length (masked loads)."""
+    from kestrel.kernels.softplus_attention import softplus_attention_backward, softplus_attention_forward
+
+    device = "cuda" if gpu_available() else "cpu"
+    q, k, v = (t.to(device) for t in inputs(2, 2, 1, 2, 20, 64, seed=32))
+    lens = torch.tensor([20, 11], dtype=torch.int32, device=device)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(33)).to(device)
+    results = []
+    for keys, values in ((k, v), dirty_cache(k, v, lens, bad)):
+        out, s, m, w = softplus_attention_forward(q, keys, values, True, p, 1e-8, cache_seqlens=lens)
+        grads = softplus_attention_backward(q, keys, values, out, (s, m, w), grad_out, True, p, 1e-8,
+                                            cache_seqlens=lens)
+        results.append([out, *grads])
+    for clean, dirty in zip(*results):
+        assert bool(torch.isfinite(dirty).all())
+        torch.testing.assert_close(dirty, clean, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("p", [None, 15.0])
 def test_prefill_equals_token_by_token_decode(p):
     q, k, v = inputs(1, 4, 2, 12, 12, 64, seed=4)

@@ -3,7 +3,8 @@
 `plga_attention(q, k, v, G, *, causal=True, cache_seqlens=None)` = softmax((q·G)·kᵀ/√d)·v with G of shape
 (B or 1, Hq, d, d) multiplying the query (after RoPE) on the query side, q (B, Hq, Lq, d), k and v (B, Hkv, Lk, d),
 Hq a multiple of Hkv (GQA: G belongs to the query heads). Decode: Lq < Lk puts the rows at the end of the keys
-(cache_seqlens (B,) gives each sequence its own number of valid keys).
+(cache_seqlens (B,) gives each sequence its own number of valid keys; the rows past it are never read into the
+output or the gradients, whatever they hold).
 
 The kernel plan the spec allows ("a GEMM then flash attention"): q' = q·G as one batched matrix product in float32
 (2·L·d² FLOPs per head, a few % of the attention), cast back to q's dtype, then PyTorch's fused
@@ -15,6 +16,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from ..reference.attention import unused_keys_zeroed
 
 
 def _check(q, k, v, G, cache_seqlens):
@@ -78,6 +81,8 @@ def plga_attention(q, k, v, G, *, causal=True, cache_seqlens=None):
     if cache_seqlens is not None and q.is_cuda:
         cache_seqlens = cache_seqlens.to(q.device).clamp(Lq, Lk)  # unchecked there: no host sync
     mask = _mask(B, Lq, Lk, causal, cache_seqlens, q.device)
+    if cache_seqlens is not None:  # rows past a length may hold NaN/inf: a -inf score alone would still give 0 * NaN
+        k, v = unused_keys_zeroed(k, v, cache_seqlens)
     if Hq != Hkv:
         group = Hq // Hkv
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
