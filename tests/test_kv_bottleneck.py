@@ -103,6 +103,25 @@ def test_lookup_argument_checks():
         kv_bottleneck_lookup(z[0], keys, values)
 
 
+@pytest.mark.parametrize("B, C", [(0, 4), (3, 0)])
+def test_empty_batch_or_no_codebooks(B, C):
+    """B = 0 (or C = 0) is legal: empty (B, C, dv) values and (B, C, k) ids, zero value gradient (the CPU path
+    reshaped an empty tensor with -1; no kernel grid of size 0 is launched on a GPU)."""
+    z, keys, values = inputs(B=B, C=C, P=8)
+    values.requires_grad_(True)
+    out, ids = kv_bottleneck_lookup(z, keys, values, 2)
+    assert out.shape == (B, C, 10) and ids.shape == (B, C, 2) and ids.dtype == torch.int64
+    out.sum().backward()
+    assert values.grad.shape == values.shape and not bool(values.grad.any())
+
+
+def test_k_must_be_an_int():
+    z, keys, values = inputs(B=3, C=2, P=8)
+    for k in (True, 2.0):
+        with pytest.raises(TypeError, match="kv_bottleneck_lookup: k must be an int, got"):
+            kv_bottleneck_lookup(z, keys, values, k)
+
+
 def clustered(n, centres, generator, noise=0.05):
     pick = torch.randint(0, centres.shape[0], (n,), generator=generator)
     return centres[pick] + noise * torch.randn(n, centres.shape[1], generator=generator), pick

@@ -92,6 +92,24 @@ def test_keys_past_the_cache_lengths_are_ignored(bad, causal):
         torch.testing.assert_close(dirty, clean, atol=0, rtol=0)
 
 
+def test_empty_batch_with_cache_lengths_and_argument_checks():
+    """B = 0 with cache_seqlens is an empty result (the length check read the min of an empty tensor); a zero head
+    dim, an integer G and float or list cache lengths are clear errors."""
+    q, k, v, G = inputs(0, 2, 1, 1, 5, 16)
+    out = plga_attention(q, k, v, G, cache_seqlens=torch.zeros(0, dtype=torch.int32))
+    assert out.shape == (0, 2, 1, 16)
+    q, k, v, G = inputs(1, 2, 1, 3, 5, 16)
+    with pytest.raises(ValueError, match=r"plga_attention: the head dim d must be >= 1 \(q.shape\[-1\]\)"):
+        plga_attention(q[..., :0], k[..., :0], v[..., :0], G[..., :0, :0])
+    with pytest.raises(TypeError, match="plga_attention: G must be a floating-point tensor, got torch.int64"):
+        plga_attention(q, k, v, G.long())
+    with pytest.raises(ValueError, match=r"cache_seqlens must be an int32/int64 tensor of shape \(1,\), got "
+                                         r"torch.float32"):
+        plga_attention(q, k, v, G, cache_seqlens=torch.tensor([4.0]))
+    with pytest.raises(TypeError, match="cache_seqlens must be None or an int32/int64 tensor"):
+        plga_attention(q, k, v, G, cache_seqlens=[4])
+
+
 def test_backward_gradcheck_and_formulas():
     q, k, v, G = (t.double().requires_grad_(True) for t in inputs(1, 2, 1, 5, 5, 8, seed=3))
     assert torch.autograd.gradcheck(lambda a, b, c, g: plga_attention(a, b, c, g), (q, k, v, G))

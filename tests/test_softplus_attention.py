@@ -3,6 +3,7 @@ against a float64 reference written from the spec's formulas; backward; decode a
 cases; the op's checks, opcheck and torch.compile; the module."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -226,6 +227,59 @@ def test_argument_checks():
         softplus_attention(q, k, v, cache_seqlens=torch.tensor([2]))
     with pytest.raises(ValueError, match="q must be a 4-D tensor"):
         softplus_attention(q[0], k, v)
+
+
+@pytest.mark.parametrize("p", [None, 15.0])
+def test_empty_batch_and_empty_sequence(p):
+    """B = 0 (with per-sequence cache lengths) and L = 0 are legal: empty results of q's shape, zero gradients (the
+    length check read the min of an empty tensor; LSSAR's row max of zero keys raised)."""
+    for B, Lq, Lk, lens in ((0, 1, 5, torch.zeros(0, dtype=torch.int32)), (0, 2, 5, None), (1, 0, 0, None),
+                            (2, 0, 5, torch.tensor([3, 5]))):
+        q, k, v = (t.requires_grad_(True) for t in inputs(B, 2, 1, Lq, Lk, 64))
+        out = softplus_attention(q, k, v, reweight_p=p, cache_seqlens=lens)
+        assert out.shape == q.shape
+        out.sum().backward()
+        for t in (q, k, v):
+            assert t.grad.shape == t.shape and not bool(t.grad.any())
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+@pytest.mark.parametrize("p", [None, 15.0])
+def test_triton_empty_batch_and_empty_sequence(p):
+    """The kernel wrappers return empty results (zero dk, dv) without launching a grid of size 0."""
+    from kestrel.kernels.softplus_attention import softplus_attention_backward, softplus_attention_forward
+
+    device = "cuda" if gpu_available() else "cpu"
+    for B, Lq, Lk in ((0, 1, 5), (1, 0, 0), (2, 0, 5)):
+        q, k, v = (t.to(device) for t in inputs(B, 2, 1, Lq, Lk, 64))
+        lens = torch.full((B,), Lk, dtype=torch.int32, device=device)
+        out, s, m, w = softplus_attention_forward(q, k, v, True, p, 1e-8, cache_seqlens=lens)
+        assert out.shape == q.shape and s.shape == m.shape == w.shape == (B, 2, Lq)
+        dq, dk, dv = softplus_attention_backward(q, k, v, out, (s, m, w), out, True, p, 1e-8, cache_seqlens=lens)
+        assert dq.shape == q.shape and dk.shape == k.shape and not bool(dk.any()) and not bool(dv.any())
+
+
+def test_numeric_argument_checks():
+    q, k, v = inputs(1, 2, 1, 4, 4, 8)
+    with pytest.raises(ValueError, match=r"the head dim D must be >= 1 \(q.shape\[-1\]\), got q of shape "
+                                         r"\(1, 2, 4, 0\)"):
+        softplus_attention(q[..., :0], k[..., :0], v[..., :0])
+    for p in (float("inf"), float("nan"), 0, -2.0, 1e300):
+        with pytest.raises(ValueError, match=r"reweight_p must be None \(LSSA\) or a finite positive number up to "
+                                             r"3.403e\+38 \(LSSAR\), got " + re.escape(repr(p))):
+            softplus_attention(q, k, v, reweight_p=p)
+    for p in (True, "15"):
+        with pytest.raises(TypeError, match=r"reweight_p must be None \(LSSA\) or a number \(LSSAR\), got"):
+            softplus_attention(q, k, v, reweight_p=p)
+    for eps in (float("inf"), float("nan"), 0.0):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0, got " + re.escape(repr(eps))):
+            softplus_attention(q, k, v, eps=eps)
+    with pytest.raises(TypeError, match="eps must be a number, got bool True"):
+        softplus_attention(q, k, v, eps=True)
+    with pytest.raises(TypeError, match=r"cache_seqlens must be None or an int32/int64 tensor of shape \(1,\), got "
+                                        "list"):
+        softplus_attention(q, k, v, cache_seqlens=[4])
 
 
 def test_opcheck_and_compile():

@@ -46,6 +46,9 @@ def softplus_attention(q, k, v, causal=True, reweight_p=None, eps=1e-8, cache_se
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     group = Hq // Hkv
+    if Lk == 0:  # no keys, so no query rows either (Lq <= Lk): an empty result
+        out, s = q.new_zeros(q.shape), torch.zeros((B, Hq, Lq), dtype=torch.float32, device=q.device)
+        return (out, s) if return_sum else out
     qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
     if cache_seqlens is not None:
         kf, vf = unused_keys_zeroed(kf, vf, cache_seqlens)
