@@ -191,6 +191,36 @@ def test_predefined_identity_g_is_rope_attention():
         kestrel.nn.PowerLawGraphAttention(64, 4, G=torch.eye(8))
 
 
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(num_heads=0), ValueError, "num_heads must be >= 1, got 0"),
+    (dict(num_heads=-2), ValueError, "num_heads must be >= 1, got -2"),
+    (dict(d_model=0), ValueError, "d_model must be >= 1, got 0"),
+    (dict(num_heads=True), TypeError, "num_heads must be an int, got bool True"),
+    (dict(num_heads=3), ValueError, r"d_model \(64\) must be a multiple of num_heads \(3\)"),
+    (dict(d_model=6, num_heads=2), ValueError, "the head dim d_model / num_heads must be even for RoPE, got 3"),
+    (dict(A_dff=0), ValueError, "A_dff must be >= 1, got 0"),
+    (dict(num_reslayerA=-1), ValueError, "num_reslayerA must be >= 0, got -1"),
+    (dict(num_denseA=0), ValueError, "num_denseA must be >= 1, got 0"),
+    (dict(rope_base=0.0), ValueError, "rope_base must be a finite number > 0, got 0.0"),
+    (dict(G=[[1.0]]), TypeError, "G must be None, 'identity' or a float tensor"),
+    (dict(G=torch.ones(4, 16, 16, dtype=torch.long)), TypeError, "G must be None, 'identity' or a float tensor"),
+])
+def test_module_constructor_checks(kwargs, error, message):
+    """num_heads=0 divided by zero, an odd head dim failed in RoPE at the first forward, A_dff=0 or a negative
+    number of residual units built a module."""
+    args = dict(d_model=64, num_heads=4)
+    args.update(kwargs)
+    with pytest.raises(error, match="PowerLawGraphAttention: " + message):
+        kestrel.nn.PowerLawGraphAttention(**args)
+
+
+def test_module_cache_of_another_batch_is_refused():
+    layer = kestrel.nn.PowerLawGraphAttention(32, 2, A_dff=8, num_reslayerA=1)
+    _, cache = layer(torch.randn(2, 3, 32))
+    with pytest.raises(ValueError, match="PowerLawGraphAttention: the cache holds 2 sequences, x has 1"):
+        layer(torch.randn(1, 1, 32), cache=cache)
+
+
 def test_negative_powers_stay_finite_in_float32():
     torch.manual_seed(7)
     layer = kestrel.nn.PowerLawGraphAttention(32, 2, A_dff=8, num_reslayerA=2)

@@ -306,6 +306,38 @@ def test_module_decode_equals_prefill():
         kestrel.nn.SoftplusAttention(128, 4, 3)
 
 
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(num_heads=0), ValueError, "num_heads must be >= 1, got 0"),
+    (dict(num_heads=-2), ValueError, "num_heads must be >= 1, got -2"),
+    (dict(embed_dim=0), ValueError, "embed_dim must be >= 1, got 0"),
+    (dict(embed_dim=64.0), TypeError, "embed_dim must be an int, got float 64.0"),
+    (dict(num_heads=True), TypeError, "num_heads must be an int, got bool True"),
+    (dict(num_heads=3), ValueError, r"embed_dim \(64\) must be a multiple of num_heads \(3\)"),
+    (dict(num_kv_heads=3), ValueError, r"num_heads \(4\) must be a multiple of num_kv_heads \(3\)"),
+    (dict(num_kv_heads=0), ValueError, "num_kv_heads must be >= 1, got 0"),
+    (dict(reweight_p=float("inf")), ValueError, "reweight_p must be None"),
+    (dict(reweight_p=-1.0), ValueError, "reweight_p must be None"),
+    (dict(eps=0.0), ValueError, "eps must be a finite number > 0, got 0.0"),
+    (dict(causal=None), TypeError, "causal must be a bool, got NoneType"),
+])
+def test_module_constructor_checks(kwargs, error, message):
+    """num_heads=0 divided by zero, num_heads=-2 and embed_dim=0 built a module, num_kv_heads=0 meant num_heads."""
+    args = dict(embed_dim=64, num_heads=4)
+    args.update(kwargs)
+    with pytest.raises(error, match="SoftplusAttention: " + message):
+        kestrel.nn.SoftplusAttention(**args)
+
+
+def test_module_kv_cache_checks():
+    layer = kestrel.nn.SoftplusAttention(64, 4, 2)
+    x = torch.randn(1, 3, 64)
+    with pytest.raises(ValueError, match=r"kv_cache's k must be \(B=1, num_kv_heads=2, L, head_dim=16\), got "
+                                         r"\(1, 2, 3, 8\)"):
+        layer(x, kv_cache=(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)))
+    with pytest.raises(TypeError, match="kv_cache must be None or the \\(k, v\\) pair"):
+        layer(x, kv_cache=torch.randn(1, 2, 3, 16))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("p", [None, 15.0])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
