@@ -309,6 +309,19 @@ def test_sampling_probs_tiny_temperature_is_greedy(temperature):
     assert torch.equal(sampling_probs(logits, temperature=temperature, top_k=2, top_p=0.9), expected)
 
 
+def test_sample_accepts_float64_probabilities():
+    """float64 target/draft probabilities are converted to float32 as the other float dtypes are (they were refused
+    with a TypeError, unlike the documented conversion)."""
+    _, tree, candidates, probs = small_case("cpu")
+    uniform, uniform_final = torch.rand(2, 6, generator=torch.Generator().manual_seed(4)), torch.rand(2)
+    for draft in (None, probs.flip(-1)):
+        expected = verify_tree_sample(candidates, probs, tree, uniform, uniform_final, draft)
+        got = verify_tree_sample(candidates, probs.double(), tree, uniform, uniform_final,
+                                 None if draft is None else draft.double())
+        for a, b in zip(expected, got):
+            assert torch.equal(a, b)
+
+
 def test_sampling_probs_infinite_temperature_and_edge_arguments():
     logits = torch.tensor([[1.0, 3.0, -2.0, float("-inf")]])
     assert torch.equal(sampling_probs(logits, temperature=float("inf")), torch.tensor([[1 / 3, 1 / 3, 1 / 3, 0.0]]))

@@ -104,7 +104,7 @@ def verify_tree_sample(candidates, target_probs, tree, uniform, uniform_final, d
     """
     op = "verify_tree_sample"
     B, T = _check_tree(op, candidates, tree)
-    floats = (torch.float32, torch.float16, torch.bfloat16)
+    floats = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # converted to float32
     device = candidates.device
     if not isinstance(target_probs, torch.Tensor) or target_probs.dim() != 3 or \
             tuple(target_probs.shape[:2]) != (B, T) or target_probs.shape[2] < 1:
