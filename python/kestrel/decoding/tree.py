@@ -79,8 +79,10 @@ def build_tree(parents, max_depth=None, num_leaves=None):
     dynamic tree) to build without a host synchronisation; when None they are read from the data (one sync each;
     0 and 1 for an empty batch). They must be at least the trees' real maximum depth and leaf count (paths beyond
     are cut). Each used node's parent must be a used node of smaller index and node 0 the root (parent -1):
-    checked for CPU tensors (outside torch.compile); on a GPU (where the check would be a sync) parents outside
-    [-2, T) are clamped, so a bad tree gives meaningless buffers but reads no memory outside them.
+    checked for CPU tensors when build_tree reads the data anyway (max_depth or num_leaves None; outside
+    torch.compile). With both given it reads nothing (as the decoding loop calls it, with trees that are valid by
+    construction), and on a GPU parents outside [-2, T) are clamped, so a bad tree gives meaningless buffers but
+    reads no memory outside them.
     """
     if not isinstance(parents, torch.Tensor) or parents.dim() != 2 or parents.shape[1] < 1:
         got = tuple(parents.shape) if isinstance(parents, torch.Tensor) else type(parents).__name__
@@ -93,7 +95,8 @@ def build_tree(parents, max_depth=None, num_leaves=None):
     B, T = parents.shape
     device = parents.device
     idx = torch.arange(T, device=device)
-    if not parents.is_cuda and not torch.compiler.is_compiling() and B > 0:
+    reads_data = max_depth is None or num_leaves is None
+    if reads_data and B > 0 and not parents.is_cuda and not torch.compiler.is_compiling():
         _check_parents(parents, idx)
     parents = parents.clamp(-2, T - 1).to(torch.int32)
     used = parents != -2
