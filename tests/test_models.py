@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from helpers import devices
+from kestrel.decoding import build_tree
 from kestrel.decoding.cache import KVCache
 from kestrel.models import ATTENTION_KINDS, KestrelConfig, KestrelLM
 from kestrel.reference.tree import ancestor_bits, ancestor_lists
@@ -167,6 +168,27 @@ def test_tree_forward_equals_path_forward(attention):
             ref_logits, ref_hidden = model(sequence, copy_g_cache(cache, [b], model, 32), return_hidden=True)
             torch.testing.assert_close(logits[b, i], ref_logits[0, -1], rtol=0, atol=1e-12)
             torch.testing.assert_close(hidden[b, i], ref_hidden[0, -1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("attention", ATTENTION_KINDS)
+def test_unused_cache_rows_may_hold_nan(attention):
+    """Cache rows past a sequence's length (a shorter sequence's tail, stale rows of rejected tree nodes) may hold
+    anything: NaN there reached the logits through the masked SDPA and softplus formulations (0 * NaN)."""
+    model = make_model(attention)
+    ids = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(5))
+    tree = build_tree(torch.tensor([[-1, 0, 0], [-1, 0, 1]]))
+    logits = []
+    for garbage in (0.0, float("nan")):
+        cache = KVCache.for_model(model, 2, 24)
+        with torch.no_grad():
+            model(ids, cache, lengths=[6, 3])
+            for b, length in enumerate((6, 3)):
+                cache.k[:, b, :, length:], cache.v[:, b, :, length:] = garbage, garbage
+            tree_logits = model(ids[:, :3], cache, tree_depth=tree.depth, tree_mask_bits=tree.ancestor_bits)
+            logits.append((tree_logits, model(ids[:, :1], cache), model(ids[:, :2], cache)))
+    for clean, dirty in zip(*logits):
+        assert bool(torch.isfinite(dirty).all())
+        torch.testing.assert_close(dirty, clean, atol=0, rtol=0)
 
 
 def test_input_checks():
