@@ -110,6 +110,13 @@ def test_empty_batch_with_cache_lengths_and_argument_checks():
         plga_attention(q, k, v, G, cache_seqlens=[4])
 
 
+@pytest.mark.gpu
+def test_gpu_lengths_of_a_cpu_computation_are_checked():
+    q, k, v, G = inputs(1, 2, 1, 3, 5, 16)
+    with pytest.raises(ValueError, match=r"cache_seqlens must lie in \[Lq=3, Lk=5\], got values in \[9, 9\]"):
+        plga_attention(q, k, v, G, cache_seqlens=torch.tensor([9], device="cuda"))
+
+
 def test_backward_gradcheck_and_formulas():
     q, k, v, G = (t.double().requires_grad_(True) for t in inputs(1, 2, 1, 5, 5, 8, seed=3))
     assert torch.autograd.gradcheck(lambda a, b, c, g: plga_attention(a, b, c, g), (q, k, v, G))

@@ -282,6 +282,14 @@ def test_numeric_argument_checks():
         softplus_attention(q, k, v, cache_seqlens=[4])
 
 
+@pytest.mark.gpu
+def test_gpu_lengths_of_a_cpu_computation_are_checked():
+    """The value check skipped every CUDA length tensor, also when q (and so the unclamped CPU path) was on the CPU."""
+    q, k, v = inputs(1, 2, 1, 4, 4, 8)
+    with pytest.raises(ValueError, match=r"cache_seqlens must lie in \[Lq=4, Lk=4\], got values in \[9, 9\]"):
+        softplus_attention(q, k, v, cache_seqlens=torch.tensor([9], device="cuda"))
+
+
 def test_opcheck_and_compile():
     q, k, v = inputs(1, 2, 1, 5, 7, 64, seed=9)
     for p in (0.0, 15.0):

@@ -56,9 +56,9 @@ def _check(q, k, v, G, cache_seqlens):
         if cache_seqlens.shape != (B,) or cache_seqlens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{name}: cache_seqlens must be an int32/int64 tensor of shape ({B},), got "
                              f"{cache_seqlens.dtype} of shape {tuple(cache_seqlens.shape)}")
-        # the values are checked on the CPU only: on a GPU reading them would be a host sync each decoding step
-        # (there the lengths are clamped to [Lq, Lk] on the device, so a bad length cannot read past the keys)
-        if B > 0 and not cache_seqlens.is_cuda and not torch.compiler.is_compiling():
+        # the values are checked unless lengths and q are both on a GPU, where reading them would be a host sync
+        # each decoding step (there they are clamped to [Lq, Lk] on the device: a bad length cannot read past the keys)
+        if B > 0 and not (cache_seqlens.is_cuda and q.is_cuda) and not torch.compiler.is_compiling():
             lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
             if lo < Lq or hi > Lk:
                 raise ValueError(f"{name}: cache_seqlens must lie in [Lq={Lq}, Lk={Lk}], got values in [{lo}, {hi}]")
