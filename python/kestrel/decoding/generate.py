@@ -59,10 +59,9 @@ class TreeSpec:
 
             static_tree(self.choices)  # ranks, duplicates, missing parents: refused here, not after a prefill
         else:
-            for label, value, low in (("max_nodes", self.max_nodes, 2), ("topk", self.topk, 1),
-                                      ("depth", self.depth, 1)):
-                if label == "depth" and value is None:
-                    continue
+            sizes = [("max_nodes", self.max_nodes), ("topk", self.topk)] + (
+                [] if self.depth is None else [("depth", self.depth)])
+            for label, value in sizes:
                 if not is_int(value):
                     raise TypeError(f"TreeSpec: {label} must be an int, got {type(value).__name__} {value!r}")
             if not self.max_nodes > 1:
@@ -224,7 +223,7 @@ def generate(model, input_ids, max_new_tokens, *, temperature=0.0, top_k=None, t
     excluded), eos_token_id in [0, vocab_size) (pad_token_id is a fill value and may be any int, e.g. -1), ints
     that are not bools, temperature >= 0 (tiny values approach greedy, inf is uniform), top_p in (0, 1], a
     TreeSpec within the model (static ranks < vocab_size and depth <= the draft heads; dynamic depth <= the draft
-    heads), a generator on the model's device. A (0, L) input_ids gives an empty (0, L + max_new_tokens) result.
+    heads), a generator on the model's device when sampling. A (0, L) input_ids gives an empty (0, L + max_new_tokens) result.
 
     The model runs in eval mode (no codebook usage counts or other training-time updates from decoding: rejected
     tree nodes and padding rows would pollute them) and is put back in its previous mode afterwards.
@@ -248,7 +247,7 @@ def generate(model, input_ids, max_new_tokens, *, temperature=0.0, top_k=None, t
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generate: generator must be None or a torch.Generator, got {type(generator).__name__}")
-        if generator.device.type != device.type:
+        if temperature > 0 and generator.device.type != device.type:
             raise ValueError(f"generate: generator is on {generator.device}, the model on {device} (sampling draws "
                              "on the model's device)")
     if speculative is not None:
