@@ -169,6 +169,8 @@ def softplus_attention_forward(q, k, v, causal, reweight_p, eps, cache_seqlens=N
     s = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     m = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     w = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:  # no query rows (B, Hq or Lq is 0): launch no empty grid
+        return out, s, m, w
     lens = cache_seqlens.to(device=q.device, dtype=torch.int32).contiguous() if cache_seqlens is not None else s
     cfg_m, cfg_n, num_warps, num_stages = cuda_config("fwd", D) if q.is_cuda else (16, 16, 4, 1)
     block_m, block_n = block_m or cfg_m, block_n or cfg_n
@@ -390,6 +392,8 @@ def softplus_attention_backward(q, k, v, out, stats, grad_out, causal, reweight_
     q, k, v, out, grad_out = (t.contiguous() for t in (q, k, v, out, grad_out))
     s, m, w = (t.contiguous() for t in stats)
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if q.numel() == 0:  # no query rows (B, Hq or Lq is 0): zero dk and dv, and no empty grid launched
+        return dq, dk, dv
     gamma = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     lens = cache_seqlens.to(device=q.device, dtype=torch.int32).contiguous() if cache_seqlens is not None else s
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

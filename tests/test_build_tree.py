@@ -198,3 +198,40 @@ def test_static_tree_candidate_index_built_once():
     assert tree.flat_index(3, torch.device("cpu")) is index
     assert torch.equal(tree.candidates(torch.tensor([7, 8]), head_tokens), first)
     assert tree.flat_index(3, "cpu") is index and tree.flat_index(4, "cpu") is not index
+
+
+@pytest.mark.parametrize("parents, where", [
+    ([[-1, 5, 0]], r"parents\[0, 1\] = 5"),  # outside the tree: was an out-of-bounds gather (a crash on a GPU)
+    ([[-1, 2, 1]], r"parents\[0, 1\] = 2"),  # a cycle / a later parent: was accepted with wrong depths
+    ([[0, 0, 0]], r"parents\[0, 0\] = 0"),  # no root: was accepted
+    ([[-1, 0, -2, 2]], r"parents\[0, 3\] = 2"),  # the child of a padding node
+    ([[-1, 0, 1], [-1, -3, 0]], r"parents\[1, 1\] = -3"),
+])
+def test_build_tree_checks_parents_on_the_cpu(parents, where):
+    with pytest.raises(ValueError, match=r"build_tree: " + where + " is not a valid parent: node 0 must be the "
+                                         r"root \(-1\), node i > 0 padding \(-2\) or a child of a used node"):
+        build_tree(torch.tensor(parents))
+
+
+def test_build_tree_empty_batch_and_int_arguments():
+    """B = 0 read the max of empty depths; bools were taken as sizes."""
+    tree = build_tree(torch.zeros(0, 4, dtype=torch.int32))
+    assert tree.max_depth == 0 and tree.leaf_paths.shape == (0, 1, 1) and tree.ancestor_bits.shape == (0, 4, 1)
+    assert build_tree(torch.zeros(0, 4, dtype=torch.int32), max_depth=2, num_leaves=3).leaf_paths.shape == (0, 3, 3)
+    for label in ("max_depth", "num_leaves"):
+        with pytest.raises(TypeError, match=f"build_tree: {label} must be None or an int, got bool True"):
+            build_tree(torch.tensor([[-1, 0, 0]]), **{label: True})
+
+
+def test_static_and_dynamic_tree_integer_arguments():
+    numpy = pytest.importorskip("numpy")
+    assert static_tree([(numpy.int64(0),), (1,)]).max_rank == 1  # NumPy ints are ints
+    with pytest.raises(ValueError, match="each choice must be a non-empty tuple of ranks >= 0, got 'ab'"):
+        static_tree([(0,), "ab"])
+    logprobs, tokens = -torch.rand(1, 2, 3), torch.randint(0, 9, (1, 2, 3))
+    with pytest.raises(ValueError, match=r"dynamic_tree: topk must be an int in \[1, 3\], got True"):
+        dynamic_tree(torch.tensor([1]), logprobs, tokens, 4, topk=True)
+    with pytest.raises(ValueError, match=r"max_nodes must be an int in \[2, 1 \+ 12\] \(K=2, topk=3\), got True"):
+        dynamic_tree(torch.tensor([1]), logprobs, tokens, True)
+    with pytest.raises(ValueError, match=r"head_logprobs must have at least one head and one token per head"):
+        dynamic_tree(torch.tensor([1]), logprobs[:, :0], tokens[:, :0], 2)

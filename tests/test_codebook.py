@@ -212,6 +212,85 @@ def test_argument_checks():
         layer.kmeans_init(torch.randn(4, 16))
 
 
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(recent_size=0), ValueError, "recent_size must be a positive integer, got 0"),
+    (dict(recent_size=-3), ValueError, "recent_size must be a positive integer, got -3"),
+    (dict(recent_size=2.5), TypeError, "recent_size must be an int, got float 2.5"),
+    (dict(dim=0), ValueError, "dim must be a positive integer, got 0"),
+    (dict(dim=True), TypeError, "dim must be an int, got bool True"),
+    (dict(num_codes=-1), ValueError, "num_codes must be a positive integer, got -1"),
+    (dict(k=0), ValueError, r"k must be an integer in \[1, num_codes=10\], got 0"),
+    (dict(k=True), TypeError, "k must be an int, got bool True"),
+    (dict(heads=0), ValueError, "heads must be a positive integer, got 0"),
+    (dict(heads=2.0), TypeError, "heads must be an int, got float 2.0"),
+    (dict(metric="dot"), ValueError, "metric must be one of"),
+    (dict(reduce="max"), ValueError, "reduce must be 'mean' or 'sum'"),
+    (dict(layernorm=None), TypeError, "layernorm must be a bool, got NoneType None"),
+])
+def test_constructor_checks(kwargs, error, message):
+    """Every constructor argument is checked up front: recent_size=0 used to fail in the first training forward,
+    after code_counts had been updated."""
+    args = dict(dim=8, num_codes=10, k=2)
+    args.update(kwargs)
+    with pytest.raises(error, match="CodebookLayer: " + message):
+        CodebookLayer(args.pop("dim"), args.pop("num_codes"), args.pop("k"), **args)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_kmeans_init_rejects_non_finite_samples_and_keeps_the_codebook(bad):
+    """A NaN or inf sample gave a NaN codebook; now a clear error, and the codebook and counts stay as they were."""
+    layer = make_layer(num_codes=4, k=1)
+    layer.train()
+    layer(torch.randn(5, 16))
+    before, counts = layer.codebook.detach().clone(), layer.code_counts.clone()
+    samples = torch.randn(50, 16)
+    samples[7, 3] = bad
+    with pytest.raises(ValueError, match=r"kmeans_init: samples must be finite in float32, got \d+ NaN/inf values"):
+        layer.kmeans_init(samples)
+    assert torch.equal(layer.codebook.detach(), before) and torch.equal(layer.code_counts, counts)
+
+
+def test_kmeans_init_argument_checks():
+    layer = make_layer(num_codes=4, k=1)
+    before = layer.codebook.detach().clone()
+    for iters, error, message in ((0, ValueError, "iters must be >= 1, got 0"), (-1, ValueError, "iters must be >= 1"),
+                                  (True, TypeError, "iters must be an int, got bool"),
+                                  (2.5, TypeError, "iters must be an int, got float")):
+        with pytest.raises(error, match="CodebookLayer.kmeans_init: " + message):
+            layer.kmeans_init(torch.randn(50, 16), iters=iters)
+    with pytest.raises(TypeError, match="samples must be a float tensor"):
+        layer.kmeans_init(torch.ones(50, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="last dimension must be heads \\* dim = 16, got 15"):
+        layer.kmeans_init(torch.randn(50, 15))
+    assert torch.equal(layer.codebook.detach(), before)
+
+
+def test_interventions_refuse_float_ids_and_bad_noise():
+    """Float codes, positions or heads were truncated silently; replace_dead_codes(noise=nan) made codes NaN."""
+    layer = make_layer(k=1)
+    with pytest.raises(TypeError, match="CodebookLayer.ban: codes must be integers, got torch.float32"):
+        layer.ban([1.5])
+    with pytest.raises(TypeError, match="CodebookLayer.ban: codes must be integers, got torch.bool"):
+        layer.ban([True])
+    with pytest.raises(TypeError, match="CodebookLayer.ban: head must be an int, got bool True"):
+        layer.ban([1], head=True)
+    with pytest.raises(TypeError, match="CodebookLayer.force: codes must be integers"):
+        layer.force([2.7])
+    with pytest.raises(TypeError, match="CodebookLayer.force: positions must be integers"):
+        layer.force([2], positions=[1, 2.5])
+    assert layer.banned is None and layer.forced == {}
+    layer.force([2], positions=torch.tensor([3]))
+    assert list(layer.forced) == [3]
+    layer.train()
+    layer(torch.randn(6, 16))
+    before = layer.codebook.detach().clone()
+    with pytest.raises(ValueError, match="replace_dead_codes: noise must be a finite number >= 0, got nan"):
+        layer.replace_dead_codes(noise=float("nan"))
+    assert torch.equal(layer.codebook.detach(), before)
+    with pytest.raises(TypeError, match="the input must be a float tensor"):
+        layer(torch.ones(3, 16, dtype=torch.long))
+
+
 @pytest.mark.gpu
 def test_cuda_layer_equals_cpu_layer():
     layer = make_layer()

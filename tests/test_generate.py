@@ -380,3 +380,103 @@ def test_generate_checks_limits_up_front():
                                          r"config.max_seq_len=128, got 129"):
         generate(model, prompts(), 122)
     assert generate(model, prompts(), 121).shape == (3, 128)
+
+
+def count_forwards(model):
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (dict(speculative=TreeSpec(choices=[[0], [16]])), ValueError,
+     r"speculative.choices use rank 16 of a draft head, whose top-k ranks are 0..vocab_size - 1 = 15"),
+    (dict(speculative=TreeSpec(choices=[[0], [0, 30]])), ValueError, "speculative.choices use rank 30 of a draft head"),
+    (dict(speculative=TreeSpec(max_nodes=4, topk=2, depth=5)), ValueError,
+     r"speculative.depth=5 is deeper than the model's 3 draft heads"),
+    (dict(input_ids=[torch.tensor([1, 2, 99])]), ValueError,
+     r"input_ids must hold token ids in \[0, vocab_size=16\), got 99"),
+    (dict(input_ids=torch.tensor([[1, -2, 3]])), ValueError,
+     r"input_ids must hold token ids in \[0, vocab_size=16\), got -2"),
+    (dict(top_k=True, temperature=1.0), TypeError, "top_k must be None or an int >= 1, got bool True"),
+    (dict(top_k=2.0, temperature=1.0), TypeError, "top_k must be None or an int >= 1, got float 2.0"),
+    (dict(top_k=0, temperature=1.0), ValueError, "top_k must be None or an int >= 1, got 0"),
+    (dict(input_ids=torch.zeros(2, 7, dtype=torch.long), prompt_lengths=[2.7, 7]), TypeError,
+     "prompt_lengths must hold integers, got torch.float32"),
+    (dict(input_ids=[[1.5, 2.0]]), TypeError, r"input_ids\[0\] must hold integers, got torch.float32"),
+    (dict(input_ids=torch.zeros(2, 0, dtype=torch.long)), ValueError,
+     r"input_ids has no positions \(shape \(2, 0\)\): every prompt needs at least one token"),
+    (dict(max_new_tokens=True), TypeError, "max_new_tokens must be an int >= 0, got bool True"),
+    (dict(max_new_tokens=2.0), TypeError, "max_new_tokens must be an int >= 0, got float"),
+    (dict(max_new_tokens=-1), ValueError, "max_new_tokens must be an int >= 0, got -1"),
+    (dict(temperature=-1.0), ValueError, "temperature must be >= 0, got -1.0"),
+    (dict(temperature=float("nan")), ValueError, "temperature must be >= 0, got nan"),
+    (dict(temperature="1"), TypeError, "temperature must be a number, got str"),
+    (dict(temperature=1.0, top_p=0.0), ValueError, r"top_p must be None or in \(0, 1\], got 0.0"),
+    (dict(temperature=1.0, top_p=1.5), ValueError, r"top_p must be None or in \(0, 1\], got 1.5"),
+    (dict(temperature=1.0, top_p=True), TypeError, "top_p must be None or a number"),
+    (dict(eos_token_id=16), ValueError, r"eos_token_id must be a token id in \[0, vocab_size=16\) .* got 16"),
+    (dict(eos_token_id=-1), ValueError, "eos_token_id must be a token id"),
+    (dict(eos_token_id=True), TypeError, "eos_token_id must be None or an int, got bool True"),
+    (dict(pad_token_id=0.5), TypeError, "pad_token_id must be None or an int, got float"),
+    (dict(temperature=1.0, generator=5), TypeError, "generator must be None or a torch.Generator, got int"),
+])
+def test_bad_arguments_are_refused_before_the_prefill(call, error, message):
+    """Each of these used to fail after the prefill with a torch message (index out of range in self, selected
+    index k out of range, topk() of a bool), or was accepted (a fractional prompt length truncated, a dynamic tree
+    deeper than the heads, an EOS id that is never generated): now a clear error naming the argument, and the
+    model never runs."""
+    model = counting_model("softmax")
+    calls = count_forwards(model)
+    args = dict(input_ids=prompts(), max_new_tokens=4)
+    args.update(call)
+    with pytest.raises(error, match="generate: " + message):
+        generate(model, args.pop("input_ids"), args.pop("max_new_tokens"), **args)
+    assert not calls
+
+
+@pytest.mark.parametrize("spec, error, message", [
+    (dict(max_nodes=4, topk=True), TypeError, "TreeSpec: topk must be an int, got bool True"),
+    (dict(max_nodes=True, topk=2), TypeError, "TreeSpec: max_nodes must be an int, got bool True"),
+    (dict(max_nodes=4, topk=2, depth=2.0), TypeError, "TreeSpec: depth must be an int, got float 2.0"),
+    (dict(max_nodes=4, topk=2, depth=0), ValueError, "TreeSpec: depth must be None or a positive int, got 0"),
+    (dict(choices=[[0], [0, 0, 0]]), ValueError, r"static_tree: choice \(0, 0, 0\) has no parent \(0, 0\)"),
+    (dict(choices=[[0], [-1]]), ValueError, "static_tree: each choice must be a non-empty tuple of ranks >= 0"),
+    (dict(choices=[[0], [True]]), ValueError, "static_tree: each choice must be a non-empty tuple of ranks >= 0"),
+    (dict(choices="01"), ValueError, "TreeSpec: choices must be a non-empty list of non-empty rank paths"),
+])
+def test_tree_spec_checks_when_built(spec, error, message):
+    """A bad static tree was refused only when the first speculative step built it, after the prefill; bools were
+    accepted as sizes."""
+    with pytest.raises(error, match=message):
+        TreeSpec(**spec)
+
+
+def test_empty_batch_gives_an_empty_result():
+    model = counting_model("softmax")
+    calls = count_forwards(model)
+    out, stats = generate(model, torch.zeros(0, 5, dtype=torch.long), 3, return_stats=True)
+    assert out.shape == (0, 8) and out.dtype == torch.int64 and stats.new_tokens == 0
+    assert generate(model, torch.zeros(0, 5, dtype=torch.long), 3, speculative=CHAIN).shape == (0, 8)
+    assert not calls
+
+
+def test_padding_may_hold_any_id_and_zero_new_tokens_returns_the_prompts():
+    model = counting_model("softmax")
+    padded = torch.full((2, 5), -1, dtype=torch.long)
+    padded[0, :3], padded[1] = torch.tensor([1, 2, 3]), torch.arange(5)
+    out = generate(model, padded, 2, prompt_lengths=[3, 5], pad_token_id=-1)
+    assert out.shape == (2, 7) and out[0, :3].tolist() == [1, 2, 3]
+    assert torch.equal(generate(model, padded, 0, prompt_lengths=[3, 5], pad_token_id=-1), padded)
+
+
+@pytest.mark.parametrize("speculative", [None, KARY])
+@pytest.mark.parametrize("temperature", [1e-45, 5e-324])
+def test_tiny_temperature_samples_the_greedy_tokens(speculative, temperature):
+    """logits / temperature overflowed to inf and softmax gave NaN (torch.multinomial refused it): the shifted
+    logits make a tiny temperature the greedy distribution."""
+    model = counting_model("softmax")
+    greedy = generate(model, prompts(), 10, speculative=speculative)
+    sampled = generate(model, prompts(), 10, temperature=temperature, speculative=speculative,
+                       generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sampled, greedy)

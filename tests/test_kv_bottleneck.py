@@ -104,6 +104,25 @@ def test_lookup_argument_checks():
         kv_bottleneck_lookup(z[0], keys, values)
 
 
+@pytest.mark.parametrize("B, C", [(0, 4), (3, 0)])
+def test_empty_batch_or_no_codebooks(B, C):
+    """B = 0 (or C = 0) is legal: empty (B, C, dv) values and (B, C, k) ids, zero value gradient (the CPU path
+    reshaped an empty tensor with -1; no kernel grid of size 0 is launched on a GPU)."""
+    z, keys, values = inputs(B=B, C=C, P=8)
+    values.requires_grad_(True)
+    out, ids = kv_bottleneck_lookup(z, keys, values, 2)
+    assert out.shape == (B, C, 10) and ids.shape == (B, C, 2) and ids.dtype == torch.int64
+    out.sum().backward()
+    assert values.grad.shape == values.shape and not bool(values.grad.any())
+
+
+def test_k_must_be_an_int():
+    z, keys, values = inputs(B=3, C=2, P=8)
+    for k in (True, 2.0):
+        with pytest.raises(TypeError, match="kv_bottleneck_lookup: k must be an int, got"):
+            kv_bottleneck_lookup(z, keys, values, k)
+
+
 def clustered(n, centres, generator, noise=0.05):
     pick = torch.randint(0, centres.shape[0], (n,), generator=generator)
     return centres[pick] + noise * torch.randn(n, centres.shape[1], generator=generator), pick
@@ -150,6 +169,40 @@ def test_module_argument_checks():
         DiscreteKeyValueBottleneck(8, 4, 16, topk=17)
     with pytest.raises(ValueError, match=r"z must be \(B, dim_in=8\), got \(3, 9\)"):
         DiscreteKeyValueBottleneck(8, 4, 16)(torch.randn(3, 9))
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(dim_in=True), TypeError, "dim_in must be an int, got bool True"),
+    (dict(topk=True), TypeError, "topk must be an int, got bool True"),
+    (dict(num_pairs=2.0), TypeError, "num_pairs must be an int, got float"),
+    (dict(decoder="linear", dim_out=0), ValueError, "dim_out must be a positive integer, got 0"),
+    (dict(decoder="mlp", dim_out=3, hidden=0), ValueError, "hidden must be a positive integer, got 0"),
+    (dict(ema_decay=True), TypeError, "ema_decay must be a number, got bool True"),
+    (dict(ema_decay=float("nan")), ValueError, r"ema_decay must lie in \(0, 1\), got nan"),
+    (dict(dead_threshold=-1.0), ValueError, "dead_threshold must be a finite number >= 0, got -1.0"),
+])
+def test_module_constructor_checks(kwargs, error, message):
+    args = dict(dim_in=8, num_codebooks=4, num_pairs=16)
+    args.update(kwargs)
+    with pytest.raises(error, match="DiscreteKeyValueBottleneck: " + message):
+        DiscreteKeyValueBottleneck(**args)
+
+
+def test_module_empty_batch_and_update_checks():
+    """An empty batch retrieves nothing; update_keys refuses it (randint on an empty range) and a NaN batch (it made
+    the EMA statistics NaN) before changing any state."""
+    dkvb = DiscreteKeyValueBottleneck(8, 4, 16, dim_value=3)
+    assert dkvb(torch.randn(0, 8)).shape == (0, 3)
+    keys, counts = dkvb.keys.clone(), dkvb.ema_counts.clone()
+    with pytest.raises(ValueError, match=r"update_keys: z must hold at least one row, got shape \(0, 8\)"):
+        dkvb.update_keys(torch.randn(0, 8))
+    z = torch.randn(5, 8)
+    z[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="update_keys: z must be finite"):
+        dkvb.update_keys(z)
+    assert torch.equal(dkvb.keys, keys) and torch.equal(dkvb.ema_counts, counts)
+    with pytest.raises(TypeError, match="z must be a float tensor"):
+        dkvb(torch.ones(2, 8, dtype=torch.long))
 
 
 def test_continual_learning_leaves_task_a_values_untouched():

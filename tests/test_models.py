@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from helpers import devices
+from kestrel.decoding import build_tree
 from kestrel.decoding.cache import KVCache
 from kestrel.models import ATTENTION_KINDS, KestrelConfig, KestrelLM
 from kestrel.reference.tree import ancestor_bits, ancestor_lists
@@ -48,6 +49,46 @@ def test_config_checks():
     assert KestrelConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown keys"):
         KestrelConfig.from_dict({**config.to_dict(), "bogus": 1})
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    (dict(vocab_size=True), TypeError, "vocab_size must be an int, got bool True"),
+    (dict(n_kv_heads=0), ValueError, "n_kv_heads must be a positive int, got 0"),
+    (dict(n_kv_heads=2.0), TypeError, "n_kv_heads must be an int, got float 2.0"),
+    (dict(num_draft_heads=1.5), TypeError, "num_draft_heads must be an int, got float 1.5"),
+    (dict(num_draft_heads=-1), ValueError, "num_draft_heads must be an int >= 0, got -1"),
+    (dict(d_ff=0), ValueError, "d_ff must be a positive int, got 0"),
+    (dict(d_ff=-3), ValueError, "d_ff must be a positive int, got -3"),
+    (dict(rope_base=0.0), ValueError, "rope_base must be a finite number > 0, got 0.0"),
+    (dict(rope_base=float("nan")), ValueError, "rope_base must be a finite number > 0, got nan"),
+    (dict(norm_eps=-1.0), ValueError, "norm_eps must be a finite number > 0, got -1.0"),
+    (dict(attention="lssar", lssar_p=float("inf")), ValueError, "lssar_p must be a finite number > 0, got inf"),
+    (dict(lssar_p=1e300), ValueError, "lssar_p must be at most 3.403e\\+38, got 1e\\+300"),
+    (dict(softplus_eps=0.0), ValueError, "softplus_eps must be a finite number > 0, got 0.0"),
+    (dict(plga_a_dff=0), ValueError, "plga_a_dff must be a positive int, got 0"),
+    (dict(plga_num_reslayer=-1), ValueError, "plga_num_reslayer must be an int >= 0, got -1"),
+    (dict(num_codes=0), ValueError, "num_codes must be a positive int, got 0"),
+    (dict(codebook_k=300), ValueError, r"codebook_k must be in \[1, num_codes=256\], got 300"),
+    (dict(codebook_attn="yes"), TypeError, "codebook_attn must be a bool, got str 'yes'"),
+    (dict(max_seq_len=True), TypeError, "max_seq_len must be an int, got bool True"),
+])
+def test_config_value_checks(overrides, error, message):
+    """Each of these built a config whose model failed later with a torch message (negative or bool sizes) or
+    computed NaN (norm_eps <= 0, an infinite lssar_p), or silently meant something else (n_kv_heads=True)."""
+    with pytest.raises(error, match="KestrelConfig: " + message):
+        tiny(**overrides)
+
+
+def test_token_ids_outside_the_vocabulary():
+    """An id outside [0, vocab_size) gave "index out of range in self"; padding rows may still hold any id."""
+    model = make_model("softmax")
+    for bad in (40, -3):
+        with pytest.raises(ValueError, match=rf"KestrelLM: input_ids must hold token ids in \[0, vocab_size=40\), "
+                                             rf"got {bad}"):
+            model(torch.tensor([[1, bad, 2]]))
+    cache = KVCache.for_model(model, 2, 8)
+    model(torch.tensor([[1, 2, -1], [3, 4, 5]]), cache, lengths=[2, 3])
+    assert cache.seqlens.tolist() == [2, 3]
 
 
 @pytest.mark.parametrize("attention", ATTENTION_KINDS)
@@ -127,6 +168,27 @@ def test_tree_forward_equals_path_forward(attention):
             ref_logits, ref_hidden = model(sequence, copy_g_cache(cache, [b], model, 32), return_hidden=True)
             torch.testing.assert_close(logits[b, i], ref_logits[0, -1], rtol=0, atol=1e-12)
             torch.testing.assert_close(hidden[b, i], ref_hidden[0, -1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("attention", ATTENTION_KINDS)
+def test_unused_cache_rows_may_hold_nan(attention):
+    """Cache rows past a sequence's length (a shorter sequence's tail, stale rows of rejected tree nodes) may hold
+    anything: NaN there reached the logits through the masked SDPA and softplus formulations (0 * NaN)."""
+    model = make_model(attention)
+    ids = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(5))
+    tree = build_tree(torch.tensor([[-1, 0, 0], [-1, 0, 1]]))
+    logits = []
+    for garbage in (0.0, float("nan")):
+        cache = KVCache.for_model(model, 2, 24)
+        with torch.no_grad():
+            model(ids, cache, lengths=[6, 3])
+            for b, length in enumerate((6, 3)):
+                cache.k[:, b, :, length:], cache.v[:, b, :, length:] = garbage, garbage
+            tree_logits = model(ids[:, :3], cache, tree_depth=tree.depth, tree_mask_bits=tree.ancestor_bits)
+            logits.append((tree_logits, model(ids[:, :1], cache), model(ids[:, :2], cache)))
+    for clean, dirty in zip(*logits):
+        assert bool(torch.isfinite(dirty).all())
+        torch.testing.assert_close(dirty, clean, atol=0, rtol=0)
 
 
 def test_input_checks():

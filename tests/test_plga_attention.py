@@ -70,6 +70,53 @@ def test_decode_rows_and_cache_lengths():
     torch.testing.assert_close(out.double(), float64_plga(q[:, :, :2], k, v, G, lens=lens), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("causal", [True, False])
+def test_keys_past_the_cache_lengths_are_ignored(bad, causal):
+    """NaN or inf in the unused cache rows (past cache_seqlens) reach neither the output nor the gradients: a -inf
+    score alone still multiplied those values by a zero weight (0 * NaN = NaN), and a NaN key made a NaN score."""
+    q, k, v, G = inputs(2, 2, 1, 2, 20, 16, seed=8)
+    lens = torch.tensor([20, 11])
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(9))
+    results = []
+    for dirty in (False, True):
+        keys, values = k.clone(), v.clone()
+        if dirty:
+            keys[1, :, 11:], values[1, :, 11:] = bad, bad
+        leaves = [t.clone().requires_grad_(True) for t in (q, keys, values, G)]
+        out = plga_attention(*leaves, causal=causal, cache_seqlens=lens)
+        out.backward(grad_out)
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for clean, dirty in zip(*results):
+        assert bool(torch.isfinite(dirty).all())
+        torch.testing.assert_close(dirty, clean, atol=0, rtol=0)
+
+
+def test_empty_batch_with_cache_lengths_and_argument_checks():
+    """B = 0 with cache_seqlens is an empty result (the length check read the min of an empty tensor); a zero head
+    dim, an integer G and float or list cache lengths are clear errors."""
+    q, k, v, G = inputs(0, 2, 1, 1, 5, 16)
+    out = plga_attention(q, k, v, G, cache_seqlens=torch.zeros(0, dtype=torch.int32))
+    assert out.shape == (0, 2, 1, 16)
+    q, k, v, G = inputs(1, 2, 1, 3, 5, 16)
+    with pytest.raises(ValueError, match=r"plga_attention: the head dim d must be >= 1 \(q.shape\[-1\]\)"):
+        plga_attention(q[..., :0], k[..., :0], v[..., :0], G[..., :0, :0])
+    with pytest.raises(TypeError, match="plga_attention: G must be a floating-point tensor, got torch.int64"):
+        plga_attention(q, k, v, G.long())
+    with pytest.raises(ValueError, match=r"cache_seqlens must be an int32/int64 tensor of shape \(1,\), got "
+                                         r"torch.float32"):
+        plga_attention(q, k, v, G, cache_seqlens=torch.tensor([4.0]))
+    with pytest.raises(TypeError, match="cache_seqlens must be None or an int32/int64 tensor"):
+        plga_attention(q, k, v, G, cache_seqlens=[4])
+
+
+@pytest.mark.gpu
+def test_gpu_lengths_of_a_cpu_computation_are_checked():
+    q, k, v, G = inputs(1, 2, 1, 3, 5, 16)
+    with pytest.raises(ValueError, match=r"cache_seqlens must lie in \[Lq=3, Lk=5\], got values in \[9, 9\]"):
+        plga_attention(q, k, v, G, cache_seqlens=torch.tensor([9], device="cuda"))
+
+
 def test_backward_gradcheck_and_formulas():
     q, k, v, G = (t.double().requires_grad_(True) for t in inputs(1, 2, 1, 5, 5, 8, seed=3))
     assert torch.autograd.gradcheck(lambda a, b, c, g: plga_attention(a, b, c, g), (q, k, v, G))
@@ -149,6 +196,36 @@ def test_predefined_identity_g_is_rope_attention():
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"a predefined G must be \(num_heads=4, d=16, d=16\)"):
         kestrel.nn.PowerLawGraphAttention(64, 4, G=torch.eye(8))
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(num_heads=0), ValueError, "num_heads must be >= 1, got 0"),
+    (dict(num_heads=-2), ValueError, "num_heads must be >= 1, got -2"),
+    (dict(d_model=0), ValueError, "d_model must be >= 1, got 0"),
+    (dict(num_heads=True), TypeError, "num_heads must be an int, got bool True"),
+    (dict(num_heads=3), ValueError, r"d_model \(64\) must be a multiple of num_heads \(3\)"),
+    (dict(d_model=6, num_heads=2), ValueError, "the head dim d_model / num_heads must be even for RoPE, got 3"),
+    (dict(A_dff=0), ValueError, "A_dff must be >= 1, got 0"),
+    (dict(num_reslayerA=-1), ValueError, "num_reslayerA must be >= 0, got -1"),
+    (dict(num_denseA=0), ValueError, "num_denseA must be >= 1, got 0"),
+    (dict(rope_base=0.0), ValueError, "rope_base must be a finite number > 0, got 0.0"),
+    (dict(G=[[1.0]]), TypeError, "G must be None, 'identity' or a float tensor"),
+    (dict(G=torch.ones(4, 16, 16, dtype=torch.long)), TypeError, "G must be None, 'identity' or a float tensor"),
+])
+def test_module_constructor_checks(kwargs, error, message):
+    """num_heads=0 divided by zero, an odd head dim failed in RoPE at the first forward, A_dff=0 or a negative
+    number of residual units built a module."""
+    args = dict(d_model=64, num_heads=4)
+    args.update(kwargs)
+    with pytest.raises(error, match="PowerLawGraphAttention: " + message):
+        kestrel.nn.PowerLawGraphAttention(**args)
+
+
+def test_module_cache_of_another_batch_is_refused():
+    layer = kestrel.nn.PowerLawGraphAttention(32, 2, A_dff=8, num_reslayerA=1)
+    _, cache = layer(torch.randn(2, 3, 32))
+    with pytest.raises(ValueError, match="PowerLawGraphAttention: the cache holds 2 sequences, x has 1"):
+        layer(torch.randn(1, 1, 32), cache=cache)
 
 
 def test_negative_powers_stay_finite_in_float32():

@@ -3,6 +3,7 @@ against a float64 reference written from the spec's formulas; backward; decode a
 cases; the op's checks, opcheck and torch.compile; the module."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -109,6 +110,57 @@ def test_triton_per_sequence_cache_lengths():
         torch.testing.assert_close(cpu, out, atol=2e-5, rtol=1e-4)
 
 
+def dirty_cache(k, v, lens, bad):
+    """Copies of k and v holding `bad` (NaN or inf) in every row past each sequence's cache length."""
+    k, v = k.clone(), v.clone()
+    for b, length in enumerate(lens.tolist()):
+        k[b, :, length:], v[b, :, length:] = bad, bad
+    return k, v
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("p", [None, 15.0])
+@pytest.mark.parametrize("causal", [True, False])
+def test_keys_past_the_cache_lengths_are_ignored(bad, p, causal):
+    """NaN or inf in the unused cache rows (past cache_seqlens) reach neither the output nor the gradients: the CPU
+    path multiplied those rows by zero weights (0 * NaN = NaN)."""
+    q, k, v = inputs(2, 2, 1, 2, 20, 64, seed=30)
+    lens = torch.tensor([20, 11])
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(31))
+    results = []
+    for keys, values in ((k, v), dirty_cache(k, v, lens, bad)):
+        leaves = [t.clone().requires_grad_(True) for t in (q, keys, values)]
+        out = softplus_attention(*leaves, causal=causal, reweight_p=p, cache_seqlens=lens)
+        out.backward(grad_out)
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for clean, dirty in zip(*results):
+        assert bool(torch.isfinite(dirty).all())
+        torch.testing.assert_close(dirty, clean, atol=0, rtol=0)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("p", [None, 15.0])
+def test_triton_keys_past_the_cache_lengths_are_ignored(bad, p):
+    """The forward and backward kernels load no key or value row past a sequence's length (masked loads)."""
+    from kestrel.kernels.softplus_attention import softplus_attention_backward, softplus_attention_forward
+
+    device = "cuda" if gpu_available() else "cpu"
+    q, k, v = (t.to(device) for t in inputs(2, 2, 1, 2, 20, 64, seed=32))
+    lens = torch.tensor([20, 11], dtype=torch.int32, device=device)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(33)).to(device)
+    results = []
+    for keys, values in ((k, v), dirty_cache(k, v, lens, bad)):
+        out, s, m, w = softplus_attention_forward(q, keys, values, True, p, 1e-8, cache_seqlens=lens)
+        grads = softplus_attention_backward(q, keys, values, out, (s, m, w), grad_out, True, p, 1e-8,
+                                            cache_seqlens=lens)
+        results.append([out, *grads])
+    for clean, dirty in zip(*results):
+        assert bool(torch.isfinite(dirty).all())
+        torch.testing.assert_close(dirty, clean, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("p", [None, 15.0])
 def test_prefill_equals_token_by_token_decode(p):
     q, k, v = inputs(1, 4, 2, 12, 12, 64, seed=4)
@@ -177,6 +229,67 @@ def test_argument_checks():
         softplus_attention(q[0], k, v)
 
 
+@pytest.mark.parametrize("p", [None, 15.0])
+def test_empty_batch_and_empty_sequence(p):
+    """B = 0 (with per-sequence cache lengths) and L = 0 are legal: empty results of q's shape, zero gradients (the
+    length check read the min of an empty tensor; LSSAR's row max of zero keys raised)."""
+    for B, Lq, Lk, lens in ((0, 1, 5, torch.zeros(0, dtype=torch.int32)), (0, 2, 5, None), (1, 0, 0, None),
+                            (2, 0, 5, torch.tensor([3, 5]))):
+        q, k, v = (t.requires_grad_(True) for t in inputs(B, 2, 1, Lq, Lk, 64))
+        out = softplus_attention(q, k, v, reweight_p=p, cache_seqlens=lens)
+        assert out.shape == q.shape
+        out.sum().backward()
+        for t in (q, k, v):
+            assert t.grad.shape == t.shape and not bool(t.grad.any())
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+@pytest.mark.parametrize("p", [None, 15.0])
+def test_triton_empty_batch_and_empty_sequence(p):
+    """The kernel wrappers return empty results (zero dk, dv) without launching a grid of size 0."""
+    from kestrel.kernels.softplus_attention import softplus_attention_backward, softplus_attention_forward
+
+    device = "cuda" if gpu_available() else "cpu"
+    for B, Lq, Lk in ((0, 1, 5), (1, 0, 0), (2, 0, 5)):
+        q, k, v = (t.to(device) for t in inputs(B, 2, 1, Lq, Lk, 64))
+        lens = torch.full((B,), Lk, dtype=torch.int32, device=device)
+        out, s, m, w = softplus_attention_forward(q, k, v, True, p, 1e-8, cache_seqlens=lens)
+        assert out.shape == q.shape and s.shape == m.shape == w.shape == (B, 2, Lq)
+        dq, dk, dv = softplus_attention_backward(q, k, v, out, (s, m, w), out, True, p, 1e-8, cache_seqlens=lens)
+        assert dq.shape == q.shape and dk.shape == k.shape and not bool(dk.any()) and not bool(dv.any())
+
+
+def test_numeric_argument_checks():
+    q, k, v = inputs(1, 2, 1, 4, 4, 8)
+    with pytest.raises(ValueError, match=r"the head dim D must be >= 1 \(q.shape\[-1\]\), got q of shape "
+                                         r"\(1, 2, 4, 0\)"):
+        softplus_attention(q[..., :0], k[..., :0], v[..., :0])
+    for p in (float("inf"), float("nan"), 0, -2.0, 1e300):
+        with pytest.raises(ValueError, match=r"reweight_p must be None \(LSSA\) or a finite positive number up to "
+                                             r"3.403e\+38 \(LSSAR\), got " + re.escape(repr(p))):
+            softplus_attention(q, k, v, reweight_p=p)
+    for p in (True, "15"):
+        with pytest.raises(TypeError, match=r"reweight_p must be None \(LSSA\) or a number \(LSSAR\), got"):
+            softplus_attention(q, k, v, reweight_p=p)
+    for eps in (float("inf"), float("nan"), 0.0):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0, got " + re.escape(repr(eps))):
+            softplus_attention(q, k, v, eps=eps)
+    with pytest.raises(TypeError, match="eps must be a number, got bool True"):
+        softplus_attention(q, k, v, eps=True)
+    with pytest.raises(TypeError, match=r"cache_seqlens must be None or an int32/int64 tensor of shape \(1,\), got "
+                                        "list"):
+        softplus_attention(q, k, v, cache_seqlens=[4])
+
+
+@pytest.mark.gpu
+def test_gpu_lengths_of_a_cpu_computation_are_checked():
+    """The value check skipped every CUDA length tensor, also when q (and so the unclamped CPU path) was on the CPU."""
+    q, k, v = inputs(1, 2, 1, 4, 4, 8)
+    with pytest.raises(ValueError, match=r"cache_seqlens must lie in \[Lq=4, Lk=4\], got values in \[9, 9\]"):
+        softplus_attention(q, k, v, cache_seqlens=torch.tensor([9], device="cuda"))
+
+
 def test_opcheck_and_compile():
     q, k, v = inputs(1, 2, 1, 5, 7, 64, seed=9)
     for p in (0.0, 15.0):
@@ -199,6 +312,38 @@ def test_module_decode_equals_prefill():
     torch.testing.assert_close(torch.cat(rows, dim=1), full, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match=r"num_heads \(4\) must be a multiple of num_kv_heads \(3\)"):
         kestrel.nn.SoftplusAttention(128, 4, 3)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(num_heads=0), ValueError, "num_heads must be >= 1, got 0"),
+    (dict(num_heads=-2), ValueError, "num_heads must be >= 1, got -2"),
+    (dict(embed_dim=0), ValueError, "embed_dim must be >= 1, got 0"),
+    (dict(embed_dim=64.0), TypeError, "embed_dim must be an int, got float 64.0"),
+    (dict(num_heads=True), TypeError, "num_heads must be an int, got bool True"),
+    (dict(num_heads=3), ValueError, r"embed_dim \(64\) must be a multiple of num_heads \(3\)"),
+    (dict(num_kv_heads=3), ValueError, r"num_heads \(4\) must be a multiple of num_kv_heads \(3\)"),
+    (dict(num_kv_heads=0), ValueError, "num_kv_heads must be >= 1, got 0"),
+    (dict(reweight_p=float("inf")), ValueError, "reweight_p must be None"),
+    (dict(reweight_p=-1.0), ValueError, "reweight_p must be None"),
+    (dict(eps=0.0), ValueError, "eps must be a finite number > 0, got 0.0"),
+    (dict(causal=None), TypeError, "causal must be a bool, got NoneType"),
+])
+def test_module_constructor_checks(kwargs, error, message):
+    """num_heads=0 divided by zero, num_heads=-2 and embed_dim=0 built a module, num_kv_heads=0 meant num_heads."""
+    args = dict(embed_dim=64, num_heads=4)
+    args.update(kwargs)
+    with pytest.raises(error, match="SoftplusAttention: " + message):
+        kestrel.nn.SoftplusAttention(**args)
+
+
+def test_module_kv_cache_checks():
+    layer = kestrel.nn.SoftplusAttention(64, 4, 2)
+    x = torch.randn(1, 3, 64)
+    with pytest.raises(ValueError, match=r"kv_cache's k must be \(B=1, num_kv_heads=2, L, head_dim=16\), got "
+                                         r"\(1, 2, 3, 8\)"):
+        layer(x, kv_cache=(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)))
+    with pytest.raises(TypeError, match="kv_cache must be None or the \\(k, v\\) pair"):
+        layer(x, kv_cache=torch.randn(1, 2, 3, 16))
 
 
 @pytest.mark.gpu

@@ -274,6 +274,26 @@ def test_argument_checks():
         tree_attention(q, k, v, lens.to("meta"), bits)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_empty_batch_gives_an_empty_result(device):
+    """B = 0 is legal: an empty (0, Hq, T, D) result (the CPU path used to read the lengths' min of an empty
+    tensor; no kernel grid of size 0 is launched on a GPU)."""
+    q, k, v = torch.randn(0, 4, 3, 64), torch.randn(0, 2, 8, 64), torch.randn(0, 2, 8, 64)
+    lens, bits = torch.zeros(0, dtype=torch.int32), torch.zeros(0, 3, 1, dtype=torch.int32)
+    out = tree_attention(*(t.to(device) for t in (q, k, v, lens, bits)))
+    assert out.shape == (0, 4, 3, 64) and out.dtype == q.dtype and out.device.type == device
+
+
+def test_softmax_scale_must_be_a_number():
+    q, k, v, lens, bits, _ = make_inputs(1, 2, 1, 3, 64, [4], 10, seed=13)
+    for scale in (True, "0.1", torch.tensor(0.1)):
+        with pytest.raises(TypeError, match="tree_attention: softmax_scale must be None or a number, got"):
+            tree_attention(q, k, v, lens, bits, softmax_scale=scale)
+    for scale in (0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="softmax_scale must be None or a finite positive number"):
+            tree_attention(q, k, v, lens, bits, softmax_scale=scale)
+
+
 def test_forward_only():
     q, k, v, lens, bits, _ = make_inputs(1, 2, 1, 3, 64, [5], 10, seed=12)
     out = tree_attention(q.requires_grad_(True), k, v, lens, bits)

@@ -298,6 +298,48 @@ def test_sampling_probs():
         sampling_probs(logits, top_k=0)
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 1e-45, 5e-324])
+def test_sampling_probs_tiny_temperature_is_greedy(temperature):
+    """logits / temperature overflowed to +-inf (softmax: NaN); shifted by the row max first, a tiny temperature
+    gives the argmax's one-hot, and exact ties share the mass."""
+    logits = torch.tensor([[1.0, 3.0, -2.0, 2.5], [40.0, -40.0, 0.0, 1.0], [2.0, 2.0, 1.0, float("-inf")]])
+    probs = sampling_probs(logits, temperature=temperature)
+    expected = torch.tensor([[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    assert torch.equal(probs, expected)
+    assert torch.equal(sampling_probs(logits, temperature=temperature, top_k=2, top_p=0.9), expected)
+
+
+def test_sample_accepts_float64_probabilities():
+    """float64 target/draft probabilities are converted to float32 as the other float dtypes are (they were refused
+    with a TypeError, unlike the documented conversion)."""
+    _, tree, candidates, probs = small_case("cpu")
+    uniform, uniform_final = torch.rand(2, 6, generator=torch.Generator().manual_seed(4)), torch.rand(2)
+    for draft in (None, probs.flip(-1)):
+        expected = verify_tree_sample(candidates, probs, tree, uniform, uniform_final, draft)
+        got = verify_tree_sample(candidates, probs.double(), tree, uniform, uniform_final,
+                                 None if draft is None else draft.double())
+        for a, b in zip(expected, got):
+            assert torch.equal(a, b)
+
+
+def test_sampling_probs_infinite_temperature_and_edge_arguments():
+    logits = torch.tensor([[1.0, 3.0, -2.0, float("-inf")]])
+    assert torch.equal(sampling_probs(logits, temperature=float("inf")), torch.tensor([[1 / 3, 1 / 3, 1 / 3, 0.0]]))
+    assert torch.equal(sampling_probs(logits, temperature=float("inf"), top_k=2), torch.tensor([[0.5, 0.5, 0, 0]]))
+    assert torch.allclose(sampling_probs(logits, top_k=100), torch.softmax(logits, -1))  # top_k >= V keeps all
+    assert sampling_probs(torch.randn(0, 5)).shape == (0, 5)
+    with pytest.raises(TypeError, match="sampling_probs: top_k must be None or an int >= 1, got bool True"):
+        sampling_probs(logits, top_k=True)
+    with pytest.raises(TypeError, match="sampling_probs: temperature must be a number, got Tensor"):
+        sampling_probs(logits, temperature=torch.tensor(0.5))
+    with pytest.raises(TypeError, match="sampling_probs: top_p must be None or a number"):
+        sampling_probs(logits, top_p="0.9")
+    with pytest.raises(ValueError, match="temperature must be >= 0, got nan"):
+        sampling_probs(logits, temperature=float("nan"))
+    with pytest.raises(ValueError, match=r"logits must have at least one token \(V >= 1\), got shape \(2, 0\)"):
+        sampling_probs(torch.randn(2, 0), temperature=0)
+
+
 # ------------------------------------------------------------------------------------------------- compaction
 
 

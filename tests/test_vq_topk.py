@@ -169,6 +169,22 @@ def test_argument_checks():
         vq_topk(x, torch.randn(10, 9), 2)
 
 
+def test_chunk_argument():
+    """chunk=-1 returned (N, 0) results silently; None and 0 mean the default, a positive int caps the chunk."""
+    x, cb = torch.randn(4, 8), torch.randn(10, 8)
+    expected = vq_topk(x, cb, 2)
+    for chunk in (None, 0, 3):
+        for got, want in zip(vq_topk(x, cb, 2, chunk=chunk), expected):
+            assert torch.equal(got, want)
+    for chunk in (-1, -5):
+        with pytest.raises(ValueError, match=rf"vq_topk: chunk must be None, 0 \(the default\) or a positive int, "
+                                             rf"got {chunk}"):
+            vq_topk(x, cb, 2, chunk=chunk)
+    for chunk in (True, 2.5):
+        with pytest.raises(TypeError, match="vq_topk: chunk must be None or an int, got"):
+            vq_topk(x, cb, 2, chunk=chunk)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_inputs_give_float32_scores(dtype):
     from kestrel.reference.vq_topk import vq_topk as reference

@@ -21,7 +21,7 @@ class KVCache:
                  device="cpu", g_heads=None):
         for label, value in (("num_layers", num_layers), ("batch_size", batch_size), ("num_kv_heads", num_kv_heads),
                              ("max_len", max_len), ("head_dim", head_dim)):
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"KVCache: {label} must be a positive int, got {value!r}")
         shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._checks import is_int
 from .cache import KVCache
 
 
@@ -50,16 +51,25 @@ class TreeSpec:
                              f"dynamic tree), got choices={self.choices!r}, max_nodes={self.max_nodes!r}, "
                              f"topk={self.topk!r}")
         if static:
-            if not self.choices or not all(isinstance(c, (list, tuple)) and len(c) > 0 for c in self.choices):
+            if not isinstance(self.choices, (list, tuple)) or not self.choices or \
+                    not all(isinstance(c, (list, tuple)) and len(c) > 0 for c in self.choices):
                 raise ValueError(f"TreeSpec: choices must be a non-empty list of non-empty rank paths, got "
                                  f"{self.choices!r}")
+            from .tree import static_tree
+
+            static_tree(self.choices)  # ranks, duplicates, missing parents: refused here, not after a prefill
         else:
-            if not (isinstance(self.max_nodes, int) and self.max_nodes > 1):
+            sizes = [("max_nodes", self.max_nodes), ("topk", self.topk)] + (
+                [] if self.depth is None else [("depth", self.depth)])
+            for label, value in sizes:
+                if not is_int(value):
+                    raise TypeError(f"TreeSpec: {label} must be an int, got {type(value).__name__} {value!r}")
+            if not self.max_nodes > 1:
                 raise ValueError(f"TreeSpec: max_nodes (the tree's nodes, root included) must be an int > 1, got "
                                  f"{self.max_nodes!r}")
-            if not (isinstance(self.topk, int) and self.topk > 0):
+            if not self.topk > 0:
                 raise ValueError(f"TreeSpec: topk must be a positive int, got {self.topk!r}")
-            if self.depth is not None and not (isinstance(self.depth, int) and self.depth > 0):
+            if self.depth is not None and not self.depth > 0:
                 raise ValueError(f"TreeSpec: depth must be None or a positive int, got {self.depth!r}")
 
     @property
@@ -106,14 +116,15 @@ def _prompts(input_ids, prompt_lengths, device):
         if prompt_lengths is None:
             host = [L] * B
         else:
-            host = [int(n) for n in torch.as_tensor(prompt_lengths).tolist()]
-            if len(host) != B:
-                raise ValueError(f"generate: prompt_lengths must have B={B} entries, got {len(host)}")
+            given = _integers("prompt_lengths", prompt_lengths)
+            if given.dim() != 1 or given.shape[0] != B:
+                raise ValueError(f"generate: prompt_lengths must have B={B} entries, got shape {tuple(given.shape)}")
+            host = given.tolist()
         padded = input_ids.to(device=device, dtype=torch.int64)
     else:
         if prompt_lengths is not None:
             raise ValueError("generate: prompt_lengths goes with a padded tensor, not with a list of sequences")
-        rows = [torch.as_tensor(row, dtype=torch.int64).reshape(-1) for row in input_ids]
+        rows = [_integers(f"input_ids[{b}]", row).reshape(-1) for b, row in enumerate(input_ids)]
         if not rows:
             raise ValueError("generate: input_ids is an empty list")
         host = [len(row) for row in rows]
@@ -121,9 +132,31 @@ def _prompts(input_ids, prompt_lengths, device):
         for b, row in enumerate(rows):
             padded[b, :len(row)] = row
         padded = padded.to(device)
-    if min(host) < 1 or max(host) > padded.shape[1]:
+    if padded.shape[1] == 0 and host:
+        raise ValueError(f"generate: input_ids has no positions (shape {tuple(padded.shape)}): every prompt needs "
+                         "at least one token")
+    if host and (min(host) < 1 or max(host) > padded.shape[1]):
         raise ValueError(f"generate: every prompt needs 1..{padded.shape[1]} tokens, got lengths {host}")
     return padded, torch.tensor(host, dtype=torch.int64, device=device), host
+
+
+def _integers(label, values):
+    """values (a sequence of ints or an integer tensor) as an int64 CPU tensor; floats and bools are refused rather
+    than truncated."""
+    t = torch.as_tensor(values)
+    if t.numel() and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+        raise TypeError(f"generate: {label} must hold integers, got {t.dtype} values")
+    return t.to(device="cpu", dtype=torch.int64)
+
+
+def _check_token_ids(prompt, lengths, vocab_size):
+    """Every real prompt token (padding excluded) in [0, vocab_size): one host read, once per generate call."""
+    real = torch.arange(prompt.shape[1], device=prompt.device)[None, :] < lengths[:, None]
+    ids = torch.where(real, prompt, torch.zeros((), dtype=prompt.dtype, device=prompt.device))  # 0: a valid id
+    lo, hi = torch.stack([ids.min(), ids.max()]).tolist()
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"generate: input_ids must hold token ids in [0, vocab_size={vocab_size}), got "
+                         f"{lo if lo < 0 else hi}")
 
 
 def target_probs(logits, temperature, top_k=None, top_p=None):
@@ -186,31 +219,52 @@ def generate(model, input_ids, max_new_tokens, *, temperature=0.0, top_k=None, t
     to that plus, for speculative decoding, scratch rows for the draft tree of the last step (rejected nodes only;
     no kept token lies beyond max_seq_len).
 
+    Checked before the prefill (one host read of the prompt, once): prompt ids in [0, vocab_size) (padding
+    excluded), eos_token_id in [0, vocab_size) (pad_token_id is a fill value and may be any int, e.g. -1), ints
+    that are not bools, temperature >= 0 (tiny values approach greedy, inf is uniform), top_p in (0, 1], a
+    TreeSpec within the model (static ranks < vocab_size and depth <= the draft heads; dynamic depth <= the draft
+    heads), a generator on the model's device when sampling. A (0, L) input_ids gives an empty (0, L + max_new_tokens) result.
+
     The model runs in eval mode (no codebook usage counts or other training-time updates from decoding: rejected
     tree nodes and padding rows would pollute them) and is put back in its previous mode afterwards.
     """
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    from ..ops.tree_verify import check_sampling_options
+
+    if not is_int(max_new_tokens):
+        raise TypeError(f"generate: max_new_tokens must be an int >= 0, got {type(max_new_tokens).__name__} "
+                        f"{max_new_tokens!r}")
+    if max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
-    if top_k is not None and not (isinstance(top_k, int) and top_k > 0):
-        raise ValueError(f"generate: top_k must be None or a positive int, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"generate: top_p must be None or in (0, 1], got {top_p!r}")
+    check_sampling_options("generate", temperature, top_k, top_p)
+    config = model.config
+    device = model.device
+    for label, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+        if value is not None and not is_int(value):
+            raise TypeError(f"generate: {label} must be None or an int, got {type(value).__name__} {value!r}")
+    if eos_token_id is not None and not 0 <= eos_token_id < config.vocab_size:
+        raise ValueError(f"generate: eos_token_id must be a token id in [0, vocab_size={config.vocab_size}) (one "
+                         f"outside is never generated), got {eos_token_id}")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generate: generator must be None or a torch.Generator, got {type(generator).__name__}")
+        if temperature > 0 and generator.device.type != device.type:
+            raise ValueError(f"generate: generator is on {generator.device}, the model on {device} (sampling draws "
+                             "on the model's device)")
     if speculative is not None:
         if not isinstance(speculative, TreeSpec):
             raise ValueError(f"generate: speculative must be None or a TreeSpec, got {type(speculative).__name__}")
-        if model.config.num_draft_heads == 0:
+        if config.num_draft_heads == 0:
             raise ValueError("generate: speculative decoding needs draft heads (config.num_draft_heads > 0)")
-        if not speculative.dynamic and speculative.tree_depth(model.config.num_draft_heads) > \
-                model.config.num_draft_heads:
-            raise ValueError(f"generate: the tree choices reach depth {speculative.tree_depth(10 ** 9)}, the model "
-                             f"has {model.config.num_draft_heads} draft heads")
-        if speculative.dynamic:
-            _check_dynamic(speculative, model.config)
-    device = model.device
+        if not speculative.dynamic:
+            _check_static(speculative, config)
+        else:
+            _check_dynamic(speculative, config)
     prompt, lengths, host_lengths = _prompts(input_ids, prompt_lengths, device)
     B, L = prompt.shape
+    if B == 0:  # no sequences: the documented (B, L + max_new_tokens) shape, empty
+        empty = torch.empty((0, L + max_new_tokens), dtype=torch.int64, device=device)
+        return (empty, GenerationStats()) if return_stats else empty
+    _check_token_ids(prompt, lengths, config.vocab_size)
     if max(host_lengths) + max_new_tokens > model.config.max_seq_len:
         raise ValueError(f"generate: the longest prompt ({max(host_lengths)} tokens) + max_new_tokens "
                          f"({max_new_tokens}) must be at most config.max_seq_len={model.config.max_seq_len}, got "
@@ -224,8 +278,25 @@ def generate(model, input_ids, max_new_tokens, *, temperature=0.0, top_k=None, t
         model.train(was_training)
 
 
+def _check_static(spec, config):
+    """A static TreeSpec against the model: its depth within the draft heads, its ranks within the vocabulary (a
+    head's top-k has at most vocab_size tokens), before anything runs."""
+    from .tree import static_tree
+
+    if spec.tree_depth(config.num_draft_heads) > config.num_draft_heads:
+        raise ValueError(f"generate: the tree choices reach depth {spec.tree_depth(config.num_draft_heads)}, the "
+                         f"model has {config.num_draft_heads} draft heads")
+    max_rank = static_tree(spec.choices).max_rank
+    if max_rank >= config.vocab_size:
+        raise ValueError(f"generate: speculative.choices use rank {max_rank} of a draft head, whose top-k ranks are "
+                         f"0..vocab_size - 1 = {config.vocab_size - 1}")
+
+
 def _check_dynamic(spec, config):
     """A dynamic TreeSpec's limits (those of kestrel.decoding.dynamic_tree), before anything runs."""
+    if spec.depth is not None and spec.depth > config.num_draft_heads:
+        raise ValueError(f"generate: speculative.depth={spec.depth} is deeper than the model's "
+                         f"{config.num_draft_heads} draft heads (one tree level per head)")
     K = spec.tree_depth(config.num_draft_heads)
     if spec.topk > config.vocab_size:
         raise ValueError(f"generate: speculative.topk must be at most the vocabulary size {config.vocab_size}, got "

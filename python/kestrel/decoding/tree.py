@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._checks import is_int
+
 
 @dataclass
 class TreeBuffers:
@@ -74,19 +76,29 @@ def build_tree(parents, max_depth=None, num_leaves=None):
     tensor ops (no per-node Python loop).
 
     max_depth / num_leaves size accept_index and leaf_paths; give them (e.g. StaticTree.max_depth, or K for a
-    dynamic tree) to build without a host synchronisation; when None they are read from the data (one sync each).
-    They must be at least the trees' real maximum depth and leaf count (paths beyond are cut). parents is not
-    validated (that would need a sync): each used node's parent must be a used node of smaller index.
+    dynamic tree) to build without a host synchronisation; when None they are read from the data (one sync each;
+    0 and 1 for an empty batch). They must be at least the trees' real maximum depth and leaf count (paths beyond
+    are cut). Each used node's parent must be a used node of smaller index and node 0 the root (parent -1):
+    checked for CPU tensors when build_tree reads the data anyway (max_depth or num_leaves None; outside
+    torch.compile). With both given it reads nothing (as the decoding loop calls it, with trees that are valid by
+    construction), and on a GPU parents outside [-2, T) are clamped, so a bad tree gives meaningless buffers but
+    reads no memory outside them.
     """
     if not isinstance(parents, torch.Tensor) or parents.dim() != 2 or parents.shape[1] < 1:
         got = tuple(parents.shape) if isinstance(parents, torch.Tensor) else type(parents).__name__
         raise ValueError(f"build_tree: parents must be (B, T) with T >= 1, got {got}")
-    if parents.is_floating_point() or parents.dtype == torch.bool:
+    if parents.is_floating_point() or parents.is_complex() or parents.dtype == torch.bool:
         raise TypeError(f"build_tree: parents must be an integer tensor, got {parents.dtype}")
-    parents = parents.to(torch.int32)
+    for label, value in (("max_depth", max_depth), ("num_leaves", num_leaves)):
+        if value is not None and not is_int(value):
+            raise TypeError(f"build_tree: {label} must be None or an int, got {type(value).__name__} {value!r}")
     B, T = parents.shape
     device = parents.device
     idx = torch.arange(T, device=device)
+    reads_data = max_depth is None or num_leaves is None
+    if reads_data and B > 0 and not parents.is_cuda and not torch.compiler.is_compiling():
+        _check_parents(parents, idx)
+    parents = parents.clamp(-2, T - 1).to(torch.int32)
     used = parents != -2
     reach = _ancestor_or_self(parents)
     depth = torch.where(used, reach.sum(-1) - 1, 0).to(torch.int32)
@@ -103,9 +115,9 @@ def build_tree(parents, max_depth=None, num_leaves=None):
     leaf = used & (first_child < 0)
     leaf_count = leaf.sum(-1).to(torch.int32)
     if max_depth is None:
-        max_depth = int(depth.max())
+        max_depth = int(depth.max()) if B > 0 else 0
     if num_leaves is None:
-        num_leaves = int(leaf_count.max())
+        num_leaves = int(leaf_count.max()) if B > 0 else 1
     if not isinstance(max_depth, int) or not 0 <= max_depth < T:
         raise ValueError(f"build_tree: max_depth must be an int in [0, T - 1] = [0, {T - 1}], got {max_depth!r}")
     if not isinstance(num_leaves, int) or not 1 <= num_leaves <= T:
@@ -123,6 +135,22 @@ def build_tree(parents, max_depth=None, num_leaves=None):
     return TreeBuffers(parents=parents, depth=depth, ancestor_bits=_pack_bits(reach), first_child=first_child,
                        next_sibling=next_sibling, leaf_paths=leaf_paths[:, :num_leaves].to(torch.int32),
                        num_leaves=leaf_count, max_depth=max_depth)
+
+
+def _check_parents(parents, idx):
+    """The tree conditions on the host (CPU tensors): node 0 the root, every other node padding (-2) or a child of a
+    used node of smaller index."""
+    parents = parents.long()
+    root_ok = parents[:, 0] == -1
+    rest = parents[:, 1:]
+    in_range = (rest == -2) | ((rest >= 0) & (rest < idx[1:]))
+    parent_used = torch.gather(parents, 1, rest.clamp(0, parents.shape[1] - 1)) != -2
+    ok = torch.cat([root_ok[:, None], in_range & ((rest == -2) | parent_used)], 1)
+    if not bool(ok.all()):
+        b, i = (int(v) for v in (~ok).nonzero()[0])
+        raise ValueError(f"build_tree: parents[{b}, {i}] = {int(parents[b, i])} is not a valid parent: node 0 must "
+                         f"be the root (-1), node i > 0 padding (-2) or a child of a used node of smaller index "
+                         f"(0 <= parent < i)")
 
 
 @dataclass
@@ -180,10 +208,11 @@ def static_tree(choices):
         raise ValueError("static_tree: choices must be a non-empty list of tuples of ranks, got an empty list")
     normalised = []
     for choice in choices:
+        given = choice
         choice = tuple(choice) if isinstance(choice, (tuple, list)) else None
-        if not choice or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in choice):
-            raise ValueError(f"static_tree: each choice must be a non-empty tuple of ranks >= 0, got {choice!r}")
-        normalised.append(choice)
+        if not choice or not all(is_int(r) and r >= 0 for r in choice):
+            raise ValueError(f"static_tree: each choice must be a non-empty tuple of ranks >= 0, got {given!r}")
+        normalised.append(tuple(int(r) for r in choice))
     if len(set(normalised)) != len(normalised):
         raise ValueError("static_tree: choices contain a duplicate")
     ordered = sorted(normalised, key=lambda c: (len(c), c))
@@ -223,13 +252,16 @@ def dynamic_tree(root_tokens, head_logprobs, head_tokens, max_nodes, topk=None):
         raise ValueError(f"{name}: head_logprobs and head_tokens must both be (B, K, k), got "
                          f"{tuple(head_logprobs.shape)} and {tuple(head_tokens.shape)}")
     B, K, k = head_logprobs.shape
+    if K == 0 or k == 0:
+        raise ValueError(f"{name}: head_logprobs must have at least one head and one token per head (B, K >= 1, "
+                         f"k >= 1), got {tuple(head_logprobs.shape)}")
     if root_tokens.shape != (B,):
         raise ValueError(f"{name}: root_tokens must be ({B},), got {tuple(root_tokens.shape)}")
     topk = k if topk is None else topk
-    if not isinstance(topk, int) or not 1 <= topk <= k:
+    if not is_int(topk) or not 1 <= topk <= k:
         raise ValueError(f"{name}: topk must be an int in [1, {k}], got {topk!r}")
     universe = topk + (K - 1) * topk * topk
-    if not isinstance(max_nodes, int) or not 2 <= max_nodes <= universe + 1:
+    if not is_int(max_nodes) or not 2 <= max_nodes <= universe + 1:
         raise ValueError(f"{name}: max_nodes must be an int in [2, 1 + {universe}] (K={K}, topk={topk}), got "
                          f"{max_nodes!r}")
     logprobs = head_logprobs.float().clamp(max=0.0)

@@ -2,7 +2,10 @@
 
 from dataclasses import asdict, dataclass, fields
 
+from .._checks import is_finite_number, is_int, require_bool, require_number
+
 ATTENTION_KINDS = ("softmax", "lssa", "lssar", "plga")
+_MAX_FLOAT32 = (2 - 2 ** -23) * 2.0 ** 127
 
 
 @dataclass
@@ -42,27 +45,39 @@ class KestrelConfig:
 
     def __post_init__(self):
         name = "KestrelConfig"
-        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name}: {key} must be a positive int, got {value!r}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        positive = ["vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "n_kv_heads", "plga_a_dff",
+                    "plga_num_dense", "num_codes", "codebook_k"] + ([] if self.d_ff is None else ["d_ff"])
+        for key in positive + ["num_draft_heads", "plga_num_reslayer"]:
+            value = getattr(self, key)
+            if not is_int(value):
+                raise TypeError(f"{name}: {key} must be an int, got {type(value).__name__} {value!r}")
+            if value < (1 if key in positive else 0):
+                raise ValueError(f"{name}: {key} must be {'a positive int' if key in positive else 'an int >= 0'}, "
+                                 f"got {value!r}")
+        for key in ("codebook_attn", "codebook_mlp", "stable_embedding", "tie_embeddings"):
+            require_bool(name, key, getattr(self, key))
+        for key in ("rope_base", "norm_eps", "lssar_p", "softplus_eps"):
+            value = getattr(self, key)
+            require_number(name, key, value)
+            if not (is_finite_number(value) and value > 0):
+                raise ValueError(f"{name}: {key} must be a finite number > 0, got {value!r}")
+        if self.lssar_p > _MAX_FLOAT32:  # the power is applied in float32
+            raise ValueError(f"{name}: lssar_p must be at most {_MAX_FLOAT32:.4g}, got {self.lssar_p!r}")
+        if self.codebook_k > self.num_codes:
+            raise ValueError(f"{name}: codebook_k must be in [1, num_codes={self.num_codes}], got {self.codebook_k}")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"{name}: attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
         if self.d_model % self.n_heads != 0:
             raise ValueError(f"{name}: d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
-        if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads != 0:
+        if self.n_heads % self.n_kv_heads != 0:
             raise ValueError(f"{name}: n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
                              f"({self.n_kv_heads})")
         if self.head_dim % 2 != 0:
             raise ValueError(f"{name}: the head dim d_model / n_heads must be even for RoPE, got {self.head_dim}")
-        if self.num_draft_heads < 0:
-            raise ValueError(f"{name}: num_draft_heads must be >= 0, got {self.num_draft_heads}")
         if self.d_ff is None:
             self.d_ff = (8 * self.d_model // 3 + 31) // 32 * 32
-        if self.attention == "lssar" and not self.lssar_p > 0:
-            raise ValueError(f"{name}: lssar_p must be > 0, got {self.lssar_p}")
 
     @property
     def head_dim(self):

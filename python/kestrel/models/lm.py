@@ -113,6 +113,10 @@ class _Plan:
                 self.prefix_lens = cache.seqlens.to(torch.int32)
                 self.self_bits = torch.ones((B, 1, 1), dtype=torch.int32, device=device)  # used when L == 1
                 self.visible = (keys[None, None, :] <= slots[:, :, None])[:, None]  # (B, 1, L, Lk)
+        if cache is not None:
+            # (B, 1, Lk, 1): keys some row of this forward sees; the others (stale tree rows, a shorter sequence's
+            # tail) may hold anything, and a masked score alone still multiplies their values by 0
+            self.key_seen = self.visible.any(dim=2)[..., None]
         self.positions = positions  # (B, L) absolute token positions (tree nodes: len + depth)
         self.cos, self.sin = rope_tables(positions, config.head_dim, config.rope_base)
 
@@ -198,7 +202,9 @@ class Attention(nn.Module):
                 if tree_attention is not None:
                     k_cache, v_cache = plan.cache.k[self.layer_index], plan.cache.v[self.layer_index]
                     return tree_attention(q, k_cache, v_cache, plan.prefix_lens, plan.tree_mask_bits)
+                k, v = _seen_keys(k, v, plan)
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=plan.visible, enable_gqa=gqa)
+            k, v = _seen_keys(k, v, plan)
             if kind in ("lssa", "lssar"):
                 return masked_softplus_attention(q, k, v, plan.visible, reweight_p, config.softplus_eps)
             G = self._plga_G(q, plan)
@@ -210,11 +216,18 @@ class Attention(nn.Module):
             if tree_attention is not None:  # one-token decode: a one-node tree (the prefix and the token itself)
                 k_cache, v_cache = plan.cache.k[self.layer_index], plan.cache.v[self.layer_index]
                 return tree_attention(q, k_cache, v_cache, plan.prefix_lens, plan.self_bits)
+            k, v = _seen_keys(k, v, plan)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=plan.visible, enable_gqa=gqa)
         if kind in ("lssa", "lssar"):
             return softplus_attention(q, k, v, causal=True, reweight_p=reweight_p, eps=config.softplus_eps,
                                       cache_seqlens=plan.key_lens)
         return plga_attention(q, k, v, self._plga_G(q, plan), causal=True, cache_seqlens=plan.key_lens)
+
+
+def _seen_keys(k, v, plan):
+    """k and v with the cache rows no row of this forward sees replaced by zeros (selected, not multiplied)."""
+    zero = torch.zeros((), dtype=k.dtype, device=k.device)
+    return torch.where(plan.key_seen, k, zero), torch.where(plan.key_seen, v, zero)
 
 
 def _tree_attention_op(q):
@@ -355,7 +368,12 @@ class KestrelLM(nn.Module):
         if plan.valid is not None:  # padding rows may hold any id (e.g. -1): embed a valid one, never read
             input_ids = torch.where(plan.valid, input_ids, torch.zeros((), dtype=input_ids.dtype,
                                                                        device=input_ids.device))
-        x = self.embed(input_ids)
+        try:  # before anything is written to the cache; no read when the ids are valid
+            x = self.embed(input_ids)
+        except IndexError as error:  # the CPU lookup's "index out of range in self" (a GPU asserts instead)
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            raise ValueError(f"KestrelLM: input_ids must hold token ids in [0, vocab_size={self.config.vocab_size}), "
+                             f"got {lo if lo < 0 else hi}") from error
         for block in self.layers:
             x = block(x, plan)
         hidden = self.norm(x)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import is_finite_number, require_bool, require_int
 from ..ops.vq_topk import METRICS, vq_topk
 
 
@@ -83,11 +84,15 @@ class CodebookLayer(nn.Module):
             raise ValueError(f"{name}: metric must be one of {METRICS}, got {metric!r}")
         if reduce not in ("mean", "sum"):
             raise ValueError(f"{name}: reduce must be 'mean' or 'sum', got {reduce!r}")
-        for label, value in (("dim", dim), ("num_codes", num_codes), ("heads", heads)):
-            if not isinstance(value, int) or value < 1:
+        for label, value in (("dim", dim), ("num_codes", num_codes), ("heads", heads), ("recent_size", recent_size)):
+            require_int(name, label, value)
+            if value < 1:
                 raise ValueError(f"{name}: {label} must be a positive integer, got {value!r}")
-        if not isinstance(k, int) or not 1 <= k <= num_codes:
+        require_int(name, "k", k)
+        if not 1 <= k <= num_codes:
             raise ValueError(f"{name}: k must be an integer in [1, num_codes={num_codes}], got {k!r}")
+        require_bool(name, "layernorm", layernorm)
+        require_bool(name, "sparse_grad", sparse_grad)
         self.dim, self.num_codes, self.k, self.heads = dim, num_codes, k, heads
         self.metric, self.layernorm, self.reduce, self.sparse_grad = metric, layernorm, reduce, sparse_grad
         shape = (num_codes, dim) if heads == 1 else (heads, num_codes, dim)
@@ -110,14 +115,26 @@ class CodebookLayer(nn.Module):
         return self.codebook if self.heads > 1 else self.codebook[None]
 
     def _split(self, x):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0:
+            raise TypeError(f"CodebookLayer: the input must be a float tensor (..., heads * dim), got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
         if x.shape[-1] != self.heads * self.dim:
             raise ValueError(f"CodebookLayer: the input's last dimension must be heads * dim = "
                              f"{self.heads * self.dim}, got {x.shape[-1]}")
         xh = x.reshape(-1, self.heads, self.dim)
         return F.layer_norm(xh, (self.dim,)) if self.layernorm else xh
 
+    @staticmethod
+    def _integer_ids(name, label, values):
+        """values (an int, a sequence of ints or an integer tensor) as an int64 tensor; floats and bools are refused
+        rather than truncated."""
+        ids = torch.as_tensor(values)
+        if ids.numel() and (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool):
+            raise TypeError(f"{name}: {label} must be integers, got {ids.dtype} values")
+        return ids.to(torch.int64)
+
     def _code_ids(self, codes):
-        ids = torch.as_tensor(codes, dtype=torch.int64, device=self.codebook.device)
+        ids = self._integer_ids("CodebookLayer.force", "codes", codes).to(self.codebook.device)
         if ids.dim() == 0:
             ids = ids[None]
         if ids.dim() == 1:
@@ -133,10 +150,12 @@ class CodebookLayer(nn.Module):
     # interventions ----------------------------------------------------------------------------------------------
     def ban(self, codes, head=None):
         """Exclude `codes` (ints) from the selection, in every head or in `head` only."""
-        ids = torch.as_tensor(codes, dtype=torch.int64).reshape(-1)
+        ids = self._integer_ids("CodebookLayer.ban", "codes", codes).reshape(-1)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_codes):
             raise ValueError(f"CodebookLayer.ban: codes must lie in [0, num_codes={self.num_codes}), got "
                              f"{ids.tolist()}")
+        if head is not None:
+            require_int("CodebookLayer.ban", "head", head)
         if head is not None and not 0 <= head < self.heads:
             raise ValueError(f"CodebookLayer.ban: head must lie in [0, heads={self.heads}), got {head}")
         banned = self.banned.clone() if self.banned is not None else torch.zeros(
@@ -153,8 +172,11 @@ class CodebookLayer(nn.Module):
         ids = self._code_ids(codes)
         if ids.shape[1] != self.k:
             raise ValueError(f"CodebookLayer.force: give k={self.k} codes per head, got {ids.shape[1]}")
-        for position in ([None] if positions is None else list(positions)):
-            self.forced[position if position is None else int(position)] = ids
+        if positions is None:
+            self.forced[None] = ids
+            return
+        for position in self._integer_ids("CodebookLayer.force", "positions", positions).reshape(-1).tolist():
+            self.forced[position] = ids
 
     def clear_interventions(self):
         self.banned = None
@@ -219,6 +241,8 @@ class CodebookLayer(nn.Module):
         """Re-initialise every code unused since the last reset from randomly chosen recent inputs plus Gaussian
         noise of `noise` times their standard deviation; reset the counts. Returns the number replaced per head
         (heads,). Needs recent inputs (a forward in training mode)."""
+        if not (is_finite_number(noise) and noise >= 0):
+            raise ValueError(f"CodebookLayer.replace_dead_codes: noise must be a finite number >= 0, got {noise!r}")
         if self._recent_filled == 0:
             raise RuntimeError("CodebookLayer.replace_dead_codes: no recent inputs yet (run forward in training "
                                "mode first)")
@@ -245,13 +269,25 @@ class CodebookLayer(nn.Module):
         samples: cheaper for very large codebooks). Assignment: the fused top-1 kernel (cosine for the cosine metric, l2
         otherwise); update: the mean of each cluster (scatter-add); an empty cluster takes a random sample of its
         head. Returns the final mean squared distance to the nearest centre per head (heads,)."""
+        name = "CodebookLayer.kmeans_init"
         if seeding not in ("kmeans++", "random"):
-            raise ValueError(f"CodebookLayer.kmeans_init: seeding must be 'kmeans++' or 'random', got {seeding!r}")
+            raise ValueError(f"{name}: seeding must be 'kmeans++' or 'random', got {seeding!r}")
+        require_int(name, "iters", iters)
+        if iters < 1:
+            raise ValueError(f"{name}: iters must be >= 1, got {iters}")
+        if not isinstance(samples, torch.Tensor) or not samples.is_floating_point():
+            raise TypeError(f"{name}: samples must be a float tensor (..., heads * dim), got "
+                            f"{getattr(samples, 'dtype', type(samples).__name__)}")
         xh = self._split(samples.to(self.codebook.device)).transpose(0, 1).float().contiguous()  # (H, M, dim)
+        # one host read, once, before the codebook changes: a NaN or inf sample makes its cluster's centre NaN
+        bad = ~torch.isfinite(xh)
+        if bool(bad.any()):
+            raise ValueError(f"{name}: samples must be finite in float32, got {int(bad.sum())} NaN/inf values "
+                             f"among {xh.numel()}")
         H, M, dim = xh.shape
         C = self.num_codes
         if M < C:
-            raise ValueError(f"CodebookLayer.kmeans_init: needs at least num_codes={C} samples, got {M}")
+            raise ValueError(f"{name}: needs at least num_codes={C} samples, got {M}")
         metric = "cosine" if self.metric == "cosine" else "l2"
         centres = self._seed(xh, C, seeding, generator)
         offsets = torch.arange(H, device=xh.device)[:, None] * C

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import is_finite_number, require_int, require_number
 from ..ops.kv_bottleneck import kv_bottleneck_lookup
 from ..ops.vq_topk import vq_topk
 
@@ -38,16 +39,27 @@ class DiscreteKeyValueBottleneck(nn.Module):
         name = "DiscreteKeyValueBottleneck"
         if decoder not in DECODERS:
             raise ValueError(f"{name}: decoder must be one of {DECODERS}, got {decoder!r}")
-        for label, value in (("dim_in", dim_in), ("num_codebooks", num_codebooks), ("num_pairs", num_pairs),
-                             ("dim_key", dim_key), ("dim_value", dim_value)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: {label} must be a positive integer, got {value!r}")
-        if not isinstance(topk, int) or not 1 <= topk <= num_pairs:
-            raise ValueError(f"{name}: topk must be an integer in [1, num_pairs={num_pairs}], got {topk!r}")
-        if not 0.0 < ema_decay < 1.0:
-            raise ValueError(f"{name}: ema_decay must lie in (0, 1), got {ema_decay}")
+        sizes = [("dim_in", dim_in), ("num_codebooks", num_codebooks), ("num_pairs", num_pairs),
+                 ("dim_key", dim_key), ("dim_value", dim_value)]
         if decoder != "vote" and dim_out is None:
             raise ValueError(f"{name}: decoder={decoder!r} needs dim_out (the task's output size)")
+        if decoder != "vote":
+            sizes.append(("dim_out", dim_out))
+        if decoder == "mlp":
+            sizes.append(("hidden", hidden))
+        for label, value in sizes:
+            require_int(name, label, value)
+            if value < 1:
+                raise ValueError(f"{name}: {label} must be a positive integer, got {value!r}")
+        require_int(name, "topk", topk)
+        if not 1 <= topk <= num_pairs:
+            raise ValueError(f"{name}: topk must be an integer in [1, num_pairs={num_pairs}], got {topk!r}")
+        require_number(name, "ema_decay", ema_decay)
+        if not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"{name}: ema_decay must lie in (0, 1), got {ema_decay}")
+        require_number(name, "dead_threshold", dead_threshold)
+        if not (is_finite_number(dead_threshold) and dead_threshold >= 0):
+            raise ValueError(f"{name}: dead_threshold must be a finite number >= 0, got {dead_threshold!r}")
         self.dim_in, self.num_codebooks, self.num_pairs = dim_in, num_codebooks, num_pairs
         self.dim_key, self.dim_value, self.topk = dim_key, dim_value, topk
         self.decoder_kind, self.ema_decay, self.dead_threshold = decoder, ema_decay, dead_threshold
@@ -75,6 +87,9 @@ class DiscreteKeyValueBottleneck(nn.Module):
                 f"decoder={self.decoder_kind!r}")
 
     def project(self, z):
+        if not isinstance(z, torch.Tensor) or not z.is_floating_point():
+            raise TypeError(f"DiscreteKeyValueBottleneck: z must be a float tensor (B, dim_in={self.dim_in}), got "
+                            f"{getattr(z, 'dtype', type(z).__name__)}")
         if z.dim() != 2 or z.shape[1] != self.dim_in:
             raise ValueError(f"DiscreteKeyValueBottleneck: z must be (B, dim_in={self.dim_in}), got "
                              f"{tuple(z.shape)}")
@@ -98,9 +113,16 @@ class DiscreteKeyValueBottleneck(nn.Module):
         nearest key, decay the per-key counts and sums by ema_decay and add the batch's, set each key to its
         (Laplace-smoothed) mean, and re-seed keys whose EMA count fell under dead_threshold from random batch rows.
         Returns the number of re-seeded keys."""
+        name = "DiscreteKeyValueBottleneck.update_keys"
         if bool(self.keys_frozen):
-            raise RuntimeError("DiscreteKeyValueBottleneck.update_keys: the keys are frozen")
+            raise RuntimeError(f"{name}: the keys are frozen")
         zp = self.project(z).float().transpose(0, 1).contiguous()  # (C, B, dk)
+        if zp.shape[1] == 0:
+            raise ValueError(f"{name}: z must hold at least one row, got shape {tuple(z.shape)}")
+        # checked on the CPU only (on a GPU it would be a host sync per step): a NaN row would make the EMA
+        # statistics, and so every later key, NaN
+        if not zp.is_cuda and not bool(torch.isfinite(zp).all()):
+            raise ValueError(f"{name}: z must be finite (its projection holds NaN/inf)")
         C, B, dk = zp.shape
         P = self.num_pairs
         _, ids = vq_topk(zp, self.keys.float(), 1, metric="l2")

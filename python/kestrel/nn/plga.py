@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import is_finite_number, require_bool, require_int, require_number
 from ..ops.plga_attention import plga_attention
 
 
@@ -120,9 +121,22 @@ class PowerLawGraphAttention(nn.Module):
     def __init__(self, d_model, num_heads, A_dff=170, num_reslayerA=8, num_denseA=2, *, use_g_cache=True, G=None,
                  rope_base=10000.0, device=None, dtype=None):
         super().__init__()
+        name = "PowerLawGraphAttention"
+        for label, value, low in (("d_model", d_model, 1), ("num_heads", num_heads, 1), ("A_dff", A_dff, 1),
+                                  ("num_reslayerA", num_reslayerA, 0), ("num_denseA", num_denseA, 1)):
+            require_int(name, label, value)
+            if value < low:
+                raise ValueError(f"{name}: {label} must be >= {low}, got {value}")
+        require_bool(name, "use_g_cache", use_g_cache)
+        require_number(name, "rope_base", rope_base)
+        if not (is_finite_number(rope_base) and rope_base > 0):
+            raise ValueError(f"{name}: rope_base must be a finite number > 0, got {rope_base!r}")
         if d_model % num_heads != 0:
             raise ValueError(f"PowerLawGraphAttention: d_model ({d_model}) must be a multiple of num_heads "
                              f"({num_heads})")
+        if (d_model // num_heads) % 2 != 0:  # RoPE rotates pairs of features
+            raise ValueError(f"{name}: the head dim d_model / num_heads must be even for RoPE, got "
+                             f"{d_model // num_heads} (d_model={d_model}, num_heads={num_heads})")
         self.d_model, self.num_heads = d_model, num_heads
         self.depth = d_model // num_heads
         self.use_g_cache, self.rope_base = use_g_cache, rope_base
@@ -142,6 +156,9 @@ class PowerLawGraphAttention(nn.Module):
                 if G != "identity":
                     raise ValueError(f"PowerLawGraphAttention: G must be None, 'identity' or a tensor, got {G!r}")
                 G = torch.eye(self.depth, device=device).expand(num_heads, self.depth, self.depth).clone()
+            if not isinstance(G, torch.Tensor) or not G.is_floating_point():
+                raise TypeError(f"{name}: G must be None, 'identity' or a float tensor (num_heads, d, d), got "
+                                f"{getattr(G, 'dtype', type(G).__name__)}")
             if tuple(G.shape) != (num_heads, self.depth, self.depth):
                 raise ValueError(f"PowerLawGraphAttention: a predefined G must be (num_heads={num_heads}, "
                                  f"d={self.depth}, d={self.depth}), got {tuple(G.shape)}")
@@ -160,6 +177,12 @@ class PowerLawGraphAttention(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"PowerLawGraphAttention: x must be (B, L, {self.d_model}), got {tuple(x.shape)}")
         B, L, _ = x.shape
+        if cache is not None:
+            if not isinstance(cache, PLGACache):
+                raise TypeError(f"PowerLawGraphAttention: cache must be None or the PLGACache a previous call "
+                                f"returned, got {type(cache).__name__}")
+            if cache.k.shape[0] != B:
+                raise ValueError(f"PowerLawGraphAttention: the cache holds {cache.k.shape[0]} sequences, x has {B}")
         start = 0 if cache is None else cache.length
         positions = torch.arange(start, start + L, device=x.device)
         split = lambda t: t.view(B, L, self.num_heads, self.depth)  # noqa: E731

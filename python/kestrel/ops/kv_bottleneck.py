@@ -14,6 +14,7 @@ z_proj (DKVB's encoder is frozen), so both get no gradient.
 
 import torch
 
+from .._checks import is_int
 from .vq_topk import _code_terms, ranked_topk
 
 
@@ -36,13 +37,19 @@ def _check(z_proj, keys, values, k):
         raise ValueError(f"{name}: values must be (C, P, dv) = ({keys.shape[0]}, {keys.shape[1]}, dv) like keys, "
                          f"got {tuple(values.shape)}")
     P = keys.shape[1]
-    if not isinstance(k, int) or not 1 <= k <= P:
+    if not is_int(k):
+        raise TypeError(f"{name}: k must be an int, got {type(k).__name__} {k!r}")
+    if not 1 <= k <= P:
         raise ValueError(f"{name}: k must be an integer in [1, P={P}], got {k!r}")
 
 
 @torch.library.custom_op("kestrel::kv_bottleneck_lookup", mutates_args=())
 def _lookup_op(z_proj: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    B, C = z_proj.shape[:2]
+    if B == 0 or C == 0:  # an empty result, and no empty grid launched
+        return (values.new_zeros((B, C, values.shape[-1])),
+                torch.zeros((B, C, k), dtype=torch.int64, device=z_proj.device))
     x = z_proj.transpose(0, 1)  # (C, B, dk): one "head" per codebook
     scale, bias = _code_terms(keys, "l2", None)
     _, ids, out = ranked_topk(x, keys, scale, bias, k, values=values)  # (C, B, k), (C, B, dv)
@@ -62,7 +69,7 @@ def _values_grad_op(grad_out: torch.Tensor, ids: torch.Tensor, num_pairs: int) -
     dv = grad_out.shape[-1]
     acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
     flat = (ids + torch.arange(C, device=ids.device)[None, :, None] * num_pairs).reshape(-1)
-    src = (grad_out.to(acc) / k)[:, :, None, :].expand(B, C, k, dv).reshape(-1, dv)
+    src = (grad_out.to(acc) / k)[:, :, None, :].expand(B, C, k, dv).reshape(B * C * k, dv)
     grad = torch.zeros((C * num_pairs, dv), dtype=acc, device=grad_out.device).index_add_(0, flat, src)
     return grad.view(C, num_pairs, dv).to(grad_out.dtype)
 

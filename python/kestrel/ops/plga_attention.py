@@ -3,7 +3,8 @@
 `plga_attention(q, k, v, G, *, causal=True, cache_seqlens=None)` = softmax((q·G)·kᵀ/√d)·v with G of shape
 (B or 1, Hq, d, d) multiplying the query (after RoPE) on the query side, q (B, Hq, Lq, d), k and v (B, Hkv, Lk, d),
 Hq a multiple of Hkv (GQA: G belongs to the query heads). Decode: Lq < Lk puts the rows at the end of the keys
-(cache_seqlens (B,) gives each sequence its own number of valid keys).
+(cache_seqlens (B,) gives each sequence its own number of valid keys; the rows past it are never read into the
+output or the gradients, whatever they hold).
 
 The kernel plan the spec allows ("a GEMM then flash attention"): q' = q·G as one batched matrix product in float32
 (2·L·d² FLOPs per head, a few % of the attention), cast back to q's dtype, then PyTorch's fused
@@ -15,6 +16,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from ..reference.attention import unused_keys_zeroed
 
 
 def _check(q, k, v, G, cache_seqlens):
@@ -28,6 +31,8 @@ def _check(q, k, v, G, cache_seqlens):
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"{name}: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     B, Hq, Lq, d = q.shape
+    if d == 0:
+        raise ValueError(f"{name}: the head dim d must be >= 1 (q.shape[-1]), got q of shape {tuple(q.shape)}")
     if k.shape != v.shape or k.shape[0] != B or k.shape[3] != d:
         raise ValueError(f"{name}: k and v must both be (B={B}, Hkv, Lk, d={d}), got {tuple(k.shape)} and "
                          f"{tuple(v.shape)}")
@@ -39,14 +44,21 @@ def _check(q, k, v, G, cache_seqlens):
     if not isinstance(G, torch.Tensor) or G.dim() != 4 or G.shape[0] not in (1, B) or G.shape[1:] != (Hq, d, d):
         raise ValueError(f"{name}: G must be (B={B} or 1, Hq={Hq}, d={d}, d={d}), got "
                          f"{tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__}")
+    if not G.is_floating_point():
+        raise TypeError(f"{name}: G must be a floating-point tensor, got {G.dtype}")
     if G.device != q.device or k.device != q.device or v.device != q.device:
-        raise ValueError(f"{name}: q, k, v and G must be on one device")
+        raise ValueError(f"{name}: q, k, v and G must be on one device, got {q.device}, {k.device}, {v.device}, "
+                         f"{G.device}")
     if cache_seqlens is not None:
-        if cache_seqlens.shape != (B,):
-            raise ValueError(f"{name}: cache_seqlens must have shape ({B},), got {tuple(cache_seqlens.shape)}")
-        # the values are checked on the CPU only: on a GPU reading them would be a host sync each decoding step
-        # (there the lengths are clamped to [Lq, Lk] on the device, so a bad length cannot read past the keys)
-        if not cache_seqlens.is_cuda and not torch.compiler.is_compiling():
+        if not isinstance(cache_seqlens, torch.Tensor):
+            raise TypeError(f"{name}: cache_seqlens must be None or an int32/int64 tensor of shape ({B},), got "
+                            f"{type(cache_seqlens).__name__}")
+        if cache_seqlens.shape != (B,) or cache_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name}: cache_seqlens must be an int32/int64 tensor of shape ({B},), got "
+                             f"{cache_seqlens.dtype} of shape {tuple(cache_seqlens.shape)}")
+        # the values are checked unless lengths and q are both on a GPU, where reading them would be a host sync
+        # each decoding step (there they are clamped to [Lq, Lk] on the device: a bad length cannot read past the keys)
+        if B > 0 and not (cache_seqlens.is_cuda and q.is_cuda) and not torch.compiler.is_compiling():
             lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
             if lo < Lq or hi > Lk:
                 raise ValueError(f"{name}: cache_seqlens must lie in [Lq={Lq}, Lk={Lk}], got values in [{lo}, {hi}]")
@@ -78,6 +90,8 @@ def plga_attention(q, k, v, G, *, causal=True, cache_seqlens=None):
     if cache_seqlens is not None and q.is_cuda:
         cache_seqlens = cache_seqlens.to(q.device).clamp(Lq, Lk)  # unchecked there: no host sync
     mask = _mask(B, Lq, Lk, causal, cache_seqlens, q.device)
+    if cache_seqlens is not None:  # rows past a length may hold NaN/inf: a -inf score alone would still give 0 * NaN
+        k, v = unused_keys_zeroed(k, v, cache_seqlens)
     if Hq != Hkv:
         group = Hq // Hkv
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)

@@ -13,9 +13,11 @@ twice for its row reduction); on the CPU, autograd through the PyTorch formulati
 
 import torch
 
+from .._checks import is_finite_number, is_number
 from ..reference import attention as _ref
 
 KERNEL_HEAD_DIMS = (64, 128)
+MAX_REWEIGHT_P = torch.finfo(torch.float32).max  # the power is applied in float32: a larger one overflows to inf
 
 
 def _check(q, k, v, reweight_p, eps, cache_seqlens):
@@ -32,6 +34,8 @@ def _check(q, k, v, reweight_p, eps, cache_seqlens):
     if not (q.device == k.device == v.device):
         raise ValueError(f"{name}: q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
     B, Hq, Lq, D = q.shape
+    if D == 0:
+        raise ValueError(f"{name}: the head dim D must be >= 1 (q.shape[-1]), got q of shape {tuple(q.shape)}")
     if k.shape != v.shape:
         raise ValueError(f"{name}: k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[0] != B or k.shape[3] != D:
@@ -42,17 +46,27 @@ def _check(q, k, v, reweight_p, eps, cache_seqlens):
     if Lq > Lk:
         raise ValueError(f"{name}: more query rows ({Lq}) than keys ({Lk}); decode puts the rows at the end of the "
                          "keys")
-    if reweight_p is not None and not (isinstance(reweight_p, (int, float)) and reweight_p > 0):
-        raise ValueError(f"{name}: reweight_p must be None (LSSA) or a positive number (LSSAR), got {reweight_p!r}")
-    if not eps > 0:
-        raise ValueError(f"{name}: eps must be > 0, got {eps}")
+    if reweight_p is not None:
+        if not is_number(reweight_p):
+            raise TypeError(f"{name}: reweight_p must be None (LSSA) or a number (LSSAR), got "
+                            f"{type(reweight_p).__name__} {reweight_p!r}")
+        if not (is_finite_number(reweight_p) and 0 < reweight_p <= MAX_REWEIGHT_P):
+            raise ValueError(f"{name}: reweight_p must be None (LSSA) or a finite positive number up to "
+                             f"{MAX_REWEIGHT_P:.4g} (LSSAR), got {reweight_p!r}")
+    if not is_number(eps):
+        raise TypeError(f"{name}: eps must be a number, got {type(eps).__name__} {eps!r}")
+    if not (is_finite_number(eps) and eps > 0):
+        raise ValueError(f"{name}: eps must be a finite number > 0, got {eps!r}")
     if cache_seqlens is not None:
+        if not isinstance(cache_seqlens, torch.Tensor):
+            raise TypeError(f"{name}: cache_seqlens must be None or an int32/int64 tensor of shape ({B},), got "
+                            f"{type(cache_seqlens).__name__}")
         if cache_seqlens.shape != (B,) or cache_seqlens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{name}: cache_seqlens must be an int32/int64 tensor of shape ({B},), got "
                              f"{cache_seqlens.dtype} of shape {tuple(cache_seqlens.shape)}")
-        # the values are checked on the CPU only: on a GPU reading them would be a host sync each decoding step
-        # (there the lengths are clamped to [Lq, Lk] on the device, so a bad length cannot read past the keys)
-        if not cache_seqlens.is_cuda and not torch.compiler.is_compiling():
+        # the values are checked unless lengths and q are both on a GPU, where reading them would be a host sync
+        # each decoding step (there they are clamped to [Lq, Lk] on the device: a bad length cannot read past the keys)
+        if B > 0 and not (cache_seqlens.is_cuda and q.is_cuda) and not torch.compiler.is_compiling():
             lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
             if lo < Lq or hi > Lk:
                 raise ValueError(f"{name}: cache_seqlens must lie in [Lq={Lq}, Lk={Lk}], got values in [{lo}, {hi}]")
@@ -96,6 +110,8 @@ def _backward(ctx, grad_out, _grad_s):
         dq, dk, dv = softplus_attention_backward(q, k, v, out, stats, grad_out, causal,
                                                  reweight_p if reweight_p > 0 else None, eps, cache_seqlens)
         return dq, dk, dv, None, None, None, None
+    if grad_out.numel() == 0:  # no query rows (B, Hq or Lq is 0): nothing to differentiate, no graph to recompute
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None, None
     # the CPU path: autograd through the float32 PyTorch formulation, recomputed
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]

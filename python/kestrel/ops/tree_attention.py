@@ -29,6 +29,8 @@ import math
 
 import torch
 
+from .._checks import is_number
+
 KERNEL_MAX_HEAD_DIM = 256
 CPU_CHUNK_ELEMENTS = 1 << 22  # scores per CPU step: B x Hq x T x chunk
 
@@ -77,8 +79,10 @@ def _check(q, k_cache, v_cache, cache_seqlens, tree_mask_bits, softmax_scale):
                      ("tree_mask_bits", tree_mask_bits)):
         if t.device != q.device:
             raise ValueError(f"{name}: {label} is on {t.device} but q on {q.device}")
-    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)
-                                          and softmax_scale > 0):
+    if softmax_scale is not None and not is_number(softmax_scale):
+        raise TypeError(f"{name}: softmax_scale must be None or a number, got {type(softmax_scale).__name__} "
+                        f"{softmax_scale!r}")
+    if softmax_scale is not None and not (math.isfinite(softmax_scale) and softmax_scale > 0):
         raise ValueError(f"{name}: softmax_scale must be None or a finite positive number, got {softmax_scale!r}")
     if q.is_cuda:
         if q.dtype == torch.float64:
@@ -149,6 +153,8 @@ def _tree_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
                        tree_mask_bits: torch.Tensor, softmax_scale: float) -> torch.Tensor:
     # an opaque custom op rather than a triton_op: the CPU path reads the lengths on the host, which a traced
     # decomposition could not
+    if q.numel() == 0:  # no sequences or no query heads: an empty result, and no empty grid launched
+        return q.new_empty(q.shape)
     if q.is_cuda:
         from ..kernels.tree_attention import tree_attention_forward
 

@@ -27,6 +27,7 @@ order of every sum is documented in csrc/include/kestrel/tree_verify.h.
 import torch
 
 from .. import _ext
+from .._checks import is_int, is_number, require_number
 
 _TREE_FIELDS = ("first_child", "next_sibling", "max_depth")
 
@@ -103,7 +104,7 @@ def verify_tree_sample(candidates, target_probs, tree, uniform, uniform_final, d
     """
     op = "verify_tree_sample"
     B, T = _check_tree(op, candidates, tree)
-    floats = (torch.float32, torch.float16, torch.bfloat16)
+    floats = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # converted to float32
     device = candidates.device
     if not isinstance(target_probs, torch.Tensor) or target_probs.dim() != 3 or \
             tuple(target_probs.shape[:2]) != (B, T) or target_probs.shape[2] < 1:
@@ -152,34 +153,56 @@ def compact_kv_cache(k_cache, v_cache, cache_seqlens, accept_index):
     torch.ops.kestrel.compact_kv_cache(k_cache, v_cache, cache_seqlens, accept_index)
 
 
+def check_sampling_options(name, temperature, top_k, top_p):
+    """The checks of temperature (a number >= 0, inf allowed), top_k (None or an int >= 1) and top_p (None or a
+    number in (0, 1]), shared by sampling_probs and kestrel.decoding.generate; errors name `name`."""
+    require_number(name, "temperature", temperature)
+    if not temperature >= 0:
+        raise ValueError(f"{name}: temperature must be >= 0, got {temperature}")
+    if top_k is not None:
+        if not is_int(top_k):
+            raise TypeError(f"{name}: top_k must be None or an int >= 1, got {type(top_k).__name__} {top_k!r}")
+        if top_k < 1:
+            raise ValueError(f"{name}: top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None:
+        if not is_number(top_p):
+            raise TypeError(f"{name}: top_p must be None or a number in (0, 1], got {type(top_p).__name__} "
+                            f"{top_p!r}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"{name}: top_p must be None or in (0, 1], got {top_p!r}")
+
+
 def sampling_probs(logits, temperature=1.0, top_k=None, top_p=None):
     """The target distribution p for `verify_tree_sample` (and for plain sampling): float32 (..., V).
 
     temperature 0 gives the one-hot of the argmax (lowest index among equal logits: sampling then equals greedy
     decoding); otherwise softmax(logits / temperature) restricted to, in this order, the top_k largest logits
-    (every token tied with the k-th largest is kept) and the smallest set of most likely tokens whose probability
-    sums to at least top_p (the most likely token always stays; ties in the sort keep the lower index first), then
-    renormalised. temperature, top_k and top_p are Python numbers. Works under torch.compile (no host
-    synchronisation).
+    (every token tied with the k-th largest is kept; top_k >= V keeps all) and the smallest set of most likely
+    tokens whose probability sums to at least top_p (the most likely token always stays; ties in the sort keep the
+    lower index first), then renormalised. The logits are shifted by their row max before the division, so a tiny
+    temperature (down to the smallest float) gives the greedy distribution (split evenly among tied maxima) instead
+    of overflowing, and temperature=inf gives the uniform distribution over the kept tokens. temperature, top_k and
+    top_p are Python numbers. Works under torch.compile (no host synchronisation).
     """
     name = "sampling_probs"
     if not isinstance(logits, torch.Tensor) or logits.dim() < 1 or not logits.is_floating_point():
         raise ValueError(f"{name}: logits must be a float tensor (..., V), got {_shape(logits)}")
-    if not temperature >= 0:
-        raise ValueError(f"{name}: temperature must be >= 0, got {temperature}")
     V = logits.shape[-1]
-    if top_k is not None and (not isinstance(top_k, int) or not 1 <= top_k):
-        raise ValueError(f"{name}: top_k must be None or an int >= 1, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"{name}: top_p must be None or in (0, 1], got {top_p!r}")
+    if V == 0:
+        raise ValueError(f"{name}: logits must have at least one token (V >= 1), got shape {_shape(logits)}")
+    check_sampling_options(name, temperature, top_k, top_p)
     logits = logits.float()
     if temperature == 0:
         return torch.nn.functional.one_hot(logits.argmax(-1), V).float()
-    scaled = logits / temperature
     if top_k is not None and top_k < V:
-        kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    # (logits - max) / temperature only underflows where logits / temperature overflowed to inf (softmax: NaN);
+    # the max stays 0 and masked tokens -inf, even where the division is 0/0 or inf/inf
+    top = logits.amax(-1, keepdim=True)
+    shifted = logits - torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    live = (shifted < 0) & (shifted > float("-inf"))
+    probs = torch.softmax(torch.where(live, shifted / temperature, shifted), dim=-1)
     if top_p is not None and top_p < 1:
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
         before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the more likely tokens

@@ -18,6 +18,8 @@ rule exactly.
 
 import torch
 
+from .._checks import is_int
+
 METRICS = ("l2", "ip", "cosine")
 CPU_CHUNK_ELEMENTS = 1 << 24  # N x chunk scores per CPU step
 
@@ -266,8 +268,13 @@ def _(x, codebook, k, metric, banned, chunk):
 
 
 def vq_topk(x, codebook, k, *, metric="cosine", banned=None, chunk=None):
-    """The k best codes of each row of x; see the module docstring. `chunk` (CPU path) caps the codes per step.
-    Not differentiable: selection only (kestrel.nn.CodebookLayer and kv_bottleneck_lookup carry the gradients)."""
+    """The k best codes of each row of x; see the module docstring. `chunk` (CPU path) caps the codes per step
+    (None or 0: the default). Not differentiable: selection only (kestrel.nn.CodebookLayer and kv_bottleneck_lookup
+    carry the gradients)."""
+    if chunk is not None and not is_int(chunk):
+        raise TypeError(f"vq_topk: chunk must be None or an int, got {type(chunk).__name__} {chunk!r}")
+    if chunk is not None and chunk < 0:
+        raise ValueError(f"vq_topk: chunk must be None, 0 (the default) or a positive int, got {chunk}")
     _check(x, codebook, k, metric, banned)
     squeeze = x.dim() == 2
     xs, cbs = (x[None], codebook[None]) if squeeze else (x, codebook)

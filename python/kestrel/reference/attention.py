@@ -3,7 +3,8 @@ kestrel.ops.softplus_attention (differentiable through autograd) and, in float64
 
 Shapes: q (B, Hq, Lq, D), k and v (B, Hkv, Lk, D), Hq % Hkv == 0. Query row i of sequence b sits at absolute
 position len_b - Lq + i, where len_b is cache_seqlens[b] (the number of valid keys of sequence b) or Lk; keys at
-positions >= len_b are ignored.
+positions >= len_b are ignored, whatever they hold (NaN and inf included: they are replaced by zeros before any
+product).
 """
 
 import math
@@ -28,6 +29,15 @@ def positions_and_counts(B, Lq, Lk, causal, cache_seqlens, device):
     return visible[:, None], counts[:, None, :, None].to(torch.float64)
 
 
+def unused_keys_zeroed(k, v, cache_seqlens):
+    """k and v (B, H, Lk, D) with the rows at positions >= cache_seqlens[b] replaced by zeros (selected, not
+    multiplied: those rows may hold NaN or inf, and 0 * NaN is NaN in the products that follow)."""
+    keys = torch.arange(k.shape[2], device=k.device)
+    valid = (keys[None, :] < cache_seqlens.to(device=k.device, dtype=torch.long)[:, None])[:, None, :, None]
+    return torch.where(valid, k, torch.zeros((), dtype=k.dtype, device=k.device)), \
+        torch.where(valid, v, torch.zeros((), dtype=v.dtype, device=v.device))
+
+
 def softplus_attention(q, k, v, causal=True, reweight_p=None, eps=1e-8, cache_seqlens=None, compute_dtype=None,
                        return_sum=False):
     """out (B, Hq, Lq, D) in q's dtype; the math in compute_dtype (default: float64 for float64 inputs, else
@@ -36,7 +46,12 @@ def softplus_attention(q, k, v, causal=True, reweight_p=None, eps=1e-8, cache_se
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     group = Hq // Hkv
+    if Lk == 0:  # no keys, so no query rows either (Lq <= Lk): an empty result
+        out, s = q.new_zeros(q.shape), torch.zeros((B, Hq, Lq), dtype=torch.float32, device=q.device)
+        return (out, s) if return_sum else out
     qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
+    if cache_seqlens is not None:
+        kf, vf = unused_keys_zeroed(kf, vf, cache_seqlens)
     if group > 1:
         kf, vf = kf.repeat_interleave(group, dim=1), vf.repeat_interleave(group, dim=1)
     qn, kn = F.normalize(qf, dim=-1), F.normalize(kf, dim=-1)
