@@ -164,6 +164,9 @@ def vq_topk_triton(x, codebook, bias, scale, k, groups, block_n=None, block_c=No
     out_s = torch.empty((H, N, K), dtype=torch.float32, device=x.device)
     out_i = torch.empty((H, N, K), dtype=torch.int32, device=x.device)
     gather = values is not None
+    if H == 0 or N == 0:  # nothing to search: no empty grid
+        empty_v = values.new_empty((H, N, values.shape[-1])) if gather else None
+        return (out_s, out_i, empty_v) if gather else (out_s, out_i)
     if gather:
         values = values.contiguous()
         DV = values.shape[-1]

@@ -64,6 +64,24 @@ def test_ties_go_to_the_lower_index():
         assert ids[0].tolist() == [7, 30, 45], metric
 
 
+def test_empty_inputs_and_argument_types():
+    scores, ids = vq_topk(torch.randn(0, 8), torch.randn(10, 8), 3)
+    assert scores.shape == ids.shape == (0, 3)
+    scores, ids = vq_topk(torch.randn(0, 5, 8), torch.randn(0, 10, 8), 3, banned=torch.zeros(0, 10, dtype=torch.bool))
+    assert ids.shape == (0, 5, 3)
+    with pytest.raises(ValueError, match=r"k must be an integer in \[1, C=10\], got True"):
+        vq_topk(torch.randn(4, 8), torch.randn(10, 8), True)
+    with pytest.raises(TypeError, match="banned must be None or a bool tensor of shape \\(10,\\), got list"):
+        vq_topk(torch.randn(4, 8), torch.randn(10, 8), 2, banned=[False] * 10)
+    if HAVE_TRITON:
+        from kestrel.kernels.vq_topk import vq_topk_triton
+
+        cb = torch.randn(2, 10, 8)
+        scale, bias = _code_terms(cb, "l2", None)
+        ranked, ids = vq_topk_triton(torch.randn(2, 0, 8), cb, bias, scale, 3, groups(cb))
+        assert ranked.shape == (2, 0, 4)
+
+
 def test_duplicate_groups_compare_values_not_bits():
     cb = torch.randn(1, 9, 4, generator=torch.Generator().manual_seed(2))
     cb[0, 4] = cb[0, 1]

@@ -42,17 +42,20 @@ def _check(x, codebook, k, metric, banned):
     if codebook.shape[-1] != x.shape[-1] or (x.dim() == 3 and codebook.shape[0] != x.shape[0]):
         raise ValueError(f"{name}: x {tuple(x.shape)} and codebook {tuple(codebook.shape)} must share d (and H)")
     C = codebook.shape[-2]
-    if not isinstance(k, int) or not 1 <= k <= C:
+    if not is_int(k) or not 1 <= k <= C:
         raise ValueError(f"{name}: k must be an integer in [1, C={C}], got {k!r}")
     if banned is not None:
         expected = tuple(codebook.shape[:-1])
+        if not isinstance(banned, torch.Tensor):
+            raise TypeError(f"{name}: banned must be None or a bool tensor of shape {expected}, got "
+                            f"{type(banned).__name__}")
         if banned.dtype != torch.bool or tuple(banned.shape) != expected:
             raise ValueError(f"{name}: banned must be a bool tensor of shape {expected}, got {banned.dtype} of "
                              f"shape {tuple(banned.shape)}")
         if banned.device != codebook.device:
             raise ValueError(f"{name}: banned is on {banned.device} but codebook on {codebook.device}")
         # a host read: done on the CPU only (on a GPU it would sync each call), never inside compiled graphs
-        if not banned.is_cuda and not torch.compiler.is_compiling():
+        if not banned.is_cuda and not torch.compiler.is_compiling() and banned.numel() > 0:
             allowed = int((~banned).sum(-1).min())
             if allowed < k:
                 raise ValueError(f"{name}: banned leaves {allowed} codes, fewer than k={k}")
