@@ -11,6 +11,13 @@ from hypothesis import strategies as st
 _LOG = os.environ.get("KESTREL_FUZZ_LOG")
 
 
+def examples(n):
+    """A property's number of examples: 5 n under the ci profile, 80 n under long, KESTREL_FUZZ_EXAMPLES if set."""
+    if os.environ.get("KESTREL_FUZZ_EXAMPLES"):
+        return int(os.environ["KESTREL_FUZZ_EXAMPLES"])
+    return n * (80 if os.environ.get("KESTREL_FUZZ", "ci") == "long" else 5)
+
+
 def note(case):
     """Record the case about to run (before any native call)."""
     line = f"[fuzz] {case}\n"

@@ -20,8 +20,8 @@ faulthandler.enable()  # a crash prints the Python stack of the case that caused
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                                      HealthCheck.filter_too_much], print_blob=True)
-settings.register_profile("ci", max_examples=40, derandomize=True, database=None, **_common)
-settings.register_profile("long", max_examples=1500, **_common)
+settings.register_profile("ci", max_examples=300, derandomize=True, database=None, **_common)
+settings.register_profile("long", max_examples=5000, **_common)
 _profile = os.environ.get("KESTREL_FUZZ", "ci")
 if _profile not in ("ci", "long"):
     raise SystemExit(f"KESTREL_FUZZ must be ci or long, got {_profile!r}")
