@@ -36,4 +36,25 @@ def require_bool(name, label, value):
         raise TypeError(f"{name}: {label} must be a bool, got {type(value).__name__} {value!r}")
 
 
-__all__ = ["is_finite_number", "is_int", "is_number", "require_bool", "require_int", "require_number"]
+def check_cache_seqlens(name, cache_seqlens, B, Lq, Lk, q):
+    """The per-sequence cache lengths of an attention op: None or an int32/int64 tensor (B,) with values in
+    [Lq, Lk]. The values are checked unless the lengths and q are both on a GPU, where reading them would be a host
+    sync each decoding step (the ops clamp them on the device there: a bad length cannot read past the keys)."""
+    import torch
+
+    if cache_seqlens is None:
+        return
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"{name}: cache_seqlens must be None or an int32/int64 tensor of shape ({B},), got "
+                        f"{type(cache_seqlens).__name__}")
+    if cache_seqlens.shape != (B,) or cache_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: cache_seqlens must be an int32/int64 tensor of shape ({B},), got "
+                         f"{cache_seqlens.dtype} of shape {tuple(cache_seqlens.shape)}")
+    if B > 0 and not (cache_seqlens.is_cuda and q.is_cuda) and not torch.compiler.is_compiling():
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if lo < Lq or hi > Lk:
+            raise ValueError(f"{name}: cache_seqlens must lie in [Lq={Lq}, Lk={Lk}], got values in [{lo}, {hi}]")
+
+
+__all__ = ["check_cache_seqlens", "is_finite_number", "is_int", "is_number", "require_bool", "require_int",
+           "require_number"]

@@ -94,12 +94,15 @@ def trees(draw, max_nodes=9):
     return torch.tensor(parents)
 
 
+def tree_case(kind, parents, vocab, seed, **extra):
+    """Log the case; (generator, TreeBuffers, B, T)."""
+    note(f"{kind} parents={parents.tolist()} V={vocab} seed={seed} {extra}")
+    return torch.Generator().manual_seed(seed), build_tree(parents), *parents.shape
+
+
 @given(trees(), st.integers(1, 6), st.integers(0, 2**31 - 1))
 def test_greedy_verification_equals_the_reference(parents, vocab, seed):
-    note(f"greedy parents={parents.tolist()} V={vocab} seed={seed}")
-    g = torch.Generator().manual_seed(seed)
-    tree = build_tree(parents)
-    B, T = parents.shape
+    g, tree, B, T = tree_case("greedy", parents, vocab, seed)
     candidates = torch.randint(0, vocab, (B, T), generator=g)
     target = torch.randint(0, vocab, (B, T), generator=g)
     accept_index, accept_len, next_token = verify_tree_greedy(candidates, target, tree)
@@ -110,10 +113,7 @@ def test_greedy_verification_equals_the_reference(parents, vocab, seed):
 @given(trees(), st.integers(1, 40), st.booleans(), st.sampled_from(["plain", "zeros", "spiky"]),
        st.integers(0, 2**31 - 1))
 def test_sampled_verification_equals_the_reference(parents, vocab, sampled_drafts, probs_kind, seed):
-    note(f"sample parents={parents.tolist()} V={vocab} drafts={sampled_drafts} probs={probs_kind} seed={seed}")
-    g = torch.Generator().manual_seed(seed)
-    tree = build_tree(parents)
-    B, T = parents.shape
+    g, tree, B, T = tree_case("sample", parents, vocab, seed, drafts=sampled_drafts, probs=probs_kind)
     candidates = torch.randint(0, vocab, (B, T), generator=g)
     probs = torch.rand(B, T, vocab, generator=g)
     if probs_kind == "zeros":
@@ -131,10 +131,7 @@ def test_sampled_verification_equals_the_reference(parents, vocab, sampled_draft
 @given(trees(), st.integers(1, 12), st.integers(0, 2**31 - 1))
 def test_sampled_verification_survives_non_finite_and_negative_probabilities(parents, vocab, seed):
     """Not a distribution at all: the walk must stay memory-safe and return tokens of the vocabulary."""
-    note(f"sample-garbage parents={parents.tolist()} V={vocab} seed={seed}")
-    g = torch.Generator().manual_seed(seed)
-    tree = build_tree(parents)
-    B, T = parents.shape
+    g, tree, B, T = tree_case("sample-garbage", parents, vocab, seed)
     probs = torch.randn(B, T, vocab, generator=g)
     probs[torch.rand(B, T, vocab, generator=g) < 0.2] = float("nan")
     probs[torch.rand(B, T, vocab, generator=g) < 0.1] = float("inf")

@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .._checks import check_cache_seqlens
 from ..reference.attention import unused_keys_zeroed
 
 
@@ -49,19 +50,7 @@ def _check(q, k, v, G, cache_seqlens):
     if G.device != q.device or k.device != q.device or v.device != q.device:
         raise ValueError(f"{name}: q, k, v and G must be on one device, got {q.device}, {k.device}, {v.device}, "
                          f"{G.device}")
-    if cache_seqlens is not None:
-        if not isinstance(cache_seqlens, torch.Tensor):
-            raise TypeError(f"{name}: cache_seqlens must be None or an int32/int64 tensor of shape ({B},), got "
-                            f"{type(cache_seqlens).__name__}")
-        if cache_seqlens.shape != (B,) or cache_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{name}: cache_seqlens must be an int32/int64 tensor of shape ({B},), got "
-                             f"{cache_seqlens.dtype} of shape {tuple(cache_seqlens.shape)}")
-        # the values are checked unless lengths and q are both on a GPU, where reading them would be a host sync
-        # each decoding step (there they are clamped to [Lq, Lk] on the device: a bad length cannot read past the keys)
-        if B > 0 and not (cache_seqlens.is_cuda and q.is_cuda) and not torch.compiler.is_compiling():
-            lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
-            if lo < Lq or hi > Lk:
-                raise ValueError(f"{name}: cache_seqlens must lie in [Lq={Lq}, Lk={Lk}], got values in [{lo}, {hi}]")
+    check_cache_seqlens(name, cache_seqlens, B, Lq, Lk, q)
 
 
 def _mask(B, Lq, Lk, causal, cache_seqlens, device):

@@ -13,7 +13,7 @@ twice for its row reduction); on the CPU, autograd through the PyTorch formulati
 
 import torch
 
-from .._checks import is_finite_number, is_number
+from .._checks import check_cache_seqlens, is_finite_number, is_number
 from ..reference import attention as _ref
 
 KERNEL_HEAD_DIMS = (64, 128)
@@ -57,19 +57,7 @@ def _check(q, k, v, reweight_p, eps, cache_seqlens):
         raise TypeError(f"{name}: eps must be a number, got {type(eps).__name__} {eps!r}")
     if not (is_finite_number(eps) and eps > 0):
         raise ValueError(f"{name}: eps must be a finite number > 0, got {eps!r}")
-    if cache_seqlens is not None:
-        if not isinstance(cache_seqlens, torch.Tensor):
-            raise TypeError(f"{name}: cache_seqlens must be None or an int32/int64 tensor of shape ({B},), got "
-                            f"{type(cache_seqlens).__name__}")
-        if cache_seqlens.shape != (B,) or cache_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{name}: cache_seqlens must be an int32/int64 tensor of shape ({B},), got "
-                             f"{cache_seqlens.dtype} of shape {tuple(cache_seqlens.shape)}")
-        # the values are checked unless lengths and q are both on a GPU, where reading them would be a host sync
-        # each decoding step (there they are clamped to [Lq, Lk] on the device: a bad length cannot read past the keys)
-        if B > 0 and not (cache_seqlens.is_cuda and q.is_cuda) and not torch.compiler.is_compiling():
-            lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
-            if lo < Lq or hi > Lk:
-                raise ValueError(f"{name}: cache_seqlens must lie in [Lq={Lq}, Lk={Lk}], got values in [{lo}, {hi}]")
+    check_cache_seqlens(name, cache_seqlens, B, Lq, Lk, q)
 
 
 @torch.library.custom_op("kestrel::softplus_attention", mutates_args=())

@@ -103,7 +103,9 @@ def _reject(name, condition, message, error=NotImplementedError):
         raise error(f"{name}: {message}")
 
 
-class _SGD(_OneState):
+class _Momentum(_OneState):
+    """SGD with momentum and LARS: bnb keeps the momentum and the dampening in betas."""
+
     optimizer_name = "momentum"
     beta_labels = ("momentum", "dampening")  # bnb keeps SGD's momentum and dampening in betas
 
@@ -114,6 +116,8 @@ class _SGD(_OneState):
         if dampening != 0.0:
             raise ValueError(f"{where}: dampening must be 0, got {dampening!r}")
 
+
+class _SGD(_Momentum):
     def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, optim_bits=32, args=None,
                  min_8bit_size=4096, *, percentile_clipping=100, block_wise=True,
                  bf16_stochastic_round=False, capturable=False, robust_rounding=False):
@@ -152,20 +156,10 @@ class SGD32bit(_SGD):
                          robust_rounding=robust_rounding)
 
 
-class _LARS(_OneState):
+class _LARS(_Momentum):
     """LARS (You et al., 2017) as bnb has it: SGD with momentum (L2 decay in the gradient) whose update is scaled by
     the trust ratio min(1, max_unorm * ||p|| / ||momentum||), ||p|| before the step (1 for an all-zero parameter).
     bnb's 8-bit LARS skips the ratio silently; kestrel applies it (a norm pass before the fused step)."""
-
-    optimizer_name = "momentum"
-    beta_labels = ("momentum", "dampening")  # bnb keeps SGD's momentum and dampening in betas
-
-    def check_family(self, config, where):
-        momentum, dampening = check_betas(where, config["betas"], 2, self.beta_labels)
-        if not momentum > 0.0:
-            raise ValueError(f"{where}: momentum must be in (0, 1), got {momentum!r}")
-        if dampening != 0.0:
-            raise ValueError(f"{where}: dampening must be 0, got {dampening!r}")
 
     def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, optim_bits=32, args=None,
                  min_8bit_size=4096, max_unorm=0.02, *, bf16_stochastic_round=False, capturable=False,
