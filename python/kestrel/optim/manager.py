@@ -19,15 +19,17 @@ any optimizer, this one:
 The manager is the one piece of global state kestrel keeps, as bnb users expect.
 """
 
-import numbers
 import weakref
 
 import torch
 
+from .._checks import is_int, is_number
+
+
 # the settings an override may change, and a check of each value (the optimizer checks its own rules again)
 def _number(low=0.0, high=None):
     def check(key, value):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= low or \
+        if not is_number(value) or not value >= low or \
                 (high is not None and not value < high) or value == float("inf"):
             where = f"in [{low:g}, {high:g})" if high is not None else f">= {low:g} and finite"
             raise ValueError(f"GlobalOptimManager.override_config: {key} must be a number {where}, got {value!r}")
@@ -66,7 +68,7 @@ def _choice(options):
 
 
 def _int(key, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+    if not is_int(value) or value < 0:
         raise ValueError(f"GlobalOptimManager.override_config: {key} must be an integer >= 0, got {value!r}")
 
 

@@ -2,7 +2,6 @@
 and one fused kernel call per (device, dtype, state width) for all parameters of a group."""
 
 import copy
-import numbers
 import warnings
 from collections import defaultdict
 from itertools import chain
@@ -10,6 +9,7 @@ from itertools import chain
 import torch
 
 from .. import _ext
+from .._checks import is_int, is_number
 from ..ops.quantize import DYNAMIC_MAP_SIGNED, DYNAMIC_MAP_UNSIGNED
 from . import distributed as D
 from .manager import GlobalOptimManager
@@ -30,14 +30,10 @@ def _blocks(n):
     return (n + BLOCKSIZE - 1) // BLOCKSIZE
 
 
-def _is_number(value):
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def check_number(name, label, value, low=0.0, high=None, low_open=False, high_open=True):
     """A finite real number (not a bool) in [low, high) (the ends as given; no upper end when high is None): else a
     TypeError or ValueError naming it, with the expected and the given value."""
-    if not _is_number(value):
+    if not is_number(value):
         raise TypeError(f"{name}: {label} must be a number, got {value!r}")
     x = float(value)
     inside = (x > low if low_open else x >= low) and (high is None or (x < high if high_open else x <= high))
@@ -62,13 +58,13 @@ def check_lr(name, lr, label="lr"):
                 not bool(torch.isfinite(lr).all() & (lr >= 0).all()):
             raise ValueError(f"{name}: {label} must be >= 0 and finite, got {lr.item()!r}")
         return lr
-    if not _is_number(lr):
+    if not is_number(lr):
         raise TypeError(f"{name}: {label} must be a number >= 0 or a one-element float tensor, got {lr!r}")
     return check_number(name, label, lr)
 
 
 def check_int(name, label, value, low=0):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_int(value):
         raise TypeError(f"{name}: {label} must be an integer, got {value!r}")
     if value < low:
         raise ValueError(f"{name}: {label} must be >= {low}, got {value}")
@@ -379,7 +375,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             raise ValueError(f"{where}: the state lacks step")
         step = state["step"]
         step_value = int(step.item()) if torch.is_tensor(step) and step.numel() == 1 else step
-        if isinstance(step_value, bool) or not isinstance(step_value, numbers.Integral) or step_value < 0:
+        if not is_int(step_value) or step_value < 0:
             raise ValueError(f"{where}: step must be an integer >= 0, got {step!r}")
         if self.two_states and "state2" not in state:
             raise ValueError(f"{where}: {name} keeps two states (state1, state2) but the state_dict has state1 only; "
