@@ -7,6 +7,7 @@ import torch
 import kestrel
 from helpers import FLOAT_DTYPES, devices
 from kestrel import functional as KF
+from kestrel import ops as KO
 from kestrel.reference import quantize as ref
 
 pytestmark = pytest.mark.skipif(not kestrel._ext.available(), reason="kestrel._C is not built")
@@ -165,18 +166,78 @@ def test_non_contiguous_input(device):
     assert torch.equal(codes, expected_codes) and torch.equal(absmax, expected_absmax)
 
 
+def with_specials(dtype, device, blocksize=256, seed=0):
+    """Four blocks: +inf, -inf and NaN among finite values, all three together, and one of specials only."""
+    x = make_input(4 * blocksize, dtype, device, seed=seed).reshape(4, blocksize)
+    x[0, 5], x[1, 7], x[1, 9], x[2, 0] = float("inf"), float("-inf"), float("nan"), float("nan")
+    x[2, 1], x[2, 2] = float("inf"), float("-inf")
+    x[3] = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0] * (blocksize // 4), dtype=dtype)
+    return x.reshape(-1)
+
+
 @pytest.mark.parametrize("device", devices())
-def test_nan_and_inf_follow_the_reference(device):
-    x = make_input(1024, torch.float32, device)
-    x[5] = float("nan")
-    x[300] = float("inf")
-    x[700] = float("-inf")
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_non_finite_elements_leave_their_neighbours_intact(device, dtype):
+    # Regression: a +inf made its block's absmax inf, so the other elements decoded to NaN and the inf itself to
+    # -inf; a NaN made the absmax NaN and the whole block decoded to NaN. Now absmax is over the finite elements.
+    x = with_specials(dtype, device)
     code = KF.create_dynamic_map().to(device)
-    codes, absmax = KF.quantize_blockwise(x, blocksize=256)
+    codes, absmax = KO.quantize_blockwise(x, code=code, blocksize=256)
     expected_codes, expected_absmax = ref.quantize_blockwise(x, code, 256)
-    assert torch.isnan(absmax[0]) and absmax[1].item() == float("inf")
-    assert torch.equal(absmax[2:], expected_absmax[2:])
-    assert torch.equal(codes, expected_codes)
+    assert torch.equal(absmax, expected_absmax) and torch.equal(codes, expected_codes)
+    blocks = x.float().reshape(4, 256)
+    finite = torch.isfinite(blocks)
+    assert torch.equal(absmax[:3], torch.where(finite, blocks.abs(), torch.zeros_like(blocks)).amax(dim=1)[:3])
+    assert absmax[3].item() == 0.0 and bool(torch.isfinite(absmax).all())
+    # Each element quantizes as torch.nan_to_num(x, nan=0, posinf=absmax, neginf=-absmax) would.
+    clean = torch.nan_to_num(blocks, nan=0.0, posinf=0.0, neginf=0.0)
+    clean = torch.where(blocks == float("inf"), absmax[:, None], clean)
+    clean = torch.where(blocks == float("-inf"), -absmax[:, None], clean)
+    clean_codes, clean_absmax = KO.quantize_blockwise(clean.reshape(-1).to(dtype), code=code, blocksize=256)
+    assert torch.equal(codes, clean_codes) and torch.equal(absmax, clean_absmax)
+    out = KO.dequantize_blockwise(codes, absmax, blocksize=256).reshape(4, 256)
+    assert bool(torch.isfinite(out).all())
+    assert bool((out[finite] == ref.dequantize_blockwise(codes, absmax, code, 256).reshape(4, 256)[finite]).all())
+    # +inf saturates to +absmax (code 255: 1.0), -inf to the map's most negative value, NaN decodes to 0.
+    assert codes[5].item() == 255 and out[0, 5].item() == absmax[0].item()
+    assert codes[256 + 7].item() == 0 and out[1, 7].item() == (code[0] * absmax[1]).item()
+    assert codes[256 + 9].item() == 127 and out[1, 9].item() == 0.0
+    assert bool((out[3] == 0).all())
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_subnormal_absmax(device, dtype):
+    # Regression: 1/absmax overflowed to inf for an absmax below 2.9e-39, so every nonzero element took code 255
+    # and zeros took code 0 (0 * inf = NaN). The kernels now pre-scale such a block by 2^64.
+    tiny = torch.finfo(dtype).smallest_normal
+    values = torch.tensor([0.01, 0.005, 0.0, -0.01, -0.0025, 0.009, 0.0001, 0.00731], dtype=torch.float64) * tiny
+    x = values.to(dtype).repeat(8).to(device)
+    code = KF.create_dynamic_map().to(device)
+    codes, absmax = KO.quantize_blockwise(x, code=code, blocksize=64)
+    expected_codes, expected_absmax = ref.quantize_blockwise(x, code, 64)
+    assert torch.equal(absmax, expected_absmax) and torch.equal(codes, expected_codes)
+    assert absmax[0].item() == x[0].item() and absmax[0].item() < 2.9e-39
+    out = KO.dequantize_blockwise(codes, absmax, blocksize=64).double().cpu()
+    err = (out - x.double().cpu()).abs()
+    assert bool((err <= 0.02 * absmax[0].item()).all())  # the map's own resolution, not saturation
+    assert codes[2].item() == 127 and out[2].item() == 0.0
+
+
+def test_non_finite_compared_with_bitsandbytes():
+    # bnb 0.50.2's CPU quantizer leaves NaN out of absmax as we do (a NaN takes its code 0), but a +-inf makes its
+    # absmax inf, and the block decodes to +inf everywhere (the inf element to -inf): we keep the finite values.
+    F = bnb_functional()
+    x = with_specials(torch.float32, "cpu")
+    nan_only = x.clone().reshape(4, 256)[1:2].clone()
+    nan_only[0, 7] = 0.5
+    codes, absmax = KO.quantize_blockwise(nan_only.reshape(-1), blocksize=256)
+    bnb_codes, bnb_state = F.quantize_blockwise(nan_only.reshape(-1), blocksize=256)
+    assert torch.equal(absmax, bnb_state.absmax)
+    bnb_out = F.dequantize_blockwise(*F.quantize_blockwise(x[:256], blocksize=256))
+    assert bool(torch.isinf(bnb_out).all())
+    out = KO.dequantize_blockwise(*KO.quantize_blockwise(x[:256], blocksize=256), blocksize=256)
+    assert bool(torch.isfinite(out).all())
 
 
 @pytest.mark.parametrize("device", devices())

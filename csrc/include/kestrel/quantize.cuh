@@ -71,32 +71,33 @@ __global__ void __launch_bounds__(kQuantizeThreads)
   for (int k = 0; k < Shape::ITEMS; ++k) {
     const int64_t i = base + lane_in_group + (int64_t)k * Shape::TPB;
     vals[k] = (block < num_blocks && i < n) ? ElementIO<T>::load(x + i) : 0.0f;
-    local_max = quant::absmax_combine(local_max, fabsf(vals[k]));
+    local_max = quant::finite_absmax_combine(local_max, fabsf(vals[k]));
   }
 
   // Reduce within the group: lanes of one warp first, then across the group's warps through shared memory.
   constexpr int WARP_WIDTH = Shape::TPB < 32 ? Shape::TPB : 32;
 #pragma unroll
   for (int offset = WARP_WIDTH / 2; offset > 0; offset >>= 1)
-    local_max = quant::absmax_combine(local_max, __shfl_xor_sync(0xffffffffu, local_max, offset));
+    local_max = quant::finite_absmax_combine(local_max, __shfl_xor_sync(0xffffffffu, local_max, offset));
   if constexpr (Shape::TPB > 32) {
     if ((tid & 31) == 0) warp_absmax[tid >> 5] = local_max;
     __syncthreads();
     const int first_warp = group * (Shape::TPB / 32);
     local_max = warp_absmax[first_warp];
 #pragma unroll
-    for (int w = 1; w < Shape::TPB / 32; ++w) local_max = quant::absmax_combine(local_max, warp_absmax[first_warp + w]);
+    for (int w = 1; w < Shape::TPB / 32; ++w)
+      local_max = quant::finite_absmax_combine(local_max, warp_absmax[first_warp + w]);
   } else {
     __syncthreads();  // midpoints
   }
 
   if (block >= num_blocks) return;
   if (lane_in_group == 0) absmax[block] = local_max;
-  const float inv = quant::inverse_absmax(local_max);
+  const quant::BlockScale scale = quant::block_scale(local_max);
 #pragma unroll
   for (int k = 0; k < Shape::ITEMS; ++k) {
     const int64_t i = base + lane_in_group + (int64_t)k * Shape::TPB;
-    if (i < n) codes[i] = (uint8_t)quant::nearest_code_bsearch(midpoints, vals[k] * inv);
+    if (i < n) codes[i] = (uint8_t)quant::nearest_code_bsearch(midpoints, quant::normalize(vals[k], scale));
   }
 }
 
