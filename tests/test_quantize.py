@@ -282,6 +282,39 @@ def test_dequantize_equals_bitsandbytes(device, dtype, blocksize):
     assert torch.equal(ours, expected)
 
 
+ANY_BLOCKSIZES = [1, 3, 32, 100, 1000, 5000, 8192, 16384, 65536, 2 ** 40]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("blocksize", ANY_BLOCKSIZES)
+def test_any_positive_blocksize(device, dtype, blocksize):
+    # Regression: only powers of two in [64, 4096] were accepted; bnb's CPU backend takes any positive blocksize
+    # (its tests use 16384), its CUDA backend the powers of two in [64, 4096]. Both our kernels take any.
+    for n in (1, 999, 70_001):
+        x = make_input(n, dtype, device, seed=blocksize % 1000 + n)
+        code = KF.create_dynamic_map().to(device)
+        codes, absmax = KO.quantize_blockwise(x, code=code, blocksize=blocksize)
+        expected_codes, expected_absmax = ref.quantize_blockwise(x, code, blocksize)
+        assert absmax.shape == (-(-n // blocksize),)
+        assert torch.equal(absmax, expected_absmax) and torch.equal(codes, expected_codes)
+        out = KO.dequantize_blockwise(codes, absmax, code=code, blocksize=blocksize, dtype=dtype)
+        assert torch.equal(out, ref.dequantize_blockwise(codes, absmax, code, blocksize, dtype))
+
+
+@pytest.mark.parametrize("blocksize", [1, 3, 100, 5000, 16384, 65536])
+def test_any_blocksize_against_bitsandbytes_cpu(blocksize):
+    F = bnb_functional()
+    x = make_input(100_003, torch.float32, "cpu", seed=blocksize)
+    codes, absmax = KO.quantize_blockwise(x, blocksize=blocksize)
+    bnb_codes, bnb_state = F.quantize_blockwise(x, blocksize=blocksize)
+    assert torch.equal(absmax, bnb_state.absmax)
+    assert_never_farther(x, blocksize, codes, bnb_codes)
+    code = KF.create_dynamic_map()
+    expected = torch.ops.bitsandbytes.dequantize_blockwise(bnb_codes, absmax, code, blocksize, torch.float32)
+    assert torch.equal(KO.dequantize_blockwise(bnb_codes, absmax, code=code, blocksize=blocksize), expected)
+
+
 def assert_never_farther(x, blocksize, codes, other_codes):
     """Our code is never farther from the normalised input x * (1/absmax) than `other_codes`, except for a value
     exactly on a float32 midpoint, where the spec's tie rule takes the lower index (at most one ulp farther)."""
@@ -323,9 +356,12 @@ def test_quantize_matches_bitsandbytes_cuda(dtype, blocksize):
 @pytest.mark.parametrize("device", devices())
 def test_argument_errors(device):
     x = torch.randn(1000, device=device)
-    for bad in (32, 100, 8192, 256.0, True):
-        with pytest.raises(ValueError, match=rf"quantize_blockwise: blocksize must be a power of two in \[64, 4096\], got {bad!r}"):
-            KF.quantize_blockwise(x, blocksize=bad)
+    for bad in (0, -64):
+        with pytest.raises(ValueError, match=rf"quantize_blockwise: blocksize must be a positive integer.*got {bad}"):
+            KO.quantize_blockwise(x, blocksize=bad)
+    for bad in (256.0, True, "256", torch.tensor(256)):
+        with pytest.raises(TypeError, match=r"quantize_blockwise: blocksize must be a positive integer, got"):
+            KO.quantize_blockwise(x, blocksize=bad)
     with pytest.raises(ValueError, match=r"quantize_blockwise: code must have shape \(256,\), got \(255,\)"):
         KF.quantize_blockwise(x, code=torch.zeros(255, device=device))
     with pytest.raises(TypeError, match="quantize_blockwise: code must be float32, got torch.float64"):
@@ -350,8 +386,11 @@ def test_op_level_checks(device):
     # The registered ops check their arguments too, for callers of torch.ops.kestrel.* directly.
     x = torch.randn(1000, device=device)
     code = KF.create_dynamic_map().to(device)
-    with pytest.raises(RuntimeError, match="blocksize must be a power of two in \\[64, 4096\\], got 100"):
-        torch.ops.kestrel.quantize_blockwise(x, code, 100)
+    with pytest.raises(RuntimeError, match="blocksize must be a positive integer, got 0"):
+        torch.ops.kestrel.quantize_blockwise(x, code, 0)
+    with pytest.raises(RuntimeError, match="blocksize must be a positive integer, got -4"):
+        torch.ops.kestrel.dequantize_blockwise(torch.zeros(10, dtype=torch.uint8, device=device),
+                                               torch.zeros(1, device=device), code, -4, torch.float32)
     with pytest.raises(RuntimeError, match=r"code must have shape \(256,\), got \[128\]"):
         torch.ops.kestrel.quantize_blockwise(x, code[:128], 256)
     codes, absmax = torch.ops.kestrel.quantize_blockwise(x, code, 256)
@@ -359,10 +398,30 @@ def test_op_level_checks(device):
         torch.ops.kestrel.dequantize_blockwise(codes, absmax[:2], code, 256, torch.float32)
 
 
-def test_unsorted_code_is_rejected_on_cpu():
-    code = KF.create_dynamic_map().flip(0).contiguous()
-    with pytest.raises(RuntimeError, match=r"code must be sorted ascending, got code\[0\] = 1 > code\[1\]"):
-        KF.quantize_blockwise(torch.randn(100), code=code)
+@pytest.mark.parametrize("device", devices())
+def test_unsorted_or_non_finite_code_is_rejected(device):
+    code = KF.create_dynamic_map().flip(0).contiguous().to(device)
+    x = torch.randn(100, device=device)
+    with pytest.raises(ValueError, match=r"code must be sorted ascending, got code\[0\] = 1.0 > code\[1\]"):
+        KO.quantize_blockwise(x, code=code)
+    for bad in (float("nan"), float("inf")):
+        broken = KF.create_dynamic_map().to(device)
+        broken[17] = bad
+        with pytest.raises(ValueError, match=rf"code must be finite, got code\[17\] = {bad}"):
+            KO.quantize_blockwise(x, code=broken)
+    if device == "cpu":  # the raw op checks too (the CUDA kernel cannot raise without a host sync)
+        with pytest.raises(RuntimeError, match=r"code must be sorted ascending, got code\[0\] = 1 > code\[1\]"):
+            torch.ops.kestrel.quantize_blockwise(x, code, 256)
+    # A checked map written in place is checked again (the cache follows the tensor's version counter).
+    good = KF.create_dynamic_map().to(device)
+    KO.quantize_blockwise(x, code=good)
+    good[3] = float("nan")
+    with pytest.raises(ValueError, match=r"code must be finite, got code\[3\] = nan"):
+        KO.quantize_blockwise(x, code=good)
+    # Dequantizing is a lookup: any map of 256 float32 values is taken.
+    codes = torch.arange(100, dtype=torch.uint8, device=device)
+    out = KO.dequantize_blockwise(codes, torch.ones(1, device=device), code=code)
+    assert torch.equal(out, code[:100])
 
 
 @pytest.mark.parametrize("device", devices())

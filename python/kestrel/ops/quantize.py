@@ -3,15 +3,28 @@
 `quantize_blockwise` splits the flattened input into blocks of `blocksize` elements, stores each block's absmax as
 float32 and each element as the uint8 index of the nearest value of a 256-entry map to x/absmax (exact nearest
 rounding: a value on a float32 midpoint takes the lower index). `dequantize_blockwise` returns map[code] * absmax.
-The map values and dequantized values equal bitsandbytes 0.50.2's bit for bit.
+The map values and dequantized values equal bitsandbytes 0.50.2's bit for bit. Any positive blocksize.
+
+Non-finite input: a block's absmax is over its finite elements; +inf / -inf take the map's last / first code
+(decoded: +absmax and code[0] * absmax), NaN the code of 0 (decoded: 0); the finite elements are unaffected.
+These are kestrel's own (lower-level) ops, returning (codes, absmax); kestrel.functional has bnb's signatures.
 """
+
+import numbers
+import weakref
 
 import torch
 
 from .. import _ext
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MIN_BLOCKSIZE, MAX_BLOCKSIZE = 64, 4096
+_INT64_MAX = 2 ** 63 - 1
+
+
+def _int_arg(op, name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: {name} must be an integer, got {value!r}")
+    return int(value)
 
 
 def create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8):
@@ -62,33 +75,101 @@ def _scaled_midpoints(count, scale, signed):
 # The default maps, built once (bnb's optimizers use the signed one for first moments, the unsigned for second).
 DYNAMIC_MAP_SIGNED = create_dynamic_map(signed=True)
 DYNAMIC_MAP_UNSIGNED = create_dynamic_map(signed=False)
+_DEFAULT_MAPS = {}  # device -> the signed map there
 
 
-def _check_blocksize(op, blocksize):
-    if (not isinstance(blocksize, int) or isinstance(blocksize, bool) or not MIN_BLOCKSIZE <= blocksize <= MAX_BLOCKSIZE
-            or blocksize & (blocksize - 1)):
-        raise ValueError(f"{op}: blocksize must be a power of two in [{MIN_BLOCKSIZE}, {MAX_BLOCKSIZE}], got {blocksize!r}")
+def default_map(device):
+    """The signed dynamic map on `device` (one copy per device; callers must not write to it)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return DYNAMIC_MAP_SIGNED
+    if device not in _DEFAULT_MAPS:
+        _DEFAULT_MAPS[device] = DYNAMIC_MAP_SIGNED.to(device)
+    return _DEFAULT_MAPS[device]
 
 
-def _check_float_dtype(op, name, dtype):
+def check_blocksize(op, blocksize):
+    """blocksize as an int: any positive integer (TypeError for a non-integer, ValueError for one <= 0)."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral):
+        raise TypeError(f"{op}: blocksize must be a positive integer, got {blocksize!r}")
+    if not 0 < blocksize <= _INT64_MAX:
+        raise ValueError(f"{op}: blocksize must be a positive integer (at most 2**63 - 1), got {blocksize!r}")
+    return int(blocksize)
+
+
+def _check_float_dtype(op, name, dtype, error=TypeError):
     if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {dtype}")
+        raise error(f"{op}: {name} must be float32, float16 or bfloat16, got {dtype}")
 
 
-def _resolve_code(op, code, device):
-    if code is None:
-        return DYNAMIC_MAP_SIGNED.to(device)
-    if not isinstance(code, torch.Tensor):
-        raise TypeError(f"{op}: code must be a torch.Tensor of 256 float32 values, got {type(code).__name__}")
+def check_tensor(op, name, value, what="a torch.Tensor"):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be {what}, got {type(value).__name__}")
+
+
+def check_code(op, code, error=TypeError):
+    """The map's type and shape (a float32 tensor of shape (256,)); its values are checked by check_code_values."""
+    check_tensor(op, "code", code, "a torch.Tensor of 256 float32 values")
     if code.dtype != torch.float32:
-        raise TypeError(f"{op}: code must be float32, got {code.dtype}")
+        raise error(f"{op}: code must be float32, got {code.dtype}")
     if code.dim() != 1 or code.numel() != 256:
         raise ValueError(f"{op}: code must have shape (256,), got {tuple(code.shape)}")
+
+
+# id(map tensor) -> (a weak reference to it, its version counter when it was found finite and sorted). Keyed by
+# identity (a tensor's == is elementwise); an entry goes when its tensor does.
+_CHECKED_MAPS = {}
+
+
+def _checked(code):
+    entry = _CHECKED_MAPS.get(id(code))
+    return entry is not None and entry[0]() is code and entry[1] == code._version
+
+
+def _remember_checked(code):
+    key = id(code)
+    _CHECKED_MAPS[key] = (weakref.ref(code, lambda _, key=key: _CHECKED_MAPS.pop(key, None)), code._version)
+
+
+def check_code_values(op, code):
+    """ValueError unless the map's values are finite and sorted ascending (what the nearest-code search needs).
+
+    Reads the 256 values on the host once per tensor and version (a CUDA map: one small copy); skipped while
+    torch.compile traces or a CUDA graph is captured (the CPU kernel checks again; the CUDA kernel cannot raise,
+    and an unsorted map there gives the definition's midpoint counts, in range but meaningless).
+    """
+    if code.device.type == "meta" or torch.compiler.is_compiling():
+        return
+    if code.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    if _checked(code):
+        return
+    values = code.detach().cpu()
+    bad = (~torch.isfinite(values)).nonzero()
+    if bad.numel():
+        j = int(bad[0])
+        raise ValueError(f"{op}: code must be finite, got code[{j}] = {values[j].item()}")
+    descending = (values[1:] < values[:-1]).nonzero()
+    if descending.numel():
+        j = int(descending[0])
+        raise ValueError(f"{op}: code must be sorted ascending, got code[{j}] = {values[j].item()} > "
+                         f"code[{j + 1}] = {values[j + 1].item()}")
+    _remember_checked(code)
+
+
+def resolve_code(op, code, device, error=TypeError, sorted_map=True):
+    """The map to use on `device`: the signed dynamic map for None, else `code` checked and moved to `device`.
+    sorted_map: also check its values (quantizing needs a sorted finite map; dequantizing is a lookup)."""
+    if code is None:
+        return default_map(device)
+    check_code(op, code, error)
+    if sorted_map:
+        check_code_values(op, code)
     return code.to(device)
 
 
 def _num_blocks(n, blocksize):
-    return (n + blocksize - 1) // blocksize
+    return (n + blocksize - 1) // blocksize  # Python ints: no overflow (and no guard on a symbolic n)
 
 
 def quantize_blockwise(x, code=None, blocksize=256):
@@ -97,11 +178,10 @@ def quantize_blockwise(x, code=None, blocksize=256):
     Returns (codes, absmax): codes has x's shape, absmax is float32 of shape (ceil(x.numel() / blocksize),).
     """
     op = "quantize_blockwise"
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    check_tensor(op, "x", x)
     _check_float_dtype(op, "x", x.dtype)
-    _check_blocksize(op, blocksize)
-    code = _resolve_code(op, code, x.device)
+    blocksize = check_blocksize(op, blocksize)
+    code = resolve_code(op, code, x.device)
     _ext.require(op, x.device)
     return torch.ops.kestrel.quantize_blockwise(x, code, blocksize)
 
@@ -115,7 +195,7 @@ def dequantize_blockwise(codes, absmax, code=None, blocksize=256, dtype=torch.fl
     if not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32:
         got = absmax.dtype if isinstance(absmax, torch.Tensor) else type(absmax).__name__
         raise TypeError(f"{op}: absmax must be a float32 tensor, got {got}")
-    _check_blocksize(op, blocksize)
+    blocksize = check_blocksize(op, blocksize)
     _check_float_dtype(op, "dtype", dtype)
     expected = _num_blocks(codes.numel(), blocksize)
     if absmax.numel() != expected:
@@ -125,7 +205,7 @@ def dequantize_blockwise(codes, absmax, code=None, blocksize=256, dtype=torch.fl
         )
     if absmax.device != codes.device:
         raise ValueError(f"{op}: absmax must be on the device of codes ({codes.device}), got {absmax.device}")
-    code = _resolve_code(op, code, codes.device)
+    code = resolve_code(op, code, codes.device, sorted_map=False)
     _ext.require(op, codes.device)
     return torch.ops.kestrel.dequantize_blockwise(codes, absmax, code, blocksize, dtype)
 
