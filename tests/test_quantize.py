@@ -35,19 +35,45 @@ def bnb_functional():
     return pytest.importorskip("bitsandbytes.functional")
 
 
-@pytest.mark.parametrize("signed", [True, False])
-@pytest.mark.parametrize("max_exponent_bits,total_bits", [(7, 8), (6, 8), (5, 8), (4, 8), (3, 4), (2, 4), (1, 2)])
-def test_dynamic_map_equals_bitsandbytes(signed, max_exponent_bits, total_bits):
-    F = bnb_functional()
+def bnb_dynamic_map(F, signed, max_exponent_bits, total_bits):
+    """bnb's map, or None where bnb rejects the arguments (an assertion, or a loop variable left unset)."""
     try:
-        expected = F.create_dynamic_map(signed, max_exponent_bits, total_bits)
-    except AssertionError:
-        with pytest.raises(ValueError, match="create_dynamic_map"):
-            KF.create_dynamic_map(signed, max_exponent_bits, total_bits)
-        return
-    ours = KF.create_dynamic_map(signed, max_exponent_bits, total_bits)
-    assert ours.dtype == torch.float32 and ours.shape == (256,)
-    assert torch.equal(ours.view(torch.int32), expected.float().view(torch.int32))
+        return F.create_dynamic_map(signed, max_exponent_bits, total_bits)
+    except (AssertionError, UnboundLocalError, NameError, RuntimeError, ValueError):
+        return None
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("total_bits", range(1, 11))
+def test_dynamic_map_equals_bitsandbytes(signed, total_bits):
+    # Regression: create_dynamic_map(True, 8, 8) (bnb's test_few_bit_quant: (True, bits, bits) for bits in 2..8)
+    # was rejected. Every (signed, max_exponent_bits, total_bits) bnb accepts gives its values bit for bit, and
+    # what it rejects raises ValueError naming the arguments.
+    F = bnb_functional()
+    for max_exponent_bits in range(0, total_bits + 4):
+        expected = bnb_dynamic_map(F, signed, max_exponent_bits, total_bits)
+        if expected is None:
+            with pytest.raises(ValueError, match="create_dynamic_map: .*max_exponent_bits"):
+                KF.create_dynamic_map(signed, max_exponent_bits, total_bits)
+            continue
+        ours = KF.create_dynamic_map(signed, max_exponent_bits, total_bits)
+        assert ours.dtype == torch.float32 and ours.shape == expected.shape == (max(256, 2 ** total_bits),)
+        assert torch.equal(ours.view(torch.int32), expected.float().view(torch.int32)), (max_exponent_bits, total_bits)
+    # Keywords and defaults as in bnb.
+    assert torch.equal(KF.create_dynamic_map(signed=signed), F.create_dynamic_map(signed=signed))
+    bits = 5 if signed else 7
+    assert torch.equal(KF.create_dynamic_map(signed, total_bits=8, max_exponent_bits=bits),
+                       F.create_dynamic_map(signed, total_bits=8, max_exponent_bits=bits))
+
+
+def test_dynamic_map_large_max_exponent_bits():
+    # A signed map takes any max_exponent_bits >= total_bits - 1 (the extra exponents hold no value); bnb loops over
+    # all of them, ours only over those that hold values.
+    F = bnb_functional()
+    for max_exponent_bits in (9, 20, 60):
+        assert torch.equal(KF.create_dynamic_map(True, max_exponent_bits, 8),
+                           F.create_dynamic_map(True, max_exponent_bits, 8))
+    assert torch.equal(KF.create_dynamic_map(True, 10 ** 6, 8), KF.create_dynamic_map(True, 7, 8))
 
 
 def test_dynamic_map_layout():
@@ -60,10 +86,26 @@ def test_dynamic_map_layout():
 
 
 def test_create_dynamic_map_rejects_bad_arguments():
-    with pytest.raises(ValueError, match=r"max_exponent_bits must be in \[1, total_bits - 1\] = \[1, 7\], got 8"):
-        KF.create_dynamic_map(True, 8, 8)
-    with pytest.raises(ValueError, match=r"total_bits must be in \[2, 8\], got 9"):
-        KF.create_dynamic_map(True, 7, 9)
+    with pytest.raises(ValueError, match=r"signed=False, max_exponent_bits=8, total_bits=8 gives 257 values, not "
+                                         r"2\*\*total_bits = 256 \(an unsigned map needs max_exponent_bits = total_bits - 1 = 7\)"):
+        KF.create_dynamic_map(False, 8, 8)
+    with pytest.raises(ValueError, match=r"max_exponent_bits must be >= 1 for total_bits=8 .*got 0"):
+        KF.create_dynamic_map(True, 0, 8)
+    with pytest.raises(ValueError, match=r"max_exponent_bits must be >= 0, got -1"):
+        KF.create_dynamic_map(True, -1, 8)
+    with pytest.raises(ValueError, match=r"total_bits must be in \[1, 16\], got 0"):
+        KF.create_dynamic_map(True, 7, 0)
+    with pytest.raises(ValueError, match=r"total_bits must be in \[1, 16\], got 17"):
+        KF.create_dynamic_map(True, 7, 17)
+    with pytest.raises(TypeError, match=r"max_exponent_bits must be an integer, got 7.0"):
+        KF.create_dynamic_map(True, 7.0, 8)
+    with pytest.raises(TypeError, match=r"total_bits must be an integer, got '8'"):
+        KF.create_dynamic_map(True, 7, "8")
+    with pytest.raises(TypeError, match=r"signed must be a bool, got 'no'"):
+        KF.create_dynamic_map("no")
+    assert KF.create_dynamic_map(True, 7, 9).shape == (512,)  # bnb builds 2**total_bits values past 8 bits
+    with pytest.raises(ValueError, match=r"code must have shape \(256,\), got \(512,\)"):
+        KO.quantize_blockwise(torch.randn(10), code=KF.create_dynamic_map(True, 7, 9))
 
 
 @pytest.mark.parametrize("device", devices())

@@ -18,6 +18,7 @@ import torch
 from .. import _ext
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_MAP_BITS = 16  # create_dynamic_map builds at most 2**16 values (bitsandbytes has no limit)
 _INT64_MAX = 2 ** 63 - 1
 
 
@@ -28,34 +29,48 @@ def _int_arg(op, name, value):
 
 
 def create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8):
-    """The dynamic quantization map of Dettmers et al.: 2**total_bits sorted float32 values in [-1, 1].
+    """The dynamic quantization map of Dettmers et al.: 2**total_bits sorted float32 values in [-1, 1], padded with
+    zeros to 256 when fewer (bitsandbytes 0.50's values bit for bit, for every argument it accepts).
 
-    For each exponent i < max_exponent_bits the fraction boundaries linspace(0.1, 1, n_i) (float32) give midpoints
-    scaled by 10**(i - max_exponent_bits + 1) (and their negatives for a signed map); 0 and 1 complete the map.
+    For each exponent i < max_exponent_bits with e = i + total_bits - 1 - max_exponent_bits (+1 unsigned) >= 0, the
+    2**e midpoints of the fraction boundaries linspace(0.1, 1, 2**e + 1) (float32) scaled by
+    10**(i - max_exponent_bits + 1) (and their negatives for a signed map); when max_exponent_bits < total_bits - 1,
+    2**(total_bits - 1 - max_exponent_bits) - 1 further linear midpoints in the top decade; then 0 and 1. The count
+    must come to 2**total_bits (a signed map takes any max_exponent_bits >= 1, an unsigned one only
+    total_bits - 1; total_bits 1 also takes max_exponent_bits 0), else ValueError.
     """
-    if not 1 <= max_exponent_bits <= total_bits - 1:
-        raise ValueError(
-            f"create_dynamic_map: max_exponent_bits must be in [1, total_bits - 1] = [1, {total_bits - 1}], "
-            f"got {max_exponent_bits}"
-        )
-    if not 2 <= total_bits <= 8:
-        raise ValueError(f"create_dynamic_map: total_bits must be in [2, 8], got {total_bits}")
+    op = "create_dynamic_map"
+    if signed not in (True, False):
+        raise TypeError(f"{op}: signed must be a bool, got {signed!r}")
+    signed = bool(signed)
+    max_exponent_bits = _int_arg(op, "max_exponent_bits", max_exponent_bits)
+    total_bits = _int_arg(op, "total_bits", total_bits)
+    if not 1 <= total_bits <= MAX_MAP_BITS:
+        raise ValueError(f"{op}: total_bits must be in [1, {MAX_MAP_BITS}], got {total_bits}")
+    if max_exponent_bits < 0:
+        raise ValueError(f"{op}: max_exponent_bits must be >= 0, got {max_exponent_bits}")
     magnitude_bits = total_bits - 1
+    sign_offset = 0 if signed else 1  # an unsigned map spends the sign bit on the fraction
+    linear_bits = magnitude_bits - max_exponent_bits
+    if linear_bits > 0 and max_exponent_bits == 0:
+        raise ValueError(
+            f"{op}: max_exponent_bits must be >= 1 for total_bits={total_bits} (the linear codes extend the largest "
+            f"exponent's decade, and there is none), got 0"
+        )
     values = []
-    for i in range(max_exponent_bits):
-        exponent_offset = i + magnitude_bits - max_exponent_bits
-        count = 2 ** exponent_offset + 1 if signed else 2 ** (exponent_offset + 1) + 1
-        scale = 10 ** (i - max_exponent_bits + 1)
-        values += _scaled_midpoints(count, scale, signed)
-    linear_items = 2 ** (magnitude_bits - max_exponent_bits) - 1
-    if linear_items > 0:
+    # Exponents with e < 0 hold no fraction value (linspace of one point), so the loop starts where e = 0.
+    for i in range(max(0, max_exponent_bits - magnitude_bits - sign_offset), max_exponent_bits):
+        e = i + magnitude_bits - max_exponent_bits + sign_offset
+        values += _scaled_midpoints(2 ** e + 1, 10 ** (i - max_exponent_bits + 1), signed)
+    if linear_bits > 0:
         # Codes whose exponent bits are all zero and carry no indicator bit: they extend the largest decade.
-        values += _scaled_midpoints(linear_items + 1, 1, signed)
+        values += _scaled_midpoints(2 ** linear_bits, 1, signed)
     values += [0.0, 1.0]
     if len(values) != 2 ** total_bits:
         raise ValueError(
-            f"create_dynamic_map: signed={signed}, max_exponent_bits={max_exponent_bits}, total_bits={total_bits} "
-            f"gives {len(values)} values, not 2**total_bits = {2 ** total_bits}"
+            f"{op}: signed={signed}, max_exponent_bits={max_exponent_bits}, total_bits={total_bits} gives "
+            f"{len(values)} values, not 2**total_bits = {2 ** total_bits}"
+            + ("" if signed else f" (an unsigned map needs max_exponent_bits = total_bits - 1 = {magnitude_bits})")
         )
     values += [0.0] * (256 - len(values))
     values.sort()
