@@ -115,7 +115,7 @@ def test_create_dynamic_map_rejects_bad_arguments():
 def test_quantize_equals_spec_reference(device, dtype, n, blocksize):
     x = make_input(n, dtype, device, seed=n + blocksize)
     code = KF.create_dynamic_map(signed=True).to(device)
-    codes, absmax = KF.quantize_blockwise(x, blocksize=blocksize)
+    codes, absmax = KO.quantize_blockwise(x, blocksize=blocksize)
     expected_codes, expected_absmax = ref.quantize_blockwise(x, code, blocksize)
     assert codes.dtype == torch.uint8 and codes.shape == x.shape
     assert absmax.dtype == torch.float32 and absmax.shape == ((n + blocksize - 1) // blocksize,)
@@ -131,7 +131,7 @@ def test_quantize_is_nearest_in_float64(device, signed):
     if not signed:
         x = x.abs()
     code = KF.create_dynamic_map(signed=signed).to(device)
-    codes, _ = KF.quantize_blockwise(x, code=code, blocksize=256)
+    codes, _ = KO.quantize_blockwise(x, code=code, blocksize=256)
     _, v = ref.absmax_and_normalized(x, 256)
     v64, code64 = v.double().cpu(), code.double().cpu()
     ours = (v64 - code64[codes.long().cpu()]).abs()
@@ -154,7 +154,7 @@ def test_midpoints_take_the_lower_index(device):
     # Blocks of 256 values whose absmax is exactly 1, so the normalised values are the inputs themselves.
     for values, expected in ((midpoints, torch.arange(255)), (above, torch.arange(1, 256)), (below, torch.arange(255))):
         x = torch.cat([values, torch.ones(1, device=device)])
-        codes, absmax = KF.quantize_blockwise(x, code=code, blocksize=256)
+        codes, absmax = KO.quantize_blockwise(x, code=code, blocksize=256)
         assert absmax.item() == 1.0
         assert torch.equal(codes[:255].long().cpu(), expected)
 
@@ -163,10 +163,10 @@ def test_midpoints_take_the_lower_index(device):
 @pytest.mark.parametrize("signed", [True, False])
 def test_round_trip_exact_on_map_values(device, signed):
     code = KF.create_dynamic_map(signed=signed).to(device)
-    codes, absmax = KF.quantize_blockwise(code, code=code, blocksize=256)
+    codes, absmax = KO.quantize_blockwise(code, code=code, blocksize=256)
     assert absmax.item() == 1.0
     assert torch.equal(codes.long().cpu(), torch.arange(256))
-    assert torch.equal(KF.dequantize_blockwise(codes, absmax, code=code, blocksize=256), code)
+    assert torch.equal(KO.dequantize_blockwise(codes, absmax, code=code, blocksize=256), code)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -174,10 +174,10 @@ def test_round_trip_exact_on_map_values(device, signed):
 def test_zero_blocks_decode_to_zero(device, dtype):
     x = torch.zeros(1000, dtype=dtype, device=device)
     x[600:700] = 3.0
-    codes, absmax = KF.quantize_blockwise(x, blocksize=256)
+    codes, absmax = KO.quantize_blockwise(x, blocksize=256)
     assert absmax.tolist() == [0.0, 0.0, 3.0, 0.0]
     assert bool((codes[:512] == 127).all()) and bool((codes[768:] == 127).all())
-    out = KF.dequantize_blockwise(codes, absmax, blocksize=256, dtype=dtype)
+    out = KO.dequantize_blockwise(codes, absmax, blocksize=256, dtype=dtype)
     assert not bool(out.isnan().any())
     assert bool((out[:512] == 0).all()) and bool((out[600:700] == 3.0).all())
 
@@ -186,16 +186,16 @@ def test_zero_blocks_decode_to_zero(device, dtype):
 @pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 5, 2)])
 def test_empty_tensors(device, shape):
     x = torch.empty(shape, device=device)
-    codes, absmax = KF.quantize_blockwise(x)
+    codes, absmax = KO.quantize_blockwise(x)
     assert codes.shape == shape and absmax.shape == (0,)
-    out = KF.dequantize_blockwise(codes, absmax, dtype=torch.bfloat16)
+    out = KO.dequantize_blockwise(codes, absmax, dtype=torch.bfloat16)
     assert out.shape == shape and out.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("device", devices())
 def test_partial_last_block_and_shape(device):
     x = make_input(3 * 100, torch.float32, device).reshape(3, 100)
-    codes, absmax = KF.quantize_blockwise(x, blocksize=256)
+    codes, absmax = KO.quantize_blockwise(x, blocksize=256)
     assert codes.shape == (3, 100) and absmax.shape == (2,)
     assert absmax[1].item() == x.reshape(-1)[256:].abs().max().item()
 
@@ -203,8 +203,8 @@ def test_partial_last_block_and_shape(device):
 @pytest.mark.parametrize("device", devices())
 def test_non_contiguous_input(device):
     x = make_input(64 * 130, torch.float32, device).reshape(64, 130)
-    codes, absmax = KF.quantize_blockwise(x.t(), blocksize=64)
-    expected_codes, expected_absmax = KF.quantize_blockwise(x.t().contiguous(), blocksize=64)
+    codes, absmax = KO.quantize_blockwise(x.t(), blocksize=64)
+    expected_codes, expected_absmax = KO.quantize_blockwise(x.t().contiguous(), blocksize=64)
     assert torch.equal(codes, expected_codes) and torch.equal(absmax, expected_absmax)
 
 
@@ -289,7 +289,7 @@ def test_custom_and_degenerate_codes(device, n):
     for code in (torch.linspace(-1, 1, 256), KF.create_dynamic_map(True, 3, 4)):
         code = code.to(device)
         x = make_input(n, torch.float32, device, seed=3)
-        codes, absmax = KF.quantize_blockwise(x, code=code, blocksize=128)
+        codes, absmax = KO.quantize_blockwise(x, code=code, blocksize=128)
         expected_codes, expected_absmax = ref.quantize_blockwise(x, code, 128)
         assert torch.equal(absmax, expected_absmax) and torch.equal(codes, expected_codes)
 
@@ -304,7 +304,7 @@ def test_dequantize_equals_reference(device, dtype, blocksize):
     absmax = (torch.rand((n + blocksize - 1) // blocksize, generator=g) * 100).to(device)
     absmax[0] = 0.0
     code = KF.create_dynamic_map(signed=False).to(device)
-    out = KF.dequantize_blockwise(codes, absmax, code=code, blocksize=blocksize, dtype=dtype)
+    out = KO.dequantize_blockwise(codes, absmax, code=code, blocksize=blocksize, dtype=dtype)
     assert out.dtype == dtype
     assert torch.equal(out, ref.dequantize_blockwise(codes, absmax, code, blocksize, dtype))
 
@@ -320,7 +320,7 @@ def test_dequantize_equals_bitsandbytes(device, dtype, blocksize):
     absmax = (torch.rand((n + blocksize - 1) // blocksize, generator=g) * 10).to(device)
     code = KF.create_dynamic_map().to(device)
     expected = torch.ops.bitsandbytes.dequantize_blockwise(codes, absmax, code, blocksize, dtype)
-    ours = KF.dequantize_blockwise(codes, absmax, code=code, blocksize=blocksize, dtype=dtype)
+    ours = KO.dequantize_blockwise(codes, absmax, code=code, blocksize=blocksize, dtype=dtype)
     assert torch.equal(ours, expected)
 
 
@@ -376,7 +376,7 @@ def assert_never_farther(x, blocksize, codes, other_codes):
 def test_quantize_never_farther_than_bitsandbytes_cpu(dtype, blocksize):
     F = bnb_functional()
     x = make_input(100_000, dtype, "cpu", seed=11)
-    codes, absmax = KF.quantize_blockwise(x, blocksize=blocksize)
+    codes, absmax = KO.quantize_blockwise(x, blocksize=blocksize)
     bnb_codes, bnb_state = F.quantize_blockwise(x, blocksize=blocksize)
     assert torch.equal(absmax, bnb_state.absmax)
     assert_never_farther(x, blocksize, codes, bnb_codes)
@@ -388,7 +388,7 @@ def test_quantize_never_farther_than_bitsandbytes_cpu(dtype, blocksize):
 def test_quantize_matches_bitsandbytes_cuda(dtype, blocksize):
     F = bnb_functional()
     x = make_input(1_000_003, dtype, "cuda", seed=5)
-    codes, absmax = KF.quantize_blockwise(x, blocksize=blocksize)
+    codes, absmax = KO.quantize_blockwise(x, blocksize=blocksize)
     bnb_codes, bnb_state = F.quantize_blockwise(x, blocksize=blocksize)
     assert torch.equal(absmax, bnb_state.absmax)
     assert_never_farther(x, blocksize, codes, bnb_codes)
@@ -405,22 +405,22 @@ def test_argument_errors(device):
         with pytest.raises(TypeError, match=r"quantize_blockwise: blocksize must be a positive integer, got"):
             KO.quantize_blockwise(x, blocksize=bad)
     with pytest.raises(ValueError, match=r"quantize_blockwise: code must have shape \(256,\), got \(255,\)"):
-        KF.quantize_blockwise(x, code=torch.zeros(255, device=device))
+        KO.quantize_blockwise(x, code=torch.zeros(255, device=device))
     with pytest.raises(TypeError, match="quantize_blockwise: code must be float32, got torch.float64"):
-        KF.quantize_blockwise(x, code=torch.zeros(256, dtype=torch.float64, device=device))
+        KO.quantize_blockwise(x, code=torch.zeros(256, dtype=torch.float64, device=device))
     with pytest.raises(TypeError, match="quantize_blockwise: x must be float32, float16 or bfloat16, got torch.int32"):
-        KF.quantize_blockwise(torch.ones(10, dtype=torch.int32, device=device))
-    codes, absmax = KF.quantize_blockwise(x)
+        KO.quantize_blockwise(torch.ones(10, dtype=torch.int32, device=device))
+    codes, absmax = KO.quantize_blockwise(x)
     with pytest.raises(ValueError, match=r"absmax must hold ceil\(1000 / 256\) = 4 values .* got 3"):
-        KF.dequantize_blockwise(codes, absmax[:3])
+        KO.dequantize_blockwise(codes, absmax[:3])
     with pytest.raises(ValueError, match=r"absmax must hold ceil\(1000 / 128\) = 8 values .* got 4"):
-        KF.dequantize_blockwise(codes, absmax, blocksize=128)
+        KO.dequantize_blockwise(codes, absmax, blocksize=128)
     with pytest.raises(TypeError, match="dequantize_blockwise: codes must be a uint8 tensor, got torch.int64"):
-        KF.dequantize_blockwise(codes.long(), absmax)
+        KO.dequantize_blockwise(codes.long(), absmax)
     with pytest.raises(TypeError, match="dequantize_blockwise: absmax must be a float32 tensor, got torch.float16"):
-        KF.dequantize_blockwise(codes, absmax.half())
+        KO.dequantize_blockwise(codes, absmax.half())
     with pytest.raises(TypeError, match="dequantize_blockwise: dtype must be float32, float16 or bfloat16, got torch.int8"):
-        KF.dequantize_blockwise(codes, absmax, dtype=torch.int8)
+        KO.dequantize_blockwise(codes, absmax, dtype=torch.int8)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -482,8 +482,8 @@ def test_compile_fullgraph(device):
     torch._dynamo.reset()
 
     def round_trip(x):
-        codes, absmax = KF.quantize_blockwise(x, blocksize=128)
-        return KF.dequantize_blockwise(codes, absmax, blocksize=128, dtype=x.dtype), codes, absmax
+        codes, absmax = KO.quantize_blockwise(x, blocksize=128)
+        return KO.dequantize_blockwise(codes, absmax, blocksize=128, dtype=x.dtype), codes, absmax
 
     compiled = torch.compile(round_trip, fullgraph=True)
     for dtype in (torch.float32, torch.bfloat16):
