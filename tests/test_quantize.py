@@ -260,10 +260,34 @@ def test_subnormal_absmax(device, dtype):
     expected_codes, expected_absmax = ref.quantize_blockwise(x, code, 64)
     assert torch.equal(absmax, expected_absmax) and torch.equal(codes, expected_codes)
     assert absmax[0].item() == x[0].item() and absmax[0].item() < 2.9e-39
+    if dtype == torch.float32:  # the same block scaled by 2^64 (exact) has the same codes
+        assert torch.equal(KO.quantize_blockwise(x * 2.0 ** 64, code=code, blocksize=64)[0], codes)
     out = KO.dequantize_blockwise(codes, absmax, blocksize=64).double().cpu()
     err = (out - x.double().cpu()).abs()
     assert bool((err <= 0.02 * absmax[0].item()).all())  # the map's own resolution, not saturation
     assert codes[2].item() == 127 and out[2].item() == 0.0
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("scale", [1.0, 2.0 ** 126, 1e38, 3e38, float(torch.finfo(torch.float32).max)])
+def test_huge_absmax_is_exact_nearest(device, scale):
+    # Regression: above 2^126, 1/absmax is subnormal (fewer significant bits), so values near a midpoint took the
+    # farther code (at absmax 3e38, 168 of these 511 codes differed from those of the same block scaled by 2^-64).
+    # The kernels now pre-scale such a block by 2^-64.
+    code = KF.create_dynamic_map().to(device)
+    midpoints = (code[:-1] + code[1:]) * 0.5
+    near = torch.cat([torch.nextafter(midpoints, torch.full_like(midpoints, 2.0)),
+                      torch.nextafter(midpoints, torch.full_like(midpoints, -2.0))])
+    x = torch.cat([(near.double() * scale).float(), torch.tensor([scale], device=device).float()])
+    codes, absmax = KO.quantize_blockwise(x, code=code, blocksize=x.numel())
+    expected_codes, expected_absmax = ref.quantize_blockwise(x, code, x.numel())
+    assert torch.equal(absmax, expected_absmax) and torch.equal(codes, expected_codes)
+    # Scaling a block by a power of two changes no code (what exact arithmetic gives): the same block scaled into
+    # the range where 1/absmax is a normal float32 has the same codes.
+    down = x * 2.0 ** -64
+    down_codes, down_absmax = KO.quantize_blockwise(down, code=code, blocksize=x.numel())
+    assert torch.equal(down * 2.0 ** 64, x) and torch.equal(down_absmax * 2.0 ** 64, absmax)
+    assert torch.equal(codes, down_codes)
 
 
 def test_non_finite_compared_with_bitsandbytes():

@@ -104,11 +104,23 @@ static void check_helpers() {
     CHECK(quant::normalize(0.0f, s) == 0.0f, "subnormal absmax %g: 0 stays 0", a);
   }
   CHECK(quant::normalize(denorm, quant::block_scale(2 * denorm)) == 0.5f, "half of a subnormal absmax");
+  // An absmax above 2^126: 1/absmax would be subnormal (fewer bits); the 2^-64 pre-scale keeps it normal.
+  const float huge = std::numeric_limits<float>::max();
+  for (float a : {huge, 3e38f, 1e38f, 8.6e37f}) {
+    const quant::BlockScale s = quant::block_scale(a);
+    CHECK(s.pre < 1.0f && s.inv >= std::numeric_limits<float>::min(), "large absmax %g: normal inv", a);
+    CHECK(quant::normalize(a, s) == 1.0f && quant::normalize(-a, s) == -1.0f, "large absmax %g: +-1", a);
+    CHECK(quant::normalize(inf, s) == inf, "large absmax %g: inf stays inf", a);
+    const double exact = 0.3 * a / a;
+    CHECK(std::fabs(quant::normalize(0.3f * a, s) - exact) <= 1e-7, "large absmax %g: 0.3 to float32 accuracy", a);
+  }
+  CHECK(quant::block_scale(8.50705917e+37f).pre == 1.0f, "2^126 itself: 1/absmax = 2^-126 is normal");
   // A normal absmax: exactly x * (1 / absmax), as before the pre-scale existed.
   std::mt19937 rng(99);
-  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f), exponent(-37.0f, 38.0f);
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f), exponent(-37.0f, 37.9f);
   for (int i = 0; i < 100000; ++i) {
-    const float a = std::fabs(uniform(rng)) * std::pow(10.0f, exponent(rng)) + 1e-37f, x = uniform(rng) * a;
+    const float a = std::fmin(std::fabs(uniform(rng)) * std::pow(10.0f, exponent(rng)) + 1e-37f, 8.5e37f);
+    const float x = uniform(rng) * a;
     const float expected = x * (1.0f / a);
     CHECK(quant::normalize(x, quant::block_scale(a)) == expected, "x %g absmax %g", x, a);
   }

@@ -6,8 +6,9 @@
 // v = x * (1 / absmax): the number of float32 midpoints (map[j] + map[j+1]) * 0.5f strictly below v, so a value
 // exactly on a midpoint takes the lower index. +inf and -inf therefore take the map's last and first codes
 // (they saturate), and NaN takes the code of 0. A block without a finite nonzero element has absmax 0 and every
-// code is the code of 0 (decoded: 0, never NaN). A subnormal absmax is scaled by 2^64 first, so 1/absmax cannot
-// overflow: v is then x * (1 / absmax) as if float32 had an unbounded exponent range.
+// code is the code of 0 (decoded: 0, never NaN). A subnormal absmax, or one above 2^126, is first scaled by a power
+// of two (block_scale), so 1/absmax neither overflows nor turns subnormal: v is x * (1 / absmax) as if float32 had
+// an unbounded exponent range.
 #pragma once
 
 #include "kestrel/common.h"
@@ -28,17 +29,22 @@ KESTREL_HD float finite_absmax_combine(float running, float a) {
 }
 
 // What a block's values are multiplied by: v = (x * pre) * inv. For a normal absmax pre = 1 and inv = 1/absmax
-// (IEEE division, as bnb's kernel computes it); for a subnormal absmax pre = 2^64 and inv = 1/(absmax * 2^64),
-// since 1/absmax may overflow; for absmax 0, inv = 0 (the block maps to the code of 0).
+// (IEEE division, as bnb's kernel computes it). Where 1/absmax would leave the normal range, a power of two brings
+// absmax back into it first: a subnormal absmax takes pre = 2^64 (1/absmax may overflow), an absmax above 2^126
+// pre = 2^-64 (1/absmax would be subnormal, losing bits); inv = 1/(absmax * pre), and since scaling by a power of
+// two is exact, v is x * (1/absmax) as if float32 had an unbounded exponent range. absmax 0: inv = 0 (the block
+// maps to the code of 0).
 struct BlockScale {
   float pre;
   float inv;
 };
 
 KESTREL_HD BlockScale block_scale(float absmax) {
-  constexpr float kMinNormal = 1.17549435e-38f, kTwo64 = 18446744073709551616.0f;
+  constexpr float kMinNormal = 1.17549435e-38f, kTwo126 = 8.50705917e+37f;
+  constexpr float kTwo64 = 18446744073709551616.0f, kTwoMinus64 = 5.42101086e-20f;
   if (!(absmax > 0.0f)) return {1.0f, 0.0f};
   if (absmax < kMinNormal) return {kTwo64, 1.0f / (absmax * kTwo64)};
+  if (absmax > kTwo126) return {kTwoMinus64, 1.0f / (absmax * kTwoMinus64)};
   return {1.0f, 1.0f / absmax};
 }
 
