@@ -26,7 +26,6 @@ inline void check_code(const char* op, const at::Tensor& code, const at::Tensor&
   TORCH_CHECK(code.scalar_type() == at::kFloat, op, ": code must be float32, got ", code.scalar_type());
   TORCH_CHECK(code.dim() == 1 && code.numel() == 256, op, ": code must have shape (256,), got ", code.sizes());
   TORCH_CHECK(code.device() == like.device(), op, ": code must be on ", like.device(), ", got ", code.device());
-  TORCH_CHECK(code.is_contiguous(), op, ": code must be contiguous");
 }
 
 inline void check_quantize_args(const at::Tensor& x, const at::Tensor& code, int64_t blocksize) {

@@ -447,6 +447,88 @@ def test_argument_errors(device):
         KO.dequantize_blockwise(codes, absmax, dtype=torch.int8)
 
 
+def test_meta_tensor_mixed_with_real_ones_is_rejected():
+    # Regression: a meta absmax or map beside real CPU tensors dispatched to the fake kernel, which returned
+    # uninitialised CPU memory as the result. The fake kernels now check devices (and what the real ones check).
+    code = KF.create_dynamic_map()
+    x = torch.randn(1000)
+    codes, absmax = KO.quantize_blockwise(x)
+    with pytest.raises(RuntimeError, match=r"dequantize_blockwise: absmax and code must be on cpu, got meta and cpu"):
+        torch.ops.kestrel.dequantize_blockwise(codes, absmax.to("meta"), code, 256, torch.float32)
+    with pytest.raises(RuntimeError, match=r"quantize_blockwise: code must be on cpu, got meta"):
+        torch.ops.kestrel.quantize_blockwise(x, code.to("meta"), 256)
+    with pytest.raises(ValueError, match=r"quantize_blockwise: code must hold values .* got a meta tensor"):
+        KO.quantize_blockwise(x, code=code.to("meta"))
+    with pytest.raises(NotImplementedError, match=r"kestrel.quantize_blockwise: no kernel for device meta"):
+        KO.quantize_blockwise(x.to("meta"))
+    # All-meta calls are shape inference.
+    meta_codes, meta_absmax = torch.ops.kestrel.quantize_blockwise(x.to("meta").view(10, 100), code.to("meta"), 64)
+    assert meta_codes.device.type == "meta" and meta_codes.shape == (10, 100) and meta_absmax.shape == (16,)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_layouts_and_autograd_inputs(device):
+    code = KF.create_dynamic_map().to(device)
+    base = make_input(4 * 3 * 8 * 8, torch.float32, device).reshape(4, 3, 8, 8)
+    expected_codes, expected_absmax = KO.quantize_blockwise(base, blocksize=64)
+    for x in (base.to(memory_format=torch.channels_last), base.clone().requires_grad_(),
+              base.reshape(-1)[None].expand(2, -1)[0].reshape(4, 3, 8, 8)):
+        codes, absmax = KO.quantize_blockwise(x, blocksize=64)
+        assert codes.shape == x.shape and not codes.requires_grad and not absmax.requires_grad
+        assert torch.equal(codes.contiguous(), expected_codes) and torch.equal(absmax, expected_absmax)
+    # A strided map (quantize and dequantize), a 2-D or strided absmax, strided codes.
+    strided_code = torch.stack([code, code], 1)[:, 0]
+    assert not strided_code.is_contiguous()
+    codes, absmax = KO.quantize_blockwise(base, code=strided_code, blocksize=64)
+    assert torch.equal(codes, expected_codes)
+    expected = KO.dequantize_blockwise(codes, absmax, blocksize=64)
+    for got in (KO.dequantize_blockwise(codes, absmax, code=strided_code, blocksize=64),
+                torch.ops.kestrel.dequantize_blockwise(codes, absmax, strided_code, 64, torch.float32),
+                KO.dequantize_blockwise(codes, absmax.view(4, -1), blocksize=64),
+                KO.dequantize_blockwise(codes, torch.stack([absmax, absmax], 1)[:, 0], blocksize=64),
+                KO.dequantize_blockwise(codes.transpose(0, 3).contiguous().transpose(0, 3), absmax, blocksize=64)):
+        assert torch.equal(got, expected)
+    # A 0-d tensor is one block of one element.
+    codes, absmax = KO.quantize_blockwise(torch.tensor(-2.5, device=device))
+    assert codes.shape == () and absmax.tolist() == [2.5]
+    assert KO.dequantize_blockwise(codes, absmax).item() == (code[0] * 2.5).item()
+
+
+@pytest.mark.parametrize("device", devices())
+def test_autograd(device):
+    # Regression: outputs of the ops carried a "not implemented" grad_fn, so backward dropped gradients with only a
+    # warning. Quantize outputs are now non-differentiable; dequantize has its gradient in absmax and the map.
+    x = make_input(1000, torch.float32, device).requires_grad_()
+    codes, absmax = KO.quantize_blockwise(x, blocksize=64)
+    assert not codes.requires_grad and not absmax.requires_grad
+    code = KF.create_dynamic_map(signed=False).to(device).requires_grad_()
+    absmax = absmax.clone().requires_grad_()
+    grad = torch.randn(1000, device=device)
+    KO.dequantize_blockwise(codes, absmax, code=code, blocksize=64).backward(grad)
+    ref_absmax, ref_code = absmax.detach().clone().requires_grad_(), code.detach().clone().requires_grad_()
+    ref.dequantize_blockwise(codes, ref_absmax, ref_code, 64).backward(grad)
+    torch.testing.assert_close(absmax.grad, ref_absmax.grad)
+    torch.testing.assert_close(code.grad, ref_code.grad)
+
+
+def test_wrong_types_are_named():
+    x = torch.randn(100)
+    codes, absmax = KO.quantize_blockwise(x)
+    for bad, match in ((x.tolist(), "x must be a torch.Tensor, got list"),
+                       (x.double(), "x must be float32, float16 or bfloat16, got torch.float64"),
+                       (x.to(torch.complex64), "x must be float32, float16 or bfloat16, got torch.complex64")):
+        with pytest.raises(TypeError, match="quantize_blockwise: " + match):
+            KO.quantize_blockwise(bad)
+    with pytest.raises(TypeError, match=r"quantize_blockwise: code must be a torch.Tensor of 256 float32 values, got list"):
+        KO.quantize_blockwise(x, code=list(range(256)))
+    with pytest.raises(TypeError, match="dequantize_blockwise: codes must be a uint8 tensor, got NoneType"):
+        KO.dequantize_blockwise(None, absmax)
+    with pytest.raises(TypeError, match="dequantize_blockwise: dtype must be float32, float16 or bfloat16, got float32"):
+        KO.dequantize_blockwise(codes, absmax, dtype="float32")
+    with pytest.raises(RuntimeError, match="dequantize_blockwise: dtype must be float32, float16 or bfloat16, got Int"):
+        torch.ops.kestrel.dequantize_blockwise(codes, absmax, KF.create_dynamic_map(), 256, torch.int32)
+
+
 @pytest.mark.parametrize("device", devices())
 def test_op_level_checks(device):
     # The registered ops check their arguments too, for callers of torch.ops.kestrel.* directly.

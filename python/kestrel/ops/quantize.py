@@ -178,9 +178,11 @@ def resolve_code(op, code, device, error=TypeError, sorted_map=True):
     if code is None:
         return default_map(device)
     check_code(op, code, error)
+    if code.device.type == "meta" and torch.device(device).type != "meta":
+        raise ValueError(f"{op}: code must hold values (a tensor on the CPU or {device}), got a meta tensor")
     if sorted_map:
         check_code_values(op, code)
-    return code.to(device)
+    return code.to(device).contiguous()
 
 
 def _num_blocks(n, blocksize):
@@ -226,15 +228,64 @@ def dequantize_blockwise(codes, absmax, code=None, blocksize=256, dtype=torch.fl
 
 
 if _ext.available():
+    # The fake kernels check what the real ones check, so a traced call fails as an eager one does; the device
+    # checks also stop a meta tensor mixed with real ones from picking this kernel and returning empty memory.
 
     @torch.library.register_fake("kestrel::quantize_blockwise")
     def _quantize_blockwise_fake(x, code, blocksize):
-        torch._check(code.numel() == 256, lambda: f"quantize_blockwise: code must have 256 values, got {code.numel()}")
+        op = "quantize_blockwise"
+        torch._check(x.dtype in FLOAT_DTYPES, lambda: f"{op}: x must be float32, float16 or bfloat16, got {x.dtype}")
+        torch._check(blocksize > 0, lambda: f"{op}: blocksize must be a positive integer, got {blocksize}")
+        torch._check(code.dtype == torch.float32, lambda: f"{op}: code must be float32, got {code.dtype}")
+        torch._check(code.dim() == 1 and code.numel() == 256,
+                     lambda: f"{op}: code must have shape (256,), got {tuple(code.shape)}")
+        torch._check(code.device == x.device, lambda: f"{op}: code must be on {x.device}, got {code.device}")
         absmax = x.new_empty((_num_blocks(x.numel(), blocksize),), dtype=torch.float32)
         return x.new_empty(x.shape, dtype=torch.uint8), absmax
 
     @torch.library.register_fake("kestrel::dequantize_blockwise")
     def _dequantize_blockwise_fake(codes, absmax, code, blocksize, dtype):
+        op = "dequantize_blockwise"
+        torch._check(codes.dtype == torch.uint8, lambda: f"{op}: codes must be uint8, got {codes.dtype}")
+        torch._check(absmax.dtype == torch.float32, lambda: f"{op}: absmax must be float32, got {absmax.dtype}")
+        torch._check(blocksize > 0, lambda: f"{op}: blocksize must be a positive integer, got {blocksize}")
         torch._check(absmax.numel() == _num_blocks(codes.numel(), blocksize),
-                     lambda: "dequantize_blockwise: absmax does not match codes")
+                     lambda: f"{op}: absmax must hold ceil({codes.numel()} / {blocksize}) values, got {absmax.numel()}")
+        torch._check(code.dtype == torch.float32 and code.numel() == 256,
+                     lambda: f"{op}: code must be 256 float32 values, got {code.dtype} {tuple(code.shape)}")
+        torch._check(absmax.device == codes.device and code.device == codes.device,
+                     lambda: f"{op}: absmax and code must be on {codes.device}, got {absmax.device} and {code.device}")
+        torch._check(dtype in FLOAT_DTYPES, lambda: f"{op}: dtype must be float32, float16 or bfloat16, got {dtype}")
         return codes.new_empty(codes.shape, dtype=dtype)
+
+    # Autograd. Quantizing is piecewise constant: its outputs are marked non-differentiable (no silent dropped
+    # gradient). Dequantizing, code[codes] * absmax[block], is differentiable in absmax and in the map.
+
+    def _quantize_setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output)
+
+    def _quantize_backward(ctx, grad_codes, grad_absmax):
+        return None, None, None
+
+    torch.library.register_autograd("kestrel::quantize_blockwise", _quantize_backward,
+                                    setup_context=_quantize_setup_context)
+
+    def _dequantize_setup_context(ctx, inputs, output):
+        codes, absmax, code, blocksize, _ = inputs
+        ctx.save_for_backward(codes, absmax, code)
+        ctx.blocksize = blocksize
+
+    def _dequantize_backward(ctx, grad):
+        codes, absmax, code = ctx.saved_tensors
+        flat = codes.reshape(-1).long()
+        block = torch.arange(flat.numel(), device=codes.device) // ctx.blocksize
+        g = grad.reshape(-1).float()
+        grad_absmax = grad_code = None
+        if ctx.needs_input_grad[1]:
+            grad_absmax = absmax.new_zeros(absmax.numel()).index_add_(0, block, g * code[flat]).view(absmax.shape)
+        if ctx.needs_input_grad[2]:
+            grad_code = torch.zeros_like(code).index_add_(0, flat, g * absmax.reshape(-1)[block])
+        return None, grad_absmax, grad_code, None, None
+
+    torch.library.register_autograd("kestrel::dequantize_blockwise", _dequantize_backward,
+                                    setup_context=_dequantize_setup_context)
