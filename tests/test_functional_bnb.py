@@ -185,6 +185,17 @@ def test_state_dict_round_trip(F, nested):
     assert F.QuantState.from_dict(dict(packed), torch.device("cpu")).blocksize == 512
 
 
+def test_from_dict_names_missing_and_unknown_keys():
+    _, state = KF.quantize_blockwise(make_input(5000, torch.float32), blocksize=256, nested=True)
+    as_dict = state.as_dict()
+    with pytest.raises(ValueError, match=r"QuantState.from_dict: missing keys \['nested_offset'\]"):
+        KF.QuantState.from_dict({k: v for k, v in as_dict.items() if k != "nested_offset"}, "cpu")
+    with pytest.raises(ValueError, match=r"QuantState.from_dict: unknown keys \['extra'\]"):
+        KF.QuantState.from_dict({**as_dict, "extra": 1}, "cpu")
+    with pytest.raises(ValueError, match=r"expected packed or unpacked quant_state items, found neither"):
+        KF.QuantState.from_dict({k: v for k, v in as_dict.items() if k != "quant_type"}, "cpu")
+
+
 def test_to_moves_in_place():
     _, state = KF.quantize_blockwise(make_input(5000, torch.float32), blocksize=256, nested=True)
     assert state.to("cpu") is None and state.absmax.device.type == "cpu"

@@ -110,6 +110,12 @@ class QuantState:
         unknown = sorted(set(qs_dict) - set(cls.valid_qs_keys))
         if unknown:
             raise ValueError(f"QuantState.from_dict: unknown keys {unknown} (known: {cls.valid_qs_keys})")
+        required = ["absmax", "quant_map", "blocksize", "dtype"]
+        if "nested_absmax" in qs_dict:
+            required += ["nested_quant_map", "nested_blocksize", "nested_dtype", "nested_offset"]
+        missing = [k for k in required if k not in qs_dict]
+        if missing:
+            raise ValueError(f"QuantState.from_dict: missing keys {missing}")
         offset = state2 = None
         if "nested_absmax" in qs_dict:
             offset = torch.tensor(float(qs_dict["nested_offset"])).to(device)
