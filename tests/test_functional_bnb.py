@@ -323,6 +323,19 @@ def test_non_finite_input_keeps_finite_neighbours(F):
     assert bool(torch.isinf(F.dequantize_blockwise(*F.quantize_blockwise(x, blocksize=256))).all())
 
 
+def test_nested_mean_does_not_overflow(F):
+    # Deliberate difference: with absmax values near the float32 maximum, bnb's float32 mean overflows to inf and the
+    # nested state decodes to NaN; ours takes the mean in float64 there.
+    x = torch.full((64 * 100,), 3e38)
+    x[::7] = -1e38
+    codes, state = KF.quantize_blockwise(x, blocksize=64, nested=True)
+    assert bool(torch.isfinite(state.offset)) and state.offset.item() == torch.tensor(3e38).item()
+    y = KF.dequantize_blockwise(codes, state)
+    assert bool(torch.isfinite(y).all()) and ((y - x).abs() <= 0.02 * 3e38).all()
+    bnb_codes, bnb_state = F.quantize_blockwise(x, blocksize=64, nested=True)
+    assert bnb_state.offset.item() == float("inf") and bool(F.dequantize_blockwise(bnb_codes, bnb_state).isnan().all())
+
+
 def test_empty_and_scalar_inputs(F):
     for shape in ((0,), (3, 0), ()):
         x = torch.ones(shape)
