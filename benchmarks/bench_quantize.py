@@ -28,13 +28,13 @@ def bnb_functional():
 
 def implementations(device):
     """name -> (quantize(x), dequantize(codes, absmax, dtype)) for every implementation available on device."""
-    from kestrel import functional as KF
+    from kestrel import ops as KO  # kestrel's (codes, absmax) ops; kestrel.functional wraps them in bnb's form
     from kestrel.reference import quantize as ref
 
-    code = KF.create_dynamic_map().to(device)
+    code = KO.create_dynamic_map().to(device)
     impls = {
-        "kestrel": (lambda x: KF.quantize_blockwise(x, code=code, blocksize=BLOCKSIZE),
-                    lambda c, a, dt: KF.dequantize_blockwise(c, a, code=code, blocksize=BLOCKSIZE, dtype=dt)),
+        "kestrel": (lambda x: KO.quantize_blockwise(x, code=code, blocksize=BLOCKSIZE),
+                    lambda c, a, dt: KO.dequantize_blockwise(c, a, code=code, blocksize=BLOCKSIZE, dtype=dt)),
         "torch-reference": (lambda x: ref.quantize_blockwise(x, code, BLOCKSIZE),
                             lambda c, a, dt: ref.dequantize_blockwise(c, a, code, BLOCKSIZE, dt)),
     }

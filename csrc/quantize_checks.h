@@ -6,11 +6,11 @@
 
 namespace kestrel {
 
-inline bool is_valid_blocksize(int64_t blocksize) {
-  return blocksize >= 64 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0;
-}
+// Any positive blocksize (bitsandbytes' CPU backend takes any; its CUDA backend the powers of two in [64, 4096]).
+inline bool is_valid_blocksize(int64_t blocksize) { return blocksize > 0; }
 
-inline int64_t num_quant_blocks(int64_t n, int64_t blocksize) { return (n + blocksize - 1) / blocksize; }
+// ceil(n / blocksize) without overflow for any positive blocksize.
+inline int64_t num_quant_blocks(int64_t n, int64_t blocksize) { return n == 0 ? 0 : (n - 1) / blocksize + 1; }
 
 inline void check_float_input(const char* op, const char* name, c10::ScalarType dtype) {
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op, ": ", name,
@@ -18,7 +18,7 @@ inline void check_float_input(const char* op, const char* name, c10::ScalarType 
 }
 
 inline void check_blocksize(const char* op, int64_t blocksize) {
-  TORCH_CHECK(is_valid_blocksize(blocksize), op, ": blocksize must be a power of two in [64, 4096], got ",
+  TORCH_CHECK(is_valid_blocksize(blocksize), op, ": blocksize must be a positive integer, got ",
               blocksize);
 }
 
@@ -26,7 +26,6 @@ inline void check_code(const char* op, const at::Tensor& code, const at::Tensor&
   TORCH_CHECK(code.scalar_type() == at::kFloat, op, ": code must be float32, got ", code.scalar_type());
   TORCH_CHECK(code.dim() == 1 && code.numel() == 256, op, ": code must have shape (256,), got ", code.sizes());
   TORCH_CHECK(code.device() == like.device(), op, ": code must be on ", like.device(), ", got ", code.device());
-  TORCH_CHECK(code.is_contiguous(), op, ": code must be contiguous");
 }
 
 inline void check_quantize_args(const at::Tensor& x, const at::Tensor& code, int64_t blocksize) {

@@ -31,8 +31,8 @@ def dequantized_states(opt, p):
     state = opt.state[p]
     if state["state1"].dtype != torch.uint8:
         return state["state1"].float(), state["state2"].float()
-    s1 = KF.dequantize_blockwise(state["state1"], state["absmax1"], code=state["qmap1"], blocksize=256)
-    s2 = KF.dequantize_blockwise(state["state2"], state["absmax2"], code=state["qmap2"], blocksize=256)
+    s1 = KF.dequantize_blockwise(state["state1"], absmax=state["absmax1"], code=state["qmap1"], blocksize=256)
+    s2 = KF.dequantize_blockwise(state["state2"], absmax=state["absmax2"], code=state["qmap2"], blocksize=256)
     return s1, s2
 
 

@@ -35,7 +35,8 @@ def dequantized(opt, p):
     state = opt.state[p]
     if state["state1"].dtype != torch.uint8:
         return state["state1"][0].float(), state["state1"][1].float(), state["state2"].float()
-    deq = lambda codes, absmax, code: KF.dequantize_blockwise(codes.contiguous(), absmax.contiguous(), code=code)  # noqa: E731
+    deq = lambda codes, absmax, code: KF.dequantize_blockwise(  # noqa: E731
+        codes.contiguous(), absmax=absmax.contiguous(), code=code, blocksize=256)
     return (deq(state["state1"][0], state["absmax1"][0], state["qmap1"]),
             deq(state["state1"][1], state["absmax1"][1], state["qmap1"]),
             deq(state["state2"], state["absmax2"], state["qmap2"]))

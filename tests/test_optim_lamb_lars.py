@@ -156,7 +156,7 @@ def dequantized(opt, p):
         if key not in state:
             continue
         if state[key].dtype == torch.uint8:
-            out.append(KF.dequantize_blockwise(state[key], state[akey], code=state[qkey], blocksize=256).reshape(-1))
+            out.append(KF.dequantize_blockwise(state[key], absmax=state[akey], code=state[qkey], blocksize=256).reshape(-1))
         else:
             out.append(state[key].float().reshape(-1))
     return out

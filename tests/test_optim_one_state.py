@@ -36,7 +36,7 @@ def dequantized(opt, p):
     state = opt.state[p]
     if state["state1"].dtype != torch.uint8:
         return state["state1"].float()
-    return KF.dequantize_blockwise(state["state1"], state["absmax1"], code=state["qmap1"], blocksize=256)
+    return KF.dequantize_blockwise(state["state1"], absmax=state["absmax1"], code=state["qmap1"], blocksize=256)
 
 
 @pytest.mark.parametrize("device", devices())

@@ -20,32 +20,20 @@ namespace {
 
 using cpu::CodeTable;
 
-// max |x| over a block with independent lanes (vectorizable); NaN anywhere gives NaN, as absmax_combine does.
+// max |x| over a block's finite elements with independent lanes (vectorizable), as finite_absmax_combine.
 template <typename T>
 KESTREL_ALWAYS_INLINE float block_absmax(const T* x, int64_t len) {
   constexpr int kLanes = 16;
   float lane_max[kLanes] = {};
-  int lane_nan[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes) {
-    for (int k = 0; k < kLanes; ++k) {
-      const float a = std::fabs(static_cast<float>(x[i + k]));
-      lane_max[k] = a > lane_max[k] ? a : lane_max[k];
-      lane_nan[k] |= a != a;
-    }
+    for (int k = 0; k < kLanes; ++k)
+      lane_max[k] = quant::finite_absmax_combine(lane_max[k], std::fabs(static_cast<float>(x[i + k])));
   }
   float result = 0.0f;
-  int any_nan = 0;
-  for (; i < len; ++i) {
-    const float a = std::fabs(static_cast<float>(x[i]));
-    result = a > result ? a : result;
-    any_nan |= a != a;
-  }
-  for (int k = 0; k < kLanes; ++k) {
-    result = lane_max[k] > result ? lane_max[k] : result;
-    any_nan |= lane_nan[k];
-  }
-  return any_nan ? std::numeric_limits<float>::quiet_NaN() : result;
+  for (; i < len; ++i) result = quant::finite_absmax_combine(result, std::fabs(static_cast<float>(x[i])));
+  for (int k = 0; k < kLanes; ++k) result = quant::finite_absmax_combine(result, lane_max[k]);
+  return result;
 }
 
 template <typename T>
@@ -60,16 +48,19 @@ KESTREL_ALWAYS_INLINE void quantize_blocks(const CodeTable& table, const T* x, u
     uint8_t* __restrict__ ob = codes + begin;
     const float block_max = block_absmax(xb, len);
     absmax[b] = block_max;
-    const float inv = quant::inverse_absmax(block_max);
+    const quant::BlockScale scale = quant::block_scale(block_max);
     if (table.bucket_steps == 1) {  // the dynamic maps: at most one midpoint per bucket
       for (int64_t i = 0; i < len; ++i)
-        ob[i] = static_cast<uint8_t>(quant::nearest_code_bucketed<1>(midpoints, start, static_cast<float>(xb[i]) * inv));
+        ob[i] = static_cast<uint8_t>(
+            quant::nearest_code_bucketed<1>(midpoints, start, quant::normalize(static_cast<float>(xb[i]), scale)));
     } else if (table.bucket_steps >= 0) {
       for (int64_t i = 0; i < len; ++i)
-        ob[i] = static_cast<uint8_t>(quant::nearest_code_bucketed<cpu::kMaxBucketSteps>(midpoints, start, static_cast<float>(xb[i]) * inv));
+        ob[i] = static_cast<uint8_t>(quant::nearest_code_bucketed<cpu::kMaxBucketSteps>(
+            midpoints, start, quant::normalize(static_cast<float>(xb[i]), scale)));
     } else {
       for (int64_t i = 0; i < len; ++i)
-        ob[i] = static_cast<uint8_t>(quant::nearest_code_bsearch(midpoints, static_cast<float>(xb[i]) * inv));
+        ob[i] = static_cast<uint8_t>(
+            quant::nearest_code_bsearch(midpoints, quant::normalize(static_cast<float>(xb[i]), scale)));
     }
   }
 }

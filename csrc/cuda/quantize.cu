@@ -18,9 +18,24 @@ cudaError_t launch_quantize(const void* x, const float* code, uint8_t* codes, fl
   return cudaGetLastError();
 }
 
+// Any other blocksize: a warp per block up to 2048 elements, the whole CTA beyond; grid-stride over the blocks.
+template <typename T, int GROUP>
+cudaError_t launch_quantize_any(const void* x, const float* code, uint8_t* codes, float* absmax, int64_t n,
+                                int64_t blocksize, cudaStream_t stream) {
+  constexpr int64_t groups_per_cta = kQuantizeThreads / GROUP;
+  const int64_t num_blocks = n == 0 ? 0 : (n - 1) / blocksize + 1;
+  int64_t ctas = (num_blocks + groups_per_cta - 1) / groups_per_cta;
+  if (ctas == 0) return cudaSuccess;
+  if (ctas > 65536) ctas = 65536;
+  quantize_blockwise_any_kernel<T, GROUP><<<(unsigned)ctas, kQuantizeThreads, 0, stream>>>(
+      static_cast<const T*>(x), code, codes, absmax, n, blocksize, num_blocks);
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t dispatch_blocksize(const void* x, const float* code, uint8_t* codes, float* absmax, int64_t n,
-                               int blocksize, cudaStream_t stream) {
+                               int64_t blocksize, cudaStream_t stream) {
+  if (blocksize <= 0) return cudaErrorInvalidValue;
   switch (blocksize) {
     case 64: return launch_quantize<T, 64>(x, code, codes, absmax, n, stream);
     case 128: return launch_quantize<T, 128>(x, code, codes, absmax, n, stream);
@@ -29,28 +44,34 @@ cudaError_t dispatch_blocksize(const void* x, const float* code, uint8_t* codes,
     case 1024: return launch_quantize<T, 1024>(x, code, codes, absmax, n, stream);
     case 2048: return launch_quantize<T, 2048>(x, code, codes, absmax, n, stream);
     case 4096: return launch_quantize<T, 4096>(x, code, codes, absmax, n, stream);
-    default: return cudaErrorInvalidValue;
+    default:
+      if (blocksize <= 2048) return launch_quantize_any<T, 32>(x, code, codes, absmax, n, blocksize, stream);
+      return launch_quantize_any<T, kQuantizeThreads>(x, code, codes, absmax, n, blocksize, stream);
   }
 }
 
 template <typename T>
 cudaError_t launch_dequantize(const uint8_t* codes, const float* absmax, const float* code, void* out, int64_t n,
-                              int blocksize, cudaStream_t stream) {
+                              int64_t blocksize, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  int log2_blocksize = 0;
-  while ((1 << log2_blocksize) < blocksize) ++log2_blocksize;
+  if (blocksize <= 0) return cudaErrorInvalidValue;
+  int log2_blocksize = -1;  // -1: not a power of two (the kernel divides)
+  if ((blocksize & (blocksize - 1)) == 0) {
+    log2_blocksize = 0;
+    while ((int64_t{1} << log2_blocksize) < blocksize) ++log2_blocksize;
+  }
   const int64_t per_cta = (int64_t)kDequantizeThreads * kDequantizeItems;
   int64_t ctas = (n + per_cta - 1) / per_cta;
   if (ctas > 65536) ctas = 65536;  // grid-stride beyond this
   dequantize_blockwise_kernel<T><<<(unsigned)ctas, kDequantizeThreads, 0, stream>>>(
-      codes, absmax, code, static_cast<T*>(out), n, log2_blocksize);
+      codes, absmax, code, static_cast<T*>(out), n, blocksize, log2_blocksize);
   return cudaGetLastError();
 }
 
 }  // namespace
 
 int quantize_blockwise(DType dtype, const void* x, const float* code, uint8_t* codes, float* absmax, int64_t n,
-                       int blocksize, void* stream) {
+                       int64_t blocksize, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case DType::kFloat32: return dispatch_blocksize<float>(x, code, codes, absmax, n, blocksize, s);
@@ -61,7 +82,7 @@ int quantize_blockwise(DType dtype, const void* x, const float* code, uint8_t* c
 }
 
 int dequantize_blockwise(DType dtype, const uint8_t* codes, const float* absmax, const float* code, void* out,
-                         int64_t n, int blocksize, void* stream) {
+                         int64_t n, int64_t blocksize, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case DType::kFloat32: return launch_dequantize<float>(codes, absmax, code, out, n, blocksize, s);

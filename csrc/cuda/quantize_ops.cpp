@@ -26,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& x_i
   if (n == 0) return {codes, absmax};
   C10_CUDA_CHECK(static_cast<cudaError_t>(cuda::quantize_blockwise(
       to_kestrel_dtype(x.scalar_type()), x.data_ptr(), code.data_ptr<float>(), codes.data_ptr<uint8_t>(),
-      absmax.data_ptr<float>(), n, static_cast<int>(blocksize), c10::cuda::getCurrentCUDAStream().stream())));
+      absmax.data_ptr<float>(), n, blocksize, c10::cuda::getCurrentCUDAStream().stream())));
   return {codes, absmax};
 }
 
@@ -41,7 +41,7 @@ at::Tensor dequantize_blockwise_cuda(const at::Tensor& codes_in, const at::Tenso
   if (codes.numel() == 0) return out;
   C10_CUDA_CHECK(static_cast<cudaError_t>(cuda::dequantize_blockwise(
       to_kestrel_dtype(dtype), codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), code.data_ptr<float>(),
-      out.data_ptr(), codes.numel(), static_cast<int>(blocksize), c10::cuda::getCurrentCUDAStream().stream())));
+      out.data_ptr(), codes.numel(), blocksize, c10::cuda::getCurrentCUDAStream().stream())));
   return out;
 }
 

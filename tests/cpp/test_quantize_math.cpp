@@ -82,12 +82,48 @@ static void check_sign_fix() {
 }
 
 static void check_helpers() {
-  CHECK(quant::inverse_absmax(0.0f) == 0.0f, "1/0 is taken as 0");
-  CHECK(quant::inverse_absmax(4.0f) == 0.25f, "1/4");
-  const float nan = std::numeric_limits<float>::quiet_NaN();
-  CHECK(std::isnan(quant::absmax_combine(1.0f, nan)), "NaN wins");
-  CHECK(std::isnan(quant::absmax_combine(nan, 3.0f)), "NaN stays");
-  CHECK(quant::absmax_combine(1.0f, 3.0f) == 3.0f && quant::absmax_combine(3.0f, 1.0f) == 3.0f, "max");
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  const float denorm = std::numeric_limits<float>::denorm_min();
+  CHECK(quant::finite_absmax_combine(1.0f, 3.0f) == 3.0f && quant::finite_absmax_combine(3.0f, 1.0f) == 3.0f, "max");
+  CHECK(quant::finite_absmax_combine(1.0f, nan) == 1.0f, "NaN is left out");
+  CHECK(quant::finite_absmax_combine(1.0f, inf) == 1.0f, "inf is left out");
+  CHECK(quant::finite_absmax_combine(0.0f, std::numeric_limits<float>::max()) == std::numeric_limits<float>::max(),
+        "the largest finite float joins");
+  const quant::BlockScale zero = quant::block_scale(0.0f), four = quant::block_scale(4.0f);
+  CHECK(zero.pre == 1.0f && zero.inv == 0.0f, "absmax 0: inv 0");
+  CHECK(four.pre == 1.0f && four.inv == 0.25f, "1/4, IEEE division");
+  CHECK(quant::normalize(3.0f, four) == 0.75f, "3/4");
+  CHECK(quant::normalize(nan, four) == 0.0f, "NaN normalises to 0");
+  CHECK(quant::normalize(inf, four) == inf && quant::normalize(-inf, four) == -inf, "inf stays inf");
+  CHECK(quant::normalize(inf, zero) == 0.0f && quant::normalize(5.0f, zero) == 0.0f, "absmax 0: everything to 0");
+  // A subnormal absmax: 1/absmax overflows in float32, the 2^64 pre-scale does not.
+  for (float a : {denorm, 3 * denorm, 1e-39f, 2.9e-39f, 3e-39f, 1e-38f}) {
+    const quant::BlockScale s = quant::block_scale(a);
+    CHECK(std::isfinite(s.inv) && s.inv > 0.0f, "subnormal absmax %g: finite inv", a);
+    CHECK(quant::normalize(a, s) == 1.0f && quant::normalize(-a, s) == -1.0f, "subnormal absmax %g: +-1", a);
+    CHECK(quant::normalize(0.0f, s) == 0.0f, "subnormal absmax %g: 0 stays 0", a);
+  }
+  CHECK(quant::normalize(denorm, quant::block_scale(2 * denorm)) == 0.5f, "half of a subnormal absmax");
+  // An absmax above 2^126: 1/absmax would be subnormal (fewer bits); the 2^-64 pre-scale keeps it normal.
+  const float huge = std::numeric_limits<float>::max();
+  for (float a : {huge, 3e38f, 1e38f, 8.6e37f}) {
+    const quant::BlockScale s = quant::block_scale(a);
+    CHECK(s.pre < 1.0f && s.inv >= std::numeric_limits<float>::min(), "large absmax %g: normal inv", a);
+    CHECK(quant::normalize(a, s) == 1.0f && quant::normalize(-a, s) == -1.0f, "large absmax %g: +-1", a);
+    CHECK(quant::normalize(inf, s) == inf, "large absmax %g: inf stays inf", a);
+    const double exact = 0.3 * a / a;
+    CHECK(std::fabs(quant::normalize(0.3f * a, s) - exact) <= 1e-7, "large absmax %g: 0.3 to float32 accuracy", a);
+  }
+  CHECK(quant::block_scale(8.50705917e+37f).pre == 1.0f, "2^126 itself: 1/absmax = 2^-126 is normal");
+  // A normal absmax: exactly x * (1 / absmax), as before the pre-scale existed.
+  std::mt19937 rng(99);
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f), exponent(-37.0f, 37.9f);
+  for (int i = 0; i < 100000; ++i) {
+    const float a = std::fmin(std::fabs(uniform(rng)) * std::pow(10.0f, exponent(rng)) + 1e-37f, 8.5e37f);
+    const float x = uniform(rng) * a;
+    const float expected = x * (1.0f / a);
+    CHECK(quant::normalize(x, quant::block_scale(a)) == expected, "x %g absmax %g", x, a);
+  }
   CHECK(quant::ordered_key(-0.0f) == quant::ordered_key(0.0f), "-0 and +0 share a key");
   std::vector<float> sorted = {-std::numeric_limits<float>::infinity(), -3e38f, -1.0f, -1e-30f,
                                -std::numeric_limits<float>::denorm_min(), 0.0f,

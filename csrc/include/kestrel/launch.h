@@ -12,10 +12,11 @@ namespace kestrel {
 namespace cuda {
 
 // Each returns a cudaError_t value (0 on success); `stream` is a cudaStream_t.
+// Any positive blocksize; the powers of two in [64, 4096] take the register-resident kernel.
 int quantize_blockwise(DType dtype, const void* x, const float* code, uint8_t* codes, float* absmax, int64_t n,
-                       int blocksize, void* stream);
+                       int64_t blocksize, void* stream);
 int dequantize_blockwise(DType dtype, const uint8_t* codes, const float* absmax, const float* code, void* out,
-                         int64_t n, int blocksize, void* stream);
+                         int64_t n, int64_t blocksize, void* stream);
 
 // One fused step of a two-state optimizer (Adam, AdEMAMix) over `num_tensors` parameters of one dtype: `meta`
 // (device memory) describes them, block offsets ascending; `total_blocks` is the sum of their 256-element block

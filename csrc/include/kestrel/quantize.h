@@ -1,9 +1,14 @@
 // Block-wise dynamic quantization: the per-element math, shared by the CPU and CUDA kernels.
 //
 // A block of `blocksize` consecutive elements is stored as one float32 absmax and one uint8 code per element.
-// The code of x is the index of the nearest value of a sorted 256-entry map to v = x * (1 / absmax): the number
-// of float32 midpoints (map[j] + map[j+1]) * 0.5f strictly below v, so a value exactly on a midpoint takes the
-// lower index. An all-zero block has absmax 0 and codes of the map's zero (never NaN).
+// absmax is the largest |x| over the block's finite elements (inf and NaN are left out, so they cannot spoil
+// their finite neighbours). The code of x is the index of the nearest value of a sorted 256-entry map to
+// v = x * (1 / absmax): the number of float32 midpoints (map[j] + map[j+1]) * 0.5f strictly below v, so a value
+// exactly on a midpoint takes the lower index. +inf and -inf therefore take the map's last and first codes
+// (they saturate), and NaN takes the code of 0. A block without a finite nonzero element has absmax 0 and every
+// code is the code of 0 (decoded: 0, never NaN). A subnormal absmax, or one above 2^126, is first scaled by a power
+// of two (block_scale), so 1/absmax neither overflows nor turns subnormal: v is x * (1 / absmax) as if float32 had
+// an unbounded exponent range.
 #pragma once
 
 #include "kestrel/common.h"
@@ -17,11 +22,38 @@ constexpr int kMidpointsSize = 256;
 
 KESTREL_HD float midpoint(const float* code, int j) { return (code[j] + code[j + 1]) * 0.5f; }
 
-// NaN-propagating max of magnitudes (as torch.amax): the result is NaN if any input is NaN, else the max.
-KESTREL_HD float absmax_combine(float running, float v) { return (v > running || v != v) ? v : running; }
+// Max of magnitudes over finite elements: `a` (= |x|) joins the running max only if it is finite, so inf and NaN
+// never enter a block's absmax. On finite values an ordinary max.
+KESTREL_HD float finite_absmax_combine(float running, float a) {
+  return (a > running && a <= 3.40282347e+38f) ? a : running;
+}
 
-// 1/absmax as bnb's kernel computes it (IEEE division); zero (and NaN) absmax gives 0 so zero blocks map to 0.
-KESTREL_HD float inverse_absmax(float absmax) { return absmax > 0.0f ? 1.0f / absmax : 0.0f; }
+// What a block's values are multiplied by: v = (x * pre) * inv. For a normal absmax pre = 1 and inv = 1/absmax
+// (IEEE division, as bnb's kernel computes it). Where 1/absmax would leave the normal range, a power of two brings
+// absmax back into it first: a subnormal absmax takes pre = 2^64 (1/absmax may overflow), an absmax above 2^126
+// pre = 2^-64 (1/absmax would be subnormal, losing bits); inv = 1/(absmax * pre), and since scaling by a power of
+// two is exact, v is x * (1/absmax) as if float32 had an unbounded exponent range. absmax 0: inv = 0 (the block
+// maps to the code of 0).
+struct BlockScale {
+  float pre;
+  float inv;
+};
+
+KESTREL_HD BlockScale block_scale(float absmax) {
+  constexpr float kMinNormal = 1.17549435e-38f, kTwo126 = 8.50705917e+37f;
+  constexpr float kTwo64 = 18446744073709551616.0f, kTwoMinus64 = 5.42101086e-20f;
+  if (!(absmax > 0.0f)) return {1.0f, 0.0f};
+  if (absmax < kMinNormal) return {kTwo64, 1.0f / (absmax * kTwo64)};
+  if (absmax > kTwo126) return {kTwoMinus64, 1.0f / (absmax * kTwoMinus64)};
+  return {1.0f, 1.0f / absmax};
+}
+
+// The normalised value an element is quantized as: (x * pre) * inv, and 0 for NaN (a NaN element takes the code
+// of 0; +-inf stay infinite and saturate to the map's ends in the search).
+KESTREL_HD float normalize(float x, BlockScale s) {
+  const float v = (x * s.pre) * s.inv;
+  return v == v ? v : 0.0f;
+}
 
 // Count of midpoints strictly below v: a branchless lower bound over the 255 sorted midpoints. NaN gives 0.
 KESTREL_HD int nearest_code_bsearch(const float* midpoints, float v) {
