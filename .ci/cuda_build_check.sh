@@ -10,7 +10,7 @@ if [ ! -x "$CUDA_HOME/bin/nvcc" ] && ! command -v nvcc >/dev/null; then
   exit 1
 fi
 venv="$root/.venv-cuda"
-python3 -m venv "$venv"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q torch==2.14.1 ninja setuptools wheel pytest numpy
 # A copy of the working tree, so this build never touches the in-place CPU build of step 1.
 work=$(mktemp -d)
