@@ -1,4 +1,5 @@
 // Raw-pointer launcher of the fused multi-tensor Adam step. Never includes torch (fast to compile).
+#include "kestrel/cuda_launch.h"
 #include "kestrel/launch.h"
 #include "kestrel/optim.cuh"
 
@@ -12,11 +13,11 @@ cudaError_t launch_two_state_kind(bool eight_bit, const optim::TensorMeta* meta,
   const int64_t ctas = (total_blocks + kAdamWarps - 1) / kAdamWarps;
   if (ctas > 0x7fffffffLL) return cudaErrorInvalidValue;
   if (eight_bit)
-    two_state_kernel<T, KIND, true><<<(unsigned)ctas, kAdamThreads, 0, stream>>>(meta, num_tensors, total_blocks,
-                                                                                  qmap1, qmap2);
+    KESTREL_LAUNCH((unsigned)ctas, kAdamThreads, 0, stream, two_state_kernel<T, KIND, true>)(
+        meta, num_tensors, total_blocks, qmap1, qmap2);
   else
-    two_state_kernel<T, KIND, false><<<(unsigned)ctas, kAdamThreads, 0, stream>>>(meta, num_tensors, total_blocks,
-                                                                                   qmap1, qmap2);
+    KESTREL_LAUNCH((unsigned)ctas, kAdamThreads, 0, stream, two_state_kernel<T, KIND, false>)(
+        meta, num_tensors, total_blocks, qmap1, qmap2);
   return cudaGetLastError();
 }
 
@@ -37,9 +38,11 @@ cudaError_t launch_one_state_kind(bool eight_bit, const optim::TensorMeta* meta,
   const int64_t ctas = (total_blocks + kAdamWarps - 1) / kAdamWarps;
   if (ctas > 0x7fffffffLL) return cudaErrorInvalidValue;
   if (eight_bit)
-    one_state_kernel<T, KIND, true><<<(unsigned)ctas, kAdamThreads, 0, stream>>>(meta, num_tensors, total_blocks, qmap1);
+    KESTREL_LAUNCH((unsigned)ctas, kAdamThreads, 0, stream, one_state_kernel<T, KIND, true>)(
+        meta, num_tensors, total_blocks, qmap1);
   else
-    one_state_kernel<T, KIND, false><<<(unsigned)ctas, kAdamThreads, 0, stream>>>(meta, num_tensors, total_blocks, qmap1);
+    KESTREL_LAUNCH((unsigned)ctas, kAdamThreads, 0, stream, one_state_kernel<T, KIND, false>)(
+        meta, num_tensors, total_blocks, qmap1);
   return cudaGetLastError();
 }
 
@@ -70,17 +73,21 @@ cudaError_t launch_norms(bool adam, bool eight_bit, const optim::TensorMeta* met
   if (ctas > 0) {
     const dim3 grid((unsigned)ctas);
     if (adam && eight_bit)
-      norm_kernel<T, true, true><<<grid, kAdamThreads, 0, stream>>>(meta, num_tensors, total_blocks, qmap1, qmap2, block_sums);
+      KESTREL_LAUNCH(grid, kAdamThreads, 0, stream, norm_kernel<T, true, true>)(
+          meta, num_tensors, total_blocks, qmap1, qmap2, block_sums);
     else if (adam)
-      norm_kernel<T, true, false><<<grid, kAdamThreads, 0, stream>>>(meta, num_tensors, total_blocks, qmap1, qmap2, block_sums);
+      KESTREL_LAUNCH(grid, kAdamThreads, 0, stream, norm_kernel<T, true, false>)(
+          meta, num_tensors, total_blocks, qmap1, qmap2, block_sums);
     else if (eight_bit)
-      norm_kernel<T, false, true><<<grid, kAdamThreads, 0, stream>>>(meta, num_tensors, total_blocks, qmap1, qmap2, block_sums);
+      KESTREL_LAUNCH(grid, kAdamThreads, 0, stream, norm_kernel<T, false, true>)(
+          meta, num_tensors, total_blocks, qmap1, qmap2, block_sums);
     else
-      norm_kernel<T, false, false><<<grid, kAdamThreads, 0, stream>>>(meta, num_tensors, total_blocks, qmap1, qmap2, block_sums);
+      KESTREL_LAUNCH(grid, kAdamThreads, 0, stream, norm_kernel<T, false, false>)(
+          meta, num_tensors, total_blocks, qmap1, qmap2, block_sums);
     const cudaError_t error = cudaGetLastError();
     if (error != cudaSuccess) return error;
   }
-  norm_reduce_kernel<<<(unsigned)num_tensors, optim::kNormThreads, 0, stream>>>(meta, block_sums);
+  KESTREL_LAUNCH((unsigned)num_tensors, optim::kNormThreads, 0, stream, norm_reduce_kernel)(meta, block_sums);
   return cudaGetLastError();
 }
 

@@ -19,8 +19,10 @@
 namespace kestrel {
 namespace {
 
-// The per-parameter metadata of one launch, in pinned host memory (params of one device and dtype), zero-filled so
-// that every pointer the caller does not set (states, norms, device step/lr) is null. Returns the pinned tensor; total_blocks receives the launch's block count.
+// The per-parameter metadata of one launch, in pinned host memory (params of one device and dtype; not pinned for CPU
+// tensors, as when the tests run these launchers on the CPU), zero-filled so that every pointer the caller does not
+// set (states, norms, device step/lr) is null. Returns the host tensor; total_blocks receives the launch's block
+// count.
 at::Tensor make_meta(const char* op, at::TensorList params, at::TensorList grads, c10::IntArrayRef steps, double lr,
                      double beta1, double beta2, double beta3, double alpha, double eps, double weight_decay,
                      double gnorm_scale, int64_t round_seed, int64_t& total_blocks, bool pinned = true) {
@@ -34,7 +36,7 @@ at::Tensor make_meta(const char* op, at::TensorList params, at::TensorList grads
   }
   const int64_t count = static_cast<int64_t>(params.size());
   at::Tensor meta_host = at::zeros({count * static_cast<int64_t>(sizeof(optim::TensorMeta))},
-                                   at::TensorOptions().dtype(at::kByte).pinned_memory(pinned));
+                                   at::TensorOptions().dtype(at::kByte).pinned_memory(pinned && device.is_cuda()));
   auto* meta = reinterpret_cast<optim::TensorMeta*>(meta_host.data_ptr());
   total_blocks = 0;
   for (int64_t i = 0; i < count; ++i) {

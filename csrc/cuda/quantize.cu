@@ -1,4 +1,5 @@
 // Raw-pointer launchers for the block-wise quantization kernels. Never includes torch (fast to compile).
+#include "kestrel/cuda_launch.h"
 #include "kestrel/launch.h"
 #include "kestrel/quantize.cuh"
 
@@ -13,7 +14,7 @@ cudaError_t launch_quantize(const void* x, const float* code, uint8_t* codes, fl
   const int64_t ctas = (num_blocks + QuantizeShape<BLOCK>::QB_PER_CTA - 1) / QuantizeShape<BLOCK>::QB_PER_CTA;
   if (ctas == 0) return cudaSuccess;
   if (ctas > 0x7fffffffLL) return cudaErrorInvalidValue;
-  quantize_blockwise_kernel<T, BLOCK><<<(unsigned)ctas, kQuantizeThreads, 0, stream>>>(
+  KESTREL_LAUNCH((unsigned)ctas, kQuantizeThreads, 0, stream, quantize_blockwise_kernel<T, BLOCK>)(
       static_cast<const T*>(x), code, codes, absmax, n, num_blocks);
   return cudaGetLastError();
 }
@@ -27,7 +28,7 @@ cudaError_t launch_quantize_any(const void* x, const float* code, uint8_t* codes
   int64_t ctas = (num_blocks + groups_per_cta - 1) / groups_per_cta;
   if (ctas == 0) return cudaSuccess;
   if (ctas > 65536) ctas = 65536;
-  quantize_blockwise_any_kernel<T, GROUP><<<(unsigned)ctas, kQuantizeThreads, 0, stream>>>(
+  KESTREL_LAUNCH((unsigned)ctas, kQuantizeThreads, 0, stream, quantize_blockwise_any_kernel<T, GROUP>)(
       static_cast<const T*>(x), code, codes, absmax, n, blocksize, num_blocks);
   return cudaGetLastError();
 }
@@ -63,7 +64,7 @@ cudaError_t launch_dequantize(const uint8_t* codes, const float* absmax, const f
   const int64_t per_cta = (int64_t)kDequantizeThreads * kDequantizeItems;
   int64_t ctas = (n + per_cta - 1) / per_cta;
   if (ctas > 65536) ctas = 65536;  // grid-stride beyond this
-  dequantize_blockwise_kernel<T><<<(unsigned)ctas, kDequantizeThreads, 0, stream>>>(
+  KESTREL_LAUNCH((unsigned)ctas, kDequantizeThreads, 0, stream, dequantize_blockwise_kernel<T>)(
       codes, absmax, code, static_cast<T*>(out), n, blocksize, log2_blocksize);
   return cudaGetLastError();
 }

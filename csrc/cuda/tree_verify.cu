@@ -1,5 +1,6 @@
 // CUDA kernels for draft-tree verification and KV-cache compaction. The walks are kestrel/tree_verify.h's, the
 // same code the CPU kernels run. Never includes torch.
+#include "kestrel/cuda_launch.h"
 #include "kestrel/launch.h"
 #include "kestrel/tree_verify.h"
 
@@ -111,13 +112,13 @@ cudaError_t launch_compact(const tree::CacheView& k, const tree::CacheView& v, i
   const int64_t blocks = layers * batch * heads;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
   if (blocks > 0) {
-    compact_kernel<Elem><<<dim3(static_cast<unsigned>(blocks), 2), kCompactThreads, 0, stream>>>(
+    KESTREL_LAUNCH((dim3(static_cast<unsigned>(blocks), 2)), kCompactThreads, 0, stream, compact_kernel<Elem>)(
         k, v, cache_seqlens, accept_index, width, batch, heads, max_len);
     const cudaError_t error = cudaGetLastError();
     if (error != cudaSuccess) return error;
   }
   if (batch == 0) return cudaSuccess;  // an empty grid is an invalid launch
-  advance_seqlens_kernel<<<static_cast<unsigned>((batch + 127) / 128), 128, 0, stream>>>(
+  KESTREL_LAUNCH(static_cast<unsigned>((batch + 127) / 128), 128, 0, stream, advance_seqlens_kernel)(
       cache_seqlens, accept_index, width, batch, max_len);
   return cudaGetLastError();
 }
@@ -129,7 +130,8 @@ int verify_tree_greedy(const int64_t* candidates, const int64_t* target_ids, con
                        int32_t* accept_index, int32_t* accept_len, int64_t* next_token, void* stream) {
   if (batch == 0) return cudaSuccess;
   const int64_t blocks = (batch + kGreedyThreads - 1) / kGreedyThreads;
-  verify_greedy_kernel<<<static_cast<unsigned>(blocks), kGreedyThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+  KESTREL_LAUNCH(static_cast<unsigned>(blocks), kGreedyThreads, 0, static_cast<cudaStream_t>(stream),
+                 verify_greedy_kernel)(
       candidates, target_ids, first_child, next_sibling, batch, num_nodes, max_depth, accept_index, accept_len,
       next_token);
   return cudaGetLastError();
@@ -142,7 +144,8 @@ int verify_tree_sample(const int64_t* candidates, const float* target_probs, con
                        int32_t* accept_len, int64_t* next_token, void* stream) {
   if (batch == 0) return cudaSuccess;
   if (batch > 0x7fffffffLL) return cudaErrorInvalidValue;
-  verify_sample_kernel<<<static_cast<unsigned>(batch), tree::kSegments, 0, static_cast<cudaStream_t>(stream)>>>(
+  KESTREL_LAUNCH(static_cast<unsigned>(batch), tree::kSegments, 0, static_cast<cudaStream_t>(stream),
+                 verify_sample_kernel)(
       candidates, target_probs, draft_probs, first_child, next_sibling, uniform, uniform_final, scratch, excluded,
       num_nodes, vocab, max_depth, accept_index, accept_len, next_token);
   return cudaGetLastError();

@@ -3,14 +3,13 @@ model, rejected steps and checkpoints that must change nothing."""
 
 import copy
 import inspect
-import math
 
 import pytest
 import torch
 from hypothesis import given, strategies as st
 
 import kestrel
-from cases import CLEAR_ERRORS, note, raises_clearly, tensors
+from cases import note, raises_clearly, tensors
 from kestrel import functional as KF
 from kestrel import optim as O
 from kestrel.reference import optim as ref

@@ -13,7 +13,7 @@ import torch
 
 from . import distributed as D
 from .optimizer import (Optimizer8bit, _blocks, check_args, check_betas, check_hyperparameters, check_int,
-                        check_max_unorm, check_number, default_args, paged_class)
+                        check_max_unorm, default_args, paged_class)
 
 
 class _OneState(Optimizer8bit):

@@ -1,0 +1,3 @@
+// kestrel_sim stand-in for CUDA's cuda_bf16.h: the kernels run on the CPU (tests/cuda_sim).
+#pragma once
+#include "kestrel_sim.h"
