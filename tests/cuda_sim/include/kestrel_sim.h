@@ -409,26 +409,19 @@ inline T __ldg(const T* p) {
   return *p;
 }
 
-inline float __int_as_float(int i) {
-  float f;
-  memcpy(&f, &i, 4);
-  return f;
+namespace kestrel_sim {
+template <typename To, typename From>
+inline To bit_cast(From v) {
+  static_assert(sizeof(To) == sizeof(From), "a bit cast between types of one size");
+  To out;
+  memcpy(&out, &v, sizeof(To));
+  return out;
 }
-inline int __float_as_int(float f) {
-  int i;
-  memcpy(&i, &f, 4);
-  return i;
-}
-inline float __uint_as_float(unsigned u) {
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
-inline unsigned __float_as_uint(float f) {
-  unsigned u;
-  memcpy(&u, &f, 4);
-  return u;
-}
+}  // namespace kestrel_sim
+inline float __int_as_float(int i) { return kestrel_sim::bit_cast<float>(i); }
+inline int __float_as_int(float f) { return kestrel_sim::bit_cast<int>(f); }
+inline float __uint_as_float(unsigned u) { return kestrel_sim::bit_cast<float>(u); }
+inline unsigned __float_as_uint(float f) { return kestrel_sim::bit_cast<unsigned>(f); }
 
 // ------------------------------------------------------------------------------------------------- half types
 // Storage and conversions as CUDA's cuda_fp16.h / cuda_bf16.h define them (round to nearest even; NaN becomes the
