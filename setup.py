@@ -4,7 +4,8 @@ packages (python/kestrel, kernels/ as kestrel.kernels, benchmarks/ as kestrel.be
 Environment variables (also listed in README.md):
   USE_CUDA=0              build the CPU extension only
   FORCE_CUDA=1            build the CUDA part without a GPU present (needs torch with CUDA and a toolkit)
-  TORCH_CUDA_ARCH_LIST    CUDA archs (default "8.0;9.0a"); setting it also turns the CUDA part on
+  TORCH_CUDA_ARCH_LIST    CUDA archs (default: [cuda_archs] of csrc/sources.txt, "8.0;9.0a"); setting it also
+                          turns the CUDA part on
   MAX_JOBS                parallel compile jobs (read by torch's BuildExtension)
   KESTREL_DEBUG=1         -O0 -g instead of -O3
 """
@@ -17,7 +18,6 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_CUDA_ARCHS = "8.0;9.0a"
 
 
 def read_version():
@@ -26,7 +26,8 @@ def read_version():
 
 
 def read_sources(section):
-    """Paths listed under `[section]` in csrc/sources.txt (relative to the repository root)."""
+    """The lines under `[section]` in csrc/sources.txt: source paths (relative to the repository root), flags or
+    CUDA archs; CMakeLists.txt reads the same file."""
     current, paths = None, []
     for raw in (ROOT / "csrc" / "sources.txt").read_text().splitlines():
         line = raw.split("#", 1)[0].strip()
@@ -88,9 +89,9 @@ def make_extensions():
     debug = os.environ.get("KESTREL_DEBUG", "") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     version = read_version()
-    # No floating-point contraction anywhere: the CPU clones and the CUDA kernels must round identically.
-    # (The C++ standard is the one torch's cpp_extension picks.)
-    cxx = opt + ["-ffp-contract=off", "-fno-math-errno", f"-DKESTREL_VERSION={version}"]
+    # the flags of csrc/sources.txt (no floating-point contraction: see there); the C++ standard is the one torch's
+    # cpp_extension picks
+    cxx = opt + read_sources("cxx_flags") + [f"-DKESTREL_VERSION={version}"]
     link = []
     if sys.platform.startswith("linux"):
         cxx.append("-fopenmp")
@@ -104,12 +105,12 @@ def make_extensions():
         return [CppExtension("kestrel._C", sources, include_dirs=include_dirs,
                              extra_compile_args={"cxx": cxx}, extra_link_args=link)]
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ";".join(read_sources("cuda_archs")))
     archs = arch_names(os.environ["TORCH_CUDA_ARCH_LIST"])
     print(f"kestrel: CUDA archs {archs}")
     cuda_macros = ["-DKESTREL_WITH_CUDA", f"-DKESTREL_CUDA_VERSION={torch.version.cuda}",
                    f"-DKESTREL_CUDA_ARCHS={archs}"]
-    nvcc = opt + ["-lineinfo", "--fmad=false"] + cuda_macros
+    nvcc = opt + read_sources("nvcc_flags") + cuda_macros
     return [CUDAExtension("kestrel._C", sources + read_sources("cuda"),
                           include_dirs=include_dirs + extra_cuda_include_dirs(CUDA_HOME),
                           extra_compile_args={"cxx": cxx + cuda_macros, "nvcc": nvcc},

@@ -50,6 +50,24 @@ def test_sources_list_matches_disk():
     assert all(p.endswith((".cu", ".cpp")) for p in cuda) and not any(p.endswith(".cu") for p in cpu)
 
 
+def test_build_settings_written_once():
+    """The flags and the default CUDA archs live in csrc/sources.txt, read by setup.py and CMakeLists.txt; the
+    version in python/kestrel/_version.py; every C++ test in tests/cpp is built and registered with ctest."""
+    setup = load_setup_module()
+    assert "-ffp-contract=off" in setup.read_sources("cxx_flags")
+    assert "--fmad=false" in setup.read_sources("nvcc_flags")
+    assert setup.read_sources("cuda_archs") == ["8.0", "9.0a"]
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    for literal in ("-ffp-contract=off", "--fmad=false", "-lineinfo", "0.1.0"):
+        assert literal not in cmake, f"CMakeLists.txt spells {literal!r}: read it from csrc/sources.txt"
+    setup_text = (ROOT / "setup.py").read_text()
+    for literal in ("-ffp-contract=off", "--fmad=false", "-lineinfo"):
+        assert literal not in setup_text, f"setup.py spells {literal!r}: read it from csrc/sources.txt"
+    for test in (ROOT / "tests" / "cpp").glob("*.cpp"):
+        assert f"tests/cpp/{test.name}" in cmake, f"{test.name} is not built by CMakeLists.txt (ctest)"
+    assert cmake.count("add_test(") >= len(list((ROOT / "tests" / "cpp").glob("*.cpp")))
+
+
 def test_device_code_never_includes_torch():
     for path in list((ROOT / "csrc" / "include").rglob("*")) + list((ROOT / "csrc").rglob("*.cu")):
         if path.is_file():
@@ -118,7 +136,7 @@ def test_cuda_sources_compile(arch, tmp_path):
         result = subprocess.run(
             [compiler, "-c", str(ROOT / source), "-o", str(out), "-O3", "-std=c++17",
              f"-gencode=arch=compute_{arch[3:]},code={arch}", f"-I{ROOT / 'csrc' / 'include'}",
-             "-DKESTREL_CUDA_ARCHS=" + arch, "-Werror", "all-warnings"],
+             "-DKESTREL_CUDA_ARCHS=" + arch, "-Werror", "all-warnings"] + load_setup_module().read_sources("nvcc_flags"),
             capture_output=True, text=True)
         assert result.returncode == 0, f"{source} for {arch}:\n{result.stderr}"
         assert out.stat().st_size > 0
@@ -138,6 +156,12 @@ def test_cmake_build_matches_sources(tmp_path):
     compiled = sorted(str(Path(c["file"]).resolve().relative_to(ROOT)) for c in commands)
     cpu, _ = listed_sources()
     assert compiled == sorted(cpu + ["tests/cpp/test_quantize_math.cpp"])
+    flags = load_setup_module().read_sources("cxx_flags")  # the flags setup.py passes, from csrc/sources.txt
+    assert flags
+    for command in commands:
+        words = command.get("command", " ".join(command.get("arguments", []))).split()
+        missing = [f for f in flags if f not in words]
+        assert not missing, f"the CMake build compiles {command['file']} without {missing}"
     jobs = os.environ.get("MAX_JOBS", "2")
     subprocess.run([cmake, "--build", str(build), "-j", jobs], check=True, capture_output=True)
     subprocess.run(["ctest", "--test-dir", str(build), "--output-on-failure"], check=True, capture_output=True)
