@@ -44,47 +44,77 @@ def _load_keys(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, lengt
 
 
 @triton.jit
-def _scores(K, V, base_k, base_v, start, offs_d, stride_kn, stride_vn, length, qs, pos, CAUSAL: tl.constexpr,
-            BLOCK_N: tl.constexpr):
+def _tree_bits(BITS, bits_base, stride_bm, offs_m, row_ok, rel, T):
+    """(BLOCK_M, BLOCK_N) bool: node `rel` (a tree index; outside [0, T) gives False) is an ancestor-or-self of the
+    row's node, read from the packed bits (bit rel % 32 of word rel // 32 of the row)."""
+    in_tree = (rel >= 0) & (rel < T)
+    node = tl.where(in_tree, rel, 0)
+    words = tl.load(BITS + bits_base + offs_m[:, None] * stride_bm + (node // 32)[None, :],
+                    mask=row_ok[:, None] & in_tree[None, :], other=0)
+    return ((words >> (node % 32)[None, :]) & 1) != 0
+
+
+@triton.jit
+def _scores(K, V, base_k, base_v, start, offs_d, stride_kn, stride_vn, length, qs, pos, BITS, bits_base, stride_bm,
+            offs_m, row_ok, prefix, T, CAUSAL: tl.constexpr, TREE: tl.constexpr, BLOCK_N: tl.constexpr):
     """The forward's key block at `start`: scores x = qs · kn (BLOCK_M, BLOCK_N), the values, and which keys each
-    row sees (valid, and causal)."""
+    row sees (valid, and causal; a tree row: the prefix and its ancestors-or-self)."""
     offs_n = start + tl.arange(0, BLOCK_N)
     kn, v, kmask = _load_keys(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, length)
     x = tl.dot(qs, tl.trans(kn), input_precision="tf32x3")
     visible = kmask[None, :]
-    if CAUSAL:
+    if TREE:
+        visible = visible & ((offs_n < prefix)[None, :] | _tree_bits(BITS, bits_base, stride_bm, offs_m, row_ok,
+                                                                    offs_n - prefix, T))
+        # a tree slot no row here sees (an unused node) may hold anything: its weight 0 times NaN is still NaN
+        v = tl.where((tl.sum(visible.to(tl.int32), 0) > 0)[:, None], v, 0.0)
+    elif CAUSAL:
         visible = visible & (offs_n[None, :] <= pos[:, None])
     return x, v, visible
 
 
 @triton.jit
 def softplus_attention_fwd_kernel(
-    Q, K, V, O, S, M, W, LENS,
+    Q, K, V, O, S, M, W, LENS, BITS,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
+    stride_bb, stride_bm,
     H_Q, GROUP, Lq, Lk, log_d, eps, power,
-    CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr, HAS_LENS: tl.constexpr, FP32_DOT: tl.constexpr,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr, HAS_LENS: tl.constexpr, TREE: tl.constexpr,
+    FP32_DOT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H_Q
     h = pid_bh % H_Q
     hk = h // GROUP
-    if HAS_LENS:
-        length = tl.load(LENS + b).to(tl.int32)
-    else:
-        length = Lk
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < Lq
+    bits_base = b.to(tl.int64) * stride_bb
+    if TREE:  # LENS holds the prefix lengths; the Lq = T tree rows sit at [prefix, prefix + T) of the cache
+        prefix = tl.load(LENS + b).to(tl.int32)
+        length = prefix + Lq
+    elif HAS_LENS:
+        prefix = 0
+        length = tl.load(LENS + b).to(tl.int32)
+    else:
+        prefix = 0
+        length = Lk
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0).to(tl.float32)
     qn = q / tl.maximum(tl.sqrt(tl.sum(q * q, 1)), 1e-12)[:, None]
     pos = length - Lq + offs_m  # absolute positions of the rows
-    if CAUSAL:
+    if TREE:  # N_i = the prefix + the row's ancestors-or-self (the bits set in its row)
+        seen = tl.zeros([BLOCK_M], dtype=tl.int32)
+        for start in range(0, Lq, BLOCK_N):
+            rel = start + tl.arange(0, BLOCK_N)
+            seen += tl.sum(_tree_bits(BITS, bits_base, stride_bm, offs_m, row_ok, rel, Lq).to(tl.int32), 1)
+        count = (prefix + seen).to(tl.float32)
+        hi = length
+    elif CAUSAL:
         count = tl.maximum(pos + 1, 0).to(tl.float32)
         hi = tl.minimum(length, pid_m * BLOCK_M + BLOCK_M + length - Lq)
     else:
@@ -99,8 +129,8 @@ def softplus_attention_fwd_kernel(
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     for start in range(0, hi, BLOCK_N):
-        x, v, visible = _scores(K, V, base_k, base_v, start, offs_d, stride_kn, stride_vn, length, qs, pos, CAUSAL,
-                                BLOCK_N)
+        x, v, visible = _scores(K, V, base_k, base_v, start, offs_d, stride_kn, stride_vn, length, qs, pos, BITS,
+                                bits_base, stride_bm, offs_m, row_ok, prefix, Lq, CAUSAL, TREE, BLOCK_N)
         f = tl.where(visible, _softplus(x), 0.0)
         s += tl.sum(f, 1)
         if REWEIGHT:
@@ -127,7 +157,7 @@ def softplus_attention_fwd_kernel(
         sw = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start in range(0, hi, BLOCK_N):
             x, v, visible = _scores(K, V, base_k, base_v, start, offs_d, stride_kn, stride_vn, length, qs, pos,
-                                    CAUSAL, BLOCK_N)
+                                    BITS, bits_base, stride_bm, offs_m, row_ok, prefix, Lq, CAUSAL, TREE, BLOCK_N)
             r = count[:, None] * _softplus(x) * inv[:, None] - offset[:, None]
             ratio = tl.where(visible & (r > 0.0), r / safe[:, None], 1.0)
             w = tl.where(visible & (r > 0.0), tl.exp2(power * tl.log2(ratio)), 0.0)
@@ -145,19 +175,24 @@ def softplus_attention_fwd_kernel(
 
 
 def cuda_config(kernel, D):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a GPU launch of "fwd", "dq" or "dkdv" at head dim D, from sm_90
-    builds compiled ahead of time: the forward keeps everything in registers; the backward kernels, whose LSSAR
-    terms hold several BLOCK_M x BLOCK_N tiles at once, spill the least at these sizes (tens of bytes at D 64,
-    hundreds at D 128)."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a GPU launch of "fwd", "fwd_tree" (the draft-tree mode), "dq" or
+    "dkdv" at head dim D, from sm_90 builds compiled ahead of time: the forward keeps everything in registers (the
+    tree mode's bit tiles take smaller row blocks: a tree has tens of rows); the backward kernels, whose LSSAR terms
+    hold several BLOCK_M x BLOCK_N tiles at once, spill the least at these sizes (tens of bytes at D 64, hundreds at
+    D 128)."""
     table = {("fwd", 64): (64, 64, 4, 2), ("fwd", 128): (64, 32, 4, 2),
+             ("fwd_tree", 64): (32, 32, 4, 2), ("fwd_tree", 128): (16, 32, 4, 2),
              ("dq", 64): (64, 32, 4, 2), ("dq", 128): (64, 32, 8, 2),
              ("dkdv", 64): (32, 32, 8, 2), ("dkdv", 128): (16, 32, 8, 2)}
     return table[(kernel, 64 if D <= 64 else 128)]
 
 
-def softplus_attention_forward(q, k, v, causal, reweight_p, eps, cache_seqlens=None, block_m=None, block_n=None):
+def softplus_attention_forward(q, k, v, causal, reweight_p, eps, cache_seqlens=None, block_m=None, block_n=None,
+                               tree_mask_bits=None):
     """Launch the forward kernel: (out, s, m, w), fp32 (B, Hq, Lq) row statistics: s = sum f; for LSSAR also m = max x
-    and w = sum (relu(r)/r_max)^p + eps / r_max^p (the scaled denominator). CUDA, or CPU under TRITON_INTERPRET=1."""
+    and w = sum (relu(r)/r_max)^p + eps / r_max^p (the scaled denominator). CUDA, or CPU under TRITON_INTERPRET=1.
+    tree_mask_bits (B, Lq, ceil(Lq/32)) int32: the tree mode (cache_seqlens then holds the prefix lengths, the Lq
+    tree rows sit at [prefix, prefix + Lq) of the keys; row i sees the prefix and the nodes of its bits)."""
     import math
 
     import torch
@@ -172,18 +207,21 @@ def softplus_attention_forward(q, k, v, causal, reweight_p, eps, cache_seqlens=N
     if out.numel() == 0:  # no query rows (B, Hq or Lq is 0): launch no empty grid
         return out, s, m, w
     lens = cache_seqlens.to(device=q.device, dtype=torch.int32).contiguous() if cache_seqlens is not None else s
-    cfg_m, cfg_n, num_warps, num_stages = cuda_config("fwd", D) if q.is_cuda else (16, 16, 4, 1)
+    bits = tree_mask_bits.contiguous() if tree_mask_bits is not None else lens
+    kind = "fwd_tree" if tree_mask_bits is not None else "fwd"
+    cfg_m, cfg_n, num_warps, num_stages = cuda_config(kind, D) if q.is_cuda else (16, 16, 4, 1)
     block_m, block_n = block_m or cfg_m, block_n or cfg_n
     grid = (triton.cdiv(Lq, block_m), B * Hq)
     softplus_attention_fwd_kernel[grid](
-        q, k, v, out, s, m, w, lens,
+        q, k, v, out, s, m, w, lens, bits,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
+        bits.stride(0) if tree_mask_bits is not None else 0, bits.stride(1) if tree_mask_bits is not None else 0,
         Hq, Hq // Hkv, Lq, Lk, math.log(D), eps, float(reweight_p or 0.0),
         CAUSAL=bool(causal), REWEIGHT=reweight_p is not None, HAS_LENS=cache_seqlens is not None,
-        FP32_DOT=q.dtype == torch.float32, D=D, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        TREE=tree_mask_bits is not None, FP32_DOT=q.dtype == torch.float32, D=D, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
         num_stages=num_stages,
     )
     return out, s, m, w

@@ -270,20 +270,19 @@ def test_device_matches_cpu(device, attention):
     torch.testing.assert_close(torch.cat(steps, 1).double().cpu(), torch.cat(ref_steps, 1), rtol=1e-3, atol=1e-3)
 
 
-def test_softmax_tree_forward_through_the_tree_attention_op(monkeypatch):
-    """The CUDA route of the softmax tree forward and one-token decode (kestrel.ops.tree_attention), forced on CPU
-    tensors, gives the masked-SDPA route's logits."""
+def test_softmax_one_token_decode_as_a_one_node_tree(monkeypatch):
+    """The CUDA route of a softmax one-token decode (a one-node tree through kestrel.ops.tree_attention), forced on
+    CPU tensors, gives the masked-SDPA route's logits; the tree forward after it is the same op either way."""
     from kestrel.decoding import static_tree
-    from kestrel.models import lm
-    from kestrel.ops.tree_attention import tree_attention
+    from kestrel.nn.attention import SoftmaxCore
 
     model = make_model("softmax", dtype=torch.float32)
     tree = static_tree([[0], [1], [0, 0], [1, 0], [0, 0, 0]]).buffers(2)
     ids = torch.randint(0, 40, (2, 6))
     tree_ids = torch.randint(0, 40, (2, tree.num_nodes))
     results = []
-    for route in (lambda q: None, lambda q: tree_attention):
-        monkeypatch.setattr(lm, "_tree_attention_op", route)
+    for as_tree in (False, True):
+        monkeypatch.setattr(SoftmaxCore, "one_node_tree", staticmethod(lambda q, context: as_tree and context.L == 1))
         cache = KVCache.for_model(model, 2, 32)
         model(ids, cache, lengths=torch.tensor([6, 4]))
         decoded = model(ids[:, 5:6], cache)  # a one-token decode (a one-node tree on that route)

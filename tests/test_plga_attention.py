@@ -236,3 +236,34 @@ def test_negative_powers_stay_finite_in_float32():
     y, cache = layer(torch.randn(1, 5, 32))
     assert bool(torch.isfinite(y).all()) and bool(torch.isfinite(cache.G).all())
     assert bool((cache.a_lm > 0).all())  # iSwiGLU(x) + 1e-9 > 0
+
+
+@pytest.mark.parametrize("Hkv", [1, 2])
+def test_tree_mode_matches_float64(Hkv):
+    """The draft-tree mode: q·G, then the tree attention over the prefix and the ancestors-or-self (the packed
+    bits), GQA, per-sequence prefixes; slots no row sees hold NaN."""
+    from kestrel.reference.tree import ancestor_bits
+
+    parents = [[-1, 0, 0, 1, 1, 2, 3, -2, -2], [-1, 0, 1, 2, 0, 4, 4, 5, 6]]
+    prefix, T, d = [11, 0], 9, 16
+    q, k, v, G = inputs(2, 2, Hkv, T, max(prefix) + T + 2, d, seed=4)
+    G = G.expand(2, 2, d, d).clone()
+    for b in range(2):
+        unused = [prefix[b] + j for j in range(T) if parents[b][j] == -2] + list(range(prefix[b] + T, k.shape[2]))
+        k[b, :, unused], v[b, :, unused] = float("nan"), float("nan")
+    out = plga_attention(q, k, v, G, cache_seqlens=torch.tensor(prefix, dtype=torch.int32),
+                         tree_mask_bits=ancestor_bits(torch.tensor(parents)))
+    expected = torch.zeros(2, 2, T, d, dtype=torch.float64)
+    kk, vv = k.double().repeat_interleave(2 // Hkv, 1), v.double().repeat_interleave(2 // Hkv, 1)
+    for b in range(2):
+        for i in range(T):
+            if parents[b][i] == -2 and prefix[b] == 0:
+                continue
+            path = [] if parents[b][i] == -2 else [i]
+            while path and parents[b][path[-1]] >= 0:
+                path.append(parents[b][path[-1]])
+            keys = list(range(prefix[b])) + [prefix[b] + j for j in path]
+            qg = torch.einsum("hd,hde->he", q[b, :, i].double(), G[b].double())
+            scores = torch.einsum("hd,hnd->hn", qg, kk[b][:, keys]) / math.sqrt(d)
+            expected[b, :, i] = torch.einsum("hn,hnd->hd", torch.softmax(scores, -1), vv[b][:, keys])
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-4)

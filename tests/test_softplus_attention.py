@@ -293,7 +293,7 @@ def test_gpu_lengths_of_a_cpu_computation_are_checked():
 def test_opcheck_and_compile():
     q, k, v = inputs(1, 2, 1, 5, 7, 64, seed=9)
     for p in (0.0, 15.0):
-        torch.library.opcheck(torch.ops.kestrel.softplus_attention.default, (q, k, v, True, p, 1e-8, None))
+        torch.library.opcheck(torch.ops.kestrel.softplus_attention.default, (q, k, v, True, p, 1e-8, None, None))
     compiled = torch.compile(lambda a, b, c: softplus_attention(a, b, c, reweight_p=15.0), fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v), softplus_attention(q, k, v, reweight_p=15.0))
 
@@ -432,27 +432,28 @@ KERNELS = {"fwd": softplus_attention_fwd_kernel, "dq": softplus_attention_bwd_dq
            "dkdv": softplus_attention_bwd_dkdv_kernel}
 STACK_LIMIT = {"fwd": 64, "dq": 512, "dkdv": 32}  # bytes per thread at D 64 (x2 at D 128); bf16 forward: none
 failures = []
-for name, dt, D, reweight in [(n, dt, D, r) for n in KERNELS for dt in ("bf16", "fp32") for D in (64, 128)
-                              for r in (False, True) if dt == "bf16" or n == "fwd"]:
-    block_m, block_n, num_warps, num_stages = cuda_config(name, D)
+for name, dt, D, reweight, tree in [(n, dt, D, r, tr) for n in KERNELS for dt in ("bf16", "fp32") for D in (64, 128)
+                                    for r in (False, True) for tr in (False, True)
+                                    if (dt == "bf16" or n == "fwd") and (n == "fwd" or not tr)]:
+    block_m, block_n, num_warps, num_stages = cuda_config("fwd_tree" if tree else name, D)
     constexprs = dict(CAUSAL=True, HAS_LENS=True, REWEIGHT=reweight, D=D, BLOCK_M=block_m, BLOCK_N=block_n)
-    if name == "fwd":
-        constexprs["FP32_DOT"] = dt == "fp32"
+    if name == "fwd":  # the draft-tree mode too
+        constexprs.update(FP32_DOT=dt == "fp32", TREE=tree)
 
     def types(n):
         return ("*" + dt if n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV") else "*fp32" if n in ("S", "M", "W", "GAMMA")
-                else "*i32" if n == "LENS" else "fp32" if n in ("log_d", "eps", "power") else "i32")
+                else "*i32" if n in ("LENS", "BITS") else "fp32" if n in ("log_d", "eps", "power") else "i32")
 
     try:
         shared, stack = build(KERNELS[name], types, constexprs, num_warps, num_stages)
     except Exception as error:
-        failures.append((name, dt, D, reweight, "does not compile: " + str(error)[-500:]))
+        failures.append((name, dt, D, reweight, tree, "does not compile: " + str(error)[-500:]))
         continue
-    print(name, dt, D, "lssar" if reweight else "lssa", (block_m, block_n, num_warps, num_stages), "shared", shared,
+    print(name, dt, D, "lssar" if reweight else "lssa", "tree" if tree else "", (block_m, block_n, num_warps, num_stages), "shared", shared,
           "stack", stack)
-    limit = 0 if name == "fwd" and dt != "fp32" else STACK_LIMIT[name] * (2 if D == 128 else 1)
+    limit = 0 if name == "fwd" and (dt != "fp32" or tree) else STACK_LIMIT[name] * (2 if D == 128 else 1)
     if shared > SHARED_MEMORY_LIMIT or stack > limit:
-        failures.append((name, dt, D, reweight, shared, stack))
+        failures.append((name, dt, D, reweight, tree, shared, stack))
 sys.exit(f"over budget: {failures}" if failures else 0)
 """
 
@@ -461,8 +462,111 @@ sys.exit(f"over budget: {failures}" if failures else 0)
 @pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
 def test_sm90_build_compiles_within_budget():
     """The forward and backward kernels with the launch's tile sizes (cuda_config) compile for sm_90, fit the shared
-    memory, and the fp16/bf16 forward does not spill (the fp32 forward and the backward kernels spill a little:
-    bounded) (tests/sm90_build.py)."""
+    memory, and the fp16/bf16 forward and the tree mode do not spill (the fp32 forward and the backward kernels
+    spill a little: bounded) (tests/sm90_build.py)."""
     from sm90_build import run_check
 
     run_check(SM90_BUILD_CHECK)
+
+
+# ------------------------------------------------------------------------------------------- the draft-tree mode
+TREES = [  # parents of the T nodes (-1 the root, -2 an unused slot), per sequence
+    [[-1, 0, 0, 1, 1, 2, 3, -2, -2], [-1, 0, 1, 2, 0, 4, 4, 5, 6]],
+    [[-1] + [i for i in range(32)] + [0, 1], [-1] + [0] * 33 + [-2]],  # T = 35: two words of bits, a chain and a star
+]
+
+
+def ancestors(parents, i):
+    """Node i and its ancestors (empty for an unused node), from the parents list itself."""
+    if parents[i] == -2:
+        return []
+    path = [i]
+    while parents[path[-1]] >= 0:
+        path.append(parents[path[-1]])
+    return path
+
+
+def float64_tree_reference(q, k, v, prefix, parents, p=None, eps=1e-8):
+    """Tree row i of sequence b sees keys [0, prefix_b) and prefix_b + its ancestors-or-self, N_i their number."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, Hq, T, D = q.shape
+    k, v = k.repeat_interleave(Hq // k.shape[1], 1), v.repeat_interleave(Hq // v.shape[1], 1)
+    out = torch.zeros(B, Hq, T, D, dtype=torch.float64)
+    for b in range(B):
+        for i in range(T):
+            keys = list(range(int(prefix[b]))) + [int(prefix[b]) + j for j in ancestors(parents[b], i)]
+            n = len(keys)
+            if n == 0:
+                continue
+            qh = q[b, :, i] / q[b, :, i].norm(dim=-1, keepdim=True)
+            kh = k[b][:, keys] / k[b][:, keys].norm(dim=-1, keepdim=True)
+            f = torch.nn.functional.softplus(math.log(D) * math.log(n) * torch.einsum("hd,hnd->hn", qh, kh))
+            a = f / (f.sum(-1, keepdim=True) + eps)
+            if p is None:
+                out[b, :, i] = torch.einsum("hn,hnd->hd", a, v[b][:, keys])
+            else:
+                w = torch.relu(n * a - (0.0 if n <= 3 else 1.0)) ** p
+                out[b, :, i] = torch.einsum("hn,hnd->hd", w, v[b][:, keys]) / (w.sum(-1, keepdim=True) + eps)
+    return out
+
+
+def tree_inputs(parents, prefix, Hq=4, Hkv=2, D=64, spare=3, dtype=torch.float32, seed=0):
+    from kestrel.reference.tree import ancestor_bits
+
+    B, T = len(parents), len(parents[0])
+    Lk = max(prefix) + T + spare
+    q, k, v = inputs(B, Hq, Hkv, T, Lk, D, dtype=dtype, seed=seed)
+    for b in range(B):  # everything no row sees holds NaN: unused tree slots and the rows past the tree
+        unused = [prefix[b] + j for j in range(T) if parents[b][j] == -2] + list(range(prefix[b] + T, Lk))
+        k[b, :, unused], v[b, :, unused] = float("nan"), float("nan")
+    return q, k, v, torch.tensor(prefix, dtype=torch.int32), ancestor_bits(torch.tensor(parents))
+
+
+@pytest.mark.parametrize("p", [None, 15.0])
+@pytest.mark.parametrize("tree", range(len(TREES)))
+def test_tree_mode_matches_float64(tree, p):
+    """The CPU path of the tree mode: prefix implicit, the tree part from the packed bits, GQA, per-sequence
+    prefixes (0 included), garbage in the slots no row sees."""
+    parents = TREES[tree]
+    q, k, v, prefix, bits = tree_inputs(parents, [17, 0])
+    out = softplus_attention(q, k, v, reweight_p=p, cache_seqlens=prefix, tree_mask_bits=bits)
+    torch.testing.assert_close(out.double(), float64_tree_reference(q, k, v, prefix, parents, p), atol=2e-5,
+                               rtol=1e-4)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("p", [None, 15.0])
+@pytest.mark.parametrize("tree", range(len(TREES)))
+def test_triton_tree_mode_matches_float64(tree, p, dtype):
+    """The Triton kernel's tree mode (interpreted on the CPU in CI): the bits read in the kernel, N_i counted there,
+    unused slots holding NaN never reach the output."""
+    from kestrel.kernels.softplus_attention import softplus_attention_forward
+
+    parents = TREES[tree]
+    q, k, v, prefix, bits = tree_inputs(parents, [5, 20], dtype=dtype, seed=3)
+    device = "cuda" if gpu_available() else "cpu"
+    out = softplus_attention_forward(*(t.to(device) for t in (q, k, v)), True, p, 1e-8, prefix.to(device),
+                                     tree_mask_bits=bits.to(device))[0]
+    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(out.cpu().double(), float64_tree_reference(q, k, v, prefix, parents, p), **tol)
+
+
+def test_tree_mode_checks_and_opcheck():
+    parents = TREES[0]
+    q, k, v, prefix, bits = tree_inputs(parents, [3, 4])
+    k, v = k.nan_to_num(), v.nan_to_num()
+    call = lambda **kw: softplus_attention(q, k, v, **{"cache_seqlens": prefix, "tree_mask_bits": bits, **kw})  # noqa: E731
+    with pytest.raises(ValueError, match=r"needs cache_seqlens, the prefix lengths"):
+        call(cache_seqlens=None)
+    with pytest.raises(ValueError, match=r"tree_mask_bits must be an int32 tensor of shape \(B=2, T=9, "):
+        call(tree_mask_bits=bits[:, :5])
+    with pytest.raises(ValueError, match=r"must lie in \[0, Lk - T = 7\].*got values in \[3, 9\]"):
+        call(cache_seqlens=torch.tensor([3, 9], dtype=torch.int32))
+    q.requires_grad_(True)
+    with pytest.raises(NotImplementedError, match="forward only"):
+        call().sum().backward()
+    q.requires_grad_(False)
+    torch.library.opcheck(torch.ops.kestrel.softplus_attention.default, (q, k, v, True, 0.0, 1e-8, prefix, bits),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -1,21 +1,19 @@
-"""KestrelLM: a decoder-only transformer whose layers compose kestrel's kernels (spec decoding.md §3).
+"""KestrelLM: a decoder-only transformer composed of kestrel.nn's layers (docs/models_and_decoding.md).
 
-One forward serves three uses:
-- training / scoring (`cache=None`): causal attention over the whole (B, L) block;
-- cached decoding (`cache` a kestrel.decoding.KVCache): the L new tokens of sequence b are written to the cache at
-  positions [seqlens[b], seqlens[b] + L) and attend to everything before them; afterwards seqlens grows by L (or by
-  `lengths[b]` when the block is right-padded: a prompt prefill with mixed lengths);
-- a draft-tree forward (`tree_depth` and `tree_mask_bits` given): the T tree tokens are written at
-  [seqlens[b], seqlens[b] + T) with RoPE positions seqlens[b] + depth, each attends to the prefix and to its own
-  ancestors (packed bits as in kestrel.reference.tree); seqlens is left alone (kestrel.ops.compact_kv_cache moves
+One forward serves three uses, the three modes of kestrel.nn.AttentionContext:
+- training / scoring (`cache=None`, "block"): causal attention over the whole (B, L) block;
+- cached decoding (`cache` a kestrel.decoding.KVCache, "decode"): the L new tokens of sequence b are written to the
+  cache at positions [seqlens[b], seqlens[b] + L) and attend to everything before them; afterwards seqlens grows
+  by L (or by `lengths[b]` when the block is right-padded: a prompt prefill with mixed lengths);
+- a draft-tree forward (`tree_depth` and `tree_mask_bits` given, "tree"): the T tree tokens are written at
+  [seqlens[b], seqlens[b] + T) with RoPE positions seqlens[b] + depth; each attends to the prefix and to its own
+  ancestors (the packed bits go down to the kernels); seqlens is left alone (kestrel.ops.compact_kv_cache moves
   the accepted rows and advances it).
 
-On CUDA the "softmax" tree forward and one-token decode go through kestrel.ops.tree_attention (a one-token decode is
-a one-node tree); on the CPU, masked SDPA. "lssa", "lssar" and "plga" trees use an explicit-mask PyTorch formulation
-of the same math (their one-token decode runs the kernels). So a one-token decode and a tree forward compute the
-same logits by different numerics (other kernels or formulations, other matmul shapes): equal in exact arithmetic
-(the tests check float64), but in float32 / bfloat16 they differ by rounding, and where two logits nearly tie the
-greedy token can differ; on the GPU more likely than on the CPU.
+Each layer's attention is the core of its config's kind (kestrel.nn.SoftmaxCore, SoftplusCore, PowerLawGraphCore),
+the same kernels in every mode. A one-token decode and a tree forward compute the same logits by different
+numerics (other kernels, other matrix shapes): equal in exact arithmetic (the tests check float64), but in float32 /
+bfloat16 they differ by rounding, and where two logits nearly tie the greedy token can differ.
 """
 
 import math
@@ -24,105 +22,61 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.plga_attention import plga_attention
-from ..ops.softplus_attention import softplus_attention
-from ..reference import attention as _softplus_ref
+from ..nn import CodebookLayer, StableEmbedding
+from ..nn.attention import AttentionContext, PowerLawGraphCore, SoftmaxCore, SoftplusCore
+from ..nn.rope import apply_rope, rope_tables
 from .config import KestrelConfig
 
 
-def rope_tables(positions, head_dim, base, dtype=torch.float32):
-    """(cos, sin), each (B, 1, L, head_dim / 2) float32, for integer positions (B, L)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    angles = positions.to(torch.float32)[..., None] * inv_freq
-    return angles.cos()[:, None], angles.sin()[:, None]
+class _Step:
+    """One forward's shared state: its AttentionContext, the absolute positions and RoPE tables, and where the new
+    K/V rows go in the cache."""
 
-
-def apply_rope(x, cos, sin):
-    """Rotate x (B, H, L, D) by the tables (halves rotated together: x[:D/2] with x[D/2:]), float32 math."""
-    half = x.shape[-1] // 2
-    xf = x.float()
-    first, second = xf[..., :half], xf[..., half:]
-    return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1).to(x.dtype)
-
-
-def unpack_tree_bits(bits, T):
-    """Packed ancestor-or-self bits (B, T, W) int32 -> bool (B, T, T)."""
-    j = torch.arange(T, device=bits.device)
-    words = bits.gather(2, (j // 32).expand(bits.shape[0], bits.shape[1], T))
-    return ((words >> (j % 32)) & 1).bool()
-
-
-def masked_softplus_attention(q, k, v, visible, reweight_p, eps):
-    """LSSA / LSSAR of q (B, Hq, T, D) over k, v (B, Hkv, Lk, D) with an explicit visibility mask (B, 1, T, Lk):
-    N_i is the number of keys row i sees (the same math as kestrel.reference.attention, whose combine it uses)."""
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    D = q.shape[-1]
-    group = q.shape[1] // k.shape[1]
-    qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
-    if group > 1:
-        kf, vf = kf.repeat_interleave(group, dim=1), vf.repeat_interleave(group, dim=1)
-    counts = visible.sum(-1, keepdim=True).to(dtype)
-    scale = math.log(D) * torch.log(counts.clamp_min(1.0))
-    x = scale * (F.normalize(qf, dim=-1) @ F.normalize(kf, dim=-1).transpose(-1, -2))
-    f = torch.where(visible, F.softplus(x), torch.zeros_like(x))
-    s = f.sum(-1, keepdim=True)
-    return _softplus_ref._combine(f, s, vf, counts, visible, x, reweight_p, eps, dtype).to(q.dtype)
-
-
-class _Plan:
-    """What every layer of one forward shares: RoPE tables, where the new K/V go, what each row sees."""
-
-    def __init__(self, model, input_ids, cache, lengths, tree_depth, tree_mask_bits):
-        config = model.config
+    def __init__(self, config, input_ids, cache, lengths, tree_depth, tree_mask_bits):
         B, L = input_ids.shape
         device = input_ids.device
-        self.cache, self.L = cache, L
-        self.tree = tree_depth is not None
+        self.cache = cache
         steps = torch.arange(L, device=device)
-        if lengths is not None:
-            self.valid = steps[None, :] < lengths.to(device)[:, None]  # (B, L) rows that are real tokens
-        else:
-            self.valid = None
+        valid = steps[None, :] < lengths.to(device)[:, None] if lengths is not None else None  # (B, L) real rows
+        g_cache = cache.G if cache is not None else None
+        g_built = cache.g_built if cache is not None else False
         if cache is None:
-            positions = steps[None, :].expand(B, L)
-            self.visible = None
+            self.positions = steps[None, :].expand(B, L)
+            self.context = AttentionContext("block", B, L, valid=valid)
         else:
             seqlens = cache.seqlens.to(torch.long)
-            start = cache.longest()  # the host mirror when known: no device read per decoding step
-            self.Lk = start + L
-            if self.Lk > cache.max_len:
+            longest = cache.longest()  # the host mirror when known: no device read per decoding step
+            if longest + L > cache.max_len:
                 raise ValueError(f"KestrelLM: the cache holds {cache.max_len} positions per sequence, this forward "
-                                 f"needs {self.Lk} (longest sequence {start} + {L} new)")
+                                 f"needs {longest + L} (longest sequence {longest} + {L} new)")
             slots = seqlens[:, None] + steps[None, :]  # (B, L) cache rows written
             H, D = cache.k.shape[2], cache.k.shape[4]
             self.write_index = slots[:, None, :, None].expand(B, H, L, D)
-            keys = torch.arange(self.Lk, device=device)
-            if self.tree:
-                positions = seqlens[:, None] + tree_depth.to(device=device, dtype=torch.long)
-                ancestors = unpack_tree_bits(tree_mask_bits.to(device), L)  # (B, T, T)
-                rel = keys[None, :] - seqlens[:, None]  # (B, Lk) index into the tree, if in it
-                in_tree = (rel >= 0) & (rel < L)
-                tree_part = ancestors.gather(2, rel.clamp(0, L - 1)[:, None, :].expand(B, L, self.Lk))
-                prefix = keys[None, None, :] < seqlens[:, None, None]
-                self.visible = (prefix | (tree_part & in_tree[:, None, :]))[:, None]
-                self.prefix_lens = cache.seqlens.to(torch.int32)
-                self.tree_mask_bits = tree_mask_bits
+            if tree_depth is not None:
+                self.positions = seqlens[:, None] + tree_depth.to(device=device, dtype=torch.long)
+                self.context = AttentionContext("tree", B, L, prefix_lens=cache.seqlens.to(torch.int32),
+                                                tree_mask_bits=tree_mask_bits.to(device), Lk=longest + L,
+                                                g_cache=g_cache, g_built=g_built)
             else:
-                positions = slots
-                self.key_lens = (seqlens + L).to(torch.int32)  # valid keys per sequence after the write
-                self.prefix_lens = cache.seqlens.to(torch.int32)
-                self.self_bits = torch.ones((B, 1, 1), dtype=torch.int32, device=device)  # used when L == 1
-                self.visible = (keys[None, None, :] <= slots[:, :, None])[:, None]  # (B, 1, L, Lk)
-        if cache is not None:
-            # (B, 1, Lk, 1): keys some row of this forward sees; the others (stale tree rows, a shorter sequence's
-            # tail) may hold anything, and a masked score alone still multiplies their values by 0
-            self.key_seen = self.visible.any(dim=2)[..., None]
-        self.positions = positions  # (B, L) absolute token positions (tree nodes: len + depth)
-        self.cos, self.sin = rope_tables(positions, config.head_dim, config.rope_base)
+                self.positions = slots
+                self.context = AttentionContext("decode", B, L, valid=valid, key_lens=(seqlens + L).to(torch.int32),
+                                                Lk=longest + L, g_cache=g_cache, g_built=g_built)
+        cos, sin = rope_tables(self.positions, config.head_dim, config.rope_base)
+        self.cos, self.sin = cos[:, None], sin[:, None]  # (B, 1, L, head_dim / 2): broadcast over the heads
+
+
+def attention_core(config, layer_index):
+    """The attention core of the config's kind."""
+    if config.attention == "softmax":
+        return SoftmaxCore()
+    if config.attention in ("lssa", "lssar"):
+        return SoftplusCore(config.lssar_p if config.attention == "lssar" else None, config.softplus_eps)
+    return PowerLawGraphCore(config.head_dim, config.n_heads, config.plga_a_dff, config.plga_num_reslayer,
+                             config.plga_num_dense, layer_index)
 
 
 class Attention(nn.Module):
-    """GQA attention of one layer: q/k/v/o projections, RoPE, and the configured attention kind."""
+    """GQA attention of one layer: q/k/v/o projections, RoPE, the cache write, and the configured core."""
 
     def __init__(self, config, layer_index):
         super().__init__()
@@ -130,120 +84,30 @@ class Attention(nn.Module):
         H, Hkv, D, d = config.n_heads, config.n_kv_heads, config.head_dim, config.d_model
         self.qkv_proj = nn.Linear(d, (H + 2 * Hkv) * D, bias=False)  # q, k, v in one product
         self.o_proj = nn.Linear(H * D, d, bias=False)
+        self.core = attention_core(config, layer_index)
         # one codebook per attention head (codebook features' per-head placement), all heads in one lookup
-        self.codebook = _codebook(config, D, heads=H) if config.codebook_attn else None
-        if config.attention == "plga":
-            from ..nn.plga import PLGALayer, ResLayerA
+        self.codebook = CodebookLayer(D, config.num_codes, k=config.codebook_k, heads=H) if config.codebook_attn \
+            else None
 
-            self.metric_norm = nn.LayerNorm(D, eps=1e-6)
-            self.metric_units = nn.ModuleList([ResLayerA(D, config.plga_a_dff, config.plga_num_dense)
-                                               for _ in range(config.plga_num_reslayer)])
-            self.g_builder = PLGALayer(D, H)
-
-    def build_G(self, q, valid):
-        """PLGA's G (B, H, D, D) float32 from the queries after RoPE (B, H, L, D) of the real rows (valid (B, L))."""
-        qf = q.float()
-        if valid is not None:
-            qf = qf * valid[:, None, :, None]
-        metric_dtype = self.metric_norm.weight.dtype
-        A = self.metric_norm((qf.transpose(-1, -2) @ qf).to(metric_dtype))
-        for unit in self.metric_units:
-            A = unit(A)
-        return self.g_builder(A)[1]
-
-    def forward(self, x, plan):
+    def forward(self, x, step):
         config = self.config
         B, L, _ = x.shape
         H, Hkv, D = config.n_heads, config.n_kv_heads, config.head_dim
         q, k, v = self.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = apply_rope(q.view(B, L, H, D).transpose(1, 2), plan.cos, plan.sin)
-        k = apply_rope(k.view(B, L, Hkv, D).transpose(1, 2), plan.cos, plan.sin)
+        q = apply_rope(q.view(B, L, H, D).transpose(1, 2), step.cos, step.sin)
+        k = apply_rope(k.view(B, L, Hkv, D).transpose(1, 2), step.cos, step.sin)
         v = v.view(B, L, Hkv, D).transpose(1, 2)
-        cache = plan.cache
-        if cache is not None:
-            k_cache, v_cache = cache.k[self.layer_index], cache.v[self.layer_index]
-            k_cache.scatter_(2, plan.write_index, k.to(k_cache.dtype))
-            v_cache.scatter_(2, plan.write_index, v.to(v_cache.dtype))
-            if q.is_cuda and config.attention in ("lssa", "lssar") and not plan.tree:
-                k, v = k_cache.to(q.dtype), v_cache.to(q.dtype)  # the kernel reads rows < cache_seqlens: no slice copy
-            else:
-                k, v = k_cache[:, :, :plan.Lk].to(q.dtype), v_cache[:, :, :plan.Lk].to(q.dtype)
-        out = self._attend(q, k, v, plan)
+        if step.cache is not None:  # the new rows into the cache; the core reads the cache
+            k_cache, v_cache = step.cache.k[self.layer_index], step.cache.v[self.layer_index]
+            k_cache.scatter_(2, step.write_index, k.to(k_cache.dtype))
+            v_cache.scatter_(2, step.write_index, v.to(v_cache.dtype))
+            rows = step.context.Lk  # the rows any sequence of this forward reads (a view: no copy in one dtype)
+            k, v = k_cache[:, :, :rows].to(q.dtype), v_cache[:, :, :rows].to(q.dtype)
+        out = self.core(q, k, v, step.context)
         out = out.transpose(1, 2).reshape(B, L, H * D)
         if self.codebook is not None:
-            out = self.codebook(out, positions=plan.positions)  # absolute positions: forced codes work in decoding
+            out = self.codebook(out, positions=step.positions)  # absolute positions: forced codes work in decoding
         return self.o_proj(out)
-
-    def _plga_G(self, q, plan):
-        cache = plan.cache
-        if cache is None:
-            return self.build_G(q, plan.valid)
-        if cache.g_built:
-            return cache.G[self.layer_index]
-        if plan.tree:
-            raise ValueError("KestrelLM: a plga tree forward needs the G-cache; prefill the prompt first")
-        G = self.build_G(q, plan.valid)
-        cache.G[self.layer_index].copy_(G)
-        return G
-
-    def _attend(self, q, k, v, plan):
-        kind, config = self.config.attention, self.config
-        gqa = q.shape[1] != k.shape[1]
-        reweight_p = config.lssar_p if kind == "lssar" else None
-        if plan.cache is None:  # training: plain causal attention over the block
-            if kind == "softmax":
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-            if kind in ("lssa", "lssar"):
-                return softplus_attention(q, k, v, causal=True, reweight_p=reweight_p, eps=config.softplus_eps)
-            return plga_attention(q, k, v, self._plga_G(q, plan), causal=True)
-        if plan.tree:
-            if kind == "softmax":
-                tree_attention = _tree_attention_op(q)
-                if tree_attention is not None:
-                    k_cache, v_cache = plan.cache.k[self.layer_index], plan.cache.v[self.layer_index]
-                    return tree_attention(q, k_cache, v_cache, plan.prefix_lens, plan.tree_mask_bits)
-                k, v = _seen_keys(k, v, plan)
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=plan.visible, enable_gqa=gqa)
-            k, v = _seen_keys(k, v, plan)
-            if kind in ("lssa", "lssar"):
-                return masked_softplus_attention(q, k, v, plan.visible, reweight_p, config.softplus_eps)
-            G = self._plga_G(q, plan)
-            wide = torch.promote_types(q.dtype, torch.float32)
-            q_metric = torch.matmul(q.to(wide), G.to(wide)).to(q.dtype)
-            return F.scaled_dot_product_attention(q_metric, k, v, attn_mask=plan.visible, enable_gqa=gqa)
-        if kind == "softmax":
-            tree_attention = _tree_attention_op(q) if plan.L == 1 else None
-            if tree_attention is not None:  # one-token decode: a one-node tree (the prefix and the token itself)
-                k_cache, v_cache = plan.cache.k[self.layer_index], plan.cache.v[self.layer_index]
-                return tree_attention(q, k_cache, v_cache, plan.prefix_lens, plan.self_bits)
-            k, v = _seen_keys(k, v, plan)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=plan.visible, enable_gqa=gqa)
-        if kind in ("lssa", "lssar"):
-            return softplus_attention(q, k, v, causal=True, reweight_p=reweight_p, eps=config.softplus_eps,
-                                      cache_seqlens=plan.key_lens)
-        return plga_attention(q, k, v, self._plga_G(q, plan), causal=True, cache_seqlens=plan.key_lens)
-
-
-def _seen_keys(k, v, plan):
-    """k and v with the cache rows no row of this forward sees replaced by zeros (selected, not multiplied)."""
-    zero = torch.zeros((), dtype=k.dtype, device=k.device)
-    return torch.where(plan.key_seen, k, zero), torch.where(plan.key_seen, v, zero)
-
-
-def _tree_attention_op(q):
-    """kestrel.ops.tree_attention for CUDA tensors (its Triton kernel). On the CPU the masked SDPA above is the
-    faster path (the op's CPU fallback is a chunked PyTorch loop written as the kernel's oracle)."""
-    if not q.is_cuda:
-        return None
-    from ..ops.tree_attention import tree_attention
-
-    return tree_attention
-
-
-def _codebook(config, dim, heads=1):
-    from ..nn import CodebookLayer
-
-    return CodebookLayer(dim, config.num_codes, k=config.codebook_k, heads=heads)
 
 
 class MLP(nn.Module):
@@ -253,7 +117,8 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(config.d_model, 2 * config.d_ff, bias=False)
         self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=False)
-        self.codebook = _codebook(config, config.d_model) if config.codebook_mlp else None
+        self.codebook = CodebookLayer(config.d_model, config.num_codes, k=config.codebook_k) if config.codebook_mlp \
+            else None
 
     def forward(self, x, positions=None):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -269,9 +134,9 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, plan):
-        x = x + self.attn(self.attn_norm(x), plan)
-        return x + self.mlp(self.mlp_norm(x), plan.positions)
+    def forward(self, x, step):
+        x = x + self.attn(self.attn_norm(x), step)
+        return x + self.mlp(self.mlp_norm(x), step.positions)
 
 
 class DraftHead(nn.Module):
@@ -303,8 +168,6 @@ class KestrelLM(nn.Module):
             config = KestrelConfig.from_dict(config)
         self.config = config
         if config.stable_embedding:
-            from ..nn.embedding import StableEmbedding
-
             self.embed = StableEmbedding(config.vocab_size, config.d_model)
         else:
             self.embed = nn.Embedding(config.vocab_size, config.d_model)
@@ -322,7 +185,7 @@ class KestrelLM(nn.Module):
         residual_std = std / math.sqrt(2 * self.config.n_layers)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear) and not name.startswith("draft_heads"):
-                if ".attn.metric_units" in name:
+                if ".attn.core.reslayerAs" in name:
                     continue  # the PLGA metric learner keeps its own initialisation
                 out_proj = name.endswith("o_proj") or name.endswith("down_proj")
                 nn.init.normal_(module.weight, std=residual_std if out_proj else std)
@@ -364,9 +227,9 @@ class KestrelLM(nn.Module):
             if len(host_lengths) != B:
                 raise ValueError(f"KestrelLM: lengths must have B={B} entries, got {len(host_lengths)}")
             lengths = torch.tensor(host_lengths, dtype=torch.int64, device=input_ids.device)
-        plan = _Plan(self, input_ids, cache, lengths, tree_depth, tree_mask_bits)
-        if plan.valid is not None:  # padding rows may hold any id (e.g. -1): embed a valid one, never read
-            input_ids = torch.where(plan.valid, input_ids, torch.zeros((), dtype=input_ids.dtype,
+        step = _Step(self.config, input_ids, cache, lengths, tree_depth, tree_mask_bits)
+        if step.context.valid is not None:  # padding rows may hold any id (e.g. -1): embed a valid one, never read
+            input_ids = torch.where(step.context.valid, input_ids, torch.zeros((), dtype=input_ids.dtype,
                                                                        device=input_ids.device))
         try:  # before anything is written to the cache; no read when the ids are valid
             x = self.embed(input_ids)
@@ -375,7 +238,7 @@ class KestrelLM(nn.Module):
             raise ValueError(f"KestrelLM: input_ids must hold token ids in [0, vocab_size={self.config.vocab_size}), "
                              f"got {lo if lo < 0 else hi}") from error
         for block in self.layers:
-            x = block(x, plan)
+            x = block(x, step)
         hidden = self.norm(x)
         logits = self.lm_head(hidden)
         if cache is not None and tree_depth is None:
@@ -419,4 +282,4 @@ class KestrelLM(nn.Module):
         return model
 
 
-__all__ = ["KestrelLM", "DraftHead", "apply_rope", "masked_softplus_attention", "rope_tables", "unpack_tree_bits"]
+__all__ = ["Attention", "Block", "DraftHead", "KestrelLM", "MLP", "attention_core"]

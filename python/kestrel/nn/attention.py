@@ -1,10 +1,146 @@
-"""Attention layers backed by kestrel's kernels."""
+"""Attention layers backed by kestrel's kernels.
+
+The attention cores, one per kind, share one interface for the three uses of a decoder's attention:
+`core(q, k, v, context)` with q (B, Hq, L, D) after RoPE and an AttentionContext that says which use it is:
+- "block": k, v (B, Hkv, L, D) of the same tokens, causal attention over the block (training, scoring);
+- "decode": k, v the layer's cache rows [0, context.Lk) (B, Hkv, Lk, D) with the L new rows already written at
+  [len_b, len_b + L); context.key_lens = len_b + L valid keys per sequence, row i at position len_b + i; rows
+  past a sequence's length may hold anything (they are never read into the output);
+- "tree": k, v the layer's cache rows with the T draft-tree rows written at [len_b, len_b + T) after the prefix
+  (context.prefix_lens = len_b); row i sees the prefix and its ancestors-or-self (context.tree_mask_bits, the packed
+  bits of kestrel.decoding.build_tree), handed to the kernels as they are.
+SoftmaxCore (FlashAttention-style softmax through SDPA and kestrel.ops.tree_attention), SoftplusCore (LSSA/LSSAR
+through kestrel.ops.softplus_attention) and PowerLawGraphCore (PLGA: the metric learner, the G-builder and the
+G-cache, then kestrel.ops.plga_attention). kestrel.models.KestrelLM picks one by its config; SoftplusAttention and
+PowerLawGraphAttention (kestrel.nn.plga) are standalone layers with their own projections and caches.
+"""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._checks import is_finite_number, require_bool, require_int, require_number
+from .._masks import causal_visible, keys_seen_zeroed, tree_visible
+from ..ops.plga_attention import plga_attention
 from ..ops.softplus_attention import MAX_REWEIGHT_P, softplus_attention
+from ..ops.tree_attention import tree_attention
+from .plga import PLGALayer, ResLayerA, metric_learner
+
+MODES = ("block", "decode", "tree")
+
+
+class AttentionContext:
+    """What every layer of one forward shares: the use (`mode`, one of MODES), the lengths, the tree bits, the
+    number of cache rows read (`Lk`, the longest sequence after the write) and, built once on first use and only on
+    a path that needs one, the dense visibility mask (B, 1, L, Lk) bool.
+
+    valid (B, L) bool or None: the rows that are real tokens (a right-padded prefill). g_cache / g_built: the
+    PLGA G-cache of the KVCache (None for other kinds)."""
+
+    def __init__(self, mode, B, L, *, valid=None, key_lens=None, prefix_lens=None, tree_mask_bits=None, Lk=None,
+                 g_cache=None, g_built=False):
+        if mode not in MODES:
+            raise ValueError(f"AttentionContext: mode must be one of {MODES}, got {mode!r}")
+        self.mode, self.B, self.L = mode, B, L
+        self.valid, self.key_lens, self.prefix_lens = valid, key_lens, prefix_lens
+        self.tree_mask_bits = tree_mask_bits
+        self.Lk = L if Lk is None else Lk
+        self.g_cache, self.g_built = g_cache, g_built
+        self._visible = None
+
+    @property
+    def visible(self):
+        """(B, 1, L, Lk) bool, built once per forward (decode and tree only)."""
+        if self._visible is None:
+            if self.mode == "tree":
+                self._visible = tree_visible(self.prefix_lens, self.tree_mask_bits, self.Lk)
+            elif self.mode == "decode":
+                device = self.key_lens.device
+                self._visible = causal_visible(self.B, self.L, self.Lk, True, self.key_lens, device)
+            else:
+                raise ValueError("AttentionContext: a block forward has no mask (it is causal)")
+        return self._visible
+
+
+class SoftmaxCore(nn.Module):
+    """softmax(q kᵀ / √D) v with GQA. Block: SDPA, causal. Tree: kestrel.ops.tree_attention (its Triton kernel on
+    a GPU). Decode: on a GPU a one-token step is a one-node tree through the same kernel; otherwise SDPA with the
+    context's mask (the keys no row sees replaced by zeros)."""
+
+    @staticmethod
+    def one_node_tree(q, context):
+        """Whether a decode step runs as a one-node tree through kestrel.ops.tree_attention: one token, on a GPU
+        (on the CPU masked SDPA is the faster path)."""
+        return q.is_cuda and context.L == 1
+
+    def forward(self, q, k, v, context):
+        gqa = q.shape[1] != k.shape[1]
+        if context.mode == "block":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if context.mode == "tree":
+            return tree_attention(q, k, v, context.prefix_lens, context.tree_mask_bits)
+        if self.one_node_tree(q, context):
+            self_bits = torch.ones((context.B, 1, 1), dtype=torch.int32, device=q.device)
+            return tree_attention(q, k, v, context.key_lens - 1, self_bits)
+        k, v = keys_seen_zeroed(k, v, context.visible)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=context.visible, enable_gqa=gqa)
+
+
+class SoftplusCore(nn.Module):
+    """LSSA (reweight_p=None) or LSSAR through kestrel.ops.softplus_attention in all three uses (the Triton kernels
+    on a GPU, which read the lengths and the tree bits; the PyTorch path on the CPU)."""
+
+    def __init__(self, reweight_p=None, eps=1e-8):
+        super().__init__()
+        self.reweight_p, self.eps = reweight_p, eps
+
+    def forward(self, q, k, v, context):
+        options = dict(reweight_p=self.reweight_p, eps=self.eps)
+        if context.mode == "block":
+            return softplus_attention(q, k, v, causal=True, **options)
+        if context.mode == "tree":
+            return softplus_attention(q, k, v, cache_seqlens=context.prefix_lens,
+                                      tree_mask_bits=context.tree_mask_bits, **options)
+        return softplus_attention(q, k, v, causal=True, cache_seqlens=context.key_lens, **options)
+
+
+class PowerLawGraphCore(nn.Module):
+    """PLGA: G (B, H, d, d) from the metric learner (LayerNorm, residual units) and the G-builder over the queries
+    of the real rows of a block or a prefill, then softmax((q·G) kᵀ / √d) v through kestrel.ops.plga_attention (a
+    tree: q·G through kestrel.ops.tree_attention). With a cache, the first cached forward (the prefill) stores G in
+    the G-cache and every later one (decode, tree) reuses it. Parameter names follow PLDR-LLM's (layernorm1,
+    reslayerAs, plgatt_layer), as in PowerLawGraphAttention."""
+
+    def __init__(self, head_dim, num_heads, A_dff, num_reslayerA, num_denseA, layer_index=0):
+        super().__init__()
+        self.layer_index = layer_index
+        self.layernorm1 = nn.LayerNorm(head_dim, eps=1e-6)
+        self.reslayerAs = nn.ModuleList([ResLayerA(head_dim, A_dff, num_denseA) for _ in range(num_reslayerA)])
+        self.plgatt_layer = PLGALayer(head_dim, num_heads)
+
+    def build_G(self, q, valid=None):
+        """G (B, H, d, d) float32 from the queries after RoPE (B, H, L, d) of the real rows (valid (B, L))."""
+        return self.plgatt_layer(metric_learner(self.layernorm1, self.reslayerAs, q, valid))[1]
+
+    def _G(self, q, context):
+        if context.g_cache is None:
+            return self.build_G(q, context.valid)
+        if context.g_built:
+            return context.g_cache[self.layer_index]
+        if context.mode == "tree":
+            raise ValueError("KestrelLM: a plga tree forward needs the G-cache; prefill the prompt first")
+        G = self.build_G(q, context.valid)
+        context.g_cache[self.layer_index].copy_(G)
+        return G
+
+    def forward(self, q, k, v, context):
+        G = self._G(q, context)
+        if context.mode == "block":
+            return plga_attention(q, k, v, G, causal=True)
+        if context.mode == "tree":
+            return plga_attention(q, k, v, G, cache_seqlens=context.prefix_lens,
+                                  tree_mask_bits=context.tree_mask_bits)
+        return plga_attention(q, k, v, G, causal=True, cache_seqlens=context.key_lens)
 
 
 class SoftplusAttention(nn.Module):
@@ -79,3 +215,6 @@ class SoftplusAttention(nn.Module):
         out = softplus_attention(q, k, v, causal=self.causal, reweight_p=self.reweight_p, eps=self.eps)
         B, _, L, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(B, L, self.embed_dim)), (k, v)
+
+
+__all__ = ["MODES", "AttentionContext", "PowerLawGraphCore", "SoftmaxCore", "SoftplusAttention", "SoftplusCore"]

@@ -21,17 +21,14 @@ from torch import nn
 
 from .._checks import is_finite_number, require_bool, require_int, require_number
 from ..ops.plga_attention import plga_attention
+from .rope import apply_rope, rope_tables
 
 
 def rope(x, positions, base=10000.0):
-    """Rotary embedding of x (B, L, H, d) at integer positions (L,), adjacent feature pairs, float32 math."""
-    d = x.shape[-1]
-    theta = 1.0 / (base ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32)[: d // 2] / d))
-    angles = positions.to(torch.float32)[:, None] * theta[None, :]  # (L, d/2)
-    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
-    pairs = x.float().reshape(*x.shape[:-1], d // 2, 2)
-    even, odd = pairs[..., 0], pairs[..., 1]
-    return torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2).to(x.dtype)
+    """PLDR-LLM's rotary embedding of x (B, L, H, d) at integer positions (L,): adjacent feature pairs
+    (kestrel.nn.rope with interleaved=True)."""
+    cos, sin = rope_tables(positions, x.shape[-1], base)
+    return apply_rope(x, cos[None, :, None, :], sin[None, :, None, :], interleaved=True)
 
 
 def i_swiglu(x):
@@ -70,6 +67,18 @@ class ResLayerA(nn.Module):
         for glu in self.denseAs:
             out = glu(out)
         return self.layernormA(out + A)
+
+
+def metric_learner(layernorm, units, q, valid=None):
+    """The metric A (B, H, d, d) from the queries after RoPE q (B, H, L, d): A0 = Σ_l q_lᵀ q_l over the real rows
+    (valid (B, L) bool, or all), then LayerNorm and the residual units, in the norm's dtype (float32)."""
+    qf = q.float()
+    if valid is not None:
+        qf = qf * valid[:, None, :, None]
+    A = layernorm((qf.transpose(-1, -2) @ qf).to(layernorm.weight.dtype))
+    for unit in units:
+        A = unit(A)
+    return A
 
 
 class PLGALayer(nn.Module):
@@ -167,11 +176,7 @@ class PowerLawGraphAttention(nn.Module):
 
     def metric(self, q):
         """The metric learner: A = learner(LayerNorm(qᵀq)) from the prompt's queries q (B, H, L, d), float32."""
-        A = torch.matmul(q.float().transpose(-1, -2), q.float())
-        A = self.layernorm1(A)
-        for unit in self.reslayerAs:
-            A = unit(A)
-        return A
+        return metric_learner(self.layernorm1, self.reslayerAs, q)
 
     def forward(self, x, cache=None):
         if x.dim() != 3 or x.shape[-1] != self.d_model:

@@ -1,10 +1,13 @@
 """Power-law graph attention (PLGA, PLDR-LLM; spec attention.md §2).
 
-`plga_attention(q, k, v, G, *, causal=True, cache_seqlens=None)` = softmax((q·G)·kᵀ/√d)·v with G of shape
-(B or 1, Hq, d, d) multiplying the query (after RoPE) on the query side, q (B, Hq, Lq, d), k and v (B, Hkv, Lk, d),
-Hq a multiple of Hkv (GQA: G belongs to the query heads). Decode: Lq < Lk puts the rows at the end of the keys
-(cache_seqlens (B,) gives each sequence its own number of valid keys; the rows past it are never read into the
-output or the gradients, whatever they hold).
+`plga_attention(q, k, v, G, *, causal=True, cache_seqlens=None, tree_mask_bits=None)` = softmax((q·G)·kᵀ/√d)·v
+with G of shape (B or 1, Hq, d, d) multiplying the query (after RoPE) on the query side, q (B, Hq, Lq, d), k and v
+(B, Hkv, Lk, d), Hq a multiple of Hkv (GQA: G belongs to the query heads). Decode: Lq < Lk puts the rows at the end
+of the keys (cache_seqlens (B,) gives each sequence its own number of valid keys; the rows past it are never read
+into the output or the gradients, whatever they hold). Draft-tree mode (tree_mask_bits (B, Lq, ceil(Lq/32)) int32,
+forward only): cache_seqlens holds the prefix lengths, the tree's rows sit at [len_b, len_b + Lq) of k and v, and
+row i sees the prefix and its ancestors-or-self: q' = q·G, then kestrel.ops.tree_attention (its Triton kernel on a
+GPU) with the scale 1/√d.
 
 The kernel plan the spec allows ("a GEMM then flash attention"): q' = q·G as one batched matrix product in float32
 (2·L·d² FLOPs per head, a few % of the attention), cast back to q's dtype, then PyTorch's fused
@@ -17,11 +20,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_cache_seqlens
-from ..reference.attention import unused_keys_zeroed
+from .._checks import check_cache_seqlens, check_tree_mask_bits
+from .._masks import causal_visible, keys_seen_zeroed
+from .tree_attention import tree_attention
 
 
-def _check(q, k, v, G, cache_seqlens):
+def _check(q, k, v, G, cache_seqlens, tree_mask_bits):
     name = "plga_attention"
     for label, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -50,37 +54,26 @@ def _check(q, k, v, G, cache_seqlens):
     if G.device != q.device or k.device != q.device or v.device != q.device:
         raise ValueError(f"{name}: q, k, v and G must be on one device, got {q.device}, {k.device}, {v.device}, "
                          f"{G.device}")
-    check_cache_seqlens(name, cache_seqlens, B, Lq, Lk, q)
-
-
-def _mask(B, Lq, Lk, causal, cache_seqlens, device):
-    """None (plain causal or full attention over all keys) or a bool mask (B, 1, Lq, Lk) of visible keys."""
-    if cache_seqlens is None and (not causal or Lq == Lk):
-        return None
-    lengths = (cache_seqlens.to(device=device, dtype=torch.long) if cache_seqlens is not None
-               else torch.full((B,), Lk, dtype=torch.long, device=device))
-    keys = torch.arange(Lk, device=device)
-    visible = keys[None, None, :] < lengths[:, None, None]
-    if causal:
-        rows = lengths[:, None] - Lq + torch.arange(Lq, device=device)[None, :]
-        visible = visible & (keys[None, None, :] <= rows[:, :, None])
+    if tree_mask_bits is None:
+        check_cache_seqlens(name, cache_seqlens, B, Lq, Lk, q)
     else:
-        visible = visible.expand(B, Lq, Lk)
-    return visible[:, None]
+        check_tree_mask_bits(name, tree_mask_bits, cache_seqlens, B, Lq, Lk, q)
 
 
-def plga_attention(q, k, v, G, *, causal=True, cache_seqlens=None):
+def plga_attention(q, k, v, G, *, causal=True, cache_seqlens=None, tree_mask_bits=None):
     """softmax((q·G)·kᵀ/√d + mask)·v; see the module docstring."""
-    _check(q, k, v, G, cache_seqlens)
+    _check(q, k, v, G, cache_seqlens, tree_mask_bits)
     B, Hq, Lq, d = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     wide = torch.promote_types(q.dtype, torch.float32)  # float32 (float64 stays float64)
     q_metric = torch.matmul(q.to(wide), G.to(wide)).to(q.dtype)  # q' = q·G (query side)
+    if tree_mask_bits is not None:
+        return tree_attention(q_metric, k, v, cache_seqlens, tree_mask_bits, softmax_scale=1.0 / math.sqrt(d))
     if cache_seqlens is not None and q.is_cuda:
         cache_seqlens = cache_seqlens.to(q.device).clamp(Lq, Lk)  # unchecked there: no host sync
-    mask = _mask(B, Lq, Lk, causal, cache_seqlens, q.device)
+    mask = causal_visible(B, Lq, Lk, causal, cache_seqlens, q.device)
     if cache_seqlens is not None:  # rows past a length may hold NaN/inf: a -inf score alone would still give 0 * NaN
-        k, v = unused_keys_zeroed(k, v, cache_seqlens)
+        k, v = keys_seen_zeroed(k, v, mask)
     if Hq != Hkv:
         group = Hq // Hkv
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)

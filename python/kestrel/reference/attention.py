@@ -65,6 +65,27 @@ def softplus_attention(q, k, v, causal=True, reweight_p=None, eps=1e-8, cache_se
     return (out, s[..., 0].float()) if return_sum else out
 
 
+def softplus_attention_masked(q, k, v, visible, reweight_p=None, eps=1e-8, compute_dtype=None):
+    """LSSA / LSSAR of q (B, Hq, Lq, D) over k, v (B, Hkv, Lk, D) with an explicit mask visible (B, 1 or Hq, Lq, Lk)
+    bool: row i sees the keys of its mask and N_i is their number (a draft tree: the prefix and the row's
+    ancestors-or-self). Keys no row sees are replaced by zeros first (they may hold anything)."""
+    dtype = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    D = q.shape[-1]
+    group = q.shape[1] // k.shape[1]
+    seen = visible.any(dim=-2).any(dim=1)[:, None, :, None]  # (B, 1, Lk, 1)
+    zero = torch.zeros((), dtype=dtype, device=q.device)
+    qf = q.to(dtype)
+    kf, vf = torch.where(seen, k.to(dtype), zero), torch.where(seen, v.to(dtype), zero)
+    if group > 1:
+        kf, vf = kf.repeat_interleave(group, dim=1), vf.repeat_interleave(group, dim=1)
+    counts = visible.sum(-1, keepdim=True).to(dtype)
+    scale = math.log(D) * torch.log(counts.clamp_min(1.0))
+    x = scale * (F.normalize(qf, dim=-1) @ F.normalize(kf, dim=-1).transpose(-1, -2))
+    f = torch.where(visible, F.softplus(x), torch.zeros_like(x))
+    s = f.sum(-1, keepdim=True)
+    return _combine(f, s, vf, counts, visible, x, reweight_p, eps, dtype).to(q.dtype)
+
+
 def _combine(f, s, vf, counts, visible, x, reweight_p, eps, dtype):
     if reweight_p is None:
         return (f @ vf) / (s + eps)
