@@ -37,7 +37,9 @@ class CountingBackend:
 
 
 @pytest.mark.parametrize("name,kwargs", [("AdamW8bit", {}), ("Lion8bit", {}), ("LAMB8bit", {}),
-                                         ("SGD8bit", dict(momentum=0.9)), ("AdEMAMix8bit", {})])
+                                         ("SGD8bit", dict(momentum=0.9)), ("AdEMAMix8bit", {}),
+                                         ("AdamW8bit", dict(robust_rounding=True)),
+                                         ("RMSprop8bit", dict(robust_rounding=True))])
 def test_compiled_step_equals_eager_without_recompiling(name, kwargs):
     start, grads = params_and_grads(6)
     eager = [torch.nn.Parameter(t.clone()) for t in start]

@@ -78,6 +78,21 @@ class KVCache:
         self.host_seqlens = [0] * self.batch_size
         self.g_built = False
 
+    def advance(self, L, lengths=None, host_lengths=None):
+        """After a cached forward of L positions wrote its rows: seqlens grows by L, or by `lengths` (B,) (a tensor;
+        `host_lengths` the same as a list of ints when known, which keeps the host mirror known); the G-cache, if
+        any, counts as built (the forward stored it)."""
+        if self.G is not None:
+            self.g_built = True
+        mirror = self.host_seqlens  # read before the write below (which leaves it unknown until set again)
+        self.seqlens += (lengths.to(self.seqlens) if lengths is not None else L)
+        if mirror is not None and lengths is None:
+            self.host_seqlens = [n + L for n in mirror]
+        elif mirror is not None and host_lengths is not None:
+            self.host_seqlens = [n + m for n, m in zip(mirror, host_lengths)]
+        else:
+            self.host_seqlens = None  # device lengths: unknown on the host until someone reads them
+
     def longest(self):
         """The longest sequence's length: from the host mirror when known, else read from the device (a sync)."""
         mirror = self.host_seqlens

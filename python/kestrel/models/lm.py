@@ -242,16 +242,7 @@ class KestrelLM(nn.Module):
         hidden = self.norm(x)
         logits = self.lm_head(hidden)
         if cache is not None and tree_depth is None:
-            if self.config.attention == "plga":
-                cache.g_built = True
-            mirror = cache.host_seqlens  # read before the write below (which leaves it unknown until set again)
-            cache.seqlens += (lengths.to(cache.seqlens) if lengths is not None else L)
-            if mirror is not None and lengths is None:
-                cache.host_seqlens = [n + L for n in mirror]
-            elif mirror is not None and host_lengths is not None:
-                cache.host_seqlens = [n + m for n, m in zip(mirror, host_lengths)]
-            else:
-                cache.host_seqlens = None  # device lengths: unknown on the host until someone reads them
+            cache.advance(L, lengths, host_lengths)
         return (logits, hidden) if return_hidden else logits
 
     def draft_logits(self, hidden):
