@@ -1,4 +1,4 @@
-"""Power-law graph attention (PLGA, PLDR-LLM; spec attention.md §2).
+"""Power-law graph attention (PLGA, PLDR-LLM; docs/plga.md).
 
 `plga_attention(q, k, v, G, *, causal=True, cache_seqlens=None)` = softmax((q·G)·kᵀ/√d)·v with G of shape
 (B or 1, Hq, d, d) multiplying the query (after RoPE) on the query side, q (B, Hq, Lq, d), k and v (B, Hkv, Lk, d),
@@ -6,7 +6,7 @@ Hq a multiple of Hkv (GQA: G belongs to the query heads). Decode: Lq < Lk puts t
 (cache_seqlens (B,) gives each sequence its own number of valid keys; the rows past it are never read into the
 output or the gradients, whatever they hold).
 
-The kernel plan the spec allows ("a GEMM then flash attention"): q' = q·G as one batched matrix product in float32
+The kernel plan ("a GEMM then flash attention"; docs/plga.md): q' = q·G as one batched matrix product in float32
 (2·L·d² FLOPs per head, a few % of the attention), cast back to q's dtype, then PyTorch's fused
 scaled_dot_product_attention (FlashAttention on a GPU for fp16/bf16). Autograd gives dq = dq'·Gᵀ and
 dG = Σ_l q_lᵀ dq'_l through the product.
