@@ -8,7 +8,8 @@ output or the gradients, whatever they hold).
 
 The kernel plan ("a GEMM then flash attention"; docs/plga.md): q' = q·G as one batched matrix product in float32
 (2·L·d² FLOPs per head, a few % of the attention), cast back to q's dtype, then PyTorch's fused
-scaled_dot_product_attention (FlashAttention on a GPU for fp16/bf16). Autograd gives dq = dq'·Gᵀ and
+scaled_dot_product_attention (on a GPU FlashAttention may serve fp16/bf16 when no mask is needed: no cache_seqlens
+and Lq == Lk or causal=False; with a mask SDPA takes a backend that accepts one). Autograd gives dq = dq'·Gᵀ and
 dG = Σ_l q_lᵀ dq'_l through the product.
 """
 
