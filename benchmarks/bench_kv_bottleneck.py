@@ -1,8 +1,8 @@
 """kv_bottleneck_lookup (nearest key + value gather in one launch) beside the unfused bmm + topk(1) + gather.
 
-GPU: the paper's sizes, 256 codebooks x 4096 pairs, dim_key 14, dim_value 10, batch 256, fp32 (the spec's anchor:
-bmm + topk 5.4 ms with 1.5 GB of scratch; goal <= 0.3 ms). CPU: batch 64. GB/s counts the keys, values and inputs
-read once.
+GPU: the paper's sizes, 256 codebooks x 4096 pairs, dim_key 14, dim_value 10, batch 256, fp32 (the anchor,
+docs/kv_bottleneck.md: bmm + topk 5.4 ms with 1.5 GB of scratch; goal <= 0.3 ms). CPU: batch 64. GB/s counts the keys,
+values and inputs read once.
 """
 
 import torch

@@ -1,6 +1,6 @@
 """Power-law graph attention (q·G then fused softmax attention) beside plain softmax attention through SDPA.
 
-GPU: B4 H16 L4096 D128 and B8 H16 L2048 D64, causal, bf16, forward and forward+backward (the spec's goal: within
+GPU: B4 H16 L4096 D128 and B8 H16 L2048 D64, causal, bf16, forward and forward+backward (the goal, docs/plga.md: within
 1.1x of SDPA flash). CPU: B1 H4 L512 D64 fp32. GB/s counts q, k, v, G and out once (compute-bound; for reference).
 """
 

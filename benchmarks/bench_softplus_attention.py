@@ -1,8 +1,8 @@
 """Softplus attention (LSSA / LSSAR) beside softmax attention through SDPA and the FlexAttention formulation of LSSA.
 
-GPU: B4 H16 L4096 D128 and B8 H16 L2048 D64, causal, bf16 (the spec's anchor shapes): forward for LSSA and LSSAR,
-forward+backward for LSSA. CPU: B1 H4 L512 D64 fp32, kestrel's CPU path beside SDPA's math kernel. GB/s counts
-q, k, v and out once (attention is compute-bound; the column is for reference only).
+GPU: B4 H16 L4096 D128 and B8 H16 L2048 D64, causal, bf16 (the anchor shapes, docs/softplus_attention.md): forward for
+LSSA and LSSAR, forward+backward for LSSA. CPU: B1 H4 L512 D64 fp32, kestrel's CPU path beside SDPA's math kernel. GB/s
+counts q, k, v and out once (attention is compute-bound; the column is for reference only).
 """
 
 import torch

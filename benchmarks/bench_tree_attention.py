@@ -1,11 +1,11 @@
 """tree_attention (a draft tree of T tokens verified in one pass) beside a plain one-token decode and the dense-mask
 SDPA that Medusa/EAGLE-style code runs.
 
-GPU: bs 1, 32 heads (MHA), D 128, fp16, T = 64 tree tokens (a 4-ary tree), prefixes 2048 and 8192: the spec's anchor
-(H200: dense-mask SDPA 0.092 / 0.228 ms, one-token decode 0.047 / 0.056 ms; goal: within 1.3x of the one-token
-decode, i.e. a speedup column >= 0.77 against it). CPU: bs 1, 8 heads, D 64, fp32, T 16, prefix 512 (quick: 4 heads,
-prefix 128). GB/s counts the bytes a tree step must move: the K/V of the prefix and the tree read once, q read and
-the output written (the step is memory-bound: that is its roofline).
+GPU: bs 1, 32 heads (MHA), D 128, fp16, T = 64 tree tokens (a 4-ary tree), prefixes 2048 and 8192: the anchor
+(docs/tree_verification.md; H200: dense-mask SDPA 0.092 / 0.228 ms, one-token decode 0.047 / 0.056 ms; goal: within 1.3x
+of the one-token decode, i.e. a speedup column >= 0.77 against it). CPU: bs 1, 8 heads, D 64, fp32, T 16, prefix 512
+(quick: 4 heads, prefix 128). GB/s counts the bytes a tree step must move: the K/V of the prefix and the tree read once,
+q read and the output written (the step is memory-bound: that is its roofline).
 """
 
 import torch

@@ -1,8 +1,8 @@
 """vq_topk (fused top-k codebook lookup) beside the unfused `(x @ cb.T).float().topk(k)`, and faiss-cpu's exact
 inner-product search on the CPU when faiss is installed.
 
-GPU: N 65536, d 64, k 8, bf16, C 10000 and 100000 (the spec's anchors: the unfused path needs 3.75 GB and 37.5 GB
-of scratch). CPU: N 4096, C 10000, d 64, k 8, fp32. GB/s counts x and the codebook read once.
+GPU: N 65536, d 64, k 8, bf16, C 10000 and 100000 (the anchors, docs/codebook.md: the unfused path needs 3.75 GB and
+37.5 GB of scratch). CPU: N 4096, C 10000, d 64, k 8, fp32. GB/s counts x and the codebook read once.
 """
 
 import torch

@@ -104,8 +104,8 @@ def write_csv(rows, path):
 
 
 def attention_cases(device, quick):
-    """(cases (B, H, L, D), dtype) of the attention benchmarks: the spec's anchor shapes in bf16 on a GPU, a small
-    fp32 case on the CPU."""
+    """(cases (B, H, L, D), dtype) of the attention benchmarks: the anchor shapes (docs/softplus_attention.md) in bf16
+    on a GPU, a small fp32 case on the CPU."""
     if device.type == "cuda":
         return ([(4, 16, 4096, 128), (8, 16, 2048, 64)] if not quick else [(1, 4, 1024, 64)]), torch.bfloat16
     return ([(1, 4, 512, 64)] if not quick else [(1, 2, 128, 64)]), torch.float32

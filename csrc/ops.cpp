@@ -13,7 +13,7 @@
 #endif
 
 TORCH_LIBRARY(kestrel, m) {
-  // Block-wise dynamic quantization (spec: optim8bit.md, "The numeric format").
+  // Block-wise dynamic quantization (docs/optim8bit.md, "The numeric format").
   m.def("quantize_blockwise(Tensor x, Tensor code, int blocksize) -> (Tensor codes, Tensor absmax)");
   m.def(
       "dequantize_blockwise(Tensor codes, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) -> Tensor");
@@ -60,8 +60,9 @@ TORCH_LIBRARY(kestrel, m) {
   m.def("managed_zeros(Tensor like, int[] size, ScalarType dtype) -> Tensor");
   m.def("prefetch(Tensor[] tensors) -> ()");
 
-  // Draft-tree verification (spec decoding.md §2; walks and rounding in kestrel/tree_verify.h). The tree is given by
-  // first_child / next_sibling (B, T) int32 (kestrel.decoding.build_tree); accept_index has max_depth + 1 columns.
+  // Draft-tree verification (docs/tree_verification.md; walks and rounding in kestrel/tree_verify.h). The tree is
+  // given by first_child / next_sibling (B, T) int32 (kestrel.decoding.build_tree); accept_index has max_depth + 1
+  // columns.
   m.def(
       "verify_tree_greedy(Tensor candidates, Tensor target_ids, Tensor first_child, Tensor next_sibling, "
       "int max_depth) -> (Tensor accept_index, Tensor accept_len, Tensor next_token)");

@@ -1,4 +1,4 @@
-"""Triton kernels of softplus attention (LSSA and LSSAR), forward and backward, spec attention.md §1.
+"""Triton kernels of softplus attention (LSSA and LSSAR), forward and backward (docs/softplus_attention.md).
 
 Forward: one program per (block of BLOCK_M query rows, batch x query head). The query rows are normalised and scaled by
 c_i = ln(D) ln(N_i) once; each key block is normalised as it is loaded. LSSA keeps only running sums (the softplus

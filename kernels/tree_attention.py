@@ -1,6 +1,6 @@
-"""Triton kernels of tree attention (spec attention.md §3): the T tokens of a draft tree, already appended to the KV
-cache at [len, len+T), attend the whole prefix [0, len) and their ancestors-or-self (packed int32 bits, the layout of
-kestrel.reference.tree).
+"""Triton kernels of tree attention (docs/tree_verification.md): the T tokens of a draft tree, already appended to the
+KV cache at [len, len+T), attend the whole prefix [0, len) and their ancestors-or-self (packed int32 bits, the layout
+of kestrel.reference.tree).
 
 The rows of a program are every (query head of one GQA group, tree node) pair, GROUP*T of them (in blocks of
 BLOCK_M when there are more), so each K/V tile of a (batch, kv-head) is loaded once for all T queries of all heads

@@ -1,4 +1,4 @@
-"""Triton kernel of the fused top-k codebook lookup (spec retrieval.md §1): codebook tiles stream through a
+"""Triton kernel of the fused top-k codebook lookup (docs/codebook.md): codebook tiles stream through a
 matrix-multiply tile and each row keeps a running top-k in registers, so the N×C score matrix never exists.
 
 One program per (block of BLOCK_N rows, head). fp16/bf16 inputs of one dtype go through the tensor cores as they
@@ -17,9 +17,9 @@ the running top-k into the copies by a K-way merge on (score, id). A matrix prod
 differently in different columns of a tile, so searching copies separately could order them by rounding rather
 than by index; grouped, they share one score and the lower-index rule holds exactly.
 
-With GATHER (the discrete key-value bottleneck, spec §3) the same program then reads the value rows of its k ids
-and writes their mean, so the nearest-key search and the value gather are one launch (an id that is not a code, as
-when banned codes leave fewer than k, reads nothing).
+With GATHER (the discrete key-value bottleneck, docs/kv_bottleneck.md) the same program then reads the value rows of
+its k ids and writes their mean, so the nearest-key search and the value gather are one launch (an id that is not a
+code, as when banned codes leave fewer than k, reads nothing).
 """
 
 import triton

@@ -1,4 +1,4 @@
-"""CodebookLayer (spec retrieval.md §2): the selection against float64, mean/sum of the codes, the straight-through
+"""CodebookLayer (docs/codebook.md): the selection against float64, mean/sum of the codes, the straight-through
 input gradient, gradient only in the selected codebook rows (gradcheck), per-head codebooks equal the per-head
 loop, exact counts, dead-code replacement, k-means initialisation, and the interventions (ids, force, ban)."""
 

@@ -1,4 +1,4 @@
-"""kv_bottleneck_lookup and DiscreteKeyValueBottleneck (spec retrieval.md §3): selection and gathered values against
+"""kv_bottleneck_lookup and DiscreteKeyValueBottleneck (docs/kv_bottleneck.md): selection and gathered values against
 float64, the fused Triton kernel (interpreted in CI), gradcheck, zero gradient in unselected value rows, EMA
 k-means keys, decoders, and the continual-learning property (values used only by task A stay bitwise unchanged
 while training on task B with plain SGD)."""

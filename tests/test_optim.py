@@ -1,5 +1,5 @@
-"""8-bit Adam / AdamW: exactness against the spec's plain-PyTorch model, the spec's 50-step protocol against torch,
-bitsandbytes interoperability (arguments, checkpoints, accuracy), errors, and a small training run."""
+"""8-bit Adam / AdamW: exactness against the plain-PyTorch model, the 50-step protocol (docs/optim8bit.md) against
+torch, bitsandbytes interoperability (arguments, checkpoints, accuracy), errors, and a small training run."""
 
 import io
 
@@ -37,7 +37,7 @@ def dequantized_states(opt, p):
 
 
 class ReferenceRun:
-    """The spec's semantics in plain PyTorch, stepping flat copies of the parameters."""
+    """The step of docs/optim8bit.md in plain PyTorch, stepping flat copies of the parameters."""
 
     def __init__(self, params, eight_bit, lr, betas, eps, weight_decay):
         self.params = [p.detach().clone().reshape(-1) for p in params]
@@ -100,7 +100,7 @@ SPEC_SHAPES = [(1024, 32), (4097,), pytest.param((1024, 1024), marks=pytest.mark
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 @pytest.mark.parametrize("cls", [Adam8bit, AdamW8bit])
 def test_fifty_steps_against_torch_with_resync(device, shape, dtype, weight_decay, cls):
-    """The spec's protocol: each step, re-sync torch's optimizer from our dequantized state and parameters, step
+    """The protocol: each step, re-sync torch's optimizer from our dequantized state and parameters, step
     both with the same gradient, compare. Weight decay is decoupled in both kestrel classes, so the torch
     reference is Adam without and AdamW with weight decay."""
     g = torch.Generator().manual_seed(1)
@@ -290,7 +290,7 @@ def test_state_dict_layout_is_bitsandbytes():
 @pytest.mark.parametrize("nested", [True, False])
 def test_load_bitsandbytes_checkpoint(nested):
     """A state_dict written by bnb's AdamW8bit loads into ours (nested or flat) with identical tensors, and our run
-    continues from it exactly as the spec's model does from that state."""
+    continues from it exactly as the plain-PyTorch model does from that state."""
     bnb_optim = bnb().optim
     torch.manual_seed(8)
     start = [torch.randn(4097), torch.randn(300)]
@@ -307,7 +307,7 @@ def test_load_bitsandbytes_checkpoint(nested):
     for mine, bnb_p in zip(ours, theirs):
         for key, value in bnb_opt.state[bnb_p].items():
             assert same_state_value(opt.state[mine][key], value)
-    # continue one step: equals the spec's model started from bnb's state
+    # continue one step: equals the plain-PyTorch model started from bnb's state
     g = torch.Generator().manual_seed(10)
     grads = [heterogeneous_grad(p.shape, p.dtype, "cpu", g) for p in ours]
     big = ours[0]

@@ -1,4 +1,4 @@
-"""AdEMAMix8bit: exactness against the spec's plain-PyTorch model (schedules included), the 50-step protocol against
+"""AdEMAMix8bit: exactness against the plain-PyTorch model (schedules included), the 50-step protocol against
 a float64 AdEMAMix, bitsandbytes parity and checkpoints, argument checks."""
 
 import math

@@ -1,5 +1,5 @@
-"""LAMB and LARS (the trust ratio, max_unorm): the kernels against the spec's plain-PyTorch model bit for bit (norm
-pass included), the spec's 50-step protocol against float64 LAMB / LARS, bitsandbytes parity and checkpoints,
+"""LAMB and LARS (the trust ratio, max_unorm): the kernels against the plain-PyTorch model bit for bit (norm pass
+included), the 50-step protocol (docs/optim8bit.md) against float64 LAMB / LARS, bitsandbytes parity and checkpoints,
 argument checks, the op's checks, and CUDA against CPU."""
 
 import numpy as np
@@ -27,7 +27,7 @@ def is_lamb(cls):
 
 
 def model_step(cls, kw, mp, grad, st, step, weight_decay, max_unorm):
-    """The spec model's step on the flat copy `mp` with model state `st`."""
+    """The plain-PyTorch model's step on the flat copy `mp` with model state `st`."""
     if is_lamb(cls):
         if st["eight"]:
             ref.adam8bit_step(mp, grad, st["s1"], st["s2"], st["a1"], st["a2"], st["q1"], st["q2"], step, kw["lr"],
@@ -87,7 +87,8 @@ def test_kernel_equals_spec_model_bit_for_bit(device, dtype, cls, bits, kw):
 @pytest.mark.parametrize("eight_bit", [True, False])
 @pytest.mark.parametrize("optimizer", ["adam", "momentum"])
 def test_update_norms_op_matches_reference_order(device, eight_bit, optimizer):
-    """update_norms returns, bit for bit, the spec's fixed-order sums of the update direction and the parameter."""
+    """update_norms returns, bit for bit, the fixed-order sums (docs/optim8bit.md) of the update direction and the
+    parameter."""
     g = torch.Generator().manual_seed(7)
     n = 70000  # 274 blocks: more than the 256 strided reduction threads
     p = (torch.randn(n, generator=g)).to(device)
@@ -168,8 +169,8 @@ def _half_gap(code):
 
 
 HALF_GAPS = (_half_gap(SIGNED), _half_gap(UNSIGNED))
-# The spec's shapes: the small ones in every dtype and with/without decay; the large ones (slow: a float64 reference
-# of 4M elements for 50 steps) in float32 with decay.
+# The protocol's shapes: the small ones in every dtype and with/without decay; the large ones (slow: a float64
+# reference of 4M elements for 50 steps) in float32 with decay.
 CASES = [(shape, dtype, wd) for shape in [(1024, 32), (4097,)] for dtype in FLOAT_DTYPES for wd in (0.0, 0.01)] + [
     pytest.param(shape, torch.float32, 0.01, marks=pytest.mark.slow) for shape in [(1024, 1024), (1024, 4097)]]
 
@@ -178,7 +179,7 @@ CASES = [(shape, dtype, wd) for shape in [(1024, 32), (4097,)] for dtype in FLOA
 @pytest.mark.parametrize("shape,dtype,weight_decay", CASES)
 @pytest.mark.parametrize("cls,bits,kw", FAMILY[::2], ids=IDS[::2])
 def test_fifty_steps_against_float64_with_resync(device, shape, dtype, weight_decay, cls, bits, kw):
-    """The spec's protocol: each step, re-sync the float64 reference from our dequantized state and parameters,
+    """The protocol: each step, re-sync the float64 reference from our dequantized state and parameters,
     step both with the same gradient, compare states (within one requantization) and parameters."""
     g = torch.Generator().manual_seed(1)
     p = torch.nn.Parameter((torch.randn(shape, generator=g) * 0.1).to(dtype).to(device))

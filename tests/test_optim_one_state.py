@@ -1,5 +1,5 @@
-"""The one-state 8-bit optimizers (SGD with momentum, RMSprop, Adagrad, Lion): exactness against the spec's
-plain-PyTorch model, the spec's 50-step protocol against torch (float64 for Lion), bitsandbytes parity and
+"""The one-state 8-bit optimizers (SGD with momentum, RMSprop, Adagrad, Lion): exactness against the
+plain-PyTorch model, the 50-step protocol (docs/optim8bit.md) against torch (float64 for Lion), bitsandbytes parity and
 checkpoints, argument checks."""
 
 import pytest
@@ -105,7 +105,7 @@ SPEC_SHAPES = [(1024, 32), (4097,), pytest.param((1024, 1024), marks=pytest.mark
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 @pytest.mark.parametrize("cls,kind,kwargs,_", FAMILY, ids=IDS)
 def test_fifty_steps_against_reference_with_resync(device, shape, dtype, weight_decay, cls, kind, kwargs, _):
-    """The spec's protocol against torch.optim.SGD/RMSprop/Adagrad (float32) and a float64 Lion."""
+    """The 50-step protocol against torch.optim.SGD/RMSprop/Adagrad (float32) and a float64 Lion."""
     g = torch.Generator().manual_seed(1)
     p = torch.nn.Parameter((torch.randn(shape, generator=g) * 0.1).to(dtype).to(device))
     opt = cls([p], weight_decay=weight_decay, **kwargs)

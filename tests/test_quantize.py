@@ -1,4 +1,4 @@
-"""Block-wise quantization: exactness against the spec's nearest rounding, float64 and bitsandbytes 0.50.2."""
+"""Block-wise quantization: exactness against nearest rounding (docs/optim8bit.md), float64 and bitsandbytes 0.50.2."""
 
 import numpy as np
 import pytest
@@ -383,7 +383,7 @@ def test_any_blocksize_against_bitsandbytes_cpu(blocksize):
 
 def assert_never_farther(x, blocksize, codes, other_codes):
     """Our code is never farther from the normalised input x * (1/absmax) than `other_codes`, except for a value
-    exactly on a float32 midpoint, where the spec's tie rule takes the lower index (at most one ulp farther)."""
+    exactly on a float32 midpoint, where the tie rule takes the lower index (at most one ulp farther)."""
     code = KF.create_dynamic_map().to(x.device)
     _, v = ref.absmax_and_normalized(x, blocksize)
     ours = (v.double() - code.double()[codes.long()]).abs()

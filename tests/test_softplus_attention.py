@@ -1,6 +1,6 @@
 """Softplus attention (LSSA / LSSAR): the Triton forward kernel (under TRITON_INTERPRET=1 in CI) and the CPU path
-against a float64 reference written from the spec's formulas; backward; decode against prefill; LSSAR's edge
-cases; the op's checks, opcheck and torch.compile; the module."""
+against a float64 reference written from the formulas of docs/softplus_attention.md; backward; decode against prefill;
+LSSAR's edge cases; the op's checks, opcheck and torch.compile; the module."""
 
 import math
 import re

@@ -54,9 +54,9 @@ def causal_attention(queries, keys, values, scale):
 
 
 def path_attention(q, k, v, lens, parents, scale=None):
-    """The spec's test, float64: tree node i of sequence b is a row of ordinary causal attention over the sequence
-    "prefix, then the root-to-leaf path through i" (queries: the path's nodes); unused nodes see the prefix only
-    (zeros when it is empty)."""
+    """The defining property (docs/tree_verification.md), float64: tree node i of sequence b is a row of ordinary causal
+    attention over the sequence "prefix, then the root-to-leaf path through i" (queries: the path's nodes); unused nodes
+    see the prefix only (zeros when it is empty)."""
     q, k, v = q.cpu().double(), k.cpu().double(), v.cpu().double()
     B, Hq, T, D = q.shape
     scale = scale or 1 / math.sqrt(D)

@@ -1,5 +1,6 @@
-// CPU kernels of the fused Adam/AdamW step with 8-bit block-wise or 32-bit states: OpenMP over 256-element blocks,
-// the per-element math of kestrel/optim.h, no tensor-sized temporaries.
+// CPU kernels of the fused optimizer ops with 8-bit block-wise or 32-bit states (two-state: Adam/AdamW, LAMB,
+// AdEMAMix; one-state: SGD with momentum, LARS, RMSprop, Adagrad, Lion; the LAMB/LARS norm pass): OpenMP over
+// 256-element blocks, the per-element math of kestrel/optim.h, no tensor-sized temporaries.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>

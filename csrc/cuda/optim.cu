@@ -1,4 +1,5 @@
-// Raw-pointer launcher of the fused multi-tensor Adam step. Never includes torch (fast to compile).
+// Raw-pointer launchers of the fused multi-tensor optimizer steps (two-state, one-state) and of the LAMB/LARS norm
+// pass. Never includes torch (fast to compile).
 #include "kestrel/cuda_launch.h"
 #include "kestrel/launch.h"
 #include "kestrel/optim.cuh"

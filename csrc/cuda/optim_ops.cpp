@@ -1,5 +1,7 @@
-// CUDA launcher of the fused Adam step: checks, device guard, per-parameter metadata (in pinned memory, copied
-// asynchronously on the current stream: no host synchronisation), one kernel launch for all parameters.
+// CUDA launchers of the fused optimizer ops (two_state8bit_step_, two_state32bit_step_, one_state8bit_step_,
+// one_state32bit_step_, update_norms): checks, device guard, per-parameter metadata (in pinned memory, copied
+// asynchronously on the current stream: no host synchronisation), one step-kernel launch for all parameters of a
+// call (the norm pass: a per-block kernel and a fixed-order reduction kernel).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>

@@ -1,4 +1,7 @@
-// CUDA kernel of the fused multi-tensor Adam step (8-bit block-wise or 32-bit states). Framework-free.
+// CUDA kernels of the fused multi-tensor optimizer steps, 8-bit block-wise or 32-bit states: two_state_kernel
+// (Adam/AdamW, LAMB, AdEMAMix), one_state_kernel (SGD with momentum, LARS, RMSprop, Adagrad, Lion) and the LAMB/LARS
+// norm pass (norm_kernel, norm_reduce_kernel). Framework-free. (kAdamThreads, despite its name, is the block size of
+// every step and norm kernel.)
 //
 // One warp per 256-element block: each lane handles 8 elements strided by 32 (coalesced), the block's new absmax is
 // a warp-shuffle max, the maps and their midpoints sit in shared memory. A launch covers every parameter of one

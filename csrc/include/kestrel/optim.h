@@ -1,6 +1,8 @@
-// Block-wise 8-bit (and 32-bit) Adam: the per-element math, shared by the CPU and CUDA kernels.
+// The optimizers with 8-bit block-wise (or 32-bit) states: the per-element math of every fused step (two-state:
+// Adam/AdamW, LAMB, AdEMAMix; one-state: SGD with momentum, LARS, RMSprop, Adagrad, Lion), the trust ratio and its
+// fixed-order norms, stochastic rounding and the (robust) requantization, shared by the CPU and CUDA kernels.
 //
-// Spec: optim8bit.md, "One fused step per element". The host computes the per-step scalars once (StepScalars), so
+// docs/optim8bit.md, "The fused step per element". The host computes the per-step scalars once (StepScalars), so
 // the CPU and CUDA kernels run the same float32 operations in the same order; both are compiled without
 // floating-point contraction (-ffp-contract=off, nvcc --fmad=false), so their results are bit-identical.
 #pragma once
@@ -148,7 +150,7 @@ KESTREL_HD float adam_param_update(const StepScalars& a, float p, float s1, floa
 // sign(v) in {-1, 0, 1} (0 for NaN), without branches so that the CPU loops vectorize.
 KESTREL_HD float sign_of(float v) { return (float)((int)(v > 0.0f) - (int)(v < 0.0f)); }
 
-// One-state optimizers (spec: "Other optimizers"): the new state and the new parameter (before rounding to its
+// One-state optimizers (docs/optim8bit.md): the new state and the new parameter (before rounding to its
 // dtype) from the old state s1, the parameter p and a finite gradient g (already scaled by gnorm_scale).
 template <OneState KIND>
 KESTREL_HD void one_state_update(const StepScalars& a, float g, float p, float& s1, float& new_p) {

@@ -1,4 +1,4 @@
-// Draft-tree verification and KV-cache compaction (spec decoding.md §2): the per-row walks, written once for the
+// Draft-tree verification and KV-cache compaction (docs/tree_verification.md): the per-row walks, written once for the
 // CPU kernels and the CUDA kernels. Framework-free: raw pointers, no torch headers.
 //
 // A tree row is given by first_child / next_sibling (T int32 each, -1 = none; children in increasing node index).

@@ -1,4 +1,4 @@
-"""The preallocated KV cache of a KestrelLM (spec decoding.md §3): all layers in one tensor per K and V,
+"""The preallocated KV cache of a KestrelLM (docs/models_and_decoding.md): all layers in one tensor per K and V,
 (num_layers, B, n_kv_heads, max_len, head_dim), so that kestrel.ops.compact_kv_cache moves every layer's accepted
 rows in one launch; per-sequence lengths `seqlens (B,)` int32; for "plga" the G-cache (num_layers, B, n_heads,
 head_dim, head_dim) float32, built from the prompt by the first cached forward and reused afterwards.

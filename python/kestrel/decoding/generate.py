@@ -1,4 +1,5 @@
-"""generate(): plain and tree-speculative decoding of a KestrelLM with a preallocated KV cache (spec decoding.md §3).
+"""generate(): plain and tree-speculative decoding of a KestrelLM with a preallocated KV cache
+(docs/models_and_decoding.md).
 
 The cache holds every token of a sequence but the last emitted one (the pending token, as in Medusa): a plain step
 feeds the pending token and picks the next; a speculative step makes the pending token the root of a draft tree,

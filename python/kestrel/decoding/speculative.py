@@ -1,4 +1,4 @@
-"""Tree speculative decoding with Medusa-style draft heads (spec decoding.md §3).
+"""Tree speculative decoding with Medusa-style draft heads (docs/models_and_decoding.md).
 
 Each step: the draft heads read the hidden state that produced the pending token and propose per-head top-k
 tokens; the tree is drafted (a static tree from TreeSpec.choices, or a dynamic one from the best cumulative draft

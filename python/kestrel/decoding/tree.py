@@ -1,4 +1,4 @@
-"""Draft trees for speculative decoding (spec decoding.md §1): `build_tree` turns `parents` into the buffers that
+"""Draft trees for speculative decoding (docs/tree_verification.md): `build_tree` turns `parents` into the buffers that
 tree attention and the verify ops read; `static_tree` (Medusa "choices") and `dynamic_tree` (EAGLE-2 style, by
 cumulative draft log-probability) produce the trees.
 

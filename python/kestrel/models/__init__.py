@@ -1,4 +1,4 @@
-"""Models that compose kestrel's kernels: KestrelConfig and KestrelLM (spec decoding.md §3)."""
+"""Models that compose kestrel's kernels: KestrelConfig and KestrelLM (docs/models_and_decoding.md)."""
 
 from .config import ATTENTION_KINDS, KestrelConfig
 from .lm import KestrelLM

@@ -1,4 +1,4 @@
-"""KestrelConfig: the hyper-parameters of a KestrelLM (spec decoding.md §3)."""
+"""KestrelConfig: the hyper-parameters of a KestrelLM (docs/models_and_decoding.md)."""
 
 from dataclasses import asdict, dataclass, fields
 

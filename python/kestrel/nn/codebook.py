@@ -1,4 +1,4 @@
-"""Codebook features (spec retrieval.md §2): a layer that replaces its input by the mean (or sum) of its k nearest
+"""Codebook features (docs/codebook.md): a layer that replaces its input by the mean (or sum) of its k nearest
 codes, with a straight-through gradient to the input and a gradient to the selected codebook rows only.
 
 Paper: Tamkin, Taufeeque & Goodman, "Codebook Features: Sparse and Discrete Interpretability for Neural Networks"

@@ -1,4 +1,4 @@
-"""Discrete key-value bottleneck (spec retrieval.md §3; Träuble et al., "Discrete Key-Value Bottleneck", ICML 2023).
+"""Discrete key-value bottleneck (docs/kv_bottleneck.md; Träuble et al., "Discrete Key-Value Bottleneck", ICML 2023).
 
 A frozen encoder's features z (B, dim_in) are projected once per codebook by fixed random projections; each of the
 C codebooks holds P (key, value) pairs; a row's output in codebook c is the value of its nearest key (mean over

@@ -1,4 +1,4 @@
-"""Discrete key-value bottleneck lookup (spec retrieval.md §3).
+"""Discrete key-value bottleneck lookup (docs/kv_bottleneck.md).
 
 `kv_bottleneck_lookup(z_proj, keys, values, k=1) -> (out, ids)`: z_proj (B, C, dk) — the input projected once per
 codebook —, keys (C, P, dk), values (C, P, dv). For every row and codebook c the k keys nearest in squared L2 (ties

@@ -1,4 +1,4 @@
-"""Power-law graph attention (PLGA, PLDR-LLM; spec attention.md §2).
+"""Power-law graph attention (PLGA, PLDR-LLM; docs/plga.md).
 
 `plga_attention(q, k, v, G, *, causal=True, cache_seqlens=None, tree_mask_bits=None)` = softmax((q·G)·kᵀ/√d)·v
 with G of shape (B or 1, Hq, d, d) multiplying the query (after RoPE) on the query side, q (B, Hq, Lq, d), k and v
@@ -9,9 +9,10 @@ forward only): cache_seqlens holds the prefix lengths, the tree's rows sit at [l
 row i sees the prefix and its ancestors-or-self: q' = q·G, then kestrel.ops.tree_attention (its Triton kernel on a
 GPU) with the scale 1/√d.
 
-The kernel plan the spec allows ("a GEMM then flash attention"): q' = q·G as one batched matrix product in float32
+The kernel plan ("a GEMM then flash attention"; docs/plga.md): q' = q·G as one batched matrix product in float32
 (2·L·d² FLOPs per head, a few % of the attention), cast back to q's dtype, then PyTorch's fused
-scaled_dot_product_attention (FlashAttention on a GPU for fp16/bf16). Autograd gives dq = dq'·Gᵀ and
+scaled_dot_product_attention (on a GPU FlashAttention may serve fp16/bf16 when no mask is needed: no cache_seqlens
+and Lq == Lk or causal=False; with a mask SDPA takes a backend that accepts one). Autograd gives dq = dq'·Gᵀ and
 dG = Σ_l q_lᵀ dq'_l through the product.
 """
 

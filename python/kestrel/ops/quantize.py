@@ -1,4 +1,4 @@
-"""Block-wise dynamic quantization (spec: optim8bit.md, "The numeric format").
+"""Block-wise dynamic quantization (docs/optim8bit.md, "The numeric format").
 
 `quantize_blockwise` splits the flattened input into blocks of `blocksize` elements, stores each block's absmax as
 float32 and each element as the uint8 index of the nearest value of a 256-entry map to x/absmax (exact nearest

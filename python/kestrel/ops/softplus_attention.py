@@ -1,4 +1,4 @@
-"""Softplus attention with re-weighting (LSSA / LSSAR, spec attention.md §1).
+"""Softplus attention with re-weighting (LSSA / LSSAR, docs/softplus_attention.md).
 
 `softplus_attention(q, k, v, *, causal=True, reweight_p=None, eps=1e-8, cache_seqlens=None, tree_mask_bits=None)`:
 q (B, Hq, Lq, D), k and v (B, Hkv, Lk, D), Hq a multiple of Hkv (GQA/MQA). reweight_p=None is LSSA, a number p is

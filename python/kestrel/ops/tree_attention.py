@@ -1,4 +1,4 @@
-"""Tree attention: verify a draft tree in one forward pass (spec attention.md §3, decoding.md §1).
+"""Tree attention: verify a draft tree in one forward pass (docs/tree_verification.md).
 
 `tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask_bits, *, softmax_scale=None)`: q (B, Hq, T, D), the
 queries of the T tree nodes; k_cache, v_cache (B, Hkv, Lmax, D), Hq a multiple of Hkv, in which the tree's K/V rows

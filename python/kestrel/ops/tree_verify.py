@@ -1,14 +1,16 @@
-"""Draft-tree verification and KV-cache compaction for speculative decoding (spec decoding.md §2).
+"""Draft-tree verification and KV-cache compaction for speculative decoding (docs/tree_verification.md).
 
 A step of tree speculative decoding: build the draft tree (`kestrel.decoding.build_tree`), run the target model once
-over the tree's T nodes (cache positions [len, len + T)), verify, then compact the cache:
+over the tree's T nodes (cache positions [len, len + T), RoPE at len + depth), verify, then compact the cache. With a
+kestrel.models.KestrelLM and its kestrel.decoding.KVCache (kestrel.decoding.speculative.SpeculativeStep does this):
 
     tree = build_tree(parents)                                    # TreeBuffers
-    logits = model(candidates, positions=cache_seqlens[:, None] + tree.depth, tree_mask=tree.ancestor_bits)
+    logits = model(candidates, cache, tree_depth=tree.depth, tree_mask_bits=tree.ancestor_bits)   # (B, T, V)
     accept_index, accept_len, next_token = verify_tree_greedy(candidates, logits.argmax(-1), tree)
     # or: p = sampling_probs(logits, temperature, top_k, top_p)
-    #     verify_tree_sample(candidates, p, tree, torch.rand(B, T), torch.rand(B))
-    compact_kv_cache(k_cache, v_cache, cache_seqlens, accept_index)
+    #     accept_index, accept_len, next_token = verify_tree_sample(candidates, p, tree, torch.rand(B, T),
+    #                                                               torch.rand(B))
+    compact_kv_cache(cache.k, cache.v, cache.seqlens, accept_index)  # every layer at once; seqlens += 1 + accept_len
     # emitted: candidates[b, accept_index[b, 1 : 1 + accept_len[b]]], then next_token[b]
 
 Outputs of both verify ops: accept_index (B, max_depth + 1) int32, the accepted path's node indices root first

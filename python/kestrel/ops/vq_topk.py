@@ -1,4 +1,4 @@
-"""Fused top-k codebook lookup (spec retrieval.md §1).
+"""Fused top-k codebook lookup (docs/codebook.md).
 
 `vq_topk(x, codebook, k, *, metric="cosine", banned=None) -> (scores, ids)`: x (N, d) or (H, N, d), codebook
 (C, d) or (H, C, d) (one codebook per head, all heads in one launch), banned bool (C,) or (H, C). Scores float32,

@@ -1,4 +1,4 @@
-"""Plain-PyTorch softplus attention (LSSA / LSSAR, spec attention.md §1): the CPU path of
+"""Plain-PyTorch softplus attention (LSSA / LSSAR, docs/softplus_attention.md): the CPU path of
 kestrel.ops.softplus_attention (differentiable through autograd) and, in float64, the tests' reference.
 
 Shapes: q (B, Hq, Lq, D), k and v (B, Hkv, Lk, D), Hq % Hkv == 0. Query row i of sequence b sits at absolute

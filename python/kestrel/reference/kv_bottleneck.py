@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference of the discrete key-value bottleneck lookup (spec retrieval.md §3), float64, dense."""
+"""Plain-PyTorch reference of the discrete key-value bottleneck lookup (docs/kv_bottleneck.md), float64, dense."""
 
 import torch
 

@@ -1,5 +1,7 @@
-"""Plain-PyTorch model of the fused 8-bit / 32-bit Adam step (spec: optim8bit.md), float32 operations in the
-kernels' order: the test oracle for the CPU and CUDA kernels."""
+"""Plain-PyTorch model of the fused optimizer steps with 8-bit block-wise or 32-bit states (docs/optim8bit.md): the
+two-state steps (Adam/AdamW and LAMB: adam8bit_step, adam32bit_step; AdEMAMix: ademamix_step), the one-state steps
+(SGD with momentum and LARS, RMSprop, Adagrad, Lion: one_state_step), the trust-ratio norms and ratio (norm_sums,
+trust_ratio), float32 operations in the kernels' order: the test oracle for the CPU and CUDA kernels."""
 
 import ctypes
 import ctypes.util

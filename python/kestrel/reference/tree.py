@@ -1,4 +1,4 @@
-"""Plain-Python tree facts for speculative decoding (spec decoding.md §1, attention.md §3): the oracle that
+"""Plain-Python tree facts for speculative decoding (docs/tree_verification.md): the oracle that
 `kestrel.decoding.build_tree` and the tree-attention kernel are tested against.
 
 A draft tree for one sequence has T nodes in topological order: `parents (B, T)` int, `parents[:, 0] == -1`, every

@@ -1,4 +1,4 @@
-"""Tree attention written from the formula (spec attention.md §3), with an explicit mask: the tests' oracle.
+"""Tree attention written from the formula (docs/tree_verification.md), with an explicit mask: the tests' oracle.
 
 q (B, Hq, T, D); k_cache, v_cache (B, Hkv, Lmax, D) with the tree's K/V at [len, len+T), len = cache_seqlens[b];
 tree_mask_bits (B, T, ceil(T/32)) int32 in the layout of kestrel.reference.tree. Row i of sequence b attends key

@@ -1,5 +1,5 @@
-"""Plain-Python tree verification and KV-cache compaction (spec decoding.md §2): the oracle of the kestrel.ops
-verify / compact ops, written from the spec with loops over Python lists.
+"""Plain-Python tree verification and KV-cache compaction (docs/tree_verification.md): the oracle of the kestrel.ops
+verify / compact ops, written from the rules documented there with loops over Python lists.
 
 Trees are given by `parents` (B, T) (parent -1 for the root, -2 for padding); a node's children are the nodes whose
 parent it is, in increasing index. The sampling walk's float32 arithmetic follows the order that

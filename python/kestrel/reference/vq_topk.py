@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference of vq_topk (spec retrieval.md §1): the dense float64 score matrix, written from the
+"""Plain-PyTorch reference of vq_topk (docs/codebook.md): the dense float64 score matrix, written from the
 formulas. A test oracle only: it builds the N×C matrix the kernels avoid."""
 
 import torch
