@@ -1,4 +1,4 @@
-"""Power-law graph attention with its metric learner and the G-cache (PLDR-LLM; spec attention.md §2).
+"""Power-law graph attention with its metric learner and the G-cache (PLDR-LLM; docs/plga.md).
 
 Per layer and head (d the head dim): after RoPE, A0 = qᵀq summed over the prompt's positions; A = LayerNorm(A0)
 and 8 residual units A = LN(A + GLU2(GLU1(A))) (the residual metric learner); A_LM = iSwiGLU(W·A + b) + 1e-9;
