@@ -143,3 +143,41 @@ def test_bench_prints_one_table(tmp_path):
     assert result.stdout.count("kestrel ms") == 1  # one header: one table
     assert "verify_tree_greedy" in result.stdout and "kv_bottleneck_lookup" in result.stdout
     assert (tmp_path / "rows.csv").read_text().count("\n") >= 3
+
+
+LAZY_IMPORT = """
+import sys
+import kestrel
+assert "torch" not in sys.modules and "kestrel.optim" not in sys.modules, sorted(sys.modules)
+print("VERSION", kestrel.__version__)
+from kestrel import optim
+assert optim is kestrel.optim and "kestrel._C" in sys.modules  # the optimizers load the extension
+for name in ("nn", "ops", "functional", "models", "decoding", "reference", "_ext"):
+    assert getattr(kestrel, name) is sys.modules["kestrel." + name]
+assert {"optim", "nn", "ops", "functional", "models", "decoding"} <= set(dir(kestrel))
+try:
+    kestrel.no_such_thing
+except AttributeError as error:
+    print("ATTRIBUTE", error)
+"""
+
+
+def test_import_kestrel_is_lazy():
+    """`import kestrel` imports no subpackage and not torch; each subpackage comes on first access (PEP 562)."""
+    result = subprocess.run([sys.executable, "-c", LAZY_IMPORT], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "VERSION " in result.stdout and "has no attribute 'no_such_thing'" in result.stdout
+
+
+@pytest.mark.parametrize("module", ["kestrel.ops", "kestrel.functional", "kestrel.optim", "kestrel.nn",
+                                    "kestrel.models", "kestrel.decoding"])
+def test_each_public_subpackage_registers_the_native_ops(module):
+    """Any public subpackage imported alone leaves torch.ops.kestrel.* registered (when kestrel._C is built)."""
+    code = (f"import importlib, sys; importlib.import_module({module!r}); import kestrel, torch; "
+            "print(kestrel._ext.available() and hasattr(torch.ops.kestrel, 'quantize_blockwise'))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    import kestrel
+
+    assert result.stdout.strip() == str(kestrel._ext.available())
+
