@@ -181,3 +181,39 @@ def test_each_public_subpackage_registers_the_native_ops(module):
 
     assert result.stdout.strip() == str(kestrel._ext.available())
 
+
+HELP_WITHOUT_TORCH = """
+import runpy, sys
+sys.argv = ["kestrel", *sys.argv[1:]]
+try:
+    runpy.run_module("kestrel", run_name="__main__", alter_sys=True)
+except SystemExit as stop:
+    assert stop.code == 0, stop.code
+heavy = sorted(name for name in sys.modules if name == "torch" or name.startswith(("kestrel.ops", "kestrel.demo")))
+print("HEAVY", heavy)
+"""
+
+
+@pytest.mark.parametrize("command", [[], ["info"], ["bench"], ["demo"]])
+def test_help_imports_no_torch(command):
+    """`python -m kestrel [command] --help` builds its parsers without importing torch: it answers at once."""
+    result = subprocess.run([sys.executable, "-c", HELP_WITHOUT_TORCH, *command, "--help"], capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY []" in result.stdout
+    assert "usage: python -m kestrel" in result.stdout
+
+
+def test_every_cli_argument_has_help_and_a_default():
+    from kestrel.__main__ import build_parser
+
+    parser = build_parser()
+    commands = next(action for action in parser._actions if action.dest == "command")
+    assert set(commands.choices) == {"info", "bench", "demo"}
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, (name, action.dest)
+            assert "(default: " in action.help, (name, action.dest, action.help)
+

@@ -1,4 +1,4 @@
-"""`python -m kestrel demo`: kestrel end to end with no download (spec decoding.md §4).
+"""`python -m kestrel demo`: kestrel end to end with no download (docs/models_and_decoding.md).
 
 1. A byte-level KestrelLM learns the Python standard library's own source files, twice from the same
    initialisation and on the same batches: with kestrel.optim.AdamW8bit and with torch.optim.AdamW (loss curves and
@@ -25,6 +25,13 @@ from pathlib import Path
 
 import torch
 
+from ._demo_cli import SETTINGS, add_arguments, settings_for  # noqa: F401  (SETTINGS: re-exported)
+from .decoding.generate import TreeSpec, generate
+from .models import KestrelConfig, KestrelLM
+from .models.training import draft_loss, freeze_base, lm_loss, optimizer_state_bytes, train_steps
+from .ops.softplus_attention import KERNEL_HEAD_DIMS
+from .optim import AdamW8bit
+
 PROMPTS = ["import os\nimport sys\n", "def __init__(self, ", "class Error(Exception):\n", "    for i in range(",
            "        if not isinstance(", "    def __repr__(self):\n        return "]
 
@@ -32,36 +39,13 @@ PROMPTS = ["import os\nimport sys\n", "def __init__(self, ", "class Error(Except
 DEFAULT_CHOICES = [[0], [1], [2], [3], [0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [2, 0], [3, 0], [0, 0, 0], [0, 0, 1],
                    [0, 1, 0], [1, 0, 0], [0, 2, 0], [2, 0, 0], [0, 0, 2], [1, 1, 0], [0, 1, 1]]
 
-SETTINGS = {
-    # name: model, data and schedule
-    "quick": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=64, batch_size=8, steps=30,
-                  draft_steps=30, corpus_bytes=300_000, new_tokens=32, prompts=2, lr=3e-3),
-    # the quick run on CUDA: head dim 64, which the softplus attention kernel needs (it takes 64 and 128)
-    "quick_cuda": dict(d_model=128, n_layers=2, n_heads=2, n_kv_heads=1, seq_len=64, batch_size=8, steps=30,
-                       draft_steps=30, corpus_bytes=300_000, new_tokens=32, prompts=2, lr=3e-3),
-    "cpu": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, seq_len=128, batch_size=8, steps=400,
-                draft_steps=200, corpus_bytes=4_000_000, new_tokens=96, prompts=4, lr=3e-3),
-    "cuda": dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, seq_len=256, batch_size=32, steps=1500,
-                 draft_steps=600, corpus_bytes=20_000_000, new_tokens=256, prompts=6, lr=1e-3),
-}
-
-
 # |logit(greedy token) - logit(speculative token)| at a mismatch, relative to max(1, |top logit|), below which the
 # flip is a near-tie: float32 sums in another order (other matmul shapes, another attention kernel) can flip it
 NEAR_TIE = 1e-3
 
 
-def settings_for(quick, device_type):
-    """The SETTINGS entry for a run: quick (CPU or CUDA) or the full run of the device."""
-    if quick:
-        return dict(SETTINGS["quick_cuda" if device_type == "cuda" else "quick"])
-    return dict(SETTINGS["cuda" if device_type == "cuda" else "cpu"])
-
-
 def check_head_dim(attention, head_dim, device_type):
     """On CUDA, lssa / lssar decode with the softplus attention kernel, which takes head dims 64 and 128 only."""
-    from .ops.softplus_attention import KERNEL_HEAD_DIMS
-
     if device_type == "cuda" and attention in ("lssa", "lssar") and head_dim not in KERNEL_HEAD_DIMS:
         raise ValueError(f"kestrel demo: --attention {attention} on CUDA needs a head dim in {KERNEL_HEAD_DIMS} (the "
                          f"softplus attention kernel's), got d_model / n_heads = {head_dim}")
@@ -154,8 +138,6 @@ def cosine_lr(step, steps, peak, warmup):
 
 
 def train(model, optimizer, corpus, settings, seed, label, loss_fn):
-    from .models.training import train_steps
-
     progress = Progress(label, settings["steps"])
     warmup = max(1, settings["steps"] // 10)
     return train_steps(model, optimizer,
@@ -175,8 +157,6 @@ def decode_text(tokens):
 
 def time_generation(model, prompts, new_tokens, speculative, label):
     """Generate from each prompt at batch 1 (one warm-up call first); (outputs, tokens/s, mean accepted length)."""
-    from .decoding.generate import generate
-
     encoded = [torch.tensor(list(p.encode()), dtype=torch.int64)[None].to(model.device) for p in prompts]
     generate(model, encoded[0], 4, speculative=speculative)  # warm-up
     outputs, tokens, seconds, accepted = [], 0, 0.0, []
@@ -193,7 +173,7 @@ def time_generation(model, prompts, new_tokens, speculative, label):
 
 
 def save_plot(path, curves, draft_curve):
-    try:
+    try:  # optional (the `demo` extra), and heavy: imported only when a plot is drawn
         import matplotlib
 
         matplotlib.use("Agg")
@@ -218,11 +198,6 @@ def save_plot(path, curves, draft_curve):
 
 
 def run(args):
-    from .models import KestrelConfig, KestrelLM
-    from .models.training import draft_loss, freeze_base, lm_loss, optimizer_state_bytes
-    from .optim import AdamW8bit
-    from .decoding.generate import TreeSpec
-
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -297,8 +272,6 @@ def run(args):
     failed = greedy_failed(mismatches, device.type)
     for prompt, tokens in zip(prompts, greedy):
         print(f"--- greedy: {prompt!r} ->\n{decode_text(tokens)}")
-    from .decoding.generate import generate
-
     sampled_ids, sampled_stats = generate(
         model, torch.tensor([list(prompts[-1].encode())], device=device), settings["new_tokens"], temperature=0.8,
         top_p=0.95, speculative=spec, generator=torch.Generator(device).manual_seed(args.seed), return_stats=True)
@@ -337,20 +310,6 @@ def run(args):
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"wrote {out / 'summary.json'} ({summary['seconds']:.0f} s in all)")
     return 1 if failed else 0
-
-
-def add_arguments(parser):
-    parser.add_argument("--out", default="kestrel-demo", help="output folder (default ./kestrel-demo)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
-    parser.add_argument("--quick", action="store_true", help="a sub-minute smoke run (tiny model, few steps)")
-    parser.add_argument("--attention", default="softmax", choices=["softmax", "lssa", "lssar", "plga"],
-                        help="the model's attention (default softmax)")
-    parser.add_argument("--steps", type=int, help="LM training steps per optimizer (default by device)")
-    parser.add_argument("--draft-steps", dest="draft_steps", type=int, help="draft-head training steps")
-    parser.add_argument("--new-tokens", dest="new_tokens", type=int, help="tokens generated per prompt")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default 1 on the CPU: this model's "
-                        "matmuls are small, and with 2 threads a step on a busy 2-core machine was 4-8x slower)")
-    parser.add_argument("--seed", type=int, default=0)
 
 
 def main(argv=None):
