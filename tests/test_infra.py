@@ -217,3 +217,35 @@ def test_every_cli_argument_has_help_and_a_default():
             assert action.help, (name, action.dest)
             assert "(default: " in action.help, (name, action.dest, action.help)
 
+
+def test_print_table_marks_and_explains_rows_above_the_roof(capsys):
+    from kestrel.benchmarks import harness
+
+    def row(pct):
+        return harness.Row("op", "case", 1.0, "base", 2.0, 2.0, 10.0, pct, "cpu")
+
+    harness.print_table([row(40.0), row(250.0)])
+    out = capsys.readouterr().out
+    assert "250.0*" in out and "40.0 " in out and "40.0*" not in out
+    assert out.rstrip().endswith(harness.ROOF_NOTE) and "DRAM" in harness.ROOF_NOTE
+    harness.print_table([row(99.0)])
+    out = capsys.readouterr().out
+    assert "*" not in out and "DRAM" not in out
+
+
+def test_bench_says_when_the_bitsandbytes_baseline_is_missing(monkeypatch, capsys):
+    from kestrel.__main__ import main
+    from kestrel.benchmarks import harness
+
+    assert harness.missing_baselines(["tree_verify", "kv_bottleneck"], "cpu") == []
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes (and bitsandbytes.*) raises
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+    notes = harness.missing_baselines(["quantize", "tree_verify", "optim"], "cpu")
+    assert len(notes) == 1 and "bitsandbytes baseline is missing from quantize, optim" in notes[0]
+    assert "pip install" in notes[0]
+    assert main(["bench", "--only", "quantize", "--quick"]) == 0
+    captured = capsys.readouterr()
+    table, _, after = captured.out.partition("kestrel ms")
+    assert "quantize_blockwise" in after and "bitsandbytes" not in after.split("note:")[0]  # no bnb rows
+    note = harness.missing_baselines(["quantize"], "cpu")[0]
+    assert note in after and note in captured.err  # under the table, and at the start with the progress

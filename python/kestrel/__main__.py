@@ -67,13 +67,19 @@ def cmd_bench(args):
         print(f"kestrel bench: unknown benchmark(s) {unknown}; choose from {sorted(BENCHMARKS)}", file=sys.stderr)
         return 2
     where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{torch.get_num_threads()} threads"
-    print(f"device: {device} ({where}); copy roof {harness.copy_roof_gbps(device):.1f} GB/s (read + write)")
+    print(f"device: {device} ({where}); copy roof {harness.copy_roof_gbps(device):.1f} GB/s (read + write; DRAM: "
+          f"a {harness.roof_bytes(device) >> 20} MiB copy)")
+    missing = harness.missing_baselines(names, device)
+    for note in missing:  # now on stderr with the progress, and again under the table
+        print(note, file=sys.stderr, flush=True)
     rows = []
     for name in names:  # progress on stderr; the results in one table at the end
         print(f"running {name} ...", file=sys.stderr, flush=True)
         module = importlib.import_module(BENCHMARKS[name])
         rows += module.run(device, quick=args.quick)
     harness.print_table(rows)
+    for note in missing:
+        print(note)
     if args.csv:
         harness.write_csv(rows, args.csv)
         print(f"wrote {args.csv}")
