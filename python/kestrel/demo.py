@@ -2,7 +2,7 @@
 
 1. A byte-level KestrelLM learns the Python standard library's own source files, twice from the same
    initialisation and on the same batches: with kestrel.optim.AdamW8bit and with torch.optim.AdamW (loss curves and
-   optimizer-state bytes side by side).
+   optimizer-state bytes side by side; the "final train loss" is the mean of the last 10 steps' losses).
 2. Medusa draft heads are trained on the AdamW8bit model with its base frozen.
 3. A few prompts are continued with plain greedy decoding and with tree speculative decoding: the texts must be
    identical; the mean accepted length, tokens/s and the speedup are reported. The two paths compute the logits
@@ -10,6 +10,8 @@
    CPU): a mismatch is reported with its first differing position and the logit gap there; on the CPU any
    mismatch fails the run (exit status 1), on CUDA only one that is not a near-tie does (near-tie flips are counted
    in summary.json as greedy_mismatch_near_ties).
+Continuations are printed as Python string literals (whitespace and unprintable bytes escaped). Progress goes to
+stderr: a tqdm bar on a terminal when tqdm is installed, else a plain line every tenth of a phase.
 Writes summary.json and loss_curves.png (if matplotlib is installed) to --out.
 """
 
@@ -24,6 +26,11 @@ import time
 from pathlib import Path
 
 import torch
+
+try:  # optional (the `demo` extra): progress bars on a terminal
+    from tqdm import tqdm
+except ImportError:
+    tqdm = None
 
 from ._demo_cli import SETTINGS, add_arguments, settings_for  # noqa: F401  (SETTINGS: re-exported)
 from .decoding.generate import TreeSpec, generate
@@ -77,28 +84,35 @@ def greedy_failed(mismatches, device_type):
 
 
 class Progress:
-    """A one-line progress bar on stderr (redrawn at most 10 times a second, and at the end)."""
+    """The progress of one phase on stderr: a tqdm bar when tqdm is installed and the stream is a terminal; else a
+    plain line about every tenth of the phase and at its end (no carriage-return redraws flooding a log)."""
 
-    def __init__(self, label, total, width=28, stream=None):
-        self.label, self.total, self.width = label, total, width
+    def __init__(self, label, total, stream=None, lines=10):
+        self.label, self.total = label, total
         self.stream = stream or sys.stderr
-        self.started = self.last_draw = time.perf_counter()
         self.count = 0
+        self.started = time.perf_counter()
+        self.every = max(1, -(-total // lines))
+        self.next_line = self.every
+        isatty = getattr(self.stream, "isatty", None)
+        on_terminal = callable(isatty) and isatty()
+        self.bar = tqdm(total=total, desc=label, file=self.stream) if tqdm is not None and on_terminal else None
 
     def update(self, count=1, note=""):
         self.count += count
-        now = time.perf_counter()
-        if self.count < self.total and now - self.last_draw < 0.1:
+        if self.bar is not None:
+            if note:
+                self.bar.set_postfix_str(note, refresh=False)
+            self.bar.update(count)
+            if self.count >= self.total:
+                self.bar.close()
             return
-        self.last_draw = now
-        filled = int(self.width * self.count / max(self.total, 1))
-        elapsed = now - self.started
-        eta = elapsed / self.count * (self.total - self.count) if self.count else 0.0
-        self.stream.write(f"\r{self.label:<22} [{'#' * filled}{'.' * (self.width - filled)}] {self.count}/{self.total}"
-                          f" {elapsed:5.1f}s eta {eta:5.1f}s {note}   ")
-        if self.count >= self.total:
-            self.stream.write("\n")
-        self.stream.flush()
+        if self.count < self.next_line and self.count < self.total:
+            return
+        self.next_line = (self.count // self.every + 1) * self.every
+        elapsed = time.perf_counter() - self.started
+        print(f"{self.label}: {self.count}/{self.total}, {elapsed:.1f} s{', ' + note if note else ''}",
+              file=self.stream, flush=True)
 
 
 def stdlib_corpus(max_bytes, seed=0):
@@ -146,13 +160,40 @@ def train(model, optimizer, corpus, settings, seed, label, loss_fn):
                        on_step=lambda step, loss: progress.update(note=f"loss {loss:.3f}"))
 
 
-def smoothed(values, window=10):
+# the "final train loss" of a run: the mean of its last FINAL_WINDOW steps' losses
+FINAL_WINDOW = 10
+
+
+def smoothed(values, window=FINAL_WINDOW):
     tail = values[-window:]
     return sum(tail) / len(tail)
 
 
+def smoothing_window(steps):
+    """The plot's moving-average window for a curve of `steps` points: odd, about steps / 25, at least 3."""
+    return max(3, steps // 25) | 1
+
+
+def moving_average(values, window):
+    """The centered moving average of values over `window` (odd) points, shorter at both ends: no lag, unlike an
+    exponential average, so a falling curve is not drawn above its points."""
+    half = window // 2
+    out = []
+    for i in range(len(values)):
+        part = values[max(0, i - half):i + half + 1]
+        out.append(sum(part) / len(part))
+    return out
+
+
 def decode_text(tokens):
     return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
+
+
+def show_text(tokens):
+    """A continuation for the terminal: its byte count and the text as a Python string literal, so that whitespace
+    (a tiny model's greedy text is often only spaces or newlines) and unprintable bytes are visible."""
+    text = decode_text(tokens)
+    return f"{len(tokens)} bytes{', whitespace only' if text.isspace() else ''}: {text!r}"
 
 
 def time_generation(model, prompts, new_tokens, speculative, label):
@@ -173,6 +214,9 @@ def time_generation(model, prompts, new_tokens, speculative, label):
 
 
 def save_plot(path, curves, draft_curve):
+    """Loss curves to path: each run's per-step loss faint and its centered moving average bold, in its own color
+    and line style, so that curves which nearly coincide both stay visible. False (and no file) without
+    matplotlib."""
     try:  # optional (the `demo` extra), and heavy: imported only when a plot is drawn
         import matplotlib
 
@@ -180,17 +224,27 @@ def save_plot(path, curves, draft_curve):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    styles = [("tab:blue", "-"), ("tab:orange", "--"), ("tab:purple", ":"), ("tab:red", "-.")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, values in curves.items():
-        axes[0].plot(values, label=name, linewidth=1)
+    window = smoothing_window(max(map(len, curves.values())))
+    for (name, values), (color, linestyle) in zip(curves.items(), styles):
+        axes[0].plot(values, color=color, linewidth=0.8, alpha=0.3)
+        axes[0].plot(moving_average(values, window), color=color, linestyle=linestyle, linewidth=2,
+                     label=f"{name} (mean of {window} steps)")
     axes[0].set_xlabel("step")
     axes[0].set_ylabel("next-byte cross entropy")
-    axes[0].set_title("LM training: AdamW8bit vs torch AdamW")
+    axes[0].set_title(f"LM training: AdamW8bit vs torch AdamW\nfaint: every step; bold: centered moving average "
+                      f"over {window} steps", fontsize=10)
     axes[0].legend()
-    axes[1].plot(draft_curve, color="tab:green", linewidth=1)
+    draft_window = smoothing_window(len(draft_curve))
+    axes[1].plot(draft_curve, color="tab:green", linewidth=0.8, alpha=0.3)
+    axes[1].plot(moving_average(draft_curve, draft_window), color="tab:green", linewidth=2,
+                 label=f"draft heads (mean of {draft_window} steps)")
     axes[1].set_xlabel("step")
     axes[1].set_ylabel("weighted draft-head loss")
-    axes[1].set_title("draft heads (base frozen)")
+    axes[1].set_title(f"draft heads (base frozen)\nfaint: every step; bold: centered moving average over "
+                      f"{draft_window} steps", fontsize=10)
+    axes[1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -240,10 +294,14 @@ def run(args):
         windows = next(batches(val_bytes, 16, settings["seq_len"], 1, args.seed + 2)).to(device)
         for name, model in models.items():
             val[name] = lm_loss(model.eval(), windows).item()
-    print(f"{'':22} {'AdamW8bit':>12} {'torch AdamW':>12}")
-    print(f"{'final train loss':22} {smoothed(curves['adamw8bit']):12.3f} {smoothed(curves['adamw']):12.3f}")
-    print(f"{'held-out loss':22} {val['adamw8bit']:12.3f} {val['adamw']:12.3f}")
-    print(f"{'optimizer state':22} {state_bytes['adamw8bit'] / 1024:10.1f} KiB {state_bytes['adamw'] / 1024:8.1f} KiB"
+    window = min(FINAL_WINDOW, settings["steps"])
+    final = f"final train loss (mean of the last {window} steps)"
+    width = len(final)
+    print(f"{'':{width}} {'AdamW8bit':>12} {'torch AdamW':>12}")
+    print(f"{final:{width}} {smoothed(curves['adamw8bit']):12.3f} {smoothed(curves['adamw']):12.3f}")
+    print(f"{'held-out loss':{width}} {val['adamw8bit']:12.3f} {val['adamw']:12.3f}")
+    kib = {name: f"{count / 1024:8.1f} KiB" for name, count in state_bytes.items()}
+    print(f"{'optimizer state':{width}} {kib['adamw8bit']} {kib['adamw']}"
           f"  ({state_bytes['adamw'] / max(state_bytes['adamw8bit'], 1):.1f}x smaller)")
 
     model = models["adamw8bit"].train()
@@ -271,13 +329,14 @@ def run(args):
     near_ties = sum(m["near_tie"] for m in mismatches)
     failed = greedy_failed(mismatches, device.type)
     for prompt, tokens in zip(prompts, greedy):
-        print(f"--- greedy: {prompt!r} ->\n{decode_text(tokens)}")
+        print(f"--- greedy: {prompt!r} -> {show_text(tokens)}")
     sampled_ids, sampled_stats = generate(
         model, torch.tensor([list(prompts[-1].encode())], device=device), settings["new_tokens"], temperature=0.8,
         top_p=0.95, speculative=spec, generator=torch.Generator(device).manual_seed(args.seed), return_stats=True)
-    sampled = decode_text(sampled_ids[0, len(prompts[-1].encode()):].tolist())
+    sampled_tokens = sampled_ids[0, len(prompts[-1].encode()):].tolist()
+    sampled = decode_text(sampled_tokens)
     print(f"--- sampled (temperature 0.8, top-p 0.95, speculative, mean accepted length "
-          f"{sampled_stats.mean_accepted_length:.2f}): {prompts[-1]!r} ->\n{sampled}")
+          f"{sampled_stats.mean_accepted_length:.2f}): {prompts[-1]!r} -> {show_text(sampled_tokens)}")
     print(f"greedy == speculative (token for token, {len(prompts)} prompts): {identical}")
     for m in mismatches:
         gap = "n/a (different lengths)" if m["gap"] is None else f"{m['gap']:.3g}"
@@ -297,6 +356,9 @@ def run(args):
     summary = dict(
         device=str(device), settings=settings, config=config.to_dict(), parameters=model.num_parameters(False),
         final_loss_adamw8bit=smoothed(curves["adamw8bit"]), final_loss_adamw=smoothed(curves["adamw"]),
+        final_loss_window=window,
+        final_loss_definition=f"final_loss_*: the mean training loss of the last {window} steps of each run "
+                              "(every step's loss: loss_curve_*)",
         val_loss_adamw8bit=val["adamw8bit"], val_loss_adamw=val["adamw"],
         optimizer_state_bytes_adamw8bit=state_bytes["adamw8bit"], optimizer_state_bytes_adamw=state_bytes["adamw"],
         loss_curve_adamw8bit=curves["adamw8bit"], loss_curve_adamw=curves["adamw"], draft_loss_curve=draft_curve,
