@@ -1,6 +1,7 @@
 """`python -m kestrel demo --quick`: the end-to-end smoke run CI executes (training with AdamW8bit and AdamW, draft
 heads, greedy vs tree speculative generation, summary.json and the plot)."""
 
+import io
 import json
 import subprocess
 import sys
@@ -29,7 +30,17 @@ def test_demo_quick(tmp_path):
     for key in ("final_loss_adamw8bit", "final_loss_adamw"):
         assert summary[key] < 5.0  # below the 5.55 nats of a uniform byte
     assert len(summary["loss_curve_adamw8bit"]) == len(summary["loss_curve_adamw"]) == summary["settings"]["steps"]
+    assert summary["final_loss_window"] == 10 and "last 10 steps" in summary["final_loss_definition"]
+    assert summary["final_loss_adamw"] == pytest.approx(sum(summary["loss_curve_adamw"][-10:]) / 10)
+    assert "final train loss (mean of the last 10 steps)" in result.stdout
     assert "greedy == speculative" in result.stdout
+    greedy = [line for line in result.stdout.splitlines() if line.startswith("--- greedy: ")]
+    assert len(greedy) == summary["settings"]["prompts"]
+    for line in greedy:  # each continuation on its line, as a string literal: whitespace-only text stays visible
+        literal = line.split(" bytes", 1)[1].split(": ", 1)[1]
+        assert literal[0] in "'\"" and literal[-1] == literal[0], line
+    assert "\r" not in result.stderr  # progress off a terminal: plain lines, no redraws
+    assert result.stderr.count("train (adamw8bit): ") <= 11 and "train (adamw8bit): 30/30" in result.stderr
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -111,3 +122,116 @@ def test_first_mismatch_and_near_ties():
     assert first_mismatch(model, prompt, greedy, greedy[:3])["near_tie"] is False  # stopped early
     assert greedy_failed([tie], "cpu") and not greedy_failed([tie], "cuda")
     assert greedy_failed([tie, dict(near_tie=False)], "cuda") and not greedy_failed([], "cpu")
+
+
+def test_show_text_makes_whitespace_and_unprintable_bytes_visible():
+    from kestrel.demo import show_text
+
+    assert show_text(list(b"    ")) == "4 bytes, whitespace only: '    '"
+    assert show_text(list(b"\n\n  ")) == "4 bytes, whitespace only: '\\n\\n  '"
+    assert show_text(list(b"a\tb\x07")) == "4 bytes: 'a\\tb\\x07'"
+    assert show_text(list(b"ok\xff")) == "3 bytes: 'ok\ufffd'"  # not UTF-8: the replacement character
+    assert show_text([]) == "0 bytes: ''"
+
+
+def test_moving_average_is_centered_and_smooths():
+    from kestrel.demo import moving_average, smoothing_window
+
+    assert moving_average([1.0, 2.0, 3.0, 4.0, 5.0], 3) == pytest.approx([1.5, 2.0, 3.0, 4.0, 4.5])
+    falling = [10.0 - i for i in range(20)]
+    assert moving_average(falling, 5)[2:-2] == pytest.approx(falling[2:-2])  # no lag on a straight line
+    noisy = [1.0 + (-1) ** i for i in range(50)]
+    smooth = moving_average(noisy, 9)
+    assert len(smooth) == 50 and max(smooth) - min(smooth) < 0.25 * (max(noisy) - min(noisy))
+    assert [smoothing_window(n) for n in (30, 200, 400, 1500)] == [3, 9, 17, 61]
+
+
+def test_save_plot_draws_both_runs_raw_and_smoothed(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    from kestrel import demo
+
+    drawn = []
+    original = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, *a, **k: drawn.append(k) or original(self, *a, **k))
+    curves = {"AdamW8bit": [3.0, 2.5, 2.0, 1.9], "torch AdamW": [3.0, 2.5, 2.0, 1.9]}  # coinciding curves
+    assert demo.save_plot(tmp_path / "plot.png", curves, [1.0, 0.5]) is True
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+    bold = [k for k in drawn if k.get("linewidth", 1) >= 2 and "draft" not in k.get("label", "")]
+    assert [k["label"] for k in bold] == ["AdamW8bit (mean of 3 steps)", "torch AdamW (mean of 3 steps)"]
+    assert len({(k["color"], k["linestyle"]) for k in bold}) == 2  # distinct color and line style
+    assert sum(k.get("alpha", 1) < 1 for k in drawn) == 3  # each raw curve faint beneath
+
+
+class FakeStream(io.StringIO):
+    def __init__(self, terminal):
+        super().__init__()
+        self.terminal = terminal
+
+    def isatty(self):
+        return self.terminal
+
+
+def test_progress_off_a_terminal_prints_a_plain_line_every_tenth():
+    from kestrel.demo import Progress
+
+    stream = FakeStream(terminal=False)
+    progress = Progress("train (x)", 400, stream=stream)
+    for step in range(400):
+        progress.update(note=f"loss {step}")
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue() and len(lines) == 10
+    assert lines[0].startswith("train (x): 40/400, ") and lines[0].endswith("loss 39")
+    assert lines[-1].startswith("train (x): 400/400, ")
+    short = FakeStream(terminal=False)
+    progress = Progress("greedy", 3, stream=short)
+    for _ in range(3):
+        progress.update()
+    assert [line.split(",")[0] for line in short.getvalue().splitlines()] == ["greedy: 1/3", "greedy: 2/3",
+                                                                              "greedy: 3/3"]
+
+
+def test_progress_on_a_terminal_uses_tqdm_when_installed(monkeypatch):
+    from kestrel import demo
+
+    made = []
+
+    class FakeTqdm:
+        def __init__(self, **kwargs):
+            made.append(self)
+            self.kwargs, self.n, self.postfix, self.closed = kwargs, 0, None, False
+
+        def set_postfix_str(self, text, refresh=True):
+            self.postfix = text
+
+        def update(self, count):
+            self.n += count
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(demo, "tqdm", FakeTqdm)
+    stream = FakeStream(terminal=True)
+    progress = demo.Progress("train (x)", 5, stream=stream)
+    for step in range(5):
+        progress.update(note=f"loss {step}")
+    assert len(made) == 1 and made[0].kwargs == dict(total=5, desc="train (x)", file=stream)
+    assert made[0].n == 5 and made[0].postfix == "loss 4" and made[0].closed and stream.getvalue() == ""
+    demo.Progress("off a terminal", 5, stream=FakeStream(terminal=False)).update()
+    assert len(made) == 1  # no bar off a terminal
+    monkeypatch.setattr(demo, "tqdm", None)  # tqdm not installed: plain lines on a terminal too
+    plain = FakeStream(terminal=True)
+    demo.Progress("x", 1, stream=plain).update()
+    assert plain.getvalue().startswith("x: 1/1, ")
+
+
+def test_progress_with_the_real_tqdm():
+    pytest.importorskip("tqdm")
+    from kestrel.demo import Progress
+
+    stream = FakeStream(terminal=True)
+    progress = Progress("train (x)", 20, stream=stream)
+    for step in range(20):
+        progress.update(note=f"loss {step}")
+    assert "train (x)" in stream.getvalue() and "20/20" in stream.getvalue() and "loss 19" in stream.getvalue()

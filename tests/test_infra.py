@@ -143,3 +143,109 @@ def test_bench_prints_one_table(tmp_path):
     assert result.stdout.count("kestrel ms") == 1  # one header: one table
     assert "verify_tree_greedy" in result.stdout and "kv_bottleneck_lookup" in result.stdout
     assert (tmp_path / "rows.csv").read_text().count("\n") >= 3
+
+
+LAZY_IMPORT = """
+import sys
+import kestrel
+assert "torch" not in sys.modules and "kestrel.optim" not in sys.modules, sorted(sys.modules)
+print("VERSION", kestrel.__version__)
+from kestrel import optim
+assert optim is kestrel.optim and "kestrel._C" in sys.modules  # the optimizers load the extension
+for name in ("nn", "ops", "functional", "models", "decoding", "reference", "_ext"):
+    assert getattr(kestrel, name) is sys.modules["kestrel." + name]
+assert {"optim", "nn", "ops", "functional", "models", "decoding"} <= set(dir(kestrel))
+try:
+    kestrel.no_such_thing
+except AttributeError as error:
+    print("ATTRIBUTE", error)
+"""
+
+
+def test_import_kestrel_is_lazy():
+    """`import kestrel` imports no subpackage and not torch; each subpackage comes on first access (PEP 562)."""
+    result = subprocess.run([sys.executable, "-c", LAZY_IMPORT], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "VERSION " in result.stdout and "has no attribute 'no_such_thing'" in result.stdout
+
+
+@pytest.mark.parametrize("module", ["kestrel.ops", "kestrel.functional", "kestrel.optim", "kestrel.nn",
+                                    "kestrel.models", "kestrel.decoding"])
+def test_each_public_subpackage_registers_the_native_ops(module):
+    """Any public subpackage imported alone leaves torch.ops.kestrel.* registered (when kestrel._C is built)."""
+    code = (f"import importlib, sys; importlib.import_module({module!r}); import kestrel, torch; "
+            "print(kestrel._ext.available() and hasattr(torch.ops.kestrel, 'quantize_blockwise'))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    import kestrel
+
+    assert result.stdout.strip() == str(kestrel._ext.available())
+
+
+HELP_WITHOUT_TORCH = """
+import runpy, sys
+sys.argv = ["kestrel", *sys.argv[1:]]
+try:
+    runpy.run_module("kestrel", run_name="__main__", alter_sys=True)
+except SystemExit as stop:
+    assert stop.code == 0, stop.code
+heavy = sorted(name for name in sys.modules if name == "torch" or name.startswith(("kestrel.ops", "kestrel.demo")))
+print("HEAVY", heavy)
+"""
+
+
+@pytest.mark.parametrize("command", [[], ["info"], ["bench"], ["demo"]])
+def test_help_imports_no_torch(command):
+    """`python -m kestrel [command] --help` builds its parsers without importing torch: it answers at once."""
+    result = subprocess.run([sys.executable, "-c", HELP_WITHOUT_TORCH, *command, "--help"], capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY []" in result.stdout
+    assert "usage: python -m kestrel" in result.stdout
+
+
+def test_every_cli_argument_has_help_and_a_default():
+    from kestrel.__main__ import build_parser
+
+    parser = build_parser()
+    commands = next(action for action in parser._actions if action.dest == "command")
+    assert set(commands.choices) == {"info", "bench", "demo"}
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, (name, action.dest)
+            assert "(default: " in action.help, (name, action.dest, action.help)
+
+
+def test_print_table_marks_and_explains_rows_above_the_roof(capsys):
+    from kestrel.benchmarks import harness
+
+    def row(pct):
+        return harness.Row("op", "case", 1.0, "base", 2.0, 2.0, 10.0, pct, "cpu")
+
+    harness.print_table([row(40.0), row(250.0)])
+    out = capsys.readouterr().out
+    assert "250.0*" in out and "40.0 " in out and "40.0*" not in out
+    assert out.rstrip().endswith(harness.ROOF_NOTE) and "DRAM" in harness.ROOF_NOTE
+    harness.print_table([row(99.0)])
+    out = capsys.readouterr().out
+    assert "*" not in out and "DRAM" not in out
+
+
+def test_bench_says_when_the_bitsandbytes_baseline_is_missing(monkeypatch, capsys):
+    from kestrel.__main__ import main
+    from kestrel.benchmarks import harness
+
+    assert harness.missing_baselines(["tree_verify", "kv_bottleneck"], "cpu") == []
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes (and bitsandbytes.*) raises
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+    notes = harness.missing_baselines(["quantize", "tree_verify", "optim"], "cpu")
+    assert len(notes) == 1 and "bitsandbytes baseline is missing from quantize, optim" in notes[0]
+    assert "pip install" in notes[0]
+    assert main(["bench", "--only", "quantize", "--quick"]) == 0
+    captured = capsys.readouterr()
+    table, _, after = captured.out.partition("kestrel ms")
+    assert "quantize_blockwise" in after and "bitsandbytes" not in after.split("note:")[0]  # no bnb rows
+    note = harness.missing_baselines(["quantize"], "cpu")[0]
+    assert note in after and note in captured.err  # under the table, and at the start with the progress

@@ -1,9 +1,14 @@
 """kestrel's command line: `python -m kestrel info`, `python -m kestrel bench` and `python -m kestrel demo`."""
 
+# torch, and kestrel's modules that import it, are imported inside each cmd_* (when a command runs), not here: the
+# parsers are built first, so that `--help` and a mistyped command answer at once instead of after torch's import.
 import argparse
 import importlib
 import platform
 import sys
+
+from . import __version__
+from ._demo_cli import add_arguments as add_demo_arguments
 
 # Benchmark modules by name; each has run(device, quick) -> list of harness rows.
 BENCHMARKS = {"quantize": "kestrel.benchmarks.bench_quantize", "optim": "kestrel.benchmarks.bench_optim",
@@ -15,7 +20,7 @@ BENCHMARKS = {"quantize": "kestrel.benchmarks.bench_quantize", "optim": "kestrel
 
 
 def _triton_version():
-    try:
+    try:  # optional: reported, not required
         import triton
     except Exception as error:  # noqa: BLE001 (any import failure means "not usable")
         return f"not available ({error.__class__.__name__})"
@@ -25,10 +30,9 @@ def _triton_version():
 def cmd_info(args):
     import torch
 
-    import kestrel
-    from kestrel import _ext
+    from . import _ext
 
-    print(f"kestrel {kestrel.__version__} ({kestrel.__file__.rsplit('/', 1)[0]})")
+    print(f"kestrel {__version__} ({__file__.rsplit('/', 1)[0]})")
     print(f"python {platform.python_version()} on {platform.machine()}")
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
     print(f"triton {_triton_version()}")
@@ -63,13 +67,19 @@ def cmd_bench(args):
         print(f"kestrel bench: unknown benchmark(s) {unknown}; choose from {sorted(BENCHMARKS)}", file=sys.stderr)
         return 2
     where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{torch.get_num_threads()} threads"
-    print(f"device: {device} ({where}); copy roof {harness.copy_roof_gbps(device):.1f} GB/s (read + write)")
+    print(f"device: {device} ({where}); copy roof {harness.copy_roof_gbps(device):.1f} GB/s (read + write; DRAM: "
+          f"a {harness.roof_bytes(device) >> 20} MiB copy)")
+    missing = harness.missing_baselines(names, device)
+    for note in missing:  # now on stderr with the progress, and again under the table
+        print(note, file=sys.stderr, flush=True)
     rows = []
     for name in names:  # progress on stderr; the results in one table at the end
         print(f"running {name} ...", file=sys.stderr, flush=True)
         module = importlib.import_module(BENCHMARKS[name])
         rows += module.run(device, quick=args.quick)
     harness.print_table(rows)
+    for note in missing:
+        print(note)
     if args.csv:
         harness.write_csv(rows, args.csv)
         print(f"wrote {args.csv}")
@@ -82,24 +92,32 @@ def cmd_demo(args):
     return run(args)
 
 
-def main(argv=None):
+def build_parser():
+    """The parser of `python -m kestrel` and its commands (torch-free: see the imports above)."""
     parser = argparse.ArgumentParser(prog="python -m kestrel", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    info = commands.add_parser("info", help="versions of kestrel, torch, Triton and CUDA; how the extension was built; the devices seen")
+    about = "versions of kestrel, torch, Triton and CUDA; how the extension was built; the devices seen"
+    info = commands.add_parser("info", help=about, description=about)
     info.set_defaults(func=cmd_info)
-    bench = commands.add_parser("bench", help="benchmark kestrel's kernels beside their baselines on one device")
-    bench.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
-    bench.add_argument("--only", nargs="+", metavar="NAME", help=f"benchmarks to run (default: all of {sorted(BENCHMARKS)})")
-    bench.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
-    bench.add_argument("--csv", metavar="PATH", help="also write the rows as CSV")
+    about = "benchmark kestrel's kernels beside their baselines on one device"
+    bench = commands.add_parser("bench", help=about, description=about + "; one table at the end (progress on stderr)")
+    bench.add_argument("--device", default="auto",
+                       help="cpu, cuda or cuda:N; auto takes cuda if present, else cpu (default: %(default)s)")
+    bench.add_argument("--only", nargs="+", metavar="NAME",
+                       help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
+    bench.add_argument("--quick", action="store_true", help="small shapes, a smoke run (default: off)")
+    bench.add_argument("--csv", metavar="PATH", help="also write the rows as CSV to PATH (default: no CSV)")
     bench.set_defaults(func=cmd_bench)
-    from .demo import add_arguments as add_demo_arguments
-
-    demo = commands.add_parser("demo", help="train a byte-level KestrelLM on the Python standard library (AdamW8bit "
-                               "beside AdamW), its draft heads, then greedy vs tree speculative decoding")
+    about = ("train a byte-level KestrelLM on the Python standard library (AdamW8bit beside AdamW), its draft heads, "
+             "then greedy vs tree speculative decoding")
+    demo = commands.add_parser("demo", help=about, description=about)
     add_demo_arguments(demo)
     demo.set_defaults(func=cmd_demo)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

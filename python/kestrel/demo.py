@@ -1,8 +1,8 @@
-"""`python -m kestrel demo`: kestrel end to end with no download (spec decoding.md §4).
+"""`python -m kestrel demo`: kestrel end to end with no download (docs/models_and_decoding.md).
 
 1. A byte-level KestrelLM learns the Python standard library's own source files, twice from the same
    initialisation and on the same batches: with kestrel.optim.AdamW8bit and with torch.optim.AdamW (loss curves and
-   optimizer-state bytes side by side).
+   optimizer-state bytes side by side; the "final train loss" is the mean of the last 10 steps' losses).
 2. Medusa draft heads are trained on the AdamW8bit model with its base frozen.
 3. A few prompts are continued with plain greedy decoding and with tree speculative decoding: the texts must be
    identical; the mean accepted length, tokens/s and the speedup are reported. The two paths compute the logits
@@ -10,6 +10,8 @@
    CPU): a mismatch is reported with its first differing position and the logit gap there; on the CPU any
    mismatch fails the run (exit status 1), on CUDA only one that is not a near-tie does (near-tie flips are counted
    in summary.json as greedy_mismatch_near_ties).
+Continuations are printed as Python string literals (whitespace and unprintable bytes escaped). Progress goes to
+stderr: a tqdm bar on a terminal when tqdm is installed, else a plain line every tenth of a phase.
 Writes summary.json and loss_curves.png (if matplotlib is installed) to --out.
 """
 
@@ -25,6 +27,18 @@ from pathlib import Path
 
 import torch
 
+try:  # optional (the `demo` extra): progress bars on a terminal
+    from tqdm import tqdm
+except ImportError:
+    tqdm = None
+
+from ._demo_cli import SETTINGS, add_arguments, settings_for  # noqa: F401  (SETTINGS: re-exported)
+from .decoding.generate import TreeSpec, generate
+from .models import KestrelConfig, KestrelLM
+from .models.training import draft_loss, freeze_base, lm_loss, optimizer_state_bytes, train_steps
+from .ops.softplus_attention import KERNEL_HEAD_DIMS
+from .optim import AdamW8bit
+
 PROMPTS = ["import os\nimport sys\n", "def __init__(self, ", "class Error(Exception):\n", "    for i in range(",
            "        if not isinstance(", "    def __repr__(self):\n        return "]
 
@@ -32,36 +46,13 @@ PROMPTS = ["import os\nimport sys\n", "def __init__(self, ", "class Error(Except
 DEFAULT_CHOICES = [[0], [1], [2], [3], [0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [2, 0], [3, 0], [0, 0, 0], [0, 0, 1],
                    [0, 1, 0], [1, 0, 0], [0, 2, 0], [2, 0, 0], [0, 0, 2], [1, 1, 0], [0, 1, 1]]
 
-SETTINGS = {
-    # name: model, data and schedule
-    "quick": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=64, batch_size=8, steps=30,
-                  draft_steps=30, corpus_bytes=300_000, new_tokens=32, prompts=2, lr=3e-3),
-    # the quick run on CUDA: head dim 64, which the softplus attention kernel needs (it takes 64 and 128)
-    "quick_cuda": dict(d_model=128, n_layers=2, n_heads=2, n_kv_heads=1, seq_len=64, batch_size=8, steps=30,
-                       draft_steps=30, corpus_bytes=300_000, new_tokens=32, prompts=2, lr=3e-3),
-    "cpu": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, seq_len=128, batch_size=8, steps=400,
-                draft_steps=200, corpus_bytes=4_000_000, new_tokens=96, prompts=4, lr=3e-3),
-    "cuda": dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, seq_len=256, batch_size=32, steps=1500,
-                 draft_steps=600, corpus_bytes=20_000_000, new_tokens=256, prompts=6, lr=1e-3),
-}
-
-
 # |logit(greedy token) - logit(speculative token)| at a mismatch, relative to max(1, |top logit|), below which the
 # flip is a near-tie: float32 sums in another order (other matmul shapes, another attention kernel) can flip it
 NEAR_TIE = 1e-3
 
 
-def settings_for(quick, device_type):
-    """The SETTINGS entry for a run: quick (CPU or CUDA) or the full run of the device."""
-    if quick:
-        return dict(SETTINGS["quick_cuda" if device_type == "cuda" else "quick"])
-    return dict(SETTINGS["cuda" if device_type == "cuda" else "cpu"])
-
-
 def check_head_dim(attention, head_dim, device_type):
     """On CUDA, lssa / lssar decode with the softplus attention kernel, which takes head dims 64 and 128 only."""
-    from .ops.softplus_attention import KERNEL_HEAD_DIMS
-
     if device_type == "cuda" and attention in ("lssa", "lssar") and head_dim not in KERNEL_HEAD_DIMS:
         raise ValueError(f"kestrel demo: --attention {attention} on CUDA needs a head dim in {KERNEL_HEAD_DIMS} (the "
                          f"softplus attention kernel's), got d_model / n_heads = {head_dim}")
@@ -93,28 +84,35 @@ def greedy_failed(mismatches, device_type):
 
 
 class Progress:
-    """A one-line progress bar on stderr (redrawn at most 10 times a second, and at the end)."""
+    """The progress of one phase on stderr: a tqdm bar when tqdm is installed and the stream is a terminal; else a
+    plain line about every tenth of the phase and at its end (no carriage-return redraws flooding a log)."""
 
-    def __init__(self, label, total, width=28, stream=None):
-        self.label, self.total, self.width = label, total, width
+    def __init__(self, label, total, stream=None, lines=10):
+        self.label, self.total = label, total
         self.stream = stream or sys.stderr
-        self.started = self.last_draw = time.perf_counter()
         self.count = 0
+        self.started = time.perf_counter()
+        self.every = max(1, -(-total // lines))
+        self.next_line = self.every
+        isatty = getattr(self.stream, "isatty", None)
+        on_terminal = callable(isatty) and isatty()
+        self.bar = tqdm(total=total, desc=label, file=self.stream) if tqdm is not None and on_terminal else None
 
     def update(self, count=1, note=""):
         self.count += count
-        now = time.perf_counter()
-        if self.count < self.total and now - self.last_draw < 0.1:
+        if self.bar is not None:
+            if note:
+                self.bar.set_postfix_str(note, refresh=False)
+            self.bar.update(count)
+            if self.count >= self.total:
+                self.bar.close()
             return
-        self.last_draw = now
-        filled = int(self.width * self.count / max(self.total, 1))
-        elapsed = now - self.started
-        eta = elapsed / self.count * (self.total - self.count) if self.count else 0.0
-        self.stream.write(f"\r{self.label:<22} [{'#' * filled}{'.' * (self.width - filled)}] {self.count}/{self.total}"
-                          f" {elapsed:5.1f}s eta {eta:5.1f}s {note}   ")
-        if self.count >= self.total:
-            self.stream.write("\n")
-        self.stream.flush()
+        if self.count < self.next_line and self.count < self.total:
+            return
+        self.next_line = (self.count // self.every + 1) * self.every
+        elapsed = time.perf_counter() - self.started
+        print(f"{self.label}: {self.count}/{self.total}, {elapsed:.1f} s{', ' + note if note else ''}",
+              file=self.stream, flush=True)
 
 
 def stdlib_corpus(max_bytes, seed=0):
@@ -154,8 +152,6 @@ def cosine_lr(step, steps, peak, warmup):
 
 
 def train(model, optimizer, corpus, settings, seed, label, loss_fn):
-    from .models.training import train_steps
-
     progress = Progress(label, settings["steps"])
     warmup = max(1, settings["steps"] // 10)
     return train_steps(model, optimizer,
@@ -164,19 +160,44 @@ def train(model, optimizer, corpus, settings, seed, label, loss_fn):
                        on_step=lambda step, loss: progress.update(note=f"loss {loss:.3f}"))
 
 
-def smoothed(values, window=10):
+# the "final train loss" of a run: the mean of its last FINAL_WINDOW steps' losses
+FINAL_WINDOW = 10
+
+
+def smoothed(values, window=FINAL_WINDOW):
     tail = values[-window:]
     return sum(tail) / len(tail)
+
+
+def smoothing_window(steps):
+    """The plot's moving-average window for a curve of `steps` points: odd, about steps / 25, at least 3."""
+    return max(3, steps // 25) | 1
+
+
+def moving_average(values, window):
+    """The centered moving average of values over `window` (odd) points, shorter at both ends: no lag, unlike an
+    exponential average, so a falling curve is not drawn above its points."""
+    half = window // 2
+    out = []
+    for i in range(len(values)):
+        part = values[max(0, i - half):i + half + 1]
+        out.append(sum(part) / len(part))
+    return out
 
 
 def decode_text(tokens):
     return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
 
 
+def show_text(tokens):
+    """A continuation for the terminal: its byte count and the text as a Python string literal, so that whitespace
+    (a tiny model's greedy text is often only spaces or newlines) and unprintable bytes are visible."""
+    text = decode_text(tokens)
+    return f"{len(tokens)} bytes{', whitespace only' if text.isspace() else ''}: {text!r}"
+
+
 def time_generation(model, prompts, new_tokens, speculative, label):
     """Generate from each prompt at batch 1 (one warm-up call first); (outputs, tokens/s, mean accepted length)."""
-    from .decoding.generate import generate
-
     encoded = [torch.tensor(list(p.encode()), dtype=torch.int64)[None].to(model.device) for p in prompts]
     generate(model, encoded[0], 4, speculative=speculative)  # warm-up
     outputs, tokens, seconds, accepted = [], 0, 0.0, []
@@ -193,24 +214,37 @@ def time_generation(model, prompts, new_tokens, speculative, label):
 
 
 def save_plot(path, curves, draft_curve):
-    try:
+    """Loss curves to path: each run's per-step loss faint and its centered moving average bold, in its own color
+    and line style, so that curves which nearly coincide both stay visible. False (and no file) without
+    matplotlib."""
+    try:  # optional (the `demo` extra), and heavy: imported only when a plot is drawn
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    styles = [("tab:blue", "-"), ("tab:orange", "--"), ("tab:purple", ":"), ("tab:red", "-.")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, values in curves.items():
-        axes[0].plot(values, label=name, linewidth=1)
+    window = smoothing_window(max(map(len, curves.values())))
+    for (name, values), (color, linestyle) in zip(curves.items(), styles):
+        axes[0].plot(values, color=color, linewidth=0.8, alpha=0.3)
+        axes[0].plot(moving_average(values, window), color=color, linestyle=linestyle, linewidth=2,
+                     label=f"{name} (mean of {window} steps)")
     axes[0].set_xlabel("step")
     axes[0].set_ylabel("next-byte cross entropy")
-    axes[0].set_title("LM training: AdamW8bit vs torch AdamW")
+    axes[0].set_title(f"LM training: AdamW8bit vs torch AdamW\nfaint: every step; bold: centered moving average "
+                      f"over {window} steps", fontsize=10)
     axes[0].legend()
-    axes[1].plot(draft_curve, color="tab:green", linewidth=1)
+    draft_window = smoothing_window(len(draft_curve))
+    axes[1].plot(draft_curve, color="tab:green", linewidth=0.8, alpha=0.3)
+    axes[1].plot(moving_average(draft_curve, draft_window), color="tab:green", linewidth=2,
+                 label=f"draft heads (mean of {draft_window} steps)")
     axes[1].set_xlabel("step")
     axes[1].set_ylabel("weighted draft-head loss")
-    axes[1].set_title("draft heads (base frozen)")
+    axes[1].set_title(f"draft heads (base frozen)\nfaint: every step; bold: centered moving average over "
+                      f"{draft_window} steps", fontsize=10)
+    axes[1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -218,11 +252,6 @@ def save_plot(path, curves, draft_curve):
 
 
 def run(args):
-    from .models import KestrelConfig, KestrelLM
-    from .models.training import draft_loss, freeze_base, lm_loss, optimizer_state_bytes
-    from .optim import AdamW8bit
-    from .decoding.generate import TreeSpec
-
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -265,10 +294,14 @@ def run(args):
         windows = next(batches(val_bytes, 16, settings["seq_len"], 1, args.seed + 2)).to(device)
         for name, model in models.items():
             val[name] = lm_loss(model.eval(), windows).item()
-    print(f"{'':22} {'AdamW8bit':>12} {'torch AdamW':>12}")
-    print(f"{'final train loss':22} {smoothed(curves['adamw8bit']):12.3f} {smoothed(curves['adamw']):12.3f}")
-    print(f"{'held-out loss':22} {val['adamw8bit']:12.3f} {val['adamw']:12.3f}")
-    print(f"{'optimizer state':22} {state_bytes['adamw8bit'] / 1024:10.1f} KiB {state_bytes['adamw'] / 1024:8.1f} KiB"
+    window = min(FINAL_WINDOW, settings["steps"])
+    final = f"final train loss (mean of the last {window} steps)"
+    width = len(final)
+    print(f"{'':{width}} {'AdamW8bit':>12} {'torch AdamW':>12}")
+    print(f"{final:{width}} {smoothed(curves['adamw8bit']):12.3f} {smoothed(curves['adamw']):12.3f}")
+    print(f"{'held-out loss':{width}} {val['adamw8bit']:12.3f} {val['adamw']:12.3f}")
+    kib = {name: f"{count / 1024:8.1f} KiB" for name, count in state_bytes.items()}
+    print(f"{'optimizer state':{width}} {kib['adamw8bit']} {kib['adamw']}"
           f"  ({state_bytes['adamw'] / max(state_bytes['adamw8bit'], 1):.1f}x smaller)")
 
     model = models["adamw8bit"].train()
@@ -296,15 +329,14 @@ def run(args):
     near_ties = sum(m["near_tie"] for m in mismatches)
     failed = greedy_failed(mismatches, device.type)
     for prompt, tokens in zip(prompts, greedy):
-        print(f"--- greedy: {prompt!r} ->\n{decode_text(tokens)}")
-    from .decoding.generate import generate
-
+        print(f"--- greedy: {prompt!r} -> {show_text(tokens)}")
     sampled_ids, sampled_stats = generate(
         model, torch.tensor([list(prompts[-1].encode())], device=device), settings["new_tokens"], temperature=0.8,
         top_p=0.95, speculative=spec, generator=torch.Generator(device).manual_seed(args.seed), return_stats=True)
-    sampled = decode_text(sampled_ids[0, len(prompts[-1].encode()):].tolist())
+    sampled_tokens = sampled_ids[0, len(prompts[-1].encode()):].tolist()
+    sampled = decode_text(sampled_tokens)
     print(f"--- sampled (temperature 0.8, top-p 0.95, speculative, mean accepted length "
-          f"{sampled_stats.mean_accepted_length:.2f}): {prompts[-1]!r} ->\n{sampled}")
+          f"{sampled_stats.mean_accepted_length:.2f}): {prompts[-1]!r} -> {show_text(sampled_tokens)}")
     print(f"greedy == speculative (token for token, {len(prompts)} prompts): {identical}")
     for m in mismatches:
         gap = "n/a (different lengths)" if m["gap"] is None else f"{m['gap']:.3g}"
@@ -324,6 +356,9 @@ def run(args):
     summary = dict(
         device=str(device), settings=settings, config=config.to_dict(), parameters=model.num_parameters(False),
         final_loss_adamw8bit=smoothed(curves["adamw8bit"]), final_loss_adamw=smoothed(curves["adamw"]),
+        final_loss_window=window,
+        final_loss_definition=f"final_loss_*: the mean training loss of the last {window} steps of each run "
+                              "(every step's loss: loss_curve_*)",
         val_loss_adamw8bit=val["adamw8bit"], val_loss_adamw=val["adamw"],
         optimizer_state_bytes_adamw8bit=state_bytes["adamw8bit"], optimizer_state_bytes_adamw=state_bytes["adamw"],
         loss_curve_adamw8bit=curves["adamw8bit"], loss_curve_adamw=curves["adamw"], draft_loss_curve=draft_curve,
@@ -337,20 +372,6 @@ def run(args):
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"wrote {out / 'summary.json'} ({summary['seconds']:.0f} s in all)")
     return 1 if failed else 0
-
-
-def add_arguments(parser):
-    parser.add_argument("--out", default="kestrel-demo", help="output folder (default ./kestrel-demo)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
-    parser.add_argument("--quick", action="store_true", help="a sub-minute smoke run (tiny model, few steps)")
-    parser.add_argument("--attention", default="softmax", choices=["softmax", "lssa", "lssar", "plga"],
-                        help="the model's attention (default softmax)")
-    parser.add_argument("--steps", type=int, help="LM training steps per optimizer (default by device)")
-    parser.add_argument("--draft-steps", dest="draft_steps", type=int, help="draft-head training steps")
-    parser.add_argument("--new-tokens", dest="new_tokens", type=int, help="tokens generated per prompt")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default 1 on the CPU: this model's "
-                        "matmuls are small, and with 2 threads a step on a busy 2-core machine was 4-8x slower)")
-    parser.add_argument("--seed", type=int, default=0)
 
 
 def main(argv=None):
