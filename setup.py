@@ -70,7 +70,8 @@ def arch_names(arch_list):
 
 
 def extra_cuda_include_dirs(cuda_home):
-    """torch's CUDA headers may include cusparse.h/cublas*.h; pip's nvidia wheels carry them when the toolkit doesn't."""
+    """torch's CUDA headers may include cusparse.h/cublas*.h; pip's nvidia wheels carry them when the toolkit
+    doesn't."""
     if (Path(cuda_home) / "include" / "cusparse.h").exists():
         return []
     for entry in sys.path:
@@ -102,19 +103,30 @@ def make_extensions():
     build_cuda, reason = cuda_decision(torch)
     print(f"kestrel: CUDA part {'on' if build_cuda else 'off'} ({reason})")
     if not build_cuda:
-        return [CppExtension("kestrel._C", sources, include_dirs=include_dirs,
-                             extra_compile_args={"cxx": cxx}, extra_link_args=link)]
+        return [
+            CppExtension(
+                "kestrel._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}, extra_link_args=link
+            )
+        ]
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ";".join(read_sources("cuda_archs")))
     archs = arch_names(os.environ["TORCH_CUDA_ARCH_LIST"])
     print(f"kestrel: CUDA archs {archs}")
-    cuda_macros = ["-DKESTREL_WITH_CUDA", f"-DKESTREL_CUDA_VERSION={torch.version.cuda}",
-                   f"-DKESTREL_CUDA_ARCHS={archs}"]
+    cuda_macros = [
+        "-DKESTREL_WITH_CUDA",
+        f"-DKESTREL_CUDA_VERSION={torch.version.cuda}",
+        f"-DKESTREL_CUDA_ARCHS={archs}",
+    ]
     nvcc = opt + read_sources("nvcc_flags") + cuda_macros
-    return [CUDAExtension("kestrel._C", sources + read_sources("cuda"),
-                          include_dirs=include_dirs + extra_cuda_include_dirs(CUDA_HOME),
-                          extra_compile_args={"cxx": cxx + cuda_macros, "nvcc": nvcc},
-                          extra_link_args=link)]
+    return [
+        CUDAExtension(
+            "kestrel._C",
+            sources + read_sources("cuda"),
+            include_dirs=include_dirs + extra_cuda_include_dirs(CUDA_HOME),
+            extra_compile_args={"cxx": cxx + cuda_macros, "nvcc": nvcc},
+            extra_link_args=link,
+        )
+    ]
 
 
 def main():
@@ -123,9 +135,17 @@ def main():
     setup(
         version=read_version(),
         package_dir={"": "python", "kestrel.kernels": "kernels", "kestrel.benchmarks": "benchmarks"},
-        packages=["kestrel", "kestrel.nn", "kestrel.ops", "kestrel.optim", "kestrel.reference", "kestrel.models",
-                  "kestrel.decoding", "kestrel.kernels",
-                  "kestrel.benchmarks"],
+        packages=[
+            "kestrel",
+            "kestrel.nn",
+            "kestrel.ops",
+            "kestrel.optim",
+            "kestrel.reference",
+            "kestrel.models",
+            "kestrel.decoding",
+            "kestrel.kernels",
+            "kestrel.benchmarks",
+        ],
         ext_modules=make_extensions(),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         zip_safe=False,

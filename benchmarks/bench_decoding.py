@@ -19,7 +19,7 @@ def tree_choices(num_nodes, depth=4, max_rank=8):
     """Medusa-style choices of num_nodes - 1 paths: the best by a rank prior (a path's score is the sum of
     -log(rank + 1.5) over its ranks, so a child never outscores its parent; ties go to shorter paths)."""
     frontier, paths = [()], []
-    for level in range(depth):
+    for _ in range(depth):
         frontier = [p + (r,) for p in frontier for r in range(max_rank)]
         paths += frontier
         frontier = sorted(frontier, key=lambda p: sum(-math.log(r + 1.5) for r in p), reverse=True)[:max_rank]
@@ -37,10 +37,26 @@ def model_config(device, quick):
     from kestrel.models import KestrelConfig
 
     if device.type == "cuda":
-        return KestrelConfig(vocab_size=32000, d_model=2048, n_layers=20 if not quick else 4, n_heads=16,
-                             n_kv_heads=8, num_draft_heads=4, max_seq_len=4096), torch.bfloat16, 512
-    return KestrelConfig(vocab_size=256, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, num_draft_heads=4,
-                         max_seq_len=1024), torch.float32, 128
+        return (
+            KestrelConfig(
+                vocab_size=32000,
+                d_model=2048,
+                n_layers=20 if not quick else 4,
+                n_heads=16,
+                n_kv_heads=8,
+                num_draft_heads=4,
+                max_seq_len=4096,
+            ),
+            torch.bfloat16,
+            512,
+        )
+    return (
+        KestrelConfig(
+            vocab_size=256, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, num_draft_heads=4, max_seq_len=1024
+        ),
+        torch.float32,
+        128,
+    )
 
 
 def build_model(device, quick):
@@ -96,14 +112,21 @@ def run(device, quick=False):
     weight_bytes = params * torch.finfo(dtype).bits // 8
     kv_row_bytes = 2 * config.n_layers * config.n_kv_heads * config.head_dim * torch.finfo(dtype).bits // 8
     rows = []
-    for B in ([1, 8] if not quick else [1]):
+    for B in [1, 8] if not quick else [1]:
         plain_step, speculative_step = decoding_steps(model, B, prefix, device)
-        for T in ([16, 32, 64] if not quick else [16]):
+        for T in [16, 32, 64] if not quick else [16]:
             nbytes = weight_bytes + B * (prefix + T) * kv_row_bytes
             size = f"{params / 1e9:.2f}B" if device.type == "cuda" else f"{params / 1e6:.1f}M"
             case = f"{size} {str(dtype).replace('torch.', '')} bs{B} ctx{prefix} tree{T}"
-            rows += compare("speculative step", case, device, speculative_step(T), [("plain decode step", plain_step)],
-                            nbytes, repeats=11 if device.type == "cuda" else 7)
+            rows += compare(
+                "speculative step",
+                case,
+                device,
+                speculative_step(T),
+                [("plain decode step", plain_step)],
+                nbytes,
+                repeats=11 if device.type == "cuda" else 7,
+            )
     return rows
 
 
@@ -120,5 +143,6 @@ if pytest is not None:
         model, _, prefix = build_model(device, quick=True)
         plain_step, speculative_step = decoding_steps(model, 1, prefix, device)
         benchmark.group = "decoding step 0.8M fp32 bs1 ctx128"
-        benchmark.pedantic(plain_step if impl == "plain decode step" else speculative_step(16), rounds=20,
-                           warmup_rounds=2)
+        benchmark.pedantic(
+            plain_step if impl == "plain decode step" else speculative_step(16), rounds=20, warmup_rounds=2
+        )

@@ -32,8 +32,15 @@ def run(device, quick=False):
     values = torch.randn(C, P, dv, generator=g).to(device)
     nbytes = (z.numel() + keys.numel() + values.numel()) * 4
     case = f"C{C} P{P} dk{dk} dv{dv} B{B} k1 fp32"
-    return compare("kv_bottleneck_lookup", case, device, lambda: kv_bottleneck_lookup(z, keys, values, 1),
-                   [("bmm + topk + gather", lambda: unfused(z, keys, values, 1))], nbytes, repeats=5)
+    return compare(
+        "kv_bottleneck_lookup",
+        case,
+        device,
+        lambda: kv_bottleneck_lookup(z, keys, values, 1),
+        [("bmm + topk + gather", lambda: unfused(z, keys, values, 1))],
+        nbytes,
+        repeats=5,
+    )
 
 
 try:  # pytest-benchmark microbenchmark (CPU)
@@ -48,9 +55,15 @@ if pytest is not None:
         from kestrel.ops import kv_bottleneck_lookup
 
         g = torch.Generator().manual_seed(0)
-        z, keys, values = torch.randn(64, 64, 14, generator=g), torch.randn(64, 4096, 14, generator=g), \
-            torch.randn(64, 4096, 10, generator=g)
-        fn = (lambda: kv_bottleneck_lookup(z, keys, values, 1)) if impl == "kestrel" else \
-            (lambda: unfused(z, keys, values, 1))
+        z, keys, values = (
+            torch.randn(64, 64, 14, generator=g),
+            torch.randn(64, 4096, 14, generator=g),
+            torch.randn(64, 4096, 10, generator=g),
+        )
+        fn = (
+            (lambda: kv_bottleneck_lookup(z, keys, values, 1))
+            if impl == "kestrel"
+            else (lambda: unfused(z, keys, values, 1))
+        )
         benchmark.group = "kv_bottleneck_lookup C64 P4096 dk14 B64"
         benchmark.pedantic(fn, rounds=3, warmup_rounds=1)

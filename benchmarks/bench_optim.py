@@ -2,9 +2,9 @@
 
 AdamW8bit: CPU, one tensor of 16.8M parameters, fp32 and bf16 (2 threads on the development machine); GPU, the
 1.30B-parameter LLM tensor mix of llm_shapes() (218 tensors: 24 layers, d 2048, ff 5632, vocab 32000), bf16 and
-fp32, beside bnb and torch's fused AdamW. The rest of the family (SGD8bit, RMSprop8bit, Adagrad8bit, Lion8bit, AdEMAMix8bit, LAMB8bit, LARS8bit): 16.8M
-fp32 parameters on the CPU, 268M bf16 on a GPU. GB/s counts the bytes an 8-bit step must move: parameter read +
-write, gradient read, each 8-bit state read + write and its absmax.
+fp32, beside bnb and torch's fused AdamW. The rest of the family (SGD8bit, RMSprop8bit, Adagrad8bit, Lion8bit,
+AdEMAMix8bit, LAMB8bit, LARS8bit): 16.8M fp32 parameters on the CPU, 268M bf16 on a GPU. GB/s counts the bytes an
+8-bit step must move: parameter read + write, gradient read, each 8-bit state read + write and its absmax.
 """
 
 import torch
@@ -41,9 +41,11 @@ def make_params(shapes, dtype, device, seed=0):
 def optimizers(device):
     from kestrel.optim import AdamW8bit
 
-    makers = {"kestrel": lambda ps: AdamW8bit(ps, lr=1e-4),
-              # the opt-in rounding that bounds a gradient spike's damage: the same kernel, one more select per state
-              "kestrel robust_rounding=True": lambda ps: AdamW8bit(ps, lr=1e-4, robust_rounding=True)}
+    makers = {
+        "kestrel": lambda ps: AdamW8bit(ps, lr=1e-4),
+        # the opt-in rounding that bounds a gradient spike's damage: the same kernel, one more select per state
+        "kestrel robust_rounding=True": lambda ps: AdamW8bit(ps, lr=1e-4, robust_rounding=True),
+    }
     try:
         import bitsandbytes as bnb
 
@@ -66,27 +68,65 @@ def family(device):
         B = None
     fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
     rows = [
-        ("SGD8bit", 1, lambda ps: K.SGD8bit(ps, lr=1e-3, momentum=0.9),
-         [("bitsandbytes SGD8bit", B and (lambda ps: B.SGD8bit(ps, lr=1e-3, momentum=0.9))),
-          ("torch SGD", lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, **fused))]),
-        ("RMSprop8bit", 1, lambda ps: K.RMSprop8bit(ps, lr=1e-3),
-         [("bitsandbytes RMSprop8bit", B and (lambda ps: B.RMSprop8bit(ps, lr=1e-3))),
-          ("torch RMSprop", lambda ps: torch.optim.RMSprop(ps, lr=1e-3, foreach=True))]),
-        ("Adagrad8bit", 1, lambda ps: K.Adagrad8bit(ps, lr=1e-3),
-         [("bitsandbytes Adagrad8bit", B and (lambda ps: B.Adagrad8bit(ps, lr=1e-3))),
-          ("torch Adagrad", lambda ps: torch.optim.Adagrad(ps, lr=1e-3, foreach=True))]),
-        ("Lion8bit", 1, lambda ps: K.Lion8bit(ps, lr=1e-4),
-         [("bitsandbytes Lion8bit", B and (lambda ps: B.Lion8bit(ps, lr=1e-4)))]),
-        ("AdEMAMix8bit", 3, lambda ps: K.AdEMAMix8bit(ps, lr=1e-4),
-         [("bitsandbytes AdEMAMix8bit", B and (lambda ps: B.AdEMAMix8bit(ps, lr=1e-4)))]),
+        (
+            "SGD8bit",
+            1,
+            lambda ps: K.SGD8bit(ps, lr=1e-3, momentum=0.9),
+            [
+                ("bitsandbytes SGD8bit", B and (lambda ps: B.SGD8bit(ps, lr=1e-3, momentum=0.9))),
+                ("torch SGD", lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, **fused)),
+            ],
+        ),
+        (
+            "RMSprop8bit",
+            1,
+            lambda ps: K.RMSprop8bit(ps, lr=1e-3),
+            [
+                ("bitsandbytes RMSprop8bit", B and (lambda ps: B.RMSprop8bit(ps, lr=1e-3))),
+                ("torch RMSprop", lambda ps: torch.optim.RMSprop(ps, lr=1e-3, foreach=True)),
+            ],
+        ),
+        (
+            "Adagrad8bit",
+            1,
+            lambda ps: K.Adagrad8bit(ps, lr=1e-3),
+            [
+                ("bitsandbytes Adagrad8bit", B and (lambda ps: B.Adagrad8bit(ps, lr=1e-3))),
+                ("torch Adagrad", lambda ps: torch.optim.Adagrad(ps, lr=1e-3, foreach=True)),
+            ],
+        ),
+        (
+            "Lion8bit",
+            1,
+            lambda ps: K.Lion8bit(ps, lr=1e-4),
+            [("bitsandbytes Lion8bit", B and (lambda ps: B.Lion8bit(ps, lr=1e-4)))],
+        ),
+        (
+            "AdEMAMix8bit",
+            3,
+            lambda ps: K.AdEMAMix8bit(ps, lr=1e-4),
+            [("bitsandbytes AdEMAMix8bit", B and (lambda ps: B.AdEMAMix8bit(ps, lr=1e-4)))],
+        ),
         # LAMB / LARS: kestrel's step includes the trust ratio's norm pass (a second read of everything); bnb's 8-bit
         # LAMB/LARS skip the ratio, its 32-bit ones apply it; torch has neither
-        ("LAMB8bit", 2, lambda ps: K.LAMB8bit(ps, lr=1e-3),
-         [("bitsandbytes LAMB8bit (no trust ratio)", B and (lambda ps: B.LAMB8bit(ps, lr=1e-3))),
-          ("bitsandbytes LAMB32bit", B and (lambda ps: B.LAMB32bit(ps, lr=1e-3)))]),
-        ("LARS8bit", 1, lambda ps: K.LARS8bit(ps, lr=1e-2, momentum=0.9),
-         [("bitsandbytes LARS8bit (no trust ratio)", B and (lambda ps: B.LARS8bit(ps, lr=1e-2, momentum=0.9))),
-          ("bitsandbytes LARS32bit", B and (lambda ps: B.LARS32bit(ps, lr=1e-2, momentum=0.9)))]),
+        (
+            "LAMB8bit",
+            2,
+            lambda ps: K.LAMB8bit(ps, lr=1e-3),
+            [
+                ("bitsandbytes LAMB8bit (no trust ratio)", B and (lambda ps: B.LAMB8bit(ps, lr=1e-3))),
+                ("bitsandbytes LAMB32bit", B and (lambda ps: B.LAMB32bit(ps, lr=1e-3))),
+            ],
+        ),
+        (
+            "LARS8bit",
+            1,
+            lambda ps: K.LARS8bit(ps, lr=1e-2, momentum=0.9),
+            [
+                ("bitsandbytes LARS8bit (no trust ratio)", B and (lambda ps: B.LARS8bit(ps, lr=1e-2, momentum=0.9))),
+                ("bitsandbytes LARS32bit", B and (lambda ps: B.LARS32bit(ps, lr=1e-2, momentum=0.9))),
+            ],
+        ),
     ]
     return [(name, states, make, [(b, m) for b, m in baselines if m]) for name, states, make, baselines in rows]
 
@@ -103,10 +143,18 @@ def run_family(device, quick=False):
             opt.step()
             steps[label] = opt.step
         n = sum(torch.Size(s).numel() for s in shapes)
-        nbytes = n * (3 * torch.tensor([], dtype=dtype).element_size() + 2 * states) + states * 2 * 4 * ((n + 255) // 256)
-        rows += compare(f"{name} step", f"{n / 1e6:.1f}M params {DTYPE_NAMES[dtype]}", device, steps["kestrel"],
-                        [(label, fn) for label, fn in steps.items() if label != "kestrel"], nbytes,
-                        repeats=5 if device.type == "cpu" else 10)
+        nbytes = n * (3 * torch.tensor([], dtype=dtype).element_size() + 2 * states) + states * 2 * 4 * (
+            (n + 255) // 256
+        )
+        rows += compare(
+            f"{name} step",
+            f"{n / 1e6:.1f}M params {DTYPE_NAMES[dtype]}",
+            device,
+            steps["kestrel"],
+            [(label, fn) for label, fn in steps.items() if label != "kestrel"],
+            nbytes,
+            repeats=5 if device.type == "cpu" else 10,
+        )
         del steps
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -143,8 +191,15 @@ def run(device, quick=False):
         nbytes = n * (3 * torch.tensor([], dtype=dtype).element_size() + 4) + 2 * 2 * 4 * ((n + 255) // 256)
         repeats = 5 if device.type == "cpu" else 10
         baselines = [(name, fn) for name, fn in steps.items() if name != "kestrel"]
-        rows += compare("AdamW8bit step", f"{label} {DTYPE_NAMES[dtype]}", device, steps["kestrel"], baselines,
-                        nbytes, repeats=repeats)
+        rows += compare(
+            "AdamW8bit step",
+            f"{label} {DTYPE_NAMES[dtype]}",
+            device,
+            steps["kestrel"],
+            baselines,
+            nbytes,
+            repeats=repeats,
+        )
         del steps
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -158,8 +213,9 @@ except ImportError:  # pragma: no cover
 
 if pytest is not None:
 
-    @pytest.mark.parametrize("impl", ["kestrel", "kestrel robust_rounding=True", "bitsandbytes AdamW8bit",
-                                      "torch AdamW fused"])
+    @pytest.mark.parametrize(
+        "impl", ["kestrel", "kestrel robust_rounding=True", "bitsandbytes AdamW8bit", "torch AdamW fused"]
+    )
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
     def test_adamw_step_cpu(benchmark, impl, dtype):
         makers = optimizers("cpu")

@@ -24,9 +24,15 @@ def run(device, quick=False):
         nbytes = 4 * q.numel() * q.element_size() + G.numel() * 4
         case = f"B{B} H{H} L{L} D{D} causal {str(dtype).replace('torch.', '')}"
         with torch.no_grad():
-            rows += compare("PLGA forward", case, device, lambda: plga_attention(q, k, v, G),
-                            [("SDPA softmax", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))],
-                            nbytes, repeats=5)
+            rows += compare(
+                "PLGA forward",
+                case,
+                device,
+                lambda: plga_attention(q, k, v, G),
+                [("SDPA softmax", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))],
+                nbytes,
+                repeats=5,
+            )
 
         def ours_fb():
             torch.autograd.grad(plga_attention(q, k, v, G), (q, k, v, G), do)
@@ -34,8 +40,9 @@ def run(device, quick=False):
         def sdpa_fb():
             torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), do)
 
-        rows += compare("PLGA forward+backward", case, device, ours_fb, [("SDPA softmax", sdpa_fb)], 2 * nbytes,
-                        repeats=5)
+        rows += compare(
+            "PLGA forward+backward", case, device, ours_fb, [("SDPA softmax", sdpa_fb)], 2 * nbytes, repeats=5
+        )
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows

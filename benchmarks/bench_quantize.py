@@ -10,7 +10,12 @@ from .harness import compare
 
 # (elements, dtype) per device; one table for every run.
 SHAPES = {
-    "cpu": [(16 * 2**20, torch.float32), (16 * 2**20, torch.bfloat16), (16 * 2**20, torch.float16), (2**20, torch.float32)],
+    "cpu": [
+        (16 * 2**20, torch.float32),
+        (16 * 2**20, torch.bfloat16),
+        (16 * 2**20, torch.float16),
+        (2**20, torch.float32),
+    ],
     "cuda": [(256 * 2**20, torch.float32), (256 * 2**20, torch.bfloat16), (16 * 2**20, torch.float32)],
 }
 QUICK_SHAPES = [(2**18, torch.float32), (2**18, torch.bfloat16)]
@@ -20,7 +25,7 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf
 
 def bnb_functional():
     try:
-        import bitsandbytes.functional as F  # noqa: N812
+        import bitsandbytes.functional as F
     except Exception:  # not installed, or no backend for this device
         return None
     return F
@@ -33,10 +38,14 @@ def implementations(device):
 
     code = KO.create_dynamic_map().to(device)
     impls = {
-        "kestrel": (lambda x: KO.quantize_blockwise(x, code=code, blocksize=BLOCKSIZE),
-                    lambda c, a, dt: KO.dequantize_blockwise(c, a, code=code, blocksize=BLOCKSIZE, dtype=dt)),
-        "torch-reference": (lambda x: ref.quantize_blockwise(x, code, BLOCKSIZE),
-                            lambda c, a, dt: ref.dequantize_blockwise(c, a, code, BLOCKSIZE, dt)),
+        "kestrel": (
+            lambda x: KO.quantize_blockwise(x, code=code, blocksize=BLOCKSIZE),
+            lambda c, a, dt: KO.dequantize_blockwise(c, a, code=code, blocksize=BLOCKSIZE, dtype=dt),
+        ),
+        "torch-reference": (
+            lambda x: ref.quantize_blockwise(x, code, BLOCKSIZE),
+            lambda c, a, dt: ref.dequantize_blockwise(c, a, code, BLOCKSIZE, dt),
+        ),
     }
     F = bnb_functional()
     if F is not None:
@@ -59,12 +68,22 @@ def run(device, quick=False):
         elem = x.element_size()
         case = f"n={n} {DTYPE_NAMES[dtype]} bs={BLOCKSIZE}"
         quantize_bytes = n * elem + n + absmax.numel() * 4
-        rows += compare("quantize_blockwise", case, device, lambda: impls["kestrel"][0](x),
-                        [(name, (lambda q: lambda: q(x))(impls[name][0])) for name in baselines],
-                        quantize_bytes)
-        rows += compare("dequantize_blockwise", case, device, lambda: impls["kestrel"][1](codes, absmax, dtype),
-                        [(name, (lambda d: lambda: d(codes, absmax, dtype))(impls[name][1])) for name in baselines],
-                        quantize_bytes)
+        rows += compare(
+            "quantize_blockwise",
+            case,
+            device,
+            lambda: impls["kestrel"][0](x),
+            [(name, (lambda q: lambda: q(x))(impls[name][0])) for name in baselines],
+            quantize_bytes,
+        )
+        rows += compare(
+            "dequantize_blockwise",
+            case,
+            device,
+            lambda: impls["kestrel"][1](codes, absmax, dtype),
+            [(name, (lambda d: lambda: d(codes, absmax, dtype))(impls[name][1])) for name in baselines],
+            quantize_bytes,
+        )
     return rows
 
 

@@ -52,13 +52,21 @@ def run(device, quick=False):
         q, k, v = _inputs(B, H, L, D, dtype, device)
         nbytes = 4 * q.numel() * q.element_size()
         case = f"B{B} H{H} L{L} D{D} causal {str(dtype).replace('torch.', '')}"
-        sdpa = ("SDPA softmax (flash)" if device.type == "cuda" else "SDPA softmax (math)",
-                lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        sdpa = (
+            "SDPA softmax (flash)" if device.type == "cuda" else "SDPA softmax (math)",
+            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        )
         baselines = [sdpa] + ([("FlexAttention LSSA", lambda: flex(q, k, v))] if flex else [])
-        rows += compare("LSSA forward", case, device, lambda: softplus_attention(q, k, v), baselines, nbytes,
-                        repeats=5)
-        rows += compare("LSSAR forward (p=15)", case, device, lambda: softplus_attention(q, k, v, reweight_p=15.0),
-                        [sdpa], nbytes, repeats=5)
+        rows += compare("LSSA forward", case, device, lambda: softplus_attention(q, k, v), baselines, nbytes, repeats=5)
+        rows += compare(
+            "LSSAR forward (p=15)",
+            case,
+            device,
+            lambda: softplus_attention(q, k, v, reweight_p=15.0),
+            [sdpa],
+            nbytes,
+            repeats=5,
+        )
         qg, kg, vg = _inputs(B, H, L, D, dtype, device, grad=True)
         do = torch.randn_like(qg)
 
@@ -68,8 +76,9 @@ def run(device, quick=False):
         def sdpa_fb():
             torch.autograd.grad(F.scaled_dot_product_attention(qg, kg, vg, is_causal=True), (qg, kg, vg), do)
 
-        rows += compare("LSSA forward+backward", case, device, ours_fb, [("SDPA softmax", sdpa_fb)], 2 * nbytes,
-                        repeats=5)
+        rows += compare(
+            "LSSA forward+backward", case, device, ours_fb, [("SDPA softmax", sdpa_fb)], 2 * nbytes, repeats=5
+        )
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows

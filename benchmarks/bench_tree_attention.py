@@ -33,7 +33,7 @@ def make_case(heads, D, T, ctx, dtype, device):
     bits = ancestor_bits(parents).to(device)
     lens = torch.tensor([ctx], dtype=torch.int32, device=device)
     dense_mask = torch.cat([torch.ones(T, ctx, dtype=torch.bool), ancestor_mask(parents)[0]], dim=1).to(device)
-    q_one, k_one, v_one = q[:, :, :1], k_cache[:, :, :ctx + 1], v_cache[:, :, :ctx + 1]
+    q_one, k_one, v_one = q[:, :, :1], k_cache[:, :, : ctx + 1], v_cache[:, :, : ctx + 1]
     return q, {
         "kestrel": lambda: tree_attention(q, k_cache, v_cache, lens, bits),
         "SDPA one-token decode": lambda: F.scaled_dot_product_attention(q_one, k_one, v_one),
@@ -55,9 +55,15 @@ def run(device, quick=False):
         nbytes = (2 * heads * (ctx + T) * D + 2 * q.numel()) * q.element_size()
         case = f"bs1 H{heads} ctx{ctx} T{T} D{D} {str(dtype).replace('torch.', '')}"
         with torch.no_grad():
-            rows += compare(f"tree_attention T{T}", case, device, fns["kestrel"],
-                            [(name, fn) for name, fn in fns.items() if name != "kestrel"], nbytes,
-                            repeats=21 if device.type == "cuda" else 9)
+            rows += compare(
+                f"tree_attention T{T}",
+                case,
+                device,
+                fns["kestrel"],
+                [(name, fn) for name, fn in fns.items() if name != "kestrel"],
+                nbytes,
+                repeats=21 if device.type == "cuda" else 9,
+            )
     return rows
 
 

@@ -98,17 +98,26 @@ def _verify_rows(device, quick):
             tree, candidates, probs, target_ids, uniform, uniform_final = _verify_inputs(B, V, device, g)
             T = tree.num_nodes
             case = f"T{T} V{V} bs{B}"
-            rows += compare("verify_tree_greedy", case, device,
-                            lambda: verify_tree_greedy(candidates, target_ids, tree),
-                            [("torch leaf-path compare", lambda: _greedy_baseline(candidates, target_ids, tree))],
-                            nbytes=candidates.numel() * 16, repeats=9)
+            rows += compare(
+                "verify_tree_greedy",
+                case,
+                device,
+                lambda: verify_tree_greedy(candidates, target_ids, tree),
+                [("torch leaf-path compare", lambda: _greedy_baseline(candidates, target_ids, tree))],
+                nbytes=candidates.numel() * 16,
+                repeats=9,
+            )
             accept_len = verify_tree_sample(candidates, probs, tree, uniform, uniform_final)[1]
             nbytes = int((accept_len.long() + 2).sum()) * V * 4
-            rows += compare("verify_tree_sample", case, device,
-                            lambda: verify_tree_sample(candidates, probs, tree, uniform, uniform_final),
-                            [("eager torch walk", lambda: _sample_baseline(candidates, probs, tree, uniform,
-                                                                            uniform_final))],
-                            nbytes=nbytes, repeats=5)
+            rows += compare(
+                "verify_tree_sample",
+                case,
+                device,
+                lambda: verify_tree_sample(candidates, probs, tree, uniform, uniform_final),
+                [("eager torch walk", lambda: _sample_baseline(candidates, probs, tree, uniform, uniform_final))],
+                nbytes=nbytes,
+                repeats=5,
+            )
     return rows
 
 
@@ -131,8 +140,9 @@ def _compact_rows(device, quick):
 
     cuda = device.type == "cuda"
     if cuda:
-        NL, B, H, L, D, dtype = (16, 8, 8, 2048, 128, torch.bfloat16) if not quick else (4, 4, 8, 1024, 128,
-                                                                                         torch.bfloat16)
+        NL, B, H, L, D, dtype = (
+            (16, 8, 8, 2048, 128, torch.bfloat16) if not quick else (4, 4, 8, 1024, 128, torch.bfloat16)
+        )
     else:
         NL, B, H, L, D, dtype = (4, 4, 4, 512, 64, torch.float32) if not quick else (2, 2, 4, 256, 64, torch.float32)
     k = torch.randn(NL, B, H, L, D, device=device).to(dtype)
@@ -170,8 +180,9 @@ if pytest is not None:
     def test_verify_tree_sample_cpu(benchmark, impl):
         from kestrel.ops import verify_tree_sample
 
-        tree, candidates, probs, _, uniform, uniform_final = _verify_inputs(8, 32000, torch.device("cpu"),
-                                                                            torch.Generator().manual_seed(0))
+        tree, candidates, probs, _, uniform, uniform_final = _verify_inputs(
+            8, 32000, torch.device("cpu"), torch.Generator().manual_seed(0)
+        )
         run = verify_tree_sample if impl == "kestrel" else _sample_baseline
         benchmark.group = "verify_tree_sample T64 V32000 bs8"
         benchmark.pedantic(lambda: run(candidates, probs, tree, uniform, uniform_final), rounds=5, warmup_rounds=1)

@@ -42,8 +42,15 @@ def run(device, quick=False):
         baselines = [("matmul + topk", lambda x=x, cb=cb: (x @ cb.T).float().topk(k))]
         if device.type == "cpu":
             baselines.append(("faiss IndexFlatIP", _faiss_search(x, cb, k)))
-        rows += compare("vq_topk (ip)", case, device, lambda x=x, cb=cb: vq_topk(x, cb, k, metric="ip"), baselines,
-                        nbytes, repeats=5)
+        rows += compare(
+            "vq_topk (ip)",
+            case,
+            device,
+            lambda x=x, cb=cb: vq_topk(x, cb, k, metric="ip"),
+            baselines,
+            nbytes,
+            repeats=5,
+        )
     return rows
 
 

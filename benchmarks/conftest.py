@@ -3,7 +3,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import helpers  # noqa: E402
+import helpers
 
 
 def pytest_configure(config):

@@ -91,8 +91,10 @@ def compare(op, case, device, ours, baselines, nbytes, repeats=9):
     return rows
 
 
-ROOF_NOTE = ("* above 100% of the roof: the roof is DRAM copy bandwidth (a copy larger than the caches), and a case "
-             "whose bytes fit in the caches is served faster than DRAM; its % is not a DRAM efficiency")
+ROOF_NOTE = (
+    "* above 100% of the roof: the roof is DRAM copy bandwidth (a copy larger than the caches), and a case "
+    "whose bytes fit in the caches is served faster than DRAM; its % is not a DRAM efficiency"
+)
 
 
 def roof_cell(pct):
@@ -105,8 +107,19 @@ def print_table(rows, file=None):
         print("(no rows)", file=file)
         return
     header = ["op", "case", "kestrel ms", "baseline", "baseline ms", "speedup", "kestrel GB/s", "% of roof"]
-    table = [[r.op, r.case, f"{r.ours_ms:.3f}", r.baseline, f"{r.baseline_ms:.3f}", f"{r.speedup:.2f}x",
-              f"{r.ours_gbps:.1f}", roof_cell(r.roof_pct)] for r in rows]
+    table = [
+        [
+            r.op,
+            r.case,
+            f"{r.ours_ms:.3f}",
+            r.baseline,
+            f"{r.baseline_ms:.3f}",
+            f"{r.speedup:.2f}x",
+            f"{r.ours_gbps:.1f}",
+            roof_cell(r.roof_pct),
+        ]
+        for r in rows
+    ]
     widths = [max(len(h), *(len(line[i]) for line in table)) for i, h in enumerate(header)]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)), file=file)
     print("  ".join("-" * w for w in widths), file=file)
@@ -119,9 +132,12 @@ def print_table(rows, file=None):
 # Optional baseline libraries: import name -> (the benchmarks that time it when it imports, the devices it runs on,
 # how to install it). Without it those benchmarks' rows lack that baseline, and `kestrel bench` says so.
 OPTIONAL_BASELINES = {
-    "bitsandbytes": (("quantize", "optim"), ("cpu", "cuda"),
-                     "pip install -c constraints.txt bitsandbytes (the version kestrel matches), or the test extra: "
-                     "pip install -c constraints.txt --no-build-isolation -e '.[test]'"),
+    "bitsandbytes": (
+        ("quantize", "optim"),
+        ("cpu", "cuda"),
+        "pip install -c constraints.txt bitsandbytes (the version kestrel matches), or the test extra: "
+        "pip install -c constraints.txt --no-build-isolation -e '.[test]'",
+    ),
     "faiss": (("vq_topk",), ("cpu",), "pip install faiss-cpu"),
 }
 
@@ -130,7 +146,7 @@ def import_error(module):
     """None if `module` imports, else why not ('ModuleNotFoundError: ...')."""
     try:
         importlib.import_module(module)
-    except Exception as error:  # noqa: BLE001 (not installed, or no backend for this machine: either way no baseline)
+    except Exception as error:
         return f"{error.__class__.__name__}: {error}"
     return None
 
@@ -145,8 +161,10 @@ def missing_baselines(names, device):
             continue
         error = import_error(module)
         if error is not None:
-            notes.append(f"note: the {module} baseline is missing from {', '.join(affected)} ({module} does not "
-                         f"import: {error}); to get it: {how}")
+            notes.append(
+                f"note: the {module} baseline is missing from {', '.join(affected)} ({module} does not "
+                f"import: {error}); to get it: {how}"
+            )
     return notes
 
 

@@ -15,8 +15,7 @@
 TORCH_LIBRARY(kestrel, m) {
   // Block-wise dynamic quantization (docs/optim8bit.md, "The numeric format").
   m.def("quantize_blockwise(Tensor x, Tensor code, int blocksize) -> (Tensor codes, Tensor absmax)");
-  m.def(
-      "dequantize_blockwise(Tensor codes, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) -> Tensor");
+  m.def("dequantize_blockwise(Tensor codes, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) -> Tensor");
 
   // One fused step of a two-state optimizer (bnb's Optimizer2State: optimizer "adam" — Adam/AdamW with decoupled
   // weight decay after the update — or "ademamix", whose state1 holds two first moments) for a list of
@@ -26,17 +25,20 @@ TORCH_LIBRARY(kestrel, m) {
       "two_state8bit_step_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
       "Tensor(c!)[] state2, Tensor(d!)[] absmax1, Tensor(e!)[] absmax2, Tensor qmap1, Tensor qmap2, Tensor steps, "
       "float lr, float beta1, float beta2, float beta3, float alpha, float eps, float weight_decay, "
-      "float gnorm_scale, int round_seed=-1, Tensor? norms=None, float max_unorm=0.0, Tensor? lr_tensor=None, bool robust_rounding=False) -> ()");
+      "float gnorm_scale, int round_seed=-1, Tensor? norms=None, float max_unorm=0.0, Tensor? lr_tensor=None, bool "
+      "robust_rounding=False) -> ()");
   m.def(
       "two_state32bit_step_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
       "Tensor(c!)[] state2, Tensor steps, float lr, float beta1, float beta2, float beta3, float alpha, float eps, "
-      "float weight_decay, float gnorm_scale, int round_seed=-1, Tensor? norms=None, float max_unorm=0.0, Tensor? lr_tensor=None, bool robust_rounding=False) -> ()");
+      "float weight_decay, float gnorm_scale, int round_seed=-1, Tensor? norms=None, float max_unorm=0.0, Tensor? "
+      "lr_tensor=None, bool robust_rounding=False) -> ()");
   // The same for the one-state optimizers (bnb's Optimizer1State): optimizer is "momentum" (SGD), "rmsprop",
   // "adagrad" or "lion"; an 8-bit state1 uses the signed map qmap1.
   m.def(
       "one_state8bit_step_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
       "Tensor(c!)[] absmax1, Tensor qmap1, Tensor steps, float lr, float beta1, float beta2, float eps, "
-      "float weight_decay, float gnorm_scale, int round_seed=-1, Tensor? norms=None, float max_unorm=0.0, Tensor? lr_tensor=None, bool robust_rounding=False) -> ()");
+      "float weight_decay, float gnorm_scale, int round_seed=-1, Tensor? norms=None, float max_unorm=0.0, Tensor? "
+      "lr_tensor=None, bool robust_rounding=False) -> ()");
   m.def(
       "one_state32bit_step_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor steps, "
       "float lr, float beta1, float beta2, float eps, float weight_decay, float gnorm_scale, int round_seed=-1, "

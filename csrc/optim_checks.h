@@ -33,7 +33,9 @@ inline double read_lr(const char* op, double lr, const std::optional<at::Tensor>
   return t.item<double>();
 }
 
-inline int64_t optim_num_blocks(int64_t n) { return (n + optim::kBlockSize - 1) / optim::kBlockSize; }
+inline int64_t optim_num_blocks(int64_t n) {
+  return (n + optim::kBlockSize - 1) / optim::kBlockSize;
+}
 
 // Every list has one entry per parameter; each parameter is a dense, contiguous float tensor with a gradient of the
 // same dtype and size on the same device; states have the sizes and dtypes of an 8-bit (or 32-bit) state.
@@ -45,8 +47,8 @@ inline void check_adam_args(const char* op, at::TensorList params, at::TensorLis
                             int64_t moments1 = 1) {
   const size_t count = params.size();
   TORCH_CHECK(grads.size() == count && state1.size() == count && state2.size() == count && steps.size() == count, op,
-              ": params, grads, states and steps must have one entry per parameter, got ", count, ", ",
-              grads.size(), ", ", state1.size(), ", ", state2.size(), ", ", steps.size());
+              ": params, grads, states and steps must have one entry per parameter, got ", count, ", ", grads.size(),
+              ", ", state1.size(), ", ", state2.size(), ", ", steps.size());
   if (eight_bit) {
     TORCH_CHECK(absmax1.size() == count && absmax2.size() == count, op,
                 ": absmax1 and absmax2 must have one entry per parameter, got ", absmax1.size(), " and ",
@@ -61,9 +63,10 @@ inline void check_adam_args(const char* op, at::TensorList params, at::TensorLis
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
     const int64_t n = p.numel();
-    TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kHalf || p.scalar_type() == at::kBFloat16,
-                op, ": parameter ", i, " must be float32, float16 or bfloat16, got ", p.scalar_type());
-    TORCH_CHECK(g.layout() == at::kStrided, op, ": the gradient of parameter ", i, " is sparse; sparse gradients are "
+    TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kHalf || p.scalar_type() == at::kBFloat16, op,
+                ": parameter ", i, " must be float32, float16 or bfloat16, got ", p.scalar_type());
+    TORCH_CHECK(g.layout() == at::kStrided, op, ": the gradient of parameter ", i,
+                " is sparse; sparse gradients are "
                 "not supported");
     TORCH_CHECK(g.scalar_type() == p.scalar_type(), op, ": the gradient of parameter ", i, " must have its dtype (",
                 p.scalar_type(), "), got ", g.scalar_type());
@@ -97,8 +100,7 @@ inline void check_adam_args(const char* op, at::TensorList params, at::TensorLis
 
 // round_seed < 0: parameters round to nearest even; otherwise bf16 parameters round stochastically with that seed
 // and salt `index` (the tensor's position in the call).
-inline optim::StepScalars with_rounding(optim::StepScalars a, int64_t round_seed, size_t index,
-                                        bool robust_rounding) {
+inline optim::StepScalars with_rounding(optim::StepScalars a, int64_t round_seed, size_t index, bool robust_rounding) {
   a.stochastic_round = round_seed >= 0;
   a.round_seed = round_seed >= 0 ? static_cast<uint64_t>(round_seed) : 0;
   a.salt = static_cast<int>(index);
@@ -108,9 +110,8 @@ inline optim::StepScalars with_rounding(optim::StepScalars a, int64_t round_seed
 
 // The trust-ratio inputs of a step: `norms` (update_norms' float32 (count, 2) result on the parameters' device)
 // with max_unorm > 0, for LAMB ("adam") or LARS ("momentum") only. Returns the norms' data pointer, or nullptr.
-inline const float* check_norms(const char* op, const std::optional<at::Tensor>& norms, double max_unorm,
-                                size_t count, bool supported, c10::string_view optimizer,
-                                at::Device params_device) {
+inline const float* check_norms(const char* op, const std::optional<at::Tensor>& norms, double max_unorm, size_t count,
+                                bool supported, c10::string_view optimizer, at::Device params_device) {
   TORCH_CHECK(max_unorm >= 0.0, op, ": max_unorm must be >= 0, got ", max_unorm);
   if (!norms.has_value()) {
     TORCH_CHECK(max_unorm == 0.0, op, ": max_unorm = ", max_unorm, " needs the norms from update_norms, got None");

@@ -7,10 +7,14 @@
 namespace kestrel {
 
 // Any positive blocksize (bitsandbytes' CPU backend takes any; its CUDA backend the powers of two in [64, 4096]).
-inline bool is_valid_blocksize(int64_t blocksize) { return blocksize > 0; }
+inline bool is_valid_blocksize(int64_t blocksize) {
+  return blocksize > 0;
+}
 
 // ceil(n / blocksize) without overflow for any positive blocksize.
-inline int64_t num_quant_blocks(int64_t n, int64_t blocksize) { return n == 0 ? 0 : (n - 1) / blocksize + 1; }
+inline int64_t num_quant_blocks(int64_t n, int64_t blocksize) {
+  return n == 0 ? 0 : (n - 1) / blocksize + 1;
+}
 
 inline void check_float_input(const char* op, const char* name, c10::ScalarType dtype) {
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op, ": ", name,
@@ -18,8 +22,7 @@ inline void check_float_input(const char* op, const char* name, c10::ScalarType 
 }
 
 inline void check_blocksize(const char* op, int64_t blocksize) {
-  TORCH_CHECK(is_valid_blocksize(blocksize), op, ": blocksize must be a positive integer, got ",
-              blocksize);
+  TORCH_CHECK(is_valid_blocksize(blocksize), op, ": blocksize must be a positive integer, got ", blocksize);
 }
 
 inline void check_code(const char* op, const at::Tensor& code, const at::Tensor& like) {
@@ -44,8 +47,7 @@ inline void check_dequantize_args(const at::Tensor& codes, const at::Tensor& abs
   const int64_t expected = num_quant_blocks(codes.numel(), blocksize);
   TORCH_CHECK(absmax.numel() == expected, op, ": absmax must hold ceil(", codes.numel(), " / ", blocksize,
               ") = ", expected, " values, got ", absmax.numel());
-  TORCH_CHECK(absmax.device() == codes.device(), op, ": absmax must be on ", codes.device(), ", got ",
-              absmax.device());
+  TORCH_CHECK(absmax.device() == codes.device(), op, ": absmax must be on ", codes.device(), ", got ", absmax.device());
   check_code(op, code, codes);
   check_float_input(op, "dtype", dtype);
 }

@@ -22,31 +22,30 @@ inline void check_tree_args(const char* op, const at::Tensor& candidates, const 
                             const at::Tensor& next_sibling, int64_t max_depth) {
   TORCH_CHECK(candidates.dim() == 2 && candidates.size(1) >= 1, op, ": candidates must be (B, T) with T >= 1, got ",
               candidates.sizes());
-  TORCH_CHECK(candidates.scalar_type() == at::kLong, op, ": candidates must be int64, got ",
-              candidates.scalar_type());
+  TORCH_CHECK(candidates.scalar_type() == at::kLong, op, ": candidates must be int64, got ", candidates.scalar_type());
   check_tree_tensor(op, "first_child", first_child, at::kInt, candidates.sizes(), candidates);
   check_tree_tensor(op, "next_sibling", next_sibling, at::kInt, candidates.sizes(), candidates);
   TORCH_CHECK(max_depth >= 0 && max_depth < candidates.size(1), op, ": max_depth must be in [0, T - 1] = [0, ",
               candidates.size(1) - 1, "], got ", max_depth);
 }
 
-inline void check_greedy_args(const at::Tensor& candidates, const at::Tensor& target_ids,
-                              const at::Tensor& first_child, const at::Tensor& next_sibling, int64_t max_depth) {
+inline void check_greedy_args(const at::Tensor& candidates, const at::Tensor& target_ids, const at::Tensor& first_child,
+                              const at::Tensor& next_sibling, int64_t max_depth) {
   constexpr const char* op = "verify_tree_greedy";
   check_tree_args(op, candidates, first_child, next_sibling, max_depth);
   check_tree_tensor(op, "target_ids", target_ids, at::kLong, candidates.sizes(), candidates);
 }
 
 inline void check_sample_args(const at::Tensor& candidates, const at::Tensor& target_probs,
-                              const at::Tensor& first_child, const at::Tensor& next_sibling,
-                              const at::Tensor& uniform, const at::Tensor& uniform_final,
-                              const c10::optional<at::Tensor>& draft_probs, int64_t max_depth) {
+                              const at::Tensor& first_child, const at::Tensor& next_sibling, const at::Tensor& uniform,
+                              const at::Tensor& uniform_final, const c10::optional<at::Tensor>& draft_probs,
+                              int64_t max_depth) {
   constexpr const char* op = "verify_tree_sample";
   check_tree_args(op, candidates, first_child, next_sibling, max_depth);
   const int64_t B = candidates.size(0), T = candidates.size(1);
-  TORCH_CHECK(target_probs.dim() == 3 && target_probs.size(0) == B && target_probs.size(1) == T &&
-                  target_probs.size(2) >= 1,
-              op, ": target_probs must be (B, T, V) = (", B, ", ", T, ", V) with V >= 1, got ", target_probs.sizes());
+  TORCH_CHECK(
+      target_probs.dim() == 3 && target_probs.size(0) == B && target_probs.size(1) == T && target_probs.size(2) >= 1,
+      op, ": target_probs must be (B, T, V) = (", B, ", ", T, ", V) with V >= 1, got ", target_probs.sizes());
   check_tree_tensor(op, "target_probs", target_probs, at::kFloat, target_probs.sizes(), candidates);
   if (draft_probs.has_value())
     check_tree_tensor(op, "draft_probs", *draft_probs, at::kFloat, target_probs.sizes(), candidates);
@@ -61,8 +60,8 @@ inline void check_compact_args(const at::Tensor& k_cache, const at::Tensor& v_ca
   constexpr const char* op = "compact_kv_cache";
   TORCH_CHECK(k_cache.dim() == 4 || k_cache.dim() == 5, op,
               ": k_cache must be (B, H, Lmax, D) or (NL, B, H, Lmax, D), got ", k_cache.sizes());
-  TORCH_CHECK(v_cache.dim() == k_cache.dim() && v_cache.sizes().slice(0, k_cache.dim() - 1) ==
-                                                    k_cache.sizes().slice(0, k_cache.dim() - 1),
+  TORCH_CHECK(v_cache.dim() == k_cache.dim() &&
+                  v_cache.sizes().slice(0, k_cache.dim() - 1) == k_cache.sizes().slice(0, k_cache.dim() - 1),
               op, ": v_cache must match k_cache ", k_cache.sizes(), " in every dimension but the last, got ",
               v_cache.sizes());
   TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), op, ": v_cache must have k_cache's dtype ",
@@ -95,7 +94,8 @@ inline void check_compact_args(const at::Tensor& k_cache, const at::Tensor& v_ca
                 ": k_cache and v_cache share a storage in overlapping byte ranges; pass two separate caches");
   }
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k_cache", k_cache},
-                                 {"v_cache", v_cache}, {"cache_seqlens", cache_seqlens}})
+                                {"v_cache", v_cache},
+                                {"cache_seqlens", cache_seqlens}})
     TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", name,
                 " has elements that share memory (an expanded tensor); it is written in place");
 }

@@ -49,14 +49,38 @@ def _tree_bits(BITS, bits_base, stride_bm, offs_m, row_ok, rel, T):
     row's node, read from the packed bits (bit rel % 32 of word rel // 32 of the row)."""
     in_tree = (rel >= 0) & (rel < T)
     node = tl.where(in_tree, rel, 0)
-    words = tl.load(BITS + bits_base + offs_m[:, None] * stride_bm + (node // 32)[None, :],
-                    mask=row_ok[:, None] & in_tree[None, :], other=0)
+    words = tl.load(
+        BITS + bits_base + offs_m[:, None] * stride_bm + (node // 32)[None, :],
+        mask=row_ok[:, None] & in_tree[None, :],
+        other=0,
+    )
     return ((words >> (node % 32)[None, :]) & 1) != 0
 
 
 @triton.jit
-def _scores(K, V, base_k, base_v, start, offs_d, stride_kn, stride_vn, length, qs, pos, BITS, bits_base, stride_bm,
-            offs_m, row_ok, prefix, T, CAUSAL: tl.constexpr, TREE: tl.constexpr, BLOCK_N: tl.constexpr):
+def _scores(
+    K,
+    V,
+    base_k,
+    base_v,
+    start,
+    offs_d,
+    stride_kn,
+    stride_vn,
+    length,
+    qs,
+    pos,
+    BITS,
+    bits_base,
+    stride_bm,
+    offs_m,
+    row_ok,
+    prefix,
+    T,
+    CAUSAL: tl.constexpr,
+    TREE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """The forward's key block at `start`: scores x = qs · kn (BLOCK_M, BLOCK_N), the values, and which keys each
     row sees (valid, and causal; a tree row: the prefix and its ancestors-or-self)."""
     offs_n = start + tl.arange(0, BLOCK_N)
@@ -64,8 +88,9 @@ def _scores(K, V, base_k, base_v, start, offs_d, stride_kn, stride_vn, length, q
     x = tl.dot(qs, tl.trans(kn), input_precision="tf32x3")
     visible = kmask[None, :]
     if TREE:
-        visible = visible & ((offs_n < prefix)[None, :] | _tree_bits(BITS, bits_base, stride_bm, offs_m, row_ok,
-                                                                    offs_n - prefix, T))
+        visible = visible & (
+            (offs_n < prefix)[None, :] | _tree_bits(BITS, bits_base, stride_bm, offs_m, row_ok, offs_n - prefix, T)
+        )
         # a tree slot no row here sees (an unused node) may hold anything: its weight 0 times NaN is still NaN
         v = tl.where((tl.sum(visible.to(tl.int32), 0) > 0)[:, None], v, 0.0)
     elif CAUSAL:
@@ -75,15 +100,44 @@ def _scores(K, V, base_k, base_v, start, offs_d, stride_kn, stride_vn, length, q
 
 @triton.jit
 def softplus_attention_fwd_kernel(
-    Q, K, V, O, S, M, W, LENS, BITS,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_om,
-    stride_bb, stride_bm,
-    H_Q, GROUP, Lq, Lk, log_d, eps, power,
-    CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr, HAS_LENS: tl.constexpr, TREE: tl.constexpr,
-    FP32_DOT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    S,
+    M,
+    W,
+    LENS,
+    BITS,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_bb,
+    stride_bm,
+    H_Q,
+    GROUP,
+    Lq,
+    Lk,
+    log_d,
+    eps,
+    power,
+    CAUSAL: tl.constexpr,
+    REWEIGHT: tl.constexpr,
+    HAS_LENS: tl.constexpr,
+    TREE: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -103,8 +157,11 @@ def softplus_attention_fwd_kernel(
     else:
         prefix = 0
         length = Lk
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    ).to(tl.float32)
     qn = q / tl.maximum(tl.sqrt(tl.sum(q * q, 1)), 1e-12)[:, None]
     pos = length - Lq + offs_m  # absolute positions of the rows
     if TREE:  # N_i = the prefix + the row's ancestors-or-self (the bits set in its row)
@@ -129,8 +186,29 @@ def softplus_attention_fwd_kernel(
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     for start in range(0, hi, BLOCK_N):
-        x, v, visible = _scores(K, V, base_k, base_v, start, offs_d, stride_kn, stride_vn, length, qs, pos, BITS,
-                                bits_base, stride_bm, offs_m, row_ok, prefix, Lq, CAUSAL, TREE, BLOCK_N)
+        x, v, visible = _scores(
+            K,
+            V,
+            base_k,
+            base_v,
+            start,
+            offs_d,
+            stride_kn,
+            stride_vn,
+            length,
+            qs,
+            pos,
+            BITS,
+            bits_base,
+            stride_bm,
+            offs_m,
+            row_ok,
+            prefix,
+            Lq,
+            CAUSAL,
+            TREE,
+            BLOCK_N,
+        )
         f = tl.where(visible, _softplus(x), 0.0)
         s += tl.sum(f, 1)
         if REWEIGHT:
@@ -156,8 +234,29 @@ def softplus_attention_fwd_kernel(
         safe = tl.where(positive, r_max, 1.0)
         sw = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start in range(0, hi, BLOCK_N):
-            x, v, visible = _scores(K, V, base_k, base_v, start, offs_d, stride_kn, stride_vn, length, qs, pos,
-                                    BITS, bits_base, stride_bm, offs_m, row_ok, prefix, Lq, CAUSAL, TREE, BLOCK_N)
+            x, v, visible = _scores(
+                K,
+                V,
+                base_k,
+                base_v,
+                start,
+                offs_d,
+                stride_kn,
+                stride_vn,
+                length,
+                qs,
+                pos,
+                BITS,
+                bits_base,
+                stride_bm,
+                offs_m,
+                row_ok,
+                prefix,
+                Lq,
+                CAUSAL,
+                TREE,
+                BLOCK_N,
+            )
             r = count[:, None] * _softplus(x) * inv[:, None] - offset[:, None]
             ratio = tl.where(visible & (r > 0.0), r / safe[:, None], 1.0)
             w = tl.where(visible & (r > 0.0), tl.exp2(power * tl.log2(ratio)), 0.0)
@@ -180,15 +279,22 @@ def cuda_config(kernel, D):
     tree mode's bit tiles take smaller row blocks: a tree has tens of rows); the backward kernels, whose LSSAR terms
     hold several BLOCK_M x BLOCK_N tiles at once, spill the least at these sizes (tens of bytes at D 64, hundreds at
     D 128)."""
-    table = {("fwd", 64): (64, 64, 4, 2), ("fwd", 128): (64, 32, 4, 2),
-             ("fwd_tree", 64): (32, 32, 4, 2), ("fwd_tree", 128): (16, 32, 4, 2),
-             ("dq", 64): (64, 32, 4, 2), ("dq", 128): (64, 32, 8, 2),
-             ("dkdv", 64): (32, 32, 8, 2), ("dkdv", 128): (16, 32, 8, 2)}
+    table = {
+        ("fwd", 64): (64, 64, 4, 2),
+        ("fwd", 128): (64, 32, 4, 2),
+        ("fwd_tree", 64): (32, 32, 4, 2),
+        ("fwd_tree", 128): (16, 32, 4, 2),
+        ("dq", 64): (64, 32, 4, 2),
+        ("dq", 128): (64, 32, 8, 2),
+        ("dkdv", 64): (32, 32, 8, 2),
+        ("dkdv", 128): (16, 32, 8, 2),
+    }
     return table[(kernel, 64 if D <= 64 else 128)]
 
 
-def softplus_attention_forward(q, k, v, causal, reweight_p, eps, cache_seqlens=None, block_m=None, block_n=None,
-                               tree_mask_bits=None):
+def softplus_attention_forward(
+    q, k, v, causal, reweight_p, eps, cache_seqlens=None, block_m=None, block_n=None, tree_mask_bits=None
+):
     """Launch the forward kernel: (out, s, m, w), fp32 (B, Hq, Lq) row statistics: s = sum f; for LSSAR also m = max x
     and w = sum (relu(r)/r_max)^p + eps / r_max^p (the scaled denominator). CUDA, or CPU under TRITON_INTERPRET=1.
     tree_mask_bits (B, Lq, ceil(Lq/32)) int32: the tree mode (cache_seqlens then holds the prefix lengths, the Lq
@@ -213,15 +319,45 @@ def softplus_attention_forward(q, k, v, causal, reweight_p, eps, cache_seqlens=N
     block_m, block_n = block_m or cfg_m, block_n or cfg_n
     grid = (triton.cdiv(Lq, block_m), B * Hq)
     softplus_attention_fwd_kernel[grid](
-        q, k, v, out, s, m, w, lens, bits,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        bits.stride(0) if tree_mask_bits is not None else 0, bits.stride(1) if tree_mask_bits is not None else 0,
-        Hq, Hq // Hkv, Lq, Lk, math.log(D), eps, float(reweight_p or 0.0),
-        CAUSAL=bool(causal), REWEIGHT=reweight_p is not None, HAS_LENS=cache_seqlens is not None,
-        TREE=tree_mask_bits is not None, FP32_DOT=q.dtype == torch.float32, D=D, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        q,
+        k,
+        v,
+        out,
+        s,
+        m,
+        w,
+        lens,
+        bits,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        bits.stride(0) if tree_mask_bits is not None else 0,
+        bits.stride(1) if tree_mask_bits is not None else 0,
+        Hq,
+        Hq // Hkv,
+        Lq,
+        Lk,
+        math.log(D),
+        eps,
+        float(reweight_p or 0.0),
+        CAUSAL=bool(causal),
+        REWEIGHT=reweight_p is not None,
+        HAS_LENS=cache_seqlens is not None,
+        TREE=tree_mask_bits is not None,
+        FP32_DOT=q.dtype == torch.float32,
+        D=D,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=num_warps,
         num_stages=num_stages,
     )
     return out, s, m, w
@@ -240,9 +376,33 @@ def softplus_attention_forward(q, k, v, causal, reweight_p, eps, cache_seqlens=N
 
 
 @triton.jit
-def _rows(Q, DO, O, S, M, W, LENS, b, h, pid_bh, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_ob,
-          stride_oh, stride_om, Lq, Lk, log_d, eps, CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr,
-          REWEIGHT: tl.constexpr):
+def _rows(
+    Q,
+    DO,
+    O,
+    S,
+    M,
+    W,
+    LENS,
+    b,
+    h,
+    pid_bh,
+    offs_m,
+    offs_d,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    Lq,
+    Lk,
+    log_d,
+    eps,
+    CAUSAL: tl.constexpr,
+    HAS_LENS: tl.constexpr,
+    REWEIGHT: tl.constexpr,
+):
     """A block of query rows: (qs = qn c, qn, |q|, c, dO, delta, 1/(s+eps), positions, length, rows ok, stat index,
     N, o, r_max, dr coefficient, dv scale)."""
     if HAS_LENS:
@@ -250,8 +410,11 @@ def _rows(Q, DO, O, S, M, W, LENS, b, h, pid_bh, offs_m, offs_d, stride_qb, stri
     else:
         length = Lk
     row_ok = offs_m < Lq
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    ).to(tl.float32)
     norm = tl.maximum(tl.sqrt(tl.sum(q * q, 1)), 1e-12)
     qn = q / norm[:, None]
     pos = length - Lq + offs_m
@@ -280,8 +443,24 @@ def _rows(Q, DO, O, S, M, W, LENS, b, h, pid_bh, offs_m, offs_d, stride_qb, stri
         safe = tl.zeros_like(inv) + 1.0
         coef = tl.zeros_like(inv)
         dv_scale = inv
-    return (qn * scale[:, None], qn, norm, scale, do, delta, inv, pos, length, row_ok, stat, count, offset, safe,
-            coef, dv_scale)
+    return (
+        qn * scale[:, None],
+        qn,
+        norm,
+        scale,
+        do,
+        delta,
+        inv,
+        pos,
+        length,
+        row_ok,
+        stat,
+        count,
+        offset,
+        safe,
+        coef,
+        dv_scale,
+    )
 
 
 @triton.jit
@@ -297,8 +476,26 @@ def _lssar_terms(x, visible, count, inv, offset, safe, coef, dov, delta, power):
 
 
 @triton.jit
-def _tile(qs, kn, v, offs_n, kmask, row_ok, pos, do, delta, inv, count, offset, safe, coef, gamma, power,
-          CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr):
+def _tile(
+    qs,
+    kn,
+    v,
+    offs_n,
+    kmask,
+    row_ok,
+    pos,
+    do,
+    delta,
+    inv,
+    count,
+    offset,
+    safe,
+    coef,
+    gamma,
+    power,
+    CAUSAL: tl.constexpr,
+    REWEIGHT: tl.constexpr,
+):
     """(weight for dv, dx, a, da) of one (rows x keys) tile; a and da feed LSSAR's row reduction."""
     x = tl.dot(qs, tl.trans(kn), input_precision="tf32x3")
     visible = kmask[None, :] & row_ok[:, None]
@@ -318,11 +515,41 @@ def _tile(qs, kn, v, offs_n, kmask, row_ok, pos, do, delta, inv, count, offset, 
 
 @triton.jit
 def softplus_attention_bwd_dq_kernel(
-    Q, K, V, O, DO, S, M, W, LENS, DQ, GAMMA,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_om,
-    H_Q, GROUP, Lq, Lk, log_d, eps, power,
-    CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, REWEIGHT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    DO,
+    S,
+    M,
+    W,
+    LENS,
+    DQ,
+    GAMMA,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    H_Q,
+    GROUP,
+    Lq,
+    Lk,
+    log_d,
+    eps,
+    power,
+    CAUSAL: tl.constexpr,
+    HAS_LENS: tl.constexpr,
+    REWEIGHT: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -334,8 +561,32 @@ def softplus_attention_bwd_dq_kernel(
     offs_d = tl.arange(0, D)
     # (compiled Triton treats `_` as a variable like any other: each unused result gets its own name)
     qs, qn, norm, scale, do, delta, inv, pos, length, row_ok, stat, count, offset, safe, coef, dv_scale_unused = _rows(
-        Q, DO, O, S, M, W, LENS, b, h, pid_bh, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_ob,
-        stride_oh, stride_om, Lq, Lk, log_d, eps, CAUSAL, HAS_LENS, REWEIGHT)
+        Q,
+        DO,
+        O,
+        S,
+        M,
+        W,
+        LENS,
+        b,
+        h,
+        pid_bh,
+        offs_m,
+        offs_d,
+        stride_qb,
+        stride_qh,
+        stride_qm,
+        stride_ob,
+        stride_oh,
+        stride_om,
+        Lq,
+        Lk,
+        log_d,
+        eps,
+        CAUSAL,
+        HAS_LENS,
+        REWEIGHT,
+    )
     if CAUSAL:
         hi = tl.minimum(length, pid_m * BLOCK_M + BLOCK_M + length - Lq)
     else:
@@ -347,31 +598,101 @@ def softplus_attention_bwd_dq_kernel(
         for start in range(0, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             kn, v, kmask = _load_keys(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, length)
-            weight_unused, dx_unused, a, da = _tile(qs, kn, v.to(tl.float32), offs_n, kmask, row_ok, pos, do, delta,
-                                                    inv, count, offset, safe, coef, gamma, power, CAUSAL, REWEIGHT)
+            weight_unused, dx_unused, a, da = _tile(
+                qs,
+                kn,
+                v.to(tl.float32),
+                offs_n,
+                kmask,
+                row_ok,
+                pos,
+                do,
+                delta,
+                inv,
+                count,
+                offset,
+                safe,
+                coef,
+                gamma,
+                power,
+                CAUSAL,
+                REWEIGHT,
+            )
             gamma += tl.sum(da * a, 1)
         tl.store(GAMMA + stat, gamma, mask=row_ok)
     dqn = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     for start in range(0, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         kn, v, kmask = _load_keys(K, V, base_k, base_v, offs_n, offs_d, stride_kn, stride_vn, length)
-        weight_unused2, dx, a_unused, da_unused = _tile(qs, kn, v.to(tl.float32), offs_n, kmask, row_ok, pos, do,
-                                                        delta, inv, count, offset, safe, coef, gamma, power, CAUSAL,
-                                                        REWEIGHT)
+        weight_unused2, dx, a_unused, da_unused = _tile(
+            qs,
+            kn,
+            v.to(tl.float32),
+            offs_n,
+            kmask,
+            row_ok,
+            pos,
+            do,
+            delta,
+            inv,
+            count,
+            offset,
+            safe,
+            coef,
+            gamma,
+            power,
+            CAUSAL,
+            REWEIGHT,
+        )
         dqn += tl.dot(dx, kn, input_precision="tf32x3")
     dqn = dqn * scale[:, None]
     dq = (dqn - qn * tl.sum(qn * dqn, 1)[:, None]) / norm[:, None]
-    tl.store(DQ + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(
+        DQ + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
 
 
 @triton.jit
 def softplus_attention_bwd_dkdv_kernel(
-    Q, K, V, O, DO, S, M, W, LENS, GAMMA, DK, DV,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_om,
-    H_Q, H_KV, GROUP, Lq, Lk, log_d, eps, power,
-    CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, REWEIGHT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    DO,
+    S,
+    M,
+    W,
+    LENS,
+    GAMMA,
+    DK,
+    DV,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    H_Q,
+    H_KV,
+    GROUP,
+    Lq,
+    Lk,
+    log_d,
+    eps,
+    power,
+    CAUSAL: tl.constexpr,
+    HAS_LENS: tl.constexpr,
+    REWEIGHT: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -398,27 +719,88 @@ def softplus_attention_bwd_dkdv_kernel(
         bh = b * H_Q + h
         for start in range(lo, Lq, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
-            qs, qn_unused, norm_unused, scale_unused, do, delta, inv, pos, length_unused, row_ok, stat, count, offset, \
-                safe, coef, dv_scale = _rows(
-                Q, DO, O, S, M, W, LENS, b, h, bh, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_ob,
-                stride_oh, stride_om, Lq, Lk, log_d, eps, CAUSAL, HAS_LENS, REWEIGHT)
+            (
+                qs,
+                qn_unused,
+                norm_unused,
+                scale_unused,
+                do,
+                delta,
+                inv,
+                pos,
+                length_unused,
+                row_ok,
+                stat,
+                count,
+                offset,
+                safe,
+                coef,
+                dv_scale,
+            ) = _rows(
+                Q,
+                DO,
+                O,
+                S,
+                M,
+                W,
+                LENS,
+                b,
+                h,
+                bh,
+                offs_m,
+                offs_d,
+                stride_qb,
+                stride_qh,
+                stride_qm,
+                stride_ob,
+                stride_oh,
+                stride_om,
+                Lq,
+                Lk,
+                log_d,
+                eps,
+                CAUSAL,
+                HAS_LENS,
+                REWEIGHT,
+            )
             if REWEIGHT:
                 gamma = tl.load(GAMMA + stat, mask=row_ok, other=0.0)
             else:
                 gamma = tl.zeros([BLOCK_M], dtype=tl.float32)
-            weight, dx, a_unused, da_unused = _tile(qs, kn, v, offs_n, kmask, row_ok, pos, do, delta, inv, count,
-                                                    offset, safe, coef, gamma, power, CAUSAL, REWEIGHT)
+            weight, dx, a_unused, da_unused = _tile(
+                qs,
+                kn,
+                v,
+                offs_n,
+                kmask,
+                row_ok,
+                pos,
+                do,
+                delta,
+                inv,
+                count,
+                offset,
+                safe,
+                coef,
+                gamma,
+                power,
+                CAUSAL,
+                REWEIGHT,
+            )
             dv += tl.dot(tl.trans(weight), do * dv_scale[:, None], input_precision="tf32x3")
             dkn += tl.dot(tl.trans(dx), qs, input_precision="tf32x3")
     dk = (dkn - kn * tl.sum(kn * dkn, 1)[:, None]) / knorm[:, None]
-    tl.store(DK + base_k + offs_n[:, None] * stride_kn + offs_d[None, :], dk.to(DK.dtype.element_ty),
-             mask=kmask[:, None])
-    tl.store(DV + base_v + offs_n[:, None] * stride_vn + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=kmask[:, None])
+    tl.store(
+        DK + base_k + offs_n[:, None] * stride_kn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kmask[:, None]
+    )
+    tl.store(
+        DV + base_v + offs_n[:, None] * stride_vn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kmask[:, None]
+    )
 
 
-def softplus_attention_backward(q, k, v, out, stats, grad_out, causal, reweight_p, eps, cache_seqlens=None,
-                                block_m=None, block_n=None):
+def softplus_attention_backward(
+    q, k, v, out, stats, grad_out, causal, reweight_p, eps, cache_seqlens=None, block_m=None, block_n=None
+):
     """(dq, dk, dv) from the forward's out and row statistics stats = (s, m, w) (m and w are read for LSSAR only).
     CUDA, or CPU under TRITON_INTERPRET=1. Keys past a sequence's cache length get zero gradients."""
     import math
@@ -434,17 +816,76 @@ def softplus_attention_backward(q, k, v, out, stats, grad_out, causal, reweight_
         return dq, dk, dv
     gamma = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     lens = cache_seqlens.to(device=q.device, dtype=torch.int32).contiguous() if cache_seqlens is not None else s
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2))
+    strides = (
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+    )
     flags = dict(CAUSAL=bool(causal), HAS_LENS=cache_seqlens is not None, REWEIGHT=reweight_p is not None, D=D)
     power = float(reweight_p or 0.0)
     dq_m, dq_n, dq_warps, dq_stages = cuda_config("dq", D) if q.is_cuda else (16, 16, 4, 1)
     softplus_attention_bwd_dq_kernel[(triton.cdiv(Lq, block_m or dq_m), B * Hq)](
-        q, k, v, out, grad_out, s, m, w, lens, dq, gamma, *strides, Hq, Hq // Hkv, Lq, Lk, math.log(D), eps, power,
-        BLOCK_M=block_m or dq_m, BLOCK_N=block_n or dq_n, num_warps=dq_warps, num_stages=dq_stages, **flags)
+        q,
+        k,
+        v,
+        out,
+        grad_out,
+        s,
+        m,
+        w,
+        lens,
+        dq,
+        gamma,
+        *strides,
+        Hq,
+        Hq // Hkv,
+        Lq,
+        Lk,
+        math.log(D),
+        eps,
+        power,
+        BLOCK_M=block_m or dq_m,
+        BLOCK_N=block_n or dq_n,
+        num_warps=dq_warps,
+        num_stages=dq_stages,
+        **flags,
+    )
     kv_m, kv_n, kv_warps, kv_stages = cuda_config("dkdv", D) if q.is_cuda else (16, 16, 4, 1)
     softplus_attention_bwd_dkdv_kernel[(triton.cdiv(Lk, block_n or kv_n), B * Hkv)](
-        q, k, v, out, grad_out, s, m, w, lens, gamma, dk, dv, *strides, Hq, Hkv, Hq // Hkv, Lq, Lk, math.log(D),
-        eps, power, BLOCK_M=block_m or kv_m, BLOCK_N=block_n or kv_n, num_warps=kv_warps, num_stages=kv_stages,
-        **flags)
+        q,
+        k,
+        v,
+        out,
+        grad_out,
+        s,
+        m,
+        w,
+        lens,
+        gamma,
+        dk,
+        dv,
+        *strides,
+        Hq,
+        Hkv,
+        Hq // Hkv,
+        Lq,
+        Lk,
+        math.log(D),
+        eps,
+        power,
+        BLOCK_M=block_m or kv_m,
+        BLOCK_N=block_n or kv_n,
+        num_warps=kv_warps,
+        num_stages=kv_stages,
+        **flags,
+    )
     return dq, dk, dv

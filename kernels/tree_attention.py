@@ -42,15 +42,42 @@ def _online_softmax_step(s, v, m_i, l_i, acc, FP32_DOT: tl.constexpr):
 
 @triton.jit
 def tree_attention_fwd_kernel(
-    Q, K, V, LENS, BITS, O, PART_O, PART_LSE,
-    stride_qb, stride_qh, stride_qt,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_bb, stride_bt,
-    stride_ob, stride_oh, stride_ot,
-    B, H_KV, GROUP, T, D, L_MAX, qk_scale, n_prefix_splits, min_split,
-    SPLIT: tl.constexpr, FP32_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    LENS,
+    BITS,
+    O,
+    PART_O,
+    PART_LSE,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_bb,
+    stride_bt,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    B,
+    H_KV,
+    GROUP,
+    T,
+    D,
+    L_MAX,
+    qk_scale,
+    n_prefix_splits,
+    min_split,
+    SPLIT: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
@@ -92,10 +119,12 @@ def tree_attention_fwd_kernel(
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         kv_ok = offs_n < hi
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok[:, None] & d_ok[None, :],
-                    other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok[:, None] & d_ok[None, :],
-                    other=0.0)
+        k = tl.load(
+            k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0
+        )
+        v = tl.load(
+            v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0
+        )
         if FP32_DOT:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -113,10 +142,8 @@ def tree_attention_fwd_kernel(
             visible = (((word[:, None] >> bit[None, :]) & 1) != 0) & (col < T)[None, :]
             seen = tl.max(visible.to(tl.int32), 0) > 0  # slots some row of the block attends: only those are read
             kv_rows = (length + col)[:, None]
-            k = tl.load(k_base + kv_rows * stride_kn + offs_d[None, :], mask=seen[:, None] & d_ok[None, :],
-                        other=0.0)
-            v = tl.load(v_base + kv_rows * stride_vn + offs_d[None, :], mask=seen[:, None] & d_ok[None, :],
-                        other=0.0)
+            k = tl.load(k_base + kv_rows * stride_kn + offs_d[None, :], mask=seen[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(v_base + kv_rows * stride_vn + offs_d[None, :], mask=seen[:, None] & d_ok[None, :], other=0.0)
             if FP32_DOT:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -128,8 +155,9 @@ def tree_attention_fwd_kernel(
     out = tl.where(seen_any[:, None], acc / tl.where(seen_any, l_i, 1.0)[:, None], 0.0)  # a row that saw no key: 0
     if SPLIT:
         part_row = ((split * B + b) * (H_KV * GROUP) + head) * T + node
-        tl.store(PART_O + part_row.to(tl.int64)[:, None] * D + offs_d[None, :], out,
-                 mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(
+            PART_O + part_row.to(tl.int64)[:, None] * D + offs_d[None, :], out, mask=row_ok[:, None] & d_ok[None, :]
+        )
         lse = tl.where(seen_any, m_i + tl.log2(tl.where(seen_any, l_i, 1.0)), float("-inf"))
         tl.store(PART_LSE + part_row, lse, mask=row_ok)
     else:
@@ -139,8 +167,19 @@ def tree_attention_fwd_kernel(
 
 @triton.jit
 def tree_attention_combine_kernel(
-    PART_O, PART_LSE, O, stride_ob, stride_oh, stride_ot, n_splits, n_rows, H_Q, T, D,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    PART_O,
+    PART_LSE,
+    O,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    n_splits,
+    n_rows,
+    H_Q,
+    T,
+    D,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Merge the splits' partial outputs of BLOCK_R rows (row = (b * H_Q + h) * T + t): weights 2^(lse - max)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -157,8 +196,11 @@ def tree_attention_combine_kernel(
         lse = tl.load(PART_LSE + s * n_rows + rows, mask=row_ok, other=float("-inf"))
         has = lse > float("-inf")  # empty splits are neither weighted nor read
         w = tl.where(has, tl.exp2(lse - m_safe), 0.0)
-        part = tl.load(PART_O + (s * n_rows + rows).to(tl.int64)[:, None] * D + offs_d[None, :],
-                       mask=has[:, None] & d_ok[None, :], other=0.0)
+        part = tl.load(
+            PART_O + (s * n_rows + rows).to(tl.int64)[:, None] * D + offs_d[None, :],
+            mask=has[:, None] & d_ok[None, :],
+            other=0.0,
+        )
         total += w
         acc += part * w[:, None]
     out = acc / tl.where(total > 0.0, total, 1.0)[:, None]  # no split saw a key: acc is 0
@@ -206,8 +248,18 @@ def cuda_blocks(rows, head_dim, fp32):
     return block_m, 64 if block_m * block_d <= 64 * 128 else 32, block_d, 8 if block_m * block_d >= 64 * 128 else 4
 
 
-def tree_attention_forward(q, k_cache, v_cache, cache_seqlens, tree_mask_bits, softmax_scale, num_splits=None,
-                           min_split=MIN_SPLIT, block_m=None, block_n=None):
+def tree_attention_forward(
+    q,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    tree_mask_bits,
+    softmax_scale,
+    num_splits=None,
+    min_split=MIN_SPLIT,
+    block_m=None,
+    block_n=None,
+):
     """Launch the kernels: out (B, Hq, T, D) in q's dtype. num_splits: prefix slices (None: choose_prefix_splits;
     1: no split-K, a single kernel); min_split: the shortest slice in keys (rounded up to a block; the tests set
     it small to split short prefixes). CUDA, or CPU tensors under TRITON_INTERPRET=1."""
@@ -245,19 +297,60 @@ def tree_attention_forward(q, k_cache, v_cache, cache_seqlens, tree_mask_bits, s
     else:
         part_o = part_lse = out  # not read
     tree_attention_fwd_kernel[(m_blocks, splits + 1 if split else 1, B * Hkv)](
-        q, k_cache, v_cache, lens, bits, out, part_o, part_lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        bits.stride(0), bits.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        B, Hkv, group, T, D, L_max, qk_scale, splits, triton.cdiv(min_split, block_n) * block_n,
-        SPLIT=split, FP32_DOT=q.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **launch)
+        q,
+        k_cache,
+        v_cache,
+        lens,
+        bits,
+        out,
+        part_o,
+        part_lse,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        bits.stride(0),
+        bits.stride(1),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        B,
+        Hkv,
+        group,
+        T,
+        D,
+        L_max,
+        qk_scale,
+        splits,
+        triton.cdiv(min_split, block_n) * block_n,
+        SPLIT=split,
+        FP32_DOT=q.dtype == torch.float32,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        **launch,
+    )
     if split:
         n_rows = B * Hq * T
         block_r = 16
         tree_attention_combine_kernel[(triton.cdiv(n_rows, block_r),)](
-            part_o, part_lse, out, out.stride(0), out.stride(1), out.stride(2), splits + 1, n_rows, Hq, T, D,
-            BLOCK_R=block_r, BLOCK_D=block_d)
+            part_o,
+            part_lse,
+            out,
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            splits + 1,
+            n_rows,
+            Hq,
+            T,
+            D,
+            BLOCK_R=block_r,
+            BLOCK_D=block_d,
+        )
     return out

@@ -25,13 +25,23 @@ code, as when banned codes leave fewer than k, reads nothing).
 import triton
 import triton.language as tl
 
-BIG_ID = tl.constexpr(2 ** 30)  # "no code yet": above every real id (a constexpr: compiled kernels read no globals)
+BIG_ID = tl.constexpr(2**30)  # "no code yet": above every real id (a constexpr: compiled kernels read no globals)
 
 
 @triton.jit
-def _score_tile(x_rows, row_ok, cb_rows, code_ok, x_resident, D,
-                BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr,
-                LOWP: tl.constexpr):
+def _score_tile(
+    x_rows,
+    row_ok,
+    cb_rows,
+    code_ok,
+    x_resident,
+    D,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+    LOWP: tl.constexpr,
+):
     """x·c for BLOCK_N rows and BLOCK_C codes, float32, summed over the chunks of d."""
     offs_d = tl.arange(0, BLOCK_D)
     if ONE_CHUNK:
@@ -55,12 +65,44 @@ def _score_tile(x_rows, row_ok, cb_rows, code_ok, x_resident, D,
 
 
 @triton.jit
-def vq_topk_kernel(X, CB, BIAS, SCALE, MEMBERS, GSTART, GSIZE, OUT_S, OUT_I, VALUES, OUT_V, N, C, D, DV,
-                   stride_xh, stride_xn, stride_ch, stride_cc, stride_bh, stride_gh, stride_oh, stride_on,
-                   stride_vh, stride_vc, stride_ovh, stride_ovn,
-                   K: tl.constexpr, K_USED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_C: tl.constexpr, GATHER: tl.constexpr, BLOCK_DV: tl.constexpr, LOWP: tl.constexpr,
-                   ONE_CHUNK: tl.constexpr):
+def vq_topk_kernel(
+    X,
+    CB,
+    BIAS,
+    SCALE,
+    MEMBERS,
+    GSTART,
+    GSIZE,
+    OUT_S,
+    OUT_I,
+    VALUES,
+    OUT_V,
+    N,
+    C,
+    D,
+    DV,
+    stride_xh,
+    stride_xn,
+    stride_ch,
+    stride_cc,
+    stride_bh,
+    stride_gh,
+    stride_oh,
+    stride_on,
+    stride_vh,
+    stride_vc,
+    stride_ovh,
+    stride_ovn,
+    K: tl.constexpr,
+    K_USED: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    GATHER: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    LOWP: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)  # offsets in int64: H·N·d may pass 2^31 elements
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -79,8 +121,7 @@ def vq_topk_kernel(X, CB, BIAS, SCALE, MEMBERS, GSTART, GSIZE, OUT_S, OUT_I, VAL
         offs_c = start + tl.arange(0, BLOCK_C)
         code_ok = offs_c < C
         cb_rows = CB + head * stride_ch + offs_c[:, None].to(tl.int64) * stride_cc  # (BLOCK_C, 1) row starts
-        tile = _score_tile(x_rows, row_ok, cb_rows, code_ok, x_resident, D, BLOCK_N, BLOCK_C, BLOCK_D, ONE_CHUNK,
-                           LOWP)
+        tile = _score_tile(x_rows, row_ok, cb_rows, code_ok, x_resident, D, BLOCK_N, BLOCK_C, BLOCK_D, ONE_CHUNK, LOWP)
         bias = tl.load(BIAS + head * stride_bh + offs_c, mask=code_ok, other=float("-inf"))
         scale = tl.load(SCALE + head * stride_bh + offs_c, mask=code_ok, other=0.0)
         tile = tile * scale[None, :] + bias[None, :]
@@ -93,8 +134,10 @@ def vq_topk_kernel(X, CB, BIAS, SCALE, MEMBERS, GSTART, GSIZE, OUT_S, OUT_I, VAL
             new_i = tl.full([BLOCK_N, K], BIG_ID, dtype=tl.int32)
             for r in tl.static_range(K):
                 m = tl.maximum(tl.max(best_s, 1), tl.max(tile, 1))
-                pick = tl.minimum(tl.min(tl.where(best_s == m[:, None], best_i, BIG_ID), 1),
-                                  tl.min(tl.where(tile == m[:, None], ids, BIG_ID), 1))
+                pick = tl.minimum(
+                    tl.min(tl.where(best_s == m[:, None], best_i, BIG_ID), 1),
+                    tl.min(tl.where(tile == m[:, None], ids, BIG_ID), 1),
+                )
                 new_s = tl.where(offs_k[None, :] == r, m[:, None], new_s)
                 new_i = tl.where(offs_k[None, :] == r, pick[:, None], new_i)
                 best_s = tl.where(best_i == pick[:, None], float("-inf"), best_s)
@@ -129,11 +172,17 @@ def vq_topk_kernel(X, CB, BIAS, SCALE, MEMBERS, GSTART, GSIZE, OUT_S, OUT_I, VAL
         for r in tl.static_range(K_USED):
             ids_r = tl.sum(tl.where(offs_k[None, :] == r, best_i, 0), 1)
             v_ok = row_ok[:, None] & (offs_v[None, :] < DV) & (ids_r < C)[:, None]
-            acc += tl.load(VALUES + head * stride_vh + ids_r[:, None].to(tl.int64) * stride_vc + offs_v[None, :],
-                           mask=v_ok, other=0.0).to(tl.float32)
+            acc += tl.load(
+                VALUES + head * stride_vh + ids_r[:, None].to(tl.int64) * stride_vc + offs_v[None, :],
+                mask=v_ok,
+                other=0.0,
+            ).to(tl.float32)
         acc = acc / K_USED
-        tl.store(OUT_V + head * stride_ovh + offs_n[:, None].to(tl.int64) * stride_ovn + offs_v[None, :],
-                 acc.to(OUT_V.dtype.element_ty), mask=row_ok[:, None] & (offs_v[None, :] < DV))
+        tl.store(
+            OUT_V + head * stride_ovh + offs_n[:, None].to(tl.int64) * stride_ovn + offs_v[None, :],
+            acc.to(OUT_V.dtype.element_ty),
+            mask=row_ok[:, None] & (offs_v[None, :] < DV),
+        )
 
 
 def cuda_config(D, K, lowp):
@@ -156,7 +205,9 @@ def vq_topk_triton(x, codebook, bias, scale, k, groups, block_n=None, block_c=No
     H, N, D = x.shape
     C = codebook.shape[1]
     alias, members, g_start, g_size = groups
-    members, g_start, g_size = (t.to(device=x.device, dtype=torch.int32).contiguous() for t in (members, g_start, g_size))
+    members, g_start, g_size = (
+        t.to(device=x.device, dtype=torch.int32).contiguous() for t in (members, g_start, g_size)
+    )
     bias = bias.masked_fill(alias.to(bias.device), float("-inf"))  # only a group's first code is searched
     K = max(triton.next_power_of_2(k), 2)
     x, codebook = x.contiguous(), codebook.contiguous()
@@ -180,11 +231,43 @@ def vq_topk_triton(x, codebook, bias, scale, k, groups, block_n=None, block_c=No
         cfg_n, cfg_c, block_d, num_warps, num_stages = 16, 32, min(max(16, triton.next_power_of_2(D)), 32), 4, 1
     block_n, block_c = block_n or cfg_n, block_c or cfg_c
     vq_topk_kernel[(triton.cdiv(N, block_n), H)](
-        x, codebook, bias, scale, members, g_start, g_size, out_s, out_i, values, out_v, N, C, D, DV,
-        x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1), bias.stride(0), members.stride(0),
+        x,
+        codebook,
+        bias,
+        scale,
+        members,
+        g_start,
+        g_size,
+        out_s,
+        out_i,
+        values,
+        out_v,
+        N,
+        C,
+        D,
+        DV,
+        x.stride(0),
+        x.stride(1),
+        codebook.stride(0),
+        codebook.stride(1),
+        bias.stride(0),
+        members.stride(0),
         out_s.stride(0),
-        out_s.stride(1), values.stride(0), values.stride(1), out_v.stride(0), out_v.stride(1),
-        K=K, K_USED=k, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_C=block_c, GATHER=gather,
-        BLOCK_DV=max(2, triton.next_power_of_2(DV)), LOWP=lowp, ONE_CHUNK=block_d >= D,
-        num_warps=num_warps, num_stages=num_stages)
+        out_s.stride(1),
+        values.stride(0),
+        values.stride(1),
+        out_v.stride(0),
+        out_v.stride(1),
+        K=K,
+        K_USED=k,
+        BLOCK_D=block_d,
+        BLOCK_N=block_n,
+        BLOCK_C=block_c,
+        GATHER=gather,
+        BLOCK_DV=max(2, triton.next_power_of_2(DV)),
+        LOWP=lowp,
+        ONE_CHUNK=block_d >= D,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
     return (out_s, out_i, out_v) if gather else (out_s, out_i)

@@ -3,8 +3,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import helpers  # noqa: E402
-import pytest  # noqa: E402
+import helpers
+import pytest
 
 
 def pytest_configure(config):

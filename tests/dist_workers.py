@@ -32,8 +32,7 @@ class Bag(torch.nn.Module):
     def __init__(self, seed=0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.weights = torch.nn.ParameterList(
-            [torch.nn.Parameter(torch.randn(s, generator=g) * 0.1) for s in SHAPES])
+        self.weights = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(s, generator=g) * 0.1) for s in SHAPES])
 
 
 def grads_for(step):
@@ -68,9 +67,9 @@ def full_state(opt, params):
 
 def same_gradients(rank, world, port, out_dir, name, steps):
     """FSDP2 with the full gradients given by hand (distributed like the parameters)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
-    from torch.distributed.device_mesh import init_device_mesh
 
     init(rank, world, port)
     mesh = init_device_mesh("cpu", (world,))
@@ -91,8 +90,8 @@ def same_gradients(rank, world, port, out_dir, name, steps):
 def train_fsdp(rank, world, port, out_dir, steps):
     """A small MLP trained with FSDP2 + AdamW8bit, each rank on the same batch (so the averaged gradient equals the
     single-process one up to the reduction's rounding)."""
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
     init(rank, world, port)
     mesh = init_device_mesh("cpu", (world,))
@@ -119,8 +118,10 @@ def train_ddp(rank, world, port, out_dir, steps):
     opt = make_optimizer("AdamW8bit", model.parameters())
     losses = run_mlp(model, opt, steps)
     if rank == 0:
-        torch.save(dict(losses=losses, params=[p.detach().clone() for p in model.parameters()]),
-                   os.path.join(out_dir, "rank0.pt"))
+        torch.save(
+            dict(losses=losses, params=[p.detach().clone() for p in model.parameters()]),
+            os.path.join(out_dir, "rank0.pt"),
+        )
     finish()
 
 
@@ -145,9 +146,9 @@ def dcp_save(rank, world, port, out_dir, steps):
     """FSDP2 at world size 2: a few steps, then a distributed checkpoint of the model and the optimizer."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
-    from torch.distributed.device_mesh import init_device_mesh
 
     init(rank, world, port)
     mesh = init_device_mesh("cpu", (world,))
@@ -159,8 +160,10 @@ def dcp_save(rank, world, port, out_dir, steps):
         for p, g in zip(params, grads_for(step)):
             p.grad = distribute_tensor(g, mesh, [Shard(0)])
         opt.step()
-    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-             checkpoint_id=os.path.join(out_dir, "ckpt"))
+    dcp.save(
+        {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+        checkpoint_id=os.path.join(out_dir, "ckpt"),
+    )
     result = dict(params=[p.full_tensor() for p in params], state=full_state(opt, params))
     if rank == 0:
         torch.save(result, os.path.join(out_dir, "rank0.pt"))
@@ -170,11 +173,15 @@ def dcp_save(rank, world, port, out_dir, steps):
 def dcp_load(rank, world, port, out_dir, steps):
     """FSDP2 at world size 2: load a checkpoint written at world size 1, then take `steps` more steps."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
-    from torch.distributed.device_mesh import init_device_mesh
 
     init(rank, world, port)
     mesh = init_device_mesh("cpu", (world,))

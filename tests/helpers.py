@@ -23,8 +23,10 @@ def gpu_available():
 
 def devices():
     """Parameters for a `device` argument: cuda cases are marked `gpu`."""
-    return [pytest.param(d, marks=pytest.mark.gpu) if d.startswith("cuda") else d
-            for d in (requested_devices() or ["cpu", "cuda"])]
+    return [
+        pytest.param(d, marks=pytest.mark.gpu) if d.startswith("cuda") else d
+        for d in (requested_devices() or ["cpu", "cuda"])
+    ]
 
 
 def uses_gpu():

@@ -23,16 +23,20 @@ def build(fn, types, constexprs, num_warps, num_stages):
 
     signature = {n: "constexpr" if n in constexprs else types(n) for n in fn.arg_names}
     aligned = [n for n in fn.arg_names if signature[n].startswith("*") or n.startswith("stride")]
-    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()},
-                       attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
+    source = ASTSource(
+        fn,
+        signature,
+        constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()},
+        attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned},
+    )
+    kernel = triton.compile(
+        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
         handle.write(kernel.asm["cubin"])
         handle.flush()
-        usage = subprocess.run([cuobjdump, "--dump-resource-usage", handle.name], capture_output=True,
-                               text=True).stdout
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", handle.name], capture_output=True, text=True).stdout
     return kernel.metadata.shared, int(usage.split("STACK:")[1].split()[0])
 
 

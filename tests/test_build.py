@@ -43,8 +43,11 @@ def test_sources_list_matches_disk():
     assert len(listed) == len(set(listed)), "a source is listed twice in csrc/sources.txt"
     missing = [p for p in listed if not (ROOT / p).is_file()]
     assert not missing, f"csrc/sources.txt lists files that do not exist: {missing}"
-    on_disk = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*")
-                     if p.suffix in (".cpp", ".cu") and "include" not in p.relative_to(ROOT / "csrc").parts)
+    on_disk = sorted(
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "csrc").rglob("*")
+        if p.suffix in (".cpp", ".cu") and "include" not in p.relative_to(ROOT / "csrc").parts
+    )
     unlisted = sorted(set(on_disk) - set(listed))
     assert not unlisted, f"compiled sources missing from csrc/sources.txt: {unlisted}"
     assert all(p.endswith((".cu", ".cpp")) for p in cuda) and not any(p.endswith(".cu") for p in cpu)
@@ -112,11 +115,26 @@ def test_header_unit_test(tmp_path):
     from kestrel.functional import create_dynamic_map
 
     maps = tmp_path / "maps.bin"
-    maps.write_bytes(torch.cat([create_dynamic_map(True), create_dynamic_map(False),
-                                create_dynamic_map(True, 3, 4)]).numpy().tobytes())
+    maps.write_bytes(
+        torch.cat([create_dynamic_map(True), create_dynamic_map(False), create_dynamic_map(True, 3, 4)])
+        .numpy()
+        .tobytes()
+    )
     binary = tmp_path / "test_quantize_math"
-    subprocess.run([compiler, "-O2", "-std=c++17", "-Wall", "-Werror", f"-I{ROOT / 'csrc' / 'include'}",
-                    str(ROOT / "tests" / "cpp" / "test_quantize_math.cpp"), "-o", str(binary)], check=True)
+    subprocess.run(
+        [
+            compiler,
+            "-O2",
+            "-std=c++17",
+            "-Wall",
+            "-Werror",
+            f"-I{ROOT / 'csrc' / 'include'}",
+            str(ROOT / "tests" / "cpp" / "test_quantize_math.cpp"),
+            "-o",
+            str(binary),
+        ],
+        check=True,
+    )
     result = subprocess.run([str(binary), str(maps)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 failures" in result.stdout
@@ -134,10 +152,24 @@ def test_cuda_sources_compile(arch, tmp_path):
     for source in kernels:
         out = tmp_path / (Path(source).stem + f"_{arch}.o")
         result = subprocess.run(
-            [compiler, "-c", str(ROOT / source), "-o", str(out), "-O3", "-std=c++17",
-             f"-gencode=arch=compute_{arch[3:]},code={arch}", f"-I{ROOT / 'csrc' / 'include'}",
-             "-DKESTREL_CUDA_ARCHS=" + arch, "-Werror", "all-warnings"] + load_setup_module().read_sources("nvcc_flags"),
-            capture_output=True, text=True)
+            [
+                compiler,
+                "-c",
+                str(ROOT / source),
+                "-o",
+                str(out),
+                "-O3",
+                "-std=c++17",
+                f"-gencode=arch=compute_{arch[3:]},code={arch}",
+                f"-I{ROOT / 'csrc' / 'include'}",
+                "-DKESTREL_CUDA_ARCHS=" + arch,
+                "-Werror",
+                "all-warnings",
+            ]
+            + load_setup_module().read_sources("nvcc_flags"),
+            capture_output=True,
+            text=True,
+        )
         assert result.returncode == 0, f"{source} for {arch}:\n{result.stderr}"
         assert out.stat().st_size > 0
 
@@ -150,8 +182,20 @@ def test_cmake_build_matches_sources(tmp_path):
         pytest.skip("cmake not found")
     build = tmp_path / "build"
     # the CUDA-kernels-on-the-CPU tests (KESTREL_KERNEL_TESTS) have their own ctest run in .ci/run
-    subprocess.run([cmake, "-S", str(ROOT), "-B", str(build), f"-DPython3_EXECUTABLE={sys.executable}",
-                    "-DCMAKE_BUILD_TYPE=Release", "-DKESTREL_KERNEL_TESTS=OFF"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            cmake,
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build),
+            f"-DPython3_EXECUTABLE={sys.executable}",
+            "-DCMAKE_BUILD_TYPE=Release",
+            "-DKESTREL_KERNEL_TESTS=OFF",
+        ],
+        check=True,
+        capture_output=True,
+    )
     commands = json.loads((build / "compile_commands.json").read_text())
     compiled = sorted(str(Path(c["file"]).resolve().relative_to(ROOT)) for c in commands)
     cpu, _ = listed_sources()
@@ -166,9 +210,11 @@ def test_cmake_build_matches_sources(tmp_path):
     subprocess.run([cmake, "--build", str(build), "-j", jobs], check=True, capture_output=True)
     subprocess.run(["ctest", "--test-dir", str(build), "--output-on-failure"], check=True, capture_output=True)
     module = next(build.glob("_C*" + sysconfig.get_config_var("EXT_SUFFIX")))
-    probe = ("import importlib.util, torch; "
-             f"spec = importlib.util.spec_from_file_location('_C', {str(module)!r}); "
-             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-             "print(m.build_info()['version'], torch.ops.kestrel.quantize_blockwise.default)")
+    probe = (
+        "import importlib.util, torch; "
+        f"spec = importlib.util.spec_from_file_location('_C', {str(module)!r}); "
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+        "print(m.build_info()['version'], torch.ops.kestrel.quantize_blockwise.default)"
+    )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert "kestrel.quantize_blockwise.default" in result.stdout

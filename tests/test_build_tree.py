@@ -34,7 +34,7 @@ def check_against_reference(parents, tree):
             assert tree.first_child[b, i] == (children[i][0] if children[i] else -1)
             if path is not None and row[i] >= 0:
                 siblings = children[row[i]]
-                later = siblings[siblings.index(i) + 1:]
+                later = siblings[siblings.index(i) + 1 :]
                 assert tree.next_sibling[b, i] == (later[0] if later else -1)
             else:
                 assert tree.next_sibling[b, i] == -1
@@ -152,7 +152,7 @@ def dynamic_tree_reference(root, logprobs, tokens, max_nodes, topk):
         nodes += level
         ranked = sorted(range(len(level)), key=lambda i: (-level[i][0], i))[:topk]
         frontier = [start + i for i in ranked]
-    kept = sorted(sorted(range(len(nodes)), key=lambda i: (-nodes[i][0], i))[:max_nodes - 1])
+    kept = sorted(sorted(range(len(nodes)), key=lambda i: (-nodes[i][0], i))[: max_nodes - 1])
     index = {g: i + 1 for i, g in enumerate(kept)}
     parents = [-1] + [0 if nodes[g][1] < 0 else index[nodes[g][1]] for g in kept]
     return parents, [root] + [nodes[g][2] for g in kept]
@@ -169,8 +169,9 @@ def test_dynamic_tree(K, k, topk, max_nodes):
     parents, cand = dynamic_tree(root, top.values, top.indices, max_nodes, topk=topk)
     assert parents.shape == (B, max_nodes) and parents.dtype == torch.int32 and cand.dtype == torch.int64
     for b in range(B):
-        ref_parents, ref_cand = dynamic_tree_reference(int(root[b]), top.values[b].tolist(), top.indices[b].tolist(),
-                                                       max_nodes, topk)
+        ref_parents, ref_cand = dynamic_tree_reference(
+            int(root[b]), top.values[b].tolist(), top.indices[b].tolist(), max_nodes, topk
+        )
         assert parents[b].tolist() == ref_parents
         assert cand[b].tolist() == ref_cand
     tree = build_tree(parents, max_depth=min(K, max_nodes - 1), num_leaves=max_nodes - 1)
@@ -200,16 +201,22 @@ def test_static_tree_candidate_index_built_once():
     assert tree.flat_index(3, "cpu") is index and tree.flat_index(4, "cpu") is not index
 
 
-@pytest.mark.parametrize("parents, where", [
-    ([[-1, 5, 0]], r"parents\[0, 1\] = 5"),  # outside the tree: was an out-of-bounds gather (a crash on a GPU)
-    ([[-1, 2, 1]], r"parents\[0, 1\] = 2"),  # a cycle / a later parent: was accepted with wrong depths
-    ([[0, 0, 0]], r"parents\[0, 0\] = 0"),  # no root: was accepted
-    ([[-1, 0, -2, 2]], r"parents\[0, 3\] = 2"),  # the child of a padding node
-    ([[-1, 0, 1], [-1, -3, 0]], r"parents\[1, 1\] = -3"),
-])
+@pytest.mark.parametrize(
+    "parents, where",
+    [
+        ([[-1, 5, 0]], r"parents\[0, 1\] = 5"),  # outside the tree: was an out-of-bounds gather (a crash on a GPU)
+        ([[-1, 2, 1]], r"parents\[0, 1\] = 2"),  # a cycle / a later parent: was accepted with wrong depths
+        ([[0, 0, 0]], r"parents\[0, 0\] = 0"),  # no root: was accepted
+        ([[-1, 0, -2, 2]], r"parents\[0, 3\] = 2"),  # the child of a padding node
+        ([[-1, 0, 1], [-1, -3, 0]], r"parents\[1, 1\] = -3"),
+    ],
+)
 def test_build_tree_checks_parents_on_the_cpu(parents, where):
-    with pytest.raises(ValueError, match=r"build_tree: " + where + " is not a valid parent: node 0 must be the "
-                                         r"root \(-1\), node i > 0 padding \(-2\) or a child of a used node"):
+    with pytest.raises(
+        ValueError,
+        match=r"build_tree: " + where + " is not a valid parent: node 0 must be the "
+        r"root \(-1\), node i > 0 padding \(-2\) or a child of a used node",
+    ):
         build_tree(torch.tensor(parents))
 
 

@@ -5,8 +5,8 @@ loop, exact counts, dead-code replacement, k-means initialisation, and the inter
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import devices
+
 from kestrel.nn import CodebookLayer
 from kestrel.reference.vq_topk import vq_topk as reference_topk
 
@@ -104,9 +104,9 @@ def test_heads_in_one_call_equal_the_per_head_loop():
     for h in range(3):
         single = CodebookLayer(8, 40, 3, heads=1)
         single.codebook.data = layer.codebook.data[h].clone()
-        o_h, i_h = single(x[..., h * 8:(h + 1) * 8], return_ids=True)
+        o_h, i_h = single(x[..., h * 8 : (h + 1) * 8], return_ids=True)
         assert torch.equal(i_h[..., 0, :], ids[..., h, :])
-        assert torch.equal(o_h, out[..., h * 8:(h + 1) * 8])
+        assert torch.equal(o_h, out[..., h * 8 : (h + 1) * 8])
 
 
 def test_counts_equal_a_bincount_of_the_ids_and_only_in_training():
@@ -212,21 +212,24 @@ def test_argument_checks():
         layer.kmeans_init(torch.randn(4, 16))
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    (dict(recent_size=0), ValueError, "recent_size must be a positive integer, got 0"),
-    (dict(recent_size=-3), ValueError, "recent_size must be a positive integer, got -3"),
-    (dict(recent_size=2.5), TypeError, "recent_size must be an int, got float 2.5"),
-    (dict(dim=0), ValueError, "dim must be a positive integer, got 0"),
-    (dict(dim=True), TypeError, "dim must be an int, got bool True"),
-    (dict(num_codes=-1), ValueError, "num_codes must be a positive integer, got -1"),
-    (dict(k=0), ValueError, r"k must be an integer in \[1, num_codes=10\], got 0"),
-    (dict(k=True), TypeError, "k must be an int, got bool True"),
-    (dict(heads=0), ValueError, "heads must be a positive integer, got 0"),
-    (dict(heads=2.0), TypeError, "heads must be an int, got float 2.0"),
-    (dict(metric="dot"), ValueError, "metric must be one of"),
-    (dict(reduce="max"), ValueError, "reduce must be 'mean' or 'sum'"),
-    (dict(layernorm=None), TypeError, "layernorm must be a bool, got NoneType None"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(recent_size=0), ValueError, "recent_size must be a positive integer, got 0"),
+        (dict(recent_size=-3), ValueError, "recent_size must be a positive integer, got -3"),
+        (dict(recent_size=2.5), TypeError, "recent_size must be an int, got float 2.5"),
+        (dict(dim=0), ValueError, "dim must be a positive integer, got 0"),
+        (dict(dim=True), TypeError, "dim must be an int, got bool True"),
+        (dict(num_codes=-1), ValueError, "num_codes must be a positive integer, got -1"),
+        (dict(k=0), ValueError, r"k must be an integer in \[1, num_codes=10\], got 0"),
+        (dict(k=True), TypeError, "k must be an int, got bool True"),
+        (dict(heads=0), ValueError, "heads must be a positive integer, got 0"),
+        (dict(heads=2.0), TypeError, "heads must be an int, got float 2.0"),
+        (dict(metric="dot"), ValueError, "metric must be one of"),
+        (dict(reduce="max"), ValueError, "reduce must be 'mean' or 'sum'"),
+        (dict(layernorm=None), TypeError, "layernorm must be a bool, got NoneType None"),
+    ],
+)
 def test_constructor_checks(kwargs, error, message):
     """Every constructor argument is checked up front: recent_size=0 used to fail in the first training forward,
     after code_counts had been updated."""
@@ -253,9 +256,12 @@ def test_kmeans_init_rejects_non_finite_samples_and_keeps_the_codebook(bad):
 def test_kmeans_init_argument_checks():
     layer = make_layer(num_codes=4, k=1)
     before = layer.codebook.detach().clone()
-    for iters, error, message in ((0, ValueError, "iters must be >= 1, got 0"), (-1, ValueError, "iters must be >= 1"),
-                                  (True, TypeError, "iters must be an int, got bool"),
-                                  (2.5, TypeError, "iters must be an int, got float")):
+    for iters, error, message in (
+        (0, ValueError, "iters must be >= 1, got 0"),
+        (-1, ValueError, "iters must be >= 1"),
+        (True, TypeError, "iters must be an int, got bool"),
+        (2.5, TypeError, "iters must be an int, got float"),
+    ):
         with pytest.raises(error, match="CodebookLayer.kmeans_init: " + message):
             layer.kmeans_init(torch.randn(50, 16), iters=iters)
     with pytest.raises(TypeError, match="samples must be a float tensor"):

@@ -31,12 +31,14 @@ def sim():
 
 def both(sim, name, *args):
     """(CPU kernels' result, CUDA kernels' result) of op `name` on separate clones of the tensor arguments."""
+
     def clone(a):
         if torch.is_tensor(a):
             return a.clone()
         if isinstance(a, (list, tuple)):
             return type(a)(clone(x) for x in a)
         return a
+
     cpu_args, sim_args = clone(args), clone(args)
     cpu_out = getattr(torch.ops.kestrel, name)(*cpu_args)
     sim_out = getattr(sim, name)(*sim_args)
@@ -111,8 +113,15 @@ def optimizer_inputs(dtype, eight_bit, two_state, moments1, g, non_negative=Fals
     for p in params:
         n, blocks = p.numel(), (p.numel() + 255) // 256
         if eight_bit:
-            state1.append(torch.randint(127 if non_negative else 0, 256, ((moments1, n) if moments1 > 1 else (n,)),
-                                        dtype=torch.uint8, generator=g))
+            state1.append(
+                torch.randint(
+                    127 if non_negative else 0,
+                    256,
+                    ((moments1, n) if moments1 > 1 else (n,)),
+                    dtype=torch.uint8,
+                    generator=g,
+                )
+            )
             absmax1.append(torch.rand((moments1, blocks) if moments1 > 1 else (blocks,), generator=g))
             if two_state:
                 state2.append(torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g))
@@ -137,19 +146,46 @@ def test_two_state_step(sim, dtype, eight_bit, optimizer, options):
     params, grads, s1, s2, a1, a2 = optimizer_inputs(dtype, eight_bit, True, moments1, g)
     steps = torch.tensor([1, 7, 2, 30, 5])
     seed = 12345 if options == "stochastic" else -1
-    scalars = (1e-3, 0.9, 0.999, 0.9999 if optimizer == "ademamix" else 0.0, 5.0 if optimizer == "ademamix" else 0.0,
-               1e-8, 0.01, 1.0, seed)
+    scalars = (
+        1e-3,
+        0.9,
+        0.999,
+        0.9999 if optimizer == "ademamix" else 0.0,
+        5.0 if optimizer == "ademamix" else 0.0,
+        1e-8,
+        0.01,
+        1.0,
+        seed,
+    )
     norms, max_unorm = None, 0.0
     if options == "lamb":
-        norm_args = ("adam", params, grads, s1, s2, a1, a2, Q.create_dynamic_map(True) if eight_bit else None,
-                     Q.create_dynamic_map(False) if eight_bit else None, steps, 0.9, 0.999, 1e-8, 0.01, 1.0)
+        norm_args = (
+            "adam",
+            params,
+            grads,
+            s1,
+            s2,
+            a1,
+            a2,
+            Q.create_dynamic_map(True) if eight_bit else None,
+            Q.create_dynamic_map(False) if eight_bit else None,
+            steps,
+            0.9,
+            0.999,
+            1e-8,
+            0.01,
+            1.0,
+        )
         (cpu_norms, _), (cuda_norms, _) = both(sim, "update_norms", *norm_args)
         assert_same(cpu_norms, cuda_norms, "update_norms")
         norms, max_unorm = cpu_norms, 1.0
     extra = (norms, max_unorm, None, options == "robust")
     if eight_bit:
-        args = (optimizer, params, grads, s1, s2, a1, a2, Q.create_dynamic_map(True), Q.create_dynamic_map(False),
-                steps) + scalars + extra
+        args = (
+            (optimizer, params, grads, s1, s2, a1, a2, Q.create_dynamic_map(True), Q.create_dynamic_map(False), steps)
+            + scalars
+            + extra
+        )
         name = "two_state8bit_step_"
     else:
         args = (optimizer, params, grads, s1, s2, steps) + scalars + extra
@@ -167,8 +203,9 @@ def test_one_state_step(sim, dtype, eight_bit, optimizer, options):
     if options == "lars" and optimizer != "momentum":
         pytest.skip("the trust ratio is LARS's (momentum)")
     g = torch.Generator().manual_seed(4)
-    params, grads, s1, _, a1, _ = optimizer_inputs(dtype, eight_bit, False, 1, g,
-                                                   non_negative=optimizer in ("rmsprop", "adagrad"))
+    params, grads, s1, _, a1, _ = optimizer_inputs(
+        dtype, eight_bit, False, 1, g, non_negative=optimizer in ("rmsprop", "adagrad")
+    )
     steps = torch.tensor([1, 7, 2, 30, 5])
     betas = {"momentum": (0.9, 0.0), "rmsprop": (0.99, 0.0), "adagrad": (0.0, 0.0), "lion": (0.9, 0.99)}[optimizer]
     scalars = (1e-3,) + betas + (1e-8, 0.01, 1.0, 777 if options == "stochastic" else -1)
@@ -193,8 +230,24 @@ def test_one_state_step(sim, dtype, eight_bit, optimizer, options):
 
 def test_an_empty_step_launches_nothing(sim):
     empty = torch.zeros(0)
-    (_, cpu_args), (_, cuda_args) = both(sim, "two_state32bit_step_", "adam", [empty], [empty.clone()], [empty.clone()],
-                                         [empty.clone()], torch.tensor([1]), 1e-3, 0.9, 0.999, 0.0, 0.0, 1e-8, 0.0, 1.0)
+    (_, cpu_args), (_, cuda_args) = both(
+        sim,
+        "two_state32bit_step_",
+        "adam",
+        [empty],
+        [empty.clone()],
+        [empty.clone()],
+        [empty.clone()],
+        torch.tensor([1]),
+        1e-3,
+        0.9,
+        0.999,
+        0.0,
+        0.0,
+        1e-8,
+        0.0,
+        1.0,
+    )
     assert_same(cpu_args[1], cuda_args[1])
 
 
@@ -217,8 +270,9 @@ def test_tree_verification(sim, B, T, V):
     tree = random_trees(B, T, g)
     candidates = torch.randint(0, V, (B, T), generator=g)
     target = torch.randint(0, V, (B, T), generator=g)
-    (cpu, _), (cuda, _) = both(sim, "verify_tree_greedy", candidates, target, tree.first_child, tree.next_sibling,
-                               tree.max_depth)
+    (cpu, _), (cuda, _) = both(
+        sim, "verify_tree_greedy", candidates, target, tree.first_child, tree.next_sibling, tree.max_depth
+    )
     assert_same(cpu, cuda, "greedy")
     if B > 3:
         return  # the sampling kernel runs a CTA of 256 threads per row: a few rows suffice
@@ -226,8 +280,16 @@ def test_tree_verification(sim, B, T, V):
     probs[:, :, : V // 3] = 0.0
     drafts = torch.softmax(torch.randn(B, T, V, generator=g), -1)
     for draft in (None, drafts):
-        args = (candidates, probs, tree.first_child, tree.next_sibling, torch.rand(B, T, generator=g),
-                torch.rand(B, generator=g), draft, tree.max_depth)
+        args = (
+            candidates,
+            probs,
+            tree.first_child,
+            tree.next_sibling,
+            torch.rand(B, T, generator=g),
+            torch.rand(B, generator=g),
+            draft,
+            tree.max_depth,
+        )
         (cpu, _), (cuda, _) = both(sim, "verify_tree_sample", *args)
         assert_same(cpu, cuda, f"sample draft={draft is not None}")
 
@@ -239,8 +301,16 @@ def test_tree_verification_with_a_residual_without_mass(sim):
     probs = torch.zeros(2, 5, 20)
     probs[1] = float("nan")
     candidates = torch.randint(0, 20, (2, 5), generator=g)
-    args = (candidates, probs, tree.first_child, tree.next_sibling, torch.rand(2, 5, generator=g),
-            torch.rand(2, generator=g), None, tree.max_depth)
+    args = (
+        candidates,
+        probs,
+        tree.first_child,
+        tree.next_sibling,
+        torch.rand(2, 5, generator=g),
+        torch.rand(2, generator=g),
+        None,
+        tree.max_depth,
+    )
     (cpu, _), (cuda, _) = both(sim, "verify_tree_sample", *args)
     assert_same(cpu, cuda)
 

@@ -9,15 +9,26 @@ import sys
 import pytest
 import torch
 
-SUMMARY_KEYS = ["final_loss_adamw8bit", "final_loss_adamw", "optimizer_state_bytes_adamw8bit",
-                "optimizer_state_bytes_adamw", "greedy_equals_speculative", "mean_accepted_length",
-                "tokens_per_s_greedy", "tokens_per_s_speculative"]
+SUMMARY_KEYS = [
+    "final_loss_adamw8bit",
+    "final_loss_adamw",
+    "optimizer_state_bytes_adamw8bit",
+    "optimizer_state_bytes_adamw",
+    "greedy_equals_speculative",
+    "mean_accepted_length",
+    "tokens_per_s_greedy",
+    "tokens_per_s_speculative",
+]
 
 
 def test_demo_quick(tmp_path):
     out = tmp_path / "demo"
-    result = subprocess.run([sys.executable, "-m", "kestrel", "demo", "--quick", "--out", str(out)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "kestrel", "demo", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     for key in SUMMARY_KEYS:
@@ -86,8 +97,11 @@ def test_quick_settings_on_cuda_have_the_softplus_kernel_head_dim():
                 check_head_dim(attention, settings["d_model"] // settings["n_heads"], device_type)
     assert settings_for(True, "cuda")["d_model"] // settings_for(True, "cuda")["n_heads"] == 64
     assert settings_for(True, "cpu") == demo_settings("quick")
-    with pytest.raises(ValueError, match=r"--attention lssa on CUDA needs a head dim in \(64, 128\).*got d_model / "
-                                         r"n_heads = 16"):
+    with pytest.raises(
+        ValueError,
+        match=r"--attention lssa on CUDA needs a head dim in \(64, 128\).*got d_model / "
+        r"n_heads = 16",
+    ):
         check_head_dim("lssa", 16, "cuda")
     check_head_dim("lssa", 16, "cpu")  # the CPU path takes any head dim
 
@@ -188,8 +202,11 @@ def test_progress_off_a_terminal_prints_a_plain_line_every_tenth():
     progress = Progress("greedy", 3, stream=short)
     for _ in range(3):
         progress.update()
-    assert [line.split(",")[0] for line in short.getvalue().splitlines()] == ["greedy: 1/3", "greedy: 2/3",
-                                                                              "greedy: 3/3"]
+    assert [line.split(",")[0] for line in short.getvalue().splitlines()] == [
+        "greedy: 1/3",
+        "greedy: 2/3",
+        "greedy: 3/3",
+    ]
 
 
 def test_progress_on_a_terminal_uses_tqdm_when_installed(monkeypatch):

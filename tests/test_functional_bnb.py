@@ -9,9 +9,9 @@ import inspect
 
 import pytest
 import torch
+from helpers import FLOAT_DTYPES
 
 import kestrel
-from helpers import FLOAT_DTYPES
 from kestrel import functional as KF
 from kestrel.reference import quantize as ref
 
@@ -47,14 +47,16 @@ def assert_never_farther(x, blocksize, codes, other_codes, code):
 @pytest.mark.parametrize("name", ["create_dynamic_map", "quantize_blockwise", "dequantize_blockwise"])
 def test_signatures_match(F, name):
     ours, theirs = inspect.signature(getattr(KF, name)), inspect.signature(getattr(F, name))
-    assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == \
-        [(p.name, p.kind, p.default) for p in theirs.parameters.values()]
+    assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == [
+        (p.name, p.kind, p.default) for p in theirs.parameters.values()
+    ]
 
 
 def test_quant_state_constructor_matches(F):
     ours, theirs = inspect.signature(KF.QuantState.__init__), inspect.signature(F.QuantState.__init__)
-    assert [(p.name, p.default) for p in ours.parameters.values()] == \
-        [(p.name, p.default) for p in theirs.parameters.values()]
+    assert [(p.name, p.default) for p in ours.parameters.values()] == [
+        (p.name, p.default) for p in theirs.parameters.values()
+    ]
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -94,8 +96,10 @@ def test_quantize_and_state_match(F, dtype, blocksize, nested):
 @pytest.mark.parametrize("nested", [False, True])
 def test_dequantize_bit_for_bit(F, dtype, blocksize, nested):
     x = make_input(30_001, dtype, seed=7 + blocksize)
-    for codes, state in (F.quantize_blockwise(x, blocksize=blocksize, nested=nested),
-                         KF.quantize_blockwise(x, blocksize=blocksize, nested=nested)):
+    for codes, state in (
+        F.quantize_blockwise(x, blocksize=blocksize, nested=nested),
+        KF.quantize_blockwise(x, blocksize=blocksize, nested=nested),
+    ):
         # Each library's state in both libraries' dequantize (bnb reads kestrel's QuantState as its own).
         expected = F.dequantize_blockwise(codes, state)
         for got in (KF.dequantize_blockwise(codes, state), KF.dequantize_blockwise(A=codes, quant_state=state)):
@@ -119,8 +123,12 @@ def test_keyword_forms(F, blocksize):
     assert got.dtype == torch.float32 and torch.equal(got, expected)
     assert torch.equal(KF.dequantize_blockwise(bnb_codes, None, bnb_state.absmax, code, None, blocksize), expected)
     # With a state, absmax/code/blocksize are ignored (bnb's rule).
-    assert torch.equal(KF.dequantize_blockwise(bnb_codes, quant_state=bnb_state, absmax=torch.zeros(3),
-                                               code=torch.zeros(256), blocksize=7), expected)
+    assert torch.equal(
+        KF.dequantize_blockwise(
+            bnb_codes, quant_state=bnb_state, absmax=torch.zeros(3), code=torch.zeros(256), blocksize=7
+        ),
+        expected,
+    )
     # out= and absmax= buffers for quantize (bnb copies into them; here they must already fit).
     out, absmax = torch.empty(x.shape, dtype=torch.uint8), torch.empty(state.absmax.shape)
     bnb_out, bnb_absmax = torch.empty_like(out), torch.empty_like(absmax)
@@ -142,8 +150,9 @@ def test_defaults(F):
     bnb_codes, bnb_state = F.quantize_blockwise(x)
     assert state.blocksize == bnb_state.blocksize == 4096 and state.absmax.shape == (3,)
     assert torch.equal(state.code, KF.create_dynamic_map()) and torch.equal(state.absmax, bnb_state.absmax)
-    assert torch.equal(KF.dequantize_blockwise(codes, absmax=state.absmax),
-                       F.dequantize_blockwise(codes, absmax=state.absmax))
+    assert torch.equal(
+        KF.dequantize_blockwise(codes, absmax=state.absmax), F.dequantize_blockwise(codes, absmax=state.absmax)
+    )
     assert KF.dequantize_blockwise(codes, state).dtype == torch.bfloat16
 
 
@@ -203,6 +212,7 @@ def test_to_moves_in_place():
 
 # bnb's own tests (tests/test_functional.py of bitsandbytes 0.50), the CPU cases, run on kestrel.functional.
 
+
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("signed", [True, False])
 def test_bnb_suite_dynamic_blockwise_quantization(signed, nested):
@@ -232,7 +242,7 @@ def test_bnb_suite_blockwise_cpu_large(blocksize):
 @pytest.mark.parametrize("bits", range(2, 9))
 def test_bnb_suite_few_bit_dynamic_map(bits):
     code = KF.create_dynamic_map(True, bits - 0, bits)
-    assert torch.unique(code).numel() in [2 ** bits, 2 ** bits - 1] and code.numel() == 256
+    assert torch.unique(code).numel() in [2**bits, 2**bits - 1] and code.numel() == 256
     values = torch.randn(1, 32)
     values /= values.abs().max()
     codes, state = KF.quantize_blockwise(values, code=code)
@@ -243,6 +253,7 @@ def test_bnb_suite_few_bit_dynamic_map(bits):
 
 
 # kestrel's checks: clear errors, nothing written by a rejected call.
+
 
 def test_quantize_rejects_bad_arguments_and_writes_nothing():
     x = make_input(1000, torch.float32)
@@ -258,11 +269,21 @@ def test_quantize_rejects_bad_arguments_and_writes_nothing():
         (dict(A=x, code=torch.zeros(128)), ValueError, r"code must have shape \(256,\), got \(128,\)"),
         (dict(A=x, code=KF.create_dynamic_map().flip(0)), ValueError, r"code must be sorted ascending"),
         (dict(A=x, out=torch.empty(1000)), ValueError, r"out must be torch.uint8, got torch.float32"),
-        (dict(A=x, out=torch.empty(999, dtype=torch.uint8)), ValueError, r"out must have shape \(1000,\), got \(999,\)"),
-        (dict(A=x, out=out, absmax=torch.empty(3)), ValueError,
-         r"absmax must hold ceil\(1000 / 256\) = 4 values, got 3"),
-        (dict(A=x, out=out, absmax=torch.empty(4, dtype=torch.float16)), ValueError,
-         r"absmax must be torch.float32, got torch.float16"),
+        (
+            dict(A=x, out=torch.empty(999, dtype=torch.uint8)),
+            ValueError,
+            r"out must have shape \(1000,\), got \(999,\)",
+        ),
+        (
+            dict(A=x, out=out, absmax=torch.empty(3)),
+            ValueError,
+            r"absmax must hold ceil\(1000 / 256\) = 4 values, got 3",
+        ),
+        (
+            dict(A=x, out=out, absmax=torch.empty(4, dtype=torch.float16)),
+            ValueError,
+            r"absmax must be torch.float32, got torch.float16",
+        ),
         (dict(A=x, out=out, absmax=torch.empty(4, device="meta")), ValueError, r"absmax must be on cpu, got meta"),
     ]
     for kwargs, error, match in cases:
@@ -282,23 +303,45 @@ def test_dequantize_rejects_bad_arguments_and_writes_nothing(F):
         (dict(A=codes.long(), quant_state=state), ValueError, r"A must be uint8, got torch.int64"),
         (dict(A=codes, quant_state=state.absmax), TypeError, r"quant_state must be a QuantState .* got a Tensor"),
         (dict(A=codes, quant_state=object()), TypeError, r"quant_state must be a QuantState, got object"),
-        (dict(A=codes, absmax=state.absmax[:3], blocksize=256), ValueError,
-         r"absmax must hold ceil\(1000 / 256\) = 4 values, got 3"),
+        (
+            dict(A=codes, absmax=state.absmax[:3], blocksize=256),
+            ValueError,
+            r"absmax must hold ceil\(1000 / 256\) = 4 values, got 3",
+        ),
         (dict(A=codes, absmax=state.absmax), ValueError, r"absmax must hold ceil\(1000 / 4096\) = 1 values, got 4"),
         (dict(A=codes, absmax=state.absmax.half(), blocksize=256), ValueError, r"absmax must be torch.float32"),
         (dict(A=codes, absmax=state.absmax, blocksize=-1), ValueError, r"blocksize must be a positive integer"),
-        (dict(A=codes, absmax=state.absmax, blocksize=256, code=torch.zeros(3)), ValueError,
-         r"code must have shape \(256,\), got \(3,\)"),
+        (
+            dict(A=codes, absmax=state.absmax, blocksize=256, code=torch.zeros(3)),
+            ValueError,
+            r"code must have shape \(256,\), got \(3,\)",
+        ),
         (dict(A=codes[:500], quant_state=state), ValueError, r"quant_state.absmax must hold ceil\(500 / 256\) = 2"),
-        (dict(A=codes, quant_state=state, out=torch.empty(1000, dtype=torch.float16)), ValueError,
-         r"out must be torch.float32, got torch.float16"),
-        (dict(A=codes, quant_state=state, out=torch.empty(10, 100)), ValueError,
-         r"out must have shape \(1000,\), got \(10, 100\)"),
-        (dict(A=codes, quant_state=KF.QuantState(nested.absmax, code=nested.code, blocksize=256,
-                                                  dtype=torch.float32, state2=nested.state2)),
-         ValueError, r"quant_state is nested but its offset is None"),
-        (dict(A=codes, quant_state=KF.QuantState(state.absmax, code=state.code, blocksize=256, dtype=torch.int8)),
-         ValueError, r"quant_state.dtype must be float32, float16 or bfloat16, got torch.int8"),
+        (
+            dict(A=codes, quant_state=state, out=torch.empty(1000, dtype=torch.float16)),
+            ValueError,
+            r"out must be torch.float32, got torch.float16",
+        ),
+        (
+            dict(A=codes, quant_state=state, out=torch.empty(10, 100)),
+            ValueError,
+            r"out must have shape \(1000,\), got \(10, 100\)",
+        ),
+        (
+            dict(
+                A=codes,
+                quant_state=KF.QuantState(
+                    nested.absmax, code=nested.code, blocksize=256, dtype=torch.float32, state2=nested.state2
+                ),
+            ),
+            ValueError,
+            r"quant_state is nested but its offset is None",
+        ),
+        (
+            dict(A=codes, quant_state=KF.QuantState(state.absmax, code=state.code, blocksize=256, dtype=torch.int8)),
+            ValueError,
+            r"quant_state.dtype must be float32, float16 or bfloat16, got torch.int8",
+        ),
     ]
     for kwargs, error, match in cases:
         with pytest.raises(error, match="dequantize_blockwise: " + match):

@@ -8,15 +8,25 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 FUZZ_DIR = Path(__file__).resolve().parent / "fuzz"
 
 
 def run_fuzz(directory, log, timeout=1800):
     """(return code, output, the last case logged before the end) of the fuzz properties in `directory`."""
     env = dict(os.environ, KESTREL_FUZZ_LOG=str(log), PYTHONFAULTHANDLER="1")
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "python_files=fuzz_*.py",
-               "--rootdir", str(directory), str(directory)]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "python_files=fuzz_*.py",
+        "--rootdir",
+        str(directory),
+        str(directory),
+    ]
     result = subprocess.run(command, cwd=directory, env=env, capture_output=True, text=True, timeout=timeout)
     cases = log.read_text().splitlines() if log.exists() else []
     return result.returncode, result.stdout + result.stderr, cases[-1] if cases else None
@@ -33,7 +43,7 @@ def test_fuzz_suite(tmp_path):
     assert returncode == 0, report(returncode, output, last_case)
 
 
-CRASHING_PROPERTY = '''
+CRASHING_PROPERTY = """
 import ctypes
 from hypothesis import given, strategies as st
 from cases import note
@@ -44,7 +54,7 @@ def test_reaches_native_code(n):
     note(f"native case n={n}")
     if n == 2:
         ctypes.string_at(0)  # a segfault, as a bug in a kernel would give
-'''
+"""
 
 
 def test_the_harness_reports_a_crash_and_the_case_that_caused_it(tmp_path):

@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-
 from helpers import devices
+
 from kestrel.decoding.generate import TreeSpec, generate
 from kestrel.models import ATTENTION_KINDS, KestrelConfig, KestrelLM
 
@@ -21,14 +21,24 @@ DYNAMIC = TreeSpec(max_nodes=12, topk=3)
 TREES = {"chain": CHAIN, "star": STAR, "kary": KARY, "dynamic": DYNAMIC}
 
 
-def counting_model(attention, noise=24.0, head_shift=0, seed=0, dtype=torch.float64, device="cpu", d_model=32,
-                   n_heads=4):
+def counting_model(
+    attention, noise=24.0, head_shift=0, seed=0, dtype=torch.float64, device="cpu", d_model=32, n_heads=4
+):
     """A model that mostly continues x, x+1, x+2, ... (mod V): one-hot embeddings read one place further by the LM
     head, and draft head k mapping feature x to x + k + 1 (+ head_shift: wrong drafts). The layers' outputs are
     random with scale `noise`, so that the context sometimes changes the greedy token (drafts partly rejected)."""
     torch.manual_seed(seed)
-    config = KestrelConfig(vocab_size=V, d_model=d_model, n_layers=2, n_heads=n_heads, n_kv_heads=n_heads // 2,
-                           attention=attention, max_seq_len=128, num_draft_heads=3, tie_embeddings=False)
+    config = KestrelConfig(
+        vocab_size=V,
+        d_model=d_model,
+        n_layers=2,
+        n_heads=n_heads,
+        n_kv_heads=n_heads // 2,
+        attention=attention,
+        max_seq_len=128,
+        num_draft_heads=3,
+        tie_embeddings=False,
+    )
     model = KestrelLM(config)
     with torch.no_grad():
         eye = torch.eye(V, d_model)
@@ -69,8 +79,8 @@ def test_plain_greedy_equals_reforward(attention):
     assert out.shape == (3, 7 + 12)
     for b, prompt in enumerate(batch):
         expected = greedy_by_reforward(model, prompt, 12)
-        assert out[b, :len(expected)].tolist() == expected
-        assert (out[b, len(expected):] == -1).all()
+        assert out[b, : len(expected)].tolist() == expected
+        assert (out[b, len(expected) :] == -1).all()
 
 
 def test_padded_tensor_with_prompt_lengths_equals_list():
@@ -78,7 +88,7 @@ def test_padded_tensor_with_prompt_lengths_equals_list():
     batch = prompts()
     padded = torch.zeros(3, 7, dtype=torch.long)
     for b, prompt in enumerate(batch):
-        padded[b, :len(prompt)] = prompt
+        padded[b, : len(prompt)] = prompt
     assert torch.equal(generate(model, padded, 9, prompt_lengths=[3, 7, 5]), generate(model, batch, 9))
 
 
@@ -124,8 +134,9 @@ def test_eos_inside_an_accepted_path(tree):
     batch = [torch.tensor([4, 5]), torch.tensor([0, 1, 2]), torch.tensor([9])]
     eos = 8  # sequence 0 reaches it as its 3rd new token (inside the first step's accepted path), sequence 2 never
     plain = generate(model, batch, 14, eos_token_id=eos, pad_token_id=-1)
-    out, stats = generate(model, batch, 14, speculative=TREES[tree], eos_token_id=eos, pad_token_id=-1,
-                          return_stats=True)
+    out, stats = generate(
+        model, batch, 14, speculative=TREES[tree], eos_token_id=eos, pad_token_id=-1, return_stats=True
+    )
     assert torch.equal(out, plain)
     width = 3 + 14
     assert out[0].tolist() == [4, 5, 6, 7, 8] + [-1] * (width - 5)
@@ -152,8 +163,9 @@ def chi_square(counts, expected_probs, n):
     return stat, cells - 1
 
 
-@pytest.mark.parametrize("options", [dict(temperature=1.0), dict(temperature=0.7, top_k=5, top_p=0.9)],
-                         ids=["t1", "t0.7-topk5-topp0.9"])
+@pytest.mark.parametrize(
+    "options", [dict(temperature=1.0), dict(temperature=0.7, top_k=5, top_p=0.9)], ids=["t1", "t0.7-topk5-topp0.9"]
+)
 def test_sampled_speculative_follows_the_target_distribution(options):
     """Many copies of one prompt, three new tokens sampled with a k-ary tree: the frequencies of (x1, x2) and of
     (x2, x3) (x2, x3 come out of tree verification) pass a chi-square test against the target model's exact
@@ -164,8 +176,9 @@ def test_sampled_speculative_follows_the_target_distribution(options):
     prompt = torch.tensor([3, 9, 4])
     n = 12000
     generator = torch.Generator().manual_seed(11)
-    out, stats = generate(model, prompt.expand(n, 3), 3, speculative=KARY, generator=generator, return_stats=True,
-                          **options)
+    out, stats = generate(
+        model, prompt.expand(n, 3), 3, speculative=KARY, generator=generator, return_stats=True, **options
+    )
     # the drafts are accepted often enough to matter: the 2 tokens after the prefill's come in one step (a draft
     # accepted: 2 kept) or in two (1 kept each)
     assert stats.accept_lengths.count(2) > 0.05 * n
@@ -285,8 +298,9 @@ def test_no_scalar_reads_and_host_mirror_of_the_cache_lengths(tree, monkeypatch)
 
     caches = []
     for_model = KVCache.for_model.__func__
-    monkeypatch.setattr(KVCache, "for_model", classmethod(lambda cls, *a, **k: caches.append(
-        for_model(cls, *a, **k)) or caches[-1]))
+    monkeypatch.setattr(
+        KVCache, "for_model", classmethod(lambda cls, *a, **k: caches.append(for_model(cls, *a, **k)) or caches[-1])
+    )
     model = counting_model("softmax")
     with _CountDeviceReads() as counter:
         out = generate(model, prompts(), 12, speculative=TREES.get(tree), eos_token_id=8)
@@ -332,8 +346,17 @@ def test_generate_runs_in_eval_mode_and_restores_the_mode():
     """A model in training mode: generate records no codebook usage (rejected tree nodes, padding rows) and leaves
     the model in training mode; an eval model stays in eval mode."""
     torch.manual_seed(0)
-    config = KestrelConfig(vocab_size=V, d_model=32, n_layers=1, n_heads=4, num_draft_heads=2, codebook_mlp=True,
-                           num_codes=16, codebook_k=2, max_seq_len=64)
+    config = KestrelConfig(
+        vocab_size=V,
+        d_model=32,
+        n_layers=1,
+        n_heads=4,
+        num_draft_heads=2,
+        codebook_mlp=True,
+        num_codes=16,
+        codebook_k=2,
+        max_seq_len=64,
+    )
     model = KestrelLM(config).double().train()
     codebook = model.layers[0].mlp.codebook
     generate(model, prompts(), 6, speculative=TreeSpec(choices=[[0], [1], [0, 0]]))
@@ -367,8 +390,11 @@ def test_accept_lengths_count_the_kept_tokens():
 def test_generate_checks_limits_up_front():
     model = counting_model("softmax")  # 3 draft heads, V = 16, max_seq_len 128
     # dynamic tree: at most 1 + topk + (K - 1) topk^2 nodes
-    with pytest.raises(ValueError, match=r"speculative.max_nodes must be at most 1 \+ topk \+ \(K - 1\) \* topk\^2 "
-                                         r"= 11 \(topk=2, K=3 draft heads in the tree\), got 12"):
+    with pytest.raises(
+        ValueError,
+        match=r"speculative.max_nodes must be at most 1 \+ topk \+ \(K - 1\) \* topk\^2 "
+        r"= 11 \(topk=2, K=3 draft heads in the tree\), got 12",
+    ):
         generate(model, prompts(), 4, speculative=TreeSpec(max_nodes=12, topk=2))
     with pytest.raises(ValueError, match=r"= 3 \(topk=2, K=1 draft heads in the tree\), got 4"):
         generate(model, prompts(), 4, speculative=TreeSpec(max_nodes=4, topk=2, depth=1))
@@ -376,8 +402,11 @@ def test_generate_checks_limits_up_front():
     with pytest.raises(ValueError, match="speculative.topk must be at most the vocabulary size 16, got 17"):
         generate(model, prompts(), 4, speculative=TreeSpec(max_nodes=5, topk=17))
     # config.max_seq_len: the longest prompt (7) + max_new_tokens
-    with pytest.raises(ValueError, match=r"the longest prompt \(7 tokens\) \+ max_new_tokens \(122\) must be at most "
-                                         r"config.max_seq_len=128, got 129"):
+    with pytest.raises(
+        ValueError,
+        match=r"the longest prompt \(7 tokens\) \+ max_new_tokens \(122\) must be at most "
+        r"config.max_seq_len=128, got 129",
+    ):
         generate(model, prompts(), 122)
     assert generate(model, prompts(), 121).shape == (3, 128)
 
@@ -388,39 +417,64 @@ def count_forwards(model):
     return calls
 
 
-@pytest.mark.parametrize("call, error, message", [
-    (dict(speculative=TreeSpec(choices=[[0], [16]])), ValueError,
-     r"speculative.choices use rank 16 of a draft head, whose top-k ranks are 0..vocab_size - 1 = 15"),
-    (dict(speculative=TreeSpec(choices=[[0], [0, 30]])), ValueError, "speculative.choices use rank 30 of a draft head"),
-    (dict(speculative=TreeSpec(max_nodes=4, topk=2, depth=5)), ValueError,
-     r"speculative.depth=5 is deeper than the model's 3 draft heads"),
-    (dict(input_ids=[torch.tensor([1, 2, 99])]), ValueError,
-     r"input_ids must hold token ids in \[0, vocab_size=16\), got 99"),
-    (dict(input_ids=torch.tensor([[1, -2, 3]])), ValueError,
-     r"input_ids must hold token ids in \[0, vocab_size=16\), got -2"),
-    (dict(top_k=True, temperature=1.0), TypeError, "top_k must be None or an int >= 1, got bool True"),
-    (dict(top_k=2.0, temperature=1.0), TypeError, "top_k must be None or an int >= 1, got float 2.0"),
-    (dict(top_k=0, temperature=1.0), ValueError, "top_k must be None or an int >= 1, got 0"),
-    (dict(input_ids=torch.zeros(2, 7, dtype=torch.long), prompt_lengths=[2.7, 7]), TypeError,
-     "prompt_lengths must hold integers, got torch.float32"),
-    (dict(input_ids=[[1.5, 2.0]]), TypeError, r"input_ids\[0\] must hold integers, got torch.float32"),
-    (dict(input_ids=torch.zeros(2, 0, dtype=torch.long)), ValueError,
-     r"input_ids has no positions \(shape \(2, 0\)\): every prompt needs at least one token"),
-    (dict(max_new_tokens=True), TypeError, "max_new_tokens must be an int >= 0, got bool True"),
-    (dict(max_new_tokens=2.0), TypeError, "max_new_tokens must be an int >= 0, got float"),
-    (dict(max_new_tokens=-1), ValueError, "max_new_tokens must be an int >= 0, got -1"),
-    (dict(temperature=-1.0), ValueError, "temperature must be >= 0, got -1.0"),
-    (dict(temperature=float("nan")), ValueError, "temperature must be >= 0, got nan"),
-    (dict(temperature="1"), TypeError, "temperature must be a number, got str"),
-    (dict(temperature=1.0, top_p=0.0), ValueError, r"top_p must be None or in \(0, 1\], got 0.0"),
-    (dict(temperature=1.0, top_p=1.5), ValueError, r"top_p must be None or in \(0, 1\], got 1.5"),
-    (dict(temperature=1.0, top_p=True), TypeError, "top_p must be None or a number"),
-    (dict(eos_token_id=16), ValueError, r"eos_token_id must be a token id in \[0, vocab_size=16\) .* got 16"),
-    (dict(eos_token_id=-1), ValueError, "eos_token_id must be a token id"),
-    (dict(eos_token_id=True), TypeError, "eos_token_id must be None or an int, got bool True"),
-    (dict(pad_token_id=0.5), TypeError, "pad_token_id must be None or an int, got float"),
-    (dict(temperature=1.0, generator=5), TypeError, "generator must be None or a torch.Generator, got int"),
-])
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (
+            dict(speculative=TreeSpec(choices=[[0], [16]])),
+            ValueError,
+            r"speculative.choices use rank 16 of a draft head, whose top-k ranks are 0..vocab_size - 1 = 15",
+        ),
+        (
+            dict(speculative=TreeSpec(choices=[[0], [0, 30]])),
+            ValueError,
+            "speculative.choices use rank 30 of a draft head",
+        ),
+        (
+            dict(speculative=TreeSpec(max_nodes=4, topk=2, depth=5)),
+            ValueError,
+            r"speculative.depth=5 is deeper than the model's 3 draft heads",
+        ),
+        (
+            dict(input_ids=[torch.tensor([1, 2, 99])]),
+            ValueError,
+            r"input_ids must hold token ids in \[0, vocab_size=16\), got 99",
+        ),
+        (
+            dict(input_ids=torch.tensor([[1, -2, 3]])),
+            ValueError,
+            r"input_ids must hold token ids in \[0, vocab_size=16\), got -2",
+        ),
+        (dict(top_k=True, temperature=1.0), TypeError, "top_k must be None or an int >= 1, got bool True"),
+        (dict(top_k=2.0, temperature=1.0), TypeError, "top_k must be None or an int >= 1, got float 2.0"),
+        (dict(top_k=0, temperature=1.0), ValueError, "top_k must be None or an int >= 1, got 0"),
+        (
+            dict(input_ids=torch.zeros(2, 7, dtype=torch.long), prompt_lengths=[2.7, 7]),
+            TypeError,
+            "prompt_lengths must hold integers, got torch.float32",
+        ),
+        (dict(input_ids=[[1.5, 2.0]]), TypeError, r"input_ids\[0\] must hold integers, got torch.float32"),
+        (
+            dict(input_ids=torch.zeros(2, 0, dtype=torch.long)),
+            ValueError,
+            r"input_ids has no positions \(shape \(2, 0\)\): every prompt needs at least one token",
+        ),
+        (dict(max_new_tokens=True), TypeError, "max_new_tokens must be an int >= 0, got bool True"),
+        (dict(max_new_tokens=2.0), TypeError, "max_new_tokens must be an int >= 0, got float"),
+        (dict(max_new_tokens=-1), ValueError, "max_new_tokens must be an int >= 0, got -1"),
+        (dict(temperature=-1.0), ValueError, "temperature must be >= 0, got -1.0"),
+        (dict(temperature=float("nan")), ValueError, "temperature must be >= 0, got nan"),
+        (dict(temperature="1"), TypeError, "temperature must be a number, got str"),
+        (dict(temperature=1.0, top_p=0.0), ValueError, r"top_p must be None or in \(0, 1\], got 0.0"),
+        (dict(temperature=1.0, top_p=1.5), ValueError, r"top_p must be None or in \(0, 1\], got 1.5"),
+        (dict(temperature=1.0, top_p=True), TypeError, "top_p must be None or a number"),
+        (dict(eos_token_id=16), ValueError, r"eos_token_id must be a token id in \[0, vocab_size=16\) .* got 16"),
+        (dict(eos_token_id=-1), ValueError, "eos_token_id must be a token id"),
+        (dict(eos_token_id=True), TypeError, "eos_token_id must be None or an int, got bool True"),
+        (dict(pad_token_id=0.5), TypeError, "pad_token_id must be None or an int, got float"),
+        (dict(temperature=1.0, generator=5), TypeError, "generator must be None or a torch.Generator, got int"),
+    ],
+)
 def test_bad_arguments_are_refused_before_the_prefill(call, error, message):
     """Each of these used to fail after the prefill with a torch message (index out of range in self, selected
     index k out of range, topk() of a bool), or was accepted (a fractional prompt length truncated, a dynamic tree
@@ -435,16 +489,19 @@ def test_bad_arguments_are_refused_before_the_prefill(call, error, message):
     assert not calls
 
 
-@pytest.mark.parametrize("spec, error, message", [
-    (dict(max_nodes=4, topk=True), TypeError, "TreeSpec: topk must be an int, got bool True"),
-    (dict(max_nodes=True, topk=2), TypeError, "TreeSpec: max_nodes must be an int, got bool True"),
-    (dict(max_nodes=4, topk=2, depth=2.0), TypeError, "TreeSpec: depth must be an int, got float 2.0"),
-    (dict(max_nodes=4, topk=2, depth=0), ValueError, "TreeSpec: depth must be None or a positive int, got 0"),
-    (dict(choices=[[0], [0, 0, 0]]), ValueError, r"static_tree: choice \(0, 0, 0\) has no parent \(0, 0\)"),
-    (dict(choices=[[0], [-1]]), ValueError, "static_tree: each choice must be a non-empty tuple of ranks >= 0"),
-    (dict(choices=[[0], [True]]), ValueError, "static_tree: each choice must be a non-empty tuple of ranks >= 0"),
-    (dict(choices="01"), ValueError, "TreeSpec: choices must be a non-empty list of non-empty rank paths"),
-])
+@pytest.mark.parametrize(
+    "spec, error, message",
+    [
+        (dict(max_nodes=4, topk=True), TypeError, "TreeSpec: topk must be an int, got bool True"),
+        (dict(max_nodes=True, topk=2), TypeError, "TreeSpec: max_nodes must be an int, got bool True"),
+        (dict(max_nodes=4, topk=2, depth=2.0), TypeError, "TreeSpec: depth must be an int, got float 2.0"),
+        (dict(max_nodes=4, topk=2, depth=0), ValueError, "TreeSpec: depth must be None or a positive int, got 0"),
+        (dict(choices=[[0], [0, 0, 0]]), ValueError, r"static_tree: choice \(0, 0, 0\) has no parent \(0, 0\)"),
+        (dict(choices=[[0], [-1]]), ValueError, "static_tree: each choice must be a non-empty tuple of ranks >= 0"),
+        (dict(choices=[[0], [True]]), ValueError, "static_tree: each choice must be a non-empty tuple of ranks >= 0"),
+        (dict(choices="01"), ValueError, "TreeSpec: choices must be a non-empty list of non-empty rank paths"),
+    ],
+)
 def test_tree_spec_checks_when_built(spec, error, message):
     """A bad static tree was refused only when the first speculative step built it, after the prefill; bools were
     accepted as sizes."""
@@ -477,6 +534,12 @@ def test_tiny_temperature_samples_the_greedy_tokens(speculative, temperature):
     logits make a tiny temperature the greedy distribution."""
     model = counting_model("softmax")
     greedy = generate(model, prompts(), 10, speculative=speculative)
-    sampled = generate(model, prompts(), 10, temperature=temperature, speculative=speculative,
-                       generator=torch.Generator().manual_seed(0))
+    sampled = generate(
+        model,
+        prompts(),
+        10,
+        temperature=temperature,
+        speculative=speculative,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert torch.equal(sampled, greedy)

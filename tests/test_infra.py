@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import uses_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,8 +124,11 @@ def test_kv_bottleneck_benchmark_runs_quick_on_cpu():
     assert [(r.op, r.baseline) for r in rows] == [("kv_bottleneck_lookup", "bmm + topk + gather")]
     # the baseline computes the same lookup
     g = torch.Generator().manual_seed(0)
-    z, keys, values = torch.randn(5, 3, 14, generator=g), torch.randn(3, 40, 14, generator=g), \
-        torch.randn(3, 40, 10, generator=g)
+    z, keys, values = (
+        torch.randn(5, 3, 14, generator=g),
+        torch.randn(3, 40, 14, generator=g),
+        torch.randn(3, 40, 10, generator=g),
+    )
     from kestrel.ops import kv_bottleneck_lookup
 
     out, ids = kv_bottleneck_lookup(z, keys, values, 1)
@@ -136,9 +138,23 @@ def test_kv_bottleneck_benchmark_runs_quick_on_cpu():
 
 
 def test_bench_prints_one_table(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "kestrel", "bench", "--only", "tree_verify", "kv_bottleneck",
-                             "--quick", "--csv", str(tmp_path / "rows.csv")], capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kestrel",
+            "bench",
+            "--only",
+            "tree_verify",
+            "kv_bottleneck",
+            "--quick",
+            "--csv",
+            str(tmp_path / "rows.csv"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("kestrel ms") == 1  # one header: one table
     assert "verify_tree_greedy" in result.stdout and "kv_bottleneck_lookup" in result.stdout
@@ -169,12 +185,15 @@ def test_import_kestrel_is_lazy():
     assert "VERSION " in result.stdout and "has no attribute 'no_such_thing'" in result.stdout
 
 
-@pytest.mark.parametrize("module", ["kestrel.ops", "kestrel.functional", "kestrel.optim", "kestrel.nn",
-                                    "kestrel.models", "kestrel.decoding"])
+@pytest.mark.parametrize(
+    "module", ["kestrel.ops", "kestrel.functional", "kestrel.optim", "kestrel.nn", "kestrel.models", "kestrel.decoding"]
+)
 def test_each_public_subpackage_registers_the_native_ops(module):
     """Any public subpackage imported alone leaves torch.ops.kestrel.* registered (when kestrel._C is built)."""
-    code = (f"import importlib, sys; importlib.import_module({module!r}); import kestrel, torch; "
-            "print(kestrel._ext.available() and hasattr(torch.ops.kestrel, 'quantize_blockwise'))")
+    code = (
+        f"import importlib, sys; importlib.import_module({module!r}); import kestrel, torch; "
+        "print(kestrel._ext.available() and hasattr(torch.ops.kestrel, 'quantize_blockwise'))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     import kestrel
@@ -197,8 +216,9 @@ print("HEAVY", heavy)
 @pytest.mark.parametrize("command", [[], ["info"], ["bench"], ["demo"]])
 def test_help_imports_no_torch(command):
     """`python -m kestrel [command] --help` builds its parsers without importing torch: it answers at once."""
-    result = subprocess.run([sys.executable, "-c", HELP_WITHOUT_TORCH, *command, "--help"], capture_output=True,
-                            text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", HELP_WITHOUT_TORCH, *command, "--help"], capture_output=True, text=True, cwd=ROOT
+    )
     assert result.returncode == 0, result.stderr
     assert "HEAVY []" in result.stdout
     assert "usage: python -m kestrel" in result.stdout

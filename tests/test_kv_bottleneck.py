@@ -5,8 +5,8 @@ while training on task B with plain SGD)."""
 
 import pytest
 import torch
-
 from helpers import gpu_available
+
 from kestrel.nn import DiscreteKeyValueBottleneck
 from kestrel.ops import kv_bottleneck_lookup
 from kestrel.reference.kv_bottleneck import kv_bottleneck_lookup as reference
@@ -53,8 +53,15 @@ def test_fused_triton_kernel_equals_the_cpu_path(k, dtype):
     z, keys, values = inputs(B=21, C=3, P=70, seed=10 + k, dtype=dtype)
     keys[1, 50] = keys[1, 12]  # a duplicated key: the copies tie, the lower index first
     scale, bias = _code_terms(keys, "l2", None)
-    _, ids, out = vq_topk_triton(z.transpose(0, 1).to(device), keys.to(device), bias.to(device),
-                                 scale.to(device), k, duplicate_groups(keys), values=values.to(device))
+    _, ids, out = vq_topk_triton(
+        z.transpose(0, 1).to(device),
+        keys.to(device),
+        bias.to(device),
+        scale.to(device),
+        k,
+        duplicate_groups(keys),
+        values=values.to(device),
+    )
     ref_out, ref_ids = kv_bottleneck_lookup(z.float(), keys.float(), values.float(), k)
     assert torch.equal(ids[..., :k].long().cpu().transpose(0, 1), ref_ids)
     assert out.dtype == dtype
@@ -147,8 +154,9 @@ def test_ema_kmeans_keys_then_frozen():
 
 @pytest.mark.parametrize("decoder", ["vote", "linear", "mlp"])
 def test_decoders(decoder):
-    dkvb = DiscreteKeyValueBottleneck(12, 6, 32, 4, 5, decoder=decoder, dim_out=None if decoder == "vote" else 3,
-                                      topk=2)
+    dkvb = DiscreteKeyValueBottleneck(
+        12, 6, 32, 4, 5, decoder=decoder, dim_out=None if decoder == "vote" else 3, topk=2
+    )
     z = torch.randn(7, 12)
     out = dkvb(z)
     assert out.shape == ((7, 5) if decoder == "vote" else (7, 3))
@@ -171,16 +179,19 @@ def test_module_argument_checks():
         DiscreteKeyValueBottleneck(8, 4, 16)(torch.randn(3, 9))
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    (dict(dim_in=True), TypeError, "dim_in must be an int, got bool True"),
-    (dict(topk=True), TypeError, "topk must be an int, got bool True"),
-    (dict(num_pairs=2.0), TypeError, "num_pairs must be an int, got float"),
-    (dict(decoder="linear", dim_out=0), ValueError, "dim_out must be a positive integer, got 0"),
-    (dict(decoder="mlp", dim_out=3, hidden=0), ValueError, "hidden must be a positive integer, got 0"),
-    (dict(ema_decay=True), TypeError, "ema_decay must be a number, got bool True"),
-    (dict(ema_decay=float("nan")), ValueError, r"ema_decay must lie in \(0, 1\), got nan"),
-    (dict(dead_threshold=-1.0), ValueError, "dead_threshold must be a finite number >= 0, got -1.0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(dim_in=True), TypeError, "dim_in must be an int, got bool True"),
+        (dict(topk=True), TypeError, "topk must be an int, got bool True"),
+        (dict(num_pairs=2.0), TypeError, "num_pairs must be an int, got float"),
+        (dict(decoder="linear", dim_out=0), ValueError, "dim_out must be a positive integer, got 0"),
+        (dict(decoder="mlp", dim_out=3, hidden=0), ValueError, "hidden must be a positive integer, got 0"),
+        (dict(ema_decay=True), TypeError, "ema_decay must be a number, got bool True"),
+        (dict(ema_decay=float("nan")), ValueError, r"ema_decay must lie in \(0, 1\), got nan"),
+        (dict(dead_threshold=-1.0), ValueError, "dead_threshold must be a finite number >= 0, got -1.0"),
+    ],
+)
 def test_module_constructor_checks(kwargs, error, message):
     args = dict(dim_in=8, num_codebooks=4, num_pairs=16)
     args.update(kwargs)

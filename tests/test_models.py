@@ -3,8 +3,8 @@ tree forward against causal attention over prefix + path, save/load, training st
 
 import pytest
 import torch
-
 from helpers import devices
+
 from kestrel.decoding import build_tree
 from kestrel.decoding.cache import KVCache
 from kestrel.models import ATTENTION_KINDS, KestrelConfig, KestrelLM
@@ -12,8 +12,7 @@ from kestrel.reference.tree import ancestor_bits, ancestor_lists
 
 
 def tiny(attention="softmax", **overrides):
-    values = dict(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, attention=attention,
-                  max_seq_len=64)
+    values = dict(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, attention=attention, max_seq_len=64)
     values.update(overrides)
     return KestrelConfig(**values)
 
@@ -51,27 +50,30 @@ def test_config_checks():
         KestrelConfig.from_dict({**config.to_dict(), "bogus": 1})
 
 
-@pytest.mark.parametrize("overrides, error, message", [
-    (dict(vocab_size=True), TypeError, "vocab_size must be an int, got bool True"),
-    (dict(n_kv_heads=0), ValueError, "n_kv_heads must be a positive int, got 0"),
-    (dict(n_kv_heads=2.0), TypeError, "n_kv_heads must be an int, got float 2.0"),
-    (dict(num_draft_heads=1.5), TypeError, "num_draft_heads must be an int, got float 1.5"),
-    (dict(num_draft_heads=-1), ValueError, "num_draft_heads must be an int >= 0, got -1"),
-    (dict(d_ff=0), ValueError, "d_ff must be a positive int, got 0"),
-    (dict(d_ff=-3), ValueError, "d_ff must be a positive int, got -3"),
-    (dict(rope_base=0.0), ValueError, "rope_base must be a finite number > 0, got 0.0"),
-    (dict(rope_base=float("nan")), ValueError, "rope_base must be a finite number > 0, got nan"),
-    (dict(norm_eps=-1.0), ValueError, "norm_eps must be a finite number > 0, got -1.0"),
-    (dict(attention="lssar", lssar_p=float("inf")), ValueError, "lssar_p must be a finite number > 0, got inf"),
-    (dict(lssar_p=1e300), ValueError, "lssar_p must be at most 3.403e\\+38, got 1e\\+300"),
-    (dict(softplus_eps=0.0), ValueError, "softplus_eps must be a finite number > 0, got 0.0"),
-    (dict(plga_a_dff=0), ValueError, "plga_a_dff must be a positive int, got 0"),
-    (dict(plga_num_reslayer=-1), ValueError, "plga_num_reslayer must be an int >= 0, got -1"),
-    (dict(num_codes=0), ValueError, "num_codes must be a positive int, got 0"),
-    (dict(codebook_k=300), ValueError, r"codebook_k must be in \[1, num_codes=256\], got 300"),
-    (dict(codebook_attn="yes"), TypeError, "codebook_attn must be a bool, got str 'yes'"),
-    (dict(max_seq_len=True), TypeError, "max_seq_len must be an int, got bool True"),
-])
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        (dict(vocab_size=True), TypeError, "vocab_size must be an int, got bool True"),
+        (dict(n_kv_heads=0), ValueError, "n_kv_heads must be a positive int, got 0"),
+        (dict(n_kv_heads=2.0), TypeError, "n_kv_heads must be an int, got float 2.0"),
+        (dict(num_draft_heads=1.5), TypeError, "num_draft_heads must be an int, got float 1.5"),
+        (dict(num_draft_heads=-1), ValueError, "num_draft_heads must be an int >= 0, got -1"),
+        (dict(d_ff=0), ValueError, "d_ff must be a positive int, got 0"),
+        (dict(d_ff=-3), ValueError, "d_ff must be a positive int, got -3"),
+        (dict(rope_base=0.0), ValueError, "rope_base must be a finite number > 0, got 0.0"),
+        (dict(rope_base=float("nan")), ValueError, "rope_base must be a finite number > 0, got nan"),
+        (dict(norm_eps=-1.0), ValueError, "norm_eps must be a finite number > 0, got -1.0"),
+        (dict(attention="lssar", lssar_p=float("inf")), ValueError, "lssar_p must be a finite number > 0, got inf"),
+        (dict(lssar_p=1e300), ValueError, "lssar_p must be at most 3.403e\\+38, got 1e\\+300"),
+        (dict(softplus_eps=0.0), ValueError, "softplus_eps must be a finite number > 0, got 0.0"),
+        (dict(plga_a_dff=0), ValueError, "plga_a_dff must be a positive int, got 0"),
+        (dict(plga_num_reslayer=-1), ValueError, "plga_num_reslayer must be an int >= 0, got -1"),
+        (dict(num_codes=0), ValueError, "num_codes must be a positive int, got 0"),
+        (dict(codebook_k=300), ValueError, r"codebook_k must be in \[1, num_codes=256\], got 300"),
+        (dict(codebook_attn="yes"), TypeError, "codebook_attn must be a bool, got str 'yes'"),
+        (dict(max_seq_len=True), TypeError, "max_seq_len must be an int, got bool True"),
+    ],
+)
 def test_config_value_checks(overrides, error, message):
     """Each of these built a config whose model failed later with a torch message (negative or bool sizes) or
     computed NaN (norm_eps <= 0, an infinite lssar_p), or silently meant something else (n_kv_heads=True)."""
@@ -83,8 +85,11 @@ def test_token_ids_outside_the_vocabulary():
     """An id outside [0, vocab_size) gave "index out of range in self"; padding rows may still hold any id."""
     model = make_model("softmax")
     for bad in (40, -3):
-        with pytest.raises(ValueError, match=rf"KestrelLM: input_ids must hold token ids in \[0, vocab_size=40\), "
-                                             rf"got {bad}"):
+        with pytest.raises(
+            ValueError,
+            match=rf"KestrelLM: input_ids must hold token ids in \[0, vocab_size=40\), "
+            rf"got {bad}",
+        ):
             model(torch.tensor([[1, bad, 2]]))
     cache = KVCache.for_model(model, 2, 8)
     model(torch.tensor([[1, 2, -1], [3, 4, 5]]), cache, lengths=[2, 3])
@@ -115,7 +120,7 @@ def test_cached_decode_equals_full_forward(attention):
     cache = KVCache.for_model(model, B, 32)
     prefill = model(ids[:, :9], cache, lengths=lengths)
     assert cache.seqlens.tolist() == [5, 9, 2]
-    decoded = {b: [prefill[b, :lengths[b]]] for b in range(B)}
+    decoded = {b: [prefill[b, : lengths[b]]] for b in range(B)}
     # one token per sequence and step, each sequence continuing after its own prompt
     for step in range(total - 9):
         next_ids = torch.stack([ids[b, lengths[b] + step] for b in range(B)])[:, None]
@@ -125,7 +130,7 @@ def test_cached_decode_equals_full_forward(attention):
     assert cache.seqlens.tolist() == [5 + 5, 9 + 5, 2 + 5]
     for b in range(B):
         n = int(lengths[b]) + total - 9
-        reference = model(ids[b:b + 1, :n], copy_g_cache(cache, [b], model, 32))[0]
+        reference = model(ids[b : b + 1, :n], copy_g_cache(cache, [b], model, 32))[0]
         torch.testing.assert_close(torch.cat(decoded[b]), reference, rtol=0, atol=1e-12)
     if attention != "plga":  # the cache-free forward is the same function
         torch.testing.assert_close(model(ids[1:2, :14]), torch.cat(decoded[1])[None], rtol=0, atol=1e-12)
@@ -157,14 +162,13 @@ def test_tree_forward_equals_path_forward(attention):
     cache = KVCache.for_model(model, 2, 32)
     model(ids, cache, lengths=lengths)
     tree_ids = torch.randint(0, 40, (2, 7))
-    logits, hidden = model(tree_ids, cache, tree_depth=depth, tree_mask_bits=ancestor_bits(parents),
-                           return_hidden=True)
+    logits, hidden = model(tree_ids, cache, tree_depth=depth, tree_mask_bits=ancestor_bits(parents), return_hidden=True)
     assert cache.seqlens.tolist() == [5, 3]  # a tree forward does not advance the cache
     for b in range(2):
         for i, path in enumerate(ancestor_lists(parents[b].tolist())):
             if path is None:
                 continue
-            sequence = torch.cat([ids[b, :lengths[b]], tree_ids[b, path]])[None]
+            sequence = torch.cat([ids[b, : lengths[b]], tree_ids[b, path]])[None]
             ref_logits, ref_hidden = model(sequence, copy_g_cache(cache, [b], model, 32), return_hidden=True)
             torch.testing.assert_close(logits[b, i], ref_logits[0, -1], rtol=0, atol=1e-12)
             torch.testing.assert_close(hidden[b, i], ref_hidden[0, -1], rtol=0, atol=1e-12)
@@ -263,10 +267,10 @@ def test_device_matches_cpu(device, attention):
     torch.testing.assert_close(model(ids.to(device)).double().cpu(), expected, rtol=1e-3, atol=1e-3)
     cache = KVCache.for_model(model, 2, 16)
     model(ids[:, :6].to(device), cache)
-    steps = [model(ids[:, t:t + 1].to(device), cache) for t in range(6, 10)]
+    steps = [model(ids[:, t : t + 1].to(device), cache) for t in range(6, 10)]
     ref_cache = KVCache.for_model(cpu, 2, 16)
     cpu(ids[:, :6], ref_cache)
-    ref_steps = [cpu(ids[:, t:t + 1], ref_cache) for t in range(6, 10)]
+    ref_steps = [cpu(ids[:, t : t + 1], ref_cache) for t in range(6, 10)]
     torch.testing.assert_close(torch.cat(steps, 1).double().cpu(), torch.cat(ref_steps, 1), rtol=1e-3, atol=1e-3)
 
 
@@ -296,15 +300,14 @@ def test_codebooks():
     forward, gradients reach the codebooks, greedy speculative decoding equals plain greedy."""
     from kestrel.decoding import TreeSpec, generate
 
-    model = make_model("softmax", codebook_attn=True, codebook_mlp=True, num_codes=64, codebook_k=4,
-                       num_draft_heads=2)
+    model = make_model("softmax", codebook_attn=True, codebook_mlp=True, num_codes=64, codebook_k=4, num_draft_heads=2)
     attn_codebook = model.layers[0].attn.codebook
     assert attn_codebook.heads == model.config.n_heads and attn_codebook.dim == model.config.head_dim
     assert tuple(attn_codebook.codebook.shape) == (model.config.n_heads, 64, model.config.head_dim)
     assert model.layers[1].mlp.codebook.num_codes == 64
     ids = torch.randint(0, 40, (2, 10))
     cache = KVCache.for_model(model, 2, 16)
-    steps = [model(ids[:, :6], cache)] + [model(ids[:, t:t + 1], cache) for t in range(6, 10)]
+    steps = [model(ids[:, :6], cache)] + [model(ids[:, t : t + 1], cache) for t in range(6, 10)]
     torch.testing.assert_close(torch.cat(steps, 1), model(ids), rtol=0, atol=1e-12)
     spec = TreeSpec(choices=[[0], [1], [0, 0], [1, 0]])
     assert torch.equal(generate(model, ids, 12, speculative=spec), generate(model, ids, 12))
@@ -326,12 +329,11 @@ def test_codebook_interventions_during_generation():
     full = model(ids)
     assert codebook.last_ids[:, 6].tolist() == [[[3, 7]]] * 2
     cache = KVCache.for_model(model, 2, 16)
-    steps = [model(ids[:, :5], cache)] + [model(ids[:, t:t + 1], cache) for t in range(5, 8)]
+    steps = [model(ids[:, :5], cache)] + [model(ids[:, t : t + 1], cache) for t in range(5, 8)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-12)
     codebook.clear_interventions()
     chosen = set()
-    hook = codebook.register_forward_hook(
-        lambda module, args, out: chosen.update(module.last_ids.reshape(-1).tolist()))
+    hook = codebook.register_forward_hook(lambda module, args, out: chosen.update(module.last_ids.reshape(-1).tolist()))
     generate(model, ids[:, :4], 6)
     assert chosen & {0, 1, 2, 3}, "the codes to ban are not used anyway: the test would prove nothing"
     chosen.clear()
@@ -355,8 +357,9 @@ def test_draft_heads_train_with_the_base_frozen():
     assert isinstance(optimizer, AdamW8bit)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randint(0, 40, (8, 1), generator=g) + torch.arange(17)) % 40 for _ in range(25)]
-    losses = train_steps(model, optimizer, batches, lambda m, tokens: draft_loss(m, tokens)[0],
-                         schedule=lambda step: 3e-2)
+    losses = train_steps(
+        model, optimizer, batches, lambda m, tokens: draft_loss(m, tokens)[0], schedule=lambda step: 3e-2
+    )
     assert len(losses) == 25 and losses[-1] < losses[0] - 0.3, losses
     for key, value in model.state_dict().items():
         if key in base:

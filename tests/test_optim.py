@@ -5,11 +5,11 @@ import io
 
 import pytest
 import torch
+from helpers import FLOAT_DTYPES, assert_cuda_equals_cpu, devices, same_state_value
 
 import kestrel
-from helpers import FLOAT_DTYPES, devices, assert_cuda_equals_cpu, same_state_value
 from kestrel import functional as KF
-from kestrel.optim import Adam, Adam8bit, Adam32bit, AdamW, AdamW8bit, AdamW32bit
+from kestrel.optim import Adam, Adam8bit, Adam32bit, AdamW, AdamW8bit
 from kestrel.reference import optim as ref
 
 pytestmark = pytest.mark.skipif(not kestrel._ext.available(), reason="kestrel._C is not built")
@@ -47,8 +47,14 @@ class ReferenceRun:
             n, dev = p.numel(), p.device
             if eight:
                 blocks = (n + 255) // 256
-                self.states.append([torch.zeros(n, dtype=torch.uint8, device=dev), torch.zeros(n, dtype=torch.uint8, device=dev),
-                                    torch.zeros(blocks, device=dev), torch.zeros(blocks, device=dev)])
+                self.states.append(
+                    [
+                        torch.zeros(n, dtype=torch.uint8, device=dev),
+                        torch.zeros(n, dtype=torch.uint8, device=dev),
+                        torch.zeros(blocks, device=dev),
+                        torch.zeros(blocks, device=dev),
+                    ]
+                )
             else:
                 self.states.append([torch.zeros(n, device=dev), torch.zeros(n, device=dev)])
         self.step_count = 0
@@ -90,8 +96,12 @@ def test_kernel_equals_spec_model_bit_for_bit(device, dtype, cls, eight_bit):
             assert torch.equal(state["absmax1"], expected_state[2]) and torch.equal(state["absmax2"], expected_state[3])
 
 
-SPEC_SHAPES = [(1024, 32), (4097,), pytest.param((1024, 1024), marks=pytest.mark.slow),
-               pytest.param((1024, 4097), marks=pytest.mark.slow)]
+SPEC_SHAPES = [
+    (1024, 32),
+    (4097,),
+    pytest.param((1024, 1024), marks=pytest.mark.slow),
+    pytest.param((1024, 4097), marks=pytest.mark.slow),
+]
 
 
 @pytest.mark.parametrize("device", devices())
@@ -125,8 +135,11 @@ def test_fifty_steps_against_torch_with_resync(device, shape, dtype, weight_deca
         torch_opt.step()
         s1, s2 = dequantized_states(opt, p)
         torch_state = torch_opt.state[torch_p]
-        for ours, theirs in ((s1.reshape(shape), torch_state["exp_avg"]), (s2.reshape(shape), torch_state["exp_avg_sq"]),
-                             (p.detach().float(), torch_p.detach())):
+        for ours, theirs in (
+            (s1.reshape(shape), torch_state["exp_avg"]),
+            (s2.reshape(shape), torch_state["exp_avg_sq"]),
+            (p.detach().float(), torch_p.detach()),
+        ):
             outside = ~torch.isclose(ours, theirs, atol=3e-3, rtol=1e-3)
             assert int(outside.sum()) < 20, f"step {step}: {int(outside.sum())} elements outside tolerance"
         error = (p.detach().float() - torch_p.detach()).abs().mean().item()
@@ -144,8 +157,11 @@ def test_tracks_torch_at_least_as_closely_as_bitsandbytes_cpu(weight_decay):
     start = torch.randn(n, generator=g)
     scale = 10 ** torch.empty(n).uniform_(-3, 0, generator=g)
     ours, theirs, exact = (torch.nn.Parameter(start.clone()) for _ in range(3))
-    opts = [AdamW8bit([ours], lr=LR, weight_decay=weight_decay), bnb_optim.AdamW8bit([theirs], lr=LR, weight_decay=weight_decay),
-            torch.optim.AdamW([exact], lr=LR, weight_decay=weight_decay)]
+    opts = [
+        AdamW8bit([ours], lr=LR, weight_decay=weight_decay),
+        bnb_optim.AdamW8bit([theirs], lr=LR, weight_decay=weight_decay),
+        torch.optim.AdamW([exact], lr=LR, weight_decay=weight_decay),
+    ]
     for _ in range(100):
         grad = torch.randn(n, generator=g) * scale
         for p, opt in zip((ours, theirs, exact), opts):
@@ -281,7 +297,14 @@ def test_state_dict_layout_is_bitsandbytes():
     opt.step()
     sd = opt.state_dict()
     assert set(sd["state"][0]) == {"step", "__bnb_optimizer_quant_state__"}
-    assert set(sd["state"][0]["__bnb_optimizer_quant_state__"]) == {"state1", "state2", "qmap1", "qmap2", "absmax1", "absmax2"}
+    assert set(sd["state"][0]["__bnb_optimizer_quant_state__"]) == {
+        "state1",
+        "state2",
+        "qmap1",
+        "qmap2",
+        "absmax1",
+        "absmax2",
+    }
     assert set(sd["param_groups"][0]) == {"lr", "betas", "eps", "weight_decay", "alpha", "t_alpha", "t_beta3", "params"}
     assert "__bnb_optimizer_quant_state__" in opt.state_dict()["state"][0]  # state_dict() does not mutate live state
     assert "state1" in opt.state[p]
@@ -313,8 +336,22 @@ def test_load_bitsandbytes_checkpoint(nested):
     big = ours[0]
     state = {k: v.clone() for k, v in opt.state[big].items() if torch.is_tensor(v)}
     expected = big.detach().clone()
-    ref.adam8bit_step(expected, grads[0], state["state1"], state["state2"], state["absmax1"], state["absmax2"],
-                      state["qmap1"], state["qmap2"], 11, 1e-2, 0.9, 0.999, 1e-8, 0.1)
+    ref.adam8bit_step(
+        expected,
+        grads[0],
+        state["state1"],
+        state["state2"],
+        state["absmax1"],
+        state["absmax2"],
+        state["qmap1"],
+        state["qmap2"],
+        11,
+        1e-2,
+        0.9,
+        0.999,
+        1e-8,
+        0.1,
+    )
     for p, grad in zip(ours, grads):
         p.grad = grad
     opt.step()
@@ -412,7 +449,9 @@ def test_step_errors_leave_state_untouched():
     on_meta = torch.nn.Parameter(torch.empty(10, device="meta"))
     opt4 = AdamW8bit([on_meta])
     on_meta.grad = torch.empty(10, device="meta")
-    with pytest.raises(NotImplementedError, match="AdamW8bit: no kernel for device meta; kestrel has kernels for cpu and cuda"):
+    with pytest.raises(
+        NotImplementedError, match="AdamW8bit: no kernel for device meta; kestrel has kernels for cpu and cuda"
+    ):
         opt4.step()
     assert len(opt4.state[on_meta]) == 0
 
@@ -442,9 +481,26 @@ def test_opcheck(device):
                 s2 = [torch.randint(0, 256, (k,), dtype=torch.uint8, device=device).view(t.shape) for k, t in zip(n, p)]
                 a1 = [torch.rand((k + 255) // 256, device=device) for k in n]
                 a2 = [torch.rand((k + 255) // 256, device=device) for k in n]
-                args = ("adam", p, g, s1, s2, a1, a2, KF.create_dynamic_map(True).to(device),
-                        KF.create_dynamic_map(False).to(device), torch.tensor([3] * len(p)), 1e-3, 0.9, 0.999, 0.0, 0.0, 1e-8, 0.01,
-                        1.0)
+                args = (
+                    "adam",
+                    p,
+                    g,
+                    s1,
+                    s2,
+                    a1,
+                    a2,
+                    KF.create_dynamic_map(True).to(device),
+                    KF.create_dynamic_map(False).to(device),
+                    torch.tensor([3] * len(p)),
+                    1e-3,
+                    0.9,
+                    0.999,
+                    0.0,
+                    0.0,
+                    1e-8,
+                    0.01,
+                    1.0,
+                )
                 torch.library.opcheck(torch.ops.kestrel.two_state8bit_step_.default, args)
             else:
                 s1 = [torch.randn(t.shape, device=device) for t in p]
@@ -460,21 +516,97 @@ def test_op_level_checks():
     a = [torch.zeros(20)]
     code = KF.create_dynamic_map()
     with pytest.raises(RuntimeError, match="the gradient of parameter 0 must have 5000 elements, got 4000"):
-        torch.ops.kestrel.two_state8bit_step_("adam", p, g, s, s, a, a, code, code, torch.tensor([1]), 1e-3, 0.9, 0.999, 0.0, 0.0,
-                                              1e-8, 0.0, 1.0)
+        torch.ops.kestrel.two_state8bit_step_(
+            "adam", p, g, s, s, a, a, code, code, torch.tensor([1]), 1e-3, 0.9, 0.999, 0.0, 0.0, 1e-8, 0.0, 1.0
+        )
     with pytest.raises(RuntimeError, match=r"must be contiguous float32 tensors of 1 x ceil\(5000 / 256\) = 20 values"):
-        torch.ops.kestrel.two_state8bit_step_("adam", p, [torch.randn(5000)], s, s, [torch.zeros(19)], a, code, code,
-                                              torch.tensor([1]), 1e-3, 0.9, 0.999, 0.0, 0.0, 1e-8, 0.0, 1.0)
+        torch.ops.kestrel.two_state8bit_step_(
+            "adam",
+            p,
+            [torch.randn(5000)],
+            s,
+            s,
+            [torch.zeros(19)],
+            a,
+            code,
+            code,
+            torch.tensor([1]),
+            1e-3,
+            0.9,
+            0.999,
+            0.0,
+            0.0,
+            1e-8,
+            0.0,
+            1.0,
+        )
     with pytest.raises(RuntimeError, match="steps must be a 1-D CPU int64 tensor of 1 step counts"):
-        torch.ops.kestrel.two_state8bit_step_("adam", p, [torch.randn(5000)], s, s, a, a, code, code,
-                                              torch.tensor([1.0]), 1e-3, 0.9, 0.999, 0.0, 0.0, 1e-8, 0.0, 1.0)
+        torch.ops.kestrel.two_state8bit_step_(
+            "adam",
+            p,
+            [torch.randn(5000)],
+            s,
+            s,
+            a,
+            a,
+            code,
+            code,
+            torch.tensor([1.0]),
+            1e-3,
+            0.9,
+            0.999,
+            0.0,
+            0.0,
+            1e-8,
+            0.0,
+            1.0,
+        )
     with pytest.raises(RuntimeError, match="lr_tensor must be a one-element CPU float tensor"):
-        torch.ops.kestrel.two_state8bit_step_("adam", p, [torch.randn(5000)], s, s, a, a, code, code,
-                                              torch.tensor([1]), 1e-3, 0.9, 0.999, 0.0, 0.0, 1e-8, 0.0, 1.0, -1, None,
-                                              0.0, torch.tensor([1, 2]))
+        torch.ops.kestrel.two_state8bit_step_(
+            "adam",
+            p,
+            [torch.randn(5000)],
+            s,
+            s,
+            a,
+            a,
+            code,
+            code,
+            torch.tensor([1]),
+            1e-3,
+            0.9,
+            0.999,
+            0.0,
+            0.0,
+            1e-8,
+            0.0,
+            1.0,
+            -1,
+            None,
+            0.0,
+            torch.tensor([1, 2]),
+        )
     with pytest.raises(RuntimeError, match=r"steps\[0\] must be >= 1, got 0"):
-        torch.ops.kestrel.two_state8bit_step_("adam", p, [torch.randn(5000)], s, s, a, a, code, code, torch.tensor([0]), 1e-3, 0.9,
-                                              0.999, 0.0, 0.0, 1e-8, 0.0, 1.0)
+        torch.ops.kestrel.two_state8bit_step_(
+            "adam",
+            p,
+            [torch.randn(5000)],
+            s,
+            s,
+            a,
+            a,
+            code,
+            code,
+            torch.tensor([0]),
+            1e-3,
+            0.9,
+            0.999,
+            0.0,
+            0.0,
+            1e-8,
+            0.0,
+            1.0,
+        )
 
 
 @pytest.mark.gpu
@@ -484,8 +616,12 @@ def test_cuda_kernel_equals_cpu_kernel(dtype):
     torch.manual_seed(17)
     shapes = [(4097,), (300, 70), (1000,), (1 << 16,)]
     cpu = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in shapes]
-    assert_cuda_equals_cpu(lambda ps: AdamW8bit(ps, lr=1e-2, weight_decay=0.1), cpu, seed=18,
-                           grad_fn=lambda shape, dtype, gen: heterogeneous_grad(shape, dtype, "cpu", gen))
+    assert_cuda_equals_cpu(
+        lambda ps: AdamW8bit(ps, lr=1e-2, weight_decay=0.1),
+        cpu,
+        seed=18,
+        grad_fn=lambda shape, dtype, gen: heterogeneous_grad(shape, dtype, "cpu", gen),
+    )
 
 
 @pytest.mark.gpu
@@ -537,7 +673,9 @@ def test_percentile_clipping_follows_bitsandbytes_049(cls, eight_bit):
         opt.step()
         state = model.states[0]
         if eight_bit:
-            ref.adam8bit_step(model.params[0], grad, *state, signed, unsigned, step, 1e-2, 0.9, 0.999, 1e-8, 0.01, scale)
+            ref.adam8bit_step(
+                model.params[0], grad, *state, signed, unsigned, step, 1e-2, 0.9, 0.999, 1e-8, 0.01, scale
+            )
         else:
             ref.adam32bit_step(model.params[0], grad, *state, step, 1e-2, 0.9, 0.999, 1e-8, 0.01, scale)
     assert torch.equal(p.detach(), model.params[0])

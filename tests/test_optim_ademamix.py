@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
+from helpers import FLOAT_DTYPES, assert_cuda_equals_cpu, devices, same_state_value
 
 import kestrel
-from helpers import FLOAT_DTYPES, devices, assert_cuda_equals_cpu, same_state_value
 from kestrel import functional as KF
 from kestrel.optim import AdEMAMix, AdEMAMix8bit, AdEMAMix32bit
 from kestrel.reference import optim as ref
@@ -17,8 +17,10 @@ pytestmark = pytest.mark.skipif(not kestrel._ext.available(), reason="kestrel._C
 BETAS = (0.9, 0.999, 0.9999)
 SIGNED, UNSIGNED = KF.create_dynamic_map(True).double(), KF.create_dynamic_map(False).double()
 # The largest rounding error of each map relative to the block absmax (see test_optim_one_state.py).
-HALF_GAP = {True: max(((SIGNED[1:] - SIGNED[:-1]).max() / 2).item(), 1 + SIGNED[0].item()),
-            False: ((UNSIGNED[1:] - UNSIGNED[:-1]).max() / 2).item()}
+HALF_GAP = {
+    True: max(((SIGNED[1:] - SIGNED[:-1]).max() / 2).item(), 1 + SIGNED[0].item()),
+    False: ((UNSIGNED[1:] - UNSIGNED[:-1]).max() / 2).item(),
+}
 
 
 def schedule(step, alpha, t_alpha, beta1, beta3, t_beta3):
@@ -36,10 +38,13 @@ def dequantized(opt, p):
     if state["state1"].dtype != torch.uint8:
         return state["state1"][0].float(), state["state1"][1].float(), state["state2"].float()
     deq = lambda codes, absmax, code: KF.dequantize_blockwise(  # noqa: E731
-        codes.contiguous(), absmax=absmax.contiguous(), code=code, blocksize=256)
-    return (deq(state["state1"][0], state["absmax1"][0], state["qmap1"]),
-            deq(state["state1"][1], state["absmax1"][1], state["qmap1"]),
-            deq(state["state2"], state["absmax2"], state["qmap2"]))
+        codes.contiguous(), absmax=absmax.contiguous(), code=code, blocksize=256
+    )
+    return (
+        deq(state["state1"][0], state["absmax1"][0], state["qmap1"]),
+        deq(state["state1"][1], state["absmax1"][1], state["qmap1"]),
+        deq(state["state2"], state["absmax2"], state["qmap2"]),
+    )
 
 
 @pytest.mark.parametrize("device", devices())
@@ -48,7 +53,9 @@ def dequantized(opt, p):
 @pytest.mark.parametrize("schedules", [dict(), dict(t_alpha=6, t_beta3=8)], ids=["plain", "warmup"])
 def test_kernel_equals_spec_model_bit_for_bit(device, dtype, cls, schedules):
     g = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype).to(device)) for s in [(4097,), (64, 100), (900,)]]
+    params = [
+        torch.nn.Parameter(torch.randn(s, generator=g).to(dtype).to(device)) for s in [(4097,), (64, 100), (900,)]
+    ]
     alpha, lr, eps, wd = 5.0, 1e-2, 1e-8, 0.05
     opt = cls(params, lr=lr, betas=BETAS, alpha=alpha, eps=eps, weight_decay=wd, **schedules)
     code1, code2 = KF.create_dynamic_map(True).to(device), KF.create_dynamic_map(False).to(device)
@@ -58,19 +65,46 @@ def test_kernel_equals_spec_model_bit_for_bit(device, dtype, cls, schedules):
         eight = cls is AdEMAMix8bit and n >= 4096
         dt = torch.uint8 if eight else torch.float32
         blocks = (n + 255) // 256
-        model.append([p.detach().clone().reshape(-1), torch.zeros(2, n, dtype=dt, device=device),
-                      torch.zeros(n, dtype=dt, device=device), torch.zeros(2, blocks, device=device) if eight else None,
-                      torch.zeros(blocks, device=device) if eight else None, eight])
+        model.append(
+            [
+                p.detach().clone().reshape(-1),
+                torch.zeros(2, n, dtype=dt, device=device),
+                torch.zeros(n, dtype=dt, device=device),
+                torch.zeros(2, blocks, device=device) if eight else None,
+                torch.zeros(blocks, device=device) if eight else None,
+                eight,
+            ]
+        )
     for step in range(1, 11):
         alpha_t, beta3_t = schedule(step, alpha, schedules.get("t_alpha"), BETAS[0], BETAS[2], schedules.get("t_beta3"))
-        grads = [(torch.randn(p.shape, generator=g) * 10 ** torch.empty(p.shape).uniform_(-3, 0, generator=g))
-                 .to(dtype).to(device) for p in params]
+        grads = [
+            (torch.randn(p.shape, generator=g) * 10 ** torch.empty(p.shape).uniform_(-3, 0, generator=g))
+            .to(dtype)
+            .to(device)
+            for p in params
+        ]
         if step == 3:
             grads[0].view(-1)[[7, 4000]] = torch.tensor([float("nan"), float("-inf")], dtype=dtype)
         for p, grad, (mp, s1, s2, a1, a2, eight) in zip(params, grads, model):
             p.grad = grad
-            ref.ademamix_step(mp, grad.reshape(-1), s1, s2, a1, a2, code1 if eight else None, code2 if eight else None,
-                              step, lr, BETAS[0], BETAS[1], beta3_t, alpha_t, eps, wd)
+            ref.ademamix_step(
+                mp,
+                grad.reshape(-1),
+                s1,
+                s2,
+                a1,
+                a2,
+                code1 if eight else None,
+                code2 if eight else None,
+                step,
+                lr,
+                BETAS[0],
+                BETAS[1],
+                beta3_t,
+                alpha_t,
+                eps,
+                wd,
+            )
         opt.step()
     for p, (mp, s1, s2, a1, a2, eight) in zip(params, model):
         state = opt.state[p]
@@ -90,13 +124,17 @@ class Float64AdEMAMix:
         m1 = b1 * m1 + (1 - b1) * grad
         m2 = b3 * m2 + (1 - b3) * grad
         nu = b2 * nu + (1 - b2) * grad * grad
-        update = (m1 / (1 - b1 ** step) + self.alpha * m2) / (nu.sqrt() / math.sqrt(1 - b2 ** step) + self.eps)
+        update = (m1 / (1 - b1**step) + self.alpha * m2) / (nu.sqrt() / math.sqrt(1 - b2**step) + self.eps)
         p = (p.double() - self.lr * update) * (1 - self.lr * self.wd)
         return p, m1, m2, nu
 
 
-SPEC_SHAPES = [(1024, 32), (4097,), pytest.param((1024, 1024), marks=pytest.mark.slow),
-               pytest.param((1024, 4097), marks=pytest.mark.slow)]
+SPEC_SHAPES = [
+    (1024, 32),
+    (4097,),
+    pytest.param((1024, 1024), marks=pytest.mark.slow),
+    pytest.param((1024, 4097), marks=pytest.mark.slow),
+]
 
 
 @pytest.mark.parametrize("device", devices())
@@ -173,7 +211,9 @@ def test_argument_checks():
         AdEMAMix8bit(params, t_alpha=0)
     with pytest.raises(RuntimeError, match="optimizer must be adam or ademamix, got lion"):
         z = [torch.zeros(4)]
-        torch.ops.kestrel.two_state32bit_step_("lion", z, z, z, z, torch.tensor([1]), 1e-3, 0.9, 0.99, 0.0, 0.0, 1e-8, 0.0, 1.0)
+        torch.ops.kestrel.two_state32bit_step_(
+            "lion", z, z, z, z, torch.tensor([1]), 1e-3, 0.9, 0.99, 0.0, 0.0, 1e-8, 0.0, 1.0
+        )
 
 
 @pytest.mark.gpu

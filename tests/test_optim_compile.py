@@ -9,6 +9,7 @@ from kestrel import optim as K
 
 pytestmark = pytest.mark.skipif(not kestrel._ext.available(), reason="kestrel._C is not built")
 
+
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     """Each test compiles its own closure of one code object: dynamo's per-code recompile budget starts afresh."""
@@ -36,10 +37,18 @@ class CountingBackend:
         return gm.forward
 
 
-@pytest.mark.parametrize("name,kwargs", [("AdamW8bit", {}), ("Lion8bit", {}), ("LAMB8bit", {}),
-                                         ("SGD8bit", dict(momentum=0.9)), ("AdEMAMix8bit", {}),
-                                         ("AdamW8bit", dict(robust_rounding=True)),
-                                         ("RMSprop8bit", dict(robust_rounding=True))])
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("AdamW8bit", {}),
+        ("Lion8bit", {}),
+        ("LAMB8bit", {}),
+        ("SGD8bit", dict(momentum=0.9)),
+        ("AdEMAMix8bit", {}),
+        ("AdamW8bit", dict(robust_rounding=True)),
+        ("RMSprop8bit", dict(robust_rounding=True)),
+    ],
+)
 def test_compiled_step_equals_eager_without_recompiling(name, kwargs):
     start, grads = params_and_grads(6)
     eager = [torch.nn.Parameter(t.clone()) for t in start]
@@ -97,7 +106,7 @@ def test_tensor_lr_with_a_scheduler_does_not_recompile():
         sched_compiled.step()
         if index == 1:
             after_warmup = backend.compiles
-    assert float(opt_compiled.param_groups[0]["lr"]) == pytest.approx(1e-2 * 0.5 ** 6)
+    assert float(opt_compiled.param_groups[0]["lr"]) == pytest.approx(1e-2 * 0.5**6)
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
     assert backend.compiles == after_warmup, f"recompiled as the lr changed: {after_warmup} -> {backend.compiles}"
@@ -123,8 +132,9 @@ def test_training_step_with_backward_compiles_fullgraph():
         pytest.skip("this torch cannot trace Tensor.backward() in a full graph")
     torch.manual_seed(0)
     x = torch.randn(16, 64)
-    models = [torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
-              for _ in range(2)]
+    models = [
+        torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64)) for _ in range(2)
+    ]
     models[1].load_state_dict(models[0].state_dict())
     opts = [K.AdamW8bit(m.parameters(), lr=1e-2) for m in models]
 
@@ -172,8 +182,10 @@ def test_capturable_checks_and_cpu_behaviour():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name,kwargs", [("AdamW8bit", {}), ("AdamW32bit", {}), ("Lion8bit", {}),
-                                         ("SGD8bit", dict(momentum=0.9)), ("AdEMAMix8bit", {})])
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [("AdamW8bit", {}), ("AdamW32bit", {}), ("Lion8bit", {}), ("SGD8bit", dict(momentum=0.9)), ("AdEMAMix8bit", {})],
+)
 def test_cuda_graph_replay_equals_eager(name, kwargs):
     """capturable=True: one step captured in a CUDA graph and replayed with new gradients and a changed device lr
     equals the same capturable optimizer stepped eagerly, bit for bit (and the non-capturable one within float

@@ -5,11 +5,11 @@ torch.distributed.checkpoint across world sizes (save at 2 / load at 1 and the r
 import os
 import socket
 
+import dist_workers as W
 import pytest
 import torch
 
 import kestrel
-import dist_workers as W
 
 dist = pytest.importorskip("torch.distributed")
 pytestmark = [
@@ -112,8 +112,12 @@ def test_ddp_equals_single_process(tmp_path):
 
 def test_dcp_save_at_two_load_at_one(tmp_path):
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     saved = spawn(W.dcp_save, tmp_path, 3)
     model = W.Bag(seed=99)
@@ -142,8 +146,10 @@ def test_dcp_save_at_one_load_at_two(tmp_path):
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     model, params, opt = single_process("AdamW8bit", 3)
-    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-             checkpoint_id=os.path.join(tmp_path, "ckpt"))
+    dcp.save(
+        {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+        checkpoint_id=os.path.join(tmp_path, "ckpt"),
+    )
     before = flat_state(opt, params)
     result = spawn(W.dcp_load, tmp_path, 2)
     for i in range(len(params)):

@@ -5,9 +5,9 @@ argument checks, the op's checks, and CUDA against CPU."""
 import numpy as np
 import pytest
 import torch
+from helpers import FLOAT_DTYPES, assert_cuda_equals_cpu, devices, same_state_value
 
 import kestrel
-from helpers import FLOAT_DTYPES, devices, assert_cuda_equals_cpu, same_state_value
 from kestrel import functional as KF
 from kestrel.optim import LAMB, LARS, LAMB8bit, LAMB32bit, LARS8bit, LARS32bit
 from kestrel.reference import optim as ref
@@ -30,22 +30,56 @@ def model_step(cls, kw, mp, grad, st, step, weight_decay, max_unorm):
     """The plain-PyTorch model's step on the flat copy `mp` with model state `st`."""
     if is_lamb(cls):
         if st["eight"]:
-            ref.adam8bit_step(mp, grad, st["s1"], st["s2"], st["a1"], st["a2"], st["q1"], st["q2"], step, kw["lr"],
-                              *kw["betas"], kw["eps"], weight_decay, max_unorm=max_unorm)
+            ref.adam8bit_step(
+                mp,
+                grad,
+                st["s1"],
+                st["s2"],
+                st["a1"],
+                st["a2"],
+                st["q1"],
+                st["q2"],
+                step,
+                kw["lr"],
+                *kw["betas"],
+                kw["eps"],
+                weight_decay,
+                max_unorm=max_unorm,
+            )
         else:
-            ref.adam32bit_step(mp, grad, st["s1"], st["s2"], step, kw["lr"], *kw["betas"], kw["eps"], weight_decay,
-                               max_unorm=max_unorm)
+            ref.adam32bit_step(
+                mp, grad, st["s1"], st["s2"], step, kw["lr"], *kw["betas"], kw["eps"], weight_decay, max_unorm=max_unorm
+            )
     else:
-        ref.one_state_step("momentum", mp, grad, st["s1"], st["a1"], st["q1"], step, kw["lr"], kw["momentum"], 0.0,
-                           0.0, weight_decay, max_unorm=max_unorm)
+        ref.one_state_step(
+            "momentum",
+            mp,
+            grad,
+            st["s1"],
+            st["a1"],
+            st["q1"],
+            step,
+            kw["lr"],
+            kw["momentum"],
+            0.0,
+            0.0,
+            weight_decay,
+            max_unorm=max_unorm,
+        )
 
 
 def model_state(n, eight, device):
     blocks = (n + 255) // 256
     if eight:
-        return dict(eight=True, s1=torch.zeros(n, dtype=torch.uint8, device=device),
-                    s2=torch.zeros(n, dtype=torch.uint8, device=device), a1=torch.zeros(blocks, device=device),
-                    a2=torch.zeros(blocks, device=device), q1=SIGNED.to(device), q2=UNSIGNED.to(device))
+        return dict(
+            eight=True,
+            s1=torch.zeros(n, dtype=torch.uint8, device=device),
+            s2=torch.zeros(n, dtype=torch.uint8, device=device),
+            a1=torch.zeros(blocks, device=device),
+            a2=torch.zeros(blocks, device=device),
+            q1=SIGNED.to(device),
+            q2=UNSIGNED.to(device),
+        )
     return dict(eight=False, s1=torch.zeros(n, device=device), s2=torch.zeros(n, device=device), a1=None, q1=None)
 
 
@@ -58,13 +92,19 @@ def test_kernel_equals_spec_model_bit_for_bit(device, dtype, cls, bits, kw):
     starts = [torch.randn(s, generator=g) * 0.1 for s in [(4097,), (64, 100), (1000,)]] + [torch.zeros(300)]
     params = [torch.nn.Parameter(t.to(dtype).to(device)) for t in starts]
     opt = cls(params, weight_decay=0.05, **kw)
-    model = [(p.detach().clone().reshape(-1), model_state(p.numel(), bits == 8 and p.numel() >= 4096, device))
-             for p in params]
+    model = [
+        (p.detach().clone().reshape(-1), model_state(p.numel(), bits == 8 and p.numel() >= 4096, device))
+        for p in params
+    ]
     unclipped = [p.detach().clone().reshape(-1) for p in params]
     unclipped_states = [model_state(p.numel(), bits == 8 and p.numel() >= 4096, device) for p in params]
     for step in range(1, 9):
-        grads = [(torch.randn(p.shape, generator=g) * 10 ** torch.empty(p.shape).uniform_(-3, 0, generator=g))
-                 .to(dtype).to(device) for p in params]
+        grads = [
+            (torch.randn(p.shape, generator=g) * 10 ** torch.empty(p.shape).uniform_(-3, 0, generator=g))
+            .to(dtype)
+            .to(device)
+            for p in params
+        ]
         if step == 4:
             grads[0].view(-1)[[3, 300]] = torch.tensor([float("nan"), float("inf")], dtype=dtype)
         for p, grad, (mp, st), up, ust in zip(params, grads, model, unclipped, unclipped_states):
@@ -108,8 +148,23 @@ def test_update_norms_op_matches_reference_order(device, eight_bit, optimizer):
     if optimizer == "momentum":
         s2, a2, q2, old2 = s1, a1, None, None
     step, beta1, beta2, eps, wd = 3, 0.9, 0.999, 1e-8, 0.01
-    norms = torch.ops.kestrel.update_norms(optimizer, [p], [grad], [s1], [s2], [a1] if eight_bit else [],
-                                           [a2] if eight_bit else [], q1, q2, torch.tensor([step]), beta1, beta2, eps, wd, 1.0)
+    norms = torch.ops.kestrel.update_norms(
+        optimizer,
+        [p],
+        [grad],
+        [s1],
+        [s2],
+        [a1] if eight_bit else [],
+        [a2] if eight_bit else [],
+        q1,
+        q2,
+        torch.tensor([step]),
+        beta1,
+        beta2,
+        eps,
+        wd,
+        1.0,
+    )
     a = ref.adam_scalars(step, 0.0, beta1, beta2, eps, wd)
     f = lambda v: float(np.float32(v))  # noqa: E731
     if optimizer == "adam":
@@ -142,7 +197,7 @@ class Float64Trust:
             b1, b2 = kw["betas"]
             m = b1 * states[0].double() + (1 - b1) * grad
             v = b2 * states[1].double() + (1 - b2) * grad * grad
-            u = (m / (1 - b1 ** step)) / ((v / (1 - b2 ** step)).sqrt() + kw["eps"])
+            u = (m / (1 - b1**step)) / ((v / (1 - b2**step)).sqrt() + kw["eps"])
             new_p = (p - kw["lr"] * self.ratio(p, u) * u) * (1 - kw["lr"] * self.wd)
             return new_p, (m, v)
         grad = grad + self.wd * p
@@ -157,7 +212,9 @@ def dequantized(opt, p):
         if key not in state:
             continue
         if state[key].dtype == torch.uint8:
-            out.append(KF.dequantize_blockwise(state[key], absmax=state[akey], code=state[qkey], blocksize=256).reshape(-1))
+            out.append(
+                KF.dequantize_blockwise(state[key], absmax=state[akey], code=state[qkey], blocksize=256).reshape(-1)
+            )
         else:
             out.append(state[key].float().reshape(-1))
     return out
@@ -172,7 +229,8 @@ HALF_GAPS = (_half_gap(SIGNED), _half_gap(UNSIGNED))
 # The protocol's shapes: the small ones in every dtype and with/without decay; the large ones (slow: a float64
 # reference of 4M elements for 50 steps) in float32 with decay.
 CASES = [(shape, dtype, wd) for shape in [(1024, 32), (4097,)] for dtype in FLOAT_DTYPES for wd in (0.0, 0.01)] + [
-    pytest.param(shape, torch.float32, 0.01, marks=pytest.mark.slow) for shape in [(1024, 1024), (1024, 4097)]]
+    pytest.param(shape, torch.float32, 0.01, marks=pytest.mark.slow) for shape in [(1024, 1024), (1024, 4097)]
+]
 
 
 @pytest.mark.parametrize("device", devices())
@@ -198,7 +256,7 @@ def test_fifty_steps_against_float64_with_resync(device, shape, dtype, weight_de
         if reference.lamb:
             b1, b2 = kw["betas"]
             m, v = expected_states
-            u = (m / (1 - b1 ** step)) / ((v / (1 - b2 ** step)).sqrt() + kw["eps"])
+            u = (m / (1 - b1**step)) / ((v / (1 - b2**step)).sqrt() + kw["eps"])
         clipped += reference.ratio(before.double(), u) < 1.0
         p.grad = grad
         opt.step()
@@ -324,30 +382,71 @@ def test_argument_checks():
         LAMB(params, optim_bits=4)
     from kestrel.optim import RMSprop8bit
     from kestrel.optim.optimizer import MockArgs
+
     with pytest.raises(ValueError, match="RMSprop8bit: max_unorm .* applies to Adam and SGD-momentum updates only"):
         RMSprop8bit(params, args=MockArgs(dict(optim_bits=8, min_8bit_size=4096, max_unorm=1.0, skip_zeros=False)))
 
 
 def test_op_checks():
     p, g, s = [torch.zeros(4)], [torch.zeros(4)], [torch.zeros(4)]
-    with pytest.raises(RuntimeError, match="update_norms: optimizer must be adam \\(LAMB\\) or momentum \\(LARS\\), "
-                                           "got lion"):
-        torch.ops.kestrel.update_norms("lion", p, g, s, s, [], [], None, None, torch.tensor([1]), 0.9, 0.99, 1e-8, 0.0, 1.0)
+    with pytest.raises(
+        RuntimeError, match="update_norms: optimizer must be adam \\(LAMB\\) or momentum \\(LARS\\), got lion"
+    ):
+        torch.ops.kestrel.update_norms(
+            "lion", p, g, s, s, [], [], None, None, torch.tensor([1]), 0.9, 0.99, 1e-8, 0.0, 1.0
+        )
     with pytest.raises(RuntimeError, match="max_unorm = 1 needs the norms from update_norms"):
-        torch.ops.kestrel.one_state32bit_step_("momentum", p, g, s, torch.tensor([1]), 1e-3, 0.9, 0.0, 1e-8, 0.0, 1.0, -1, None,
-                                               1.0)
-    with pytest.raises(RuntimeError, match="the trust ratio .* applies to adam \\(LAMB\\) and momentum \\(LARS\\), "
-                                           "got lion"):
-        torch.ops.kestrel.one_state32bit_step_("lion", p, g, s, torch.tensor([1]), 1e-3, 0.9, 0.99, 1e-8, 0.0, 1.0, -1,
-                                               torch.zeros(1, 2), 1.0)
-    with pytest.raises(RuntimeError, match=r"norms must be a contiguous float32 tensor of shape \(1, 2\), got Float "
-                                           r"of shape \[2, 2\]"):
-        torch.ops.kestrel.two_state32bit_step_("adam", p, g, s, [torch.zeros(4)], torch.tensor([1]), 1e-3, 0.9, 0.99, 0.0, 0.0,
-                                               1e-8, 0.0, 1.0, -1, torch.zeros(2, 2), 1.0)
+        torch.ops.kestrel.one_state32bit_step_(
+            "momentum", p, g, s, torch.tensor([1]), 1e-3, 0.9, 0.0, 1e-8, 0.0, 1.0, -1, None, 1.0
+        )
+    with pytest.raises(
+        RuntimeError, match="the trust ratio .* applies to adam \\(LAMB\\) and momentum \\(LARS\\), got lion"
+    ):
+        torch.ops.kestrel.one_state32bit_step_(
+            "lion", p, g, s, torch.tensor([1]), 1e-3, 0.9, 0.99, 1e-8, 0.0, 1.0, -1, torch.zeros(1, 2), 1.0
+        )
+    with pytest.raises(
+        RuntimeError,
+        match=r"norms must be a contiguous float32 tensor of shape \(1, 2\), got Float "
+        r"of shape \[2, 2\]",
+    ):
+        torch.ops.kestrel.two_state32bit_step_(
+            "adam",
+            p,
+            g,
+            s,
+            [torch.zeros(4)],
+            torch.tensor([1]),
+            1e-3,
+            0.9,
+            0.99,
+            0.0,
+            0.0,
+            1e-8,
+            0.0,
+            1.0,
+            -1,
+            torch.zeros(2, 2),
+            1.0,
+        )
     before = p[0].clone()
     with pytest.raises(RuntimeError, match="max_unorm must be >= 0, got -1"):
-        torch.ops.kestrel.one_state32bit_step_("momentum", p, [torch.ones(4)], s, torch.tensor([1]), 1e-3, 0.9, 0.0, 1e-8, 0.0,
-                                               1.0, -1, torch.zeros(1, 2), -1.0)
+        torch.ops.kestrel.one_state32bit_step_(
+            "momentum",
+            p,
+            [torch.ones(4)],
+            s,
+            torch.tensor([1]),
+            1e-3,
+            0.9,
+            0.0,
+            1e-8,
+            0.0,
+            1.0,
+            -1,
+            torch.zeros(1, 2),
+            -1.0,
+        )
     assert torch.equal(p[0], before)
 
 
@@ -358,17 +457,60 @@ def test_opcheck(device):
     c1 = [torch.randint(0, 256, (5000,), dtype=torch.uint8, device=device)]
     c2 = [torch.randint(0, 256, (5000,), dtype=torch.uint8, device=device)]
     a1, a2 = [torch.rand(20, device=device)], [torch.rand(20, device=device)]
-    torch.library.opcheck(torch.ops.kestrel.update_norms.default,
-                          ("adam", p, g, c1, c2, a1, a2, code, ucode, torch.tensor([2]), 0.9, 0.99, 1e-8, 0.01, 1.0))
-    torch.library.opcheck(torch.ops.kestrel.update_norms.default,
-                          ("momentum", p, g, c1, c1, a1, a1, code, None, torch.tensor([2]), 0.9, 0.0, 1e-8, 0.01, 1.0))
+    torch.library.opcheck(
+        torch.ops.kestrel.update_norms.default,
+        ("adam", p, g, c1, c2, a1, a2, code, ucode, torch.tensor([2]), 0.9, 0.99, 1e-8, 0.01, 1.0),
+    )
+    torch.library.opcheck(
+        torch.ops.kestrel.update_norms.default,
+        ("momentum", p, g, c1, c1, a1, a1, code, None, torch.tensor([2]), 0.9, 0.0, 1e-8, 0.01, 1.0),
+    )
     norms = torch.rand(1, 2, device=device)
-    torch.library.opcheck(torch.ops.kestrel.two_state8bit_step_.default,
-                          ("adam", p, g, c1, c2, a1, a2, code, ucode, torch.tensor([2]), 1e-3, 0.9, 0.99, 0.0, 0.0, 1e-8, 0.01,
-                           1.0, -1, norms, 1.0))
-    torch.library.opcheck(torch.ops.kestrel.one_state32bit_step_.default,
-                          ("momentum", p, g, [torch.rand(5000, device=device)], torch.tensor([2]), 1e-3, 0.9, 0.0, 1e-8, 0.01, 1.0,
-                           -1, norms, 0.02))
+    torch.library.opcheck(
+        torch.ops.kestrel.two_state8bit_step_.default,
+        (
+            "adam",
+            p,
+            g,
+            c1,
+            c2,
+            a1,
+            a2,
+            code,
+            ucode,
+            torch.tensor([2]),
+            1e-3,
+            0.9,
+            0.99,
+            0.0,
+            0.0,
+            1e-8,
+            0.01,
+            1.0,
+            -1,
+            norms,
+            1.0,
+        ),
+    )
+    torch.library.opcheck(
+        torch.ops.kestrel.one_state32bit_step_.default,
+        (
+            "momentum",
+            p,
+            g,
+            [torch.rand(5000, device=device)],
+            torch.tensor([2]),
+            1e-3,
+            0.9,
+            0.0,
+            1e-8,
+            0.01,
+            1.0,
+            -1,
+            norms,
+            0.02,
+        ),
+    )
 
 
 def test_compiled_step_equals_eager():

@@ -55,8 +55,10 @@ def test_override_hyperparameters_equals_a_separate_optimizer():
     net, twin = model(), model()
     GlobalOptimManager.get_instance().override_config(net[0].weight, key_value_dict={"lr": 1e-2, "betas": (0.8, 0.95)})
     opt = AdamW8bit(net.parameters(), lr=1e-3)
-    twin_opts = [AdamW8bit([twin[0].weight], lr=1e-2, betas=(0.8, 0.95)),
-                 AdamW8bit([p for name, p in twin.named_parameters() if name != "0.weight"], lr=1e-3)]
+    twin_opts = [
+        AdamW8bit([twin[0].weight], lr=1e-2, betas=(0.8, 0.95)),
+        AdamW8bit([p for name, p in twin.named_parameters() if name != "0.weight"], lr=1e-3),
+    ]
     g = torch.Generator().manual_seed(2)
     for _ in range(5):
         for a, b in zip(net.parameters(), twin.parameters()):
@@ -111,5 +113,6 @@ def test_stable_embedding_init_and_forward():
     cast = StableEmbedding(10, 8).double()  # a module cast as a whole (model.double()) still runs
     out = cast(torch.tensor([1, 2]))
     assert out.dtype == torch.float64
-    torch.testing.assert_close(out, torch.nn.functional.layer_norm(cast.weight[[1, 2]], (8,), cast.norm.weight,
-                                                                   cast.norm.bias))
+    torch.testing.assert_close(
+        out, torch.nn.functional.layer_norm(cast.weight[[1, 2]], (8,), cast.norm.weight, cast.norm.bias)
+    )

@@ -4,12 +4,24 @@ checkpoints, argument checks."""
 
 import pytest
 import torch
+from helpers import FLOAT_DTYPES, assert_cuda_equals_cpu, devices, same_state_value
 
 import kestrel
-from helpers import FLOAT_DTYPES, devices, assert_cuda_equals_cpu, same_state_value
 from kestrel import functional as KF
-from kestrel.optim import (SGD, SGD8bit, Adagrad, Adagrad8bit, Adagrad32bit, Lion, Lion8bit, Lion32bit, RMSprop,
-                           RMSprop8bit, RMSprop32bit, SGD32bit)
+from kestrel.optim import (
+    SGD,
+    Adagrad,
+    Adagrad8bit,
+    Adagrad32bit,
+    Lion,
+    Lion8bit,
+    Lion32bit,
+    RMSprop,
+    RMSprop8bit,
+    RMSprop32bit,
+    SGD8bit,
+    SGD32bit,
+)
 from kestrel.reference import optim as ref
 
 pytestmark = pytest.mark.skipif(not kestrel._ext.available(), reason="kestrel._C is not built")
@@ -51,19 +63,29 @@ def test_kernel_equals_spec_model_bit_for_bit(device, dtype, cls, kind, kwargs, 
         opt = cls(params, weight_decay=0.05, **kwargs)
     else:
         opt = {SGD8bit: SGD32bit, RMSprop8bit: RMSprop32bit, Adagrad8bit: Adagrad32bit, Lion8bit: Lion32bit}[cls](
-            params, weight_decay=0.05, **kwargs)
+            params, weight_decay=0.05, **kwargs
+        )
     hyper = kernel_hyper(cls, kwargs, 0.05)
     code = KF.create_dynamic_map(True).to(device)
     model = []
     for p in params:
         n = p.numel()
         eight = optim_bits == 8 and n >= 4096
-        model.append([p.detach().clone().reshape(-1),
-                      torch.zeros(n, dtype=torch.uint8 if eight else torch.float32, device=device),
-                      torch.zeros((n + 255) // 256, device=device) if eight else None, code if eight else None])
+        model.append(
+            [
+                p.detach().clone().reshape(-1),
+                torch.zeros(n, dtype=torch.uint8 if eight else torch.float32, device=device),
+                torch.zeros((n + 255) // 256, device=device) if eight else None,
+                code if eight else None,
+            ]
+        )
     for step in range(1, 11):
-        grads = [(torch.randn(p.shape, generator=g) * 10 ** torch.empty(p.shape).uniform_(-3, 0, generator=g))
-                 .to(dtype).to(device) for p in params]
+        grads = [
+            (torch.randn(p.shape, generator=g) * 10 ** torch.empty(p.shape).uniform_(-3, 0, generator=g))
+            .to(dtype)
+            .to(device)
+            for p in params
+        ]
         if step == 4:
             grads[0].view(-1)[[3, 300]] = torch.tensor([float("nan"), float("inf")], dtype=dtype)
         for p, grad, (mp, ms, mabs, mcode) in zip(params, grads, model):
@@ -95,8 +117,12 @@ SIGNED_MAP = KF.create_dynamic_map(True).double()
 # The largest rounding error of the map, relative to the block absmax: half its widest gap, or the distance from
 # -1 (a block's most negative value when it is the absmax) to the map's minimum, -0.99297.
 HALF_GAP = max(((SIGNED_MAP[1:] - SIGNED_MAP[:-1]).max() / 2).item(), 1 + SIGNED_MAP[0].item())
-SPEC_SHAPES = [(1024, 32), (4097,), pytest.param((1024, 1024), marks=pytest.mark.slow),
-               pytest.param((1024, 4097), marks=pytest.mark.slow)]
+SPEC_SHAPES = [
+    (1024, 32),
+    (4097,),
+    pytest.param((1024, 1024), marks=pytest.mark.slow),
+    pytest.param((1024, 4097), marks=pytest.mark.slow),
+]
 
 
 @pytest.mark.parametrize("device", devices())
@@ -208,8 +234,19 @@ def test_argument_checks():
     with pytest.raises(ValueError, match="Lion: optim_bits must be 8 or 32, got 16"):
         Lion(params, optim_bits=16)
     with pytest.raises(RuntimeError, match="optimizer must be one of momentum, rmsprop, adagrad, lion, got adam"):
-        torch.ops.kestrel.one_state32bit_step_("adam", [torch.zeros(4)], [torch.zeros(4)], [torch.zeros(4)], torch.tensor([1]),
-                                               1e-3, 0.9, 0.0, 1e-8, 0.0, 1.0)
+        torch.ops.kestrel.one_state32bit_step_(
+            "adam",
+            [torch.zeros(4)],
+            [torch.zeros(4)],
+            [torch.zeros(4)],
+            torch.tensor([1]),
+            1e-3,
+            0.9,
+            0.0,
+            1e-8,
+            0.0,
+            1.0,
+        )
 
 
 @pytest.mark.parametrize("device", devices())
@@ -220,10 +257,14 @@ def test_opcheck(device):
         g = [torch.randn(5000, device=device)]
         s = [torch.randint(0, 256, (5000,), dtype=torch.uint8, device=device)]
         a = [torch.rand(20, device=device)]
-        torch.library.opcheck(torch.ops.kestrel.one_state8bit_step_.default,
-                              (kind, p, g, s, a, code, torch.tensor([2]), 1e-3, 0.9, 0.99, 1e-8, 0.01, 1.0))
-        torch.library.opcheck(torch.ops.kestrel.one_state32bit_step_.default,
-                              (kind, p, g, [torch.rand(5000, device=device)], torch.tensor([2]), 1e-3, 0.9, 0.99, 1e-8, 0.01, 1.0))
+        torch.library.opcheck(
+            torch.ops.kestrel.one_state8bit_step_.default,
+            (kind, p, g, s, a, code, torch.tensor([2]), 1e-3, 0.9, 0.99, 1e-8, 0.01, 1.0),
+        )
+        torch.library.opcheck(
+            torch.ops.kestrel.one_state32bit_step_.default,
+            (kind, p, g, [torch.rand(5000, device=device)], torch.tensor([2]), 1e-3, 0.9, 0.99, 1e-8, 0.01, 1.0),
+        )
 
 
 @pytest.mark.gpu

@@ -5,9 +5,9 @@ import warnings
 
 import pytest
 import torch
+from helpers import same_state_value
 
 import kestrel
-from helpers import same_state_value
 from kestrel import optim as K
 
 pytestmark = pytest.mark.skipif(not kestrel._ext.available(), reason="kestrel._C is not built")

@@ -8,9 +8,9 @@ import weakref
 
 import pytest
 import torch
+from helpers import devices
 
 import kestrel
-from helpers import devices
 from kestrel import functional as KF
 from kestrel import optim as O
 from kestrel.reference import optim as ref
@@ -24,7 +24,7 @@ def snapshot(opt, params):
     """Everything a step may change: parameters and every state tensor (and step count)."""
     out = [p.detach().clone() for p in params]
     for p in params:
-        for key, value in sorted(opt.state[p].items()):
+        for _key, value in sorted(opt.state[p].items()):
             out.append(value.clone() if torch.is_tensor(value) else value)
     return out
 
@@ -34,9 +34,16 @@ def same(a, b):
 
 
 # ------------------------------------------------------------------------------------------------- huge gradients
-SECOND_MOMENT = [(O.Adam8bit, {}), (O.AdamW8bit, {}), (O.AdEMAMix8bit, {}), (O.LAMB8bit, {}),
-                 (O.RMSprop8bit, dict(lr=1e-3)), (O.Adagrad8bit, dict(lr=1e-3)), (O.AdamW32bit, {}),
-                 (O.RMSprop32bit, dict(lr=1e-3))]
+SECOND_MOMENT = [
+    (O.Adam8bit, {}),
+    (O.AdamW8bit, {}),
+    (O.AdEMAMix8bit, {}),
+    (O.LAMB8bit, {}),
+    (O.RMSprop8bit, dict(lr=1e-3)),
+    (O.Adagrad8bit, dict(lr=1e-3)),
+    (O.AdamW32bit, {}),
+    (O.RMSprop32bit, dict(lr=1e-3)),
+]
 
 
 @pytest.mark.parametrize("device", devices())
@@ -60,8 +67,12 @@ def test_a_gradient_whose_square_overflows_does_not_poison_its_block(device, cls
         for key in ("absmax1", "absmax2"):
             if key in state:
                 assert bool(torch.isfinite(state[key]).all()), key
-        s1 = KF.dequantize_blockwise(state["state1"].reshape(-1)[:N], absmax=state["absmax1"].reshape(-1)[:16],
-                                     code=state["qmap1"], blocksize=256)
+        s1 = KF.dequantize_blockwise(
+            state["state1"].reshape(-1)[:N],
+            absmax=state["absmax1"].reshape(-1)[:16],
+            code=state["qmap1"],
+            blocksize=256,
+        )
         assert s1[7].item() == 0.0  # its 8-bit state is zeroed
     for _ in range(3):
         p.grad = torch.randn(N, generator=g).to(device)
@@ -113,12 +124,18 @@ def spike_movement(make, spike, steps_before=20, after=3, lr=1e-3):
 SPIKES = [1e4, 1e6, 1e10, 1e14, 1e18]
 # (the 8-bit optimizer, its float32-state twin; the twin's movement is the exact-state baseline)
 FAMILIES = {
-    "AdamW": (lambda ps, lr, **kw: O.AdamW8bit(ps, lr=lr, weight_decay=0.0, **kw),
-              lambda ps, lr: torch.optim.AdamW(ps, lr=lr, weight_decay=0.0)),
-    "AdEMAMix": (lambda ps, lr, **kw: O.AdEMAMix8bit(ps, lr=lr, weight_decay=0.0, **kw),
-                 lambda ps, lr: O.AdEMAMix32bit(ps, lr=lr, weight_decay=0.0)),
-    "SGD": (lambda ps, lr, **kw: O.SGD8bit(ps, lr=lr, momentum=0.9, **kw),
-            lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9)),
+    "AdamW": (
+        lambda ps, lr, **kw: O.AdamW8bit(ps, lr=lr, weight_decay=0.0, **kw),
+        lambda ps, lr: torch.optim.AdamW(ps, lr=lr, weight_decay=0.0),
+    ),
+    "AdEMAMix": (
+        lambda ps, lr, **kw: O.AdEMAMix8bit(ps, lr=lr, weight_decay=0.0, **kw),
+        lambda ps, lr: O.AdEMAMix32bit(ps, lr=lr, weight_decay=0.0),
+    ),
+    "SGD": (
+        lambda ps, lr, **kw: O.SGD8bit(ps, lr=lr, momentum=0.9, **kw),
+        lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9),
+    ),
     "RMSprop": (lambda ps, lr, **kw: O.RMSprop8bit(ps, lr=lr, **kw), lambda ps, lr: torch.optim.RMSprop(ps, lr=lr)),
     "Adagrad": (lambda ps, lr, **kw: O.Adagrad8bit(ps, lr=lr, **kw), lambda ps, lr: torch.optim.Adagrad(ps, lr=lr)),
     "Lion": (lambda ps, lr, **kw: O.Lion8bit(ps, lr=lr, **kw), lambda ps, lr: O.Lion32bit(ps, lr=lr)),
@@ -149,12 +166,14 @@ def test_the_default_keeps_bnbs_numbers_and_their_hazard():
 def test_robust_rounding_kernels_equal_the_reference_bit_for_bit(kind):
     g = torch.Generator().manual_seed(3)
     signed, unsigned = KF.create_dynamic_map(True), KF.create_dynamic_map(False)
-    make = {"adam": lambda ps: O.AdamW8bit(ps, lr=1e-2, robust_rounding=True),
-            "ademamix": lambda ps: O.AdEMAMix8bit(ps, lr=1e-2, robust_rounding=True),
-            "momentum": lambda ps: O.SGD8bit(ps, lr=1e-2, momentum=0.9, robust_rounding=True),
-            "rmsprop": lambda ps: O.RMSprop8bit(ps, lr=1e-3, robust_rounding=True),
-            "adagrad": lambda ps: O.Adagrad8bit(ps, lr=1e-3, robust_rounding=True),
-            "lion": lambda ps: O.Lion8bit(ps, lr=1e-3, robust_rounding=True)}[kind]
+    make = {
+        "adam": lambda ps: O.AdamW8bit(ps, lr=1e-2, robust_rounding=True),
+        "ademamix": lambda ps: O.AdEMAMix8bit(ps, lr=1e-2, robust_rounding=True),
+        "momentum": lambda ps: O.SGD8bit(ps, lr=1e-2, momentum=0.9, robust_rounding=True),
+        "rmsprop": lambda ps: O.RMSprop8bit(ps, lr=1e-3, robust_rounding=True),
+        "adagrad": lambda ps: O.Adagrad8bit(ps, lr=1e-3, robust_rounding=True),
+        "lion": lambda ps: O.Lion8bit(ps, lr=1e-3, robust_rounding=True),
+    }[kind]
     p = torch.nn.Parameter(torch.randn(N, generator=g))
     flat = p.detach().clone()
     opt = make([p])
@@ -162,8 +181,12 @@ def test_robust_rounding_kernels_equal_the_reference_bit_for_bit(kind):
     blocks = N // 256
     if kind in ("adam", "ademamix"):
         moments = 2 if kind == "ademamix" else 1
-        states = [torch.zeros(moments * N, dtype=torch.uint8), torch.zeros(N, dtype=torch.uint8),
-                  torch.zeros(moments, blocks).squeeze(0), torch.zeros(blocks)]
+        states = [
+            torch.zeros(moments * N, dtype=torch.uint8),
+            torch.zeros(N, dtype=torch.uint8),
+            torch.zeros(moments, blocks).squeeze(0),
+            torch.zeros(blocks),
+        ]
     else:
         states = [torch.zeros(N, dtype=torch.uint8), torch.zeros(blocks)]
     for step in range(1, 9):
@@ -174,14 +197,49 @@ def test_robust_rounding_kernels_equal_the_reference_bit_for_bit(kind):
         p.grad = grad.clone()
         opt.step()
         if kind == "adam":
-            ref.adam8bit_step(flat, grad, *states, signed, unsigned, step, group["lr"], *group["betas"],
-                              group["eps"], group["weight_decay"], robust_rounding=True)
+            ref.adam8bit_step(
+                flat,
+                grad,
+                *states,
+                signed,
+                unsigned,
+                step,
+                group["lr"],
+                *group["betas"],
+                group["eps"],
+                group["weight_decay"],
+                robust_rounding=True,
+            )
         elif kind == "ademamix":
-            ref.ademamix_step(flat, grad, *states, signed, unsigned, step, group["lr"], *group["betas"],
-                              group["alpha"], group["eps"], group["weight_decay"], robust_rounding=True)
+            ref.ademamix_step(
+                flat,
+                grad,
+                *states,
+                signed,
+                unsigned,
+                step,
+                group["lr"],
+                *group["betas"],
+                group["alpha"],
+                group["eps"],
+                group["weight_decay"],
+                robust_rounding=True,
+            )
         else:
-            ref.one_state_step(kind, flat, grad, states[0], states[1], signed, step, group["lr"], *group["betas"],
-                               group["eps"], group["weight_decay"], robust_rounding=True)
+            ref.one_state_step(
+                kind,
+                flat,
+                grad,
+                states[0],
+                states[1],
+                signed,
+                step,
+                group["lr"],
+                *group["betas"],
+                group["eps"],
+                group["weight_decay"],
+                robust_rounding=True,
+            )
     assert torch.equal(p.detach(), flat)
     assert torch.equal(opt.state[p]["state1"].reshape(-1), states[0].reshape(-1))
 
@@ -253,9 +311,11 @@ def test_a_failed_step_changes_nothing_and_names_the_parameter():
     """The defect: every step count was advanced before the kernels ran, and a batch of another dtype was already
     updated when a later one raised; the error counted parameters within the batch."""
     g = torch.Generator().manual_seed(5)
-    params = [torch.nn.Parameter(torch.randn(N, generator=g)),
-              torch.nn.Parameter(torch.randn(N, generator=g).bfloat16()),
-              torch.nn.Parameter(torch.randn(N, generator=g))]
+    params = [
+        torch.nn.Parameter(torch.randn(N, generator=g)),
+        torch.nn.Parameter(torch.randn(N, generator=g).bfloat16()),
+        torch.nn.Parameter(torch.randn(N, generator=g)),
+    ]
     opt = O.AdamW8bit(params, lr=1e-2)
     for p in params:
         p.grad = torch.randn_like(p)
@@ -264,8 +324,11 @@ def test_a_failed_step_changes_nothing_and_names_the_parameter():
     for p in params:
         p.grad = torch.randn_like(p)
     before = snapshot(opt, params)
-    with pytest.raises(ValueError, match=r"AdamW8bit: parameter 2 \(shape \(4608,\)\): its optimizer state holds 4096 "
-                                         r"elements per moment but the parameter has 4608"):
+    with pytest.raises(
+        ValueError,
+        match=r"AdamW8bit: parameter 2 \(shape \(4608,\)\): its optimizer state holds 4096 "
+        r"elements per moment but the parameter has 4608",
+    ):
         opt.step()
     assert same(before, snapshot(opt, params))
     params[2].data = torch.randn(N)
@@ -314,18 +377,25 @@ def trained(make, steps=2, n=N):
     return p, opt
 
 
-MAKERS = {"AdamW8bit": lambda ps: O.AdamW8bit(ps), "Lion8bit": lambda ps: O.Lion8bit(ps),
-          "SGD8bit": lambda ps: O.SGD8bit(ps, lr=0.1, momentum=0.9), "AdEMAMix8bit": lambda ps: O.AdEMAMix8bit(ps)}
+MAKERS = {
+    "AdamW8bit": lambda ps: O.AdamW8bit(ps),
+    "Lion8bit": lambda ps: O.Lion8bit(ps),
+    "SGD8bit": lambda ps: O.SGD8bit(ps, lr=0.1, momentum=0.9),
+    "AdEMAMix8bit": lambda ps: O.AdEMAMix8bit(ps),
+}
 
 
-@pytest.mark.parametrize("source,target,message", [
-    ("torch", "AdamW8bit", "not a kestrel/bitsandbytes 8-bit optimizer's state"),
-    ("Lion8bit", "AdamW8bit", "keeps two states .* has state1 only"),
-    ("SGD8bit", "AdamW8bit", "keeps two states .* has state1 only"),
-    ("AdamW8bit", "Lion8bit", "keeps one state but the state_dict has state2"),
-    ("AdEMAMix8bit", "AdamW8bit", r"parameter group 0: betas must hold two values"),
-    ("AdamW8bit", "AdEMAMix8bit", r"parameter group 0: betas must hold three values"),
-])
+@pytest.mark.parametrize(
+    "source,target,message",
+    [
+        ("torch", "AdamW8bit", "not a kestrel/bitsandbytes 8-bit optimizer's state"),
+        ("Lion8bit", "AdamW8bit", "keeps two states .* has state1 only"),
+        ("SGD8bit", "AdamW8bit", "keeps two states .* has state1 only"),
+        ("AdamW8bit", "Lion8bit", "keeps one state but the state_dict has state2"),
+        ("AdEMAMix8bit", "AdamW8bit", r"parameter group 0: betas must hold two values"),
+        ("AdamW8bit", "AdEMAMix8bit", r"parameter group 0: betas must hold three values"),
+    ],
+)
 def test_load_state_dict_rejects_another_optimizers_checkpoint_and_keeps_its_state(source, target, message):
     if source == "torch":
         p = torch.nn.Parameter(torch.randn(N))
@@ -353,14 +423,20 @@ def test_load_state_dict_rejects_ademamix_state_under_adam_settings():
         opt.load_state_dict(sd)
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda st: st.pop("state2"), "keeps two states"),
-    (lambda st: st.pop("step"), "the state lacks step"),
-    (lambda st: st.__setitem__("step", -3), "step must be an integer >= 0, got -3"),
-    (lambda st: st["qmap1"].__setitem__(10, float("nan")), "qmap1 must hold 256 finite values in ascending order"),
-    (lambda st: st.__setitem__("qmap2", st["qmap2"].flip(0)), "qmap2 must hold 256 finite values in ascending order"),
-    (lambda st: st.__setitem__("absmax1", st["absmax1"][:3]), "absmax1 must be float32 with 16 values"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda st: st.pop("state2"), "keeps two states"),
+        (lambda st: st.pop("step"), "the state lacks step"),
+        (lambda st: st.__setitem__("step", -3), "step must be an integer >= 0, got -3"),
+        (lambda st: st["qmap1"].__setitem__(10, float("nan")), "qmap1 must hold 256 finite values in ascending order"),
+        (
+            lambda st: st.__setitem__("qmap2", st["qmap2"].flip(0)),
+            "qmap2 must hold 256 finite values in ascending order",
+        ),
+        (lambda st: st.__setitem__("absmax1", st["absmax1"][:3]), "absmax1 must be float32 with 16 values"),
+    ],
+)
 def test_load_state_dict_rejects_a_damaged_checkpoint(damage, message):
     p, opt = trained(MAKERS["AdamW8bit"])
     sd = opt.state_dict()
@@ -480,8 +556,9 @@ def test_stable_embeddings_are_not_kept_alive_by_the_manager():
 
 
 # ------------------------------------------------------------------------------------------------- layouts
-@pytest.mark.parametrize("cls,kwargs", [(O.AdamW8bit, {}), (O.Lion8bit, {}), (O.AdamW32bit, {}),
-                                        (O.SGD8bit, dict(lr=0.1, momentum=0.9))])
+@pytest.mark.parametrize(
+    "cls,kwargs", [(O.AdamW8bit, {}), (O.Lion8bit, {}), (O.AdamW32bit, {}), (O.SGD8bit, dict(lr=0.1, momentum=0.9))]
+)
 def test_a_non_contiguous_parameter_is_updated_in_place(cls, kwargs):
     """The defect: step() replaced p.data with a contiguous copy, so the tensor p viewed was no longer updated
     (torch updates it in place)."""
@@ -524,8 +601,9 @@ def test_errors_name_the_argument_the_user_gave():
     with pytest.raises(ValueError, match="AdamW: optim_bits must be 8 or 32, got True"):
         O.AdamW(p, optim_bits=True)
     with pytest.raises(ValueError, match=r"SGD8bit: parameter group 1: momentum must be in \(0, 1\), got 0.0"):
-        O.SGD8bit([{"params": p}, {"params": [torch.nn.Parameter(torch.randn(3))], "betas": (0.0, 0.0)}], lr=0.1,
-                  momentum=0.9)
+        O.SGD8bit(
+            [{"params": p}, {"params": [torch.nn.Parameter(torch.randn(3))], "betas": (0.0, 0.0)}], lr=0.1, momentum=0.9
+        )
 
 
 # ------------------------------------------------------------------------------------------------- bnb's unorm_vec

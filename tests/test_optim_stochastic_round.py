@@ -5,9 +5,9 @@ import io
 
 import pytest
 import torch
+from helpers import devices
 
 import kestrel
-from helpers import devices
 from kestrel.optim import AdamW8bit, Lion8bit, SGD8bit
 
 pytestmark = pytest.mark.skipif(not kestrel._ext.available(), reason="kestrel._C is not built")

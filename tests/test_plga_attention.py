@@ -36,20 +36,30 @@ def inputs(B, Hq, Hkv, Lq, Lk, d, seed=0, dtype=torch.float32):
     return make(Hq, Lq), make(Hkv, Lk), make(Hkv, Lk), G
 
 
-@pytest.mark.parametrize("case", [(1, 2, 2, 1, 1, 16, True), (2, 4, 2, 3, 3, 16, True), (1, 2, 1, 4, 4, 64, False),
-                                  (1, 4, 1, 65, 65, 64, True), (2, 2, 2, 3, 20, 32, True)])
+@pytest.mark.parametrize(
+    "case",
+    [
+        (1, 2, 2, 1, 1, 16, True),
+        (2, 4, 2, 3, 3, 16, True),
+        (1, 2, 1, 4, 4, 64, False),
+        (1, 4, 1, 65, 65, 64, True),
+        (2, 2, 2, 3, 20, 32, True),
+    ],
+)
 def test_matches_float64(case):
     B, Hq, Hkv, Lq, Lk, d, causal = case
     q, k, v, G = inputs(B, Hq, Hkv, Lq, Lk, d)
-    torch.testing.assert_close(plga_attention(q, k, v, G, causal=causal).double(),
-                               float64_plga(q, k, v, G, causal), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        plga_attention(q, k, v, G, causal=causal).double(), float64_plga(q, k, v, G, causal), atol=2e-5, rtol=1e-4
+    )
 
 
 def test_identity_equals_sdpa_and_orientation_is_q_times_g():
     q, k, v, G = inputs(2, 4, 4, 9, 9, 32, seed=1)
     eye = torch.eye(32).expand(1, 4, 32, 32)
-    torch.testing.assert_close(plga_attention(q, k, v, eye), F.scaled_dot_product_attention(q, k, v, is_causal=True),
-                               atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        plga_attention(q, k, v, eye), F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-6, rtol=1e-5
+    )
     # a non-symmetric G after RoPE: q·G, not Gᵀ
     positions = torch.arange(9)
     rq = rope(q.transpose(1, 2), positions).transpose(1, 2)
@@ -63,7 +73,7 @@ def test_identity_equals_sdpa_and_orientation_is_q_times_g():
 def test_decode_rows_and_cache_lengths():
     q, k, v, G = inputs(2, 2, 1, 12, 12, 16, seed=2)
     full = plga_attention(q, k, v, G)
-    rows = torch.cat([plga_attention(q[:, :, i:i + 1], k[:, :, :i + 1], v[:, :, :i + 1], G) for i in range(12)], 2)
+    rows = torch.cat([plga_attention(q[:, :, i : i + 1], k[:, :, : i + 1], v[:, :, : i + 1], G) for i in range(12)], 2)
     torch.testing.assert_close(rows, full, atol=1e-6, rtol=1e-5)
     lens = torch.tensor([12, 7])
     out = plga_attention(q[:, :, :2], k, v, G, cache_seqlens=lens)
@@ -103,8 +113,11 @@ def test_empty_batch_with_cache_lengths_and_argument_checks():
         plga_attention(q[..., :0], k[..., :0], v[..., :0], G[..., :0, :0])
     with pytest.raises(TypeError, match="plga_attention: G must be a floating-point tensor, got torch.int64"):
         plga_attention(q, k, v, G.long())
-    with pytest.raises(ValueError, match=r"cache_seqlens must be an int32/int64 tensor of shape \(1,\), got "
-                                         r"torch.float32"):
+    with pytest.raises(
+        ValueError,
+        match=r"cache_seqlens must be an int32/int64 tensor of shape \(1,\), got "
+        r"torch.float32",
+    ):
         plga_attention(q, k, v, G, cache_seqlens=torch.tensor([4.0]))
     with pytest.raises(TypeError, match="cache_seqlens must be None or an int32/int64 tensor"):
         plga_attention(q, k, v, G, cache_seqlens=[4])
@@ -124,7 +137,7 @@ def test_backward_gradcheck_and_formulas():
     qm = (q @ G).detach().requires_grad_(True)
     out = F.scaled_dot_product_attention(qm, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
     grad = torch.randn_like(out)
-    dqm, = torch.autograd.grad(out, qm, grad)
+    (dqm,) = torch.autograd.grad(out, qm, grad)
     dq, dG = torch.autograd.grad(plga_attention(q, k, v, G), (q, G), grad)
     torch.testing.assert_close(dq, dqm @ G.transpose(-1, -2))
     torch.testing.assert_close(dG, (q.transpose(-1, -2) @ dqm).sum(0, keepdim=True))
@@ -144,9 +157,20 @@ def test_module_g_cache_decode_and_names():
     torch.manual_seed(5)
     layer = kestrel.nn.PowerLawGraphAttention(64, 4, A_dff=24)
     names = set(layer.state_dict())
-    for name in ("wq.weight", "wk.bias", "dense.weight", "layernorm1.weight", "plgatt_layer.Wlst", "plgatt_layer.blst",
-                 "plgatt_layer.pwlst", "plgatt_layer.alst", "plgatt_layer.balst", "reslayerAs.7.layernormA.weight",
-                 "reslayerAs.0.denseAs.1.gluw3.weight", "reslayerAs.3.denseAs.0.gluw2.bias"):
+    for name in (
+        "wq.weight",
+        "wk.bias",
+        "dense.weight",
+        "layernorm1.weight",
+        "plgatt_layer.Wlst",
+        "plgatt_layer.blst",
+        "plgatt_layer.pwlst",
+        "plgatt_layer.alst",
+        "plgatt_layer.balst",
+        "reslayerAs.7.layernormA.weight",
+        "reslayerAs.0.denseAs.1.gluw3.weight",
+        "reslayerAs.3.denseAs.0.gluw2.bias",
+    ):
         assert name in names, name
     assert layer.plgatt_layer.Wlst.shape == (4, 16, 16)
     calls = []
@@ -159,7 +183,7 @@ def test_module_g_cache_decode_and_names():
     prompt_G = cache.G
     rows = [y]
     for i in range(6, 10):
-        y, cache = layer(x[:, i:i + 1], cache=cache)
+        y, cache = layer(x[:, i : i + 1], cache=cache)
         rows.append(y)
         assert cache.G is prompt_G  # the G-cache: built once from the prompt
     assert len(calls) == 2  # the metric learner ran on the two prompts only
@@ -167,8 +191,9 @@ def test_module_g_cache_decode_and_names():
     # the prompt fixes G: the first 6 rows equal the full pass's only if G came from the same prompt, so compare
     # with a full pass whose G is the 6-token prompt's
     fixed = kestrel.nn.PowerLawGraphAttention(64, 4, A_dff=24, G=prompt_G[0])
-    fixed.load_state_dict({k: v for k, v in layer.state_dict().items() if k.split(".")[0] in
-                           ("wq", "wk", "wv", "dense")}, strict=False)
+    fixed.load_state_dict(
+        {k: v for k, v in layer.state_dict().items() if k.split(".")[0] in ("wq", "wk", "wv", "dense")}, strict=False
+    )
     torch.testing.assert_close(decoded[:1], fixed(x[:1])[0], atol=1e-5, rtol=1e-4)
     # use_g_cache=False rebuilds G from the cached metric each step: the same rows
     layer.use_g_cache = False
@@ -176,7 +201,7 @@ def test_module_g_cache_decode_and_names():
     assert cache.G is None and cache.A is not None
     rebuilt = [y]
     for i in range(6, 10):
-        y, cache = layer(x[:, i:i + 1], cache=cache)
+        y, cache = layer(x[:, i : i + 1], cache=cache)
         rebuilt.append(y)
     torch.testing.assert_close(torch.cat(rebuilt, 1), decoded, atol=1e-6, rtol=1e-5)
 
@@ -198,20 +223,23 @@ def test_predefined_identity_g_is_rope_attention():
         kestrel.nn.PowerLawGraphAttention(64, 4, G=torch.eye(8))
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    (dict(num_heads=0), ValueError, "num_heads must be >= 1, got 0"),
-    (dict(num_heads=-2), ValueError, "num_heads must be >= 1, got -2"),
-    (dict(d_model=0), ValueError, "d_model must be >= 1, got 0"),
-    (dict(num_heads=True), TypeError, "num_heads must be an int, got bool True"),
-    (dict(num_heads=3), ValueError, r"d_model \(64\) must be a multiple of num_heads \(3\)"),
-    (dict(d_model=6, num_heads=2), ValueError, "the head dim d_model / num_heads must be even for RoPE, got 3"),
-    (dict(A_dff=0), ValueError, "A_dff must be >= 1, got 0"),
-    (dict(num_reslayerA=-1), ValueError, "num_reslayerA must be >= 0, got -1"),
-    (dict(num_denseA=0), ValueError, "num_denseA must be >= 1, got 0"),
-    (dict(rope_base=0.0), ValueError, "rope_base must be a finite number > 0, got 0.0"),
-    (dict(G=[[1.0]]), TypeError, "G must be None, 'identity' or a float tensor"),
-    (dict(G=torch.ones(4, 16, 16, dtype=torch.long)), TypeError, "G must be None, 'identity' or a float tensor"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(num_heads=0), ValueError, "num_heads must be >= 1, got 0"),
+        (dict(num_heads=-2), ValueError, "num_heads must be >= 1, got -2"),
+        (dict(d_model=0), ValueError, "d_model must be >= 1, got 0"),
+        (dict(num_heads=True), TypeError, "num_heads must be an int, got bool True"),
+        (dict(num_heads=3), ValueError, r"d_model \(64\) must be a multiple of num_heads \(3\)"),
+        (dict(d_model=6, num_heads=2), ValueError, "the head dim d_model / num_heads must be even for RoPE, got 3"),
+        (dict(A_dff=0), ValueError, "A_dff must be >= 1, got 0"),
+        (dict(num_reslayerA=-1), ValueError, "num_reslayerA must be >= 0, got -1"),
+        (dict(num_denseA=0), ValueError, "num_denseA must be >= 1, got 0"),
+        (dict(rope_base=0.0), ValueError, "rope_base must be a finite number > 0, got 0.0"),
+        (dict(G=[[1.0]]), TypeError, "G must be None, 'identity' or a float tensor"),
+        (dict(G=torch.ones(4, 16, 16, dtype=torch.long)), TypeError, "G must be None, 'identity' or a float tensor"),
+    ],
+)
 def test_module_constructor_checks(kwargs, error, message):
     """num_heads=0 divided by zero, an odd head dim failed in RoPE at the first forward, A_dff=0 or a negative
     number of residual units built a module."""
@@ -251,8 +279,14 @@ def test_tree_mode_matches_float64(Hkv):
     for b in range(2):
         unused = [prefix[b] + j for j in range(T) if parents[b][j] == -2] + list(range(prefix[b] + T, k.shape[2]))
         k[b, :, unused], v[b, :, unused] = float("nan"), float("nan")
-    out = plga_attention(q, k, v, G, cache_seqlens=torch.tensor(prefix, dtype=torch.int32),
-                         tree_mask_bits=ancestor_bits(torch.tensor(parents)))
+    out = plga_attention(
+        q,
+        k,
+        v,
+        G,
+        cache_seqlens=torch.tensor(prefix, dtype=torch.int32),
+        tree_mask_bits=ancestor_bits(torch.tensor(parents)),
+    )
     expected = torch.zeros(2, 2, T, d, dtype=torch.float64)
     kk, vv = k.double().repeat_interleave(2 // Hkv, 1), v.double().repeat_interleave(2 // Hkv, 1)
     for b in range(2):

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from helpers import FLOAT_DTYPES, devices
 
 import kestrel
-from helpers import FLOAT_DTYPES, devices
 from kestrel import functional as KF
 from kestrel import ops as KO
 from kestrel.reference import quantize as ref
@@ -57,13 +57,15 @@ def test_dynamic_map_equals_bitsandbytes(signed, total_bits):
                 KF.create_dynamic_map(signed, max_exponent_bits, total_bits)
             continue
         ours = KF.create_dynamic_map(signed, max_exponent_bits, total_bits)
-        assert ours.dtype == torch.float32 and ours.shape == expected.shape == (max(256, 2 ** total_bits),)
+        assert ours.dtype == torch.float32 and ours.shape == expected.shape == (max(256, 2**total_bits),)
         assert torch.equal(ours.view(torch.int32), expected.float().view(torch.int32)), (max_exponent_bits, total_bits)
     # Keywords and defaults as in bnb.
     assert torch.equal(KF.create_dynamic_map(signed=signed), F.create_dynamic_map(signed=signed))
     bits = 5 if signed else 7
-    assert torch.equal(KF.create_dynamic_map(signed, total_bits=8, max_exponent_bits=bits),
-                       F.create_dynamic_map(signed, total_bits=8, max_exponent_bits=bits))
+    assert torch.equal(
+        KF.create_dynamic_map(signed, total_bits=8, max_exponent_bits=bits),
+        F.create_dynamic_map(signed, total_bits=8, max_exponent_bits=bits),
+    )
 
 
 def test_dynamic_map_large_max_exponent_bits():
@@ -71,9 +73,10 @@ def test_dynamic_map_large_max_exponent_bits():
     # all of them, ours only over those that hold values.
     F = bnb_functional()
     for max_exponent_bits in (9, 20, 60):
-        assert torch.equal(KF.create_dynamic_map(True, max_exponent_bits, 8),
-                           F.create_dynamic_map(True, max_exponent_bits, 8))
-    assert torch.equal(KF.create_dynamic_map(True, 10 ** 6, 8), KF.create_dynamic_map(True, 7, 8))
+        assert torch.equal(
+            KF.create_dynamic_map(True, max_exponent_bits, 8), F.create_dynamic_map(True, max_exponent_bits, 8)
+        )
+    assert torch.equal(KF.create_dynamic_map(True, 10**6, 8), KF.create_dynamic_map(True, 7, 8))
 
 
 def test_dynamic_map_layout():
@@ -86,8 +89,11 @@ def test_dynamic_map_layout():
 
 
 def test_create_dynamic_map_rejects_bad_arguments():
-    with pytest.raises(ValueError, match=r"signed=False, max_exponent_bits=8, total_bits=8 gives 257 values, not "
-                                         r"2\*\*total_bits = 256 \(an unsigned map needs max_exponent_bits = total_bits - 1 = 7\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"signed=False, max_exponent_bits=8, total_bits=8 gives 257 values, not "
+        r"2\*\*total_bits = 256 \(an unsigned map needs max_exponent_bits = total_bits - 1 = 7\)",
+    ):
         KF.create_dynamic_map(False, 8, 8)
     with pytest.raises(ValueError, match=r"max_exponent_bits must be >= 1 for total_bits=8 .*got 0"):
         KF.create_dynamic_map(True, 0, 8)
@@ -261,7 +267,7 @@ def test_subnormal_absmax(device, dtype):
     assert torch.equal(absmax, expected_absmax) and torch.equal(codes, expected_codes)
     assert absmax[0].item() == x[0].item() and absmax[0].item() < 2.9e-39
     if dtype == torch.float32:  # the same block scaled by 2^64 (exact) has the same codes
-        assert torch.equal(KO.quantize_blockwise(x * 2.0 ** 64, code=code, blocksize=64)[0], codes)
+        assert torch.equal(KO.quantize_blockwise(x * 2.0**64, code=code, blocksize=64)[0], codes)
     out = KO.dequantize_blockwise(codes, absmax, blocksize=64).double().cpu()
     err = (out - x.double().cpu()).abs()
     assert bool((err <= 0.02 * absmax[0].item()).all())  # the map's own resolution, not saturation
@@ -269,24 +275,28 @@ def test_subnormal_absmax(device, dtype):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("scale", [1.0, 2.0 ** 126, 1e38, 3e38, float(torch.finfo(torch.float32).max)])
+@pytest.mark.parametrize("scale", [1.0, 2.0**126, 1e38, 3e38, float(torch.finfo(torch.float32).max)])
 def test_huge_absmax_is_exact_nearest(device, scale):
     # Regression: above 2^126, 1/absmax is subnormal (fewer significant bits), so values near a midpoint took the
     # farther code (at absmax 3e38, 168 of these 511 codes differed from those of the same block scaled by 2^-64).
     # The kernels now pre-scale such a block by 2^-64.
     code = KF.create_dynamic_map().to(device)
     midpoints = (code[:-1] + code[1:]) * 0.5
-    near = torch.cat([torch.nextafter(midpoints, torch.full_like(midpoints, 2.0)),
-                      torch.nextafter(midpoints, torch.full_like(midpoints, -2.0))])
+    near = torch.cat(
+        [
+            torch.nextafter(midpoints, torch.full_like(midpoints, 2.0)),
+            torch.nextafter(midpoints, torch.full_like(midpoints, -2.0)),
+        ]
+    )
     x = torch.cat([(near.double() * scale).float(), torch.tensor([scale], device=device).float()])
     codes, absmax = KO.quantize_blockwise(x, code=code, blocksize=512)
     expected_codes, expected_absmax = ref.quantize_blockwise(x, code, 512)
     assert torch.equal(absmax, expected_absmax) and torch.equal(codes, expected_codes)
     # Scaling a block by a power of two changes no code (what exact arithmetic gives): the same block scaled into
     # the range where 1/absmax is a normal float32 has the same codes.
-    down = x * 2.0 ** -64
+    down = x * 2.0**-64
     down_codes, down_absmax = KO.quantize_blockwise(down, code=code, blocksize=512)
-    assert torch.equal(down * 2.0 ** 64, x) and torch.equal(down_absmax * 2.0 ** 64, absmax)
+    assert torch.equal(down * 2.0**64, x) and torch.equal(down_absmax * 2.0**64, absmax)
     assert torch.equal(codes, down_codes)
 
 
@@ -348,7 +358,7 @@ def test_dequantize_equals_bitsandbytes(device, dtype, blocksize):
     assert torch.equal(ours, expected)
 
 
-ANY_BLOCKSIZES = [1, 3, 32, 100, 1000, 5000, 8192, 16384, 65536, 2 ** 40]
+ANY_BLOCKSIZES = [1, 3, 32, 100, 1000, 5000, 8192, 16384, 65536, 2**40]
 
 
 @pytest.mark.parametrize("device", devices())
@@ -443,7 +453,9 @@ def test_argument_errors(device):
         KO.dequantize_blockwise(codes.long(), absmax)
     with pytest.raises(TypeError, match="dequantize_blockwise: absmax must be a float32 tensor, got torch.float16"):
         KO.dequantize_blockwise(codes, absmax.half())
-    with pytest.raises(TypeError, match="dequantize_blockwise: dtype must be float32, float16 or bfloat16, got torch.int8"):
+    with pytest.raises(
+        TypeError, match="dequantize_blockwise: dtype must be float32, float16 or bfloat16, got torch.int8"
+    ):
         KO.dequantize_blockwise(codes, absmax, dtype=torch.int8)
 
 
@@ -471,8 +483,11 @@ def test_layouts_and_autograd_inputs(device):
     code = KF.create_dynamic_map().to(device)
     base = make_input(4 * 3 * 8 * 8, torch.float32, device).reshape(4, 3, 8, 8)
     expected_codes, expected_absmax = KO.quantize_blockwise(base, blocksize=64)
-    for x in (base.to(memory_format=torch.channels_last), base.clone().requires_grad_(),
-              base.reshape(-1)[None].expand(2, -1)[0].reshape(4, 3, 8, 8)):
+    for x in (
+        base.to(memory_format=torch.channels_last),
+        base.clone().requires_grad_(),
+        base.reshape(-1)[None].expand(2, -1)[0].reshape(4, 3, 8, 8),
+    ):
         codes, absmax = KO.quantize_blockwise(x, blocksize=64)
         assert codes.shape == x.shape and not codes.requires_grad and not absmax.requires_grad
         assert torch.equal(codes.contiguous(), expected_codes) and torch.equal(absmax, expected_absmax)
@@ -482,11 +497,13 @@ def test_layouts_and_autograd_inputs(device):
     codes, absmax = KO.quantize_blockwise(base, code=strided_code, blocksize=64)
     assert torch.equal(codes, expected_codes)
     expected = KO.dequantize_blockwise(codes, absmax, blocksize=64)
-    for got in (KO.dequantize_blockwise(codes, absmax, code=strided_code, blocksize=64),
-                torch.ops.kestrel.dequantize_blockwise(codes, absmax, strided_code, 64, torch.float32),
-                KO.dequantize_blockwise(codes, absmax.view(4, -1), blocksize=64),
-                KO.dequantize_blockwise(codes, torch.stack([absmax, absmax], 1)[:, 0], blocksize=64),
-                KO.dequantize_blockwise(codes.transpose(0, 3).contiguous().transpose(0, 3), absmax, blocksize=64)):
+    for got in (
+        KO.dequantize_blockwise(codes, absmax, code=strided_code, blocksize=64),
+        torch.ops.kestrel.dequantize_blockwise(codes, absmax, strided_code, 64, torch.float32),
+        KO.dequantize_blockwise(codes, absmax.view(4, -1), blocksize=64),
+        KO.dequantize_blockwise(codes, torch.stack([absmax, absmax], 1)[:, 0], blocksize=64),
+        KO.dequantize_blockwise(codes.transpose(0, 3).contiguous().transpose(0, 3), absmax, blocksize=64),
+    ):
         assert torch.equal(got, expected)
     # A 0-d tensor is one block of one element.
     codes, absmax = KO.quantize_blockwise(torch.tensor(-2.5, device=device))
@@ -514,16 +531,22 @@ def test_autograd(device):
 def test_wrong_types_are_named():
     x = torch.randn(100)
     codes, absmax = KO.quantize_blockwise(x)
-    for bad, match in ((x.tolist(), "x must be a torch.Tensor, got list"),
-                       (x.double(), "x must be float32, float16 or bfloat16, got torch.float64"),
-                       (x.to(torch.complex64), "x must be float32, float16 or bfloat16, got torch.complex64")):
+    for bad, match in (
+        (x.tolist(), "x must be a torch.Tensor, got list"),
+        (x.double(), "x must be float32, float16 or bfloat16, got torch.float64"),
+        (x.to(torch.complex64), "x must be float32, float16 or bfloat16, got torch.complex64"),
+    ):
         with pytest.raises(TypeError, match="quantize_blockwise: " + match):
             KO.quantize_blockwise(bad)
-    with pytest.raises(TypeError, match=r"quantize_blockwise: code must be a torch.Tensor of 256 float32 values, got list"):
+    with pytest.raises(
+        TypeError, match=r"quantize_blockwise: code must be a torch.Tensor of 256 float32 values, got list"
+    ):
         KO.quantize_blockwise(x, code=list(range(256)))
     with pytest.raises(TypeError, match="dequantize_blockwise: codes must be a uint8 tensor, got NoneType"):
         KO.dequantize_blockwise(None, absmax)
-    with pytest.raises(TypeError, match="dequantize_blockwise: dtype must be float32, float16 or bfloat16, got float32"):
+    with pytest.raises(
+        TypeError, match="dequantize_blockwise: dtype must be float32, float16 or bfloat16, got float32"
+    ):
         KO.dequantize_blockwise(codes, absmax, dtype="float32")
     with pytest.raises(RuntimeError, match="dequantize_blockwise: dtype must be float32, float16 or bfloat16, got Int"):
         torch.ops.kestrel.dequantize_blockwise(codes, absmax, KF.create_dynamic_map(), 256, torch.int32)
@@ -537,8 +560,9 @@ def test_op_level_checks(device):
     with pytest.raises(RuntimeError, match="blocksize must be a positive integer, got 0"):
         torch.ops.kestrel.quantize_blockwise(x, code, 0)
     with pytest.raises(RuntimeError, match="blocksize must be a positive integer, got -4"):
-        torch.ops.kestrel.dequantize_blockwise(torch.zeros(10, dtype=torch.uint8, device=device),
-                                               torch.zeros(1, device=device), code, -4, torch.float32)
+        torch.ops.kestrel.dequantize_blockwise(
+            torch.zeros(10, dtype=torch.uint8, device=device), torch.zeros(1, device=device), code, -4, torch.float32
+        )
     with pytest.raises(RuntimeError, match=r"code must have shape \(256,\), got \[128\]"):
         torch.ops.kestrel.quantize_blockwise(x, code[:128], 256)
     codes, absmax = torch.ops.kestrel.quantize_blockwise(x, code, 256)
@@ -580,7 +604,9 @@ def test_opcheck(device):
             x = make_input(int(np.prod(shape)), dtype, device).reshape(shape)
             torch.library.opcheck(torch.ops.kestrel.quantize_blockwise.default, (x, code, blocksize))
             codes, absmax = torch.ops.kestrel.quantize_blockwise(x, code, blocksize)
-            torch.library.opcheck(torch.ops.kestrel.dequantize_blockwise.default, (codes, absmax, code, blocksize, dtype))
+            torch.library.opcheck(
+                torch.ops.kestrel.dequantize_blockwise.default, (codes, absmax, code, blocksize, dtype)
+            )
 
 
 @pytest.mark.parametrize("device", devices())

@@ -7,9 +7,9 @@ import re
 
 import pytest
 import torch
+from helpers import gpu_available
 
 import kestrel
-from helpers import gpu_available
 from kestrel.ops import softplus_attention
 
 try:
@@ -63,8 +63,10 @@ CASES = [  # (B, Hq, Hkv, Lq, Lk, D, causal)
     (1, 2, 2, 65, 65, 128, False),
     (1, 2, 1, 3, 40, 64, True),  # decode: 3 rows at the end of a 40-key cache
 ]
-SLOW_CASES = [pytest.param((1, 2, 1, 257, 257, 64, True), marks=pytest.mark.slow),
-              pytest.param((1, 1, 1, 257, 257, 128, False), marks=pytest.mark.slow)]
+SLOW_CASES = [
+    pytest.param((1, 2, 1, 257, 257, 64, True), marks=pytest.mark.slow),
+    pytest.param((1, 1, 1, 257, 257, 128, False), marks=pytest.mark.slow),
+]
 
 
 @pytest.mark.parametrize("case", CASES + SLOW_CASES)
@@ -153,8 +155,9 @@ def test_triton_keys_past_the_cache_lengths_are_ignored(bad, p):
     results = []
     for keys, values in ((k, v), dirty_cache(k, v, lens, bad)):
         out, s, m, w = softplus_attention_forward(q, keys, values, True, p, 1e-8, cache_seqlens=lens)
-        grads = softplus_attention_backward(q, keys, values, out, (s, m, w), grad_out, True, p, 1e-8,
-                                            cache_seqlens=lens)
+        grads = softplus_attention_backward(
+            q, keys, values, out, (s, m, w), grad_out, True, p, 1e-8, cache_seqlens=lens
+        )
         results.append([out, *grads])
     for clean, dirty in zip(*results):
         assert bool(torch.isfinite(dirty).all())
@@ -165,7 +168,7 @@ def test_triton_keys_past_the_cache_lengths_are_ignored(bad, p):
 def test_prefill_equals_token_by_token_decode(p):
     q, k, v = inputs(1, 4, 2, 12, 12, 64, seed=4)
     full = softplus_attention(q, k, v, reweight_p=p)
-    rows = [softplus_attention(q[:, :, i:i + 1], k[:, :, :i + 1], v[:, :, :i + 1], reweight_p=p) for i in range(12)]
+    rows = [softplus_attention(q[:, :, i : i + 1], k[:, :, : i + 1], v[:, :, : i + 1], reweight_p=p) for i in range(12)]
     # float32 sums in another order; LSSAR's power 15 multiplies relative rounding by 15
     tol = dict(atol=1e-6, rtol=1e-5) if p is None else dict(atol=5e-5, rtol=1e-3)
     torch.testing.assert_close(torch.cat(rows, dim=2), full, **tol)
@@ -203,12 +206,11 @@ def test_lssar_edge_cases():
     keys = torch.randn(1, 1, 4096, 64, generator=g)
     values = torch.randn(1, 1, 4096, 64, generator=g)
     query = keys[:, :, 1234:1235].clone() * 3
-    eager_r = (4096 * torch.nn.functional.softplus(torch.tensor(math.log(64) * math.log(4096))) / 4096.0)
+    eager_r = 4096 * torch.nn.functional.softplus(torch.tensor(math.log(64) * math.log(4096))) / 4096.0
     assert torch.isinf(torch.tensor(float(eager_r) * 500.0) ** 15)  # the eager overflow this guards against
     out = softplus_attention(query, keys, values, causal=False, reweight_p=15.0)
     assert bool(torch.isfinite(out).all())
-    torch.testing.assert_close(out.double(), float64_reference(query, keys, values, False, 15.0), atol=1e-5,
-                               rtol=1e-4)
+    torch.testing.assert_close(out.double(), float64_reference(query, keys, values, False, 15.0), atol=1e-5, rtol=1e-4)
 
 
 def test_argument_checks():
@@ -233,8 +235,12 @@ def test_argument_checks():
 def test_empty_batch_and_empty_sequence(p):
     """B = 0 (with per-sequence cache lengths) and L = 0 are legal: empty results of q's shape, zero gradients (the
     length check read the min of an empty tensor; LSSAR's row max of zero keys raised)."""
-    for B, Lq, Lk, lens in ((0, 1, 5, torch.zeros(0, dtype=torch.int32)), (0, 2, 5, None), (1, 0, 0, None),
-                            (2, 0, 5, torch.tensor([3, 5]))):
+    for B, Lq, Lk, lens in (
+        (0, 1, 5, torch.zeros(0, dtype=torch.int32)),
+        (0, 2, 5, None),
+        (1, 0, 0, None),
+        (2, 0, 5, torch.tensor([3, 5])),
+    ):
         q, k, v = (t.requires_grad_(True) for t in inputs(B, 2, 1, Lq, Lk, 64))
         out = softplus_attention(q, k, v, reweight_p=p, cache_seqlens=lens)
         assert out.shape == q.shape
@@ -262,12 +268,18 @@ def test_triton_empty_batch_and_empty_sequence(p):
 
 def test_numeric_argument_checks():
     q, k, v = inputs(1, 2, 1, 4, 4, 8)
-    with pytest.raises(ValueError, match=r"the head dim D must be >= 1 \(q.shape\[-1\]\), got q of shape "
-                                         r"\(1, 2, 4, 0\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"the head dim D must be >= 1 \(q.shape\[-1\]\), got q of shape "
+        r"\(1, 2, 4, 0\)",
+    ):
         softplus_attention(q[..., :0], k[..., :0], v[..., :0])
     for p in (float("inf"), float("nan"), 0, -2.0, 1e300):
-        with pytest.raises(ValueError, match=r"reweight_p must be None \(LSSA\) or a finite positive number up to "
-                                             r"3.403e\+38 \(LSSAR\), got " + re.escape(repr(p))):
+        with pytest.raises(
+            ValueError,
+            match=r"reweight_p must be None \(LSSA\) or a finite positive number up to "
+            r"3.403e\+38 \(LSSAR\), got " + re.escape(repr(p)),
+        ):
             softplus_attention(q, k, v, reweight_p=p)
     for p in (True, "15"):
         with pytest.raises(TypeError, match=r"reweight_p must be None \(LSSA\) or a number \(LSSAR\), got"):
@@ -277,8 +289,11 @@ def test_numeric_argument_checks():
             softplus_attention(q, k, v, eps=eps)
     with pytest.raises(TypeError, match="eps must be a number, got bool True"):
         softplus_attention(q, k, v, eps=True)
-    with pytest.raises(TypeError, match=r"cache_seqlens must be None or an int32/int64 tensor of shape \(1,\), got "
-                                        "list"):
+    with pytest.raises(
+        TypeError,
+        match=r"cache_seqlens must be None or an int32/int64 tensor of shape \(1,\), got "
+        "list",
+    ):
         softplus_attention(q, k, v, cache_seqlens=[4])
 
 
@@ -307,27 +322,30 @@ def test_module_decode_equals_prefill():
     head, cache = layer(x[:, :5])
     rows = [head]
     for i in range(5, 9):
-        y, cache = layer(x[:, i:i + 1], kv_cache=cache)
+        y, cache = layer(x[:, i : i + 1], kv_cache=cache)
         rows.append(y)
     torch.testing.assert_close(torch.cat(rows, dim=1), full, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match=r"num_heads \(4\) must be a multiple of num_kv_heads \(3\)"):
         kestrel.nn.SoftplusAttention(128, 4, 3)
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    (dict(num_heads=0), ValueError, "num_heads must be >= 1, got 0"),
-    (dict(num_heads=-2), ValueError, "num_heads must be >= 1, got -2"),
-    (dict(embed_dim=0), ValueError, "embed_dim must be >= 1, got 0"),
-    (dict(embed_dim=64.0), TypeError, "embed_dim must be an int, got float 64.0"),
-    (dict(num_heads=True), TypeError, "num_heads must be an int, got bool True"),
-    (dict(num_heads=3), ValueError, r"embed_dim \(64\) must be a multiple of num_heads \(3\)"),
-    (dict(num_kv_heads=3), ValueError, r"num_heads \(4\) must be a multiple of num_kv_heads \(3\)"),
-    (dict(num_kv_heads=0), ValueError, "num_kv_heads must be >= 1, got 0"),
-    (dict(reweight_p=float("inf")), ValueError, "reweight_p must be None"),
-    (dict(reweight_p=-1.0), ValueError, "reweight_p must be None"),
-    (dict(eps=0.0), ValueError, "eps must be a finite number > 0, got 0.0"),
-    (dict(causal=None), TypeError, "causal must be a bool, got NoneType"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(num_heads=0), ValueError, "num_heads must be >= 1, got 0"),
+        (dict(num_heads=-2), ValueError, "num_heads must be >= 1, got -2"),
+        (dict(embed_dim=0), ValueError, "embed_dim must be >= 1, got 0"),
+        (dict(embed_dim=64.0), TypeError, "embed_dim must be an int, got float 64.0"),
+        (dict(num_heads=True), TypeError, "num_heads must be an int, got bool True"),
+        (dict(num_heads=3), ValueError, r"embed_dim \(64\) must be a multiple of num_heads \(3\)"),
+        (dict(num_kv_heads=3), ValueError, r"num_heads \(4\) must be a multiple of num_kv_heads \(3\)"),
+        (dict(num_kv_heads=0), ValueError, "num_kv_heads must be >= 1, got 0"),
+        (dict(reweight_p=float("inf")), ValueError, "reweight_p must be None"),
+        (dict(reweight_p=-1.0), ValueError, "reweight_p must be None"),
+        (dict(eps=0.0), ValueError, "eps must be a finite number > 0, got 0.0"),
+        (dict(causal=None), TypeError, "causal must be a bool, got NoneType"),
+    ],
+)
 def test_module_constructor_checks(kwargs, error, message):
     """num_heads=0 divided by zero, num_heads=-2 and embed_dim=0 built a module, num_kv_heads=0 meant num_heads."""
     args = dict(embed_dim=64, num_heads=4)
@@ -339,8 +357,11 @@ def test_module_constructor_checks(kwargs, error, message):
 def test_module_kv_cache_checks():
     layer = kestrel.nn.SoftplusAttention(64, 4, 2)
     x = torch.randn(1, 3, 64)
-    with pytest.raises(ValueError, match=r"kv_cache's k must be \(B=1, num_kv_heads=2, L, head_dim=16\), got "
-                                         r"\(1, 2, 3, 8\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"kv_cache's k must be \(B=1, num_kv_heads=2, L, head_dim=16\), got "
+        r"\(1, 2, 3, 8\)",
+    ):
         layer(x, kv_cache=(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)))
     with pytest.raises(TypeError, match="kv_cache must be None or the \\(k, v\\) pair"):
         layer(x, kv_cache=torch.randn(1, 2, 3, 16))
@@ -441,7 +462,8 @@ for name, dt, D, reweight, tree in [(n, dt, D, r, tr) for n in KERNELS for dt in
         constexprs.update(FP32_DOT=dt == "fp32", TREE=tree)
 
     def types(n):
-        return ("*" + dt if n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV") else "*fp32" if n in ("S", "M", "W", "GAMMA")
+        pointers = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
+        return ("*" + dt if n in pointers else "*fp32" if n in ("S", "M", "W", "GAMMA")
                 else "*i32" if n in ("LENS", "BITS") else "fp32" if n in ("log_d", "eps", "power") else "i32")
 
     try:
@@ -449,7 +471,8 @@ for name, dt, D, reweight, tree in [(n, dt, D, r, tr) for n in KERNELS for dt in
     except Exception as error:
         failures.append((name, dt, D, reweight, tree, "does not compile: " + str(error)[-500:]))
         continue
-    print(name, dt, D, "lssar" if reweight else "lssa", "tree" if tree else "", (block_m, block_n, num_warps, num_stages), "shared", shared,
+    tiles = (block_m, block_n, num_warps, num_stages)
+    print(name, dt, D, "lssar" if reweight else "lssa", "tree" if tree else "", tiles, "shared", shared,
           "stack", stack)
     limit = 0 if name == "fwd" and (dt != "fp32" or tree) else STACK_LIMIT[name] * (2 if D == 128 else 1)
     if shared > SHARED_MEMORY_LIMIT or stack > limit:
@@ -530,8 +553,7 @@ def test_tree_mode_matches_float64(tree, p):
     parents = TREES[tree]
     q, k, v, prefix, bits = tree_inputs(parents, [17, 0])
     out = softplus_attention(q, k, v, reweight_p=p, cache_seqlens=prefix, tree_mask_bits=bits)
-    torch.testing.assert_close(out.double(), float64_tree_reference(q, k, v, prefix, parents, p), atol=2e-5,
-                               rtol=1e-4)
+    torch.testing.assert_close(out.double(), float64_tree_reference(q, k, v, prefix, parents, p), atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.triton
@@ -547,8 +569,9 @@ def test_triton_tree_mode_matches_float64(tree, p, dtype):
     parents = TREES[tree]
     q, k, v, prefix, bits = tree_inputs(parents, [5, 20], dtype=dtype, seed=3)
     device = "cuda" if gpu_available() else "cpu"
-    out = softplus_attention_forward(*(t.to(device) for t in (q, k, v)), True, p, 1e-8, prefix.to(device),
-                                     tree_mask_bits=bits.to(device))[0]
+    out = softplus_attention_forward(
+        *(t.to(device) for t in (q, k, v)), True, p, 1e-8, prefix.to(device), tree_mask_bits=bits.to(device)
+    )[0]
     tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(out.cpu().double(), float64_tree_reference(q, k, v, prefix, parents, p), **tol)
 
@@ -568,5 +591,8 @@ def test_tree_mode_checks_and_opcheck():
     with pytest.raises(NotImplementedError, match="forward only"):
         call().sum().backward()
     q.requires_grad_(False)
-    torch.library.opcheck(torch.ops.kestrel.softplus_attention.default, (q, k, v, True, 0.0, 1e-8, prefix, bits),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.kestrel.softplus_attention.default,
+        (q, k, v, True, 0.0, 1e-8, prefix, bits),
+        test_utils=("test_schema", "test_faketensor"),
+    )

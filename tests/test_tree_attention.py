@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-
 from helpers import gpu_available
+
 from kestrel.ops import tree_attention
 from kestrel.ops.tree_attention import tree_attention_cpu
 from kestrel.reference.tree import ancestor_bits, ancestor_lists
@@ -21,6 +21,7 @@ try:
     HAVE_TRITON = True
 except ImportError:
     HAVE_TRITON = False
+
 
 def random_parents(B, T, generator, unused=()):
     """(B, T) parents of random trees in topological order; row b pads its last unused[b] nodes with -2."""
@@ -70,7 +71,7 @@ def path_attention(q, k, v, lens, parents, scale=None):
         for i, path in enumerate(paths):
             if path is None:  # an unused node: attention over the prefix alone
                 if length:
-                    out[b, :, i] = causal_attention(q[b][:, i:i + 1], k[b][:, :length], v[b][:, :length], scale)[:, 0]
+                    out[b, :, i] = causal_attention(q[b][:, i : i + 1], k[b][:, :length], v[b][:, :length], scale)[:, 0]
             elif i not in inner:  # a leaf: its path gives every node on it
                 slots = list(range(length)) + [length + j for j in path]
                 out[b][:, path] = causal_attention(q[b][:, path], k[b][:, slots], v[b][:, slots], scale)
@@ -88,8 +89,7 @@ TREE_SIZES = [1, 7, 8, 9, 63, 64, 65]  # around the 32-bit word boundaries
 @pytest.mark.parametrize("D", [64, 128])
 def test_cpu_path_equals_causal_attention_over_each_path(T, D):
     lens = [37, 0, 5]
-    q, k, v, lens_t, bits, parents = make_inputs(3, 4, 2, T, D, lens, 40 + T, seed=T + D,
-                                                 unused=(0, 0, min(2, T - 1)))
+    q, k, v, lens_t, bits, parents = make_inputs(3, 4, 2, T, D, lens, 40 + T, seed=T + D, unused=(0, 0, min(2, T - 1)))
     out = tree_attention(q, k, v, lens_t, bits)
     assert out.shape == q.shape and out.dtype == q.dtype
     torch.testing.assert_close(out.double(), path_attention(q, k, v, lens_t, parents), **tolerance(q.dtype))
@@ -104,8 +104,10 @@ def test_reference_equals_the_path_formulation():
 def test_unused_nodes_see_the_prefix_and_zeros_without_one():
     q, k, v, lens, bits, parents = make_inputs(2, 2, 1, 6, 64, [9, 0], 20, seed=4, unused=(2, 2))
     out = tree_attention(q, k, v, lens, bits)
-    prefix_only = torch.softmax(q[0, :, 4:].double() @ k[0, :, :9].double().transpose(-1, -2) / 8.0, dim=-1) @ \
-        v[0, :, :9].double()
+    prefix_only = (
+        torch.softmax(q[0, :, 4:].double() @ k[0, :, :9].double().transpose(-1, -2) / 8.0, dim=-1)
+        @ v[0, :, :9].double()
+    )
     torch.testing.assert_close(out[0, :, 4:].double(), prefix_only, **tolerance(torch.float32))
     assert torch.equal(out[1, :, 4:], torch.zeros_like(out[1, :, 4:]))
     assert bool(out[1, :, :4].abs().sum() > 0)
@@ -115,8 +117,9 @@ def test_cpu_chunks_and_float64():
     q, k, v, lens, bits, parents = make_inputs(3, 4, 1, 9, 64, [100, 3, 64], 120, seed=5)
     expected = reference(q, k, v, lens, bits, 0.3)
     for chunk in (7, 64, 1000):
-        torch.testing.assert_close(tree_attention_cpu(q, k, v, lens, bits, 0.3, chunk=chunk).double(), expected,
-                                   **tolerance(torch.float32))
+        torch.testing.assert_close(
+            tree_attention_cpu(q, k, v, lens, bits, 0.3, chunk=chunk).double(), expected, **tolerance(torch.float32)
+        )
     out64 = tree_attention(q.double(), k.double(), v.double(), lens, bits, softmax_scale=0.3)
     assert out64.dtype == torch.float64
     torch.testing.assert_close(out64, expected, atol=1e-12, rtol=1e-12)
@@ -162,11 +165,13 @@ def test_per_layer_cache_views_and_strided_queries():
     bits, lens = ancestor_bits(parents), torch.tensor([12, 27], dtype=torch.int32)
     for layer in range(NL):
         out = tree_attention(q, k_all[layer], v_all[layer], lens, bits)
-        torch.testing.assert_close(out.double(), path_attention(q, k_all[layer], v_all[layer], lens, parents),
-                                   **tolerance(torch.float32))
+        torch.testing.assert_close(
+            out.double(), path_attention(q, k_all[layer], v_all[layer], lens, parents), **tolerance(torch.float32)
+        )
     # int64 lengths are taken too
-    torch.testing.assert_close(tree_attention(q, k_all[0], v_all[0], lens.long(), bits),
-                               tree_attention(q, k_all[0], v_all[0], lens, bits))
+    torch.testing.assert_close(
+        tree_attention(q, k_all[0], v_all[0], lens.long(), bits), tree_attention(q, k_all[0], v_all[0], lens, bits)
+    )
 
 
 # --------------------------------------------------------------------------------------------- the Triton kernel
@@ -175,9 +180,18 @@ def kernel_device():
 
 
 # every tree size in fp32 and fp16, alternately split-K and single-pass; the other half of the product is slow
-TRITON_CASES = [pytest.param(T, dtype, splits, marks=[pytest.mark.slow] if (n + (dtype == torch.float16)) % 2 ==
-                             (splits == 3) else [], id=f"T{T}-{str(dtype)[6:]}-splits{splits}")
-                for n, T in enumerate(TREE_SIZES) for dtype in (torch.float32, torch.float16) for splits in (1, 3)]
+TRITON_CASES = [
+    pytest.param(
+        T,
+        dtype,
+        splits,
+        marks=[pytest.mark.slow] if (n + (dtype == torch.float16)) % 2 == (splits == 3) else [],
+        id=f"T{T}-{str(dtype)[6:]}-splits{splits}",
+    )
+    for n, T in enumerate(TREE_SIZES)
+    for dtype in (torch.float32, torch.float16)
+    for splits in (1, 3)
+]
 
 
 @pytest.mark.triton
@@ -190,8 +204,9 @@ def test_triton_kernel_matches_float64(T, dtype, num_splits):
 
     device = kernel_device()
     D = 64 if T % 2 else 128
-    q, k, v, lens, bits, parents = make_inputs(3, 4, 2, T, D, [0, 21, 70], 72 + T, dtype=dtype, seed=T,
-                                               unused=(min(2, T - 1), min(3, T - 1), 0), device=device)
+    q, k, v, lens, bits, parents = make_inputs(
+        3, 4, 2, T, D, [0, 21, 70], 72 + T, dtype=dtype, seed=T, unused=(min(2, T - 1), min(3, T - 1), 0), device=device
+    )
     out = tree_attention_forward(q, k, v, lens, bits, 1 / math.sqrt(D), num_splits=num_splits, min_split=16)
     assert out.dtype == dtype and out.shape == q.shape
     torch.testing.assert_close(out.cpu().double(), path_attention(q, k, v, lens.cpu(), parents), **tolerance(dtype))
@@ -215,8 +230,12 @@ def test_triton_kernel_groups_garbage_and_views():
     k_dirty, v_dirty = with_garbage(k_all[1], v_all[1], lens, parents)
     k_all[1], v_all[1] = k_dirty, v_dirty
     k_all, v_all, q_dev = k_all.to(device), v_all.to(device), q.to(device)
-    outs = [tree_attention_forward(q_dev, k_all[1], v_all[1], lens.to(device), bits.to(device), 0.2, num_splits=s,
-                                   min_split=16, block_m=32) for s in (1, 4)]
+    outs = [
+        tree_attention_forward(
+            q_dev, k_all[1], v_all[1], lens.to(device), bits.to(device), 0.2, num_splits=s, min_split=16, block_m=32
+        )
+        for s in (1, 4)
+    ]
     for out in outs:
         assert bool(torch.isfinite(out).all())
         torch.testing.assert_close(out.cpu().double(), expected, **tolerance(torch.float32))
@@ -229,13 +248,13 @@ def test_triton_kernel_longer_prefix():
     from kestrel.kernels.tree_attention import tree_attention_forward
 
     device = kernel_device()
-    q, k, v, lens, bits, parents = make_inputs(2, 8, 2, 33, 128, [700, 260], 800, dtype=torch.float16, seed=10,
-                                               unused=(0, 4), device=device)
+    q, k, v, lens, bits, parents = make_inputs(
+        2, 8, 2, 33, 128, [700, 260], 800, dtype=torch.float16, seed=10, unused=(0, 4), device=device
+    )
     expected = reference(q, k, v, lens.cpu(), bits.cpu())
     # the interpreter's small tiles, then the GPU's (BLOCK_M 128 over 132 rows, BLOCK_N 64)
     for splits, blocks in ((1, {}), (3, {}), (3, dict(block_m=128, block_n=64)), (1, dict(block_m=128, block_n=32))):
-        out = tree_attention_forward(q, k, v, lens, bits, 1 / math.sqrt(128), num_splits=splits, min_split=64,
-                                     **blocks)
+        out = tree_attention_forward(q, k, v, lens, bits, 1 / math.sqrt(128), num_splits=splits, min_split=64, **blocks)
         torch.testing.assert_close(out.cpu().double(), expected, **tolerance(torch.float16))
 
 
@@ -244,26 +263,51 @@ def test_argument_checks():
     q, k, v, lens, bits, _ = make_inputs(2, 4, 2, 5, 64, [3, 4], 16)
     cases = [
         (ValueError, r"q must be \(B, Hq, T, D\), got \(4, 5, 64\)", (q[0], k, v, lens, bits)),
-        (ValueError, r"query heads \(4\) must be a multiple of the key/value heads \(3\)",
-         (q, torch.randn(2, 3, 16, 64), torch.randn(2, 3, 16, 64), lens, bits)),
-        (ValueError, r"k_cache must be \(B=2, Hkv, Lmax, D=64\), got \(2, 2, 16, 32\)",
-         (q, k[..., :32], v[..., :32], lens, bits)),
+        (
+            ValueError,
+            r"query heads \(4\) must be a multiple of the key/value heads \(3\)",
+            (q, torch.randn(2, 3, 16, 64), torch.randn(2, 3, 16, 64), lens, bits),
+        ),
+        (
+            ValueError,
+            r"k_cache must be \(B=2, Hkv, Lmax, D=64\), got \(2, 2, 16, 32\)",
+            (q, k[..., :32], v[..., :32], lens, bits),
+        ),
         (ValueError, "k_cache and v_cache must have one shape", (q, k, v[:, :, :8], lens, bits)),
         (TypeError, "q, k_cache and v_cache must share one dtype", (q, k.half(), v, lens, bits)),
         (TypeError, "q must be float16, bfloat16 or float32", (q.int(), k, v, lens, bits)),
-        (ValueError, r"cache_seqlens must be an int32 \(or int64\) tensor of shape \(2,\), got torch.float32",
-         (q, k, v, lens.float(), bits)),
-        (ValueError, r"cache_seqlens must be .* of shape \(2,\), got torch.int32 of shape \(3,\)",
-         (q, k, v, torch.tensor([1, 2, 3], dtype=torch.int32), bits)),
-        (ValueError, r"tree_mask_bits must be an int32 tensor of shape \(B=2, T=5, ceil\(T/32\)=1\), got "
-                     r"torch.int64 of shape \(2, 5, 1\)", (q, k, v, lens, bits.long())),
-        (ValueError, r"tree_mask_bits must be .* got torch.int32 of shape \(2, 5, 2\)",
-         (q, k, v, lens, torch.zeros(2, 5, 2, dtype=torch.int32))),
-        (ValueError, r"cache_seqlens must lie in \[0, Lmax - T = 11\] .* got values in \[3, 12\]",
-         (q, k, v, torch.tensor([3, 12], dtype=torch.int32), bits)),
+        (
+            ValueError,
+            r"cache_seqlens must be an int32 \(or int64\) tensor of shape \(2,\), got torch.float32",
+            (q, k, v, lens.float(), bits),
+        ),
+        (
+            ValueError,
+            r"cache_seqlens must be .* of shape \(2,\), got torch.int32 of shape \(3,\)",
+            (q, k, v, torch.tensor([1, 2, 3], dtype=torch.int32), bits),
+        ),
+        (
+            ValueError,
+            r"tree_mask_bits must be an int32 tensor of shape \(B=2, T=5, ceil\(T/32\)=1\), got "
+            r"torch.int64 of shape \(2, 5, 1\)",
+            (q, k, v, lens, bits.long()),
+        ),
+        (
+            ValueError,
+            r"tree_mask_bits must be .* got torch.int32 of shape \(2, 5, 2\)",
+            (q, k, v, lens, torch.zeros(2, 5, 2, dtype=torch.int32)),
+        ),
+        (
+            ValueError,
+            r"cache_seqlens must lie in \[0, Lmax - T = 11\] .* got values in \[3, 12\]",
+            (q, k, v, torch.tensor([3, 12], dtype=torch.int32), bits),
+        ),
         (ValueError, r"got values in \[-1, 4\]", (q, k, v, torch.tensor([-1, 4], dtype=torch.int32), bits)),
-        (ValueError, r"the cache holds Lmax=4 positions, fewer than the T=5 tree nodes",
-         (q, k[:, :, :4], v[:, :, :4], lens, bits)),
+        (
+            ValueError,
+            r"the cache holds Lmax=4 positions, fewer than the T=5 tree nodes",
+            (q, k[:, :, :4], v[:, :, :4], lens, bits),
+        ),
     ]
     for error, message, args in cases:
         with pytest.raises(error, match=message):
@@ -347,8 +391,9 @@ def test_sm90_build_keeps_tiles_in_registers():
 def test_cuda_op_matches_float64(dtype, D):
     """The op's own split choice on a real GPU: bs 2 with 2 kv heads splits the prefix; T 64 and T 65."""
     for T in (64, 65):
-        q, k, v, lens, bits, parents = make_inputs(2, 8, 2, T, D, [3000, 17], 3100, dtype=dtype, seed=12 + T,
-                                                   unused=(0, 5), device="cuda")
+        q, k, v, lens, bits, parents = make_inputs(
+            2, 8, 2, T, D, [3000, 17], 3100, dtype=dtype, seed=12 + T, unused=(0, 5), device="cuda"
+        )
         out = tree_attention(q, k, v, lens, bits)
         tol = tolerance(dtype) if dtype != torch.bfloat16 else dict(atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(out.cpu().double(), reference(q, k, v, lens, bits), **tol)
@@ -356,8 +401,7 @@ def test_cuda_op_matches_float64(dtype, D):
 
 @pytest.mark.gpu
 def test_cuda_opcheck_compile_and_cuda_graph():
-    q, k, v, lens, bits, _ = make_inputs(1, 32, 8, 64, 128, [2048], 2200, dtype=torch.float16, seed=13,
-                                         device="cuda")
+    q, k, v, lens, bits, _ = make_inputs(1, 32, 8, 64, 128, [2048], 2200, dtype=torch.float16, seed=13, device="cuda")
     torch.library.opcheck(torch.ops.kestrel.tree_attention.default, (q, k, v, lens, bits, 0.1))
     eager = tree_attention(q, k, v, lens, bits)
     compiled = torch.compile(lambda *args: tree_attention(*args), fullgraph=True)

@@ -5,14 +5,17 @@ import subprocess
 
 import pytest
 import torch
-
 from helpers import devices
+from test_build_tree import random_parents
+
 from kestrel.decoding import build_tree, static_tree
 from kestrel.ops import compact_kv_cache, sampling_probs, verify_tree_greedy, verify_tree_sample
-from kestrel.reference.tree_verify import (children_lists, compact_reference, verify_greedy_reference,
-                                           verify_sample_reference)
-
-from test_build_tree import random_parents
+from kestrel.reference.tree_verify import (
+    children_lists,
+    compact_reference,
+    verify_greedy_reference,
+    verify_sample_reference,
+)
 
 
 def as_lists(outputs):
@@ -56,9 +59,13 @@ def test_greedy_leaf_and_empty_acceptance():
     tree = static_tree([(0,), (1,), (0, 0), (0, 1), (1, 0)])  # nodes: 1=(0,) 2=(1,) 3=(0,0) 4=(0,1) 5=(1,0)
     buffers = tree.buffers(3)
     candidates = torch.tensor([[9, 4, 5, 6, 7, 8]] * 3)
-    target = torch.tensor([[5, 7, 8, 1, 2, 3],    # root -> 2 (5) -> 5 (8), a leaf: next token target[5]
-                           [1, 7, 8, 1, 2, 3],    # nothing accepted
-                           [4, 7, 8, 1, 2, 3]])   # root -> 1 (4) -> 4 (7), a leaf
+    target = torch.tensor(
+        [
+            [5, 7, 8, 1, 2, 3],  # root -> 2 (5) -> 5 (8), a leaf: next token target[5]
+            [1, 7, 8, 1, 2, 3],  # nothing accepted
+            [4, 7, 8, 1, 2, 3],
+        ]
+    )  # root -> 1 (4) -> 4 (7), a leaf
     accept_index, accept_len, next_token = verify_tree_greedy(candidates, target, buffers)
     assert accept_index.tolist() == [[0, 2, 5], [0, -1, -1], [0, 1, 4]]
     assert accept_len.tolist() == [2, 0, 2]
@@ -101,7 +108,7 @@ def test_sample_matches_reference(T, V, sampled):
         uniform_final = torch.rand(B, generator=g)
         if trial == 5:  # extremes of [0, 1)
             uniform[0], uniform_final[0] = 0.0, 0.0
-            uniform[1], uniform_final[1] = 1 - 2 ** -24, 1 - 2 ** -24
+            uniform[1], uniform_final[1] = 1 - 2**-24, 1 - 2**-24
         got = as_lists(verify_tree_sample(candidates, target, tree, uniform, uniform_final, draft))
         ref = verify_sample_reference(candidates, target, parents, uniform, uniform_final, draft, tree.max_depth)
         assert got == tuple(ref)
@@ -166,8 +173,9 @@ def test_chi_square_helper_rejects_a_wrong_distribution():
     g = torch.Generator().manual_seed(0)
     p = torch.tensor([0.1, 0.2, 0.3, 0.4])
     right = torch.bincount(torch.multinomial(p, 20000, replacement=True, generator=g), minlength=4)
-    wrong = torch.bincount(torch.multinomial(torch.tensor([0.12, 0.2, 0.3, 0.38]), 20000, replacement=True,
-                                             generator=g), minlength=4)
+    wrong = torch.bincount(
+        torch.multinomial(torch.tensor([0.12, 0.2, 0.3, 0.38]), 20000, replacement=True, generator=g), minlength=4
+    )
     assert chi_square_pvalue(right, p) > 1e-3
     assert chi_square_pvalue(wrong, p) < 1e-6
 
@@ -314,8 +322,9 @@ def test_sample_accepts_float64_probabilities():
     uniform, uniform_final = torch.rand(2, 6, generator=torch.Generator().manual_seed(4)), torch.rand(2)
     for draft in (None, probs.flip(-1)):
         expected = verify_tree_sample(candidates, probs, tree, uniform, uniform_final, draft)
-        got = verify_tree_sample(candidates, probs.double(), tree, uniform, uniform_final,
-                                 None if draft is None else draft.double())
+        got = verify_tree_sample(
+            candidates, probs.double(), tree, uniform, uniform_final, None if draft is None else draft.double()
+        )
         for a, b in zip(expected, got):
             assert torch.equal(a, b)
 
@@ -370,8 +379,8 @@ def test_compaction_equals_plain_decoding(device, layers, dtype):
     rows_pos = torch.arange(Lmax).expand(B, Lmax).clone()
     for b in range(B):
         n = int(lens[b])
-        rows_tokens[b, n:n + T] = candidates[b]
-        rows_pos[b, n:n + T] = n + tree.depth[b]
+        rows_tokens[b, n : n + T] = candidates[b]
+        rows_pos[b, n : n + T] = n + tree.depth[b]
     k_cache, v_cache = kv_of(rows_tokens, rows_pos, H, D, layers)
     k_cache, v_cache = k_cache.to(dtype).to(device), v_cache.to(dtype).to(device)
     ref_k, ref_v, ref_lens = compact_reference(k_cache, v_cache, lens.to(device), accept_index.to(device))
@@ -417,7 +426,7 @@ def test_compaction_rejects_bad_accept_index():
     assert lens.tolist() == [3]
 
 
-COMPACT_CRASH_SCRIPT = r'''
+COMPACT_CRASH_SCRIPT = r"""
 import torch
 import kestrel
 from kestrel.ops import compact_kv_cache
@@ -430,7 +439,7 @@ except RuntimeError as error:
     assert "outside the cache" in str(error), error
     assert lens.item() == 2**31 - 5 and torch.equal(k, before[0]) and torch.equal(v, before[1])
     print("rejected")
-'''
+"""
 
 
 def test_compaction_length_near_int32_max_is_rejected_not_a_crash():
@@ -468,8 +477,12 @@ def test_compaction_rejects_k_and_v_in_the_same_memory():
         compact_kv_cache(kv.view(-1)[:64].view(1, 2, 8, 4), kv.view(-1)[32:96].view(1, 2, 8, 4), lens, accept_index)
     assert torch.equal(k, before) and lens.tolist() == [2]
     with pytest.raises(RuntimeError, match="cache_seqlens has elements that share memory"):
-        compact_kv_cache(torch.randn(2, 1, 8, 4), torch.randn(2, 1, 8, 4), torch.tensor([2], dtype=torch.int32)
-                         .expand(2), torch.tensor([[0, 2, -1]] * 2, dtype=torch.int32))
+        compact_kv_cache(
+            torch.randn(2, 1, 8, 4),
+            torch.randn(2, 1, 8, 4),
+            torch.tensor([2], dtype=torch.int32).expand(2),
+            torch.tensor([[0, 2, -1]] * 2, dtype=torch.int32),
+        )
     # two halves of one buffer are separate caches: accepted
     ref_k, ref_v, ref_lens = compact_reference(kv[0], kv[1], lens, accept_index)
     compact_kv_cache(kv[0], kv[1], lens, accept_index)
@@ -504,8 +517,9 @@ def test_argument_checks():
     with pytest.raises(TypeError, match="cache_seqlens must be torch.int32, got torch.int64"):
         compact_kv_cache(k, k.clone(), torch.zeros(2, dtype=torch.long), torch.zeros(2, 1, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"v_cache must match k_cache \(2, 1, 8, 4\)"):
-        compact_kv_cache(k, torch.zeros(2, 1, 7, 4), torch.zeros(2, dtype=torch.int32),
-                         torch.zeros(2, 1, dtype=torch.int32))
+        compact_kv_cache(
+            k, torch.zeros(2, 1, 7, 4), torch.zeros(2, dtype=torch.int32), torch.zeros(2, 1, dtype=torch.int32)
+        )
     with pytest.raises(RuntimeError, match=r"max_depth must be in \[0, T - 1\] = \[0, 2\], got 3"):
         torch.ops.kestrel.verify_tree_greedy(cand, cand, tree.first_child, tree.next_sibling, 3)
 
@@ -526,17 +540,22 @@ def small_case(device, V=12):
 def test_opcheck(device):
     _, tree, candidates, probs = small_case(device)
     uniform, uniform_final = torch.rand(2, 6).to(device), torch.rand(2).to(device)
-    torch.library.opcheck(torch.ops.kestrel.verify_tree_greedy,
-                          (candidates, probs.argmax(-1), tree.first_child, tree.next_sibling, tree.max_depth))
+    torch.library.opcheck(
+        torch.ops.kestrel.verify_tree_greedy,
+        (candidates, probs.argmax(-1), tree.first_child, tree.next_sibling, tree.max_depth),
+    )
     for draft in (None, probs.flip(-1).contiguous()):
-        torch.library.opcheck(torch.ops.kestrel.verify_tree_sample,
-                              (candidates, probs, tree.first_child, tree.next_sibling, uniform, uniform_final, draft,
-                               tree.max_depth))
+        torch.library.opcheck(
+            torch.ops.kestrel.verify_tree_sample,
+            (candidates, probs, tree.first_child, tree.next_sibling, uniform, uniform_final, draft, tree.max_depth),
+        )
     for shape in ((2, 2, 16, 4), (3, 2, 2, 16, 4)):
         k, v = torch.randn(shape).to(device), torch.randn(shape).to(device)
         accept_index = torch.tensor([[0, 1, 3], [0, 2, -1]], dtype=torch.int32, device=device)
-        torch.library.opcheck(torch.ops.kestrel.compact_kv_cache,
-                              (k, v, torch.tensor([3, 5], dtype=torch.int32, device=device), accept_index))
+        torch.library.opcheck(
+            torch.ops.kestrel.compact_kv_cache,
+            (k, v, torch.tensor([3, 5], dtype=torch.int32, device=device), accept_index),
+        )
 
 
 @pytest.mark.parametrize("device", devices())
@@ -585,8 +604,14 @@ def test_cuda_equals_cpu(T, V, sampled):
     for _ in range(4):
         uniform, uniform_final = torch.rand(B, T, generator=g), torch.rand(B, generator=g)
         cpu = verify_tree_sample(candidates, target, tree_cpu, uniform, uniform_final, draft)
-        gpu = verify_tree_sample(candidates.cuda(), target.cuda(), tree_gpu, uniform.cuda(), uniform_final.cuda(),
-                                 None if draft is None else draft.cuda())
+        gpu = verify_tree_sample(
+            candidates.cuda(),
+            target.cuda(),
+            tree_gpu,
+            uniform.cuda(),
+            uniform_final.cuda(),
+            None if draft is None else draft.cuda(),
+        )
         for a, b in zip(cpu, gpu):
             assert torch.equal(a, b.cpu())
     target_ids = greedy_targets_following(parents, candidates, g)

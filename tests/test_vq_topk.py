@@ -4,10 +4,11 @@ per-head loop, the chunked CPU path, and the Triton kernel (interpreted in CI)."
 
 import pytest
 import torch
-
 from helpers import gpu_available
+
 from kestrel.ops import vq_topk
-from kestrel.ops.vq_topk import _code_terms, duplicate_groups as groups
+from kestrel.ops.vq_topk import _code_terms
+from kestrel.ops.vq_topk import duplicate_groups as groups
 from kestrel.reference.vq_topk import vq_scores
 
 try:
@@ -96,8 +97,8 @@ def test_duplicate_groups_compare_values_not_bits():
     alias, members, start, size = groups(cb, banned)
     assert alias[0].tolist() == [False, False, False, False, True, False, True, True, False]
     assert size[0, 1] == 3 and size[0, 2] == 2 and size[0, 0] == 1 and size[0, 3] == 1
-    assert members[0, start[0, 1]:start[0, 1] + 3].tolist() == [1, 4, 7]
-    assert members[0, start[0, 2]:start[0, 2] + 2].tolist() == [2, 6]
+    assert members[0, start[0, 1] : start[0, 1] + 3].tolist() == [1, 4, 7]
+    assert members[0, start[0, 2] : start[0, 2] + 2].tolist() == [2, 6]
 
 
 @pytest.mark.parametrize("on_kernel", [False, True])
@@ -117,8 +118,7 @@ def test_copies_and_exact_ties_between_different_codes_follow_the_index(on_kerne
 
             device = "cuda" if gpu_available() else "cpu"
             scale, bias = _code_terms(cb, "ip", None)
-            ranked, ids = vq_topk_triton(x.to(device), cb.to(device), bias.to(device), scale.to(device), k,
-                                         groups(cb))
+            ranked, ids = vq_topk_triton(x.to(device), cb.to(device), bias.to(device), scale.to(device), k, groups(cb))
             ids = ids[..., :k].long().cpu()
         else:
             _, ids = vq_topk(x, cb, k, metric="ip", chunk=16)
@@ -148,10 +148,24 @@ def test_the_kernel_tie_rule_holds_with_the_other_blas_kernels():
 
     for core in ("Haswell", "Prescott"):  # AVX2 and SSE3 kernels: every x86-64 CI machine runs both
         env = dict(os.environ, OPENBLAS_CORETYPE=core)
-        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                                 "test_triton_kernel_equals_the_cpu_path and 8-"], env=env, capture_output=True,
-                                text=True,
-                                cwd=os.path.dirname(__file__), timeout=600)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                __file__,
+                "-k",
+                "test_triton_kernel_equals_the_cpu_path and 8-",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(__file__),
+            timeout=600,
+        )
         assert result.returncode == 0, (core, result.stdout[-3000:])
 
 
@@ -169,8 +183,7 @@ def test_triton_kernel_equals_the_cpu_path(metric, k):
     banned = torch.zeros(2, 150, dtype=torch.bool)
     banned[0, :5] = True
     scale, bias = _code_terms(cb, metric, banned)
-    ranked, ids = vq_topk_triton(x.to(device), cb.to(device), bias.to(device), scale.to(device), k,
-                                 groups(cb, banned))
+    ranked, ids = vq_topk_triton(x.to(device), cb.to(device), bias.to(device), scale.to(device), k, groups(cb, banned))
     _, ref_ids = vq_topk(x, cb, k, metric=metric, banned=banned)
     assert torch.equal(ids[..., :k].long().cpu(), ref_ids)
 
@@ -195,8 +208,11 @@ def test_chunk_argument():
         for got, want in zip(vq_topk(x, cb, 2, chunk=chunk), expected):
             assert torch.equal(got, want)
     for chunk in (-1, -5):
-        with pytest.raises(ValueError, match=rf"vq_topk: chunk must be None, 0 \(the default\) or a positive int, "
-                                             rf"got {chunk}"):
+        with pytest.raises(
+            ValueError,
+            match=rf"vq_topk: chunk must be None, 0 \(the default\) or a positive int, "
+            rf"got {chunk}",
+        ):
             vq_topk(x, cb, 2, chunk=chunk)
     for chunk in (True, 2.5):
         with pytest.raises(TypeError, match="vq_topk: chunk must be None or an int, got"):
@@ -277,8 +293,9 @@ def test_cpu_path_memory_stays_bounded_where_the_score_matrix_would_not_fit():
     import sys
 
     N, C = 1024, 1_500_000
-    result = subprocess.run([sys.executable, "-c", BOUNDED_MEMORY_SCRIPT, str(N), str(C)], capture_output=True,
-                            text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-c", BOUNDED_MEMORY_SCRIPT, str(N), str(C)], capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     extra = int(result.stdout.strip().splitlines()[-1])
     dense = N * C * 4

@@ -21,8 +21,8 @@ namespace kestrel {
 namespace {
 
 using cpu::CodeTable;
-using optim::StepScalars;
 using optim::kBlockSize;
+using optim::StepScalars;
 
 // The parameter's new value in its dtype: round to nearest even, or stochastically for bf16 when asked.
 template <typename T>
@@ -38,8 +38,7 @@ template <optim::TwoState KIND, typename T>
 KESTREL_ALWAYS_INLINE void two_state8bit_blocks(T* __restrict__ p, const T* __restrict__ g, uint8_t* __restrict__ c1,
                                                 uint8_t* __restrict__ c2, float* __restrict__ absmax1,
                                                 float* __restrict__ absmax2, int64_t n, const StepScalars& a,
-                                                const CodeTable& q1, const CodeTable& q2, int64_t first,
-                                                int64_t end) {
+                                                const CodeTable& q1, const CodeTable& q2, int64_t first, int64_t end) {
   constexpr bool kMix = KIND == optim::TwoState::kAdEMAMix;
   const int64_t blocks = optim_num_blocks(n);
   uint8_t* c3 = c1 + n;               // AdEMAMix: the slow first moment's codes
@@ -56,8 +55,10 @@ KESTREL_ALWAYS_INLINE void two_state8bit_blocks(T* __restrict__ p, const T* __re
       float m1 = quant::dequantize_value(q1.code, c1[begin + i], old_max1);
       float m2 = quant::dequantize_value(q2.code, c2[begin + i], old_max2);
       float m3 = kMix ? quant::dequantize_value(q1.code, c3[begin + i], old_max3) : 0.0f;
-      if (kMix) optim::ademamix_moments(a, grad, m1, m3, m2);
-      else optim::adam_moments(a, grad, m1, m2);
+      if (kMix)
+        optim::ademamix_moments(a, grad, m1, m3, m2);
+      else
+        optim::adam_moments(a, grad, m1, m2);
       const int ok = optim::step_is_finite(grad, m1, m2, m3);
       m1 = ok ? m1 : 0.0f;
       m2 = ok ? m2 : 0.0f;
@@ -98,16 +99,18 @@ KESTREL_ALWAYS_INLINE void two_state8bit_blocks(T* __restrict__ p, const T* __re
 // 32-bit states, as bnb's 32-bit kernel: an element with a NaN/Inf gradient is skipped (parameter and states kept).
 template <optim::TwoState KIND, typename T>
 KESTREL_ALWAYS_INLINE void two_state32bit_blocks(T* __restrict__ p, const T* __restrict__ g, float* __restrict__ s1,
-                                                 float* __restrict__ s2, int64_t n, const StepScalars& a,
-                                                 int64_t first, int64_t end) {
+                                                 float* __restrict__ s2, int64_t n, const StepScalars& a, int64_t first,
+                                                 int64_t end) {
   constexpr bool kMix = KIND == optim::TwoState::kAdEMAMix;
   float* s3 = s1 + n;
   const int64_t stop = std::min(n, end * kBlockSize);
   for (int64_t i = first * kBlockSize; i < stop; ++i) {
     const float grad = static_cast<float>(g[i]) * a.gnorm_scale;
     float m1 = s1[i], m2 = s2[i], m3 = kMix ? s3[i] : 0.0f;
-    if (kMix) optim::ademamix_moments(a, grad, m1, m3, m2);
-    else optim::adam_moments(a, grad, m1, m2);
+    if (kMix)
+      optim::ademamix_moments(a, grad, m1, m3, m2);
+    else
+      optim::adam_moments(a, grad, m1, m2);
     const float updated = kMix ? optim::ademamix_param_update(a, static_cast<float>(p[i]), m1, m3, m2)
                                : optim::adam_param_update(a, static_cast<float>(p[i]), m1, m2);
     T new_p = round_param<T>(updated, a, i, 0);
@@ -153,8 +156,8 @@ KESTREL_ALWAYS_INLINE void one_state_blocks(T* __restrict__ p, const T* __restri
       absmax[b] = new_max;
       for (int i = 0; i < len; ++i) {
         const float v = optim::normalize_state(s[i], new_max);
-        codes[i] = static_cast<uint8_t>(optim::round_one_state_code<KIND>(q->code, q->nearest(v), v,
-                                                                          a.robust_rounding));
+        codes[i] =
+            static_cast<uint8_t>(optim::round_one_state_code<KIND>(q->code, q->nearest(v), v, a.robust_rounding));
       }
     } else {
       for (int i = 0; i < len; ++i) full[i] = s[i];
@@ -218,46 +221,47 @@ KESTREL_ALWAYS_INLINE void norm_blocks(const T* __restrict__ p, const T* __restr
   }
 }
 
-#define KESTREL_DEFINE_TWO_STATE_CPU(SUFFIX, T)                                                                   \
-  KESTREL_CPU_CLONES void two_state8bit_blocks_##SUFFIX(optim::TwoState kind, T* p, const T* g, uint8_t* c1,       \
-                                                        uint8_t* c2, float* absmax1, float* absmax2, int64_t n,    \
-                                                        const StepScalars& a, const CodeTable& q1,                 \
-                                                        const CodeTable& q2, int64_t first, int64_t end) {         \
-    if (kind == optim::TwoState::kAdEMAMix)                                                                         \
-      two_state8bit_blocks<optim::TwoState::kAdEMAMix, T>(p, g, c1, c2, absmax1, absmax2, n, a, q1, q2, first, end); \
-    else                                                                                                            \
-      two_state8bit_blocks<optim::TwoState::kAdam, T>(p, g, c1, c2, absmax1, absmax2, n, a, q1, q2, first, end);     \
-  }                                                                                                                 \
-  KESTREL_CPU_CLONES void two_state32bit_blocks_##SUFFIX(optim::TwoState kind, T* p, const T* g, float* s1,        \
-                                                         float* s2, int64_t n, const StepScalars& a,               \
-                                                         int64_t first, int64_t end) {                             \
-    if (kind == optim::TwoState::kAdEMAMix)                                                                         \
-      two_state32bit_blocks<optim::TwoState::kAdEMAMix, T>(p, g, s1, s2, n, a, first, end);                         \
-    else                                                                                                            \
-      two_state32bit_blocks<optim::TwoState::kAdam, T>(p, g, s1, s2, n, a, first, end);                             \
+#define KESTREL_DEFINE_TWO_STATE_CPU(SUFFIX, T)                                                                        \
+  KESTREL_CPU_CLONES void two_state8bit_blocks_##SUFFIX(                                                               \
+      optim::TwoState kind, T* p, const T* g, uint8_t* c1, uint8_t* c2, float* absmax1, float* absmax2, int64_t n,     \
+      const StepScalars& a, const CodeTable& q1, const CodeTable& q2, int64_t first, int64_t end) {                    \
+    if (kind == optim::TwoState::kAdEMAMix)                                                                            \
+      two_state8bit_blocks<optim::TwoState::kAdEMAMix, T>(p, g, c1, c2, absmax1, absmax2, n, a, q1, q2, first, end);   \
+    else                                                                                                               \
+      two_state8bit_blocks<optim::TwoState::kAdam, T>(p, g, c1, c2, absmax1, absmax2, n, a, q1, q2, first, end);       \
+  }                                                                                                                    \
+  KESTREL_CPU_CLONES void two_state32bit_blocks_##SUFFIX(optim::TwoState kind, T* p, const T* g, float* s1, float* s2, \
+                                                         int64_t n, const StepScalars& a, int64_t first,               \
+                                                         int64_t end) {                                                \
+    if (kind == optim::TwoState::kAdEMAMix)                                                                            \
+      two_state32bit_blocks<optim::TwoState::kAdEMAMix, T>(p, g, s1, s2, n, a, first, end);                            \
+    else                                                                                                               \
+      two_state32bit_blocks<optim::TwoState::kAdam, T>(p, g, s1, s2, n, a, first, end);                                \
   }
-#define KESTREL_DEFINE_ONE_STATE_CPU(SUFFIX, T)                                                                    \
-  KESTREL_CPU_CLONES void one_state_blocks_##SUFFIX(optim::OneState kind, T* p, const T* g, void* state,             \
-                                                    float* absmax, int64_t n, const StepScalars& a,                  \
-                                                    const CodeTable* q, int64_t first, int64_t end) {                \
-    switch (kind) {                                                                                                  \
-      case optim::OneState::kMomentum:                                                                               \
-        return one_state_blocks<optim::OneState::kMomentum, T>(p, g, state, absmax, n, a, q, first, end);           \
-      case optim::OneState::kRMSprop:                                                                                \
-        return one_state_blocks<optim::OneState::kRMSprop, T>(p, g, state, absmax, n, a, q, first, end);            \
-      case optim::OneState::kAdagrad:                                                                                \
-        return one_state_blocks<optim::OneState::kAdagrad, T>(p, g, state, absmax, n, a, q, first, end);            \
-      case optim::OneState::kLion:                                                                                   \
-        return one_state_blocks<optim::OneState::kLion, T>(p, g, state, absmax, n, a, q, first, end);               \
-    }                                                                                                                \
+#define KESTREL_DEFINE_ONE_STATE_CPU(SUFFIX, T)                                                           \
+  KESTREL_CPU_CLONES void one_state_blocks_##SUFFIX(optim::OneState kind, T* p, const T* g, void* state,  \
+                                                    float* absmax, int64_t n, const StepScalars& a,       \
+                                                    const CodeTable* q, int64_t first, int64_t end) {     \
+    switch (kind) {                                                                                       \
+      case optim::OneState::kMomentum:                                                                    \
+        return one_state_blocks<optim::OneState::kMomentum, T>(p, g, state, absmax, n, a, q, first, end); \
+      case optim::OneState::kRMSprop:                                                                     \
+        return one_state_blocks<optim::OneState::kRMSprop, T>(p, g, state, absmax, n, a, q, first, end);  \
+      case optim::OneState::kAdagrad:                                                                     \
+        return one_state_blocks<optim::OneState::kAdagrad, T>(p, g, state, absmax, n, a, q, first, end);  \
+      case optim::OneState::kLion:                                                                        \
+        return one_state_blocks<optim::OneState::kLion, T>(p, g, state, absmax, n, a, q, first, end);     \
+    }                                                                                                     \
   }
-#define KESTREL_DEFINE_NORMS_CPU(SUFFIX, T)                                                                       \
-  KESTREL_CPU_CLONES void norm_blocks_##SUFFIX(bool adam, const T* p, const T* g, const void* state1,              \
-                                               const void* state2, const float* absmax1, const float* absmax2,    \
-                                               int64_t n, const StepScalars& a, const CodeTable* q1,              \
-                                               const CodeTable* q2, float* sums, int64_t first, int64_t end) {    \
-    if (adam) norm_blocks<true, T>(p, g, state1, state2, absmax1, absmax2, n, a, q1, q2, sums, first, end);        \
-    else norm_blocks<false, T>(p, g, state1, state2, absmax1, absmax2, n, a, q1, q2, sums, first, end);            \
+#define KESTREL_DEFINE_NORMS_CPU(SUFFIX, T)                                                                    \
+  KESTREL_CPU_CLONES void norm_blocks_##SUFFIX(bool adam, const T* p, const T* g, const void* state1,          \
+                                               const void* state2, const float* absmax1, const float* absmax2, \
+                                               int64_t n, const StepScalars& a, const CodeTable* q1,           \
+                                               const CodeTable* q2, float* sums, int64_t first, int64_t end) { \
+    if (adam)                                                                                                  \
+      norm_blocks<true, T>(p, g, state1, state2, absmax1, absmax2, n, a, q1, q2, sums, first, end);            \
+    else                                                                                                       \
+      norm_blocks<false, T>(p, g, state1, state2, absmax1, absmax2, n, a, q1, q2, sums, first, end);           \
   }
 KESTREL_DEFINE_NORMS_CPU(f32, float)
 KESTREL_DEFINE_NORMS_CPU(f16, c10::Half)
@@ -276,17 +280,25 @@ KESTREL_DEFINE_TWO_STATE_CPU(bf16, c10::BFloat16)
 
 template <typename T>
 struct KernelsCpu;
-#define KESTREL_KERNELS_CPU_TRAITS(SUFFIX, T)                                              \
-  template <>                                                                              \
-  struct KernelsCpu<T> {                                                                   \
-    template <typename... Args>                                                            \
-    static void two_state8bit(Args... args) { two_state8bit_blocks_##SUFFIX(args...); }     \
-    template <typename... Args>                                                            \
-    static void two_state32bit(Args... args) { two_state32bit_blocks_##SUFFIX(args...); }   \
-    template <typename... Args>                                                            \
-    static void one_state(Args... args) { one_state_blocks_##SUFFIX(args...); }             \
-    template <typename... Args>                                                            \
-    static void norms(Args... args) { norm_blocks_##SUFFIX(args...); }                      \
+#define KESTREL_KERNELS_CPU_TRAITS(SUFFIX, T)  \
+  template <>                                  \
+  struct KernelsCpu<T> {                       \
+    template <typename... Args>                \
+    static void two_state8bit(Args... args) {  \
+      two_state8bit_blocks_##SUFFIX(args...);  \
+    }                                          \
+    template <typename... Args>                \
+    static void two_state32bit(Args... args) { \
+      two_state32bit_blocks_##SUFFIX(args...); \
+    }                                          \
+    template <typename... Args>                \
+    static void one_state(Args... args) {      \
+      one_state_blocks_##SUFFIX(args...);      \
+    }                                          \
+    template <typename... Args>                \
+    static void norms(Args... args) {          \
+      norm_blocks_##SUFFIX(args...);           \
+    }                                          \
   };
 KESTREL_KERNELS_CPU_TRAITS(f32, float)
 KESTREL_KERNELS_CPU_TRAITS(f16, c10::Half)
@@ -296,20 +308,27 @@ KESTREL_KERNELS_CPU_TRAITS(bf16, c10::BFloat16)
 template <typename Fn>
 void dispatch_float(c10::ScalarType dtype, const Fn& fn) {
   switch (dtype) {
-    case at::kFloat: fn(float{}); break;
-    case at::kHalf: fn(c10::Half{}); break;
-    case at::kBFloat16: fn(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "unreachable dtype ", dtype);
+    case at::kFloat:
+      fn(float{});
+      break;
+    case at::kHalf:
+      fn(c10::Half{});
+      break;
+    case at::kBFloat16:
+      fn(c10::BFloat16{});
+      break;
+    default:
+      TORCH_CHECK(false, "unreachable dtype ", dtype);
   }
 }
 
 void two_state8bit_step_cpu(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
                             at::TensorList state1, at::TensorList state2, at::TensorList absmax1,
                             at::TensorList absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2,
-                            const at::Tensor& steps_tensor, double lr, double beta1, double beta2, double beta3, double alpha,
-                            double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
+                            const at::Tensor& steps_tensor, double lr, double beta1, double beta2, double beta3,
+                            double alpha, double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
                             const std::optional<at::Tensor>& norms, double max_unorm,
-    const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
+                            const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
   const std::vector<int64_t> steps_vec = read_steps("two_state8bit_step_", steps_tensor, params.size());
   const c10::IntArrayRef steps(steps_vec);
   lr = read_lr("two_state8bit_step_", lr, lr_tensor);
@@ -324,10 +343,10 @@ void two_state8bit_step_cpu(c10::string_view optimizer, at::TensorList params, a
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t n = params[i].numel();
     if (n == 0) continue;
-    StepScalars a = with_rounding(optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2,
-                                                           (float)eps, (float)weight_decay, (float)gnorm_scale,
-                                                           (float)beta3, (float)alpha),
-                                  round_seed, i, robust_rounding);
+    StepScalars a =
+        with_rounding(optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2, (float)eps,
+                                               (float)weight_decay, (float)gnorm_scale, (float)beta3, (float)alpha),
+                      round_seed, i, robust_rounding);
     a.max_unorm = (float)max_unorm;
     optim::apply_trust_ratio(a, norm_data ? norm_data + 2 * i : nullptr, /*adam=*/true);
     dispatch_float(params[i].scalar_type(), [&](auto tag) {
@@ -340,8 +359,8 @@ void two_state8bit_step_cpu(c10::string_view optimizer, at::TensorList params, a
       float* m2 = absmax2[i].data_ptr<float>();
 #if defined(KESTREL_HAVE_AVX512_PATH)
       // The vector path (Adam, the dynamic maps' one-comparison bucket search); a partial last block stays scalar.
-      if (kind == optim::TwoState::kAdam && !a.stochastic_round && cpu::avx512::supported() &&
-          q1->bucket_steps == 1 && q2->bucket_steps == 1) {
+      if (kind == optim::TwoState::kAdam && !a.stochastic_round && cpu::avx512::supported() && q1->bucket_steps == 1 &&
+          q2->bucket_steps == 1) {
         const int64_t full = n / kBlockSize;
         cpu::parallel_over_blocks(n, full, [&](int64_t first, int64_t end) {
           cpu::avx512::adam8bit_full_blocks<T>(p, g, c1, c2, m1, m2, a, *q1, *q2, first, end);
@@ -362,8 +381,7 @@ void two_state32bit_step_cpu(c10::string_view optimizer, at::TensorList params, 
                              at::TensorList state1, at::TensorList state2, const at::Tensor& steps_tensor, double lr,
                              double beta1, double beta2, double beta3, double alpha, double eps, double weight_decay,
                              double gnorm_scale, int64_t round_seed, const std::optional<at::Tensor>& norms,
-                             double max_unorm,
-    const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
+                             double max_unorm, const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
   const std::vector<int64_t> steps_vec = read_steps("two_state32bit_step_", steps_tensor, params.size());
   const c10::IntArrayRef steps(steps_vec);
   lr = read_lr("two_state32bit_step_", lr, lr_tensor);
@@ -376,10 +394,10 @@ void two_state32bit_step_cpu(c10::string_view optimizer, at::TensorList params, 
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t n = params[i].numel();
     if (n == 0) continue;
-    StepScalars a = with_rounding(optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2,
-                                                           (float)eps, (float)weight_decay, (float)gnorm_scale,
-                                                           (float)beta3, (float)alpha),
-                                  round_seed, i, robust_rounding);
+    StepScalars a =
+        with_rounding(optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2, (float)eps,
+                                               (float)weight_decay, (float)gnorm_scale, (float)beta3, (float)alpha),
+                      round_seed, i, robust_rounding);
     a.max_unorm = (float)max_unorm;
     optim::apply_trust_ratio(a, norm_data ? norm_data + 2 * i : nullptr, /*adam=*/true);
     dispatch_float(params[i].scalar_type(), [&](auto tag) {
@@ -396,10 +414,10 @@ void two_state32bit_step_cpu(c10::string_view optimizer, at::TensorList params, 
 }
 
 void one_state_step_cpu(const char* op, c10::string_view optimizer, at::TensorList params, at::TensorList grads,
-                        at::TensorList state1, at::TensorList absmax1, const at::Tensor* qmap1,
-                        c10::IntArrayRef steps, double lr, double beta1, double beta2, double eps,
-                        double weight_decay, double gnorm_scale, int64_t round_seed,
-                        const std::optional<at::Tensor>& norms, double max_unorm, bool robust_rounding) {
+                        at::TensorList state1, at::TensorList absmax1, const at::Tensor* qmap1, c10::IntArrayRef steps,
+                        double lr, double beta1, double beta2, double eps, double weight_decay, double gnorm_scale,
+                        int64_t round_seed, const std::optional<at::Tensor>& norms, double max_unorm,
+                        bool robust_rounding) {
   const bool eight_bit = qmap1 != nullptr;
   const optim::OneState kind = parse_one_state(op, optimizer);
   check_adam_args(op, params, grads, state1, state1, absmax1, absmax1, qmap1, qmap1, steps, eight_bit);
@@ -409,8 +427,8 @@ void one_state_step_cpu(const char* op, c10::string_view optimizer, at::TensorLi
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t n = params[i].numel();
     if (n == 0) continue;
-    StepScalars a = with_rounding(optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2,
-                                                           (float)eps, (float)weight_decay, (float)gnorm_scale),
+    StepScalars a = with_rounding(optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2, (float)eps,
+                                                           (float)weight_decay, (float)gnorm_scale),
                                   round_seed, i, robust_rounding);
     a.max_unorm = (float)max_unorm;
     optim::apply_trust_ratio(a, norm_data ? norm_data + 2 * i : nullptr, /*adam=*/false);
@@ -432,19 +450,19 @@ void one_state8bit_step_cpu(c10::string_view optimizer, at::TensorList params, a
                             const at::Tensor& steps_tensor, double lr, double beta1, double beta2, double eps,
                             double weight_decay, double gnorm_scale, int64_t round_seed,
                             const std::optional<at::Tensor>& norms, double max_unorm,
-    const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
+                            const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
   const std::vector<int64_t> steps_vec = read_steps("one_state8bit_step_", steps_tensor, params.size());
   const c10::IntArrayRef steps(steps_vec);
   lr = read_lr("one_state8bit_step_", lr, lr_tensor);
-  one_state_step_cpu("one_state8bit_step_", optimizer, params, grads, state1, absmax1, &qmap1, steps, lr, beta1,
-                     beta2, eps, weight_decay, gnorm_scale, round_seed, norms, max_unorm, robust_rounding);
+  one_state_step_cpu("one_state8bit_step_", optimizer, params, grads, state1, absmax1, &qmap1, steps, lr, beta1, beta2,
+                     eps, weight_decay, gnorm_scale, round_seed, norms, max_unorm, robust_rounding);
 }
 
 void one_state32bit_step_cpu(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
-                             at::TensorList state1, const at::Tensor& steps_tensor, double lr, double beta1, double beta2,
-                             double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
+                             at::TensorList state1, const at::Tensor& steps_tensor, double lr, double beta1,
+                             double beta2, double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
                              const std::optional<at::Tensor>& norms, double max_unorm,
-    const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
+                             const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
   const std::vector<int64_t> steps_vec = read_steps("one_state32bit_step_", steps_tensor, params.size());
   const c10::IntArrayRef steps(steps_vec);
   lr = read_lr("one_state32bit_step_", lr, lr_tensor);
@@ -461,8 +479,8 @@ at::Tensor update_norms_cpu(c10::string_view optimizer, at::TensorList params, a
   const std::vector<int64_t> steps_vec = read_steps("update_norms", steps_tensor, params.size());
   const c10::IntArrayRef steps(steps_vec);
   constexpr const char* op = "update_norms";
-  const bool adam = check_norm_args(op, optimizer, params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2,
-                                    steps);
+  const bool adam =
+      check_norm_args(op, optimizer, params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps);
   const bool eight_bit = qmap1.has_value();
   const int64_t count = static_cast<int64_t>(params.size());
   at::Tensor norms = at::zeros({count, 2}, at::TensorOptions().dtype(at::kFloat));

@@ -54,7 +54,8 @@ struct Lanes<c10::BFloat16> {
   static inline __m512i to_bits32(__m512 v) {
     const __m512i u = _mm512_castps_si512(v);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+    const __m512i rounded =
+        _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
     const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     return _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
   }
@@ -64,14 +65,19 @@ struct Lanes<c10::BFloat16> {
   static inline __m512 round(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(to_bits32(v), 16)); }
 };
 
-inline __m512 abs_ps(__m512 v) { return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fffffff))); }
+inline __m512 abs_ps(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fffffff)));
+}
 
-inline __mmask16 finite_mask(__m512 v) { return _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), _mm512_setzero_ps(), _CMP_EQ_OQ); }
+inline __mmask16 finite_mask(__m512 v) {
+  return _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), _mm512_setzero_ps(), _CMP_EQ_OQ);
+}
 
 // quant::nearest_code_bucketed<1> on 16 lanes: bucket start (a byte gathered as a dword, masked), one comparison.
 inline __m512i nearest_code(const CodeTable& t, __m512 v) {
   const __m512i u = _mm512_castps_si512(_mm512_add_ps(v, _mm512_setzero_ps()));
-  const __m512i key = _mm512_xor_si512(u, _mm512_or_si512(_mm512_srai_epi32(u, 31), _mm512_set1_epi32((int)0x80000000u)));
+  const __m512i key =
+      _mm512_xor_si512(u, _mm512_or_si512(_mm512_srai_epi32(u, 31), _mm512_set1_epi32((int)0x80000000u)));
   const __m512i bucket = _mm512_srli_epi32(key, 32 - quant::kBucketBits);
   __m512i idx = _mm512_and_si512(_mm512_i32gather_epi32(bucket, t.bucket_start, 1), _mm512_set1_epi32(0xff));
   const __m512 mid = _mm512_i32gather_ps(idx, t.midpoints, 4);

@@ -37,8 +37,8 @@ KESTREL_ALWAYS_INLINE float block_absmax(const T* x, int64_t len) {
 }
 
 template <typename T>
-KESTREL_ALWAYS_INLINE void quantize_blocks(const CodeTable& table, const T* x, uint8_t* codes, float* absmax,
-                                           int64_t n, int64_t blocksize, int64_t first_block, int64_t end_block) {
+KESTREL_ALWAYS_INLINE void quantize_blocks(const CodeTable& table, const T* x, uint8_t* codes, float* absmax, int64_t n,
+                                           int64_t blocksize, int64_t first_block, int64_t end_block) {
   const float* midpoints = table.midpoints;
   const uint8_t* start = table.bucket_start;
   for (int64_t b = first_block; b < end_block; ++b) {
@@ -66,10 +66,10 @@ KESTREL_ALWAYS_INLINE void quantize_blocks(const CodeTable& table, const T* x, u
 }
 
 // One entry point per dtype, cloned for AVX-512 / AVX2 / baseline x86-64 and picked at load time.
-#define KESTREL_DEFINE_QUANTIZE_BLOCKS(NAME, T)                                                                   \
-  KESTREL_CPU_CLONES void NAME(const CodeTable& table, const T* x, uint8_t* codes, float* absmax, int64_t n,      \
-                               int64_t blocksize, int64_t first_block, int64_t end_block) {                     \
-    quantize_blocks<T>(table, x, codes, absmax, n, blocksize, first_block, end_block);                          \
+#define KESTREL_DEFINE_QUANTIZE_BLOCKS(NAME, T)                                                              \
+  KESTREL_CPU_CLONES void NAME(const CodeTable& table, const T* x, uint8_t* codes, float* absmax, int64_t n, \
+                               int64_t blocksize, int64_t first_block, int64_t end_block) {                  \
+    quantize_blocks<T>(table, x, codes, absmax, n, blocksize, first_block, end_block);                       \
   }
 KESTREL_DEFINE_QUANTIZE_BLOCKS(quantize_blocks_f32, float)
 KESTREL_DEFINE_QUANTIZE_BLOCKS(quantize_blocks_f16, c10::Half)
@@ -77,11 +77,17 @@ KESTREL_DEFINE_QUANTIZE_BLOCKS(quantize_blocks_bf16, c10::BFloat16)
 #undef KESTREL_DEFINE_QUANTIZE_BLOCKS
 
 inline void quantize_blocks_any(const CodeTable& t, const float* x, uint8_t* c, float* a, int64_t n, int64_t bs,
-                                int64_t b0, int64_t b1) { quantize_blocks_f32(t, x, c, a, n, bs, b0, b1); }
-inline void quantize_blocks_any(const CodeTable& t, const c10::Half* x, uint8_t* c, float* a, int64_t n,
-                                int64_t bs, int64_t b0, int64_t b1) { quantize_blocks_f16(t, x, c, a, n, bs, b0, b1); }
-inline void quantize_blocks_any(const CodeTable& t, const c10::BFloat16* x, uint8_t* c, float* a, int64_t n,
-                                int64_t bs, int64_t b0, int64_t b1) { quantize_blocks_bf16(t, x, c, a, n, bs, b0, b1); }
+                                int64_t b0, int64_t b1) {
+  quantize_blocks_f32(t, x, c, a, n, bs, b0, b1);
+}
+inline void quantize_blocks_any(const CodeTable& t, const c10::Half* x, uint8_t* c, float* a, int64_t n, int64_t bs,
+                                int64_t b0, int64_t b1) {
+  quantize_blocks_f16(t, x, c, a, n, bs, b0, b1);
+}
+inline void quantize_blocks_any(const CodeTable& t, const c10::BFloat16* x, uint8_t* c, float* a, int64_t n, int64_t bs,
+                                int64_t b0, int64_t b1) {
+  quantize_blocks_bf16(t, x, c, a, n, bs, b0, b1);
+}
 
 template <typename T>
 KESTREL_ALWAYS_INLINE void dequantize_blocks(const uint8_t* codes, const float* absmax, const float* code, T* out,
@@ -96,10 +102,10 @@ KESTREL_ALWAYS_INLINE void dequantize_blocks(const uint8_t* codes, const float* 
   }
 }
 
-#define KESTREL_DEFINE_DEQUANTIZE_BLOCKS(NAME, T)                                                                \
+#define KESTREL_DEFINE_DEQUANTIZE_BLOCKS(NAME, T)                                                               \
   KESTREL_CPU_CLONES void NAME(const uint8_t* codes, const float* absmax, const float* code, T* out, int64_t n, \
-                               int64_t blocksize, int64_t first_block, int64_t end_block) {                    \
-    dequantize_blocks<T>(codes, absmax, code, out, n, blocksize, first_block, end_block);                      \
+                               int64_t blocksize, int64_t first_block, int64_t end_block) {                     \
+    dequantize_blocks<T>(codes, absmax, code, out, n, blocksize, first_block, end_block);                       \
   }
 KESTREL_DEFINE_DEQUANTIZE_BLOCKS(dequantize_blocks_f32, float)
 KESTREL_DEFINE_DEQUANTIZE_BLOCKS(dequantize_blocks_f16, c10::Half)
@@ -107,11 +113,17 @@ KESTREL_DEFINE_DEQUANTIZE_BLOCKS(dequantize_blocks_bf16, c10::BFloat16)
 #undef KESTREL_DEFINE_DEQUANTIZE_BLOCKS
 
 inline void dequantize_blocks_any(const uint8_t* c, const float* a, const float* m, float* o, int64_t n, int64_t bs,
-                                  int64_t b0, int64_t b1) { dequantize_blocks_f32(c, a, m, o, n, bs, b0, b1); }
-inline void dequantize_blocks_any(const uint8_t* c, const float* a, const float* m, c10::Half* o, int64_t n,
-                                  int64_t bs, int64_t b0, int64_t b1) { dequantize_blocks_f16(c, a, m, o, n, bs, b0, b1); }
+                                  int64_t b0, int64_t b1) {
+  dequantize_blocks_f32(c, a, m, o, n, bs, b0, b1);
+}
+inline void dequantize_blocks_any(const uint8_t* c, const float* a, const float* m, c10::Half* o, int64_t n, int64_t bs,
+                                  int64_t b0, int64_t b1) {
+  dequantize_blocks_f16(c, a, m, o, n, bs, b0, b1);
+}
 inline void dequantize_blocks_any(const uint8_t* c, const float* a, const float* m, c10::BFloat16* o, int64_t n,
-                                  int64_t bs, int64_t b0, int64_t b1) { dequantize_blocks_bf16(c, a, m, o, n, bs, b0, b1); }
+                                  int64_t bs, int64_t b0, int64_t b1) {
+  dequantize_blocks_bf16(c, a, m, o, n, bs, b0, b1);
+}
 
 template <typename T>
 void dequantize_blockwise_cpu_impl(const uint8_t* codes, const float* absmax, const float* code, T* out, int64_t n,
@@ -161,13 +173,14 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& x_in
       quantize_blockwise_cpu_impl(x.data_ptr<c10::BFloat16>(), code.data_ptr<float>(), codes.data_ptr<uint8_t>(),
                                   absmax.data_ptr<float>(), n, blocksize);
       break;
-    default: TORCH_CHECK(false, "unreachable");
+    default:
+      TORCH_CHECK(false, "unreachable");
   }
   return {codes, absmax};
 }
 
-at::Tensor dequantize_blockwise_cpu(const at::Tensor& codes_in, const at::Tensor& absmax_in,
-                                    const at::Tensor& code_in, int64_t blocksize, c10::ScalarType dtype) {
+at::Tensor dequantize_blockwise_cpu(const at::Tensor& codes_in, const at::Tensor& absmax_in, const at::Tensor& code_in,
+                                    int64_t blocksize, c10::ScalarType dtype) {
   check_dequantize_args(codes_in, absmax_in, code_in, blocksize, dtype);
   const at::Tensor codes = codes_in.contiguous();
   const at::Tensor absmax = absmax_in.contiguous();
@@ -179,10 +192,17 @@ at::Tensor dequantize_blockwise_cpu(const at::Tensor& codes_in, const at::Tensor
   const float* a = absmax.data_ptr<float>();
   const float* m = code.data_ptr<float>();
   switch (dtype) {
-    case at::kFloat: dequantize_blockwise_cpu_impl(c, a, m, out.data_ptr<float>(), n, blocksize); break;
-    case at::kHalf: dequantize_blockwise_cpu_impl(c, a, m, out.data_ptr<c10::Half>(), n, blocksize); break;
-    case at::kBFloat16: dequantize_blockwise_cpu_impl(c, a, m, out.data_ptr<c10::BFloat16>(), n, blocksize); break;
-    default: TORCH_CHECK(false, "unreachable");
+    case at::kFloat:
+      dequantize_blockwise_cpu_impl(c, a, m, out.data_ptr<float>(), n, blocksize);
+      break;
+    case at::kHalf:
+      dequantize_blockwise_cpu_impl(c, a, m, out.data_ptr<c10::Half>(), n, blocksize);
+      break;
+    case at::kBFloat16:
+      dequantize_blockwise_cpu_impl(c, a, m, out.data_ptr<c10::BFloat16>(), n, blocksize);
+      break;
+    default:
+      TORCH_CHECK(false, "unreachable");
   }
   return out;
 }

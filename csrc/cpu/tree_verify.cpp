@@ -35,8 +35,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_greedy_cpu(const at::
   int64_t* nt = next_token.data_ptr<int64_t>();
   at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
-      tree::verify_greedy_row(cand + b * T, target + b * T, fc + b * T, ns + b * T, T, max_depth, ai + b * W,
-                              al + b, nt + b);
+      tree::verify_greedy_row(cand + b * T, target + b * T, fc + b * T, ns + b * T, T, max_depth, ai + b * W, al + b,
+                              nt + b);
   });
   return {accept_index, accept_len, next_token};
 }
@@ -71,8 +71,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_sample_cpu(
     float seg[tree::kSegments];
     tree::TeamSerial team{V};
     for (int64_t b = begin; b < end; ++b) {
-      const tree::SampleRow row{cand + b * T, p + b * T * V, q ? q + b * T * V : nullptr, fc + b * T, ns + b * T,
-                                u + b * T, uf[b], scratch.data(), T, V, max_depth};
+      const tree::SampleRow row{cand + b * T,
+                                p + b * T * V,
+                                q ? q + b * T * V : nullptr,
+                                fc + b * T,
+                                ns + b * T,
+                                u + b * T,
+                                uf[b],
+                                scratch.data(),
+                                T,
+                                V,
+                                max_depth};
       tree::verify_sample_row(team, row, excluded.data(), seg, ai + b * W, al + b, nt + b);
     }
   });
@@ -110,10 +119,18 @@ void compact_rows(at::Tensor& cache, const int32_t* lens, const int32_t* ai, int
 
 void compact_one(at::Tensor& cache, const int32_t* lens, const int32_t* ai, int64_t W) {
   switch (cache.element_size()) {
-    case 1: compact_rows<uint8_t>(cache, lens, ai, W); break;
-    case 2: compact_rows<uint16_t>(cache, lens, ai, W); break;
-    case 4: compact_rows<uint32_t>(cache, lens, ai, W); break;
-    default: compact_rows<uint64_t>(cache, lens, ai, W); break;
+    case 1:
+      compact_rows<uint8_t>(cache, lens, ai, W);
+      break;
+    case 2:
+      compact_rows<uint16_t>(cache, lens, ai, W);
+      break;
+    case 4:
+      compact_rows<uint32_t>(cache, lens, ai, W);
+      break;
+    default:
+      compact_rows<uint64_t>(cache, lens, ai, W);
+      break;
   }
 }
 
@@ -133,15 +150,15 @@ void compact_kv_cache_cpu(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& 
     const int32_t len = lens[b * len_stride];
     int64_t j = 0;
     switch (tree::check_compaction_row(index, W, len, Lmax, &j)) {
-      case tree::kRowOk: break;
+      case tree::kRowOk:
+        break;
       case tree::kRootNotZero:
         TORCH_CHECK(false, op, ": accept_index[", b, ", 0] must be 0 (the root), got ", index[0]);
       case tree::kNotAscending:
         TORCH_CHECK(false, op, ": accept_index[", b, "] must ascend from the root and end in -1 padding, got ",
                     index[j - 1], " then ", index[j], " at position ", j);
       case tree::kBadPadding:
-        TORCH_CHECK(false, op, ": accept_index[", b, "] must be -1 after the path, got ", index[j], " at position ",
-                    j);
+        TORCH_CHECK(false, op, ": accept_index[", b, "] must be -1 after the path, got ", index[j], " at position ", j);
       case tree::kNegativeLength:
         TORCH_CHECK(false, op, ": cache_seqlens[", b, "] must be >= 0, got ", len);
       case tree::kOutsideCache:

@@ -9,8 +9,8 @@ namespace cuda {
 namespace {
 
 template <typename T, optim::TwoState KIND>
-cudaError_t launch_two_state_kind(bool eight_bit, const optim::TensorMeta* meta, int num_tensors,
-                                  int64_t total_blocks, const float* qmap1, const float* qmap2, cudaStream_t stream) {
+cudaError_t launch_two_state_kind(bool eight_bit, const optim::TensorMeta* meta, int num_tensors, int64_t total_blocks,
+                                  const float* qmap1, const float* qmap2, cudaStream_t stream) {
   const int64_t ctas = (total_blocks + kAdamWarps - 1) / kAdamWarps;
   if (ctas > 0x7fffffffLL) return cudaErrorInvalidValue;
   if (eight_bit)
@@ -34,16 +34,16 @@ cudaError_t launch_two_state(optim::TwoState kind, bool eight_bit, const optim::
 }
 
 template <typename T, optim::OneState KIND>
-cudaError_t launch_one_state_kind(bool eight_bit, const optim::TensorMeta* meta, int num_tensors,
-                                  int64_t total_blocks, const float* qmap1, cudaStream_t stream) {
+cudaError_t launch_one_state_kind(bool eight_bit, const optim::TensorMeta* meta, int num_tensors, int64_t total_blocks,
+                                  const float* qmap1, cudaStream_t stream) {
   const int64_t ctas = (total_blocks + kAdamWarps - 1) / kAdamWarps;
   if (ctas > 0x7fffffffLL) return cudaErrorInvalidValue;
   if (eight_bit)
-    KESTREL_LAUNCH((unsigned)ctas, kAdamThreads, 0, stream, one_state_kernel<T, KIND, true>)(
-        meta, num_tensors, total_blocks, qmap1);
+    KESTREL_LAUNCH((unsigned)ctas, kAdamThreads, 0, stream, one_state_kernel<T, KIND, true>)(meta, num_tensors,
+                                                                                             total_blocks, qmap1);
   else
-    KESTREL_LAUNCH((unsigned)ctas, kAdamThreads, 0, stream, one_state_kernel<T, KIND, false>)(
-        meta, num_tensors, total_blocks, qmap1);
+    KESTREL_LAUNCH((unsigned)ctas, kAdamThreads, 0, stream, one_state_kernel<T, KIND, false>)(meta, num_tensors,
+                                                                                              total_blocks, qmap1);
   return cudaGetLastError();
 }
 
@@ -53,13 +53,17 @@ cudaError_t launch_one_state(optim::OneState kind, bool eight_bit, const optim::
   if (total_blocks == 0 || num_tensors == 0) return cudaSuccess;
   switch (kind) {
     case optim::OneState::kMomentum:
-      return launch_one_state_kind<T, optim::OneState::kMomentum>(eight_bit, meta, num_tensors, total_blocks, qmap1, stream);
+      return launch_one_state_kind<T, optim::OneState::kMomentum>(eight_bit, meta, num_tensors, total_blocks, qmap1,
+                                                                  stream);
     case optim::OneState::kRMSprop:
-      return launch_one_state_kind<T, optim::OneState::kRMSprop>(eight_bit, meta, num_tensors, total_blocks, qmap1, stream);
+      return launch_one_state_kind<T, optim::OneState::kRMSprop>(eight_bit, meta, num_tensors, total_blocks, qmap1,
+                                                                 stream);
     case optim::OneState::kAdagrad:
-      return launch_one_state_kind<T, optim::OneState::kAdagrad>(eight_bit, meta, num_tensors, total_blocks, qmap1, stream);
+      return launch_one_state_kind<T, optim::OneState::kAdagrad>(eight_bit, meta, num_tensors, total_blocks, qmap1,
+                                                                 stream);
     case optim::OneState::kLion:
-      return launch_one_state_kind<T, optim::OneState::kLion>(eight_bit, meta, num_tensors, total_blocks, qmap1, stream);
+      return launch_one_state_kind<T, optim::OneState::kLion>(eight_bit, meta, num_tensors, total_blocks, qmap1,
+                                                              stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -74,17 +78,17 @@ cudaError_t launch_norms(bool adam, bool eight_bit, const optim::TensorMeta* met
   if (ctas > 0) {
     const dim3 grid((unsigned)ctas);
     if (adam && eight_bit)
-      KESTREL_LAUNCH(grid, kAdamThreads, 0, stream, norm_kernel<T, true, true>)(
-          meta, num_tensors, total_blocks, qmap1, qmap2, block_sums);
+      KESTREL_LAUNCH(grid, kAdamThreads, 0, stream, norm_kernel<T, true, true>)(meta, num_tensors, total_blocks, qmap1,
+                                                                                qmap2, block_sums);
     else if (adam)
-      KESTREL_LAUNCH(grid, kAdamThreads, 0, stream, norm_kernel<T, true, false>)(
-          meta, num_tensors, total_blocks, qmap1, qmap2, block_sums);
+      KESTREL_LAUNCH(grid, kAdamThreads, 0, stream, norm_kernel<T, true, false>)(meta, num_tensors, total_blocks, qmap1,
+                                                                                 qmap2, block_sums);
     else if (eight_bit)
-      KESTREL_LAUNCH(grid, kAdamThreads, 0, stream, norm_kernel<T, false, true>)(
-          meta, num_tensors, total_blocks, qmap1, qmap2, block_sums);
+      KESTREL_LAUNCH(grid, kAdamThreads, 0, stream, norm_kernel<T, false, true>)(meta, num_tensors, total_blocks, qmap1,
+                                                                                 qmap2, block_sums);
     else
-      KESTREL_LAUNCH(grid, kAdamThreads, 0, stream, norm_kernel<T, false, false>)(
-          meta, num_tensors, total_blocks, qmap1, qmap2, block_sums);
+      KESTREL_LAUNCH(grid, kAdamThreads, 0, stream, norm_kernel<T, false, false>)(meta, num_tensors, total_blocks,
+                                                                                  qmap1, qmap2, block_sums);
     const cudaError_t error = cudaGetLastError();
     if (error != cudaSuccess) return error;
   }
@@ -108,20 +112,22 @@ int update_norms(DType dtype, bool adam, bool eight_bit, const optim::TensorMeta
   return cudaErrorInvalidValue;
 }
 
-int one_state_step(DType dtype, optim::OneState kind, bool eight_bit, const optim::TensorMeta* meta,
-                   int num_tensors, int64_t total_blocks, const float* qmap1, void* stream) {
+int one_state_step(DType dtype, optim::OneState kind, bool eight_bit, const optim::TensorMeta* meta, int num_tensors,
+                   int64_t total_blocks, const float* qmap1, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case DType::kFloat32: return launch_one_state<float>(kind, eight_bit, meta, num_tensors, total_blocks, qmap1, s);
-    case DType::kFloat16: return launch_one_state<__half>(kind, eight_bit, meta, num_tensors, total_blocks, qmap1, s);
+    case DType::kFloat32:
+      return launch_one_state<float>(kind, eight_bit, meta, num_tensors, total_blocks, qmap1, s);
+    case DType::kFloat16:
+      return launch_one_state<__half>(kind, eight_bit, meta, num_tensors, total_blocks, qmap1, s);
     case DType::kBFloat16:
       return launch_one_state<__nv_bfloat16>(kind, eight_bit, meta, num_tensors, total_blocks, qmap1, s);
   }
   return cudaErrorInvalidValue;
 }
 
-int two_state_step(DType dtype, optim::TwoState kind, bool eight_bit, const optim::TensorMeta* meta,
-                   int num_tensors, int64_t total_blocks, const float* qmap1, const float* qmap2, void* stream) {
+int two_state_step(DType dtype, optim::TwoState kind, bool eight_bit, const optim::TensorMeta* meta, int num_tensors,
+                   int64_t total_blocks, const float* qmap1, const float* qmap2, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case DType::kFloat32:

@@ -31,10 +31,10 @@ at::Tensor make_meta(const char* op, at::TensorList params, at::TensorList grads
   const at::Device device = params[0].device();
   const c10::ScalarType dtype = params[0].scalar_type();
   for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(params[i].device() == device, op, ": all parameters of one call must be on one device; parameter ",
-                i, " is on ", params[i].device(), ", parameter 0 on ", device);
-    TORCH_CHECK(params[i].scalar_type() == dtype, op, ": all parameters of one call must have one dtype; parameter ",
-                i, " is ", params[i].scalar_type(), ", parameter 0 ", dtype);
+    TORCH_CHECK(params[i].device() == device, op, ": all parameters of one call must be on one device; parameter ", i,
+                " is on ", params[i].device(), ", parameter 0 on ", device);
+    TORCH_CHECK(params[i].scalar_type() == dtype, op, ": all parameters of one call must have one dtype; parameter ", i,
+                " is ", params[i].scalar_type(), ", parameter 0 ", dtype);
   }
   const int64_t count = static_cast<int64_t>(params.size());
   at::Tensor meta_host = at::zeros({count * static_cast<int64_t>(sizeof(optim::TensorMeta))},
@@ -47,10 +47,10 @@ at::Tensor make_meta(const char* op, at::TensorList params, at::TensorList grads
     m.grad = grads[i].data_ptr();
     m.numel = params[i].numel();
     m.first_block = total_blocks;
-    m.scalars = with_rounding(optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2, (float)eps,
-                                                       (float)weight_decay, (float)gnorm_scale, (float)beta3,
-                                                       (float)alpha),
-                              round_seed, static_cast<size_t>(i), /*robust_rounding=*/false);
+    m.scalars =
+        with_rounding(optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2, (float)eps,
+                                               (float)weight_decay, (float)gnorm_scale, (float)beta3, (float)alpha),
+                      round_seed, static_cast<size_t>(i), /*robust_rounding=*/false);
     total_blocks += optim_num_blocks(m.numel);
   }
   return meta_host;
@@ -70,8 +70,8 @@ StepArgs read_step_args(const char* op, const at::Tensor& steps, const std::opti
   StepArgs r;
   const size_t count = params.size();
   if (steps.is_cuda()) {
-    TORCH_CHECK(steps.scalar_type() == at::kLong && steps.dim() == 1 &&
-                    steps.numel() == static_cast<int64_t>(count) && steps.is_contiguous(),
+    TORCH_CHECK(steps.scalar_type() == at::kLong && steps.dim() == 1 && steps.numel() == static_cast<int64_t>(count) &&
+                    steps.is_contiguous(),
                 op, ": steps on the GPU (a capturable step) must be a contiguous 1-D int64 tensor of ", count,
                 " step counts, got ", steps.scalar_type(), " of shape ", steps.sizes());
     TORCH_CHECK(count == 0 || steps.device() == params[0].device(), op, ": steps must be on ", params[0].device(),
@@ -124,17 +124,18 @@ bool capturing() {
 
 // two_state: Adam/AdEMAMix (kind a TwoState); otherwise the one-state optimizer of that kind (state2/absmax2/qmap2
 // ignored). norms: the trust-ratio inputs (LAMB/LARS) or nullptr.
-void launch_step(const char* op, bool two_state, int kind, bool eight_bit, at::TensorList params, at::TensorList grads, at::TensorList state1,
-                 at::TensorList state2, at::TensorList absmax1, at::TensorList absmax2, const float* qmap1,
-                 const float* qmap2, c10::IntArrayRef steps, double lr, double beta1, double beta2, double beta3,
-                 double alpha, double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
+void launch_step(const char* op, bool two_state, int kind, bool eight_bit, at::TensorList params, at::TensorList grads,
+                 at::TensorList state1, at::TensorList state2, at::TensorList absmax1, at::TensorList absmax2,
+                 const float* qmap1, const float* qmap2, c10::IntArrayRef steps, double lr, double beta1, double beta2,
+                 double beta3, double alpha, double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
                  const float* norms, double max_unorm, const StepArgs& step_args) {
   if (params.empty()) return;
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
   int64_t total_blocks = 0;
   const bool in_capture = capturing();
-  TORCH_CHECK(!in_capture || step_args.step_dev != nullptr, op, ": a step captured in a CUDA graph must be "
+  TORCH_CHECK(!in_capture || step_args.step_dev != nullptr, op,
+              ": a step captured in a CUDA graph must be "
               "capturable (step counts on the GPU: build the optimizer with capturable=True)");
   at::Tensor meta_host = make_meta(op, params, grads, steps, lr, beta1, beta2, beta3, alpha, eps, weight_decay,
                                    gnorm_scale, round_seed, total_blocks, /*pinned=*/!in_capture);
@@ -157,11 +158,11 @@ void launch_step(const char* op, bool two_state, int kind, bool eight_bit, at::T
       in_capture ? captured_device_meta(meta_host, device, meta_device) : to_device(meta_host, device, meta_device);
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
   const c10::ScalarType dtype = params[0].scalar_type();
-  const int error =
-      two_state ? cuda::two_state_step(to_kestrel_dtype(dtype), static_cast<optim::TwoState>(kind), eight_bit,
-                                       device_meta, static_cast<int>(count), total_blocks, qmap1, qmap2, stream)
-                : cuda::one_state_step(to_kestrel_dtype(dtype), static_cast<optim::OneState>(kind), eight_bit,
-                                       device_meta, static_cast<int>(count), total_blocks, qmap1, stream);
+  const int error = two_state
+                        ? cuda::two_state_step(to_kestrel_dtype(dtype), static_cast<optim::TwoState>(kind), eight_bit,
+                                               device_meta, static_cast<int>(count), total_blocks, qmap1, qmap2, stream)
+                        : cuda::one_state_step(to_kestrel_dtype(dtype), static_cast<optim::OneState>(kind), eight_bit,
+                                               device_meta, static_cast<int>(count), total_blocks, qmap1, stream);
   C10_CUDA_CHECK(static_cast<cudaError_t>(error));
 }
 
@@ -173,8 +174,8 @@ at::Tensor update_norms_cuda(c10::string_view optimizer, at::TensorList params, 
   const std::vector<int64_t> steps_vec = read_steps("update_norms", steps_tensor, params.size());
   const c10::IntArrayRef steps(steps_vec);
   constexpr const char* op = "update_norms";
-  const bool adam = check_norm_args(op, optimizer, params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2,
-                                    steps);
+  const bool adam =
+      check_norm_args(op, optimizer, params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps);
   TORCH_CHECK(!capturing(), op, ": the trust ratio's norm pass cannot be captured in a CUDA graph yet");
   const bool eight_bit = qmap1.has_value();
   const int64_t count = static_cast<int64_t>(params.size());
@@ -185,8 +186,8 @@ at::Tensor update_norms_cuda(c10::string_view optimizer, at::TensorList params, 
   at::Tensor meta_host = make_meta(op, params, grads, steps, 0.0, beta1, beta2, 0.0, 0.0, eps, weight_decay,
                                    gnorm_scale, -1, total_blocks);
   at::Tensor norms = at::empty({count, 2}, at::TensorOptions().dtype(at::kFloat).device(device));
-  at::Tensor block_sums = at::empty({std::max<int64_t>(1, 2 * total_blocks)},
-                                    at::TensorOptions().dtype(at::kFloat).device(device));
+  at::Tensor block_sums =
+      at::empty({std::max<int64_t>(1, 2 * total_blocks)}, at::TensorOptions().dtype(at::kFloat).device(device));
   auto* meta = reinterpret_cast<optim::TensorMeta*>(meta_host.data_ptr());
   for (int64_t i = 0; i < count; ++i) {
     meta[i].state1 = state1[i].data_ptr();
@@ -212,7 +213,7 @@ void two_state8bit_step_cuda(c10::string_view optimizer, at::TensorList params, 
                              const at::Tensor& steps_tensor, double lr, double beta1, double beta2, double beta3,
                              double alpha, double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
                              const std::optional<at::Tensor>& norms, double max_unorm,
-    const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
+                             const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
   StepArgs step_args = read_step_args("two_state8bit_step_", steps_tensor, lr_tensor, params, lr);
   step_args.robust_rounding = robust_rounding;
   const c10::IntArrayRef steps(step_args.steps);
@@ -233,10 +234,9 @@ void two_state8bit_step_cuda(c10::string_view optimizer, at::TensorList params, 
 
 void two_state32bit_step_cuda(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
                               at::TensorList state1, at::TensorList state2, const at::Tensor& steps_tensor, double lr,
-                              double beta1, double beta2, double beta3, double alpha, double eps,
-                              double weight_decay, double gnorm_scale, int64_t round_seed,
-                              const std::optional<at::Tensor>& norms, double max_unorm,
-    const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
+                              double beta1, double beta2, double beta3, double alpha, double eps, double weight_decay,
+                              double gnorm_scale, int64_t round_seed, const std::optional<at::Tensor>& norms,
+                              double max_unorm, const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
   StepArgs step_args = read_step_args("two_state32bit_step_", steps_tensor, lr_tensor, params, lr);
   step_args.robust_rounding = robust_rounding;
   const c10::IntArrayRef steps(step_args.steps);
@@ -246,8 +246,8 @@ void two_state32bit_step_cuda(c10::string_view optimizer, at::TensorList params,
   check_adam_args(op, params, grads, state1, state2, {}, {}, nullptr, nullptr, steps, false, moments1);
   const float* norm_data = check_norms(op, norms, max_unorm, params.size(), kind == optim::TwoState::kAdam, optimizer,
                                        params.empty() ? at::Device(at::kCUDA) : params[0].device());
-  launch_step(op, true, static_cast<int>(kind), false, params, grads, state1, state2, {}, {}, nullptr, nullptr,
-              steps, lr, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale, round_seed, norm_data, max_unorm,
+  launch_step(op, true, static_cast<int>(kind), false, params, grads, state1, state2, {}, {}, nullptr, nullptr, steps,
+              lr, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale, round_seed, norm_data, max_unorm,
               step_args);
 }
 
@@ -256,7 +256,7 @@ void one_state8bit_step_cuda(c10::string_view optimizer, at::TensorList params, 
                              const at::Tensor& steps_tensor, double lr, double beta1, double beta2, double eps,
                              double weight_decay, double gnorm_scale, int64_t round_seed,
                              const std::optional<at::Tensor>& norms, double max_unorm,
-    const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
+                             const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
   StepArgs step_args = read_step_args("one_state8bit_step_", steps_tensor, lr_tensor, params, lr);
   step_args.robust_rounding = robust_rounding;
   const c10::IntArrayRef steps(step_args.steps);
@@ -269,16 +269,16 @@ void one_state8bit_step_cuda(c10::string_view optimizer, at::TensorList params, 
     TORCH_CHECK(qmap1.device() == params[0].device(), op, ": qmap1 must be on ", params[0].device(), ", got ",
                 qmap1.device());
   }
-  launch_step(op, false, kind, true, params, grads, state1, state1, absmax1, absmax1, qmap1.data_ptr<float>(),
-              nullptr, steps, lr, beta1, beta2, 0.0, 0.0, eps, weight_decay, gnorm_scale, round_seed, norm_data,
-              max_unorm, step_args);
+  launch_step(op, false, kind, true, params, grads, state1, state1, absmax1, absmax1, qmap1.data_ptr<float>(), nullptr,
+              steps, lr, beta1, beta2, 0.0, 0.0, eps, weight_decay, gnorm_scale, round_seed, norm_data, max_unorm,
+              step_args);
 }
 
 void one_state32bit_step_cuda(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
-                              at::TensorList state1, const at::Tensor& steps_tensor, double lr, double beta1, double beta2,
-                              double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
+                              at::TensorList state1, const at::Tensor& steps_tensor, double lr, double beta1,
+                              double beta2, double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
                               const std::optional<at::Tensor>& norms, double max_unorm,
-    const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
+                              const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
   StepArgs step_args = read_step_args("one_state32bit_step_", steps_tensor, lr_tensor, params, lr);
   step_args.robust_rounding = robust_rounding;
   const c10::IntArrayRef steps(step_args.steps);
@@ -287,8 +287,8 @@ void one_state32bit_step_cuda(c10::string_view optimizer, at::TensorList params,
   check_adam_args(op, params, grads, state1, state1, {}, {}, nullptr, nullptr, steps, false);
   const float* norm_data = check_norms(op, norms, max_unorm, params.size(), kind == 0, optimizer,
                                        params.empty() ? at::Device(at::kCUDA) : params[0].device());
-  launch_step(op, false, kind, false, params, grads, state1, state1, {}, {}, nullptr, nullptr, steps, lr, beta1,
-              beta2, 0.0, 0.0, eps, weight_decay, gnorm_scale, round_seed, norm_data, max_unorm, step_args);
+  launch_step(op, false, kind, false, params, grads, state1, state1, {}, {}, nullptr, nullptr, steps, lr, beta1, beta2,
+              0.0, 0.0, eps, weight_decay, gnorm_scale, round_seed, norm_data, max_unorm, step_args);
 }
 
 }  // namespace

@@ -38,13 +38,20 @@ cudaError_t dispatch_blocksize(const void* x, const float* code, uint8_t* codes,
                                int64_t blocksize, cudaStream_t stream) {
   if (blocksize <= 0) return cudaErrorInvalidValue;
   switch (blocksize) {
-    case 64: return launch_quantize<T, 64>(x, code, codes, absmax, n, stream);
-    case 128: return launch_quantize<T, 128>(x, code, codes, absmax, n, stream);
-    case 256: return launch_quantize<T, 256>(x, code, codes, absmax, n, stream);
-    case 512: return launch_quantize<T, 512>(x, code, codes, absmax, n, stream);
-    case 1024: return launch_quantize<T, 1024>(x, code, codes, absmax, n, stream);
-    case 2048: return launch_quantize<T, 2048>(x, code, codes, absmax, n, stream);
-    case 4096: return launch_quantize<T, 4096>(x, code, codes, absmax, n, stream);
+    case 64:
+      return launch_quantize<T, 64>(x, code, codes, absmax, n, stream);
+    case 128:
+      return launch_quantize<T, 128>(x, code, codes, absmax, n, stream);
+    case 256:
+      return launch_quantize<T, 256>(x, code, codes, absmax, n, stream);
+    case 512:
+      return launch_quantize<T, 512>(x, code, codes, absmax, n, stream);
+    case 1024:
+      return launch_quantize<T, 1024>(x, code, codes, absmax, n, stream);
+    case 2048:
+      return launch_quantize<T, 2048>(x, code, codes, absmax, n, stream);
+    case 4096:
+      return launch_quantize<T, 4096>(x, code, codes, absmax, n, stream);
     default:
       if (blocksize <= 2048) return launch_quantize_any<T, 32>(x, code, codes, absmax, n, blocksize, stream);
       return launch_quantize_any<T, kQuantizeThreads>(x, code, codes, absmax, n, blocksize, stream);
@@ -75,9 +82,12 @@ int quantize_blockwise(DType dtype, const void* x, const float* code, uint8_t* c
                        int64_t blocksize, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case DType::kFloat32: return dispatch_blocksize<float>(x, code, codes, absmax, n, blocksize, s);
-    case DType::kFloat16: return dispatch_blocksize<__half>(x, code, codes, absmax, n, blocksize, s);
-    case DType::kBFloat16: return dispatch_blocksize<__nv_bfloat16>(x, code, codes, absmax, n, blocksize, s);
+    case DType::kFloat32:
+      return dispatch_blocksize<float>(x, code, codes, absmax, n, blocksize, s);
+    case DType::kFloat16:
+      return dispatch_blocksize<__half>(x, code, codes, absmax, n, blocksize, s);
+    case DType::kBFloat16:
+      return dispatch_blocksize<__nv_bfloat16>(x, code, codes, absmax, n, blocksize, s);
   }
   return cudaErrorInvalidValue;
 }
@@ -86,9 +96,12 @@ int dequantize_blockwise(DType dtype, const uint8_t* codes, const float* absmax,
                          int64_t n, int64_t blocksize, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case DType::kFloat32: return launch_dequantize<float>(codes, absmax, code, out, n, blocksize, s);
-    case DType::kFloat16: return launch_dequantize<__half>(codes, absmax, code, out, n, blocksize, s);
-    case DType::kBFloat16: return launch_dequantize<__nv_bfloat16>(codes, absmax, code, out, n, blocksize, s);
+    case DType::kFloat32:
+      return launch_dequantize<float>(codes, absmax, code, out, n, blocksize, s);
+    case DType::kFloat16:
+      return launch_dequantize<__half>(codes, absmax, code, out, n, blocksize, s);
+    case DType::kBFloat16:
+      return launch_dequantize<__nv_bfloat16>(codes, absmax, code, out, n, blocksize, s);
   }
   return cudaErrorInvalidValue;
 }

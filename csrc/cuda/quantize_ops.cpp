@@ -30,8 +30,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& x_i
   return {codes, absmax};
 }
 
-at::Tensor dequantize_blockwise_cuda(const at::Tensor& codes_in, const at::Tensor& absmax_in,
-                                     const at::Tensor& code_in, int64_t blocksize, c10::ScalarType dtype) {
+at::Tensor dequantize_blockwise_cuda(const at::Tensor& codes_in, const at::Tensor& absmax_in, const at::Tensor& code_in,
+                                     int64_t blocksize, c10::ScalarType dtype) {
   check_dequantize_args(codes_in, absmax_in, code_in, blocksize, dtype);
   const c10::cuda::CUDAGuard guard(codes_in.device());
   const at::Tensor codes = codes_in.contiguous();

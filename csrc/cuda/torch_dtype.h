@@ -10,10 +10,14 @@ namespace kestrel {
 
 inline DType to_kestrel_dtype(c10::ScalarType t) {
   switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK(false, "kestrel: unsupported dtype ", t);
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "kestrel: unsupported dtype ", t);
   }
 }
 

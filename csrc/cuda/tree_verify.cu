@@ -84,8 +84,8 @@ __global__ void compact_kernel(tree::CacheView k, tree::CacheView v, const int32
   int64_t where;
   // the CPU rejects an invalid row; on the GPU (no sync to report) neither the row nor its length changes
   if (tree::check_compaction_row(index, width, len, max_len, &where) != tree::kRowOk) return;
-  Elem* rows = static_cast<Elem*>(c.data) + l * c.stride_layer + b * c.stride_batch + h * c.stride_head +
-               len * c.stride_pos;
+  Elem* rows =
+      static_cast<Elem*>(c.data) + l * c.stride_layer + b * c.stride_batch + h * c.stride_head + len * c.stride_pos;
   for (int64_t d = threadIdx.x; d < c.head_dim; d += blockDim.x) {
     for (int32_t j = 1; j <= accepted; ++j) {
       const int64_t node = index[j];
@@ -131,23 +131,22 @@ int verify_tree_greedy(const int64_t* candidates, const int64_t* target_ids, con
   if (batch == 0) return cudaSuccess;
   const int64_t blocks = (batch + kGreedyThreads - 1) / kGreedyThreads;
   KESTREL_LAUNCH(static_cast<unsigned>(blocks), kGreedyThreads, 0, static_cast<cudaStream_t>(stream),
-                 verify_greedy_kernel)(
-      candidates, target_ids, first_child, next_sibling, batch, num_nodes, max_depth, accept_index, accept_len,
-      next_token);
+                 verify_greedy_kernel)(candidates, target_ids, first_child, next_sibling, batch, num_nodes, max_depth,
+                                       accept_index, accept_len, next_token);
   return cudaGetLastError();
 }
 
 int verify_tree_sample(const int64_t* candidates, const float* target_probs, const float* draft_probs,
                        const int32_t* first_child, const int32_t* next_sibling, const float* uniform,
-                       const float* uniform_final, float* scratch, int64_t* excluded, int64_t batch,
-                       int64_t num_nodes, int64_t vocab, int64_t max_depth, int32_t* accept_index,
-                       int32_t* accept_len, int64_t* next_token, void* stream) {
+                       const float* uniform_final, float* scratch, int64_t* excluded, int64_t batch, int64_t num_nodes,
+                       int64_t vocab, int64_t max_depth, int32_t* accept_index, int32_t* accept_len,
+                       int64_t* next_token, void* stream) {
   if (batch == 0) return cudaSuccess;
   if (batch > 0x7fffffffLL) return cudaErrorInvalidValue;
   KESTREL_LAUNCH(static_cast<unsigned>(batch), tree::kSegments, 0, static_cast<cudaStream_t>(stream),
-                 verify_sample_kernel)(
-      candidates, target_probs, draft_probs, first_child, next_sibling, uniform, uniform_final, scratch, excluded,
-      num_nodes, vocab, max_depth, accept_index, accept_len, next_token);
+                 verify_sample_kernel)(candidates, target_probs, draft_probs, first_child, next_sibling, uniform,
+                                       uniform_final, scratch, excluded, num_nodes, vocab, max_depth, accept_index,
+                                       accept_len, next_token);
   return cudaGetLastError();
 }
 
@@ -156,10 +155,14 @@ int compact_kv_cache(int element_size, const tree::CacheView& k, const tree::Cac
                      int64_t max_len, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   switch (element_size) {
-    case 1: return launch_compact<uint8_t>(k, v, cache_seqlens, accept_index, width, layers, batch, heads, max_len, s);
-    case 2: return launch_compact<uint16_t>(k, v, cache_seqlens, accept_index, width, layers, batch, heads, max_len, s);
-    case 4: return launch_compact<uint32_t>(k, v, cache_seqlens, accept_index, width, layers, batch, heads, max_len, s);
-    case 8: return launch_compact<uint64_t>(k, v, cache_seqlens, accept_index, width, layers, batch, heads, max_len, s);
+    case 1:
+      return launch_compact<uint8_t>(k, v, cache_seqlens, accept_index, width, layers, batch, heads, max_len, s);
+    case 2:
+      return launch_compact<uint16_t>(k, v, cache_seqlens, accept_index, width, layers, batch, heads, max_len, s);
+    case 4:
+      return launch_compact<uint32_t>(k, v, cache_seqlens, accept_index, width, layers, batch, heads, max_len, s);
+    case 8:
+      return launch_compact<uint64_t>(k, v, cache_seqlens, accept_index, width, layers, batch, heads, max_len, s);
   }
   return cudaErrorInvalidValue;
 }

@@ -52,19 +52,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_sample_cuda(
   at::Tensor excluded = at::empty({B, T}, candidates.options().dtype(at::kLong));
   at::Tensor scratch = sampled ? at::empty({B, V}, target_probs.options()) : at::Tensor();
   C10_CUDA_CHECK(static_cast<cudaError_t>(cuda::verify_tree_sample(
-      candidates.data_ptr<int64_t>(), target_probs.data_ptr<float>(),
-      sampled ? draft_probs.data_ptr<float>() : nullptr, first_child.data_ptr<int32_t>(),
-      next_sibling.data_ptr<int32_t>(), uniform.data_ptr<float>(), uniform_final.data_ptr<float>(),
-      sampled ? scratch.data_ptr<float>() : nullptr, excluded.data_ptr<int64_t>(), B, T, V, max_depth,
-      accept_index.data_ptr<int32_t>(), accept_len.data_ptr<int32_t>(), next_token.data_ptr<int64_t>(),
+      candidates.data_ptr<int64_t>(), target_probs.data_ptr<float>(), sampled ? draft_probs.data_ptr<float>() : nullptr,
+      first_child.data_ptr<int32_t>(), next_sibling.data_ptr<int32_t>(), uniform.data_ptr<float>(),
+      uniform_final.data_ptr<float>(), sampled ? scratch.data_ptr<float>() : nullptr, excluded.data_ptr<int64_t>(), B,
+      T, V, max_depth, accept_index.data_ptr<int32_t>(), accept_len.data_ptr<int32_t>(), next_token.data_ptr<int64_t>(),
       c10::cuda::getCurrentCUDAStream().stream())));
   return {accept_index, accept_len, next_token};
 }
 
 tree::CacheView cache_view(const at::Tensor& cache) {
   const int64_t off = cache.dim() == 5 ? 1 : 0;
-  return tree::CacheView{cache.data_ptr(), off ? cache.stride(0) : 0, cache.stride(off), cache.stride(off + 1),
-                         cache.stride(off + 2), cache.stride(off + 3), cache.size(off + 3)};
+  return tree::CacheView{cache.data_ptr(),      off ? cache.stride(0) : 0, cache.stride(off),  cache.stride(off + 1),
+                         cache.stride(off + 2), cache.stride(off + 3),     cache.size(off + 3)};
 }
 
 void compact_kv_cache_cuda(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& cache_seqlens,

@@ -11,18 +11,23 @@ from . import __version__
 from ._demo_cli import add_arguments as add_demo_arguments
 
 # Benchmark modules by name; each has run(device, quick) -> list of harness rows.
-BENCHMARKS = {"quantize": "kestrel.benchmarks.bench_quantize", "optim": "kestrel.benchmarks.bench_optim",
-              "softplus_attention": "kestrel.benchmarks.bench_softplus_attention",
-              "plga_attention": "kestrel.benchmarks.bench_plga_attention", "vq_topk": "kestrel.benchmarks.bench_vq_topk",
-              "kv_bottleneck": "kestrel.benchmarks.bench_kv_bottleneck",
-              "tree_attention": "kestrel.benchmarks.bench_tree_attention",
-              "tree_verify": "kestrel.benchmarks.bench_tree_verify", "decoding": "kestrel.benchmarks.bench_decoding"}
+BENCHMARKS = {
+    "quantize": "kestrel.benchmarks.bench_quantize",
+    "optim": "kestrel.benchmarks.bench_optim",
+    "softplus_attention": "kestrel.benchmarks.bench_softplus_attention",
+    "plga_attention": "kestrel.benchmarks.bench_plga_attention",
+    "vq_topk": "kestrel.benchmarks.bench_vq_topk",
+    "kv_bottleneck": "kestrel.benchmarks.bench_kv_bottleneck",
+    "tree_attention": "kestrel.benchmarks.bench_tree_attention",
+    "tree_verify": "kestrel.benchmarks.bench_tree_verify",
+    "decoding": "kestrel.benchmarks.bench_decoding",
+}
 
 
 def _triton_version():
     try:  # optional: reported, not required
         import triton
-    except Exception as error:  # noqa: BLE001 (any import failure means "not usable")
+    except Exception as error:
         return f"not available ({error.__class__.__name__})"
     return triton.__version__
 
@@ -40,10 +45,15 @@ def cmd_info(args):
     if info is None:
         print(f"extension kestrel._C: not built ({_ext._IMPORT_ERROR}); {_ext.BUILD_HINT}")
     else:
-        cuda = (f"CUDA {info['cuda_version']} for {', '.join(info['cuda_archs'])}" if info["cuda"]
-                else "CPU only (no CUDA part)")
-        print(f"extension kestrel._C: built, {cuda}; OpenMP {'on' if info['openmp'] else 'off'}; "
-              f"against torch {info['torch_version']} with {info['compiler']}")
+        cuda = (
+            f"CUDA {info['cuda_version']} for {', '.join(info['cuda_archs'])}"
+            if info["cuda"]
+            else "CPU only (no CUDA part)"
+        )
+        print(
+            f"extension kestrel._C: built, {cuda}; OpenMP {'on' if info['openmp'] else 'off'}; "
+            f"against torch {info['torch_version']} with {info['compiler']}"
+        )
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             major, minor = torch.cuda.get_device_capability(index)
@@ -67,8 +77,10 @@ def cmd_bench(args):
         print(f"kestrel bench: unknown benchmark(s) {unknown}; choose from {sorted(BENCHMARKS)}", file=sys.stderr)
         return 2
     where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{torch.get_num_threads()} threads"
-    print(f"device: {device} ({where}); copy roof {harness.copy_roof_gbps(device):.1f} GB/s (read + write; DRAM: "
-          f"a {harness.roof_bytes(device) >> 20} MiB copy)")
+    print(
+        f"device: {device} ({where}); copy roof {harness.copy_roof_gbps(device):.1f} GB/s (read + write; DRAM: "
+        f"a {harness.roof_bytes(device) >> 20} MiB copy)"
+    )
     missing = harness.missing_baselines(names, device)
     for note in missing:  # now on stderr with the progress, and again under the table
         print(note, file=sys.stderr, flush=True)
@@ -101,15 +113,21 @@ def build_parser():
     info.set_defaults(func=cmd_info)
     about = "benchmark kestrel's kernels beside their baselines on one device"
     bench = commands.add_parser("bench", help=about, description=about + "; one table at the end (progress on stderr)")
-    bench.add_argument("--device", default="auto",
-                       help="cpu, cuda or cuda:N; auto takes cuda if present, else cpu (default: %(default)s)")
-    bench.add_argument("--only", nargs="+", metavar="NAME",
-                       help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
+    bench.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda or cuda:N; auto takes cuda if present, else cpu (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--only", nargs="+", metavar="NAME", help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})"
+    )
     bench.add_argument("--quick", action="store_true", help="small shapes, a smoke run (default: off)")
     bench.add_argument("--csv", metavar="PATH", help="also write the rows as CSV to PATH (default: no CSV)")
     bench.set_defaults(func=cmd_bench)
-    about = ("train a byte-level KestrelLM on the Python standard library (AdamW8bit beside AdamW), its draft heads, "
-             "then greedy vs tree speculative decoding")
+    about = (
+        "train a byte-level KestrelLM on the Python standard library (AdamW8bit beside AdamW), its draft heads, "
+        "then greedy vs tree speculative decoding"
+    )
     demo = commands.add_parser("demo", help=about, description=about)
     add_demo_arguments(demo)
     demo.set_defaults(func=cmd_demo)

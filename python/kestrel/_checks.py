@@ -45,11 +45,15 @@ def check_cache_seqlens(name, cache_seqlens, B, Lq, Lk, q):
     if cache_seqlens is None:
         return
     if not isinstance(cache_seqlens, torch.Tensor):
-        raise TypeError(f"{name}: cache_seqlens must be None or an int32/int64 tensor of shape ({B},), got "
-                        f"{type(cache_seqlens).__name__}")
+        raise TypeError(
+            f"{name}: cache_seqlens must be None or an int32/int64 tensor of shape ({B},), got "
+            f"{type(cache_seqlens).__name__}"
+        )
     if cache_seqlens.shape != (B,) or cache_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{name}: cache_seqlens must be an int32/int64 tensor of shape ({B},), got "
-                         f"{cache_seqlens.dtype} of shape {tuple(cache_seqlens.shape)}")
+        raise ValueError(
+            f"{name}: cache_seqlens must be an int32/int64 tensor of shape ({B},), got "
+            f"{cache_seqlens.dtype} of shape {tuple(cache_seqlens.shape)}"
+        )
     if B > 0 and not (cache_seqlens.is_cuda and q.is_cuda) and not torch.compiler.is_compiling():
         lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
         if lo < Lq or hi > Lk:
@@ -63,26 +67,46 @@ def check_tree_mask_bits(name, tree_mask_bits, prefix_lens, B, T, Lk, q):
     import torch
 
     words = (T + 31) // 32
-    if not isinstance(tree_mask_bits, torch.Tensor) or tree_mask_bits.dtype != torch.int32 or \
-            tuple(tree_mask_bits.shape) != (B, T, words):
-        raise ValueError(f"{name}: tree_mask_bits must be an int32 tensor of shape (B={B}, T={T}, "
-                         f"ceil(T/32)={words}), got {getattr(tree_mask_bits, 'dtype', type(tree_mask_bits).__name__)}"
-                         f" of shape {tuple(getattr(tree_mask_bits, 'shape', ()))}")
+    if (
+        not isinstance(tree_mask_bits, torch.Tensor)
+        or tree_mask_bits.dtype != torch.int32
+        or tuple(tree_mask_bits.shape) != (B, T, words)
+    ):
+        raise ValueError(
+            f"{name}: tree_mask_bits must be an int32 tensor of shape (B={B}, T={T}, "
+            f"ceil(T/32)={words}), got {getattr(tree_mask_bits, 'dtype', type(tree_mask_bits).__name__)}"
+            f" of shape {tuple(getattr(tree_mask_bits, 'shape', ()))}"
+        )
     if tree_mask_bits.device != q.device:
         raise ValueError(f"{name}: tree_mask_bits is on {tree_mask_bits.device} but q on {q.device}")
     if prefix_lens is None:
         raise ValueError(f"{name}: a tree forward (tree_mask_bits) needs cache_seqlens, the prefix lengths (B={B},)")
-    if not isinstance(prefix_lens, torch.Tensor) or prefix_lens.shape != (B,) or \
-            prefix_lens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{name}: cache_seqlens must be an int32/int64 tensor of shape ({B},), got "
-                         f"{getattr(prefix_lens, 'dtype', type(prefix_lens).__name__)} of shape "
-                         f"{tuple(getattr(prefix_lens, 'shape', ()))}")
+    if (
+        not isinstance(prefix_lens, torch.Tensor)
+        or prefix_lens.shape != (B,)
+        or prefix_lens.dtype not in (torch.int32, torch.int64)
+    ):
+        raise ValueError(
+            f"{name}: cache_seqlens must be an int32/int64 tensor of shape ({B},), got "
+            f"{getattr(prefix_lens, 'dtype', type(prefix_lens).__name__)} of shape "
+            f"{tuple(getattr(prefix_lens, 'shape', ()))}"
+        )
     if B > 0 and not (prefix_lens.is_cuda and q.is_cuda) and not torch.compiler.is_compiling():
         lo, hi = int(prefix_lens.min()), int(prefix_lens.max())
         if lo < 0 or hi > Lk - T:
-            raise ValueError(f"{name}: cache_seqlens (the tree's prefix lengths) must lie in [0, Lk - T = {Lk - T}] "
-                             f"(T={T} tree rows follow the prefix among Lk={Lk} keys), got values in [{lo}, {hi}]")
+            raise ValueError(
+                f"{name}: cache_seqlens (the tree's prefix lengths) must lie in [0, Lk - T = {Lk - T}] "
+                f"(T={T} tree rows follow the prefix among Lk={Lk} keys), got values in [{lo}, {hi}]"
+            )
 
 
-__all__ = ["check_cache_seqlens", "check_tree_mask_bits", "is_finite_number", "is_int", "is_number", "require_bool", "require_int",
-           "require_number"]
+__all__ = [
+    "check_cache_seqlens",
+    "check_tree_mask_bits",
+    "is_finite_number",
+    "is_int",
+    "is_number",
+    "require_bool",
+    "require_int",
+    "require_number",
+]

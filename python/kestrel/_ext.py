@@ -19,7 +19,7 @@ class ExtensionMissing(RuntimeError):
 
 
 try:
-    from . import _C  # noqa: F401  (importing it runs the TORCH_LIBRARY registrations)
+    from . import _C
 
     _IMPORT_ERROR = None
 except ImportError as error:  # not built, or built against another torch

@@ -23,8 +23,11 @@ def causal_visible(B, Lq, Lk, causal, cache_seqlens, device):
     """None (a plain causal block, or full attention over all keys: no mask needed) or (B, 1, Lq, Lk) bool."""
     if cache_seqlens is None and (not causal or Lq == Lk):
         return None
-    lengths = (cache_seqlens.to(device=device, dtype=torch.long) if cache_seqlens is not None
-               else torch.full((B,), Lk, dtype=torch.long, device=device))
+    lengths = (
+        cache_seqlens.to(device=device, dtype=torch.long)
+        if cache_seqlens is not None
+        else torch.full((B,), Lk, dtype=torch.long, device=device)
+    )
     keys = torch.arange(Lk, device=device)
     visible = keys[None, None, :] < lengths[:, None, None]
     if causal:

@@ -39,12 +39,38 @@ from .models.training import draft_loss, freeze_base, lm_loss, optimizer_state_b
 from .ops.softplus_attention import KERNEL_HEAD_DIMS
 from .optim import AdamW8bit
 
-PROMPTS = ["import os\nimport sys\n", "def __init__(self, ", "class Error(Exception):\n", "    for i in range(",
-           "        if not isinstance(", "    def __repr__(self):\n        return "]
+PROMPTS = [
+    "import os\nimport sys\n",
+    "def __init__(self, ",
+    "class Error(Exception):\n",
+    "    for i in range(",
+    "        if not isinstance(",
+    "    def __repr__(self):\n        return ",
+]
 
 # A static Medusa-style tree over 3 heads, 21 nodes with the root (20 drafted): wide at depth 1, narrow below.
-DEFAULT_CHOICES = [[0], [1], [2], [3], [0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [2, 0], [3, 0], [0, 0, 0], [0, 0, 1],
-                   [0, 1, 0], [1, 0, 0], [0, 2, 0], [2, 0, 0], [0, 0, 2], [1, 1, 0], [0, 1, 1]]
+DEFAULT_CHOICES = [
+    [0],
+    [1],
+    [2],
+    [3],
+    [0, 0],
+    [0, 1],
+    [0, 2],
+    [1, 0],
+    [1, 1],
+    [2, 0],
+    [3, 0],
+    [0, 0, 0],
+    [0, 0, 1],
+    [0, 1, 0],
+    [1, 0, 0],
+    [0, 2, 0],
+    [2, 0, 0],
+    [0, 0, 2],
+    [1, 1, 0],
+    [0, 1, 1],
+]
 
 # |logit(greedy token) - logit(speculative token)| at a mismatch, relative to max(1, |top logit|), below which the
 # flip is a near-tie: float32 sums in another order (other matmul shapes, another attention kernel) can flip it
@@ -54,8 +80,10 @@ NEAR_TIE = 1e-3
 def check_head_dim(attention, head_dim, device_type):
     """On CUDA, lssa / lssar decode with the softplus attention kernel, which takes head dims 64 and 128 only."""
     if device_type == "cuda" and attention in ("lssa", "lssar") and head_dim not in KERNEL_HEAD_DIMS:
-        raise ValueError(f"kestrel demo: --attention {attention} on CUDA needs a head dim in {KERNEL_HEAD_DIMS} (the "
-                         f"softplus attention kernel's), got d_model / n_heads = {head_dim}")
+        raise ValueError(
+            f"kestrel demo: --attention {attention} on CUDA needs a head dim in {KERNEL_HEAD_DIMS} (the "
+            f"softplus attention kernel's), got d_model / n_heads = {head_dim}"
+        )
 
 
 def first_mismatch(model, prompt_ids, greedy, speculative):
@@ -111,16 +139,22 @@ class Progress:
             return
         self.next_line = (self.count // self.every + 1) * self.every
         elapsed = time.perf_counter() - self.started
-        print(f"{self.label}: {self.count}/{self.total}, {elapsed:.1f} s{', ' + note if note else ''}",
-              file=self.stream, flush=True)
+        print(
+            f"{self.label}: {self.count}/{self.total}, {elapsed:.1f} s{', ' + note if note else ''}",
+            file=self.stream,
+            flush=True,
+        )
 
 
 def stdlib_corpus(max_bytes, seed=0):
     """Bytes of the Python standard library's .py files (no tests, no site-packages), files in a fixed shuffled
     order, up to max_bytes."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(path for path in root.rglob("*.py")
-                   if not {"site-packages", "dist-packages", "test", "tests", "idle_test"} & set(path.parts))
+    files = sorted(
+        path
+        for path in root.rglob("*.py")
+        if not {"site-packages", "dist-packages", "test", "tests", "idle_test"} & set(path.parts)
+    )
     if not files:
         raise RuntimeError(f"kestrel demo: no .py files found under the standard library at {root}")
     random.Random(seed).shuffle(files)
@@ -142,7 +176,7 @@ def batches(corpus, batch_size, seq_len, steps, seed):
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         starts = torch.randint(0, len(corpus) - seq_len - 1, (batch_size,), generator=generator)
-        yield torch.stack([corpus[s:s + seq_len + 1] for s in starts.tolist()])
+        yield torch.stack([corpus[s : s + seq_len + 1] for s in starts.tolist()])
 
 
 def cosine_lr(step, steps, peak, warmup):
@@ -154,10 +188,14 @@ def cosine_lr(step, steps, peak, warmup):
 def train(model, optimizer, corpus, settings, seed, label, loss_fn):
     progress = Progress(label, settings["steps"])
     warmup = max(1, settings["steps"] // 10)
-    return train_steps(model, optimizer,
-                       batches(corpus, settings["batch_size"], settings["seq_len"], settings["steps"], seed),
-                       loss_fn, schedule=lambda step: cosine_lr(step, settings["steps"], settings["lr"], warmup),
-                       on_step=lambda step, loss: progress.update(note=f"loss {loss:.3f}"))
+    return train_steps(
+        model,
+        optimizer,
+        batches(corpus, settings["batch_size"], settings["seq_len"], settings["steps"], seed),
+        loss_fn,
+        schedule=lambda step: cosine_lr(step, settings["steps"], settings["lr"], warmup),
+        on_step=lambda step, loss: progress.update(note=f"loss {loss:.3f}"),
+    )
 
 
 # the "final train loss" of a run: the mean of its last FINAL_WINDOW steps' losses
@@ -180,7 +218,7 @@ def moving_average(values, window):
     half = window // 2
     out = []
     for i in range(len(values)):
-        part = values[max(0, i - half):i + half + 1]
+        part = values[max(0, i - half) : i + half + 1]
         out.append(sum(part) / len(part))
     return out
 
@@ -204,7 +242,7 @@ def time_generation(model, prompts, new_tokens, speculative, label):
     progress = Progress(label, len(prompts))
     for ids in encoded:
         out, stats = generate(model, ids, new_tokens, speculative=speculative, return_stats=True)
-        outputs.append(out[0, ids.shape[1]:].tolist())
+        outputs.append(out[0, ids.shape[1] :].tolist())
         tokens += stats.new_tokens
         seconds += stats.seconds
         accepted += stats.accept_lengths
@@ -229,21 +267,34 @@ def save_plot(path, curves, draft_curve):
     window = smoothing_window(max(map(len, curves.values())))
     for (name, values), (color, linestyle) in zip(curves.items(), styles):
         axes[0].plot(values, color=color, linewidth=0.8, alpha=0.3)
-        axes[0].plot(moving_average(values, window), color=color, linestyle=linestyle, linewidth=2,
-                     label=f"{name} (mean of {window} steps)")
+        axes[0].plot(
+            moving_average(values, window),
+            color=color,
+            linestyle=linestyle,
+            linewidth=2,
+            label=f"{name} (mean of {window} steps)",
+        )
     axes[0].set_xlabel("step")
     axes[0].set_ylabel("next-byte cross entropy")
-    axes[0].set_title(f"LM training: AdamW8bit vs torch AdamW\nfaint: every step; bold: centered moving average "
-                      f"over {window} steps", fontsize=10)
+    axes[0].set_title(
+        f"LM training: AdamW8bit vs torch AdamW\nfaint: every step; bold: centered moving average over {window} steps",
+        fontsize=10,
+    )
     axes[0].legend()
     draft_window = smoothing_window(len(draft_curve))
     axes[1].plot(draft_curve, color="tab:green", linewidth=0.8, alpha=0.3)
-    axes[1].plot(moving_average(draft_curve, draft_window), color="tab:green", linewidth=2,
-                 label=f"draft heads (mean of {draft_window} steps)")
+    axes[1].plot(
+        moving_average(draft_curve, draft_window),
+        color="tab:green",
+        linewidth=2,
+        label=f"draft heads (mean of {draft_window} steps)",
+    )
     axes[1].set_xlabel("step")
     axes[1].set_ylabel("weighted draft-head loss")
-    axes[1].set_title(f"draft heads (base frozen)\nfaint: every step; bold: centered moving average over "
-                      f"{draft_window} steps", fontsize=10)
+    axes[1].set_title(
+        f"draft heads (base frozen)\nfaint: every step; bold: centered moving average over {draft_window} steps",
+        fontsize=10,
+    )
     axes[1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -271,17 +322,28 @@ def run(args):
     split = int(len(corpus) * 0.95)
     train_bytes, val_bytes = corpus[:split], corpus[split:]
     num_heads = len(max(DEFAULT_CHOICES, key=len))
-    config = KestrelConfig(vocab_size=256, d_model=settings["d_model"], n_layers=settings["n_layers"],
-                           n_heads=settings["n_heads"], n_kv_heads=settings["n_kv_heads"], attention=args.attention,
-                           num_draft_heads=num_heads, max_seq_len=max(settings["seq_len"], 1024))
+    config = KestrelConfig(
+        vocab_size=256,
+        d_model=settings["d_model"],
+        n_layers=settings["n_layers"],
+        n_heads=settings["n_heads"],
+        n_kv_heads=settings["n_kv_heads"],
+        attention=args.attention,
+        num_draft_heads=num_heads,
+        max_seq_len=max(settings["seq_len"], 1024),
+    )
     base = KestrelLM(config).to(device)
-    print(f"kestrel demo on {device}: a byte-level KestrelLM ({base.num_parameters(False) / 1e6:.2f}M parameters, "
-          f"{config.attention} attention, {config.n_layers} layers, d_model {config.d_model}) on "
-          f"{len(corpus) / 1e6:.1f} MB of the Python standard library")
+    print(
+        f"kestrel demo on {device}: a byte-level KestrelLM ({base.num_parameters(False) / 1e6:.2f}M parameters, "
+        f"{config.attention} attention, {config.n_layers} layers, d_model {config.d_model}) on "
+        f"{len(corpus) / 1e6:.1f} MB of the Python standard library"
+    )
 
     models, curves, state_bytes = {}, {}, {}
-    makers = {"adamw8bit": lambda params: AdamW8bit(params, lr=settings["lr"], weight_decay=0.01),
-              "adamw": lambda params: torch.optim.AdamW(params, lr=settings["lr"], weight_decay=0.01)}
+    makers = {
+        "adamw8bit": lambda params: AdamW8bit(params, lr=settings["lr"], weight_decay=0.01),
+        "adamw": lambda params: torch.optim.AdamW(params, lr=settings["lr"], weight_decay=0.01),
+    }
     for name, make in makers.items():
         model = copy.deepcopy(base)
         lm_params = [p for n, p in model.named_parameters() if not n.startswith("draft_heads")]
@@ -301,25 +363,35 @@ def run(args):
     print(f"{final:{width}} {smoothed(curves['adamw8bit']):12.3f} {smoothed(curves['adamw']):12.3f}")
     print(f"{'held-out loss':{width}} {val['adamw8bit']:12.3f} {val['adamw']:12.3f}")
     kib = {name: f"{count / 1024:8.1f} KiB" for name, count in state_bytes.items()}
-    print(f"{'optimizer state':{width}} {kib['adamw8bit']} {kib['adamw']}"
-          f"  ({state_bytes['adamw'] / max(state_bytes['adamw8bit'], 1):.1f}x smaller)")
+    print(
+        f"{'optimizer state':{width}} {kib['adamw8bit']} {kib['adamw']}"
+        f"  ({state_bytes['adamw'] / max(state_bytes['adamw8bit'], 1):.1f}x smaller)"
+    )
 
     model = models["adamw8bit"].train()
     head_params = freeze_base(model)
     head_optimizer = AdamW8bit(head_params, lr=settings["lr"], weight_decay=0.0)
     draft_settings = dict(settings, steps=settings["draft_steps"])
-    draft_curve = train(model, head_optimizer, train_bytes, draft_settings, args.seed + 3, "train (draft heads)",
-                        lambda m, tokens: draft_loss(m, tokens)[0])
+    draft_curve = train(
+        model,
+        head_optimizer,
+        train_bytes,
+        draft_settings,
+        args.seed + 3,
+        "train (draft heads)",
+        lambda m, tokens: draft_loss(m, tokens)[0],
+    )
     model.eval()
     with torch.no_grad():
         head_losses = draft_loss(model, windows)[1]
     print("draft heads' held-out loss per head: " + ", ".join(f"{loss:.3f}" for loss in head_losses))
 
-    prompts = PROMPTS[:settings["prompts"]]
+    prompts = PROMPTS[: settings["prompts"]]
     spec = TreeSpec(choices=DEFAULT_CHOICES)
     greedy, greedy_tps, _ = time_generation(model, prompts, settings["new_tokens"], None, "greedy")
-    speculative, spec_tps, mean_accepted = time_generation(model, prompts, settings["new_tokens"], spec,
-                                                           "tree speculative")
+    speculative, spec_tps, mean_accepted = time_generation(
+        model, prompts, settings["new_tokens"], spec, "tree speculative"
+    )
     identical = greedy == speculative
     mismatches = []
     for prompt, ours, theirs in zip(prompts, greedy, speculative):
@@ -331,52 +403,86 @@ def run(args):
     for prompt, tokens in zip(prompts, greedy):
         print(f"--- greedy: {prompt!r} -> {show_text(tokens)}")
     sampled_ids, sampled_stats = generate(
-        model, torch.tensor([list(prompts[-1].encode())], device=device), settings["new_tokens"], temperature=0.8,
-        top_p=0.95, speculative=spec, generator=torch.Generator(device).manual_seed(args.seed), return_stats=True)
-    sampled_tokens = sampled_ids[0, len(prompts[-1].encode()):].tolist()
+        model,
+        torch.tensor([list(prompts[-1].encode())], device=device),
+        settings["new_tokens"],
+        temperature=0.8,
+        top_p=0.95,
+        speculative=spec,
+        generator=torch.Generator(device).manual_seed(args.seed),
+        return_stats=True,
+    )
+    sampled_tokens = sampled_ids[0, len(prompts[-1].encode()) :].tolist()
     sampled = decode_text(sampled_tokens)
-    print(f"--- sampled (temperature 0.8, top-p 0.95, speculative, mean accepted length "
-          f"{sampled_stats.mean_accepted_length:.2f}): {prompts[-1]!r} -> {show_text(sampled_tokens)}")
+    print(
+        f"--- sampled (temperature 0.8, top-p 0.95, speculative, mean accepted length "
+        f"{sampled_stats.mean_accepted_length:.2f}): {prompts[-1]!r} -> {show_text(sampled_tokens)}"
+    )
     print(f"greedy == speculative (token for token, {len(prompts)} prompts): {identical}")
     for m in mismatches:
         gap = "n/a (different lengths)" if m["gap"] is None else f"{m['gap']:.3g}"
-        print(f"  {m['prompt']!r}: first difference at new token {m['position']} (greedy {m['greedy_token']}, "
-              f"speculative {m['speculative_token']}), logit gap {gap}: "
-              f"{'a near-tie' if m['near_tie'] else 'NOT a near-tie'}")
+        print(
+            f"  {m['prompt']!r}: first difference at new token {m['position']} (greedy {m['greedy_token']}, "
+            f"speculative {m['speculative_token']}), logit gap {gap}: "
+            f"{'a near-tie' if m['near_tie'] else 'NOT a near-tie'}"
+        )
     if mismatches and not failed:
-        print(f"  {near_ties} near-tie flip(s) on {device.type}: float32 logits computed with other shapes; not a "
-              "failure there")
-    print(f"mean accepted length {mean_accepted:.2f} tokens/step (tree of {spec.num_nodes()} nodes); "
-          f"{greedy_tps:.1f} tokens/s greedy, {spec_tps:.1f} tokens/s speculative: {spec_tps / greedy_tps:.2f}x")
+        print(
+            f"  {near_ties} near-tie flip(s) on {device.type}: float32 logits computed with other shapes; not a "
+            "failure there"
+        )
+    print(
+        f"mean accepted length {mean_accepted:.2f} tokens/step (tree of {spec.num_nodes()} nodes); "
+        f"{greedy_tps:.1f} tokens/s greedy, {spec_tps:.1f} tokens/s speculative: {spec_tps / greedy_tps:.2f}x"
+    )
 
     plot_path = out / "loss_curves.png"
     plotted = save_plot(plot_path, {"AdamW8bit": curves["adamw8bit"], "torch AdamW": curves["adamw"]}, draft_curve)
-    print(f"wrote {plot_path}" if plotted else "skipped the plot: matplotlib is not installed "
-          "(pip install 'kestrel[demo]')")
+    print(
+        f"wrote {plot_path}"
+        if plotted
+        else "skipped the plot: matplotlib is not installed (pip install 'kestrel[demo]')"
+    )
     summary = dict(
-        device=str(device), settings=settings, config=config.to_dict(), parameters=model.num_parameters(False),
-        final_loss_adamw8bit=smoothed(curves["adamw8bit"]), final_loss_adamw=smoothed(curves["adamw"]),
+        device=str(device),
+        settings=settings,
+        config=config.to_dict(),
+        parameters=model.num_parameters(False),
+        final_loss_adamw8bit=smoothed(curves["adamw8bit"]),
+        final_loss_adamw=smoothed(curves["adamw"]),
         final_loss_window=window,
         final_loss_definition=f"final_loss_*: the mean training loss of the last {window} steps of each run "
-                              "(every step's loss: loss_curve_*)",
-        val_loss_adamw8bit=val["adamw8bit"], val_loss_adamw=val["adamw"],
-        optimizer_state_bytes_adamw8bit=state_bytes["adamw8bit"], optimizer_state_bytes_adamw=state_bytes["adamw"],
-        loss_curve_adamw8bit=curves["adamw8bit"], loss_curve_adamw=curves["adamw"], draft_loss_curve=draft_curve,
-        draft_head_val_losses=head_losses, tree_nodes=spec.num_nodes(),
-        greedy_equals_speculative=identical, greedy_mismatches=mismatches, greedy_mismatch_near_ties=near_ties,
+        "(every step's loss: loss_curve_*)",
+        val_loss_adamw8bit=val["adamw8bit"],
+        val_loss_adamw=val["adamw"],
+        optimizer_state_bytes_adamw8bit=state_bytes["adamw8bit"],
+        optimizer_state_bytes_adamw=state_bytes["adamw"],
+        loss_curve_adamw8bit=curves["adamw8bit"],
+        loss_curve_adamw=curves["adamw"],
+        draft_loss_curve=draft_curve,
+        draft_head_val_losses=head_losses,
+        tree_nodes=spec.num_nodes(),
+        greedy_equals_speculative=identical,
+        greedy_mismatches=mismatches,
+        greedy_mismatch_near_ties=near_ties,
         mean_accepted_length=mean_accepted,
-        tokens_per_s_greedy=greedy_tps, tokens_per_s_speculative=spec_tps, speedup=spec_tps / greedy_tps,
-        samples={p: decode_text(t) for p, t in zip(prompts, greedy)}, sample_speculative_t0_8=sampled,
+        tokens_per_s_greedy=greedy_tps,
+        tokens_per_s_speculative=spec_tps,
+        speedup=spec_tps / greedy_tps,
+        samples={p: decode_text(t) for p, t in zip(prompts, greedy)},
+        sample_speculative_t0_8=sampled,
         plot=str(plot_path) if plotted else None,
-        seconds=time.perf_counter() - began)
+        seconds=time.perf_counter() - began,
+    )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"wrote {out / 'summary.json'} ({summary['seconds']:.0f} s in all)")
     return 1 if failed else 0
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m kestrel demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m kestrel demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

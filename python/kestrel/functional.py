@@ -46,11 +46,24 @@ class QuantState:
 
     valid_quant_types = ("fp4", "nf4")
     valid_qs_type_keys = [f"bitsandbytes__{x}" for x in valid_quant_types]
-    valid_qs_keys = ["absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state", "quant_type",
-                     "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype", "nested_offset"]
+    valid_qs_keys = [
+        "absmax",
+        "quant_map",
+        "nested_absmax",
+        "nested_quant_map",
+        "quant_state",
+        "quant_type",
+        "blocksize",
+        "dtype",
+        "shape",
+        "nested_blocksize",
+        "nested_dtype",
+        "nested_offset",
+    ]
 
-    def __init__(self, absmax, shape=None, code=None, blocksize=None, quant_type=None, dtype=None, offset=None,
-                 state2=None):
+    def __init__(
+        self, absmax, shape=None, code=None, blocksize=None, quant_type=None, dtype=None, offset=None, state2=None
+    ):
         self.absmax = absmax
         self.shape = shape
         self.code = code
@@ -78,19 +91,22 @@ class QuantState:
             "shape": tuple(self.shape) if self.shape is not None else None,
         }
         if self.nested:
-            qs_dict.update({
-                "nested_absmax": self.state2.absmax,
-                "nested_blocksize": self.state2.blocksize,
-                "nested_quant_map": self.state2.code.clone(),
-                "nested_dtype": _dtype_name(self.state2.dtype),
-                "nested_offset": float(self.offset),
-            })
+            qs_dict.update(
+                {
+                    "nested_absmax": self.state2.absmax,
+                    "nested_blocksize": self.state2.blocksize,
+                    "nested_quant_map": self.state2.code.clone(),
+                    "nested_dtype": _dtype_name(self.state2.dtype),
+                    "nested_offset": float(self.offset),
+                }
+            )
         if not packed or self.quant_type is None:
             return qs_dict
         tensors = {k: v for k, v in qs_dict.items() if isinstance(v, torch.Tensor)}
         rest = {k: v for k, v in qs_dict.items() if not isinstance(v, torch.Tensor)}
         tensors["quant_state.bitsandbytes__" + self.quant_type] = torch.tensor(
-            list(json.dumps(rest).encode("utf-8")), dtype=torch.uint8)
+            list(json.dumps(rest).encode("utf-8")), dtype=torch.uint8
+        )
         return tensors
 
     @classmethod
@@ -102,8 +118,10 @@ class QuantState:
             if not packed_keys:
                 raise ValueError("QuantState.from_dict: expected packed or unpacked quant_state items, found neither")
             if len(packed_keys) != 1 or packed_keys[0].split(".")[-1] not in cls.valid_qs_type_keys:
-                raise ValueError(f"QuantState.from_dict: expected exactly one `quant_state` item ending in one of "
-                                 f"{cls.valid_qs_type_keys}, got {packed_keys}")
+                raise ValueError(
+                    f"QuantState.from_dict: expected exactly one `quant_state` item ending in one of "
+                    f"{cls.valid_qs_type_keys}, got {packed_keys}"
+                )
         if len(packed_keys) == 1:
             qs_dict.update(json.loads(bytes(qs_dict.pop(packed_keys[0]).tolist()).decode("utf-8")))
         qs_dict = {k.split(".")[-1]: v for k, v in qs_dict.items()}
@@ -119,13 +137,23 @@ class QuantState:
         offset = state2 = None
         if "nested_absmax" in qs_dict:
             offset = torch.tensor(float(qs_dict["nested_offset"])).to(device)
-            state2 = cls(absmax=qs_dict["nested_absmax"].to(device), blocksize=qs_dict["nested_blocksize"],
-                         code=qs_dict["nested_quant_map"].to(device), dtype=getattr(torch, qs_dict["nested_dtype"]))
+            state2 = cls(
+                absmax=qs_dict["nested_absmax"].to(device),
+                blocksize=qs_dict["nested_blocksize"],
+                code=qs_dict["nested_quant_map"].to(device),
+                dtype=getattr(torch, qs_dict["nested_dtype"]),
+            )
         shape = qs_dict.get("shape")
-        return cls(quant_type=qs_dict.get("quant_type"), absmax=qs_dict["absmax"].to(device),
-                   blocksize=qs_dict["blocksize"], code=qs_dict["quant_map"].to(device),
-                   dtype=getattr(torch, qs_dict["dtype"]), shape=torch.Size(shape) if shape is not None else None,
-                   offset=offset, state2=state2)
+        return cls(
+            quant_type=qs_dict.get("quant_type"),
+            absmax=qs_dict["absmax"].to(device),
+            blocksize=qs_dict["blocksize"],
+            code=qs_dict["quant_map"].to(device),
+            dtype=getattr(torch, qs_dict["dtype"]),
+            shape=torch.Size(shape) if shape is not None else None,
+            offset=offset,
+            state2=state2,
+        )
 
     def to(self, device):
         """Moves the state's tensors to `device` in place (returns None, as bnb's does)."""
@@ -139,20 +167,30 @@ class QuantState:
     def __eq__(self, other):
         if not isinstance(other, QuantState):
             return False
-        return (torch.allclose(self.absmax, other.absmax, atol=1e-6) and self.shape == other.shape
-                and torch.allclose(self.code, other.code, atol=1e-6) and self.dtype == other.dtype
-                and self.blocksize == other.blocksize and self.quant_type == other.quant_type
-                and (self.offset == other.offset if self.offset is not None and other.offset is not None
-                     else self.offset is other.offset)
-                and (self.state2 == other.state2 if self.state2 is not None and other.state2 is not None
-                     else self.state2 is other.state2))
+        return (
+            torch.allclose(self.absmax, other.absmax, atol=1e-6)
+            and self.shape == other.shape
+            and torch.allclose(self.code, other.code, atol=1e-6)
+            and self.dtype == other.dtype
+            and self.blocksize == other.blocksize
+            and self.quant_type == other.quant_type
+            and (
+                self.offset == other.offset
+                if self.offset is not None and other.offset is not None
+                else self.offset is other.offset
+            )
+            and (
+                self.state2 == other.state2
+                if self.state2 is not None and other.state2 is not None
+                else self.state2 is other.state2
+            )
+        )
 
     __hash__ = None
 
     def __repr__(self):
         absmax = tuple(self.absmax.shape) if isinstance(self.absmax, torch.Tensor) else self.absmax
-        return (f"QuantState(blocksize={self.blocksize}, dtype={self.dtype}, absmax={absmax}, "
-                f"nested={self.nested})")
+        return f"QuantState(blocksize={self.blocksize}, dtype={self.dtype}, absmax={absmax}, nested={self.nested})"
 
 
 def _check_bool(op, name, value):
@@ -170,8 +208,9 @@ def _check_buffer(op, name, buffer, dtype, device, shape=None, numel=None, numel
     if shape is not None and buffer.shape != shape:
         raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(buffer.shape)}")
     if numel is not None and buffer.numel() != numel:
-        raise ValueError(f"{op}: {name} must hold {numel_desc or numel} values, got {buffer.numel()} "
-                         f"(shape {tuple(buffer.shape)})")
+        raise ValueError(
+            f"{op}: {name} must hold {numel_desc or numel} values, got {buffer.numel()} (shape {tuple(buffer.shape)})"
+        )
 
 
 def _num_blocks(n, blocksize):
@@ -204,19 +243,29 @@ def quantize_blockwise(A, code=None, absmax=None, out=None, blocksize=4096, nest
     if out is not None:
         _check_buffer(op, "out", out, torch.uint8, A.device, shape=A.shape)
     if absmax is not None:
-        _check_buffer(op, "absmax", absmax, torch.uint8 if nested else torch.float32, A.device, numel=blocks,
-                      numel_desc=f"ceil({A.numel()} / {blocksize}) = {blocks}")
+        _check_buffer(
+            op,
+            "absmax",
+            absmax,
+            torch.uint8 if nested else torch.float32,
+            A.device,
+            numel=blocks,
+            numel_desc=f"ceil({A.numel()} / {blocksize}) = {blocks}",
+        )
     _ext.require(op, A.device)
 
     codes, block_absmax = torch.ops.kestrel.quantize_blockwise(A, code, blocksize)
     if nested:
         offset = _block_mean(block_absmax)
         nested_codes, nested_absmax = torch.ops.kestrel.quantize_blockwise(
-            block_absmax - offset, default_map(A.device), blocksize)
-        state2 = QuantState(absmax=nested_absmax, code=default_map(A.device).clone(), blocksize=blocksize,
-                            dtype=torch.float32)
-        state = QuantState(absmax=nested_codes, code=code.clone(), blocksize=blocksize, dtype=A.dtype,
-                           offset=offset, state2=state2)
+            block_absmax - offset, default_map(A.device), blocksize
+        )
+        state2 = QuantState(
+            absmax=nested_absmax, code=default_map(A.device).clone(), blocksize=blocksize, dtype=torch.float32
+        )
+        state = QuantState(
+            absmax=nested_codes, code=code.clone(), blocksize=blocksize, dtype=A.dtype, offset=offset, state2=state2
+        )
     else:
         state = QuantState(absmax=block_absmax, code=code.clone(), blocksize=blocksize, dtype=A.dtype)
     if out is not None:
@@ -229,8 +278,10 @@ def quantize_blockwise(A, code=None, absmax=None, out=None, blocksize=4096, nest
 def _check_state(op, name, state, A):
     """The parts of a QuantState (kestrel's or bitsandbytes') that dequantizing A reads, checked before any work."""
     if isinstance(state, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a QuantState (as quantize_blockwise returns), got a Tensor; "
-                        f"pass a bare absmax tensor as absmax=")
+        raise TypeError(
+            f"{op}: {name} must be a QuantState (as quantize_blockwise returns), got a Tensor; "
+            f"pass a bare absmax tensor as absmax="
+        )
     missing = [k for k in ("absmax", "code", "blocksize", "dtype") if not hasattr(state, k)]
     if missing:
         raise TypeError(f"{op}: {name} must be a QuantState, got {type(state).__name__} (no {', '.join(missing)})")
@@ -258,8 +309,9 @@ def _dequantize(A, state, blocksize, nested):
         absmax = _dequantize(state.absmax, state2, int(state2.blocksize), bool(getattr(state2, "nested", False)))
         absmax += state.offset
         absmax = absmax.float()
-    return torch.ops.kestrel.dequantize_blockwise(A, absmax.reshape(-1), state.code.to(A.device), blocksize,
-                                                  state.dtype)
+    return torch.ops.kestrel.dequantize_blockwise(
+        A, absmax.reshape(-1), state.code.to(A.device), blocksize, state.dtype
+    )
 
 
 def dequantize_blockwise(A, quant_state=None, absmax=None, code=None, out=None, blocksize=4096, nested=False):
@@ -281,8 +333,15 @@ def dequantize_blockwise(A, quant_state=None, absmax=None, code=None, out=None, 
         blocksize = check_blocksize(op, blocksize)
         code = resolve_code(op, code, A.device, error=ValueError, sorted_map=False)
         blocks = _num_blocks(A.numel(), blocksize)
-        _check_buffer(op, "absmax", absmax, torch.float32, A.device, numel=blocks,
-                      numel_desc=f"ceil({A.numel()} / {blocksize}) = {blocks}")
+        _check_buffer(
+            op,
+            "absmax",
+            absmax,
+            torch.float32,
+            A.device,
+            numel=blocks,
+            numel_desc=f"ceil({A.numel()} / {blocksize}) = {blocks}",
+        )
         quant_state = QuantState(absmax=absmax, code=code, blocksize=blocksize, dtype=torch.float32)
         nested = False
     else:

@@ -32,7 +32,9 @@ void check(bool ok, const std::string& what) {
   }
 }
 
-void check_launch(int error, const std::string& what) { check(error == cudaSuccess, what + ": launch failed"); }
+void check_launch(int error, const std::string& what) {
+  check(error == cudaSuccess, what + ": launch failed");
+}
 
 std::vector<float> dynamic_map(bool is_signed) {
   // the shape of bnb's dynamic map: 0, and per decade i a few values 10^(i-6) * (0.1 .. 1), mirrored when signed
@@ -73,13 +75,13 @@ void test_quantize(std::mt19937& rng) {
         float expected = 0.0f;
         for (int64_t i = b * blocksize; i < std::min(n, (b + 1) * blocksize); ++i)
           expected = quant::finite_absmax_combine(expected, fabsf(x[i]));
-        check(absmax[b] == expected, "quantize absmax, blocksize " + std::to_string(blocksize) + " block " +
-                                         std::to_string(b));
+        check(absmax[b] == expected,
+              "quantize absmax, blocksize " + std::to_string(blocksize) + " block " + std::to_string(b));
         const quant::BlockScale scale = quant::block_scale(expected);
         for (int64_t i = b * blocksize; i < std::min(n, (b + 1) * blocksize); ++i) {
           const int want = quant::nearest_code_bsearch(midpoints.data(), quant::normalize(x[i], scale));
-          check(codes[i] == want, "quantize code, blocksize " + std::to_string(blocksize) + " element " +
-                                      std::to_string(i));
+          check(codes[i] == want,
+                "quantize code, blocksize " + std::to_string(blocksize) + " element " + std::to_string(i));
         }
       }
       std::vector<float> y(n);
@@ -166,8 +168,8 @@ void check_multi_tensor(const char* what, int moments1, bool eight_bit, bool two
     std::vector<optim::TensorMeta> single = meta_of(one, eight_bit, two_state, &total);
     single[0].scalars = meta[i].scalars;  // its own step and rounding mode, as in the joint launch
     check_launch(launch(single.data(), 1, total), what);
-    check(same_tensors(one[0], together[i]), std::string(what) + ": tensor " + std::to_string(i) +
-                                                 " differs when launched alone");
+    check(same_tensors(one[0], together[i]),
+          std::string(what) + ": tensor " + std::to_string(i) + " differs when launched alone");
   }
 }
 
@@ -182,8 +184,8 @@ void test_optim(std::mt19937& rng) {
         return cuda::two_state_step(DType::kFloat32, kind, eight_bit, meta, count, total, q1, q2, nullptr);
       });
     }
-    for (const auto kind : {optim::OneState::kMomentum, optim::OneState::kRMSprop, optim::OneState::kAdagrad,
-                            optim::OneState::kLion}) {
+    for (const auto kind :
+         {optim::OneState::kMomentum, optim::OneState::kRMSprop, optim::OneState::kAdagrad, optim::OneState::kLion}) {
       check_multi_tensor("one_state_step", 1, eight_bit, false, rng, [&](auto* meta, int count, int64_t total) {
         return cuda::one_state_step(DType::kFloat32, kind, eight_bit, meta, count, total, q1, nullptr);
       });
@@ -256,20 +258,26 @@ void test_tree(std::mt19937& rng) {
       std::vector<int64_t> excluded(B * T);
       check_launch(cuda::verify_tree_sample(candidates.data(), probs.data(), sampled ? drafts.data() : nullptr,
                                             first_child.data(), next_sibling.data(), uniform.data(),
-                                            uniform_final.data(), sampled ? scratch.data() : nullptr,
-                                            excluded.data(), B, T, V, max_depth, ai.data(), al.data(), nt.data(),
-                                            nullptr),
+                                            uniform_final.data(), sampled ? scratch.data() : nullptr, excluded.data(),
+                                            B, T, V, max_depth, ai.data(), al.data(), nt.data(), nullptr),
                    "verify_tree_sample");
       std::vector<float> serial_scratch(V), seg(tree::kSegments);
       std::vector<int64_t> serial_excluded(T);
       for (int b = 0; b < B; ++b) {
-        const tree::SampleRow row{candidates.data() + b * T, probs.data() + b * T * V,
-                                  sampled ? drafts.data() + b * T * V : nullptr, first_child.data() + b * T,
-                                  next_sibling.data() + b * T, uniform.data() + b * T, uniform_final[b],
-                                  sampled ? serial_scratch.data() : nullptr, T, V, max_depth};
+        const tree::SampleRow row{candidates.data() + b * T,
+                                  probs.data() + b * T * V,
+                                  sampled ? drafts.data() + b * T * V : nullptr,
+                                  first_child.data() + b * T,
+                                  next_sibling.data() + b * T,
+                                  uniform.data() + b * T,
+                                  uniform_final[b],
+                                  sampled ? serial_scratch.data() : nullptr,
+                                  T,
+                                  V,
+                                  max_depth};
         tree::TeamSerial team{V};
-        tree::verify_sample_row(team, row, serial_excluded.data(), seg.data(), ai_ref.data() + b * W,
-                                al_ref.data() + b, nt_ref.data() + b);
+        tree::verify_sample_row(team, row, serial_excluded.data(), seg.data(), ai_ref.data() + b * W, al_ref.data() + b,
+                                nt_ref.data() + b);
       }
       check(ai == ai_ref && al == al_ref && nt == nt_ref, std::string("verify_tree_sample, sampled drafts: ") +
                                                               (sampled ? "yes" : "no") + ", V " + std::to_string(V));

@@ -13,16 +13,16 @@
 using namespace kestrel;
 
 static int failures = 0;
-#define CHECK(cond, ...)                             \
-  do {                                               \
-    if (!(cond)) {                                   \
-      ++failures;                                    \
-      if (failures < 20) {                           \
+#define CHECK(cond, ...)                                 \
+  do {                                                   \
+    if (!(cond)) {                                       \
+      ++failures;                                        \
+      if (failures < 20) {                               \
         std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-        std::printf(__VA_ARGS__);                    \
-        std::printf("\n");                           \
-      }                                              \
-    }                                                \
+        std::printf(__VA_ARGS__);                        \
+        std::printf("\n");                               \
+      }                                                  \
+    }                                                    \
   } while (0)
 
 static int brute_force(const float* midpoints, float v) {
@@ -39,10 +39,20 @@ static void check_code(const std::vector<float>& code, const char* name) {
   const int steps = quant::build_bucket_table(midpoints, start.data());
   CHECK(steps >= 1, "%s: steps %d", name, steps);
 
-  std::vector<float> values = {0.0f, -0.0f, 1.0f, -1.0f, 2.0f, -2.0f, std::numeric_limits<float>::infinity(),
-                               -std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN(),
-                               -std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::denorm_min(),
-                               -std::numeric_limits<float>::denorm_min(), 1e-30f, -1e-30f};
+  std::vector<float> values = {0.0f,
+                               -0.0f,
+                               1.0f,
+                               -1.0f,
+                               2.0f,
+                               -2.0f,
+                               std::numeric_limits<float>::infinity(),
+                               -std::numeric_limits<float>::infinity(),
+                               std::numeric_limits<float>::quiet_NaN(),
+                               -std::numeric_limits<float>::quiet_NaN(),
+                               std::numeric_limits<float>::denorm_min(),
+                               -std::numeric_limits<float>::denorm_min(),
+                               1e-30f,
+                               -1e-30f};
   for (int j = 0; j < quant::kCodeSize - 1; ++j) {
     values.push_back(midpoints[j]);
     values.push_back(std::nextafter(midpoints[j], 2.0f));
@@ -125,10 +135,9 @@ static void check_helpers() {
     CHECK(quant::normalize(x, quant::block_scale(a)) == expected, "x %g absmax %g", x, a);
   }
   CHECK(quant::ordered_key(-0.0f) == quant::ordered_key(0.0f), "-0 and +0 share a key");
-  std::vector<float> sorted = {-std::numeric_limits<float>::infinity(), -3e38f, -1.0f, -1e-30f,
-                               -std::numeric_limits<float>::denorm_min(), 0.0f,
-                               std::numeric_limits<float>::denorm_min(), 1e-30f, 1.0f, 3e38f,
-                               std::numeric_limits<float>::infinity()};
+  std::vector<float> sorted = {
+      -std::numeric_limits<float>::infinity(),  -3e38f, -1.0f, -1e-30f, -std::numeric_limits<float>::denorm_min(), 0.0f,
+      std::numeric_limits<float>::denorm_min(), 1e-30f, 1.0f,  3e38f,   std::numeric_limits<float>::infinity()};
   for (size_t i = 0; i + 1 < sorted.size(); ++i)
     CHECK(quant::ordered_key(sorted[i]) < quant::ordered_key(sorted[i + 1]), "key order at %g", sorted[i]);
 }

@@ -11,8 +11,16 @@ ROOT = Path(__file__).resolve().parents[2]
 SIM = ROOT / "tests" / "cuda_sim"
 KERNEL_UNITS = ["quantize_kernels.cpp", "optim_kernels.cpp", "tree_verify_kernels.cpp"]
 LAUNCHERS = ["csrc/ops.cpp", "csrc/cuda/quantize_ops.cpp", "csrc/cuda/optim_ops.cpp", "csrc/cuda/tree_verify_ops.cpp"]
-FLAGS = ["-O2", "-ffp-contract=off", "-fno-math-errno", "-pthread", "-DKESTREL_WITH_CUDA",
-         "-DKESTREL_CUDA_VERSION=kestrel_sim", "-DKESTREL_CUDA_ARCHS=kestrel_sim", "-DKESTREL_VERSION=kestrel_sim"]
+FLAGS = [
+    "-O2",
+    "-ffp-contract=off",
+    "-fno-math-errno",
+    "-pthread",
+    "-DKESTREL_WITH_CUDA",
+    "-DKESTREL_CUDA_VERSION=kestrel_sim",
+    "-DKESTREL_CUDA_ARCHS=kestrel_sim",
+    "-DKESTREL_VERSION=kestrel_sim",
+]
 
 
 def load(verbose=False):
@@ -23,10 +31,15 @@ def load(verbose=False):
     build.mkdir(parents=True, exist_ok=True)
     sources = [str(ROOT / s) for s in LAUNCHERS] + [str(SIM / s) for s in KERNEL_UNITS]
     return load_extension(
-        name="kestrel_cuda_sim", sources=sources, build_directory=str(build), verbose=verbose,
+        name="kestrel_cuda_sim",
+        sources=sources,
+        build_directory=str(build),
+        verbose=verbose,
         extra_include_paths=[str(SIM / "include"), str(ROOT / "csrc" / "include"), str(ROOT / "csrc")],
-        extra_cflags=FLAGS + ["-include", str(SIM / "prelude.h")], extra_ldflags=["-pthread"],
-        with_cuda=False)
+        extra_cflags=FLAGS + ["-include", str(SIM / "prelude.h")],
+        extra_ldflags=["-pthread"],
+        with_cuda=False,
+    )
 
 
 if __name__ == "__main__":  # python tests/cuda_sim/build.py: build verbosely

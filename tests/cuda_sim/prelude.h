@@ -6,9 +6,9 @@
 
 #undef TORCH_LIBRARY
 #undef TORCH_LIBRARY_IMPL
-#define TORCH_LIBRARY(ns, m)                                                                             \
-  static void kestrel_sim_library_init(torch::Library&);                                                 \
-  static const torch::detail::TorchLibraryInit kestrel_sim_library_static_init(                          \
-      torch::Library::DEF, &kestrel_sim_library_init, "kestrel_sim", std::nullopt, __FILE__, __LINE__);  \
+#define TORCH_LIBRARY(ns, m)                                                                            \
+  static void kestrel_sim_library_init(torch::Library&);                                                \
+  static const torch::detail::TorchLibraryInit kestrel_sim_library_static_init(                         \
+      torch::Library::DEF, &kestrel_sim_library_init, "kestrel_sim", std::nullopt, __FILE__, __LINE__); \
   void kestrel_sim_library_init(torch::Library& m)
 #define TORCH_LIBRARY_IMPL(ns, k, m) _TORCH_LIBRARY_IMPL(kestrel_sim, CPU, m, C10_UID)

@@ -29,8 +29,24 @@ def note(case):
 
 
 # float values that matter: ordinary ones, zeros of both signs, extremes, subnormals, non-finite
-SPECIAL = [0.0, -0.0, 1.0, -1.0, 1e-45, -1e-45, 1e-38, 3.0e38, -3.0e38, 1e19, 2e19, -1e20, 1e-30,
-           float("inf"), float("-inf"), float("nan")]
+SPECIAL = [
+    0.0,
+    -0.0,
+    1.0,
+    -1.0,
+    1e-45,
+    -1e-45,
+    1e-38,
+    3.0e38,
+    -3.0e38,
+    1e19,
+    2e19,
+    -1e20,
+    1e-30,
+    float("inf"),
+    float("-inf"),
+    float("nan"),
+]
 
 
 def tensors(shape, draw, special_fraction=0.1, scale_range=(-6, 2), generator_seed=None):

@@ -6,13 +6,22 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from cases import CLEAR_ERRORS, note, raises_clearly, tensors
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kestrel
-from cases import CLEAR_ERRORS, note, raises_clearly, tensors
 from kestrel.decoding import build_tree
-from kestrel.ops import (compact_kv_cache, kv_bottleneck_lookup, plga_attention, softplus_attention, tree_attention,
-                         verify_tree_greedy, verify_tree_sample, vq_topk)
+from kestrel.ops import (
+    compact_kv_cache,
+    kv_bottleneck_lookup,
+    plga_attention,
+    softplus_attention,
+    tree_attention,
+    verify_tree_greedy,
+    verify_tree_sample,
+    vq_topk,
+)
 from kestrel.reference import attention as ref_attention
 from kestrel.reference.kv_bottleneck import kv_bottleneck_lookup as ref_kv_lookup
 from kestrel.reference.tree import ancestor_bits
@@ -48,8 +57,9 @@ def compaction_cases(draw):
     W = draw(st.integers(1, 5))
     lens, rows = [], []
     for _ in range(B):
-        lens.append(draw(st.one_of(st.integers(0, L), st.integers(-3, L + 3), st.sampled_from([INT32_MAX - 5,
-                                                                                               INT32_MAX]))))
+        lens.append(
+            draw(st.one_of(st.integers(0, L), st.integers(-3, L + 3), st.sampled_from([INT32_MAX - 5, INT32_MAX])))
+        )
         if draw(st.booleans()):  # a well-formed path, maybe leaving the cache
             depth = draw(st.integers(0, min(W - 1, L + 2)))
             nodes = sorted(draw(st.sets(st.integers(1, L + 2), min_size=depth, max_size=depth)))
@@ -66,8 +76,11 @@ def test_compaction_equals_the_reference_or_rejects_and_changes_nothing(case):
     note(f"compact B={B} H={H} L={L} D={D} layered={layered} lens={lens} rows={rows} dtype={dtype}")
     shape = ((2,) if layered else ()) + (B, H, L, D)
     k = torch.randn(shape).to(dtype) if dtype.is_floating_point else torch.randint(-100, 100, shape, dtype=dtype)
-    v = torch.randn(shape[:-1] + (D + 1,)).to(k.dtype) if dtype.is_floating_point else \
-        torch.randint(-100, 100, shape[:-1] + (D + 1,), dtype=dtype)
+    v = (
+        torch.randn(shape[:-1] + (D + 1,)).to(k.dtype)
+        if dtype.is_floating_point
+        else torch.randint(-100, 100, shape[:-1] + (D + 1,), dtype=dtype)
+    )
     seqlens = torch.tensor(lens, dtype=torch.int32).reshape(B)
     accept_index = torch.tensor(rows, dtype=torch.int32).reshape(B, W)
     valid = all(row_is_valid(row, length, L) for row, length in zip(rows, lens))
@@ -110,8 +123,9 @@ def test_greedy_verification_equals_the_reference(parents, vocab, seed):
     assert accept_index.tolist() == ref[0] and accept_len.tolist() == ref[1] and next_token.tolist() == ref[2]
 
 
-@given(trees(), st.integers(1, 40), st.booleans(), st.sampled_from(["plain", "zeros", "spiky"]),
-       st.integers(0, 2**31 - 1))
+@given(
+    trees(), st.integers(1, 40), st.booleans(), st.sampled_from(["plain", "zeros", "spiky"]), st.integers(0, 2**31 - 1)
+)
 def test_sampled_verification_equals_the_reference(parents, vocab, sampled_drafts, probs_kind, seed):
     g, tree, B, T = tree_case("sample", parents, vocab, seed, drafts=sampled_drafts, probs=probs_kind)
     candidates = torch.randint(0, vocab, (B, T), generator=g)
@@ -119,7 +133,7 @@ def test_sampled_verification_equals_the_reference(parents, vocab, sampled_draft
     if probs_kind == "zeros":
         probs = probs * (torch.rand(B, T, vocab, generator=g) < 0.3)
     elif probs_kind == "spiky":
-        probs = probs ** 30
+        probs = probs**30
     draft = torch.softmax(torch.randn(B, T, vocab, generator=g), -1) if sampled_drafts else None
     uniform, uniform_final = torch.rand(B, T, generator=g), torch.rand(B, generator=g)
     out = verify_tree_sample(candidates, probs, tree, uniform, uniform_final, draft)
@@ -162,8 +176,10 @@ def retrieval_cases(draw):
 @given(retrieval_cases())
 def test_vq_topk_selects_the_float64_top_k_with_the_tie_rule(case):
     x, cb, k, metric, banned, chunk = case
-    note(f"vq_topk x={tuple(x.shape)} cb={tuple(cb.shape)} k={k} metric={metric} banned={banned is not None} "
-         f"chunk={chunk}")
+    note(
+        f"vq_topk x={tuple(x.shape)} cb={tuple(cb.shape)} k={k} metric={metric} banned={banned is not None} "
+        f"chunk={chunk}"
+    )
     allowed = cb.shape[1] if banned is None else int((~banned).sum(-1).min())
     if allowed < k:
         assert raises_clearly(lambda: vq_topk(x, cb, k, metric=metric, banned=banned, chunk=chunk), "banned")
@@ -188,14 +204,23 @@ def test_vq_topk_selects_the_float64_top_k_with_the_tie_rule(case):
                         assert row_ids[a] < row_ids[b] and row_scores[a] == row_scores[b]
 
 
-@given(st.integers(0, 6), st.integers(0, 3), st.integers(1, 30), st.integers(1, 5), st.integers(1, 4),
-       st.integers(0, 2**31 - 1))
+@given(
+    st.integers(0, 6),
+    st.integers(0, 3),
+    st.integers(1, 30),
+    st.integers(1, 5),
+    st.integers(1, 4),
+    st.integers(0, 2**31 - 1),
+)
 def test_kv_bottleneck_lookup_equals_the_reference(B, C, P, dk, dv, seed):
     k = 1 + seed % min(P, 3)
     note(f"kv_lookup B={B} C={C} P={P} dk={dk} dv={dv} k={k} seed={seed}")
     g = torch.Generator().manual_seed(seed)
-    z, keys, values = torch.randn(B, C, dk, generator=g), torch.randn(C, P, dk, generator=g), \
-        torch.randn(C, P, dv, generator=g)
+    z, keys, values = (
+        torch.randn(B, C, dk, generator=g),
+        torch.randn(C, P, dk, generator=g),
+        torch.randn(C, P, dv, generator=g),
+    )
     out, ids = kv_bottleneck_lookup(z, keys, values, k)
     assert out.shape == (B, C, dv) and ids.shape == (B, C, k)
     if B and C:
@@ -228,8 +253,10 @@ def tree_attention_cases(draw):
 def test_tree_attention_equals_float64_and_never_reads_unused_slots(case):
     parents, hkv, group, D, lmax, lens, poison_value, seed = case
     B, T = parents.shape
-    note(f"tree_attention parents={parents.tolist()} Hkv={hkv} group={group} D={D} Lmax={lmax} lens={lens} "
-         f"poison={poison_value}")
+    note(
+        f"tree_attention parents={parents.tolist()} Hkv={hkv} group={group} D={D} Lmax={lmax} lens={lens} "
+        f"poison={poison_value}"
+    )
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, hkv * group, T, D, generator=g)
     k, v = torch.randn(B, hkv, lmax, D, generator=g), torch.randn(B, hkv, lmax, D, generator=g)
@@ -254,8 +281,19 @@ def softplus_cases(draw):
     p = draw(st.sampled_from([None, 1.0, 3.0, 15.0]))
     use_lens = draw(st.booleans()) and lk > 0
     lens = [draw(st.integers(lq, lk)) for _ in range(B)] if use_lens else None
-    return B, hkv, group, lq, lk, D, causal, p, lens, draw(st.sampled_from([float("nan"), float("inf")])), \
-        draw(st.integers(0, 2**31 - 1))
+    return (
+        B,
+        hkv,
+        group,
+        lq,
+        lk,
+        D,
+        causal,
+        p,
+        lens,
+        draw(st.sampled_from([float("nan"), float("inf")])),
+        draw(st.integers(0, 2**31 - 1)),
+    )
 
 
 @given(softplus_cases())
@@ -268,8 +306,9 @@ def test_softplus_attention_equals_float64_and_ignores_keys_past_the_lengths(cas
     seqlens = torch.tensor(lens, dtype=torch.int32) if lens is not None else None
     dirty_k, dirty_v = (poison(t, lens, lens, poison_value) for t in (k, v)) if lens else (k, v)
     out = softplus_attention(q, dirty_k, dirty_v, causal=causal, reweight_p=p, cache_seqlens=seqlens)
-    expected = ref_attention.softplus_attention(q.detach().double(), k.double(), v.double(), causal=causal,
-                                                reweight_p=p, cache_seqlens=seqlens)
+    expected = ref_attention.softplus_attention(
+        q.detach().double(), k.double(), v.double(), causal=causal, reweight_p=p, cache_seqlens=seqlens
+    )
     assert out.shape == q.shape and bool(torch.isfinite(out).all())
     torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
     if out.numel():
@@ -308,15 +347,23 @@ def test_plga_attention_equals_float64_and_ignores_keys_past_the_lengths(case):
 
 # ------------------------------------------------------------------------------------------------- bad arguments
 BAD_CALLS = {
-    "tree_attention": lambda: tree_attention(torch.randn(1, 2, 3, 4), torch.randn(1, 3, 8, 4), torch.randn(1, 3, 8, 4),
-                                             torch.zeros(1, dtype=torch.int32), torch.ones(1, 3, 1, dtype=torch.int32)),
-    "softplus_attention": lambda: softplus_attention(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 2, 4),
-                                                     torch.randn(1, 2, 2, 4)),
+    "tree_attention": lambda: tree_attention(
+        torch.randn(1, 2, 3, 4),
+        torch.randn(1, 3, 8, 4),
+        torch.randn(1, 3, 8, 4),
+        torch.zeros(1, dtype=torch.int32),
+        torch.ones(1, 3, 1, dtype=torch.int32),
+    ),
+    "softplus_attention": lambda: softplus_attention(
+        torch.randn(1, 2, 3, 4), torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4)
+    ),
     "vq_topk": lambda: vq_topk(torch.randn(3, 4), torch.randn(5, 4), 6),
-    "kv_bottleneck_lookup": lambda: kv_bottleneck_lookup(torch.randn(2, 3, 4), torch.randn(3, 5, 2),
-                                                         torch.randn(3, 5, 2)),
-    "plga_attention": lambda: plga_attention(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4),
-                                             torch.randn(1, 2, 4, 5)),
+    "kv_bottleneck_lookup": lambda: kv_bottleneck_lookup(
+        torch.randn(2, 3, 4), torch.randn(3, 5, 2), torch.randn(3, 5, 2)
+    ),
+    "plga_attention": lambda: plga_attention(
+        torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 2, 4, 5)
+    ),
 }
 
 

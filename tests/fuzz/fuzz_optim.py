@@ -6,10 +6,11 @@ import inspect
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from cases import note, raises_clearly, tensors
+from hypothesis import given
+from hypothesis import strategies as st
 
 import kestrel
-from cases import note, raises_clearly, tensors
 from kestrel import functional as KF
 from kestrel import optim as O
 from kestrel.reference import optim as ref
@@ -19,10 +20,32 @@ pytestmark = pytest.mark.skipif(not kestrel._ext.available(), reason="kestrel._C
 CLASSES = [getattr(O, name) for name in O.__all__ if name not in ("GlobalOptimManager", "Optimizer8bit")]
 NAN, INF = float("nan"), float("inf")
 ARGUMENT_VALUES = {
-    "lr": [1e-3, 0.0, -1.0, NAN, INF, "1e-3", None, True, torch.tensor(1e-3), torch.tensor(1),
-           torch.tensor([1e-3, 2e-3])],
-    "betas": [(0.9, 0.999), (0.9, 0.999, 0.9999), (0.9,), (2, 5), (-0.1, 0.9), (0.9, 1.0), "(0.9, 0.99)", 0.9,
-              None, (NAN, 0.9), ("a", 0.9)],
+    "lr": [
+        1e-3,
+        0.0,
+        -1.0,
+        NAN,
+        INF,
+        "1e-3",
+        None,
+        True,
+        torch.tensor(1e-3),
+        torch.tensor(1),
+        torch.tensor([1e-3, 2e-3]),
+    ],
+    "betas": [
+        (0.9, 0.999),
+        (0.9, 0.999, 0.9999),
+        (0.9,),
+        (2, 5),
+        (-0.1, 0.9),
+        (0.9, 1.0),
+        "(0.9, 0.99)",
+        0.9,
+        None,
+        (NAN, 0.9),
+        ("a", 0.9),
+    ],
     "eps": [1e-8, 0, -1.0, NAN, INF, "x", None],
     "weight_decay": [0, 0.01, -0.1, NAN, True],
     "momentum": [0.9, 0, -0.9, 1.5, NAN, "x"],
@@ -127,19 +150,62 @@ class Reference:
         max_unorm = getattr(self.args, "max_unorm", 0.0) or 0.0
         if self.kind in ("adam", "adam32", "lamb"):
             if self.eight:
-                ref.adam8bit_step(self.p, grad, self.s1, self.s2, self.a1, self.a2, signed, unsigned, t, g["lr"],
-                                  *g["betas"], eps, wd, max_unorm=max_unorm, robust_rounding=self.robust)
+                ref.adam8bit_step(
+                    self.p,
+                    grad,
+                    self.s1,
+                    self.s2,
+                    self.a1,
+                    self.a2,
+                    signed,
+                    unsigned,
+                    t,
+                    g["lr"],
+                    *g["betas"],
+                    eps,
+                    wd,
+                    max_unorm=max_unorm,
+                    robust_rounding=self.robust,
+                )
             else:
-                ref.adam32bit_step(self.p, grad, self.s1, self.s2, t, g["lr"], *g["betas"], eps, wd,
-                                   max_unorm=max_unorm)
+                ref.adam32bit_step(
+                    self.p, grad, self.s1, self.s2, t, g["lr"], *g["betas"], eps, wd, max_unorm=max_unorm
+                )
         elif self.kind == "ademamix":
-            ref.ademamix_step(self.p, grad, self.s1, self.s2, self.a1, self.a2, signed if self.eight else None,
-                              unsigned if self.eight else None, t, g["lr"], *g["betas"], g["alpha"], eps, wd,
-                              robust_rounding=self.robust)
+            ref.ademamix_step(
+                self.p,
+                grad,
+                self.s1,
+                self.s2,
+                self.a1,
+                self.a2,
+                signed if self.eight else None,
+                unsigned if self.eight else None,
+                t,
+                g["lr"],
+                *g["betas"],
+                g["alpha"],
+                eps,
+                wd,
+                robust_rounding=self.robust,
+            )
         else:
             kind = "momentum" if self.kind == "lars" else self.kind
-            ref.one_state_step(kind, self.p, grad, self.s1, self.a1, signed if self.eight else None, t, g["lr"],
-                               *g["betas"], eps, wd, max_unorm=max_unorm, robust_rounding=self.robust)
+            ref.one_state_step(
+                kind,
+                self.p,
+                grad,
+                self.s1,
+                self.a1,
+                signed if self.eight else None,
+                t,
+                g["lr"],
+                *g["betas"],
+                eps,
+                wd,
+                max_unorm=max_unorm,
+                robust_rounding=self.robust,
+            )
 
 
 @st.composite
@@ -197,7 +263,7 @@ def test_steps_on_extreme_gradients_keep_the_invariants_and_the_reference(case):
 def everything(opt, params):
     out = [p.detach().clone() for p in params]
     for p in params:
-        for key, value in sorted(opt.state[p].items()):
+        for _key, value in sorted(opt.state[p].items()):
             out.append(value.clone() if torch.is_tensor(value) else copy.deepcopy(value))
     return out
 
@@ -205,12 +271,14 @@ def everything(opt, params):
 def unchanged(a, b):
     return len(a) == len(b) and all(
         (torch.equal(x, y) if x.dtype != torch.float32 else torch.equal(torch.nan_to_num(x), torch.nan_to_num(y)))
-        if torch.is_tensor(x) else x == y for x, y in zip(a, b))
+        if torch.is_tensor(x)
+        else x == y
+        for x, y in zip(a, b)
+    )
 
 
 # (torch itself refuses a gradient of another shape, dtype or device than its tensor's, and integer data)
-DEFECTS = ["param_dtype", "resized", "lr_negative", "lr_string", "betas_range", "eps_nan",
-           "sparse_grad", "expanded"]
+DEFECTS = ["param_dtype", "resized", "lr_negative", "lr_string", "betas_range", "eps_nan", "sparse_grad", "expanded"]
 
 
 @given(st.sampled_from(sorted(KINDS)), st.sampled_from(DEFECTS), st.integers(0, 1))
@@ -231,8 +299,12 @@ def test_a_rejected_step_changes_nothing(kind, defect, which):
         target.data = torch.randn(target.numel() + 256)
         target.grad = torch.randn_like(target)
     elif defect in ("lr_negative", "lr_string", "betas_range", "eps_nan"):
-        key, value = {"lr_negative": ("lr", -1.0), "lr_string": ("lr", "0.1"),
-                      "betas_range": ("betas", (0.5, 1.5)), "eps_nan": ("eps", NAN)}[defect]
+        key, value = {
+            "lr_negative": ("lr", -1.0),
+            "lr_string": ("lr", "0.1"),
+            "betas_range": ("betas", (0.5, 1.5)),
+            "eps_nan": ("eps", NAN),
+        }[defect]
         opt.param_groups[0][key] = value
     elif defect == "sparse_grad":
         target.grad = target.grad.to_sparse()
@@ -246,12 +318,30 @@ def test_a_rejected_step_changes_nothing(kind, defect, which):
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
-SOURCES = {"adam": lambda ps: O.AdamW8bit(ps), "ademamix": lambda ps: O.AdEMAMix8bit(ps),
-           "lion": lambda ps: O.Lion8bit(ps), "momentum": lambda ps: O.SGD8bit(ps, lr=0.1, momentum=0.9),
-           "adam32": lambda ps: O.AdamW32bit(ps), "torch": lambda ps: torch.optim.AdamW(ps)}
-DAMAGES = ["none", "drop_state2", "drop_step", "step_negative", "step_float", "qmap_nan", "qmap_unsorted",
-           "absmax_short", "state1_dtype", "state1_short", "group_betas", "group_lr", "extra_group",
-           "not_a_dict"]
+SOURCES = {
+    "adam": lambda ps: O.AdamW8bit(ps),
+    "ademamix": lambda ps: O.AdEMAMix8bit(ps),
+    "lion": lambda ps: O.Lion8bit(ps),
+    "momentum": lambda ps: O.SGD8bit(ps, lr=0.1, momentum=0.9),
+    "adam32": lambda ps: O.AdamW32bit(ps),
+    "torch": lambda ps: torch.optim.AdamW(ps),
+}
+DAMAGES = [
+    "none",
+    "drop_state2",
+    "drop_step",
+    "step_negative",
+    "step_float",
+    "qmap_nan",
+    "qmap_unsorted",
+    "absmax_short",
+    "state1_dtype",
+    "state1_short",
+    "group_betas",
+    "group_lr",
+    "extra_group",
+    "not_a_dict",
+]
 
 
 def damaged(sd, damage):
@@ -292,8 +382,11 @@ def compatible(source, target):
     return source == target or {source, target} == {"adam", "adam32"} or (source, target) == ("momentum", "lion")
 
 
-@given(st.sampled_from(sorted(SOURCES)), st.sampled_from(sorted(k for k in SOURCES if k != "torch")),
-       st.sampled_from(DAMAGES))
+@given(
+    st.sampled_from(sorted(SOURCES)),
+    st.sampled_from(sorted(k for k in SOURCES if k != "torch")),
+    st.sampled_from(DAMAGES),
+)
 def test_a_checkpoint_loads_exactly_or_is_rejected_with_the_state_kept(source, target, damage):
     note(f"checkpoint {source} -> {target} damage={damage}")
     p_src = torch.nn.Parameter(torch.randn(4096))

@@ -4,10 +4,11 @@ API's round trip, and malformed arguments that must raise before anything is wri
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from cases import note, raises_clearly, tensors
+from hypothesis import given
+from hypothesis import strategies as st
 
 import kestrel
-from cases import note, raises_clearly, tensors
 from kestrel import functional as KF
 from kestrel.ops import quantize as ops
 from kestrel.reference import quantize as ref
@@ -48,8 +49,13 @@ def test_quantize_and_dequantize_equal_the_reference_bit_for_bit(case):
     assert bool(torch.isfinite(y[finite]).all())  # a non-finite element never spoils a finite neighbour
 
 
-@given(st.sampled_from([(5000,), (64, 70), (9000,)]), st.sampled_from([torch.float32, torch.float16]),
-       st.sampled_from([64, 256, 4096]), st.booleans(), st.integers(0, 2**31 - 1))
+@given(
+    st.sampled_from([(5000,), (64, 70), (9000,)]),
+    st.sampled_from([torch.float32, torch.float16]),
+    st.sampled_from([64, 256, 4096]),
+    st.booleans(),
+    st.integers(0, 2**31 - 1),
+)
 def test_functional_round_trip_in_bnbs_form(shape, dtype, blocksize, nested, seed):
     note(f"functional shape={shape} dtype={dtype} blocksize={blocksize} nested={nested}")
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
@@ -66,16 +72,21 @@ BAD_QUANTIZE = [
     ("blocksize 0", lambda: ops.quantize_blockwise(torch.randn(10), blocksize=0), "blocksize"),
     ("blocksize bool", lambda: ops.quantize_blockwise(torch.randn(10), blocksize=True), "blocksize"),
     ("int input", lambda: ops.quantize_blockwise(torch.ones(10, dtype=torch.int32)), "quantize_blockwise"),
-    ("float64 code", lambda: ops.quantize_blockwise(torch.randn(10), code=torch.zeros(256, dtype=torch.float64)),
-     "code"),
+    (
+        "float64 code",
+        lambda: ops.quantize_blockwise(torch.randn(10), code=torch.zeros(256, dtype=torch.float64)),
+        "code",
+    ),
     ("short code", lambda: ops.quantize_blockwise(torch.randn(10), code=torch.zeros(255)), "code"),
     ("unsorted code", lambda: ops.quantize_blockwise(torch.randn(10), code=torch.randn(256)), "code"),
     ("nan code", lambda: ops.quantize_blockwise(torch.randn(10), code=torch.full((256,), float("nan"))), "code"),
-    ("absmax size", lambda: ops.dequantize_blockwise(torch.zeros(600, dtype=torch.uint8), torch.ones(2),
-                                                     blocksize=256), "absmax"),
+    (
+        "absmax size",
+        lambda: ops.dequantize_blockwise(torch.zeros(600, dtype=torch.uint8), torch.ones(2), blocksize=256),
+        "absmax",
+    ),
     ("codes dtype", lambda: ops.dequantize_blockwise(torch.zeros(10), torch.ones(1), blocksize=256), "codes"),
-    ("functional out", lambda: KF.quantize_blockwise(torch.randn(100), out=torch.zeros(99, dtype=torch.uint8)),
-     "out"),
+    ("functional out", lambda: KF.quantize_blockwise(torch.randn(100), out=torch.zeros(99, dtype=torch.uint8)), "out"),
     ("functional state", lambda: KF.dequantize_blockwise(torch.zeros(10, dtype=torch.uint8)), "quant_state"),
     ("dynamic map bits", lambda: KF.create_dynamic_map(True, 4, 40), "total_bits"),
 ]

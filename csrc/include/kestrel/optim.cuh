@@ -26,7 +26,10 @@ __device__ __forceinline__ int find_tensor(const optim::TensorMeta* meta, int nu
   int lo = 0, hi = num_tensors - 1;  // the last tensor whose first_block <= block
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
-    if (meta[mid].first_block <= block) lo = mid; else hi = mid - 1;
+    if (meta[mid].first_block <= block)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
   return lo;
 }
@@ -119,8 +122,10 @@ __global__ void __launch_bounds__(kAdamThreads)
       }
     }
     const float old1 = m1, old2 = m2, old3 = m3;
-    if (kMix) optim::ademamix_moments(a, grad, m1, m3, m2);
-    else optim::adam_moments(a, grad, m1, m2);
+    if (kMix)
+      optim::ademamix_moments(a, grad, m1, m3, m2);
+    else
+      optim::adam_moments(a, grad, m1, m2);
     finite[k] = optim::step_is_finite(grad, m1, m2, m3);
     if (EIGHT_BIT) {  // a NaN/Inf gradient zeroes the 8-bit states (bnb's 8-bit kernel) ...
       m1 = finite[k] ? m1 : 0.0f;
@@ -226,10 +231,9 @@ __global__ void __launch_bounds__(kAdamThreads)
     if (finite[k]) ElementIO<T>::store(p + i, round_param<T>(new_p[k], a, i, 0));
     if (EIGHT_BIT) {
       const float v = optim::normalize_state(s1[k], new_max);
-      static_cast<uint8_t*>(m.state1)[i] = static_cast<uint8_t>(optim::round_one_state_code<KIND>(
-          code1, quant::nearest_code_bsearch(mid1, v), v, a.robust_rounding));
-    }
-    else
+      static_cast<uint8_t*>(m.state1)[i] = static_cast<uint8_t>(
+          optim::round_one_state_code<KIND>(code1, quant::nearest_code_bsearch(mid1, v), v, a.robust_rounding));
+    } else
       static_cast<float*>(m.state1)[i] = s1[k];
   }
 }

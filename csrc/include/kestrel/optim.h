@@ -101,7 +101,8 @@ KESTREL_HD float stochastic_round_bf16(float v, const StepScalars& a, int64_t in
   const uint32_t u = float_bits(v);
   if ((u & 0x7f800000u) == 0x7f800000u) return v;
   const uint64_t key = a.round_seed ^ ((uint64_t)a.step * 0x9e3779b97f4a7c15ull) ^
-                       ((uint64_t)a.salt * 0xc2b2ae3d27d4eb4full) ^ (((uint64_t)index * 2 + which) * 0x165667b19e3779f9ull);
+                       ((uint64_t)a.salt * 0xc2b2ae3d27d4eb4full) ^
+                       (((uint64_t)index * 2 + which) * 0x165667b19e3779f9ull);
   return float_from_bits((u + (hash_bits(key) & 0xffffu)) & 0xffff0000u);
 }
 
@@ -140,7 +141,9 @@ KESTREL_HD float ademamix_param_update(const StepScalars& a, float p, float m1, 
 }
 
 // Adam's update direction s1 / (sqrt(s2) + eps * c2) (the step is step_size times it).
-KESTREL_HD float adam_direction(const StepScalars& a, float s1, float s2) { return s1 / (sqrtf(s2) + a.eps_c2); }
+KESTREL_HD float adam_direction(const StepScalars& a, float s1, float s2) {
+  return s1 / (sqrtf(s2) + a.eps_c2);
+}
 
 // Step 4, before rounding to the parameter's dtype: p + step_size * s1 / (sqrt(s2) + eps * c2).
 KESTREL_HD float adam_param_update(const StepScalars& a, float p, float s1, float s2) {
@@ -148,7 +151,9 @@ KESTREL_HD float adam_param_update(const StepScalars& a, float p, float s1, floa
 }
 
 // sign(v) in {-1, 0, 1} (0 for NaN), without branches so that the CPU loops vectorize.
-KESTREL_HD float sign_of(float v) { return (float)((int)(v > 0.0f) - (int)(v < 0.0f)); }
+KESTREL_HD float sign_of(float v) {
+  return (float)((int)(v > 0.0f) - (int)(v < 0.0f));
+}
 
 // One-state optimizers (docs/optim8bit.md): the new state and the new parameter (before rounding to its
 // dtype) from the old state s1, the parameter p and a finite gradient g (already scaled by gnorm_scale).
@@ -215,8 +220,10 @@ KESTREL_HD void apply_trust_ratio(StepScalars& a, const float* norms, bool adam)
   if (norms == nullptr || !(a.max_unorm > 0.0f)) return;
   const float unorm = adam ? sqrtf(norms[0]) * (a.correction2 / a.correction1) : sqrtf(norms[0]);
   const float scale = trust_ratio(a.max_unorm, unorm, sqrtf(norms[1]));
-  if (adam) a.step_size = a.step_size * scale;
-  else a.lr = a.lr * scale;
+  if (adam)
+    a.step_size = a.step_size * scale;
+  else
+    a.lr = a.lr * scale;
 }
 
 // One element's update direction for the norm pass, from its old state(s) and gradient (0 for a NaN/Inf gradient,
@@ -233,7 +240,9 @@ KESTREL_HD float lars_norm_direction(const StepScalars& a, float g, float p, flo
 }
 
 // Step 5's normalisation of a new state by its block's new absmax (0 for an all-zero block).
-KESTREL_HD float normalize_state(float s, float absmax) { return absmax > 0.0f ? s / absmax : 0.0f; }
+KESTREL_HD float normalize_state(float s, float absmax) {
+  return absmax > 0.0f ? s / absmax : 0.0f;
+}
 
 // The code of a normalised state v after nearest rounding to `idx`. bnb's rounding applies the sign fix to
 // first moments (and to every signed-map state): a tiny negative moment takes the smallest negative code instead of
@@ -256,8 +265,7 @@ KESTREL_HD uint8_t requantize_signed(const float* code, const float* midpoints, 
   const float v = normalize_state(s, absmax);
   return (uint8_t)round_numerator_code(code, quant::nearest_code_bsearch(midpoints, v), v, robust);
 }
-KESTREL_HD uint8_t requantize_unsigned(const float* code, const float* midpoints, float s, float absmax,
-                                       bool robust) {
+KESTREL_HD uint8_t requantize_unsigned(const float* code, const float* midpoints, float s, float absmax, bool robust) {
   const float v = normalize_state(s, absmax);
   return (uint8_t)round_denominator_code(code, quant::nearest_code_bsearch(midpoints, v), v, robust);
 }
@@ -272,14 +280,15 @@ KESTREL_HD int round_one_state_code(const float* code, int idx, float v, bool ro
   return round_numerator_code(code, idx, v, robust);
 }
 
-// One parameter of a fused multi-tensor step (Adam: two states; one-state optimizers: state2/absmax2 unused): raw pointers, its size, the index of its first 256-element block in
-// the launch, and its per-step scalars (parameters of one launch may be at different steps).
+// One parameter of a fused multi-tensor step (Adam: two states; one-state optimizers: state2/absmax2 unused): raw
+// pointers, its size, the index of its first 256-element block in the launch, and its per-step scalars (parameters of
+// one launch may be at different steps).
 struct TensorMeta {
   void* param;
   const void* grad;
-  void* state1;      // uint8 codes (8-bit) or float32
+  void* state1;  // uint8 codes (8-bit) or float32
   void* state2;
-  float* absmax1;    // 8-bit only
+  float* absmax1;  // 8-bit only
   float* absmax2;
   int64_t numel;
   int64_t first_block;

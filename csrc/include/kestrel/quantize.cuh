@@ -107,9 +107,8 @@ __global__ void __launch_bounds__(kQuantizeThreads)
 // CTA walk the blocks grid-stride; with GROUP == kQuantizeThreads the loop is uniform over the CTA.
 template <typename T, int GROUP>
 __global__ void __launch_bounds__(kQuantizeThreads)
-    quantize_blockwise_any_kernel(const T* __restrict__ x, const float* __restrict__ code,
-                                  uint8_t* __restrict__ codes, float* __restrict__ absmax, int64_t n,
-                                  int64_t blocksize, int64_t num_blocks) {
+    quantize_blockwise_any_kernel(const T* __restrict__ x, const float* __restrict__ code, uint8_t* __restrict__ codes,
+                                  float* __restrict__ absmax, int64_t n, int64_t blocksize, int64_t num_blocks) {
   static_assert(GROUP == 32 || GROUP == kQuantizeThreads, "a group is a warp or the CTA");
   constexpr int GROUPS = kQuantizeThreads / GROUP;
   __shared__ float midpoints[quant::kMidpointsSize];
@@ -122,8 +121,7 @@ __global__ void __launch_bounds__(kQuantizeThreads)
 
   const int group = tid / GROUP;
   const int lane = tid % GROUP;
-  for (int64_t block = (int64_t)blockIdx.x * GROUPS + group; block < num_blocks;
-       block += (int64_t)gridDim.x * GROUPS) {
+  for (int64_t block = (int64_t)blockIdx.x * GROUPS + group; block < num_blocks; block += (int64_t)gridDim.x * GROUPS) {
     const int64_t begin = block * blocksize;
     const int64_t end = n - begin < blocksize ? n : begin + blocksize;
     float local_max = 0.0f;

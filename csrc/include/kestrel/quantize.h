@@ -20,7 +20,9 @@ constexpr int kCodeSize = 256;
 // 255 midpoints plus a +inf sentinel, so a search may read index 255 without a bounds check.
 constexpr int kMidpointsSize = 256;
 
-KESTREL_HD float midpoint(const float* code, int j) { return (code[j] + code[j + 1]) * 0.5f; }
+KESTREL_HD float midpoint(const float* code, int j) {
+  return (code[j] + code[j + 1]) * 0.5f;
+}
 
 // Max of magnitudes over finite elements: `a` (= |x|) joins the running max only if it is finite, so inf and NaN
 // never enter a block's absmax. On finite values an ordinary max.
@@ -76,7 +78,9 @@ KESTREL_HD uint32_t ordered_key(float v) {
 constexpr int kBucketBits = 16;
 constexpr int kNumBuckets = 1 << kBucketBits;
 
-KESTREL_HD uint32_t bucket_of(float v) { return ordered_key(v) >> (32 - kBucketBits); }
+KESTREL_HD uint32_t bucket_of(float v) {
+  return ordered_key(v) >> (32 - kBucketBits);
+}
 
 // Fills start[kNumBuckets]; returns the largest number of midpoints that share one bucket.
 inline int build_bucket_table(const float* midpoints, uint8_t* start) {
@@ -109,7 +113,9 @@ KESTREL_HD int apply_sign_fix(const float* code, int idx, float v) {
   return idx > 0 ? idx - 1 : idx;
 }
 
-KESTREL_HD float dequantize_value(const float* code, uint8_t c, float absmax) { return code[c] * absmax; }
+KESTREL_HD float dequantize_value(const float* code, uint8_t c, float absmax) {
+  return code[c] * absmax;
+}
 
 }  // namespace quant
 }  // namespace kestrel

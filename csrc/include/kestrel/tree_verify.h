@@ -33,14 +33,18 @@ KESTREL_HD float mul_rn(float a, float b) {
 #endif
 }
 
-KESTREL_HD int64_t segment_length(int64_t vocab) { return (vocab + kSegments - 1) / kSegments; }
+KESTREL_HD int64_t segment_length(int64_t vocab) {
+  return (vocab + kSegments - 1) / kSegments;
+}
 
 KESTREL_HD int64_t segment_begin(int64_t vocab, int s) {
   const int64_t b = segment_length(vocab) * s;
   return b < vocab ? b : vocab;
 }
 
-KESTREL_HD int64_t segment_end(int64_t vocab, int s) { return segment_begin(vocab, s + 1); }
+KESTREL_HD int64_t segment_end(int64_t vocab, int s) {
+  return segment_begin(vocab, s + 1);
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Greedy: from the root, move to the first child (lowest node index) whose candidate equals the target's argmax at
@@ -84,14 +88,14 @@ KESTREL_HD void verify_greedy_row(const int64_t* candidates, const int64_t* targ
 // next_token is the argmax of target_probs[n] (lowest index among equals).
 
 struct SampleRow {
-  const int64_t* candidates;   // (T,)
-  const float* target_probs;   // (T, V)
-  const float* draft_probs;    // (T, V) or nullptr (deterministic drafts)
-  const int32_t* first_child;  // (T,)
-  const int32_t* next_sibling; // (T,)
-  const float* uniform;        // (T,)
+  const int64_t* candidates;    // (T,)
+  const float* target_probs;    // (T, V)
+  const float* draft_probs;     // (T, V) or nullptr (deterministic drafts)
+  const int32_t* first_child;   // (T,)
+  const int32_t* next_sibling;  // (T,)
+  const float* uniform;         // (T,)
   float uniform_final;
-  float* scratch;              // (V,): the sampled-draft residual; unused with deterministic drafts
+  float* scratch;  // (V,): the sampled-draft residual; unused with deterministic drafts
   int64_t num_nodes;
   int64_t vocab;
   int64_t max_depth;
@@ -318,12 +322,12 @@ KESTREL_HD int32_t accepted_length(const int32_t* accept_index, int64_t width) {
 // 64 bits: a length near 2^31 plus a node index must not wrap into the cache.
 enum RowCheck : int {
   kRowOk = 0,
-  kRootNotZero,      // accept_index[0] != 0
-  kNotAscending,     // a path entry not above the one before it
-  kBadPadding,       // an entry after the path that is not -1
-  kNegativeLength,   // cache_seqlens[b] < 0
-  kOutsideCache,     // a source row len + accept_index[j] at or past max_len
-  kLengthOverflow,   // the new length len + 1 + accept_len past max_len or INT32_MAX
+  kRootNotZero,     // accept_index[0] != 0
+  kNotAscending,    // a path entry not above the one before it
+  kBadPadding,      // an entry after the path that is not -1
+  kNegativeLength,  // cache_seqlens[b] < 0
+  kOutsideCache,    // a source row len + accept_index[j] at or past max_len
+  kLengthOverflow,  // the new length len + 1 + accept_len past max_len or INT32_MAX
 };
 
 KESTREL_HD RowCheck check_compaction_row(const int32_t* index, int64_t width, int64_t len, int64_t max_len,

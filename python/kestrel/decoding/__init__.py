@@ -5,5 +5,14 @@ from .cache import KVCache
 from .generate import GenerationStats, TreeSpec, generate
 from .tree import StaticTree, TreeBuffers, build_tree, dynamic_tree, static_tree
 
-__all__ = ["GenerationStats", "KVCache", "StaticTree", "TreeBuffers", "TreeSpec", "build_tree", "dynamic_tree",
-           "generate", "static_tree"]
+__all__ = [
+    "GenerationStats",
+    "KVCache",
+    "StaticTree",
+    "TreeBuffers",
+    "TreeSpec",
+    "build_tree",
+    "dynamic_tree",
+    "generate",
+    "static_tree",
+]

@@ -17,18 +17,36 @@ import torch
 
 
 class KVCache:
-    def __init__(self, num_layers, batch_size, num_kv_heads, max_len, head_dim, *, dtype=torch.float32,
-                 device="cpu", g_heads=None):
-        for label, value in (("num_layers", num_layers), ("batch_size", batch_size), ("num_kv_heads", num_kv_heads),
-                             ("max_len", max_len), ("head_dim", head_dim)):
+    def __init__(
+        self,
+        num_layers,
+        batch_size,
+        num_kv_heads,
+        max_len,
+        head_dim,
+        *,
+        dtype=torch.float32,
+        device="cpu",
+        g_heads=None,
+    ):
+        for label, value in (
+            ("num_layers", num_layers),
+            ("batch_size", batch_size),
+            ("num_kv_heads", num_kv_heads),
+            ("max_len", max_len),
+            ("head_dim", head_dim),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"KVCache: {label} must be a positive int, got {value!r}")
         shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
-        self.G = (torch.zeros((num_layers, batch_size, g_heads, head_dim, head_dim), dtype=torch.float32,
-                              device=device) if g_heads else None)
+        self.G = (
+            torch.zeros((num_layers, batch_size, g_heads, head_dim, head_dim), dtype=torch.float32, device=device)
+            if g_heads
+            else None
+        )
         self.g_built = False
         self.host_seqlens = [0] * batch_size
 
@@ -36,9 +54,16 @@ class KVCache:
     def for_model(cls, model, batch_size, max_len=None, dtype=None):
         """A cache for `model` (a KestrelLM) in the model's dtype, max_len defaulting to config.max_seq_len."""
         config = model.config
-        return cls(config.n_layers, batch_size, config.n_kv_heads, max_len or config.max_seq_len, config.head_dim,
-                   dtype=dtype or model.dtype, device=model.device,
-                   g_heads=config.n_heads if config.attention == "plga" else None)
+        return cls(
+            config.n_layers,
+            batch_size,
+            config.n_kv_heads,
+            max_len or config.max_seq_len,
+            config.head_dim,
+            dtype=dtype or model.dtype,
+            device=model.device,
+            g_heads=config.n_heads if config.attention == "plga" else None,
+        )
 
     def _seqlens_version(self):
         return None if self.seqlens.is_inference() else self.seqlens._version
@@ -47,8 +72,7 @@ class KVCache:
     def host_seqlens(self):
         """The host mirror of seqlens (a list of ints), or None when unknown (never set, set to None, or seqlens
         written in place since it was set)."""
-        if self._host_seqlens is None or self._host_version is None or \
-                self._host_version != self._seqlens_version():
+        if self._host_seqlens is None or self._host_version is None or self._host_version != self._seqlens_version():
             return None
         return list(self._host_seqlens)
 
@@ -85,7 +109,7 @@ class KVCache:
         if self.G is not None:
             self.g_built = True
         mirror = self.host_seqlens  # read before the write below (which leaves it unknown until set again)
-        self.seqlens += (lengths.to(self.seqlens) if lengths is not None else L)
+        self.seqlens += lengths.to(self.seqlens) if lengths is not None else L
         if mirror is not None and lengths is None:
             self.host_seqlens = [n + L for n in mirror]
         elif mirror is not None and host_lengths is not None:

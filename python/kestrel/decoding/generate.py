@@ -48,26 +48,34 @@ class TreeSpec:
     def __post_init__(self):
         static, dynamic = self.choices is not None, self.max_nodes is not None or self.topk is not None
         if static == dynamic:
-            raise ValueError("TreeSpec: give either choices=... (a static tree) or max_nodes=... and topk=... (a "
-                             f"dynamic tree), got choices={self.choices!r}, max_nodes={self.max_nodes!r}, "
-                             f"topk={self.topk!r}")
+            raise ValueError(
+                "TreeSpec: give either choices=... (a static tree) or max_nodes=... and topk=... (a "
+                f"dynamic tree), got choices={self.choices!r}, max_nodes={self.max_nodes!r}, "
+                f"topk={self.topk!r}"
+            )
         if static:
-            if not isinstance(self.choices, (list, tuple)) or not self.choices or \
-                    not all(isinstance(c, (list, tuple)) and len(c) > 0 for c in self.choices):
-                raise ValueError(f"TreeSpec: choices must be a non-empty list of non-empty rank paths, got "
-                                 f"{self.choices!r}")
+            if (
+                not isinstance(self.choices, (list, tuple))
+                or not self.choices
+                or not all(isinstance(c, (list, tuple)) and len(c) > 0 for c in self.choices)
+            ):
+                raise ValueError(
+                    f"TreeSpec: choices must be a non-empty list of non-empty rank paths, got {self.choices!r}"
+                )
             from .tree import static_tree
 
             static_tree(self.choices)  # ranks, duplicates, missing parents: refused here, not after a prefill
         else:
             sizes = [("max_nodes", self.max_nodes), ("topk", self.topk)] + (
-                [] if self.depth is None else [("depth", self.depth)])
+                [] if self.depth is None else [("depth", self.depth)]
+            )
             for label, value in sizes:
                 if not is_int(value):
                     raise TypeError(f"TreeSpec: {label} must be an int, got {type(value).__name__} {value!r}")
             if not self.max_nodes > 1:
-                raise ValueError(f"TreeSpec: max_nodes (the tree's nodes, root included) must be an int > 1, got "
-                                 f"{self.max_nodes!r}")
+                raise ValueError(
+                    f"TreeSpec: max_nodes (the tree's nodes, root included) must be an int > 1, got {self.max_nodes!r}"
+                )
             if not self.topk > 0:
                 raise ValueError(f"TreeSpec: topk must be a positive int, got {self.topk!r}")
             if self.depth is not None and not self.depth > 0:
@@ -111,8 +119,10 @@ def _prompts(input_ids, prompt_lengths, device):
     """(padded (B, Lmax) int64 on device, lengths (B,) int64 on device, host lengths list)."""
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError("generate: input_ids must be an int64 tensor (B, L) or a list of 1-D token sequences, "
-                             f"got {input_ids.dtype} of shape {tuple(input_ids.shape)}")
+            raise ValueError(
+                "generate: input_ids must be an int64 tensor (B, L) or a list of 1-D token sequences, "
+                f"got {input_ids.dtype} of shape {tuple(input_ids.shape)}"
+            )
         B, L = input_ids.shape
         if prompt_lengths is None:
             host = [L] * B
@@ -131,11 +141,12 @@ def _prompts(input_ids, prompt_lengths, device):
         host = [len(row) for row in rows]
         padded = torch.zeros((len(rows), max(host)), dtype=torch.int64)
         for b, row in enumerate(rows):
-            padded[b, :len(row)] = row
+            padded[b, : len(row)] = row
         padded = padded.to(device)
     if padded.shape[1] == 0 and host:
-        raise ValueError(f"generate: input_ids has no positions (shape {tuple(padded.shape)}): every prompt needs "
-                         "at least one token")
+        raise ValueError(
+            f"generate: input_ids has no positions (shape {tuple(padded.shape)}): every prompt needs at least one token"
+        )
     if host and (min(host) < 1 or max(host) > padded.shape[1]):
         raise ValueError(f"generate: every prompt needs 1..{padded.shape[1]} tokens, got lengths {host}")
     return padded, torch.tensor(host, dtype=torch.int64, device=device), host
@@ -156,8 +167,9 @@ def _check_token_ids(prompt, lengths, vocab_size):
     ids = torch.where(real, prompt, torch.zeros((), dtype=prompt.dtype, device=prompt.device))  # 0: a valid id
     lo, hi = torch.stack([ids.min(), ids.max()]).tolist()
     if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"generate: input_ids must hold token ids in [0, vocab_size={vocab_size}), got "
-                         f"{lo if lo < 0 else hi}")
+        raise ValueError(
+            f"generate: input_ids must hold token ids in [0, vocab_size={vocab_size}), got {lo if lo < 0 else hi}"
+        )
 
 
 def target_probs(logits, temperature, top_k=None, top_p=None):
@@ -202,8 +214,21 @@ class _Output:
 
 
 @torch.no_grad()
-def generate(model, input_ids, max_new_tokens, *, temperature=0.0, top_k=None, top_p=None, speculative=None,
-             eos_token_id=None, prompt_lengths=None, pad_token_id=None, generator=None, return_stats=False):
+def generate(
+    model,
+    input_ids,
+    max_new_tokens,
+    *,
+    temperature=0.0,
+    top_k=None,
+    top_p=None,
+    speculative=None,
+    eos_token_id=None,
+    prompt_lengths=None,
+    pad_token_id=None,
+    generator=None,
+    return_stats=False,
+):
     """Decode `max_new_tokens` tokens after each prompt.
 
     input_ids: (B, L) int64, or a list of 1-D token sequences of mixed lengths (or a padded tensor with
@@ -224,7 +249,8 @@ def generate(model, input_ids, max_new_tokens, *, temperature=0.0, top_k=None, t
     excluded), eos_token_id in [0, vocab_size) (pad_token_id is a fill value and may be any int, e.g. -1), ints
     that are not bools, temperature >= 0 (tiny values approach greedy, inf is uniform), top_p in (0, 1], a
     TreeSpec within the model (static ranks < vocab_size and depth <= the draft heads; dynamic depth <= the draft
-    heads), a generator on the model's device when sampling. A (0, L) input_ids gives an empty (0, L + max_new_tokens) result.
+    heads), a generator on the model's device when sampling. A (0, L) input_ids gives an empty
+    (0, L + max_new_tokens) result.
 
     The model runs in eval mode (no codebook usage counts or other training-time updates from decoding: rejected
     tree nodes and padding rows would pollute them) and is put back in its previous mode afterwards.
@@ -232,8 +258,9 @@ def generate(model, input_ids, max_new_tokens, *, temperature=0.0, top_k=None, t
     from ..ops.tree_verify import check_sampling_options
 
     if not is_int(max_new_tokens):
-        raise TypeError(f"generate: max_new_tokens must be an int >= 0, got {type(max_new_tokens).__name__} "
-                        f"{max_new_tokens!r}")
+        raise TypeError(
+            f"generate: max_new_tokens must be an int >= 0, got {type(max_new_tokens).__name__} {max_new_tokens!r}"
+        )
     if max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     check_sampling_options("generate", temperature, top_k, top_p)
@@ -243,14 +270,18 @@ def generate(model, input_ids, max_new_tokens, *, temperature=0.0, top_k=None, t
         if value is not None and not is_int(value):
             raise TypeError(f"generate: {label} must be None or an int, got {type(value).__name__} {value!r}")
     if eos_token_id is not None and not 0 <= eos_token_id < config.vocab_size:
-        raise ValueError(f"generate: eos_token_id must be a token id in [0, vocab_size={config.vocab_size}) (one "
-                         f"outside is never generated), got {eos_token_id}")
+        raise ValueError(
+            f"generate: eos_token_id must be a token id in [0, vocab_size={config.vocab_size}) (one "
+            f"outside is never generated), got {eos_token_id}"
+        )
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generate: generator must be None or a torch.Generator, got {type(generator).__name__}")
         if temperature > 0 and generator.device.type != device.type:
-            raise ValueError(f"generate: generator is on {generator.device}, the model on {device} (sampling draws "
-                             "on the model's device)")
+            raise ValueError(
+                f"generate: generator is on {generator.device}, the model on {device} (sampling draws "
+                "on the model's device)"
+            )
     if speculative is not None:
         if not isinstance(speculative, TreeSpec):
             raise ValueError(f"generate: speculative must be None or a TreeSpec, got {type(speculative).__name__}")
@@ -267,14 +298,29 @@ def generate(model, input_ids, max_new_tokens, *, temperature=0.0, top_k=None, t
         return (empty, GenerationStats()) if return_stats else empty
     _check_token_ids(prompt, lengths, config.vocab_size)
     if max(host_lengths) + max_new_tokens > model.config.max_seq_len:
-        raise ValueError(f"generate: the longest prompt ({max(host_lengths)} tokens) + max_new_tokens "
-                         f"({max_new_tokens}) must be at most config.max_seq_len={model.config.max_seq_len}, got "
-                         f"{max(host_lengths) + max_new_tokens}")
+        raise ValueError(
+            f"generate: the longest prompt ({max(host_lengths)} tokens) + max_new_tokens "
+            f"({max_new_tokens}) must be at most config.max_seq_len={model.config.max_seq_len}, got "
+            f"{max(host_lengths) + max_new_tokens}"
+        )
     was_training = model.training
     model.eval()
     try:
-        return _generate(model, prompt, lengths, host_lengths, max_new_tokens, temperature, top_k, top_p, speculative,
-                         eos_token_id, pad_token_id, generator, return_stats)
+        return _generate(
+            model,
+            prompt,
+            lengths,
+            host_lengths,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            speculative,
+            eos_token_id,
+            pad_token_id,
+            generator,
+            return_stats,
+        )
     finally:
         model.train(was_training)
 
@@ -285,36 +331,59 @@ def _check_static(spec, config):
     from .tree import static_tree
 
     if spec.tree_depth(config.num_draft_heads) > config.num_draft_heads:
-        raise ValueError(f"generate: the tree choices reach depth {spec.tree_depth(config.num_draft_heads)}, the "
-                         f"model has {config.num_draft_heads} draft heads")
+        raise ValueError(
+            f"generate: the tree choices reach depth {spec.tree_depth(config.num_draft_heads)}, the "
+            f"model has {config.num_draft_heads} draft heads"
+        )
     max_rank = static_tree(spec.choices).max_rank
     if max_rank >= config.vocab_size:
-        raise ValueError(f"generate: speculative.choices use rank {max_rank} of a draft head, whose top-k ranks are "
-                         f"0..vocab_size - 1 = {config.vocab_size - 1}")
+        raise ValueError(
+            f"generate: speculative.choices use rank {max_rank} of a draft head, whose top-k ranks are "
+            f"0..vocab_size - 1 = {config.vocab_size - 1}"
+        )
 
 
 def _check_dynamic(spec, config):
     """A dynamic TreeSpec's limits (those of kestrel.decoding.dynamic_tree), before anything runs."""
     if spec.depth is not None and spec.depth > config.num_draft_heads:
-        raise ValueError(f"generate: speculative.depth={spec.depth} is deeper than the model's "
-                         f"{config.num_draft_heads} draft heads (one tree level per head)")
+        raise ValueError(
+            f"generate: speculative.depth={spec.depth} is deeper than the model's "
+            f"{config.num_draft_heads} draft heads (one tree level per head)"
+        )
     K = spec.tree_depth(config.num_draft_heads)
     if spec.topk > config.vocab_size:
-        raise ValueError(f"generate: speculative.topk must be at most the vocabulary size {config.vocab_size}, got "
-                         f"{spec.topk}")
-    limit = 1 + spec.topk + (K - 1) * spec.topk ** 2
+        raise ValueError(
+            f"generate: speculative.topk must be at most the vocabulary size {config.vocab_size}, got {spec.topk}"
+        )
+    limit = 1 + spec.topk + (K - 1) * spec.topk**2
     if spec.max_nodes > limit:
-        raise ValueError(f"generate: speculative.max_nodes must be at most 1 + topk + (K - 1) * topk^2 = {limit} "
-                         f"(topk={spec.topk}, K={K} draft heads in the tree), got {spec.max_nodes}")
+        raise ValueError(
+            f"generate: speculative.max_nodes must be at most 1 + topk + (K - 1) * topk^2 = {limit} "
+            f"(topk={spec.topk}, K={K} draft heads in the tree), got {spec.max_nodes}"
+        )
 
 
-def _generate(model, prompt, lengths, host_lengths, max_new_tokens, temperature, top_k, top_p, speculative,
-              eos_token_id, pad_token_id, generator, return_stats):
+def _generate(
+    model,
+    prompt,
+    lengths,
+    host_lengths,
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+    speculative,
+    eos_token_id,
+    pad_token_id,
+    generator,
+    return_stats,
+):
     device = prompt.device
     B, L = prompt.shape
     pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
-    spare = 0 if speculative is None else speculative.num_nodes() + speculative.tree_depth(
-        model.config.num_draft_heads) + 1
+    spare = (
+        0 if speculative is None else speculative.num_nodes() + speculative.tree_depth(model.config.num_draft_heads) + 1
+    )
     cache = KVCache.for_model(model, B, max_len=L + max_new_tokens + spare)
     stats = GenerationStats()
     output = _Output(B, max_new_tokens, eos_token_id)
@@ -331,16 +400,27 @@ def _generate(model, prompt, lengths, host_lengths, max_new_tokens, temperature,
         else:
             from .speculative import speculative_loop
 
-            speculative_loop(model, cache, token, hidden[rows, last], output, stats, speculative, temperature,
-                             top_k, top_p, generator)
+            speculative_loop(
+                model,
+                cache,
+                token,
+                hidden[rows, last],
+                output,
+                stats,
+                speculative,
+                temperature,
+                top_k,
+                top_p,
+                generator,
+            )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         stats.seconds = time.perf_counter() - started
     result = torch.full((B, L + max_new_tokens), pad, dtype=torch.int64)
     for b in range(B):
-        result[b, :host_lengths[b]] = prompt[b, :host_lengths[b]].cpu()
+        result[b, : host_lengths[b]] = prompt[b, : host_lengths[b]].cpu()
         new = output.tokens[b]
-        result[b, host_lengths[b]:host_lengths[b] + len(new)] = torch.tensor(new, dtype=torch.int64)
+        result[b, host_lengths[b] : host_lengths[b] + len(new)] = torch.tensor(new, dtype=torch.int64)
     result = result.to(device)
     return (result, stats) if return_stats else result
 

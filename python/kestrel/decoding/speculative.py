@@ -36,7 +36,7 @@ class SpeculativeStep:
         """(candidates (B, T), TreeBuffers) from the pending tokens (B,) and the hidden states that produced them."""
         from .tree import build_tree, dynamic_tree
 
-        draft_logits = self.model.draft_logits(hidden_last)[:, :self.depth]  # (B, depth, V)
+        draft_logits = self.model.draft_logits(hidden_last)[:, : self.depth]  # (B, depth, V)
         if self.spec.dynamic:
             head_logprobs, head_tokens = torch.log_softmax(draft_logits.float(), dim=-1).topk(self.spec.topk, dim=-1)
             parents, candidates = dynamic_tree(token, head_logprobs, head_tokens, self.spec.max_nodes)
@@ -47,8 +47,9 @@ class SpeculativeStep:
         """Returns (candidates, accept_index, accept_len, next_token, hidden_last): the cache is compacted (its
         seqlens advanced by 1 + accept_len), hidden_last is the hidden state of the last accepted node."""
         candidates, tree = self.draft(token, hidden_last)
-        logits, hidden = self.model(candidates, cache, tree_depth=tree.depth, tree_mask_bits=tree.ancestor_bits,
-                                    return_hidden=True)
+        logits, hidden = self.model(
+            candidates, cache, tree_depth=tree.depth, tree_mask_bits=tree.ancestor_bits, return_hidden=True
+        )
         if temperature == 0.0:
             accept_index, accept_len, next_token = verify_tree_greedy(candidates, logits.argmax(-1), tree)
         else:
@@ -56,8 +57,7 @@ class SpeculativeStep:
             probs = sampling_probs(logits, temperature, top_k, top_p)
             uniform = torch.rand((B, T), generator=generator, device=candidates.device)
             uniform_final = torch.rand((B,), generator=generator, device=candidates.device)
-            accept_index, accept_len, next_token = verify_tree_sample(candidates, probs, tree, uniform,
-                                                                      uniform_final)
+            accept_index, accept_len, next_token = verify_tree_sample(candidates, probs, tree, uniform, uniform_final)
         compact_kv_cache(cache.k, cache.v, cache.seqlens, accept_index)
         cache.host_seqlens = None  # advanced by 1 + accept_len on the device; the caller may set the mirror again
         rows = self.rows
@@ -75,8 +75,9 @@ def speculative_loop(model, cache, token, hidden_last, output, stats, spec, temp
         before = cache.seqlens.clone()
         if host_seqlens is not None:
             cache.host_seqlens = host_seqlens  # known before the step: the tree forward needs no device read
-        candidates, accept_index, accept_len, token, hidden_last = step(cache, token, hidden_last, temperature,
-                                                                        top_k, top_p, generator)
+        candidates, accept_index, accept_len, token, hidden_last = step(
+            cache, token, hidden_last, temperature, top_k, top_p, generator
+        )
         cache.seqlens.copy_(torch.where(done, before, cache.seqlens))  # finished sequences stop growing
         stats.steps += 1
         path_tokens = candidates.gather(1, accept_index.long().clamp(min=0))[:, 1:]  # (B, max_depth)
@@ -85,7 +86,7 @@ def speculative_loop(model, cache, token, hidden_last, output, stats, spec, temp
             if output.done[b]:
                 continue
             accepted = packed[b][0]
-            emitted = packed[b][1:1 + accepted] + [packed[b][-1]]
+            emitted = packed[b][1 : 1 + accepted] + [packed[b][-1]]
             kept = output.add(b, emitted)
             stats.accept_lengths.append(kept)  # the tokens kept (EOS or the limit may cut the accepted path)
             stats.new_tokens += kept

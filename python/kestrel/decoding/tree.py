@@ -65,10 +65,11 @@ def _pack_bits(reach):
     B, T, _ = reach.shape
     W = (T + 31) // 32
     padded = torch.nn.functional.pad(reach, (0, W * 32 - T)).view(B, T, W, 32).long()
-    weights = torch.bitwise_left_shift(torch.ones(32, dtype=torch.long, device=reach.device),
-                                       torch.arange(32, device=reach.device))
+    weights = torch.bitwise_left_shift(
+        torch.ones(32, dtype=torch.long, device=reach.device), torch.arange(32, device=reach.device)
+    )
     words = (padded * weights).sum(-1)
-    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def build_tree(parents, max_depth=None, num_leaves=None):
@@ -107,8 +108,11 @@ def build_tree(parents, max_depth=None, num_leaves=None):
     none = torch.full((), T, device=device)
     first_child = torch.where(is_child, idx, none).amin(-1)
     first_child = torch.where(first_child == T, -1, first_child).to(torch.int32)
-    later_sibling = ((parents[:, None, :] == parents[:, :, None]) & (idx[None, None, :] > idx[None, :, None])
-                     & (parents >= 0)[:, :, None])  # [b, j, k]: k is a later sibling of j
+    later_sibling = (
+        (parents[:, None, :] == parents[:, :, None])
+        & (idx[None, None, :] > idx[None, :, None])
+        & (parents >= 0)[:, :, None]
+    )  # [b, j, k]: k is a later sibling of j
     next_sibling = torch.where(later_sibling, idx, none).amin(-1)
     next_sibling = torch.where(next_sibling == T, -1, next_sibling).to(torch.int32)
 
@@ -132,9 +136,16 @@ def build_tree(parents, max_depth=None, num_leaves=None):
     rank = torch.where(leaf, (torch.cumsum(leaf, -1) - 1).clamp(max=num_leaves), num_leaves)
     leaf_paths = torch.full((B, num_leaves + 1, spill), -1, dtype=torch.int64, device=device)
     leaf_paths.scatter_(1, rank[:, :, None].expand(B, T, spill), path_of[:, :, :spill])
-    return TreeBuffers(parents=parents, depth=depth, ancestor_bits=_pack_bits(reach), first_child=first_child,
-                       next_sibling=next_sibling, leaf_paths=leaf_paths[:, :num_leaves].to(torch.int32),
-                       num_leaves=leaf_count, max_depth=max_depth)
+    return TreeBuffers(
+        parents=parents,
+        depth=depth,
+        ancestor_bits=_pack_bits(reach),
+        first_child=first_child,
+        next_sibling=next_sibling,
+        leaf_paths=leaf_paths[:, :num_leaves].to(torch.int32),
+        num_leaves=leaf_count,
+        max_depth=max_depth,
+    )
 
 
 def _check_parents(parents, idx):
@@ -148,9 +159,11 @@ def _check_parents(parents, idx):
     ok = torch.cat([root_ok[:, None], in_range & ((rest == -2) | parent_used)], 1)
     if not bool(ok.all()):
         b, i = (int(v) for v in (~ok).nonzero()[0])
-        raise ValueError(f"build_tree: parents[{b}, {i}] = {int(parents[b, i])} is not a valid parent: node 0 must "
-                         f"be the root (-1), node i > 0 padding (-2) or a child of a used node of smaller index "
-                         f"(0 <= parent < i)")
+        raise ValueError(
+            f"build_tree: parents[{b}, {i}] = {int(parents[b, i])} is not a valid parent: node 0 must "
+            f"be the root (-1), node i > 0 padding (-2) or a child of a used node of smaller index "
+            f"(0 <= parent < i)"
+        )
 
 
 @dataclass
@@ -188,12 +201,16 @@ class StaticTree:
         """Candidate tokens (B, T) int64: root_tokens (B,) at node 0, head_tokens[b, head[i], rank[i]] at node i,
         from the draft heads' per-head top-k tokens head_tokens (B, K, topk)."""
         if head_tokens.dim() != 3 or root_tokens.shape != head_tokens.shape[:1]:
-            raise ValueError(f"StaticTree.candidates: head_tokens must be (B, K, topk) and root_tokens (B,), got "
-                             f"{tuple(head_tokens.shape)} and {tuple(root_tokens.shape)}")
+            raise ValueError(
+                f"StaticTree.candidates: head_tokens must be (B, K, topk) and root_tokens (B,), got "
+                f"{tuple(head_tokens.shape)} and {tuple(root_tokens.shape)}"
+            )
         B, K, topk = head_tokens.shape
         if self.max_depth > K or self.max_rank >= topk:
-            raise ValueError(f"StaticTree.candidates: the tree needs {self.max_depth} heads and top-"
-                             f"{self.max_rank + 1}, got head_tokens of shape {tuple(head_tokens.shape)}")
+            raise ValueError(
+                f"StaticTree.candidates: the tree needs {self.max_depth} heads and top-"
+                f"{self.max_rank + 1}, got head_tokens of shape {tuple(head_tokens.shape)}"
+            )
         tokens = head_tokens.reshape(B, K * topk).long()[:, self.flat_index(topk, head_tokens.device)]
         tokens[:, 0] = root_tokens.long()
         return tokens
@@ -226,9 +243,15 @@ def static_tree(choices):
         head.append(len(choice) - 1)
         rank.append(choice[-1])
     has_child = {p for p in parents if p >= 0}
-    return StaticTree(choices=ordered, parents=torch.tensor(parents, dtype=torch.int32),
-                      head=torch.tensor(head), rank=torch.tensor(rank), max_depth=max(len(c) for c in ordered),
-                      num_leaves=sum(1 for i in range(len(parents)) if i not in has_child), max_rank=max(rank))
+    return StaticTree(
+        choices=ordered,
+        parents=torch.tensor(parents, dtype=torch.int32),
+        head=torch.tensor(head),
+        rank=torch.tensor(rank),
+        max_depth=max(len(c) for c in ordered),
+        num_leaves=sum(1 for i in range(len(parents)) if i not in has_child),
+        max_rank=max(rank),
+    )
 
 
 def dynamic_tree(root_tokens, head_logprobs, head_tokens, max_nodes, topk=None):
@@ -249,12 +272,16 @@ def dynamic_tree(root_tokens, head_logprobs, head_tokens, max_nodes, topk=None):
     """
     name = "dynamic_tree"
     if head_logprobs.dim() != 3 or head_tokens.shape != head_logprobs.shape:
-        raise ValueError(f"{name}: head_logprobs and head_tokens must both be (B, K, k), got "
-                         f"{tuple(head_logprobs.shape)} and {tuple(head_tokens.shape)}")
+        raise ValueError(
+            f"{name}: head_logprobs and head_tokens must both be (B, K, k), got "
+            f"{tuple(head_logprobs.shape)} and {tuple(head_tokens.shape)}"
+        )
     B, K, k = head_logprobs.shape
     if K == 0 or k == 0:
-        raise ValueError(f"{name}: head_logprobs must have at least one head and one token per head (B, K >= 1, "
-                         f"k >= 1), got {tuple(head_logprobs.shape)}")
+        raise ValueError(
+            f"{name}: head_logprobs must have at least one head and one token per head (B, K >= 1, "
+            f"k >= 1), got {tuple(head_logprobs.shape)}"
+        )
     if root_tokens.shape != (B,):
         raise ValueError(f"{name}: root_tokens must be ({B},), got {tuple(root_tokens.shape)}")
     topk = k if topk is None else topk
@@ -262,8 +289,9 @@ def dynamic_tree(root_tokens, head_logprobs, head_tokens, max_nodes, topk=None):
         raise ValueError(f"{name}: topk must be an int in [1, {k}], got {topk!r}")
     universe = topk + (K - 1) * topk * topk
     if not is_int(max_nodes) or not 2 <= max_nodes <= universe + 1:
-        raise ValueError(f"{name}: max_nodes must be an int in [2, 1 + {universe}] (K={K}, topk={topk}), got "
-                         f"{max_nodes!r}")
+        raise ValueError(
+            f"{name}: max_nodes must be an int in [2, 1 + {universe}] (K={K}, topk={topk}), got {max_nodes!r}"
+        )
     logprobs = head_logprobs.float().clamp(max=0.0)
     if topk < k:
         logprobs, pick = torch.sort(logprobs, dim=-1, descending=True, stable=True)  # ties: the earlier entry
@@ -287,7 +315,7 @@ def dynamic_tree(root_tokens, head_logprobs, head_tokens, max_nodes, topk=None):
         frontier_index = order + offset
         offset += topk * topk
     scores, parents, node_tokens = torch.cat(scores, 1), torch.cat(parents, 1), torch.cat(node_tokens, 1)
-    kept = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :max_nodes - 1]
+    kept = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, : max_nodes - 1]
     kept = torch.sort(kept, dim=-1).values  # generation order
     tree_index = torch.full((B, universe), -1, dtype=torch.long, device=device)
     tree_index.scatter_(1, kept, torch.arange(1, max_nodes, device=device).expand(B, max_nodes - 1))

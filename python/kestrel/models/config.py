@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, fields
 from .._checks import is_finite_number, is_int, require_bool, require_number
 
 ATTENTION_KINDS = ("softmax", "lssa", "lssar", "plga")
-_MAX_FLOAT32 = (2 - 2 ** -23) * 2.0 ** 127
+_MAX_FLOAT32 = (2 - 2**-23) * 2.0**127
 
 
 @dataclass
@@ -47,15 +47,26 @@ class KestrelConfig:
         name = "KestrelConfig"
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        positive = ["vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "n_kv_heads", "plga_a_dff",
-                    "plga_num_dense", "num_codes", "codebook_k"] + ([] if self.d_ff is None else ["d_ff"])
+        positive = [
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "max_seq_len",
+            "n_kv_heads",
+            "plga_a_dff",
+            "plga_num_dense",
+            "num_codes",
+            "codebook_k",
+        ] + ([] if self.d_ff is None else ["d_ff"])
         for key in positive + ["num_draft_heads", "plga_num_reslayer"]:
             value = getattr(self, key)
             if not is_int(value):
                 raise TypeError(f"{name}: {key} must be an int, got {type(value).__name__} {value!r}")
             if value < (1 if key in positive else 0):
-                raise ValueError(f"{name}: {key} must be {'a positive int' if key in positive else 'an int >= 0'}, "
-                                 f"got {value!r}")
+                raise ValueError(
+                    f"{name}: {key} must be {'a positive int' if key in positive else 'an int >= 0'}, got {value!r}"
+                )
         for key in ("codebook_attn", "codebook_mlp", "stable_embedding", "tie_embeddings"):
             require_bool(name, key, getattr(self, key))
         for key in ("rope_base", "norm_eps", "lssar_p", "softplus_eps"):
@@ -72,8 +83,7 @@ class KestrelConfig:
         if self.d_model % self.n_heads != 0:
             raise ValueError(f"{name}: d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads != 0:
-            raise ValueError(f"{name}: n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
-                             f"({self.n_kv_heads})")
+            raise ValueError(f"{name}: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2 != 0:
             raise ValueError(f"{name}: the head dim d_model / n_heads must be even for RoPE, got {self.head_dim}")
         if self.d_ff is None:

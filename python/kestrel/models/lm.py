@@ -47,20 +47,37 @@ class _Step:
             seqlens = cache.seqlens.to(torch.long)
             longest = cache.longest()  # the host mirror when known: no device read per decoding step
             if longest + L > cache.max_len:
-                raise ValueError(f"KestrelLM: the cache holds {cache.max_len} positions per sequence, this forward "
-                                 f"needs {longest + L} (longest sequence {longest} + {L} new)")
+                raise ValueError(
+                    f"KestrelLM: the cache holds {cache.max_len} positions per sequence, this forward "
+                    f"needs {longest + L} (longest sequence {longest} + {L} new)"
+                )
             slots = seqlens[:, None] + steps[None, :]  # (B, L) cache rows written
             H, D = cache.k.shape[2], cache.k.shape[4]
             self.write_index = slots[:, None, :, None].expand(B, H, L, D)
             if tree_depth is not None:
                 self.positions = seqlens[:, None] + tree_depth.to(device=device, dtype=torch.long)
-                self.context = AttentionContext("tree", B, L, prefix_lens=cache.seqlens.to(torch.int32),
-                                                tree_mask_bits=tree_mask_bits.to(device), Lk=longest + L,
-                                                g_cache=g_cache, g_built=g_built)
+                self.context = AttentionContext(
+                    "tree",
+                    B,
+                    L,
+                    prefix_lens=cache.seqlens.to(torch.int32),
+                    tree_mask_bits=tree_mask_bits.to(device),
+                    Lk=longest + L,
+                    g_cache=g_cache,
+                    g_built=g_built,
+                )
             else:
                 self.positions = slots
-                self.context = AttentionContext("decode", B, L, valid=valid, key_lens=(seqlens + L).to(torch.int32),
-                                                Lk=longest + L, g_cache=g_cache, g_built=g_built)
+                self.context = AttentionContext(
+                    "decode",
+                    B,
+                    L,
+                    valid=valid,
+                    key_lens=(seqlens + L).to(torch.int32),
+                    Lk=longest + L,
+                    g_cache=g_cache,
+                    g_built=g_built,
+                )
         cos, sin = rope_tables(self.positions, config.head_dim, config.rope_base)
         self.cos, self.sin = cos[:, None], sin[:, None]  # (B, 1, L, head_dim / 2): broadcast over the heads
 
@@ -71,8 +88,9 @@ def attention_core(config, layer_index):
         return SoftmaxCore()
     if config.attention in ("lssa", "lssar"):
         return SoftplusCore(config.lssar_p if config.attention == "lssar" else None, config.softplus_eps)
-    return PowerLawGraphCore(config.head_dim, config.n_heads, config.plga_a_dff, config.plga_num_reslayer,
-                             config.plga_num_dense, layer_index)
+    return PowerLawGraphCore(
+        config.head_dim, config.n_heads, config.plga_a_dff, config.plga_num_reslayer, config.plga_num_dense, layer_index
+    )
 
 
 class Attention(nn.Module):
@@ -86,8 +104,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(H * D, d, bias=False)
         self.core = attention_core(config, layer_index)
         # one codebook per attention head (codebook features' per-head placement), all heads in one lookup
-        self.codebook = CodebookLayer(D, config.num_codes, k=config.codebook_k, heads=H) if config.codebook_attn \
-            else None
+        self.codebook = (
+            CodebookLayer(D, config.num_codes, k=config.codebook_k, heads=H) if config.codebook_attn else None
+        )
 
     def forward(self, x, step):
         config = self.config
@@ -117,8 +136,9 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(config.d_model, 2 * config.d_ff, bias=False)
         self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=False)
-        self.codebook = CodebookLayer(config.d_model, config.num_codes, k=config.codebook_k) if config.codebook_mlp \
-            else None
+        self.codebook = (
+            CodebookLayer(config.d_model, config.num_codes, k=config.codebook_k) if config.codebook_mlp else None
+        )
 
     def forward(self, x, positions=None):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -203,13 +223,19 @@ class KestrelLM(nn.Module):
     def dtype(self):
         return self.lm_head.weight.dtype
 
-    def forward(self, input_ids, cache=None, *, lengths=None, tree_depth=None, tree_mask_bits=None,
-                return_hidden=False):
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (
-                torch.int64, torch.int32):
-            raise ValueError("KestrelLM: input_ids must be an int64 tensor (B, L), got "
-                             f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} of shape "
-                             f"{tuple(getattr(input_ids, 'shape', ()))}")
+    def forward(
+        self, input_ids, cache=None, *, lengths=None, tree_depth=None, tree_mask_bits=None, return_hidden=False
+    ):
+        if (
+            not isinstance(input_ids, torch.Tensor)
+            or input_ids.dim() != 2
+            or input_ids.dtype not in (torch.int64, torch.int32)
+        ):
+            raise ValueError(
+                "KestrelLM: input_ids must be an int64 tensor (B, L), got "
+                f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} of shape "
+                f"{tuple(getattr(input_ids, 'shape', ()))}"
+            )
         B, L = input_ids.shape
         if (tree_depth is None) != (tree_mask_bits is None):
             raise ValueError("KestrelLM: a tree forward needs both tree_depth and tree_mask_bits")
@@ -229,14 +255,17 @@ class KestrelLM(nn.Module):
             lengths = torch.tensor(host_lengths, dtype=torch.int64, device=input_ids.device)
         step = _Step(self.config, input_ids, cache, lengths, tree_depth, tree_mask_bits)
         if step.context.valid is not None:  # padding rows may hold any id (e.g. -1): embed a valid one, never read
-            input_ids = torch.where(step.context.valid, input_ids, torch.zeros((), dtype=input_ids.dtype,
-                                                                       device=input_ids.device))
+            input_ids = torch.where(
+                step.context.valid, input_ids, torch.zeros((), dtype=input_ids.dtype, device=input_ids.device)
+            )
         try:  # before anything is written to the cache; no read when the ids are valid
             x = self.embed(input_ids)
         except IndexError as error:  # the CPU lookup's "index out of range in self" (a GPU asserts instead)
             lo, hi = int(input_ids.min()), int(input_ids.max())
-            raise ValueError(f"KestrelLM: input_ids must hold token ids in [0, vocab_size={self.config.vocab_size}), "
-                             f"got {lo if lo < 0 else hi}") from error
+            raise ValueError(
+                f"KestrelLM: input_ids must hold token ids in [0, vocab_size={self.config.vocab_size}), "
+                f"got {lo if lo < 0 else hi}"
+            ) from error
         for block in self.layers:
             x = block(x, step)
         hidden = self.norm(x)

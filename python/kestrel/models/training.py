@@ -27,12 +27,12 @@ def draft_loss(model, tokens, decay=0.8):
     total, per_head = 0.0, []
     for k, head in enumerate(model.draft_heads):
         shift = k + 2
-        logits = model.lm_head(head(hidden[:, :L + 1 - shift]))
-        target = tokens[:, shift:L + 1]
+        logits = model.lm_head(head(hidden[:, : L + 1 - shift]))
+        target = tokens[:, shift : L + 1]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1))
-        total = total + decay ** k * loss
+        total = total + decay**k * loss
         per_head.append(loss.item())
-    weight = sum(decay ** k for k in range(num_heads))
+    weight = sum(decay**k for k in range(num_heads))
     return total / weight, per_head
 
 

@@ -7,6 +7,17 @@ from .kv_bottleneck import DiscreteKeyValueBottleneck
 from .plga import PLGACache, PowerLawGraphAttention
 from .rope import apply_rope, rope_tables
 
-__all__ = ["AttentionContext", "CodebookLayer", "DiscreteKeyValueBottleneck", "PLGACache", "PowerLawGraphAttention",
-           "PowerLawGraphCore", "SoftmaxCore", "SoftplusAttention", "SoftplusCore", "StableEmbedding", "apply_rope",
-           "rope_tables"]
+__all__ = [
+    "AttentionContext",
+    "CodebookLayer",
+    "DiscreteKeyValueBottleneck",
+    "PLGACache",
+    "PowerLawGraphAttention",
+    "PowerLawGraphCore",
+    "SoftmaxCore",
+    "SoftplusAttention",
+    "SoftplusCore",
+    "StableEmbedding",
+    "apply_rope",
+    "rope_tables",
+]

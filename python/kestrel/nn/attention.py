@@ -37,8 +37,20 @@ class AttentionContext:
     valid (B, L) bool or None: the rows that are real tokens (a right-padded prefill). g_cache / g_built: the
     PLGA G-cache of the KVCache (None for other kinds)."""
 
-    def __init__(self, mode, B, L, *, valid=None, key_lens=None, prefix_lens=None, tree_mask_bits=None, Lk=None,
-                 g_cache=None, g_built=False):
+    def __init__(
+        self,
+        mode,
+        B,
+        L,
+        *,
+        valid=None,
+        key_lens=None,
+        prefix_lens=None,
+        tree_mask_bits=None,
+        Lk=None,
+        g_cache=None,
+        g_built=False,
+    ):
         if mode not in MODES:
             raise ValueError(f"AttentionContext: mode must be one of {MODES}, got {mode!r}")
         self.mode, self.B, self.L = mode, B, L
@@ -99,8 +111,9 @@ class SoftplusCore(nn.Module):
         if context.mode == "block":
             return softplus_attention(q, k, v, causal=True, **options)
         if context.mode == "tree":
-            return softplus_attention(q, k, v, cache_seqlens=context.prefix_lens,
-                                      tree_mask_bits=context.tree_mask_bits, **options)
+            return softplus_attention(
+                q, k, v, cache_seqlens=context.prefix_lens, tree_mask_bits=context.tree_mask_bits, **options
+            )
         return softplus_attention(q, k, v, causal=True, cache_seqlens=context.key_lens, **options)
 
 
@@ -138,8 +151,7 @@ class PowerLawGraphCore(nn.Module):
         if context.mode == "block":
             return plga_attention(q, k, v, G, causal=True)
         if context.mode == "tree":
-            return plga_attention(q, k, v, G, cache_seqlens=context.prefix_lens,
-                                  tree_mask_bits=context.tree_mask_bits)
+            return plga_attention(q, k, v, G, cache_seqlens=context.prefix_lens, tree_mask_bits=context.tree_mask_bits)
         return plga_attention(q, k, v, G, causal=True, cache_seqlens=context.key_lens)
 
 
@@ -152,8 +164,19 @@ class SoftplusAttention(nn.Module):
     (the new rows sit at the end of the cache, so prefill and token-by-token decode give the same rows).
     """
 
-    def __init__(self, embed_dim, num_heads, num_kv_heads=None, *, causal=True, reweight_p=None, eps=1e-8,
-                 bias=False, device=None, dtype=None):
+    def __init__(
+        self,
+        embed_dim,
+        num_heads,
+        num_kv_heads=None,
+        *,
+        causal=True,
+        reweight_p=None,
+        eps=1e-8,
+        bias=False,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         name = "SoftplusAttention"
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -165,17 +188,21 @@ class SoftplusAttention(nn.Module):
         if reweight_p is not None:
             require_number(name, "reweight_p", reweight_p)
             if not (is_finite_number(reweight_p) and 0 < reweight_p <= MAX_REWEIGHT_P):
-                raise ValueError(f"{name}: reweight_p must be None (LSSA) or a finite positive number up to "
-                                 f"{MAX_REWEIGHT_P:.4g} (LSSAR), got {reweight_p!r}")
+                raise ValueError(
+                    f"{name}: reweight_p must be None (LSSA) or a finite positive number up to "
+                    f"{MAX_REWEIGHT_P:.4g} (LSSAR), got {reweight_p!r}"
+                )
         require_number(name, "eps", eps)
         if not (is_finite_number(eps) and eps > 0):
             raise ValueError(f"{name}: eps must be a finite number > 0, got {eps!r}")
         if embed_dim % num_heads != 0:
-            raise ValueError(f"SoftplusAttention: embed_dim ({embed_dim}) must be a multiple of num_heads "
-                             f"({num_heads})")
+            raise ValueError(
+                f"SoftplusAttention: embed_dim ({embed_dim}) must be a multiple of num_heads ({num_heads})"
+            )
         if num_heads % num_kv_heads != 0:
-            raise ValueError(f"SoftplusAttention: num_heads ({num_heads}) must be a multiple of num_kv_heads "
-                             f"({num_kv_heads})")
+            raise ValueError(
+                f"SoftplusAttention: num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
+            )
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
         self.causal, self.reweight_p, self.eps = causal, reweight_p, eps
@@ -187,16 +214,23 @@ class SoftplusAttention(nn.Module):
 
     def _check_cache(self, kv_cache, B):
         layout = f"(B={B}, num_kv_heads={self.num_kv_heads}, L, head_dim={self.head_dim})"
-        if not (isinstance(kv_cache, (tuple, list)) and len(kv_cache) == 2
-                and all(isinstance(t, torch.Tensor) for t in kv_cache)):
-            raise TypeError(f"SoftplusAttention: kv_cache must be None or the (k, v) pair a previous call returned, "
-                            f"got {type(kv_cache).__name__}")
+        if not (
+            isinstance(kv_cache, (tuple, list))
+            and len(kv_cache) == 2
+            and all(isinstance(t, torch.Tensor) for t in kv_cache)
+        ):
+            raise TypeError(
+                f"SoftplusAttention: kv_cache must be None or the (k, v) pair a previous call returned, "
+                f"got {type(kv_cache).__name__}"
+            )
         for label, t in zip(("k", "v"), kv_cache):
             if t.dim() != 4 or t.shape[0] != B or t.shape[1] != self.num_kv_heads or t.shape[3] != self.head_dim:
                 raise ValueError(f"SoftplusAttention: kv_cache's {label} must be {layout}, got {tuple(t.shape)}")
         if kv_cache[0].shape != kv_cache[1].shape:
-            raise ValueError(f"SoftplusAttention: kv_cache's k and v must have one shape, got "
-                             f"{tuple(kv_cache[0].shape)} and {tuple(kv_cache[1].shape)}")
+            raise ValueError(
+                f"SoftplusAttention: kv_cache's k and v must have one shape, got "
+                f"{tuple(kv_cache[0].shape)} and {tuple(kv_cache[1].shape)}"
+            )
 
     def _heads(self, t, heads):
         B, L, _ = t.shape

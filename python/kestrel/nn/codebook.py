@@ -76,8 +76,21 @@ class CodebookLayer(nn.Module):
       step the fused top-1 kernel.
     """
 
-    def __init__(self, dim, num_codes, k=8, *, metric="cosine", heads=1, layernorm=True, reduce="mean",
-                 sparse_grad=False, recent_size=4096, device=None, dtype=None):
+    def __init__(
+        self,
+        dim,
+        num_codes,
+        k=8,
+        *,
+        metric="cosine",
+        heads=1,
+        layernorm=True,
+        reduce="mean",
+        sparse_grad=False,
+        recent_size=4096,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         name = "CodebookLayer"
         if metric not in METRICS:
@@ -96,11 +109,12 @@ class CodebookLayer(nn.Module):
         self.dim, self.num_codes, self.k, self.heads = dim, num_codes, k, heads
         self.metric, self.layernorm, self.reduce, self.sparse_grad = metric, layernorm, reduce, sparse_grad
         shape = (num_codes, dim) if heads == 1 else (heads, num_codes, dim)
-        self.codebook = nn.Parameter(torch.randn(shape, device=device, dtype=dtype) / dim ** 0.5)
+        self.codebook = nn.Parameter(torch.randn(shape, device=device, dtype=dtype) / dim**0.5)
         self.register_buffer("code_counts", torch.zeros((heads, num_codes), dtype=torch.int64, device=device))
         self.recent_size = recent_size
-        self.register_buffer("recent", torch.zeros((heads, recent_size, dim), dtype=self.codebook.dtype,
-                                                   device=device), persistent=False)
+        self.register_buffer(
+            "recent", torch.zeros((heads, recent_size, dim), dtype=self.codebook.dtype, device=device), persistent=False
+        )
         self._recent_filled = 0
         self._recent_next = 0
         self.banned = None  # bool (heads, num_codes) or None
@@ -108,19 +122,25 @@ class CodebookLayer(nn.Module):
         self.last_ids = None
 
     def extra_repr(self):
-        return (f"dim={self.dim}, num_codes={self.num_codes}, k={self.k}, metric={self.metric!r}, "
-                f"heads={self.heads}, layernorm={self.layernorm}, reduce={self.reduce!r}")
+        return (
+            f"dim={self.dim}, num_codes={self.num_codes}, k={self.k}, metric={self.metric!r}, "
+            f"heads={self.heads}, layernorm={self.layernorm}, reduce={self.reduce!r}"
+        )
 
     def _codebook3(self):
         return self.codebook if self.heads > 1 else self.codebook[None]
 
     def _split(self, x):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0:
-            raise TypeError(f"CodebookLayer: the input must be a float tensor (..., heads * dim), got "
-                            f"{getattr(x, 'dtype', type(x).__name__)}")
+            raise TypeError(
+                f"CodebookLayer: the input must be a float tensor (..., heads * dim), got "
+                f"{getattr(x, 'dtype', type(x).__name__)}"
+            )
         if x.shape[-1] != self.heads * self.dim:
-            raise ValueError(f"CodebookLayer: the input's last dimension must be heads * dim = "
-                             f"{self.heads * self.dim}, got {x.shape[-1]}")
+            raise ValueError(
+                f"CodebookLayer: the input's last dimension must be heads * dim = "
+                f"{self.heads * self.dim}, got {x.shape[-1]}"
+            )
         xh = x.reshape(-1, self.heads, self.dim)
         return F.layer_norm(xh, (self.dim,)) if self.layernorm else xh
 
@@ -140,11 +160,12 @@ class CodebookLayer(nn.Module):
         if ids.dim() == 1:
             ids = ids[None].expand(self.heads, -1)
         if ids.dim() != 2 or ids.shape[0] != self.heads:
-            raise ValueError(f"CodebookLayer: codes must be (k,) or (heads={self.heads}, k), got "
-                             f"{tuple(ids.shape)}")
+            raise ValueError(f"CodebookLayer: codes must be (k,) or (heads={self.heads}, k), got {tuple(ids.shape)}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_codes):
-            raise ValueError(f"CodebookLayer: codes must lie in [0, num_codes={self.num_codes}), got "
-                             f"{ids.min().item()}..{ids.max().item()}")
+            raise ValueError(
+                f"CodebookLayer: codes must lie in [0, num_codes={self.num_codes}), got "
+                f"{ids.min().item()}..{ids.max().item()}"
+            )
         return ids
 
     # interventions ----------------------------------------------------------------------------------------------
@@ -152,19 +173,22 @@ class CodebookLayer(nn.Module):
         """Exclude `codes` (ints) from the selection, in every head or in `head` only."""
         ids = self._integer_ids("CodebookLayer.ban", "codes", codes).reshape(-1)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_codes):
-            raise ValueError(f"CodebookLayer.ban: codes must lie in [0, num_codes={self.num_codes}), got "
-                             f"{ids.tolist()}")
+            raise ValueError(
+                f"CodebookLayer.ban: codes must lie in [0, num_codes={self.num_codes}), got {ids.tolist()}"
+            )
         if head is not None:
             require_int("CodebookLayer.ban", "head", head)
         if head is not None and not 0 <= head < self.heads:
             raise ValueError(f"CodebookLayer.ban: head must lie in [0, heads={self.heads}), got {head}")
-        banned = self.banned.clone() if self.banned is not None else torch.zeros(
-            (self.heads, self.num_codes), dtype=torch.bool, device=self.codebook.device)
+        banned = (
+            self.banned.clone()
+            if self.banned is not None
+            else torch.zeros((self.heads, self.num_codes), dtype=torch.bool, device=self.codebook.device)
+        )
         banned[slice(None) if head is None else head, ids.to(banned.device)] = True
         allowed = int((~banned).sum(-1).min())
         if allowed < self.k:
-            raise ValueError(f"CodebookLayer.ban: banning {ids.tolist()} leaves {allowed} codes, fewer than "
-                             f"k={self.k}")
+            raise ValueError(f"CodebookLayer.ban: banning {ids.tolist()} leaves {allowed} codes, fewer than k={self.k}")
         self.banned = banned
 
     def force(self, codes, positions=None):
@@ -210,11 +234,16 @@ class CodebookLayer(nn.Module):
             if len(lead) == 0:
                 raise ValueError("CodebookLayer: forcing codes at positions needs x with a position dimension")
             L = lead[-1]
-            pos = torch.arange(L, device=ids.device) if positions is None else torch.as_tensor(
-                positions, device=ids.device)
+            pos = (
+                torch.arange(L, device=ids.device)
+                if positions is None
+                else torch.as_tensor(positions, device=ids.device)
+            )
             if pos.shape[-1] != L:
-                raise ValueError(f"CodebookLayer: positions must have {L} entries along the last axis (x's dim -2), "
-                                 f"got shape {tuple(pos.shape)}")
+                raise ValueError(
+                    f"CodebookLayer: positions must have {L} entries along the last axis (x's dim -2), "
+                    f"got shape {tuple(pos.shape)}"
+                )
             pos = pos.expand(*lead)
             for position, forced_ids in self.forced.items():
                 if position is not None:
@@ -222,10 +251,12 @@ class CodebookLayer(nn.Module):
         return ids.reshape(-1, self.heads, self.k)
 
     def _record(self, xh, ids):
-        counts = torch.bincount((ids + torch.arange(self.heads, device=ids.device)[None, :, None]
-                                 * self.num_codes).reshape(-1), minlength=self.heads * self.num_codes)
+        counts = torch.bincount(
+            (ids + torch.arange(self.heads, device=ids.device)[None, :, None] * self.num_codes).reshape(-1),
+            minlength=self.heads * self.num_codes,
+        )
         self.code_counts += counts.view(self.heads, self.num_codes)
-        take = xh[-self.recent_size:].transpose(0, 1).to(self.recent.dtype)  # (H, m, dim): the latest rows
+        take = xh[-self.recent_size :].transpose(0, 1).to(self.recent.dtype)  # (H, m, dim): the latest rows
         m = take.shape[1]
         slots = (self._recent_next + torch.arange(m, device=self.recent.device)) % self.recent_size
         self.recent[:, slots] = take
@@ -244,11 +275,12 @@ class CodebookLayer(nn.Module):
         if not (is_finite_number(noise) and noise >= 0):
             raise ValueError(f"CodebookLayer.replace_dead_codes: noise must be a finite number >= 0, got {noise!r}")
         if self._recent_filled == 0:
-            raise RuntimeError("CodebookLayer.replace_dead_codes: no recent inputs yet (run forward in training "
-                               "mode first)")
+            raise RuntimeError(
+                "CodebookLayer.replace_dead_codes: no recent inputs yet (run forward in training mode first)"
+            )
         dead = self.code_counts == 0
         cb = self._codebook3()
-        recent = self.recent[:, :self._recent_filled]
+        recent = self.recent[:, : self._recent_filled]
         for h in range(self.heads):
             rows = dead[h].nonzero().flatten()
             if rows.numel() == 0:
@@ -276,14 +308,17 @@ class CodebookLayer(nn.Module):
         if iters < 1:
             raise ValueError(f"{name}: iters must be >= 1, got {iters}")
         if not isinstance(samples, torch.Tensor) or not samples.is_floating_point():
-            raise TypeError(f"{name}: samples must be a float tensor (..., heads * dim), got "
-                            f"{getattr(samples, 'dtype', type(samples).__name__)}")
+            raise TypeError(
+                f"{name}: samples must be a float tensor (..., heads * dim), got "
+                f"{getattr(samples, 'dtype', type(samples).__name__)}"
+            )
         xh = self._split(samples.to(self.codebook.device)).transpose(0, 1).float().contiguous()  # (H, M, dim)
         # one host read, once, before the codebook changes: a NaN or inf sample makes its cluster's centre NaN
         bad = ~torch.isfinite(xh)
         if bool(bad.any()):
-            raise ValueError(f"{name}: samples must be finite in float32, got {int(bad.sum())} NaN/inf values "
-                             f"among {xh.numel()}")
+            raise ValueError(
+                f"{name}: samples must be finite in float32, got {int(bad.sum())} NaN/inf values among {xh.numel()}"
+            )
         H, M, dim = xh.shape
         C = self.num_codes
         if M < C:

@@ -32,15 +32,35 @@ class DiscreteKeyValueBottleneck(nn.Module):
       `fit_keys(batches, epochs)` runs it over unlabeled data and then `freeze_keys()`.
     """
 
-    def __init__(self, dim_in, num_codebooks=256, num_pairs=4096, dim_key=14, dim_value=10, *, topk=1,
-                 decoder="vote", dim_out=None, hidden=256, ema_decay=0.95, dead_threshold=1e-3, generator=None,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        dim_in,
+        num_codebooks=256,
+        num_pairs=4096,
+        dim_key=14,
+        dim_value=10,
+        *,
+        topk=1,
+        decoder="vote",
+        dim_out=None,
+        hidden=256,
+        ema_decay=0.95,
+        dead_threshold=1e-3,
+        generator=None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         name = "DiscreteKeyValueBottleneck"
         if decoder not in DECODERS:
             raise ValueError(f"{name}: decoder must be one of {DECODERS}, got {decoder!r}")
-        sizes = [("dim_in", dim_in), ("num_codebooks", num_codebooks), ("num_pairs", num_pairs),
-                 ("dim_key", dim_key), ("dim_value", dim_value)]
+        sizes = [
+            ("dim_in", dim_in),
+            ("num_codebooks", num_codebooks),
+            ("num_pairs", num_pairs),
+            ("dim_key", dim_key),
+            ("dim_value", dim_value),
+        ]
         if decoder != "vote" and dim_out is None:
             raise ValueError(f"{name}: decoder={decoder!r} needs dim_out (the task's output size)")
         if decoder != "vote":
@@ -66,7 +86,7 @@ class DiscreteKeyValueBottleneck(nn.Module):
         C, P = num_codebooks, num_pairs
         proj = torch.randn((C, dim_in, dim_key), generator=generator)
         self.register_buffer("projection", F.normalize(proj, dim=1).to(device=device, dtype=dtype))
-        keys = torch.randn((C, P, dim_key), generator=generator) / dim_in ** 0.5
+        keys = torch.randn((C, P, dim_key), generator=generator) / dim_in**0.5
         self.register_buffer("keys", keys.to(device=device, dtype=dtype))
         self.register_buffer("ema_counts", torch.zeros((C, P), device=device))
         self.register_buffer("ema_sums", torch.zeros((C, P, dim_key), device=device))
@@ -75,24 +95,30 @@ class DiscreteKeyValueBottleneck(nn.Module):
         if decoder == "linear":
             self.decoder = nn.Linear(C * dim_value, dim_out, device=device, dtype=dtype)
         elif decoder == "mlp":
-            self.decoder = nn.Sequential(nn.Linear(C * dim_value, hidden, device=device, dtype=dtype), nn.ReLU(),
-                                         nn.Linear(hidden, dim_out, device=device, dtype=dtype))
+            self.decoder = nn.Sequential(
+                nn.Linear(C * dim_value, hidden, device=device, dtype=dtype),
+                nn.ReLU(),
+                nn.Linear(hidden, dim_out, device=device, dtype=dtype),
+            )
         else:
             self.decoder = None
         self.last_ids = None
 
     def extra_repr(self):
-        return (f"dim_in={self.dim_in}, num_codebooks={self.num_codebooks}, num_pairs={self.num_pairs}, "
-                f"dim_key={self.dim_key}, dim_value={self.dim_value}, topk={self.topk}, "
-                f"decoder={self.decoder_kind!r}")
+        return (
+            f"dim_in={self.dim_in}, num_codebooks={self.num_codebooks}, num_pairs={self.num_pairs}, "
+            f"dim_key={self.dim_key}, dim_value={self.dim_value}, topk={self.topk}, "
+            f"decoder={self.decoder_kind!r}"
+        )
 
     def project(self, z):
         if not isinstance(z, torch.Tensor) or not z.is_floating_point():
-            raise TypeError(f"DiscreteKeyValueBottleneck: z must be a float tensor (B, dim_in={self.dim_in}), got "
-                            f"{getattr(z, 'dtype', type(z).__name__)}")
+            raise TypeError(
+                f"DiscreteKeyValueBottleneck: z must be a float tensor (B, dim_in={self.dim_in}), got "
+                f"{getattr(z, 'dtype', type(z).__name__)}"
+            )
         if z.dim() != 2 or z.shape[1] != self.dim_in:
-            raise ValueError(f"DiscreteKeyValueBottleneck: z must be (B, dim_in={self.dim_in}), got "
-                             f"{tuple(z.shape)}")
+            raise ValueError(f"DiscreteKeyValueBottleneck: z must be (B, dim_in={self.dim_in}), got {tuple(z.shape)}")
         return torch.einsum("bi,cik->bck", z.to(self.projection.dtype), self.projection)
 
     def retrieve(self, z):

@@ -58,8 +58,9 @@ class ResLayerA(nn.Module):
 
     def __init__(self, depth, A_dff, num_denseA, device=None, dtype=None):
         super().__init__()
-        self.denseAs = nn.ModuleList([GLUVariant(depth, A_dff, depth, device=device, dtype=dtype)
-                                      for _ in range(num_denseA)])
+        self.denseAs = nn.ModuleList(
+            [GLUVariant(depth, A_dff, depth, device=device, dtype=dtype) for _ in range(num_denseA)]
+        )
         self.layernormA = nn.LayerNorm(depth, eps=1e-6, device=device, dtype=dtype)
 
     def forward(self, A):
@@ -127,12 +128,29 @@ class PowerLawGraphAttention(nn.Module):
     the identity the layer is ordinary scaled dot-product attention with RoPE).
     """
 
-    def __init__(self, d_model, num_heads, A_dff=170, num_reslayerA=8, num_denseA=2, *, use_g_cache=True, G=None,
-                 rope_base=10000.0, device=None, dtype=None):
+    def __init__(
+        self,
+        d_model,
+        num_heads,
+        A_dff=170,
+        num_reslayerA=8,
+        num_denseA=2,
+        *,
+        use_g_cache=True,
+        G=None,
+        rope_base=10000.0,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         name = "PowerLawGraphAttention"
-        for label, value, low in (("d_model", d_model, 1), ("num_heads", num_heads, 1), ("A_dff", A_dff, 1),
-                                  ("num_reslayerA", num_reslayerA, 0), ("num_denseA", num_denseA, 1)):
+        for label, value, low in (
+            ("d_model", d_model, 1),
+            ("num_heads", num_heads, 1),
+            ("A_dff", A_dff, 1),
+            ("num_reslayerA", num_reslayerA, 0),
+            ("num_denseA", num_denseA, 1),
+        ):
             require_int(name, label, value)
             if value < low:
                 raise ValueError(f"{name}: {label} must be >= {low}, got {value}")
@@ -141,11 +159,14 @@ class PowerLawGraphAttention(nn.Module):
         if not (is_finite_number(rope_base) and rope_base > 0):
             raise ValueError(f"{name}: rope_base must be a finite number > 0, got {rope_base!r}")
         if d_model % num_heads != 0:
-            raise ValueError(f"PowerLawGraphAttention: d_model ({d_model}) must be a multiple of num_heads "
-                             f"({num_heads})")
+            raise ValueError(
+                f"PowerLawGraphAttention: d_model ({d_model}) must be a multiple of num_heads ({num_heads})"
+            )
         if (d_model // num_heads) % 2 != 0:  # RoPE rotates pairs of features
-            raise ValueError(f"{name}: the head dim d_model / num_heads must be even for RoPE, got "
-                             f"{d_model // num_heads} (d_model={d_model}, num_heads={num_heads})")
+            raise ValueError(
+                f"{name}: the head dim d_model / num_heads must be even for RoPE, got "
+                f"{d_model // num_heads} (d_model={d_model}, num_heads={num_heads})"
+            )
         self.d_model, self.num_heads = d_model, num_heads
         self.depth = d_model // num_heads
         self.use_g_cache, self.rope_base = use_g_cache, rope_base
@@ -156,8 +177,9 @@ class PowerLawGraphAttention(nn.Module):
         self.dense = nn.Linear(d_model, d_model, bias=True, **factory)
         if G is None:
             self.plgatt_layer = PLGALayer(self.depth, num_heads, device=device)
-            self.reslayerAs = nn.ModuleList([ResLayerA(self.depth, A_dff, num_denseA, device=device)
-                                             for _ in range(num_reslayerA)])
+            self.reslayerAs = nn.ModuleList(
+                [ResLayerA(self.depth, A_dff, num_denseA, device=device) for _ in range(num_reslayerA)]
+            )
             self.layernorm1 = nn.LayerNorm(self.depth, eps=1e-6, device=device)
             self.register_buffer("fixed_G", None)
         else:
@@ -166,11 +188,15 @@ class PowerLawGraphAttention(nn.Module):
                     raise ValueError(f"PowerLawGraphAttention: G must be None, 'identity' or a tensor, got {G!r}")
                 G = torch.eye(self.depth, device=device).expand(num_heads, self.depth, self.depth).clone()
             if not isinstance(G, torch.Tensor) or not G.is_floating_point():
-                raise TypeError(f"{name}: G must be None, 'identity' or a float tensor (num_heads, d, d), got "
-                                f"{getattr(G, 'dtype', type(G).__name__)}")
+                raise TypeError(
+                    f"{name}: G must be None, 'identity' or a float tensor (num_heads, d, d), got "
+                    f"{getattr(G, 'dtype', type(G).__name__)}"
+                )
             if tuple(G.shape) != (num_heads, self.depth, self.depth):
-                raise ValueError(f"PowerLawGraphAttention: a predefined G must be (num_heads={num_heads}, "
-                                 f"d={self.depth}, d={self.depth}), got {tuple(G.shape)}")
+                raise ValueError(
+                    f"PowerLawGraphAttention: a predefined G must be (num_heads={num_heads}, "
+                    f"d={self.depth}, d={self.depth}), got {tuple(G.shape)}"
+                )
             self.plgatt_layer = None
             self.register_buffer("fixed_G", G.detach().float().clone())
 
@@ -184,8 +210,10 @@ class PowerLawGraphAttention(nn.Module):
         B, L, _ = x.shape
         if cache is not None:
             if not isinstance(cache, PLGACache):
-                raise TypeError(f"PowerLawGraphAttention: cache must be None or the PLGACache a previous call "
-                                f"returned, got {type(cache).__name__}")
+                raise TypeError(
+                    f"PowerLawGraphAttention: cache must be None or the PLGACache a previous call "
+                    f"returned, got {type(cache).__name__}"
+                )
             if cache.k.shape[0] != B:
                 raise ValueError(f"PowerLawGraphAttention: the cache holds {cache.k.shape[0]} sequences, x has {B}")
         start = 0 if cache is None else cache.length

@@ -12,8 +12,9 @@ import torch
 
 def rope_tables(positions, head_dim, base=10000.0):
     """(cos, sin), float32, of shape positions.shape + (head_dim // 2,), for integer positions."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
-                               [: head_dim // 2] / head_dim))
+    inv_freq = 1.0 / (
+        base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)[: head_dim // 2] / head_dim)
+    )
     angles = positions.to(torch.float32)[..., None] * inv_freq
     return angles.cos(), angles.sin()
 

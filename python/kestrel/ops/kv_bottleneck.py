@@ -20,22 +20,30 @@ from .vq_topk import _code_terms, ranked_topk
 
 def _check(z_proj, keys, values, k):
     name = "kv_bottleneck_lookup"
-    for label, t, dims in (("z_proj", z_proj, "(B, C, dk)"), ("keys", keys, "(C, P, dk)"),
-                           ("values", values, "(C, P, dv)")):
+    for label, t, dims in (
+        ("z_proj", z_proj, "(B, C, dk)"),
+        ("keys", keys, "(C, P, dk)"),
+        ("values", values, "(C, P, dv)"),
+    ):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
-            raise ValueError(f"{name}: {label} must be {dims}, got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            raise ValueError(
+                f"{name}: {label} must be {dims}, got "
+                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+            )
         if not t.is_floating_point():
             raise TypeError(f"{name}: {label} must be a float tensor, got {t.dtype}")
         if t.device != z_proj.device:
             raise ValueError(f"{name}: {label} is on {t.device} but z_proj on {z_proj.device}")
     B, C, dk = z_proj.shape
     if tuple(keys.shape[::2]) != (C, dk):
-        raise ValueError(f"{name}: keys must be (C={C}, P, dk={dk}) for z_proj {tuple(z_proj.shape)}, "
-                         f"got {tuple(keys.shape)}")
+        raise ValueError(
+            f"{name}: keys must be (C={C}, P, dk={dk}) for z_proj {tuple(z_proj.shape)}, got {tuple(keys.shape)}"
+        )
     if tuple(values.shape[:2]) != tuple(keys.shape[:2]):
-        raise ValueError(f"{name}: values must be (C, P, dv) = ({keys.shape[0]}, {keys.shape[1]}, dv) like keys, "
-                         f"got {tuple(values.shape)}")
+        raise ValueError(
+            f"{name}: values must be (C, P, dv) = ({keys.shape[0]}, {keys.shape[1]}, dv) like keys, "
+            f"got {tuple(values.shape)}"
+        )
     P = keys.shape[1]
     if not is_int(k):
         raise TypeError(f"{name}: k must be an int, got {type(k).__name__} {k!r}")
@@ -44,12 +52,15 @@ def _check(z_proj, keys, values, k):
 
 
 @torch.library.custom_op("kestrel::kv_bottleneck_lookup", mutates_args=())
-def _lookup_op(z_proj: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _lookup_op(
+    z_proj: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     B, C = z_proj.shape[:2]
     if B == 0 or C == 0:  # an empty result, and no empty grid launched
-        return (values.new_zeros((B, C, values.shape[-1])),
-                torch.zeros((B, C, k), dtype=torch.int64, device=z_proj.device))
+        return (
+            values.new_zeros((B, C, values.shape[-1])),
+            torch.zeros((B, C, k), dtype=torch.int64, device=z_proj.device),
+        )
     x = z_proj.transpose(0, 1)  # (C, B, dk): one "head" per codebook
     scale, bias = _code_terms(keys, "l2", None)
     _, ids, out = ranked_topk(x, keys, scale, bias, k, values=values)  # (C, B, k), (C, B, dv)

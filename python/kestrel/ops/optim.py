@@ -12,29 +12,119 @@ from .. import _ext
 if _ext.available():
 
     @torch.library.register_fake("kestrel::two_state8bit_step_")
-    def _two_state8bit_step_fake(optimizer, params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps, lr,
-                                 beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale,
-                                 round_seed=-1, norms=None, max_unorm=0.0, lr_tensor=None, robust_rounding=False):
+    def _two_state8bit_step_fake(
+        optimizer,
+        params,
+        grads,
+        state1,
+        state2,
+        absmax1,
+        absmax2,
+        qmap1,
+        qmap2,
+        steps,
+        lr,
+        beta1,
+        beta2,
+        beta3,
+        alpha,
+        eps,
+        weight_decay,
+        gnorm_scale,
+        round_seed=-1,
+        norms=None,
+        max_unorm=0.0,
+        lr_tensor=None,
+        robust_rounding=False,
+    ):
         return None
 
     @torch.library.register_fake("kestrel::two_state32bit_step_")
-    def _two_state32bit_step_fake(optimizer, params, grads, state1, state2, steps, lr, beta1, beta2, beta3, alpha,
-                                  eps, weight_decay, gnorm_scale, round_seed=-1, norms=None, max_unorm=0.0, lr_tensor=None, robust_rounding=False):
+    def _two_state32bit_step_fake(
+        optimizer,
+        params,
+        grads,
+        state1,
+        state2,
+        steps,
+        lr,
+        beta1,
+        beta2,
+        beta3,
+        alpha,
+        eps,
+        weight_decay,
+        gnorm_scale,
+        round_seed=-1,
+        norms=None,
+        max_unorm=0.0,
+        lr_tensor=None,
+        robust_rounding=False,
+    ):
         return None
 
     @torch.library.register_fake("kestrel::one_state8bit_step_")
-    def _one_state8bit_step_fake(optimizer, params, grads, state1, absmax1, qmap1, steps, lr, beta1, beta2, eps,
-                                 weight_decay, gnorm_scale, round_seed=-1, norms=None, max_unorm=0.0, lr_tensor=None, robust_rounding=False):
+    def _one_state8bit_step_fake(
+        optimizer,
+        params,
+        grads,
+        state1,
+        absmax1,
+        qmap1,
+        steps,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        gnorm_scale,
+        round_seed=-1,
+        norms=None,
+        max_unorm=0.0,
+        lr_tensor=None,
+        robust_rounding=False,
+    ):
         return None
 
     @torch.library.register_fake("kestrel::one_state32bit_step_")
-    def _one_state32bit_step_fake(optimizer, params, grads, state1, steps, lr, beta1, beta2, eps, weight_decay,
-                                  gnorm_scale, round_seed=-1, norms=None, max_unorm=0.0, lr_tensor=None, robust_rounding=False):
+    def _one_state32bit_step_fake(
+        optimizer,
+        params,
+        grads,
+        state1,
+        steps,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        gnorm_scale,
+        round_seed=-1,
+        norms=None,
+        max_unorm=0.0,
+        lr_tensor=None,
+        robust_rounding=False,
+    ):
         return None
 
     @torch.library.register_fake("kestrel::update_norms")
-    def _update_norms_fake(optimizer, params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps, beta1,
-                           beta2, eps, weight_decay, gnorm_scale):
+    def _update_norms_fake(
+        optimizer,
+        params,
+        grads,
+        state1,
+        state2,
+        absmax1,
+        absmax2,
+        qmap1,
+        qmap2,
+        steps,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        gnorm_scale,
+    ):
         device = params[0].device if params else torch.device("cpu")
         return torch.empty((len(params), 2), dtype=torch.float32, device=device)
 

@@ -30,8 +30,10 @@ def _check(q, k, v, G, cache_seqlens, tree_mask_bits):
     name = "plga_attention"
     for label, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name}: {label} must be a 4-D tensor (B, H, L, d), got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            raise ValueError(
+                f"{name}: {label} must be a 4-D tensor (B, H, L, d), got "
+                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+            )
         if not t.is_floating_point():
             raise TypeError(f"{name}: {label} must be a floating-point tensor, got {t.dtype}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
@@ -40,21 +42,25 @@ def _check(q, k, v, G, cache_seqlens, tree_mask_bits):
     if d == 0:
         raise ValueError(f"{name}: the head dim d must be >= 1 (q.shape[-1]), got q of shape {tuple(q.shape)}")
     if k.shape != v.shape or k.shape[0] != B or k.shape[3] != d:
-        raise ValueError(f"{name}: k and v must both be (B={B}, Hkv, Lk, d={d}), got {tuple(k.shape)} and "
-                         f"{tuple(v.shape)}")
+        raise ValueError(
+            f"{name}: k and v must both be (B={B}, Hkv, Lk, d={d}), got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     Hkv, Lk = k.shape[1], k.shape[2]
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"{name}: the query heads ({Hq}) must be a multiple of the key/value heads ({Hkv})")
     if Lq > Lk:
         raise ValueError(f"{name}: more query rows ({Lq}) than keys ({Lk})")
     if not isinstance(G, torch.Tensor) or G.dim() != 4 or G.shape[0] not in (1, B) or G.shape[1:] != (Hq, d, d):
-        raise ValueError(f"{name}: G must be (B={B} or 1, Hq={Hq}, d={d}, d={d}), got "
-                         f"{tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__}")
+        raise ValueError(
+            f"{name}: G must be (B={B} or 1, Hq={Hq}, d={d}, d={d}), got "
+            f"{tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__}"
+        )
     if not G.is_floating_point():
         raise TypeError(f"{name}: G must be a floating-point tensor, got {G.dtype}")
     if G.device != q.device or k.device != q.device or v.device != q.device:
-        raise ValueError(f"{name}: q, k, v and G must be on one device, got {q.device}, {k.device}, {v.device}, "
-                         f"{G.device}")
+        raise ValueError(
+            f"{name}: q, k, v and G must be on one device, got {q.device}, {k.device}, {v.device}, {G.device}"
+        )
     if tree_mask_bits is None:
         check_cache_seqlens(name, cache_seqlens, B, Lq, Lk, q)
     else:
@@ -78,9 +84,9 @@ def plga_attention(q, k, v, G, *, causal=True, cache_seqlens=None, tree_mask_bit
     if Hq != Hkv:
         group = Hq // Hkv
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return F.scaled_dot_product_attention(q_metric, k, v, attn_mask=mask,
-                                          is_causal=bool(causal) and mask is None and Lq > 1,
-                                          scale=1.0 / math.sqrt(d))
+    return F.scaled_dot_product_attention(
+        q_metric, k, v, attn_mask=mask, is_causal=bool(causal) and mask is None and Lq > 1, scale=1.0 / math.sqrt(d)
+    )
 
 
 __all__ = ["plga_attention"]

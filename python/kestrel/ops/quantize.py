@@ -19,7 +19,7 @@ from .. import _ext
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_MAP_BITS = 16  # create_dynamic_map builds at most 2**16 values (bitsandbytes has no limit)
-_INT64_MAX = 2 ** 63 - 1
+_INT64_MAX = 2**63 - 1
 
 
 def _int_arg(op, name, value):
@@ -61,15 +61,15 @@ def create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8):
     # Exponents with e < 0 hold no fraction value (linspace of one point), so the loop starts where e = 0.
     for i in range(max(0, max_exponent_bits - magnitude_bits - sign_offset), max_exponent_bits):
         e = i + magnitude_bits - max_exponent_bits + sign_offset
-        values += _scaled_midpoints(2 ** e + 1, 10 ** (i - max_exponent_bits + 1), signed)
+        values += _scaled_midpoints(2**e + 1, 10 ** (i - max_exponent_bits + 1), signed)
     if linear_bits > 0:
         # Codes whose exponent bits are all zero and carry no indicator bit: they extend the largest decade.
-        values += _scaled_midpoints(2 ** linear_bits, 1, signed)
+        values += _scaled_midpoints(2**linear_bits, 1, signed)
     values += [0.0, 1.0]
-    if len(values) != 2 ** total_bits:
+    if len(values) != 2**total_bits:
         raise ValueError(
             f"{op}: signed={signed}, max_exponent_bits={max_exponent_bits}, total_bits={total_bits} gives "
-            f"{len(values)} values, not 2**total_bits = {2 ** total_bits}"
+            f"{len(values)} values, not 2**total_bits = {2**total_bits}"
             + ("" if signed else f" (an unsigned map needs max_exponent_bits = total_bits - 1 = {magnitude_bits})")
         )
     values += [0.0] * (256 - len(values))
@@ -167,8 +167,10 @@ def check_code_values(op, code):
     descending = (values[1:] < values[:-1]).nonzero()
     if descending.numel():
         j = int(descending[0])
-        raise ValueError(f"{op}: code must be sorted ascending, got code[{j}] = {values[j].item()} > "
-                         f"code[{j + 1}] = {values[j + 1].item()}")
+        raise ValueError(
+            f"{op}: code must be sorted ascending, got code[{j}] = {values[j].item()} > "
+            f"code[{j + 1}] = {values[j + 1].item()}"
+        )
     _remember_checked(code)
 
 
@@ -237,8 +239,10 @@ if _ext.available():
         torch._check(x.dtype in FLOAT_DTYPES, lambda: f"{op}: x must be float32, float16 or bfloat16, got {x.dtype}")
         torch._check(blocksize > 0, lambda: f"{op}: blocksize must be a positive integer, got {blocksize}")
         torch._check(code.dtype == torch.float32, lambda: f"{op}: code must be float32, got {code.dtype}")
-        torch._check(code.dim() == 1 and code.numel() == 256,
-                     lambda: f"{op}: code must have shape (256,), got {tuple(code.shape)}")
+        torch._check(
+            code.dim() == 1 and code.numel() == 256,
+            lambda: f"{op}: code must have shape (256,), got {tuple(code.shape)}",
+        )
         torch._check(code.device == x.device, lambda: f"{op}: code must be on {x.device}, got {code.device}")
         absmax = x.new_empty((_num_blocks(x.numel(), blocksize),), dtype=torch.float32)
         return x.new_empty(x.shape, dtype=torch.uint8), absmax
@@ -249,12 +253,18 @@ if _ext.available():
         torch._check(codes.dtype == torch.uint8, lambda: f"{op}: codes must be uint8, got {codes.dtype}")
         torch._check(absmax.dtype == torch.float32, lambda: f"{op}: absmax must be float32, got {absmax.dtype}")
         torch._check(blocksize > 0, lambda: f"{op}: blocksize must be a positive integer, got {blocksize}")
-        torch._check(absmax.numel() == _num_blocks(codes.numel(), blocksize),
-                     lambda: f"{op}: absmax must hold ceil({codes.numel()} / {blocksize}) values, got {absmax.numel()}")
-        torch._check(code.dtype == torch.float32 and code.numel() == 256,
-                     lambda: f"{op}: code must be 256 float32 values, got {code.dtype} {tuple(code.shape)}")
-        torch._check(absmax.device == codes.device and code.device == codes.device,
-                     lambda: f"{op}: absmax and code must be on {codes.device}, got {absmax.device} and {code.device}")
+        torch._check(
+            absmax.numel() == _num_blocks(codes.numel(), blocksize),
+            lambda: f"{op}: absmax must hold ceil({codes.numel()} / {blocksize}) values, got {absmax.numel()}",
+        )
+        torch._check(
+            code.dtype == torch.float32 and code.numel() == 256,
+            lambda: f"{op}: code must be 256 float32 values, got {code.dtype} {tuple(code.shape)}",
+        )
+        torch._check(
+            absmax.device == codes.device and code.device == codes.device,
+            lambda: f"{op}: absmax and code must be on {codes.device}, got {absmax.device} and {code.device}",
+        )
         torch._check(dtype in FLOAT_DTYPES, lambda: f"{op}: dtype must be float32, float16 or bfloat16, got {dtype}")
         return codes.new_empty(codes.shape, dtype=dtype)
 
@@ -267,8 +277,9 @@ if _ext.available():
     def _quantize_backward(ctx, grad_codes, grad_absmax):
         return None, None, None
 
-    torch.library.register_autograd("kestrel::quantize_blockwise", _quantize_backward,
-                                    setup_context=_quantize_setup_context)
+    torch.library.register_autograd(
+        "kestrel::quantize_blockwise", _quantize_backward, setup_context=_quantize_setup_context
+    )
 
     def _dequantize_setup_context(ctx, inputs, output):
         codes, absmax, code, blocksize, _ = inputs
@@ -287,5 +298,6 @@ if _ext.available():
             grad_code = torch.zeros_like(code).index_add_(0, flat, g * absmax.reshape(-1)[block])
         return None, grad_absmax, grad_code, None, None
 
-    torch.library.register_autograd("kestrel::dequantize_blockwise", _dequantize_backward,
-                                    setup_context=_dequantize_setup_context)
+    torch.library.register_autograd(
+        "kestrel::dequantize_blockwise", _dequantize_backward, setup_context=_dequantize_setup_context
+    )

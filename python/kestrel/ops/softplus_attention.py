@@ -31,11 +31,14 @@ def _check(q, k, v, reweight_p, eps, cache_seqlens, tree_mask_bits):
     name = "softplus_attention"
     for label, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name}: {label} must be a 4-D tensor (B, H, L, D), got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            raise ValueError(
+                f"{name}: {label} must be a 4-D tensor (B, H, L, D), got "
+                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+            )
         if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            raise TypeError(f"{name}: {label} must be float32, float16, bfloat16 (or float64 on the CPU), got "
-                            f"{t.dtype}")
+            raise TypeError(
+                f"{name}: {label} must be float32, float16, bfloat16 (or float64 on the CPU), got {t.dtype}"
+            )
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"{name}: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -51,15 +54,20 @@ def _check(q, k, v, reweight_p, eps, cache_seqlens, tree_mask_bits):
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"{name}: the query heads ({Hq}) must be a multiple of the key/value heads ({Hkv})")
     if Lq > Lk:
-        raise ValueError(f"{name}: more query rows ({Lq}) than keys ({Lk}); decode puts the rows at the end of the "
-                         "keys")
+        raise ValueError(
+            f"{name}: more query rows ({Lq}) than keys ({Lk}); decode puts the rows at the end of the keys"
+        )
     if reweight_p is not None:
         if not is_number(reweight_p):
-            raise TypeError(f"{name}: reweight_p must be None (LSSA) or a number (LSSAR), got "
-                            f"{type(reweight_p).__name__} {reweight_p!r}")
+            raise TypeError(
+                f"{name}: reweight_p must be None (LSSA) or a number (LSSAR), got "
+                f"{type(reweight_p).__name__} {reweight_p!r}"
+            )
         if not (is_finite_number(reweight_p) and 0 < reweight_p <= MAX_REWEIGHT_P):
-            raise ValueError(f"{name}: reweight_p must be None (LSSA) or a finite positive number up to "
-                             f"{MAX_REWEIGHT_P:.4g} (LSSAR), got {reweight_p!r}")
+            raise ValueError(
+                f"{name}: reweight_p must be None (LSSA) or a finite positive number up to "
+                f"{MAX_REWEIGHT_P:.4g} (LSSAR), got {reweight_p!r}"
+            )
     if not is_number(eps):
         raise TypeError(f"{name}: eps must be a number, got {type(eps).__name__} {eps!r}")
     if not (is_finite_number(eps) and eps > 0):
@@ -71,17 +79,23 @@ def _check(q, k, v, reweight_p, eps, cache_seqlens, tree_mask_bits):
 
 
 @torch.library.custom_op("kestrel::softplus_attention", mutates_args=())
-def _softplus_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, reweight_p: float,
-                           eps: float, cache_seqlens: torch.Tensor | None,
-                           tree_mask_bits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _softplus_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    reweight_p: float,
+    eps: float,
+    cache_seqlens: torch.Tensor | None,
+    tree_mask_bits: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, stats): the attention and the rows' statistics for the backward, float32 (3, B, Hq, Lq): the sum of
     softplus weights, and for LSSAR the largest score and the scaled re-weighting denominator (CPU: sums only)."""
     p = reweight_p if reweight_p > 0 else None
     if q.is_cuda:
         from ..kernels.softplus_attention import softplus_attention_forward
 
-        out, s, m, w = softplus_attention_forward(q, k, v, causal, p, eps, cache_seqlens,
-                                                  tree_mask_bits=tree_mask_bits)
+        out, s, m, w = softplus_attention_forward(q, k, v, causal, p, eps, cache_seqlens, tree_mask_bits=tree_mask_bits)
         return out, torch.stack([s, m, w])
     with torch.no_grad():
         if tree_mask_bits is not None:
@@ -113,16 +127,18 @@ def _backward(ctx, grad_out, _grad_s):
     if q.is_cuda:  # the Triton backward kernels
         from ..kernels.softplus_attention import softplus_attention_backward
 
-        dq, dk, dv = softplus_attention_backward(q, k, v, out, stats, grad_out, causal,
-                                                 reweight_p if reweight_p > 0 else None, eps, cache_seqlens)
+        dq, dk, dv = softplus_attention_backward(
+            q, k, v, out, stats, grad_out, causal, reweight_p if reweight_p > 0 else None, eps, cache_seqlens
+        )
         return dq, dk, dv, None, None, None, None, None
     if grad_out.numel() == 0:  # no query rows (B, Hq or Lq is 0): nothing to differentiate, no graph to recompute
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None, None, None
     # the CPU path: autograd through the float32 PyTorch formulation, recomputed
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        recomputed = _ref.softplus_attention(*leaves, causal, reweight_p if reweight_p > 0 else None, eps,
-                                             cache_seqlens)
+        recomputed = _ref.softplus_attention(
+            *leaves, causal, reweight_p if reweight_p > 0 else None, eps, cache_seqlens
+        )
         grads = torch.autograd.grad(recomputed, leaves, grad_out, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, (q, k, v))]
     return grads[0], grads[1], grads[2], None, None, None, None, None
@@ -135,16 +151,20 @@ def softplus_attention(q, k, v, *, causal=True, reweight_p=None, eps=1e-8, cache
     """LSSA (reweight_p=None) or LSSAR (reweight_p=p) attention; see the module docstring."""
     _check(q, k, v, reweight_p, eps, cache_seqlens, tree_mask_bits)
     if q.is_cuda and q.shape[-1] not in KERNEL_HEAD_DIMS:
-        raise ValueError(f"softplus_attention: the CUDA kernel takes head dims {KERNEL_HEAD_DIMS}, got "
-                         f"{q.shape[-1]}; pad the head dim")
+        raise ValueError(
+            f"softplus_attention: the CUDA kernel takes head dims {KERNEL_HEAD_DIMS}, got "
+            f"{q.shape[-1]}; pad the head dim"
+        )
     if q.is_cuda and q.dtype == torch.float64:
-        raise TypeError("softplus_attention: float64 runs on the CPU path only; the CUDA kernel takes float32, "
-                        "float16 and bfloat16")
+        raise TypeError(
+            "softplus_attention: float64 runs on the CPU path only; the CUDA kernel takes float32, float16 and bfloat16"
+        )
     if cache_seqlens is not None and q.is_cuda:  # unchecked there (no host sync): clamped, never read past the keys
         lo, hi = (0, k.shape[2] - q.shape[2]) if tree_mask_bits is not None else (q.shape[2], k.shape[2])
         cache_seqlens = cache_seqlens.to(q.device).clamp(lo, hi)
-    return _softplus_attention_op(q, k, v, bool(causal), float(reweight_p or 0.0), float(eps), cache_seqlens,
-                                  tree_mask_bits)[0]
+    return _softplus_attention_op(
+        q, k, v, bool(causal), float(reweight_p or 0.0), float(eps), cache_seqlens, tree_mask_bits
+    )[0]
 
 
 __all__ = ["softplus_attention", "KERNEL_HEAD_DIMS"]

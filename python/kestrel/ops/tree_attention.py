@@ -41,22 +41,26 @@ def _describe(t):
 
 def _check(q, k_cache, v_cache, cache_seqlens, tree_mask_bits, softmax_scale):
     name = "tree_attention"
-    for label, t, layout in (("q", q, "(B, Hq, T, D)"), ("k_cache", k_cache, "(B, Hkv, Lmax, D)"),
-                             ("v_cache", v_cache, "(B, Hkv, Lmax, D)")):
+    for label, t, layout in (
+        ("q", q, "(B, Hq, T, D)"),
+        ("k_cache", k_cache, "(B, Hkv, Lmax, D)"),
+        ("v_cache", v_cache, "(B, Hkv, Lmax, D)"),
+    ):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name}: {label} must be {layout}, got {_describe(t)}")
         if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            raise TypeError(f"{name}: {label} must be float16, bfloat16 or float32 (float64 on the CPU), got "
-                            f"{t.dtype}")
+            raise TypeError(f"{name}: {label} must be float16, bfloat16 or float32 (float64 on the CPU), got {t.dtype}")
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise TypeError(f"{name}: q, k_cache and v_cache must share one dtype, got {q.dtype}, {k_cache.dtype}, "
-                        f"{v_cache.dtype}")
+        raise TypeError(
+            f"{name}: q, k_cache and v_cache must share one dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+        )
     B, Hq, T, D = q.shape
     if T == 0 or D == 0:
         raise ValueError(f"{name}: q must have at least one tree node and a head dim, got {tuple(q.shape)}")
     if k_cache.shape != v_cache.shape:
-        raise ValueError(f"{name}: k_cache and v_cache must have one shape, got {tuple(k_cache.shape)} and "
-                         f"{tuple(v_cache.shape)}")
+        raise ValueError(
+            f"{name}: k_cache and v_cache must have one shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
     if k_cache.shape[0] != B or k_cache.shape[3] != D:
         raise ValueError(f"{name}: k_cache must be (B={B}, Hkv, Lmax, D={D}), got {tuple(k_cache.shape)}")
     Hkv, l_max = k_cache.shape[1], k_cache.shape[2]
@@ -64,30 +68,46 @@ def _check(q, k_cache, v_cache, cache_seqlens, tree_mask_bits, softmax_scale):
         raise ValueError(f"{name}: the query heads ({Hq}) must be a multiple of the key/value heads ({Hkv})")
     if l_max < T:
         raise ValueError(f"{name}: the cache holds Lmax={l_max} positions, fewer than the T={T} tree nodes")
-    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.shape != (B,) or \
-            cache_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{name}: cache_seqlens must be an int32 (or int64) tensor of shape ({B},), got "
-                         f"{getattr(cache_seqlens, 'dtype', type(cache_seqlens).__name__)} of shape "
-                         f"{_describe(cache_seqlens)}")
+    if (
+        not isinstance(cache_seqlens, torch.Tensor)
+        or cache_seqlens.shape != (B,)
+        or cache_seqlens.dtype not in (torch.int32, torch.int64)
+    ):
+        raise ValueError(
+            f"{name}: cache_seqlens must be an int32 (or int64) tensor of shape ({B},), got "
+            f"{getattr(cache_seqlens, 'dtype', type(cache_seqlens).__name__)} of shape "
+            f"{_describe(cache_seqlens)}"
+        )
     words = (T + 31) // 32
-    if not isinstance(tree_mask_bits, torch.Tensor) or tree_mask_bits.dtype != torch.int32 or \
-            tuple(tree_mask_bits.shape) != (B, T, words):
-        raise ValueError(f"{name}: tree_mask_bits must be an int32 tensor of shape (B={B}, T={T}, "
-                         f"ceil(T/32)={words}), got {getattr(tree_mask_bits, 'dtype', '')} of shape "
-                         f"{_describe(tree_mask_bits)}")
-    for label, t in (("k_cache", k_cache), ("v_cache", v_cache), ("cache_seqlens", cache_seqlens),
-                     ("tree_mask_bits", tree_mask_bits)):
+    if (
+        not isinstance(tree_mask_bits, torch.Tensor)
+        or tree_mask_bits.dtype != torch.int32
+        or tuple(tree_mask_bits.shape) != (B, T, words)
+    ):
+        raise ValueError(
+            f"{name}: tree_mask_bits must be an int32 tensor of shape (B={B}, T={T}, "
+            f"ceil(T/32)={words}), got {getattr(tree_mask_bits, 'dtype', '')} of shape "
+            f"{_describe(tree_mask_bits)}"
+        )
+    for label, t in (
+        ("k_cache", k_cache),
+        ("v_cache", v_cache),
+        ("cache_seqlens", cache_seqlens),
+        ("tree_mask_bits", tree_mask_bits),
+    ):
         if t.device != q.device:
             raise ValueError(f"{name}: {label} is on {t.device} but q on {q.device}")
     if softmax_scale is not None and not is_number(softmax_scale):
-        raise TypeError(f"{name}: softmax_scale must be None or a number, got {type(softmax_scale).__name__} "
-                        f"{softmax_scale!r}")
+        raise TypeError(
+            f"{name}: softmax_scale must be None or a number, got {type(softmax_scale).__name__} {softmax_scale!r}"
+        )
     if softmax_scale is not None and not (math.isfinite(softmax_scale) and softmax_scale > 0):
         raise ValueError(f"{name}: softmax_scale must be None or a finite positive number, got {softmax_scale!r}")
     if q.is_cuda:
         if q.dtype == torch.float64:
-            raise TypeError(f"{name}: float64 runs on the CPU path only; the CUDA kernel takes float16, bfloat16 "
-                            "and float32")
+            raise TypeError(
+                f"{name}: float64 runs on the CPU path only; the CUDA kernel takes float16, bfloat16 and float32"
+            )
         if D > KERNEL_MAX_HEAD_DIM:
             raise ValueError(f"{name}: the CUDA kernel takes head dims up to {KERNEL_MAX_HEAD_DIM}, got D={D}")
 
@@ -96,8 +116,10 @@ def _check_lengths(cache_seqlens, T, l_max):
     """The value checks (they read the lengths: the CPU path only)."""
     lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
     if lo < 0 or hi + T > l_max:
-        raise ValueError(f"tree_attention: cache_seqlens must lie in [0, Lmax - T = {l_max - T}] (the tree's T={T} "
-                         f"rows follow the prefix in a cache of Lmax={l_max}), got values in [{lo}, {hi}]")
+        raise ValueError(
+            f"tree_attention: cache_seqlens must lie in [0, Lmax - T = {l_max - T}] (the tree's T={T} "
+            f"rows follow the prefix in a cache of Lmax={l_max}), got values in [{lo}, {hi}]"
+        )
 
 
 def _softmax_merge(scores, values, running):
@@ -121,8 +143,11 @@ def tree_attention_cpu(q, k_cache, v_cache, cache_seqlens, tree_mask_bits, softm
     rows = group * T
     qg = q.to(dtype).reshape(B, Hkv, rows, D) * softmax_scale  # head hk*group + g, node t -> row g*T + t
     lengths = cache_seqlens.to(torch.int64)
-    running = (torch.full((B, Hkv, rows), float("-inf"), dtype=dtype), torch.zeros((B, Hkv, rows), dtype=dtype),
-               torch.zeros((B, Hkv, rows, D), dtype=dtype))
+    running = (
+        torch.full((B, Hkv, rows), float("-inf"), dtype=dtype),
+        torch.zeros((B, Hkv, rows), dtype=dtype),
+        torch.zeros((B, Hkv, rows, D), dtype=dtype),
+    )
     chunk = chunk or max(64, CPU_CHUNK_ELEMENTS // max(B * Hq * T, 1))
     shortest, prefix = int(lengths.min()), int(lengths.max())
     for start in range(0, prefix, chunk):
@@ -149,8 +174,14 @@ def tree_attention_cpu(q, k_cache, v_cache, cache_seqlens, tree_mask_bits, softm
 
 
 @torch.library.custom_op("kestrel::tree_attention", mutates_args=())
-def _tree_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-                       tree_mask_bits: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+def _tree_attention_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    tree_mask_bits: torch.Tensor,
+    softmax_scale: float,
+) -> torch.Tensor:
     # an opaque custom op rather than a triton_op: the CPU path reads the lengths on the host, which a traced
     # decomposition could not
     if q.numel() == 0:  # no sequences or no query heads: an empty result, and no empty grid launched

@@ -41,8 +41,10 @@ def _shape(t):
 def _check_tree(op, candidates, tree):
     for field in _TREE_FIELDS:
         if not hasattr(tree, field):
-            raise TypeError(f"{op}: tree must be a kestrel.decoding.TreeBuffers (with first_child, next_sibling and "
-                            f"max_depth), got {type(tree).__name__} without {field}")
+            raise TypeError(
+                f"{op}: tree must be a kestrel.decoding.TreeBuffers (with first_child, next_sibling and "
+                f"max_depth), got {type(tree).__name__} without {field}"
+            )
     if not isinstance(candidates, torch.Tensor) or candidates.dim() != 2 or candidates.shape[1] < 1:
         raise ValueError(f"{op}: candidates must be (B, T) with T >= 1, got {_shape(candidates)}")
     if candidates.dtype not in (torch.int64, torch.int32):
@@ -51,8 +53,10 @@ def _check_tree(op, candidates, tree):
     for field in ("first_child", "next_sibling"):
         value = getattr(tree, field)
         if not isinstance(value, torch.Tensor) or tuple(value.shape) != (B, T) or value.dtype != torch.int32:
-            raise ValueError(f"{op}: tree.{field} must be an int32 tensor of shape ({B}, {T}) like candidates, got "
-                             f"{getattr(value, 'dtype', type(value).__name__)} of shape {_shape(value)}")
+            raise ValueError(
+                f"{op}: tree.{field} must be an int32 tensor of shape ({B}, {T}) like candidates, got "
+                f"{getattr(value, 'dtype', type(value).__name__)} of shape {_shape(value)}"
+            )
         if value.device != candidates.device:
             raise ValueError(f"{op}: tree.{field} must be on {candidates.device}, got {value.device}")
     max_depth = tree.max_depth
@@ -83,8 +87,9 @@ def verify_tree_greedy(candidates, target_ids, tree):
     B, T = _check_tree(op, candidates, tree)
     _check_like(op, "target_ids", target_ids, (B, T), (torch.int64, torch.int32), candidates.device)
     _ext.require(op, candidates.device)
-    return torch.ops.kestrel.verify_tree_greedy(candidates.long(), target_ids.long(), tree.first_child,
-                                                tree.next_sibling, tree.max_depth)
+    return torch.ops.kestrel.verify_tree_greedy(
+        candidates.long(), target_ids.long(), tree.first_child, tree.next_sibling, tree.max_depth
+    )
 
 
 def verify_tree_sample(candidates, target_probs, tree, uniform, uniform_final, draft_probs=None):
@@ -108,8 +113,12 @@ def verify_tree_sample(candidates, target_probs, tree, uniform, uniform_final, d
     B, T = _check_tree(op, candidates, tree)
     floats = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # converted to float32
     device = candidates.device
-    if not isinstance(target_probs, torch.Tensor) or target_probs.dim() != 3 or \
-            tuple(target_probs.shape[:2]) != (B, T) or target_probs.shape[2] < 1:
+    if (
+        not isinstance(target_probs, torch.Tensor)
+        or target_probs.dim() != 3
+        or tuple(target_probs.shape[:2]) != (B, T)
+        or target_probs.shape[2] < 1
+    ):
         raise ValueError(f"{op}: target_probs must be (B, T, V) = ({B}, {T}, V), got {_shape(target_probs)}")
     V = target_probs.shape[2]
     _check_like(op, "target_probs", target_probs, (B, T, V), floats, device)
@@ -119,9 +128,16 @@ def verify_tree_sample(candidates, target_probs, tree, uniform, uniform_final, d
     _check_like(op, "uniform", uniform, (B, T), (torch.float32,), device)
     _check_like(op, "uniform_final", uniform_final, (B,), (torch.float32,), device)
     _ext.require(op, device)
-    return torch.ops.kestrel.verify_tree_sample(candidates.long(), target_probs.float(), tree.first_child,
-                                                tree.next_sibling, uniform, uniform_final, draft_probs,
-                                                tree.max_depth)
+    return torch.ops.kestrel.verify_tree_sample(
+        candidates.long(),
+        target_probs.float(),
+        tree.first_child,
+        tree.next_sibling,
+        uniform,
+        uniform_final,
+        draft_probs,
+        tree.max_depth,
+    )
 
 
 def compact_kv_cache(k_cache, v_cache, cache_seqlens, accept_index):
@@ -139,13 +155,19 @@ def compact_kv_cache(k_cache, v_cache, cache_seqlens, accept_index):
     op = "compact_kv_cache"
     if not isinstance(k_cache, torch.Tensor) or k_cache.dim() not in (4, 5):
         raise ValueError(f"{op}: k_cache must be (B, H, Lmax, D) or (NL, B, H, Lmax, D), got {_shape(k_cache)}")
-    if not isinstance(v_cache, torch.Tensor) or v_cache.dim() != k_cache.dim() or \
-            v_cache.shape[:-1] != k_cache.shape[:-1]:
-        raise ValueError(f"{op}: v_cache must match k_cache {tuple(k_cache.shape)} but for the last dim, got "
-                         f"{_shape(v_cache)}")
+    if (
+        not isinstance(v_cache, torch.Tensor)
+        or v_cache.dim() != k_cache.dim()
+        or v_cache.shape[:-1] != k_cache.shape[:-1]
+    ):
+        raise ValueError(
+            f"{op}: v_cache must match k_cache {tuple(k_cache.shape)} but for the last dim, got {_shape(v_cache)}"
+        )
     if v_cache.dtype != k_cache.dtype or v_cache.device != k_cache.device:
-        raise TypeError(f"{op}: v_cache must have k_cache's dtype and device ({k_cache.dtype}, {k_cache.device}), "
-                        f"got {v_cache.dtype}, {v_cache.device}")
+        raise TypeError(
+            f"{op}: v_cache must have k_cache's dtype and device ({k_cache.dtype}, {k_cache.device}), "
+            f"got {v_cache.dtype}, {v_cache.device}"
+        )
     B = k_cache.shape[-4]
     _check_like(op, "cache_seqlens", cache_seqlens, (B,), (torch.int32,), k_cache.device)
     if not isinstance(accept_index, torch.Tensor) or accept_index.dim() != 2 or accept_index.shape[0] != B:
@@ -168,8 +190,7 @@ def check_sampling_options(name, temperature, top_k, top_p):
             raise ValueError(f"{name}: top_k must be None or an int >= 1, got {top_k!r}")
     if top_p is not None:
         if not is_number(top_p):
-            raise TypeError(f"{name}: top_p must be None or a number in (0, 1], got {type(top_p).__name__} "
-                            f"{top_p!r}")
+            raise TypeError(f"{name}: top_p must be None or a number in (0, 1], got {type(top_p).__name__} {top_p!r}")
         if not 0 < top_p <= 1:
             raise ValueError(f"{name}: top_p must be None or in (0, 1], got {top_p!r}")
 
@@ -221,15 +242,22 @@ if _ext.available():
     @torch.library.register_fake("kestrel::verify_tree_greedy")
     def _verify_tree_greedy_fake(candidates, target_ids, first_child, next_sibling, max_depth):
         B = candidates.shape[0]
-        return (candidates.new_empty((B, max_depth + 1), dtype=torch.int32),
-                candidates.new_empty((B,), dtype=torch.int32), candidates.new_empty((B,), dtype=torch.int64))
+        return (
+            candidates.new_empty((B, max_depth + 1), dtype=torch.int32),
+            candidates.new_empty((B,), dtype=torch.int32),
+            candidates.new_empty((B,), dtype=torch.int64),
+        )
 
     @torch.library.register_fake("kestrel::verify_tree_sample")
-    def _verify_tree_sample_fake(candidates, target_probs, first_child, next_sibling, uniform, uniform_final,
-                                 draft_probs, max_depth):
+    def _verify_tree_sample_fake(
+        candidates, target_probs, first_child, next_sibling, uniform, uniform_final, draft_probs, max_depth
+    ):
         B = candidates.shape[0]
-        return (candidates.new_empty((B, max_depth + 1), dtype=torch.int32),
-                candidates.new_empty((B,), dtype=torch.int32), candidates.new_empty((B,), dtype=torch.int64))
+        return (
+            candidates.new_empty((B, max_depth + 1), dtype=torch.int32),
+            candidates.new_empty((B,), dtype=torch.int32),
+            candidates.new_empty((B,), dtype=torch.int64),
+        )
 
     @torch.library.register_fake("kestrel::compact_kv_cache")
     def _compact_kv_cache_fake(k_cache, v_cache, cache_seqlens, accept_index):

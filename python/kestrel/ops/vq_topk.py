@@ -5,8 +5,8 @@
 ids int64, (N, k) or (H, N, k), best first, ties to the lower index. Metrics: "l2" (score −‖x−c‖²), "ip" (x·c),
 "cosine" (x·c / (‖x‖‖c‖)). The N×C score matrix is never built: on CUDA the Triton kernel keeps a running top-k per
 row over codebook tiles; on the CPU the same ranking runs over chunks of codes (memory O(N·(k + chunk))).
-A NaN score ranks last (like −inf). `banned` must leave at least k codes in every head: checked on the CPU; on a GPU (where the check would be a host
-sync) the ranks past the allowed codes are undefined.
+A NaN score ranks last (like −inf). `banned` must leave at least k codes in every head: checked on the CPU; on a
+GPU (where the check would be a host sync) the ranks past the allowed codes are undefined.
 
 Ties go to the lower index whatever the rounding of the score computation: a matrix product may round the same
 x·c differently in different columns of a tile (BLAS kernels on the CPU, and the Triton interpreter, take other
@@ -29,11 +29,15 @@ def _check(x, codebook, k, metric, banned):
     if metric not in METRICS:
         raise ValueError(f"{name}: metric must be one of {METRICS}, got {metric!r}")
     if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
-        raise ValueError(f"{name}: x must be (N, d) or (H, N, d), got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        raise ValueError(
+            f"{name}: x must be (N, d) or (H, N, d), got "
+            f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+        )
     if not isinstance(codebook, torch.Tensor) or codebook.dim() != x.dim():
-        raise ValueError(f"{name}: codebook must be {'(C, d)' if x.dim() == 2 else '(H, C, d)'} like x, got "
-                         f"{tuple(codebook.shape) if isinstance(codebook, torch.Tensor) else type(codebook).__name__}")
+        raise ValueError(
+            f"{name}: codebook must be {'(C, d)' if x.dim() == 2 else '(H, C, d)'} like x, got "
+            f"{tuple(codebook.shape) if isinstance(codebook, torch.Tensor) else type(codebook).__name__}"
+        )
     for label, t in (("x", x), ("codebook", codebook)):
         if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise TypeError(f"{name}: {label} must be a float tensor, got {t.dtype}")
@@ -47,11 +51,14 @@ def _check(x, codebook, k, metric, banned):
     if banned is not None:
         expected = tuple(codebook.shape[:-1])
         if not isinstance(banned, torch.Tensor):
-            raise TypeError(f"{name}: banned must be None or a bool tensor of shape {expected}, got "
-                            f"{type(banned).__name__}")
+            raise TypeError(
+                f"{name}: banned must be None or a bool tensor of shape {expected}, got {type(banned).__name__}"
+            )
         if banned.dtype != torch.bool or tuple(banned.shape) != expected:
-            raise ValueError(f"{name}: banned must be a bool tensor of shape {expected}, got {banned.dtype} of "
-                             f"shape {tuple(banned.shape)}")
+            raise ValueError(
+                f"{name}: banned must be a bool tensor of shape {expected}, got {banned.dtype} of "
+                f"shape {tuple(banned.shape)}"
+            )
         if banned.device != codebook.device:
             raise ValueError(f"{name}: banned is on {banned.device} but codebook on {codebook.device}")
         # a host read: done on the CPU only (on a GPU it would sync each call), never inside compiled graphs
@@ -83,9 +90,8 @@ _HASH_PRIMES = (2147483647, 2147483629)  # two 31-bit primes: the row hash is a 
 
 def _hash_weights(d, device):
     """Fixed pseudo-random weights (d, 2) in [1, prime) for the row hash (the same on every call and device)."""
-    g = torch.Generator().manual_seed(0x6b657374)
-    return torch.stack([torch.randint(1, q, (d,), generator=g, dtype=torch.int64) for q in _HASH_PRIMES],
-                       -1).to(device)
+    g = torch.Generator().manual_seed(0x6B657374)
+    return torch.stack([torch.randint(1, q, (d,), generator=g, dtype=torch.int64) for q in _HASH_PRIMES], -1).to(device)
 
 
 def duplicate_groups(codebook, banned=None):
@@ -150,8 +156,8 @@ def _expand_groups(scores, ids, members, start, size, k):
         live_s = torch.where(live, scores, float("-inf"))
         best = live_s.amax(-1, keepdim=True)
         pick = torch.where(live & (live_s == best), cand, big).amin(-1, keepdim=True)
-        out_s[..., r:r + 1] = best
-        out_i[..., r:r + 1] = torch.where(pick == big, C, pick)
+        out_s[..., r : r + 1] = best
+        out_i[..., r : r + 1] = torch.where(pick == big, C, pick)
         taken = taken + (live & (cand == pick)).long()
     return out_s, out_i
 
@@ -174,8 +180,9 @@ def ranked_topk(x, codebook, scale, bias, k, banned=None, chunk=None, values=Non
     has_copies = size.gather(1, ids.clamp(max=C - 1).flatten(1)).view_as(ids).gt(1).any(-1)
     if bool(has_copies.any()):
         heads, rows = has_copies.nonzero(as_tuple=True)
-        sub_s, sub_i = _expand_groups(ranked[heads, rows][:, None], ids[heads, rows][:, None], members[heads],
-                                      start[heads], size[heads], k)
+        sub_s, sub_i = _expand_groups(
+            ranked[heads, rows][:, None], ids[heads, rows][:, None], members[heads], start[heads], size[heads], k
+        )
         ranked, ids = ranked.clone(), ids.clone()
         ranked[heads, rows], ids[heads, rows] = sub_s[:, 0], sub_i[:, 0]
     if values is None:
@@ -206,13 +213,17 @@ def _chunk_topk(tile, ids, k):
     extra = 1 if tile.shape[-1] > k else 0
     vals, cols = torch.topk(tile, k + extra, dim=-1)
     # the k-th value occurs outside the selection iff the (k+1)-th best equals it
-    redo = vals[..., k - 1] == vals[..., k] if extra else torch.zeros(vals.shape[:-1], dtype=torch.bool,
-                                                                      device=vals.device)
+    redo = (
+        vals[..., k - 1] == vals[..., k]
+        if extra
+        else torch.zeros(vals.shape[:-1], dtype=torch.bool, device=vals.device)
+    )
     vals, cols = vals[..., :k], cols[..., :k]
     if bool(redo.any()):
         rows = redo.nonzero(as_tuple=True)
-        exact_vals, exact_cols = _chunk_topk_exact(tile[rows], torch.arange(tile.shape[-1], device=tile.device)
-                                                   .expand(len(rows[0]), -1), k)
+        exact_vals, exact_cols = _chunk_topk_exact(
+            tile[rows], torch.arange(tile.shape[-1], device=tile.device).expand(len(rows[0]), -1), k
+        )
         vals, cols = vals.clone(), cols.clone()
         vals[rows], cols[rows] = exact_vals, exact_cols
     # best first, equal scores by ascending column: a stable sort by column, then a stable sort by score
@@ -234,9 +245,9 @@ def _topk_chunked(x, codebook, scale, bias, k, chunk=None):
     best_s = torch.empty((H, N, 0), dtype=dtype, device=x.device)
     best_i = torch.empty((H, N, 0), dtype=torch.long, device=x.device)
     for start in range(0, C, chunk):
-        cb = codebook[:, start:start + chunk].to(dtype)
+        cb = codebook[:, start : start + chunk].to(dtype)
         tile = torch.matmul(xf, cb.transpose(1, 2))
-        tile.mul_(scale[:, None, start:start + chunk].to(dtype)).add_(bias[:, None, start:start + chunk].to(dtype))
+        tile.mul_(scale[:, None, start : start + chunk].to(dtype)).add_(bias[:, None, start : start + chunk].to(dtype))
         tile.masked_fill_(torch.isnan(tile), float("-inf"))  # NaN ranks last, as in the Triton kernel
         ids = torch.arange(start, start + cb.shape[1], device=x.device).expand(H, N, -1)
         tile_s, tile_i = _chunk_topk(tile, ids, min(k, cb.shape[1]))
@@ -248,8 +259,9 @@ def _topk_chunked(x, codebook, scale, bias, k, chunk=None):
 
 
 @torch.library.custom_op("kestrel::vq_topk", mutates_args=())
-def _vq_topk_op(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str, banned: torch.Tensor | None,
-                chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _vq_topk_op(
+    x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str, banned: torch.Tensor | None, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x (H, N, d), codebook (H, C, d), banned (H, C) or None; chunk > 0 caps the codes per CPU step."""
     scale, bias = _code_terms(codebook, metric, banned)
     ranked, ids = ranked_topk(x, codebook, scale, bias, k, banned, chunk or None)

@@ -9,8 +9,17 @@ from collections import defaultdict
 import torch
 
 from . import distributed as D
-from .optimizer import (Optimizer8bit, _blocks, check_args, check_betas, check_hyperparameters, check_int,
-                        check_max_unorm, default_args, paged_class)
+from .optimizer import (
+    Optimizer8bit,
+    _blocks,
+    check_args,
+    check_betas,
+    check_hyperparameters,
+    check_int,
+    check_max_unorm,
+    default_args,
+    paged_class,
+)
 
 
 class _Adam(Optimizer8bit):
@@ -18,10 +27,26 @@ class _Adam(Optimizer8bit):
 
     optimizer_name = "adam"
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, optim_bits=32,
-                 args=None, min_8bit_size=4096, is_paged=False, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False, max_unorm=0.0, capturable=False, robust_rounding=False,
-                 _ademamix=None):
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        amsgrad=False,
+        optim_bits=32,
+        args=None,
+        min_8bit_size=4096,
+        is_paged=False,
+        percentile_clipping=100,
+        block_wise=True,
+        bf16_stochastic_round=False,
+        max_unorm=0.0,
+        capturable=False,
+        robust_rounding=False,
+        _ademamix=None,
+    ):
         name = type(self).__name__
         if amsgrad:
             raise ValueError(f"{name} does not support amsgrad=True")
@@ -31,8 +56,7 @@ class _Adam(Optimizer8bit):
         self.args = default_args(args, optim_bits, min_8bit_size, max_unorm)
         check_args(name, self.args)
         check_max_unorm(name, self.args, supported=self.optimizer_name == "adam")
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, alpha=0.0, t_alpha=None,
-                        t_beta3=None)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, alpha=0.0, t_alpha=None, t_beta3=None)
         defaults.update(_ademamix or {})
         super().__init__(params, defaults, optim_bits, is_paged, bf16_stochastic_round, capturable, robust_rounding)
         self.set_percentile_clipping(percentile_clipping)
@@ -63,8 +87,16 @@ class _Adam(Optimizer8bit):
     def step_scalars(self, config, step, gnorm_scale=1.0):
         """(lr, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale) for the kernel at `step`."""
         beta1, beta2 = config["betas"][:2]
-        return (self.lr_of(config)[0], float(beta1), float(beta2), 0.0, 0.0, float(config["eps"]),
-                float(config["weight_decay"]), gnorm_scale)
+        return (
+            self.lr_of(config)[0],
+            float(beta1),
+            float(beta2),
+            0.0,
+            0.0,
+            float(config["eps"]),
+            float(config["weight_decay"]),
+            gnorm_scale,
+        )
 
     @torch.no_grad()
     def update_params(self, items):
@@ -96,19 +128,57 @@ class _Adam(Optimizer8bit):
             norms = None
             if max_unorm > 0.0:  # LAMB's trust ratio: the norm pass first (no host synchronisation)
                 lr, beta1, beta2, _, _, eps, weight_decay, gnorm_scale, _ = scalars
-                norms = torch.ops.kestrel.update_norms(self.optimizer_name, params, grads, state1, state2, absmax1,
-                                                       absmax2, qmap1, qmap2, steps, beta1, beta2, eps, weight_decay,
-                                                       gnorm_scale)
+                norms = torch.ops.kestrel.update_norms(
+                    self.optimizer_name,
+                    params,
+                    grads,
+                    state1,
+                    state2,
+                    absmax1,
+                    absmax2,
+                    qmap1,
+                    qmap2,
+                    steps,
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                    gnorm_scale,
+                )
                 norms = self.reduce_norms(batch[0], norms)
                 self.record_unorms(batch, norms, self.lamb_norm_factors(steps, beta1, beta2))
             if eight_bit:
-                torch.ops.kestrel.two_state8bit_step_(self.optimizer_name, params, grads, state1, state2, absmax1,
-                                                      absmax2, qmap1, qmap2, steps, *scalars, norms, max_unorm,
-                                                      lr_tensor, robust_rounding=robust)
+                torch.ops.kestrel.two_state8bit_step_(
+                    self.optimizer_name,
+                    params,
+                    grads,
+                    state1,
+                    state2,
+                    absmax1,
+                    absmax2,
+                    qmap1,
+                    qmap2,
+                    steps,
+                    *scalars,
+                    norms,
+                    max_unorm,
+                    lr_tensor,
+                    robust_rounding=robust,
+                )
             else:
-                torch.ops.kestrel.two_state32bit_step_(self.optimizer_name, params, grads, state1, state2, steps,
-                                                       *scalars, norms, max_unorm, lr_tensor,
-                                                       robust_rounding=robust)
+                torch.ops.kestrel.two_state32bit_step_(
+                    self.optimizer_name,
+                    params,
+                    grads,
+                    state1,
+                    state2,
+                    steps,
+                    *scalars,
+                    norms,
+                    max_unorm,
+                    lr_tensor,
+                    robust_rounding=robust,
+                )
             self.write_back(write_back)
             torch._foreach_add_([s["step"] for s in states], 1)
 
@@ -117,7 +187,7 @@ class _Adam(Optimizer8bit):
         """(c2 / c1)^2 per parameter, on the device of `steps`: the norm pass sums Adam's direction, bnb's unorm_vec
         holds the bias-corrected update's."""
         t = steps.double()
-        return ((1.0 - beta2 ** t) / (1.0 - beta1 ** t) ** 2).float()
+        return ((1.0 - beta2**t) / (1.0 - beta1**t) ** 2).float()
 
 
 _SIGNATURE_DOC = """
@@ -132,55 +202,152 @@ _SIGNATURE_DOC = """
 
 
 class Adam(_Adam):
-    __doc__ = "Adam with 8-bit (optim_bits=8) or 32-bit state; weight decay decoupled, after the update." + \
-        _SIGNATURE_DOC.format(wd=0, bits=32)
+    __doc__ = (
+        "Adam with 8-bit (optim_bits=8) or 32-bit state; weight decay decoupled, after the update."
+        + _SIGNATURE_DOC.format(wd=0, bits=32)
+    )
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, optim_bits=32,
-                 args=None, min_8bit_size=4096, is_paged=False, *, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False, capturable=False, robust_rounding=False):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, optim_bits, args, min_8bit_size, is_paged,
-                         percentile_clipping, block_wise, bf16_stochastic_round, capturable=capturable,
-                       robust_rounding=robust_rounding)
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0,
+        amsgrad=False,
+        optim_bits=32,
+        args=None,
+        min_8bit_size=4096,
+        is_paged=False,
+        *,
+        percentile_clipping=100,
+        block_wise=True,
+        bf16_stochastic_round=False,
+        capturable=False,
+        robust_rounding=False,
+    ):
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            optim_bits,
+            args,
+            min_8bit_size,
+            is_paged,
+            percentile_clipping,
+            block_wise,
+            bf16_stochastic_round,
+            capturable=capturable,
+            robust_rounding=robust_rounding,
+        )
 
 
 class AdamW(_Adam):
     __doc__ = "AdamW with 8-bit (optim_bits=8) or 32-bit state." + _SIGNATURE_DOC.format(wd=1e-2, bits=32)
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
-                 optim_bits=32, args=None, min_8bit_size=4096, is_paged=False, *, percentile_clipping=100,
-                 block_wise=True, bf16_stochastic_round=False, capturable=False, robust_rounding=False):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, optim_bits, args, min_8bit_size, is_paged,
-                         percentile_clipping, block_wise, bf16_stochastic_round, capturable=capturable,
-                       robust_rounding=robust_rounding)
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=1e-2,
+        amsgrad=False,
+        optim_bits=32,
+        args=None,
+        min_8bit_size=4096,
+        is_paged=False,
+        *,
+        percentile_clipping=100,
+        block_wise=True,
+        bf16_stochastic_round=False,
+        capturable=False,
+        robust_rounding=False,
+    ):
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            optim_bits,
+            args,
+            min_8bit_size,
+            is_paged,
+            percentile_clipping,
+            block_wise,
+            bf16_stochastic_round,
+            capturable=capturable,
+            robust_rounding=robust_rounding,
+        )
 
 
 def _fixed_bits(cls_name, bits, default_wd):
     """Adam8bit/AdamW8bit/Adam32bit/AdamW32bit: like bnb, optim_bits is accepted only at its default of 32."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=default_wd, amsgrad=False,
-                 optim_bits=32, args=None, min_8bit_size=4096, is_paged=False, *, percentile_clipping=100,
-                 block_wise=True, bf16_stochastic_round=False, capturable=False, robust_rounding=False):
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=default_wd,
+        amsgrad=False,
+        optim_bits=32,
+        args=None,
+        min_8bit_size=4096,
+        is_paged=False,
+        *,
+        percentile_clipping=100,
+        block_wise=True,
+        bf16_stochastic_round=False,
+        capturable=False,
+        robust_rounding=False,
+    ):
         if amsgrad:
             raise ValueError(f"{cls_name} does not support amsgrad=True")
         if optim_bits != 32:
-            raise ValueError(f"{cls_name}: optim_bits is fixed to {bits} (only the default optim_bits=32 is accepted, "
-                             f"for bnb compatibility), got {optim_bits}")
-        _Adam.__init__(self, params, lr, betas, eps, weight_decay, False, bits, args, min_8bit_size, is_paged,
-                       percentile_clipping, block_wise, bf16_stochastic_round, capturable=capturable,
-                       robust_rounding=robust_rounding)
+            raise ValueError(
+                f"{cls_name}: optim_bits is fixed to {bits} (only the default optim_bits=32 is accepted, "
+                f"for bnb compatibility), got {optim_bits}"
+            )
+        _Adam.__init__(
+            self,
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            False,
+            bits,
+            args,
+            min_8bit_size,
+            is_paged,
+            percentile_clipping,
+            block_wise,
+            bf16_stochastic_round,
+            capturable=capturable,
+            robust_rounding=robust_rounding,
+        )
 
     return __init__
 
 
 class Adam8bit(_Adam):
-    __doc__ = "Adam with 8-bit block-wise state (a drop-in for bnb.optim.Adam8bit)." + \
-        _SIGNATURE_DOC.format(wd=0, bits="32 (ignored: always 8-bit)")
+    __doc__ = "Adam with 8-bit block-wise state (a drop-in for bnb.optim.Adam8bit)." + _SIGNATURE_DOC.format(
+        wd=0, bits="32 (ignored: always 8-bit)"
+    )
     __init__ = _fixed_bits("Adam8bit", 8, 0)
 
 
 class AdamW8bit(_Adam):
-    __doc__ = "AdamW with 8-bit block-wise state (a drop-in for bnb.optim.AdamW8bit)." + \
-        _SIGNATURE_DOC.format(wd=1e-2, bits="32 (ignored: always 8-bit)")
+    __doc__ = "AdamW with 8-bit block-wise state (a drop-in for bnb.optim.AdamW8bit)." + _SIGNATURE_DOC.format(
+        wd=1e-2, bits="32 (ignored: always 8-bit)"
+    )
     __init__ = _fixed_bits("AdamW8bit", 8, 1e-2)
 
 

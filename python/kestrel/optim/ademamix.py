@@ -20,14 +20,42 @@ class _AdEMAMix(_Adam):
     num_betas = 3
     state1_moments = 2  # m1 and m2
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=5.0, t_alpha=None, t_beta3=None, eps=1e-8,
-                 weight_decay=1e-2, optim_bits=32, min_8bit_size=4096, is_paged=False, *, bf16_stochastic_round=False,
-                 capturable=False, robust_rounding=False):
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999, 0.9999),
+        alpha=5.0,
+        t_alpha=None,
+        t_beta3=None,
+        eps=1e-8,
+        weight_decay=1e-2,
+        optim_bits=32,
+        min_8bit_size=4096,
+        is_paged=False,
+        *,
+        bf16_stochastic_round=False,
+        capturable=False,
+        robust_rounding=False,
+    ):
         settings = dict(alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3)
         self.check_schedule(type(self).__name__, settings)
-        super().__init__(params, lr, betas, eps, weight_decay, False, optim_bits, None, min_8bit_size, is_paged,
-                         bf16_stochastic_round=bf16_stochastic_round, capturable=capturable,
-                         robust_rounding=robust_rounding, _ademamix=settings)
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            False,
+            optim_bits,
+            None,
+            min_8bit_size,
+            is_paged,
+            bf16_stochastic_round=bf16_stochastic_round,
+            capturable=capturable,
+            robust_rounding=robust_rounding,
+            _ademamix=settings,
+        )
 
     @staticmethod
     def check_schedule(where, config):
@@ -63,8 +91,16 @@ class _AdEMAMix(_Adam):
             alpha_t, beta3_t = self.scheduled(config, int(step))
         else:
             alpha_t, beta3_t = config["alpha"], config["betas"][2]
-        return (self.lr_of(config)[0], float(beta1), float(beta2), float(beta3_t), float(alpha_t), float(config["eps"]),
-                float(config["weight_decay"]), gnorm_scale)
+        return (
+            self.lr_of(config)[0],
+            float(beta1),
+            float(beta2),
+            float(beta3_t),
+            float(alpha_t),
+            float(config["eps"]),
+            float(config["weight_decay"]),
+            gnorm_scale,
+        )
 
     @torch.no_grad()
     def init_state(self, p, config):
@@ -93,21 +129,75 @@ class AdEMAMix(_AdEMAMix):
 class AdEMAMix8bit(_AdEMAMix):
     """AdEMAMix with 8-bit state (a drop-in for bnb.optim.AdEMAMix8bit)."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=5.0, t_alpha=None, t_beta3=None, eps=1e-8,
-                 weight_decay=1e-2, min_8bit_size=4096, is_paged=False, *, bf16_stochastic_round=False,
-                 capturable=False, robust_rounding=False):
-        super().__init__(params, lr, betas, alpha, t_alpha, t_beta3, eps, weight_decay, 8, min_8bit_size, is_paged,
-                         bf16_stochastic_round=bf16_stochastic_round, capturable=capturable,
-                         robust_rounding=robust_rounding)
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999, 0.9999),
+        alpha=5.0,
+        t_alpha=None,
+        t_beta3=None,
+        eps=1e-8,
+        weight_decay=1e-2,
+        min_8bit_size=4096,
+        is_paged=False,
+        *,
+        bf16_stochastic_round=False,
+        capturable=False,
+        robust_rounding=False,
+    ):
+        super().__init__(
+            params,
+            lr,
+            betas,
+            alpha,
+            t_alpha,
+            t_beta3,
+            eps,
+            weight_decay,
+            8,
+            min_8bit_size,
+            is_paged,
+            bf16_stochastic_round=bf16_stochastic_round,
+            capturable=capturable,
+            robust_rounding=robust_rounding,
+        )
 
 
 class AdEMAMix32bit(_AdEMAMix):
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=5.0, t_alpha=None, t_beta3=None, eps=1e-8,
-                 weight_decay=1e-2, min_8bit_size=4096, is_paged=False, *, bf16_stochastic_round=False,
-                 capturable=False, robust_rounding=False):
-        super().__init__(params, lr, betas, alpha, t_alpha, t_beta3, eps, weight_decay, 32, min_8bit_size, is_paged,
-                         bf16_stochastic_round=bf16_stochastic_round, capturable=capturable,
-                         robust_rounding=robust_rounding)
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999, 0.9999),
+        alpha=5.0,
+        t_alpha=None,
+        t_beta3=None,
+        eps=1e-8,
+        weight_decay=1e-2,
+        min_8bit_size=4096,
+        is_paged=False,
+        *,
+        bf16_stochastic_round=False,
+        capturable=False,
+        robust_rounding=False,
+    ):
+        super().__init__(
+            params,
+            lr,
+            betas,
+            alpha,
+            t_alpha,
+            t_beta3,
+            eps,
+            weight_decay,
+            32,
+            min_8bit_size,
+            is_paged,
+            bf16_stochastic_round=bf16_stochastic_round,
+            capturable=capturable,
+            robust_rounding=robust_rounding,
+        )
 
 
 PagedAdEMAMix = paged_class(AdEMAMix, "PagedAdEMAMix")

@@ -41,11 +41,11 @@ class ShardInfo:
 
     def __init__(self, p):
         mesh, placements = p.device_mesh, p.placements
-        if mesh.ndim != 1 or len(placements) != 1 or not (
-                isinstance(placements[0], Shard) and placements[0].dim == 0):
+        if mesh.ndim != 1 or len(placements) != 1 or not (isinstance(placements[0], Shard) and placements[0].dim == 0):
             raise NotImplementedError(
                 f"kestrel's 8-bit optimizers support DTensor parameters sharded on dim 0 of a 1-D mesh (FSDP2's "
-                f"default) or replicated; got placements {tuple(placements)} on a {mesh.ndim}-D mesh")
+                f"default) or replicated; got placements {tuple(placements)} on a {mesh.ndim}-D mesh"
+            )
         self.mesh, self.placements = mesh, placements
         self.group = mesh.get_group()
         self.world = mesh.size()
@@ -91,7 +91,7 @@ def _gather_flat(t, info, sizes):
     out = torch.empty(width * info.world, dtype=t.dtype, device=t.device)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
     gather(out, padded, group=info.group)
-    return torch.cat([out[r * width: r * width + sizes[r]] for r in range(info.world)])
+    return torch.cat([out[r * width : r * width + sizes[r]] for r in range(info.world)])
 
 
 def export_codes(codes, absmax, qmap, info):
@@ -102,7 +102,7 @@ def export_codes(codes, absmax, qmap, info):
     values = dequantize_blockwise(codes.reshape(-1), absmax, code=qmap, blocksize=BLOCK, dtype=torch.float32)
     full = _gather_flat(values, info, [end - start for start, end in info.ranges])
     full_codes, full_absmax = quantize_blockwise(full, code=qmap, blocksize=BLOCK)
-    return full_codes[info.offset: info.offset + info.local_numel], full_absmax
+    return full_codes[info.offset : info.offset + info.local_numel], full_absmax
 
 
 def import_codes(codes, absmax_full, qmap, info):
@@ -111,7 +111,7 @@ def import_codes(codes, absmax_full, qmap, info):
     codes = codes.reshape(-1)
     first = info.offset // BLOCK
     if info.offset % BLOCK == 0:
-        return codes, absmax_full[first: first + blocks(info.local_numel)].clone()
+        return codes, absmax_full[first : first + blocks(info.local_numel)].clone()
     index = torch.arange(info.offset, info.offset + info.local_numel, device=codes.device) // BLOCK
     values = qmap[codes.long()] * absmax_full[index]
     return quantize_blockwise(values, code=qmap, blocksize=BLOCK)

@@ -14,18 +14,49 @@ from .adam import _Adam
 
 
 class _LAMB(_Adam):
-    def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
-                 amsgrad=False, adam_w_mode=True, optim_bits=32, args=None, min_8bit_size=4096, max_unorm=1.0, *,
-                 bf16_stochastic_round=False, capturable=False, robust_rounding=False):
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        bias_correction=True,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0,
+        amsgrad=False,
+        adam_w_mode=True,
+        optim_bits=32,
+        args=None,
+        min_8bit_size=4096,
+        max_unorm=1.0,
+        *,
+        bf16_stochastic_round=False,
+        capturable=False,
+        robust_rounding=False,
+    ):
         name = type(self).__name__
         if not bias_correction:
             raise ValueError(f"{name}: bias_correction=False is not supported (bnb ignores it silently)")
         if not adam_w_mode:
-            raise ValueError(f"{name}: adam_w_mode=False (L2 decay in the gradient) is not supported; weight decay is "
-                             "decoupled (bnb ignores adam_w_mode silently)")
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, optim_bits, args, min_8bit_size, False,
-                         bf16_stochastic_round=bf16_stochastic_round, max_unorm=max_unorm,
-                         capturable=capturable, robust_rounding=robust_rounding)
+            raise ValueError(
+                f"{name}: adam_w_mode=False (L2 decay in the gradient) is not supported; weight decay is "
+                "decoupled (bnb ignores adam_w_mode silently)"
+            )
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            optim_bits,
+            args,
+            min_8bit_size,
+            False,
+            bf16_stochastic_round=bf16_stochastic_round,
+            max_unorm=max_unorm,
+            capturable=capturable,
+            robust_rounding=robust_rounding,
+        )
 
 
 class LAMB(_LAMB):
@@ -35,20 +66,78 @@ class LAMB(_LAMB):
 class LAMB8bit(_LAMB):
     """LAMB with 8-bit block-wise state (bnb.optim.LAMB8bit's signature; the trust ratio is applied)."""
 
-    def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
-                 amsgrad=False, adam_w_mode=True, args=None, min_8bit_size=4096, max_unorm=1.0, *,
-                 bf16_stochastic_round=False, capturable=False, robust_rounding=False):
-        super().__init__(params, lr, bias_correction, betas, eps, weight_decay, amsgrad, adam_w_mode, 8, args,
-                         min_8bit_size, max_unorm, bf16_stochastic_round=bf16_stochastic_round,
-                         capturable=capturable, robust_rounding=robust_rounding)
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        bias_correction=True,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0,
+        amsgrad=False,
+        adam_w_mode=True,
+        args=None,
+        min_8bit_size=4096,
+        max_unorm=1.0,
+        *,
+        bf16_stochastic_round=False,
+        capturable=False,
+        robust_rounding=False,
+    ):
+        super().__init__(
+            params,
+            lr,
+            bias_correction,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            adam_w_mode,
+            8,
+            args,
+            min_8bit_size,
+            max_unorm,
+            bf16_stochastic_round=bf16_stochastic_round,
+            capturable=capturable,
+            robust_rounding=robust_rounding,
+        )
 
 
 class LAMB32bit(_LAMB):
     """LAMB with float32 state (bnb.optim.LAMB32bit)."""
 
-    def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
-                 amsgrad=False, adam_w_mode=True, args=None, min_8bit_size=4096, max_unorm=1.0, *,
-                 bf16_stochastic_round=False, capturable=False, robust_rounding=False):
-        super().__init__(params, lr, bias_correction, betas, eps, weight_decay, amsgrad, adam_w_mode, 32, args,
-                         min_8bit_size, max_unorm, bf16_stochastic_round=bf16_stochastic_round,
-                         capturable=capturable, robust_rounding=robust_rounding)
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        bias_correction=True,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0,
+        amsgrad=False,
+        adam_w_mode=True,
+        args=None,
+        min_8bit_size=4096,
+        max_unorm=1.0,
+        *,
+        bf16_stochastic_round=False,
+        capturable=False,
+        robust_rounding=False,
+    ):
+        super().__init__(
+            params,
+            lr,
+            bias_correction,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            adam_w_mode,
+            32,
+            args,
+            min_8bit_size,
+            max_unorm,
+            bf16_stochastic_round=bf16_stochastic_round,
+            capturable=capturable,
+            robust_rounding=robust_rounding,
+        )

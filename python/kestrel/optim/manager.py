@@ -29,18 +29,20 @@ from .._checks import is_int, is_number
 # the settings an override may change, and a check of each value (the optimizer checks its own rules again)
 def _number(low=0.0, high=None):
     def check(key, value):
-        if not is_number(value) or not value >= low or \
-                (high is not None and not value < high) or value == float("inf"):
+        if not is_number(value) or not value >= low or (high is not None and not value < high) or value == float("inf"):
             where = f"in [{low:g}, {high:g})" if high is not None else f">= {low:g} and finite"
             raise ValueError(f"GlobalOptimManager.override_config: {key} must be a number {where}, got {value!r}")
+
     return check
 
 
 def _lr(key, value):
     if torch.is_tensor(value):
         if not value.is_floating_point() or value.numel() != 1:
-            raise ValueError(f"GlobalOptimManager.override_config: a tensor {key} must hold one floating-point value, "
-                             f"got {value.dtype} with {value.numel()} values")
+            raise ValueError(
+                f"GlobalOptimManager.override_config: a tensor {key} must hold one floating-point value, "
+                f"got {value.dtype} with {value.numel()} values"
+            )
         return
     _number()(key, value)
 
@@ -49,11 +51,11 @@ def _betas(key, value):
     try:
         betas = tuple(value)
     except TypeError:
-        raise ValueError(f"GlobalOptimManager.override_config: betas must be a tuple of numbers, got {value!r}") \
-            from None
+        raise ValueError(
+            f"GlobalOptimManager.override_config: betas must be a tuple of numbers, got {value!r}"
+        ) from None
     if not 1 <= len(betas) <= 3:
-        raise ValueError(f"GlobalOptimManager.override_config: betas must hold 2 (or AdEMAMix's 3) values, got "
-                         f"{betas}")
+        raise ValueError(f"GlobalOptimManager.override_config: betas must hold 2 (or AdEMAMix's 3) values, got {betas}")
     for i, b in enumerate(betas):
         _number(0.0, 1.0)(f"betas[{i}]", b)
 
@@ -64,6 +66,7 @@ def _choice(options):
     def check(key, value):
         if isinstance(value, bool) != flags or value not in options:
             raise ValueError(f"GlobalOptimManager.override_config: {key} must be one of {options}, got {value!r}")
+
     return check
 
 
@@ -80,9 +83,17 @@ def _optional_positive(key, value):
 
 
 OVERRIDABLE = {
-    "lr": _lr, "betas": _betas, "eps": _number(), "weight_decay": _number(), "alpha": _number(),
-    "t_alpha": _optional_positive, "t_beta3": _optional_positive, "optim_bits": _choice((8, 32)),
-    "min_8bit_size": _int, "max_unorm": _number(), "robust_rounding": _choice((False, True)),
+    "lr": _lr,
+    "betas": _betas,
+    "eps": _number(),
+    "weight_decay": _number(),
+    "alpha": _number(),
+    "t_alpha": _optional_positive,
+    "t_beta3": _optional_positive,
+    "optim_bits": _choice((8, 32)),
+    "min_8bit_size": _int,
+    "max_unorm": _number(),
+    "robust_rounding": _choice((False, True)),
     "skip_zeros": _choice((False, True)),
 }
 
@@ -140,6 +151,7 @@ class GlobalOptimManager:
             entry = self._by_id.get(key)
             if entry is not None and entry.ref is _ref:
                 del self._by_id[key]
+
         return on_death
 
     def _entry(self, p):
@@ -171,8 +183,10 @@ class GlobalOptimManager:
             raise ValueError("override_config: nothing to override (give key and value, or key_value_dict)")
         for name, setting in key_value_dict.items():
             if name not in OVERRIDABLE:
-                raise ValueError(f"override_config: unknown setting {name!r}; the settings that can be overridden "
-                                 f"are {sorted(OVERRIDABLE)}")
+                raise ValueError(
+                    f"override_config: unknown setting {name!r}; the settings that can be overridden "
+                    f"are {sorted(OVERRIDABLE)}"
+                )
             OVERRIDABLE[name](name, setting)
         if isinstance(parameters, torch.Tensor):
             parameters = [parameters]

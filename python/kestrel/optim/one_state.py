@@ -12,8 +12,17 @@ from collections import defaultdict
 import torch
 
 from . import distributed as D
-from .optimizer import (Optimizer8bit, _blocks, check_args, check_betas, check_hyperparameters, check_int,
-                        check_max_unorm, default_args, paged_class)
+from .optimizer import (
+    Optimizer8bit,
+    _blocks,
+    check_args,
+    check_betas,
+    check_hyperparameters,
+    check_int,
+    check_max_unorm,
+    default_args,
+    paged_class,
+)
 
 
 class _OneState(Optimizer8bit):
@@ -21,9 +30,24 @@ class _OneState(Optimizer8bit):
 
     two_states = False
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.0), eps=1e-8, weight_decay=0.0, optim_bits=32,
-                 args=None, min_8bit_size=4096, is_paged=False, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False, max_unorm=0.0, capturable=False, robust_rounding=False):
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.0),
+        eps=1e-8,
+        weight_decay=0.0,
+        optim_bits=32,
+        args=None,
+        min_8bit_size=4096,
+        is_paged=False,
+        percentile_clipping=100,
+        block_wise=True,
+        bf16_stochastic_round=False,
+        max_unorm=0.0,
+        capturable=False,
+        robust_rounding=False,
+    ):
         name = type(self).__name__
         betas = check_betas(name, betas, 2, self.beta_labels)
         check_hyperparameters(name, lr, eps, betas, weight_decay, optim_bits, block_wise, self.beta_labels)
@@ -63,13 +87,29 @@ class _OneState(Optimizer8bit):
             eight_bit = state["state1"].dtype == torch.uint8
             beta1, beta2 = tuple(config["betas"])[:2]
             step = state["step"] + 1
-            scalars = (self.lr_of(config)[0], float(beta1), float(beta2), float(config["eps"]),
-                       float(config["weight_decay"]), self.gnorm_scale(p, step), self.round_seed_for(p, config))
+            scalars = (
+                self.lr_of(config)[0],
+                float(beta1),
+                float(beta2),
+                float(config["eps"]),
+                float(config["weight_decay"]),
+                self.gnorm_scale(p, step),
+                self.round_seed_for(p, config),
+            )
             max_unorm = float(config.get("max_unorm", 0.0) or 0.0)
             lr_tensor = self.lr_of(config)[1]
             robust = bool(config.get("robust_rounding", False))
-            key = (p.device, p.dtype, eight_bit, id(state["qmap1"]) if eight_bit else None, scalars, max_unorm,
-                   self.shard_key(p), id(lr_tensor), robust)
+            key = (
+                p.device,
+                p.dtype,
+                eight_bit,
+                id(state["qmap1"]) if eight_bit else None,
+                scalars,
+                max_unorm,
+                self.shard_key(p),
+                id(lr_tensor),
+                robust,
+            )
             batches[key].append((p, lr_tensor))
         for (_, _, eight_bit, _, scalars, max_unorm, _, _, robust), entries in batches.items():
             batch, lr_tensor = [p for p, _ in entries], entries[0][1]
@@ -83,17 +123,53 @@ class _OneState(Optimizer8bit):
             norms = None
             if max_unorm > 0.0:  # LARS's trust ratio: the norm pass first (no host synchronisation)
                 _, beta1, beta2, eps, weight_decay, gnorm_scale, _ = scalars
-                norms = torch.ops.kestrel.update_norms(self.optimizer_name, params, grads, state1, state1, absmax1,
-                                                       absmax1, qmap1, None, steps, beta1, beta2, eps, weight_decay,
-                                                       gnorm_scale)
+                norms = torch.ops.kestrel.update_norms(
+                    self.optimizer_name,
+                    params,
+                    grads,
+                    state1,
+                    state1,
+                    absmax1,
+                    absmax1,
+                    qmap1,
+                    None,
+                    steps,
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                    gnorm_scale,
+                )
                 norms = self.reduce_norms(batch[0], norms)
                 self.record_unorms(batch, norms, 1.0)
             if eight_bit:
-                torch.ops.kestrel.one_state8bit_step_(self.optimizer_name, params, grads, state1, absmax1, qmap1, steps,
-                                                      *scalars, norms, max_unorm, lr_tensor, robust_rounding=robust)
+                torch.ops.kestrel.one_state8bit_step_(
+                    self.optimizer_name,
+                    params,
+                    grads,
+                    state1,
+                    absmax1,
+                    qmap1,
+                    steps,
+                    *scalars,
+                    norms,
+                    max_unorm,
+                    lr_tensor,
+                    robust_rounding=robust,
+                )
             else:
-                torch.ops.kestrel.one_state32bit_step_(self.optimizer_name, params, grads, state1, steps, *scalars,
-                                                       norms, max_unorm, lr_tensor, robust_rounding=robust)
+                torch.ops.kestrel.one_state32bit_step_(
+                    self.optimizer_name,
+                    params,
+                    grads,
+                    state1,
+                    steps,
+                    *scalars,
+                    norms,
+                    max_unorm,
+                    lr_tensor,
+                    robust_rounding=robust,
+                )
             self.write_back(write_back)
             torch._foreach_add_([s["step"] for s in states], 1)
 
@@ -118,16 +194,44 @@ class _Momentum(_OneState):
 
 
 class _SGD(_Momentum):
-    def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, optim_bits=32, args=None,
-                 min_8bit_size=4096, *, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False, capturable=False, robust_rounding=False):
+    def __init__(
+        self,
+        params,
+        lr,
+        momentum=0,
+        dampening=0,
+        weight_decay=0,
+        nesterov=False,
+        optim_bits=32,
+        args=None,
+        min_8bit_size=4096,
+        *,
+        percentile_clipping=100,
+        block_wise=True,
+        bf16_stochastic_round=False,
+        capturable=False,
+        robust_rounding=False,
+    ):
         name = type(self).__name__
         _reject(name, momentum == 0, "SGD without momentum is not supported (momentum must be > 0, got 0)")
         _reject(name, dampening != 0, f"dampening is not supported (got {dampening})")
         _reject(name, nesterov, "nesterov=True is not supported")
-        super().__init__(params, lr, (momentum, dampening), 0.0, weight_decay, optim_bits, args,
-                         min_8bit_size, False, percentile_clipping, block_wise, bf16_stochastic_round,
-                         capturable=capturable, robust_rounding=robust_rounding)
+        super().__init__(
+            params,
+            lr,
+            (momentum, dampening),
+            0.0,
+            weight_decay,
+            optim_bits,
+            args,
+            min_8bit_size,
+            False,
+            percentile_clipping,
+            block_wise,
+            bf16_stochastic_round,
+            capturable=capturable,
+            robust_rounding=robust_rounding,
+        )
 
 
 class SGD(_SGD):
@@ -137,23 +241,75 @@ class SGD(_SGD):
 class SGD8bit(_SGD):
     """SGD with momentum and 8-bit state (a drop-in for bnb.optim.SGD8bit)."""
 
-    def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, args=None,
-                 min_8bit_size=4096, *, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False, capturable=False, robust_rounding=False):
-        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, 8, args, min_8bit_size,
-                         percentile_clipping=percentile_clipping, block_wise=block_wise,
-                         bf16_stochastic_round=bf16_stochastic_round, capturable=capturable,
-                         robust_rounding=robust_rounding)
+    def __init__(
+        self,
+        params,
+        lr,
+        momentum=0,
+        dampening=0,
+        weight_decay=0,
+        nesterov=False,
+        args=None,
+        min_8bit_size=4096,
+        *,
+        percentile_clipping=100,
+        block_wise=True,
+        bf16_stochastic_round=False,
+        capturable=False,
+        robust_rounding=False,
+    ):
+        super().__init__(
+            params,
+            lr,
+            momentum,
+            dampening,
+            weight_decay,
+            nesterov,
+            8,
+            args,
+            min_8bit_size,
+            percentile_clipping=percentile_clipping,
+            block_wise=block_wise,
+            bf16_stochastic_round=bf16_stochastic_round,
+            capturable=capturable,
+            robust_rounding=robust_rounding,
+        )
 
 
 class SGD32bit(_SGD):
-    def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, args=None,
-                 min_8bit_size=4096, *, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False, capturable=False, robust_rounding=False):
-        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, 32, args, min_8bit_size,
-                         percentile_clipping=percentile_clipping, block_wise=block_wise,
-                         bf16_stochastic_round=bf16_stochastic_round, capturable=capturable,
-                         robust_rounding=robust_rounding)
+    def __init__(
+        self,
+        params,
+        lr,
+        momentum=0,
+        dampening=0,
+        weight_decay=0,
+        nesterov=False,
+        args=None,
+        min_8bit_size=4096,
+        *,
+        percentile_clipping=100,
+        block_wise=True,
+        bf16_stochastic_round=False,
+        capturable=False,
+        robust_rounding=False,
+    ):
+        super().__init__(
+            params,
+            lr,
+            momentum,
+            dampening,
+            weight_decay,
+            nesterov,
+            32,
+            args,
+            min_8bit_size,
+            percentile_clipping=percentile_clipping,
+            block_wise=block_wise,
+            bf16_stochastic_round=bf16_stochastic_round,
+            capturable=capturable,
+            robust_rounding=robust_rounding,
+        )
 
 
 class _LARS(_Momentum):
@@ -161,16 +317,44 @@ class _LARS(_Momentum):
     the trust ratio min(1, max_unorm * ||p|| / ||momentum||), ||p|| before the step (1 for an all-zero parameter).
     bnb's 8-bit LARS skips the ratio silently; kestrel applies it (a norm pass before the fused step)."""
 
-    def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, optim_bits=32, args=None,
-                 min_8bit_size=4096, max_unorm=0.02, *, bf16_stochastic_round=False, capturable=False,
-                 robust_rounding=False):
+    def __init__(
+        self,
+        params,
+        lr,
+        momentum=0,
+        dampening=0,
+        weight_decay=0,
+        nesterov=False,
+        optim_bits=32,
+        args=None,
+        min_8bit_size=4096,
+        max_unorm=0.02,
+        *,
+        bf16_stochastic_round=False,
+        capturable=False,
+        robust_rounding=False,
+    ):
         name = type(self).__name__
         _reject(name, momentum == 0, "LARS without momentum is not supported (momentum must be > 0, got 0)")
         _reject(name, dampening != 0, f"dampening is not supported (got {dampening})")
         _reject(name, nesterov, "nesterov=True is not supported")
-        super().__init__(params, lr, (momentum, dampening), 0.0, weight_decay, optim_bits, args,
-                         min_8bit_size, False, 100, True, bf16_stochastic_round, max_unorm, capturable,
-                         robust_rounding)
+        super().__init__(
+            params,
+            lr,
+            (momentum, dampening),
+            0.0,
+            weight_decay,
+            optim_bits,
+            args,
+            min_8bit_size,
+            False,
+            100,
+            True,
+            bf16_stochastic_round,
+            max_unorm,
+            capturable,
+            robust_rounding,
+        )
 
 
 class LARS(_LARS):
@@ -180,23 +364,73 @@ class LARS(_LARS):
 class LARS8bit(_LARS):
     """LARS with 8-bit state (bnb.optim.LARS8bit's signature; the trust ratio is applied)."""
 
-    def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, args=None,
-                 min_8bit_size=4096, max_unorm=0.02, *, bf16_stochastic_round=False, capturable=False,
-                 robust_rounding=False):
-        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, 8, args, min_8bit_size, max_unorm,
-                         bf16_stochastic_round=bf16_stochastic_round, capturable=capturable,
-                         robust_rounding=robust_rounding)
+    def __init__(
+        self,
+        params,
+        lr,
+        momentum=0,
+        dampening=0,
+        weight_decay=0,
+        nesterov=False,
+        args=None,
+        min_8bit_size=4096,
+        max_unorm=0.02,
+        *,
+        bf16_stochastic_round=False,
+        capturable=False,
+        robust_rounding=False,
+    ):
+        super().__init__(
+            params,
+            lr,
+            momentum,
+            dampening,
+            weight_decay,
+            nesterov,
+            8,
+            args,
+            min_8bit_size,
+            max_unorm,
+            bf16_stochastic_round=bf16_stochastic_round,
+            capturable=capturable,
+            robust_rounding=robust_rounding,
+        )
 
 
 class LARS32bit(_LARS):
     """LARS with float32 state (bnb.optim.LARS32bit)."""
 
-    def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, args=None,
-                 min_8bit_size=4096, max_unorm=0.02, *, bf16_stochastic_round=False, capturable=False,
-                 robust_rounding=False):
-        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, 32, args, min_8bit_size, max_unorm,
-                         bf16_stochastic_round=bf16_stochastic_round, capturable=capturable,
-                         robust_rounding=robust_rounding)
+    def __init__(
+        self,
+        params,
+        lr,
+        momentum=0,
+        dampening=0,
+        weight_decay=0,
+        nesterov=False,
+        args=None,
+        min_8bit_size=4096,
+        max_unorm=0.02,
+        *,
+        bf16_stochastic_round=False,
+        capturable=False,
+        robust_rounding=False,
+    ):
+        super().__init__(
+            params,
+            lr,
+            momentum,
+            dampening,
+            weight_decay,
+            nesterov,
+            32,
+            args,
+            min_8bit_size,
+            max_unorm,
+            bf16_stochastic_round=bf16_stochastic_round,
+            capturable=capturable,
+            robust_rounding=robust_rounding,
+        )
 
 
 class _RMSprop(_OneState):
@@ -210,16 +444,45 @@ class _RMSprop(_OneState):
         if momentum != 0.0:
             raise ValueError(f"{where}: momentum must be 0, got {momentum!r}")
 
-    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
-                 optim_bits=32, args=None, min_8bit_size=4096, *, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False, capturable=False, robust_rounding=False):
+    def __init__(
+        self,
+        params,
+        lr=1e-2,
+        alpha=0.99,
+        eps=1e-8,
+        weight_decay=0,
+        momentum=0,
+        centered=False,
+        optim_bits=32,
+        args=None,
+        min_8bit_size=4096,
+        *,
+        percentile_clipping=100,
+        block_wise=True,
+        bf16_stochastic_round=False,
+        capturable=False,
+        robust_rounding=False,
+    ):
         name = type(self).__name__
         _reject(name, alpha == 0, "RMSprop with alpha=0 is not supported")
         _reject(name, centered, "centered RMSprop is not supported")
         _reject(name, momentum != 0, f"momentum is not supported (got {momentum}; bnb ignores it silently)")
-        super().__init__(params, lr, (alpha, momentum), eps, weight_decay, optim_bits, args, min_8bit_size,
-                         False, percentile_clipping, block_wise, bf16_stochastic_round, capturable=capturable,
-                         robust_rounding=robust_rounding)
+        super().__init__(
+            params,
+            lr,
+            (alpha, momentum),
+            eps,
+            weight_decay,
+            optim_bits,
+            args,
+            min_8bit_size,
+            False,
+            percentile_clipping,
+            block_wise,
+            bf16_stochastic_round,
+            capturable=capturable,
+            robust_rounding=robust_rounding,
+        )
 
 
 class RMSprop(_RMSprop):
@@ -229,23 +492,79 @@ class RMSprop(_RMSprop):
 class RMSprop8bit(_RMSprop):
     """RMSprop with 8-bit state (a drop-in for bnb.optim.RMSprop8bit)."""
 
-    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False, args=None,
-                 min_8bit_size=4096, *, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False, capturable=False, robust_rounding=False):
-        super().__init__(params, lr, alpha, eps, weight_decay, momentum, centered, 8, args, min_8bit_size,
-                         percentile_clipping=percentile_clipping, block_wise=block_wise,
-                         bf16_stochastic_round=bf16_stochastic_round, capturable=capturable,
-                         robust_rounding=robust_rounding)
+    def __init__(
+        self,
+        params,
+        lr=1e-2,
+        alpha=0.99,
+        eps=1e-8,
+        weight_decay=0,
+        momentum=0,
+        centered=False,
+        args=None,
+        min_8bit_size=4096,
+        *,
+        percentile_clipping=100,
+        block_wise=True,
+        bf16_stochastic_round=False,
+        capturable=False,
+        robust_rounding=False,
+    ):
+        super().__init__(
+            params,
+            lr,
+            alpha,
+            eps,
+            weight_decay,
+            momentum,
+            centered,
+            8,
+            args,
+            min_8bit_size,
+            percentile_clipping=percentile_clipping,
+            block_wise=block_wise,
+            bf16_stochastic_round=bf16_stochastic_round,
+            capturable=capturable,
+            robust_rounding=robust_rounding,
+        )
 
 
 class RMSprop32bit(_RMSprop):
-    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False, args=None,
-                 min_8bit_size=4096, *, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False, capturable=False, robust_rounding=False):
-        super().__init__(params, lr, alpha, eps, weight_decay, momentum, centered, 32, args, min_8bit_size,
-                         percentile_clipping=percentile_clipping, block_wise=block_wise,
-                         bf16_stochastic_round=bf16_stochastic_round, capturable=capturable,
-                         robust_rounding=robust_rounding)
+    def __init__(
+        self,
+        params,
+        lr=1e-2,
+        alpha=0.99,
+        eps=1e-8,
+        weight_decay=0,
+        momentum=0,
+        centered=False,
+        args=None,
+        min_8bit_size=4096,
+        *,
+        percentile_clipping=100,
+        block_wise=True,
+        bf16_stochastic_round=False,
+        capturable=False,
+        robust_rounding=False,
+    ):
+        super().__init__(
+            params,
+            lr,
+            alpha,
+            eps,
+            weight_decay,
+            momentum,
+            centered,
+            32,
+            args,
+            min_8bit_size,
+            percentile_clipping=percentile_clipping,
+            block_wise=block_wise,
+            bf16_stochastic_round=bf16_stochastic_round,
+            capturable=capturable,
+            robust_rounding=robust_rounding,
+        )
 
 
 class _Adagrad(_OneState):
@@ -254,16 +573,48 @@ class _Adagrad(_OneState):
     def check_family(self, config, where):
         check_betas(where, config["betas"], 2)  # unused by Adagrad (bnb keeps (0, 0))
 
-    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
-                 optim_bits=32, args=None, min_8bit_size=4096, *, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False, capturable=False, robust_rounding=False):
+    def __init__(
+        self,
+        params,
+        lr=1e-2,
+        lr_decay=0,
+        weight_decay=0,
+        initial_accumulator_value=0,
+        eps=1e-10,
+        optim_bits=32,
+        args=None,
+        min_8bit_size=4096,
+        *,
+        percentile_clipping=100,
+        block_wise=True,
+        bf16_stochastic_round=False,
+        capturable=False,
+        robust_rounding=False,
+    ):
         name = type(self).__name__
-        _reject(name, initial_accumulator_value != 0,
-                f"initial_accumulator_value must be 0, got {initial_accumulator_value}", ValueError)
+        _reject(
+            name,
+            initial_accumulator_value != 0,
+            f"initial_accumulator_value must be 0, got {initial_accumulator_value}",
+            ValueError,
+        )
         _reject(name, lr_decay != 0, f"lr_decay must be 0, got {lr_decay}", ValueError)
-        super().__init__(params, lr, (0.0, 0.0), eps, weight_decay, optim_bits, args, min_8bit_size,
-                         False, percentile_clipping, block_wise, bf16_stochastic_round, capturable=capturable,
-                         robust_rounding=robust_rounding)
+        super().__init__(
+            params,
+            lr,
+            (0.0, 0.0),
+            eps,
+            weight_decay,
+            optim_bits,
+            args,
+            min_8bit_size,
+            False,
+            percentile_clipping,
+            block_wise,
+            bf16_stochastic_round,
+            capturable=capturable,
+            robust_rounding=robust_rounding,
+        )
 
 
 class Adagrad(_Adagrad):
@@ -273,35 +624,116 @@ class Adagrad(_Adagrad):
 class Adagrad8bit(_Adagrad):
     """Adagrad with 8-bit state (a drop-in for bnb.optim.Adagrad8bit)."""
 
-    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
-                 optim_bits=8, args=None, min_8bit_size=4096, *, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False, capturable=False, robust_rounding=False):
+    def __init__(
+        self,
+        params,
+        lr=1e-2,
+        lr_decay=0,
+        weight_decay=0,
+        initial_accumulator_value=0,
+        eps=1e-10,
+        optim_bits=8,
+        args=None,
+        min_8bit_size=4096,
+        *,
+        percentile_clipping=100,
+        block_wise=True,
+        bf16_stochastic_round=False,
+        capturable=False,
+        robust_rounding=False,
+    ):
         _reject(type(self).__name__, optim_bits != 8, f"optim_bits is fixed to 8, got {optim_bits}", ValueError)
-        super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, 8, args, min_8bit_size,
-                         percentile_clipping=percentile_clipping, block_wise=block_wise,
-                         bf16_stochastic_round=bf16_stochastic_round, capturable=capturable,
-                         robust_rounding=robust_rounding)
+        super().__init__(
+            params,
+            lr,
+            lr_decay,
+            weight_decay,
+            initial_accumulator_value,
+            eps,
+            8,
+            args,
+            min_8bit_size,
+            percentile_clipping=percentile_clipping,
+            block_wise=block_wise,
+            bf16_stochastic_round=bf16_stochastic_round,
+            capturable=capturable,
+            robust_rounding=robust_rounding,
+        )
 
 
 class Adagrad32bit(_Adagrad):
-    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
-                 optim_bits=32, args=None, min_8bit_size=4096, *, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False, capturable=False, robust_rounding=False):
-        super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, 32, args, min_8bit_size,
-                         percentile_clipping=percentile_clipping, block_wise=block_wise,
-                         bf16_stochastic_round=bf16_stochastic_round, capturable=capturable,
-                         robust_rounding=robust_rounding)
+    def __init__(
+        self,
+        params,
+        lr=1e-2,
+        lr_decay=0,
+        weight_decay=0,
+        initial_accumulator_value=0,
+        eps=1e-10,
+        optim_bits=32,
+        args=None,
+        min_8bit_size=4096,
+        *,
+        percentile_clipping=100,
+        block_wise=True,
+        bf16_stochastic_round=False,
+        capturable=False,
+        robust_rounding=False,
+    ):
+        super().__init__(
+            params,
+            lr,
+            lr_decay,
+            weight_decay,
+            initial_accumulator_value,
+            eps,
+            32,
+            args,
+            min_8bit_size,
+            percentile_clipping=percentile_clipping,
+            block_wise=block_wise,
+            bf16_stochastic_round=bf16_stochastic_round,
+            capturable=capturable,
+            robust_rounding=robust_rounding,
+        )
 
 
 class _Lion(_OneState):
     optimizer_name = "lion"
 
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0, optim_bits=32, args=None,
-                 min_8bit_size=4096, is_paged=False, *, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False, capturable=False, robust_rounding=False):
-        super().__init__(params, lr, betas, 0.0, weight_decay, optim_bits, args, min_8bit_size, is_paged,
-                         percentile_clipping, block_wise, bf16_stochastic_round, capturable=capturable,
-                         robust_rounding=robust_rounding)
+    def __init__(
+        self,
+        params,
+        lr=1e-4,
+        betas=(0.9, 0.99),
+        weight_decay=0,
+        optim_bits=32,
+        args=None,
+        min_8bit_size=4096,
+        is_paged=False,
+        *,
+        percentile_clipping=100,
+        block_wise=True,
+        bf16_stochastic_round=False,
+        capturable=False,
+        robust_rounding=False,
+    ):
+        super().__init__(
+            params,
+            lr,
+            betas,
+            0.0,
+            weight_decay,
+            optim_bits,
+            args,
+            min_8bit_size,
+            is_paged,
+            percentile_clipping,
+            block_wise,
+            bf16_stochastic_round,
+            capturable=capturable,
+            robust_rounding=robust_rounding,
+        )
 
 
 class Lion(_Lion):
@@ -311,23 +743,71 @@ class Lion(_Lion):
 class Lion8bit(_Lion):
     """Lion with 8-bit state (a drop-in for bnb.optim.Lion8bit)."""
 
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0, args=None, min_8bit_size=4096,
-                 is_paged=False, *, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False, capturable=False, robust_rounding=False):
-        super().__init__(params, lr, betas, weight_decay, 8, args, min_8bit_size, is_paged,
-                         percentile_clipping=percentile_clipping, block_wise=block_wise,
-                         bf16_stochastic_round=bf16_stochastic_round, capturable=capturable,
-                         robust_rounding=robust_rounding)
+    def __init__(
+        self,
+        params,
+        lr=1e-4,
+        betas=(0.9, 0.99),
+        weight_decay=0,
+        args=None,
+        min_8bit_size=4096,
+        is_paged=False,
+        *,
+        percentile_clipping=100,
+        block_wise=True,
+        bf16_stochastic_round=False,
+        capturable=False,
+        robust_rounding=False,
+    ):
+        super().__init__(
+            params,
+            lr,
+            betas,
+            weight_decay,
+            8,
+            args,
+            min_8bit_size,
+            is_paged,
+            percentile_clipping=percentile_clipping,
+            block_wise=block_wise,
+            bf16_stochastic_round=bf16_stochastic_round,
+            capturable=capturable,
+            robust_rounding=robust_rounding,
+        )
 
 
 class Lion32bit(_Lion):
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0, args=None, min_8bit_size=4096,
-                 is_paged=False, *, percentile_clipping=100, block_wise=True,
-                 bf16_stochastic_round=False, capturable=False, robust_rounding=False):
-        super().__init__(params, lr, betas, weight_decay, 32, args, min_8bit_size, is_paged,
-                         percentile_clipping=percentile_clipping, block_wise=block_wise,
-                         bf16_stochastic_round=bf16_stochastic_round, capturable=capturable,
-                         robust_rounding=robust_rounding)
+    def __init__(
+        self,
+        params,
+        lr=1e-4,
+        betas=(0.9, 0.99),
+        weight_decay=0,
+        args=None,
+        min_8bit_size=4096,
+        is_paged=False,
+        *,
+        percentile_clipping=100,
+        block_wise=True,
+        bf16_stochastic_round=False,
+        capturable=False,
+        robust_rounding=False,
+    ):
+        super().__init__(
+            params,
+            lr,
+            betas,
+            weight_decay,
+            32,
+            args,
+            min_8bit_size,
+            is_paged,
+            percentile_clipping=percentile_clipping,
+            block_wise=block_wise,
+            bf16_stochastic_round=bf16_stochastic_round,
+            capturable=capturable,
+            robust_rounding=robust_rounding,
+        )
 
 
 PagedLion = paged_class(Lion, "PagedLion")

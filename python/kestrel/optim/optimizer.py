@@ -52,10 +52,14 @@ def check_lr(name, lr, label="lr"):
     its value is checked when it is on the CPU)."""
     if torch.is_tensor(lr):
         if not lr.is_floating_point() or lr.numel() != 1:
-            raise TypeError(f"{name}: a tensor {label} must hold one floating-point value, got {lr.dtype} with "
-                            f"{lr.numel()} values")
-        if lr.device.type == "cpu" and not torch.compiler.is_compiling() and \
-                not bool(torch.isfinite(lr).all() & (lr >= 0).all()):
+            raise TypeError(
+                f"{name}: a tensor {label} must hold one floating-point value, got {lr.dtype} with {lr.numel()} values"
+            )
+        if (
+            lr.device.type == "cpu"
+            and not torch.compiler.is_compiling()
+            and not bool(torch.isfinite(lr).all() & (lr >= 0).all())
+        ):
             raise ValueError(f"{name}: {label} must be >= 0 and finite, got {lr.item()!r}")
         return lr
     if not is_number(lr):
@@ -97,8 +101,10 @@ def check_hyperparameters(name, lr, eps, betas, weight_decay, optim_bits, block_
     check_number(name, "weight_decay", weight_decay)
     check_optim_bits(name, optim_bits)
     if not block_wise:
-        raise ValueError(f"{name}: block_wise=False (bnb 0.49's tensor-wise 8-bit state) is not supported; "
-                         "kestrel's 8-bit state is block-wise, as bnb 0.50's")
+        raise ValueError(
+            f"{name}: block_wise=False (bnb 0.49's tensor-wise 8-bit state) is not supported; "
+            "kestrel's 8-bit state is block-wise, as bnb 0.50's"
+        )
 
 
 def check_optim_bits(name, optim_bits):
@@ -113,8 +119,10 @@ def check_max_unorm(name, args, supported):
     max_unorm = getattr(args, "max_unorm", 0.0) or 0.0
     max_unorm = check_number(name, "max_unorm", max_unorm)
     if max_unorm > 0.0 and not supported:
-        raise ValueError(f"{name}: max_unorm (the LAMB / LARS trust ratio) applies to Adam and SGD-momentum updates "
-                         f"only, got max_unorm={max_unorm}")
+        raise ValueError(
+            f"{name}: max_unorm (the LAMB / LARS trust ratio) applies to Adam and SGD-momentum updates "
+            f"only, got max_unorm={max_unorm}"
+        )
 
 
 def check_args(name, args):
@@ -131,8 +139,7 @@ def default_args(args, optim_bits, min_8bit_size, max_unorm=0.0):
     """bnb's `args` object, built from the constructor's arguments when the caller gives none."""
     if args is not None:
         return args
-    return MockArgs(dict(optim_bits=optim_bits, min_8bit_size=min_8bit_size, max_unorm=max_unorm,
-                         skip_zeros=False))
+    return MockArgs(dict(optim_bits=optim_bits, min_8bit_size=min_8bit_size, max_unorm=max_unorm, skip_zeros=False))
 
 
 def paged_class(base, name):
@@ -143,23 +150,51 @@ def paged_class(base, name):
             raise TypeError(f"{name}: is_paged is fixed to True; do not pass it")
         base.__init__(self, *args, is_paged=True, **kwargs)
 
-    doc = (f"{base.__name__} with paged state (bnb.optim.{name}): on a GPU, state1/state2 live in CUDA managed "
-           "memory (the driver may evict them to host memory under pressure) and are prefetched before each step; "
-           "never more than the device has free is asked for. On CPU it warns once and behaves as unpaged.")
+    doc = (
+        f"{base.__name__} with paged state (bnb.optim.{name}): on a GPU, state1/state2 live in CUDA managed "
+        "memory (the driver may evict them to host memory under pressure) and are prefetched before each step; "
+        "never more than the device has free is asked for. On CPU it warns once and behaves as unpaged."
+    )
     return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": base.__module__})
 
 
 class Optimizer8bit(torch.optim.Optimizer):
     # bnb nests the quantization tensors under this key in state_dict() so that FSDP does not cast or gather them.
     _FSDP_WRAPPED_QUANT_STATE_KEY = "__bnb_optimizer_quant_state__"
-    non_castable_tensor_keys = frozenset({"qmap1", "qmap2", "max1", "max2", "new_max1", "new_max2", "state1",
-                                          "state2", "gnorm_vec", "absmax1", "absmax2", "unorm_vec"})
+    non_castable_tensor_keys = frozenset(
+        {
+            "qmap1",
+            "qmap2",
+            "max1",
+            "max2",
+            "new_max1",
+            "new_max2",
+            "state1",
+            "state2",
+            "gnorm_vec",
+            "absmax1",
+            "absmax2",
+            "unorm_vec",
+        }
+    )
 
-    def __init__(self, params, defaults, optim_bits=32, is_paged=False, bf16_stochastic_round=False, capturable=False,
-                 robust_rounding=False):
+    def __init__(
+        self,
+        params,
+        defaults,
+        optim_bits=32,
+        is_paged=False,
+        bf16_stochastic_round=False,
+        capturable=False,
+        robust_rounding=False,
+    ):
         name = type(self).__name__
-        for label, flag in (("bf16_stochastic_round", bf16_stochastic_round), ("capturable", capturable),
-                            ("robust_rounding", robust_rounding), ("is_paged", is_paged)):
+        for label, flag in (
+            ("bf16_stochastic_round", bf16_stochastic_round),
+            ("capturable", capturable),
+            ("robust_rounding", robust_rounding),
+            ("is_paged", is_paged),
+        ):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name}: {label} must be True or False, got {flag!r}")
         if robust_rounding:  # a group setting, kept out of the default groups so their layout stays bnb's
@@ -207,9 +242,11 @@ class Optimizer8bit(torch.optim.Optimizer):
             raise TypeError(f"{where}: robust_rounding must be True or False, got {config['robust_rounding']!r}")
         for key in ("optim_bits", "min_8bit_size", "max_unorm"):
             if key in config:  # per-parameter overrides (GlobalOptimManager) and the optimizer's args
-                {"optim_bits": lambda v: check_optim_bits(where, v),
-                 "min_8bit_size": lambda v: check_int(where, "min_8bit_size", v),
-                 "max_unorm": lambda v: check_number(where, "max_unorm", v or 0.0)}[key](config[key])
+                {
+                    "optim_bits": lambda v: check_optim_bits(where, v),
+                    "min_8bit_size": lambda v: check_int(where, "min_8bit_size", v),
+                    "max_unorm": lambda v: check_number(where, "max_unorm", v or 0.0),
+                }[key](config[key])
         self.check_family(config, where)
 
     def check_family(self, config, where):
@@ -233,7 +270,9 @@ class Optimizer8bit(torch.optim.Optimizer):
                 state_dict["state"][index] = self._export_sharded(ordered[index], param_state)
         for param_state in state_dict["state"].values():
             if isinstance(param_state, dict):
-                nested = {key: param_state.pop(key) for key in list(param_state) if key in self.non_castable_tensor_keys}
+                nested = {
+                    key: param_state.pop(key) for key in list(param_state) if key in self.non_castable_tensor_keys
+                }
                 if nested:
                     param_state[self._FSDP_WRAPPED_QUANT_STATE_KEY] = nested
         return state_dict
@@ -248,21 +287,27 @@ class Optimizer8bit(torch.optim.Optimizer):
         """
         name = type(self).__name__
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
-            raise ValueError(f"{name}.load_state_dict: expected a dict with 'state' and 'param_groups' (an optimizer's "
-                             f"state_dict()), got {type(state_dict).__name__}"
-                             + (f" with keys {sorted(map(str, state_dict))}" if isinstance(state_dict, dict) else ""))
+            raise ValueError(
+                f"{name}.load_state_dict: expected a dict with 'state' and 'param_groups' (an optimizer's "
+                f"state_dict()), got {type(state_dict).__name__}"
+                + (f" with keys {sorted(map(str, state_dict))}" if isinstance(state_dict, dict) else "")
+            )
         state_dict = copy.deepcopy(state_dict)
         for param_state in state_dict["state"].values():
             if isinstance(param_state, dict) and self._FSDP_WRAPPED_QUANT_STATE_KEY in param_state:
                 param_state.update(param_state.pop(self._FSDP_WRAPPED_QUANT_STATE_KEY))
         groups, saved_groups = self.param_groups, state_dict["param_groups"]
         if len(groups) != len(saved_groups):
-            raise ValueError(f"{name}.load_state_dict: the state_dict has {len(saved_groups)} parameter groups, "
-                             f"the optimizer {len(groups)}")
+            raise ValueError(
+                f"{name}.load_state_dict: the state_dict has {len(saved_groups)} parameter groups, "
+                f"the optimizer {len(groups)}"
+            )
         for index, (group, saved) in enumerate(zip(groups, saved_groups)):
             if len(group["params"]) != len(saved["params"]):
-                raise ValueError(f"{name}.load_state_dict: parameter group {index} has {len(saved['params'])} "
-                                 f"parameters in the state_dict, {len(group['params'])} in the optimizer")
+                raise ValueError(
+                    f"{name}.load_state_dict: parameter group {index} has {len(saved['params'])} "
+                    f"parameters in the state_dict, {len(group['params'])} in the optimizer"
+                )
         new_groups = []
         for index, (group, saved) in enumerate(zip(groups, saved_groups)):
             # settings the checkpoint lacks (e.g. kestrel-only ones in a bnb checkpoint) keep this optimizer's
@@ -272,8 +317,11 @@ class Optimizer8bit(torch.optim.Optimizer):
             except (TypeError, KeyError) as error:
                 raise ValueError(str(error)) from None
             new_groups.append(merged)
-        id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
-                          chain.from_iterable(g["params"] for g in groups)))
+        id_map = dict(
+            zip(
+                chain.from_iterable(g["params"] for g in saved_groups), chain.from_iterable(g["params"] for g in groups)
+            )
+        )
         ordinal = {id(p): i for i, p in enumerate(chain.from_iterable(g["params"] for g in groups))}
 
         new_state = defaultdict(dict)
@@ -288,8 +336,9 @@ class Optimizer8bit(torch.optim.Optimizer):
             new_state[param] = value
         placed = defaultdict(dict)
         for key, value in new_state.items():
-            placed[key] = self._place_loaded_state(key, value, move_to_device) if isinstance(key, torch.Tensor) \
-                else value
+            placed[key] = (
+                self._place_loaded_state(key, value, move_to_device) if isinstance(key, torch.Tensor) else value
+            )
         self.__setstate__({"state": placed, "param_groups": new_groups})
 
     # ----------------------------------------------------------------------------------------- sharded parameters
@@ -310,8 +359,10 @@ class Optimizer8bit(torch.optim.Optimizer):
             if tensor.dtype == torch.uint8:
                 absmax_key, qmap_key = "absmax" + key[-1], "qmap" + key[-1]
                 absmax = state[absmax_key].reshape(moments, -1)
-                pairs = [D.export_codes(tensor.reshape(moments, -1)[m], absmax[m], state[qmap_key], info)
-                         for m in range(moments)]
+                pairs = [
+                    D.export_codes(tensor.reshape(moments, -1)[m], absmax[m], state[qmap_key], info)
+                    for m in range(moments)
+                ]
                 codes = torch.stack([c for c, _ in pairs]).reshape(tensor.shape)
                 full = torch.stack([a for _, a in pairs]).reshape((moments, -1) if moments > 1 else (-1,))
                 out[key] = D.as_sharded(codes, info, moments)
@@ -335,9 +386,11 @@ class Optimizer8bit(torch.optim.Optimizer):
             else:  # a full tensor: this shard's slice
                 moments = tensor.numel() // max(info.numel, 1)
                 if tensor.numel() != moments * info.numel or moments not in (1, 2):
-                    raise ValueError(f"{name}.load_state_dict: {key} has {tensor.numel()} elements, expected a "
-                                     f"multiple of the parameter's {info.numel}")
-                tensor = tensor.reshape(moments, -1)[:, info.offset:info.offset + info.local_numel]
+                    raise ValueError(
+                        f"{name}.load_state_dict: {key} has {tensor.numel()} elements, expected a "
+                        f"multiple of the parameter's {info.numel}"
+                    )
+                tensor = tensor.reshape(moments, -1)[:, info.offset : info.offset + info.local_numel]
                 tensor = tensor.reshape(((moments,) if moments > 1 else ()) + tuple(loc.shape))
             moments = self._moments(tensor, loc)
             if tensor.dtype == torch.uint8:
@@ -368,9 +421,11 @@ class Optimizer8bit(torch.optim.Optimizer):
             return  # no step taken yet
         if "state1" not in state:
             foreign = sorted(k for k in state if isinstance(k, str))
-            raise ValueError(f"{where}: the state holds {foreign}, not a kestrel/bitsandbytes 8-bit optimizer's state "
-                             f"(step, state1, ...); is it another optimizer's checkpoint (torch.optim.* keeps "
-                             f"exp_avg / momentum_buffer)?")
+            raise ValueError(
+                f"{where}: the state holds {foreign}, not a kestrel/bitsandbytes 8-bit optimizer's state "
+                f"(step, state1, ...); is it another optimizer's checkpoint (torch.optim.* keeps "
+                f"exp_avg / momentum_buffer)?"
+            )
         if "step" not in state:
             raise ValueError(f"{where}: the state lacks step")
         step = state["step"]
@@ -378,11 +433,15 @@ class Optimizer8bit(torch.optim.Optimizer):
         if not is_int(step_value) or step_value < 0:
             raise ValueError(f"{where}: step must be an integer >= 0, got {step!r}")
         if self.two_states and "state2" not in state:
-            raise ValueError(f"{where}: {name} keeps two states (state1, state2) but the state_dict has state1 only; "
-                             "is it a one-state optimizer's checkpoint (SGD, Lion, RMSprop, Adagrad, LARS)?")
+            raise ValueError(
+                f"{where}: {name} keeps two states (state1, state2) but the state_dict has state1 only; "
+                "is it a one-state optimizer's checkpoint (SGD, Lion, RMSprop, Adagrad, LARS)?"
+            )
         if not self.two_states and "state2" in state:
-            raise ValueError(f"{where}: {name} keeps one state but the state_dict has state2; is it a two-state "
-                             "optimizer's checkpoint (Adam, AdamW, LAMB, AdEMAMix)?")
+            raise ValueError(
+                f"{where}: {name} keeps one state but the state_dict has state2; is it a two-state "
+                "optimizer's checkpoint (Adam, AdamW, LAMB, AdEMAMix)?"
+            )
         n = param.numel()
         for key in ("state1", "state2"):
             if key not in state:
@@ -394,8 +453,10 @@ class Optimizer8bit(torch.optim.Optimizer):
             if tensor.numel() != moments * n:
                 hint = ""
                 if key == "state1" and tensor.numel() in (n, 2 * n) and tensor.numel() != moments * n:
-                    hint = (" (AdEMAMix keeps two first moments in state1, the others one: is it another optimizer's "
-                            "checkpoint?)")
+                    hint = (
+                        " (AdEMAMix keeps two first moments in state1, the others one: is it another optimizer's "
+                        "checkpoint?)"
+                    )
                 raise ValueError(f"{where}: {key} has {tensor.numel()} elements, expected {moments * n}{hint}")
             if tensor.dtype == torch.uint8:
                 absmax_key, qmap_key = "absmax" + key[-1], "qmap" + key[-1]
@@ -405,21 +466,27 @@ class Optimizer8bit(torch.optim.Optimizer):
                 blocks = _blocks(n) * moments
                 absmax = state[absmax_key]
                 if not torch.is_tensor(absmax) or absmax.dtype != torch.float32 or absmax.numel() != blocks:
-                    raise ValueError(f"{where}: {absmax_key} must be float32 with {blocks} values, got "
-                                     f"{getattr(absmax, 'dtype', type(absmax).__name__)} with "
-                                     f"{getattr(absmax, 'numel', lambda: '?')()}")
+                    raise ValueError(
+                        f"{where}: {absmax_key} must be float32 with {blocks} values, got "
+                        f"{getattr(absmax, 'dtype', type(absmax).__name__)} with "
+                        f"{getattr(absmax, 'numel', lambda: '?')()}"
+                    )
                 qmap = state[qmap_key]
                 if not torch.is_tensor(qmap) or qmap.dtype != torch.float32 or qmap.numel() != 256:
-                    raise ValueError(f"{where}: {qmap_key} must be float32 with 256 values, got "
-                                     f"{getattr(qmap, 'dtype', type(qmap).__name__)} with "
-                                     f"{getattr(qmap, 'numel', lambda: '?')()}")
+                    raise ValueError(
+                        f"{where}: {qmap_key} must be float32 with 256 values, got "
+                        f"{getattr(qmap, 'dtype', type(qmap).__name__)} with "
+                        f"{getattr(qmap, 'numel', lambda: '?')()}"
+                    )
                 q = qmap.detach().cpu().reshape(-1)
                 if not bool(torch.isfinite(q).all()) or not bool((q[1:] >= q[:-1]).all()):
-                    raise ValueError(f"{where}: {qmap_key} must hold 256 finite values in ascending order (a "
-                                     "quantization map)")
+                    raise ValueError(
+                        f"{where}: {qmap_key} must hold 256 finite values in ascending order (a quantization map)"
+                    )
             elif tensor.dtype != torch.float32:
-                raise ValueError(f"{where}: {key} must be uint8 (8-bit state) or float32 (32-bit state), "
-                                 f"got {tensor.dtype}")
+                raise ValueError(
+                    f"{where}: {key} must be uint8 (8-bit state) or float32 (32-bit state), got {tensor.dtype}"
+                )
         if "state1" in state and "state2" in state and state["state1"].dtype != state["state2"].dtype:
             raise ValueError(f"{where}: state1 is {state['state1'].dtype} but state2 is {state['state2'].dtype}")
 
@@ -461,12 +528,16 @@ class Optimizer8bit(torch.optim.Optimizer):
         _ext.require(name, p.device)
         if D.is_dtensor(p):
             if not D.is_dtensor(p.grad) or p.grad.placements != p.placements:
-                raise ValueError(f"{where} is a DTensor placed {tuple(p.placements)}; its gradient must be placed "
-                                 f"the same way, got {type(p.grad).__name__}")
+                raise ValueError(
+                    f"{where} is a DTensor placed {tuple(p.placements)}; its gradient must be placed "
+                    f"the same way, got {type(p.grad).__name__}"
+                )
             self.shard(p)  # raises for unsupported placements
         if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(D.local(p)) == 1:
-            raise ValueError(f"{where} has elements that share memory (e.g. an expanded tensor); it cannot be updated "
-                             "element by element")
+            raise ValueError(
+                f"{where} has elements that share memory (e.g. an expanded tensor); it cannot be updated "
+                "element by element"
+            )
         state = self.state.get(p)
         if not state or "state1" not in state:
             return
@@ -475,15 +546,17 @@ class Optimizer8bit(torch.optim.Optimizer):
         n = D.local(p).numel()
         held = state["state1"].numel() // self.state1_moments
         if held != n or ("state2" in state and state["state2"].numel() != n):
-            raise ValueError(f"{where}: its optimizer state holds {held} elements per moment but the parameter has "
-                             f"{n} (was the parameter resized or replaced after its state was made?)")
+            raise ValueError(
+                f"{where}: its optimizer state holds {held} elements per moment but the parameter has "
+                f"{n} (was the parameter resized or replaced after its state was made?)"
+            )
 
     def check_capturable_settings(self):
         """capturable=True with a setting a captured step cannot take: rejected by the constructor (the same check
         runs per parameter at each step, for overrides)."""
         if not self.capturable:
             return
-        for index, group in enumerate(self.param_groups):
+        for group in self.param_groups:
             config = self.group_config(group)
             self._check_capturable(None, config)
 
@@ -492,23 +565,29 @@ class Optimizer8bit(torch.optim.Optimizer):
         name = type(self).__name__
         lr = config["lr"]
         if p is not None and torch.is_tensor(lr) and p.device.type == "cuda" and lr.device != p.device:
-            raise ValueError(f"{name}(capturable=True): a tensor lr must be on the parameters' device {p.device}, "
-                             f"got {lr.device}")
+            raise ValueError(
+                f"{name}(capturable=True): a tensor lr must be on the parameters' device {p.device}, got {lr.device}"
+            )
         if p is not None and torch.is_tensor(lr) and p.device.type == "cuda" and lr.dtype != torch.float32:
             raise ValueError(f"{name}(capturable=True): a tensor lr must be float32, got {lr.dtype}")
         if self.percentile_clipping < 100:
-            raise ValueError(f"{name}(capturable=True): percentile_clipping reads the gradient norm on the host; "
-                             f"it cannot be captured (got percentile_clipping={self.percentile_clipping})")
+            raise ValueError(
+                f"{name}(capturable=True): percentile_clipping reads the gradient norm on the host; "
+                f"it cannot be captured (got percentile_clipping={self.percentile_clipping})"
+            )
         if (config.get("max_unorm", 0.0) or 0.0) > 0.0:
-            raise ValueError(f"{name}(capturable=True): the trust ratio (max_unorm={config['max_unorm']}) is not "
-                             "capturable yet; use max_unorm=0")
+            raise ValueError(
+                f"{name}(capturable=True): the trust ratio (max_unorm={config['max_unorm']}) is not "
+                "capturable yet; use max_unorm=0"
+            )
         if config.get("t_alpha") or config.get("t_beta3"):
             raise ValueError(f"{name}(capturable=True): the t_alpha/t_beta3 warm-ups read the step on the host")
 
     def _paged_buffer_warning(self, p):
         if self.is_paged and p.device.type == "cpu" and not self._paged_warned:
-            warnings.warn(f"{type(self).__name__}: paged optimizer state needs CUDA; on CPU it behaves as unpaged",
-                          stacklevel=3)
+            warnings.warn(
+                f"{type(self).__name__}: paged optimizer state needs CUDA; on CPU it behaves as unpaged", stacklevel=3
+            )
             self._paged_warned = True
 
     def shard(self, p):
@@ -604,8 +683,11 @@ class Optimizer8bit(torch.optim.Optimizer):
     def group_config(self, group):
         """A group's settings and the optimizer's args (optim_bits, min_8bit_size, max_unorm)."""
         config = {key: value for key, value in group.items() if key != "params"}
-        config.update(optim_bits=self.args.optim_bits, min_8bit_size=self.args.min_8bit_size,
-                      max_unorm=getattr(self.args, "max_unorm", 0.0))
+        config.update(
+            optim_bits=self.args.optim_bits,
+            min_8bit_size=self.args.min_8bit_size,
+            max_unorm=getattr(self.args, "max_unorm", 0.0),
+        )
         return config
 
     def resolve_module_overrides(self):

@@ -15,8 +15,11 @@ import torch.nn.functional as F
 
 def positions_and_counts(B, Lq, Lk, causal, cache_seqlens, device):
     """(visible (B, 1, Lq, Lk) bool, N (B, 1, Lq, 1) float): which keys each row sees and how many."""
-    lengths = (cache_seqlens.to(device=device, dtype=torch.long) if cache_seqlens is not None
-               else torch.full((B,), Lk, dtype=torch.long, device=device))
+    lengths = (
+        cache_seqlens.to(device=device, dtype=torch.long)
+        if cache_seqlens is not None
+        else torch.full((B,), Lk, dtype=torch.long, device=device)
+    )
     keys = torch.arange(Lk, device=device)
     rows = lengths[:, None] - Lq + torch.arange(Lq, device=device)[None, :]  # (B, Lq) absolute positions
     valid = keys[None, None, :] < lengths[:, None, None]
@@ -34,12 +37,14 @@ def unused_keys_zeroed(k, v, cache_seqlens):
     multiplied: those rows may hold NaN or inf, and 0 * NaN is NaN in the products that follow)."""
     keys = torch.arange(k.shape[2], device=k.device)
     valid = (keys[None, :] < cache_seqlens.to(device=k.device, dtype=torch.long)[:, None])[:, None, :, None]
-    return torch.where(valid, k, torch.zeros((), dtype=k.dtype, device=k.device)), \
-        torch.where(valid, v, torch.zeros((), dtype=v.dtype, device=v.device))
+    return torch.where(valid, k, torch.zeros((), dtype=k.dtype, device=k.device)), torch.where(
+        valid, v, torch.zeros((), dtype=v.dtype, device=v.device)
+    )
 
 
-def softplus_attention(q, k, v, causal=True, reweight_p=None, eps=1e-8, cache_seqlens=None, compute_dtype=None,
-                       return_sum=False):
+def softplus_attention(
+    q, k, v, causal=True, reweight_p=None, eps=1e-8, cache_seqlens=None, compute_dtype=None, return_sum=False
+):
     """out (B, Hq, Lq, D) in q's dtype; the math in compute_dtype (default: float64 for float64 inputs, else
     float32). return_sum: also the rows' sums s_i = sum_j f_ij, float32 (B, Hq, Lq), as the kernel returns them."""
     dtype = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)

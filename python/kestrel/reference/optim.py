@@ -33,11 +33,17 @@ def adam_scalars(step, lr, beta1, beta2, eps, weight_decay):
     correction1 = f(1.0) - _powf(f(beta1), f(step))
     correction2 = np.sqrt(f(1.0) - _powf(f(beta2), f(step)))
     return dict(
-        beta1=float(f(beta1)), beta2=float(f(beta2)),
-        one_minus_beta1=float(f(1.0) - f(beta1)), one_minus_beta2=float(f(1.0) - f(beta2)),
-        step_size=float((-f(lr) * correction2) / correction1), eps_c2=float(correction2 * f(eps)),
-        decay=float(f(1.0) - f(lr) * f(weight_decay)), apply_decay=weight_decay > 0,
-        correction1=float(correction1), correction2=float(correction2), lr=float(f(lr)),
+        beta1=float(f(beta1)),
+        beta2=float(f(beta2)),
+        one_minus_beta1=float(f(1.0) - f(beta1)),
+        one_minus_beta2=float(f(1.0) - f(beta2)),
+        step_size=float((-f(lr) * correction2) / correction1),
+        eps_c2=float(correction2 * f(eps)),
+        decay=float(f(1.0) - f(lr) * f(weight_decay)),
+        apply_decay=weight_decay > 0,
+        correction1=float(correction1),
+        correction2=float(correction2),
+        lr=float(f(lr)),
     )
 
 
@@ -57,7 +63,7 @@ def norm_sums(u, p):
             lanes = lanes + lanes_in[:, k, :] * lanes_in[:, k, :]
         offset = 16
         while offset > 0:
-            lanes[:, :offset] = lanes[:, :offset] + lanes[:, offset:2 * offset]
+            lanes[:, :offset] = lanes[:, :offset] + lanes[:, offset : 2 * offset]
             offset //= 2
         block_sums = lanes[:, 0].double()
         rows = (blocks + 255) // 256
@@ -65,10 +71,10 @@ def norm_sums(u, p):
         strided[:blocks] = block_sums
         acc = torch.zeros(256, dtype=torch.float64)
         for r in range(rows):
-            acc = acc + strided[r * 256:(r + 1) * 256]
+            acc = acc + strided[r * 256 : (r + 1) * 256]
         stride = 128
         while stride > 0:
-            acc[:stride] = acc[:stride] + acc[stride:2 * stride]
+            acc[:stride] = acc[:stride] + acc[stride : 2 * stride]
             stride //= 2
         out.append(np.float32(acc[0].item()))
     return out
@@ -142,8 +148,25 @@ def _stepped(grad, *moments):
 
 
 @torch.no_grad()
-def adam8bit_step(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step, lr, beta1, beta2, eps, weight_decay,
-                  gnorm_scale=1.0, max_unorm=0.0, robust_rounding=False):
+def adam8bit_step(
+    p,
+    g,
+    state1,
+    state2,
+    absmax1,
+    absmax2,
+    qmap1,
+    qmap2,
+    step,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    gnorm_scale=1.0,
+    max_unorm=0.0,
+    robust_rounding=False,
+):
     """One step on flat tensors, in place (LAMB with max_unorm > 0)."""
     a = adam_scalars(step, lr, beta1, beta2, eps, weight_decay)
     n = p.numel()
@@ -197,8 +220,23 @@ def _one_state_update(kind, a, grad, p32, s, lr, eps, weight_decay, step):
 
 
 @torch.no_grad()
-def one_state_step(kind, p, g, state1, absmax1, qmap1, step, lr, beta1, beta2, eps, weight_decay, gnorm_scale=1.0,
-                   max_unorm=0.0, robust_rounding=False):
+def one_state_step(
+    kind,
+    p,
+    g,
+    state1,
+    absmax1,
+    qmap1,
+    step,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    gnorm_scale=1.0,
+    max_unorm=0.0,
+    robust_rounding=False,
+):
     """One step of SGD-momentum / RMSprop / Adagrad / Lion on flat tensors, in place; 8-bit when qmap1 is given
     (signed map, sign fix), else float32 state. A NaN/Inf gradient keeps the parameter; its 8-bit state becomes 0
     and a float32 state is kept. LARS: kind "momentum" with max_unorm > 0."""
@@ -218,14 +256,33 @@ def one_state_step(kind, p, g, state1, absmax1, qmap1, step, lr, beta1, beta2, e
         state1.view(-1).copy_(s)
         return
     new_max = _block_absmax(s, n)
-    state1.view(-1).copy_(_requantize(s, new_max, qmap1, signed=True, robust=robust_rounding,
-                                      denominator=kind in ("rmsprop", "adagrad")))
+    state1.view(-1).copy_(
+        _requantize(s, new_max, qmap1, signed=True, robust=robust_rounding, denominator=kind in ("rmsprop", "adagrad"))
+    )
     absmax1.copy_(new_max)
 
 
 @torch.no_grad()
-def ademamix_step(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step, lr, beta1, beta2, beta3, alpha, eps,
-                  weight_decay, gnorm_scale=1.0, robust_rounding=False):
+def ademamix_step(
+    p,
+    g,
+    state1,
+    state2,
+    absmax1,
+    absmax2,
+    qmap1,
+    qmap2,
+    step,
+    lr,
+    beta1,
+    beta2,
+    beta3,
+    alpha,
+    eps,
+    weight_decay,
+    gnorm_scale=1.0,
+    robust_rounding=False,
+):
     """One AdEMAMix step in place: state1 (2, n) holds m1 and m2, state2 nu; 8-bit when qmap1 is given (absmax1
     (2, blocks)), else float32 states (a NaN/Inf gradient element is then skipped)."""
     f = lambda v: float(np.float32(v))  # noqa: E731

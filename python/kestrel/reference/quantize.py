@@ -2,15 +2,16 @@
 
 The rules (kestrel/quantize.h): a block's absmax is the largest |x| over its finite elements; each element is
 normalised to v = (x * pre) * inv with inv = 1 / (absmax * pre) (pre = 2^64 for a subnormal absmax, 2^-64 for one
-above 2^126, else 1; inv = 0 for absmax 0), a NaN v is taken as 0, and the code is the number of float32 midpoints of the map strictly below v.
+above 2^126, else 1; inv = 0 for absmax 0), a NaN v is taken as 0, and the code is the number of float32
+midpoints of the map strictly below v.
 So +-inf saturate to the map's last/first code and NaN takes the code of 0.
 """
 
 import torch
 
 _MIN_NORMAL = torch.finfo(torch.float32).tiny
-_TWO_64 = 2.0 ** 64
-_TWO_126 = 2.0 ** 126
+_TWO_64 = 2.0**64
+_TWO_126 = 2.0**126
 
 
 def _blocks(x, blocksize):
@@ -32,7 +33,7 @@ def finite_absmax(blocks):
 def block_scale(absmax):
     """(pre, inv) per block, as quant::block_scale."""
     pre = torch.where((absmax > 0) & (absmax < _MIN_NORMAL), torch.full_like(absmax, _TWO_64), torch.ones_like(absmax))
-    pre = torch.where(absmax > _TWO_126, torch.full_like(absmax, 2.0 ** -64), pre)
+    pre = torch.where(absmax > _TWO_126, torch.full_like(absmax, 2.0**-64), pre)
     inv = torch.where(absmax > 0, torch.ones_like(absmax) / (absmax * pre), torch.zeros_like(absmax))
     return pre, inv
 

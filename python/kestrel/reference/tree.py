@@ -40,7 +40,7 @@ def ancestor_bits(parents):
             for j in path or []:
                 bits[b, i, j // 32] |= 1 << (j % 32)
     # reinterpret the unsigned 32-bit words as int32 (bit 31 becomes the sign)
-    return torch.where(bits >= 2 ** 31, bits - 2 ** 32, bits).to(torch.int32)
+    return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)
 
 
 def ancestor_mask(parents):

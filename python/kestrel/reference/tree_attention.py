@@ -27,7 +27,7 @@ def visible_keys(cache_seqlens, tree_mask_bits, num_nodes, l_max):
     for b in range(B):
         length = int(lengths[b])
         mask[b, :, :length] = True
-        mask[b, :, length:length + num_nodes] = tree[b]
+        mask[b, :, length : length + num_nodes] = tree[b]
     return mask
 
 

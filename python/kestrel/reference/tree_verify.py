@@ -89,8 +89,9 @@ def _inverse_cdf(weights, seg, total, u):
     return last_positive if last_positive >= 0 else begin
 
 
-def verify_sample_reference(candidates, target_probs, parents, uniform, uniform_final, draft_probs=None,
-                            max_depth=None):
+def verify_sample_reference(
+    candidates, target_probs, parents, uniform, uniform_final, draft_probs=None, max_depth=None
+):
     """Lossless tree verification by recursive rejection sampling (see kestrel.ops.verify_tree_sample): returns
     (accept_index, accept_len, next_token) as int lists."""
     cands, par_rows = _rows(candidates), _rows(parents)
@@ -111,7 +112,7 @@ def verify_sample_reference(candidates, target_probs, parents, uniform, uniform_
             residual = list(p)
             _, total = _canonical_sums(residual)
             accepted, seen = None, []
-            for child in (children[node] if len(path) <= max_depth else []):
+            for child in children[node] if len(path) <= max_depth else []:
                 x = cand[child]
                 tested = 0 <= x < vocab and x not in seen
                 seen.append(x)

@@ -152,8 +152,12 @@ struct Block {
 inline thread_local Block* current_block = nullptr;
 inline thread_local int current_thread = 0;  // linear thread index within the block
 
-inline Warp& this_warp() { return current_block->warps[current_thread / 32]; }
-inline int lane_id() { return current_thread % 32; }
+inline Warp& this_warp() {
+  return current_block->warps[current_thread / 32];
+}
+inline int lane_id() {
+  return current_thread % 32;
+}
 
 inline unsigned live_mask(const Warp& w) {
   unsigned mask = 0;
@@ -239,13 +243,13 @@ inline void run_grid(dim3 grid, dim3 block, const Body& body) {
   auto thread_main = [&](int t) {
     current_block = &state;
     current_thread = t;
-    threadIdx = uint3{(unsigned)(t % block.x), (unsigned)((t / block.x) % block.y),
-                      (unsigned)(t / (block.x * block.y))};
+    threadIdx =
+        uint3{(unsigned)(t % block.x), (unsigned)((t / block.x) % block.y), (unsigned)(t / (block.x * block.y))};
     blockDim = block;
     gridDim = grid;
     for (uint64_t b = 0; b < blocks; ++b) {
-      blockIdx = uint3{(unsigned)(b % grid.x), (unsigned)((b / grid.x) % grid.y),
-                       (unsigned)(b / ((uint64_t)grid.x * grid.y))};
+      blockIdx =
+          uint3{(unsigned)(b % grid.x), (unsigned)((b / grid.x) % grid.y), (unsigned)(b / ((uint64_t)grid.x * grid.y))};
       if (t == 0) {  // arm the barriers for this block (everyone waits below until thread 0 has)
         state.barrier.reset(threads);
         for (int w = 0; w < state.num_warps; ++w) {
@@ -302,13 +306,19 @@ inline cudaError_t cudaGetLastError() {
   kestrel_sim::last_error() = cudaSuccess;
   return e;
 }
-inline cudaError_t cudaPeekAtLastError() { return kestrel_sim::last_error(); }
+inline cudaError_t cudaPeekAtLastError() {
+  return kestrel_sim::last_error();
+}
 inline const char* cudaGetErrorString(cudaError_t e) {
   switch (e) {
-    case cudaSuccess: return "no error";
-    case cudaErrorInvalidValue: return "invalid argument";
-    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
-    default: return "unknown error";
+    case cudaSuccess:
+      return "no error";
+    case cudaErrorInvalidValue:
+      return "invalid argument";
+    case cudaErrorInvalidConfiguration:
+      return "invalid configuration argument";
+    default:
+      return "unknown error";
   }
 }
 
@@ -349,7 +359,9 @@ inline cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStrea
 }
 
 // ------------------------------------------------------------------------------------------------- intrinsics
-inline void __syncthreads() { kestrel_sim::current_block->barrier.arrive_and_wait("__syncthreads"); }
+inline void __syncthreads() {
+  kestrel_sim::current_block->barrier.arrive_and_wait("__syncthreads");
+}
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   kestrel_sim::check_mask(mask, "__syncwarp");
   kestrel_sim::this_warp().barrier.arrive_and_wait("__syncwarp");
@@ -381,17 +393,27 @@ inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = warpSize
     return (from >= 0 && from / width == lane / width) ? from : lane;
   });
 }
-inline unsigned __ballot_sync(unsigned mask, int p) { return kestrel_sim::vote(mask, p != 0, "__ballot_sync"); }
-inline int __any_sync(unsigned mask, int p) { return __ballot_sync(mask, p) != 0; }
+inline unsigned __ballot_sync(unsigned mask, int p) {
+  return kestrel_sim::vote(mask, p != 0, "__ballot_sync");
+}
+inline int __any_sync(unsigned mask, int p) {
+  return __ballot_sync(mask, p) != 0;
+}
 inline int __all_sync(unsigned mask, int p) {
   return __ballot_sync(mask, p) == (mask & kestrel_sim::live_mask(kestrel_sim::this_warp()));
 }
-inline unsigned __activemask() { return kestrel_sim::live_mask(kestrel_sim::this_warp()); }
+inline unsigned __activemask() {
+  return kestrel_sim::live_mask(kestrel_sim::this_warp());
+}
 
 // CUDA's integer and floating-point min / max overloads (device functions in the global namespace)
-#define KESTREL_SIM_MINMAX(T)                    \
-  inline T min(T a, T b) { return b < a ? b : a; } \
-  inline T max(T a, T b) { return a < b ? b : a; }
+#define KESTREL_SIM_MINMAX(T) \
+  inline T min(T a, T b) {    \
+    return b < a ? b : a;     \
+  }                           \
+  inline T max(T a, T b) {    \
+    return a < b ? b : a;     \
+  }
 KESTREL_SIM_MINMAX(int)
 KESTREL_SIM_MINMAX(unsigned)
 KESTREL_SIM_MINMAX(long)
@@ -399,10 +421,18 @@ KESTREL_SIM_MINMAX(unsigned long)
 KESTREL_SIM_MINMAX(long long)
 KESTREL_SIM_MINMAX(unsigned long long)
 #undef KESTREL_SIM_MINMAX
-inline float min(float a, float b) { return fminf(a, b); }
-inline float max(float a, float b) { return fmaxf(a, b); }
-inline double min(double a, double b) { return fmin(a, b); }
-inline double max(double a, double b) { return fmax(a, b); }
+inline float min(float a, float b) {
+  return fminf(a, b);
+}
+inline float max(float a, float b) {
+  return fmaxf(a, b);
+}
+inline double min(double a, double b) {
+  return fmin(a, b);
+}
+inline double max(double a, double b) {
+  return fmax(a, b);
+}
 
 template <typename T>
 inline T __ldg(const T* p) {
@@ -418,10 +448,18 @@ inline To bit_cast(From v) {
   return out;
 }
 }  // namespace kestrel_sim
-inline float __int_as_float(int i) { return kestrel_sim::bit_cast<float>(i); }
-inline int __float_as_int(float f) { return kestrel_sim::bit_cast<int>(f); }
-inline float __uint_as_float(unsigned u) { return kestrel_sim::bit_cast<float>(u); }
-inline unsigned __float_as_uint(float f) { return kestrel_sim::bit_cast<unsigned>(f); }
+inline float __int_as_float(int i) {
+  return kestrel_sim::bit_cast<float>(i);
+}
+inline int __float_as_int(float f) {
+  return kestrel_sim::bit_cast<int>(f);
+}
+inline float __uint_as_float(unsigned u) {
+  return kestrel_sim::bit_cast<float>(u);
+}
+inline unsigned __float_as_uint(float f) {
+  return kestrel_sim::bit_cast<unsigned>(f);
+}
 
 // ------------------------------------------------------------------------------------------------- half types
 // Storage and conversions as CUDA's cuda_fp16.h / cuda_bf16.h define them (round to nearest even; NaN becomes the
@@ -438,7 +476,7 @@ inline __half __float2half_rn(float f) {
   const uint32_t sign = (x >> 16) & 0x8000u;
   const uint32_t abs = x & 0x7fffffffu;
   if (abs > 0x7f800000u) return __half{0x7fffu};                      // NaN
-  if (abs >= 0x477ff000u) return __half{(uint16_t)(sign | 0x7c00u)};   // rounds to or past 65520: inf
+  if (abs >= 0x477ff000u) return __half{(uint16_t)(sign | 0x7c00u)};  // rounds to or past 65520: inf
   if (abs < 0x38800000u) {                                            // below 2^-14: subnormal half (or 0)
     if (abs < 0x33000000u) return __half{(uint16_t)sign};             // below half the smallest subnormal
     // value = mant * 2^(e - 150) with e the biased exponent; in units of the smallest subnormal half (2^-24) that
@@ -476,4 +514,6 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
   return __nv_bfloat16{(uint16_t)(rounded >> 16)};
 }
 
-inline float __bfloat162float(__nv_bfloat16 b) { return __uint_as_float((uint32_t)b.bits << 16); }
+inline float __bfloat162float(__nv_bfloat16 b) {
+  return __uint_as_float((uint32_t)b.bits << 16);
+}

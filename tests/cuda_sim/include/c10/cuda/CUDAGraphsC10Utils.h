@@ -5,7 +5,9 @@
 namespace c10 {
 namespace cuda {
 enum class CaptureStatus : int { None = 0, Active = 1, Invalidated = 2 };
-inline CaptureStatus currentStreamCaptureStatusMayInitCtx() { return CaptureStatus::None; }
+inline CaptureStatus currentStreamCaptureStatusMayInitCtx() {
+  return CaptureStatus::None;
+}
 struct CUDAStreamCaptureModeGuard {
   explicit CUDAStreamCaptureModeGuard(int) {}
 };

@@ -7,6 +7,8 @@ namespace cuda {
 struct CUDAStream {
   cudaStream_t stream() const { return nullptr; }
 };
-inline CUDAStream getCurrentCUDAStream(int = -1) { return {}; }
+inline CUDAStream getCurrentCUDAStream(int = -1) {
+  return {};
+}
 }  // namespace cuda
 }  // namespace c10
