@@ -16,8 +16,12 @@ whose operand tiles do not fit in registers (the sm_90 build spilled kilobytes p
 launch (cuda_config) were chosen from sm_90 builds compiled ahead of time (tests/test_softplus_attention.py).
 """
 
+import math
+
+import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 
 @triton.jit
@@ -299,9 +303,6 @@ def softplus_attention_forward(
     and w = sum (relu(r)/r_max)^p + eps / r_max^p (the scaled denominator). CUDA, or CPU under TRITON_INTERPRET=1.
     tree_mask_bits (B, Lq, ceil(Lq/32)) int32: the tree mode (cache_seqlens then holds the prefix lengths, the Lq
     tree rows sit at [prefix, prefix + Lq) of the keys; row i sees the prefix and the nodes of its bits)."""
-    import math
-
-    import torch
 
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -312,13 +313,15 @@ def softplus_attention_forward(
     w = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:  # no query rows (B, Hq or Lq is 0): launch no empty grid
         return out, s, m, w
-    lens = cache_seqlens.to(device=q.device, dtype=torch.int32).contiguous() if cache_seqlens is not None else s
-    bits = tree_mask_bits.contiguous() if tree_mask_bits is not None else lens
+    unused = torch.zeros(1, dtype=torch.int32, device=q.device)  # unused pointers: no alias of an output (for
+    # torch.compile's functional view of the launch, where every argument may count as written)
+    lens = cache_seqlens.to(device=q.device, dtype=torch.int32).contiguous() if cache_seqlens is not None else unused
+    bits = tree_mask_bits.contiguous() if tree_mask_bits is not None else unused
     kind = "fwd_tree" if tree_mask_bits is not None else "fwd"
     cfg_m, cfg_n, num_warps, num_stages = cuda_config(kind, D) if q.is_cuda else (16, 16, 4, 1)
     block_m, block_n = block_m or cfg_m, block_n or cfg_n
     grid = (triton.cdiv(Lq, block_m), B * Hq)
-    softplus_attention_fwd_kernel[grid](
+    wrap_triton(softplus_attention_fwd_kernel)[grid](
         q,
         k,
         v,
@@ -803,9 +806,6 @@ def softplus_attention_backward(
 ):
     """(dq, dk, dv) from the forward's out and row statistics stats = (s, m, w) (m and w are read for LSSAR only).
     CUDA, or CPU under TRITON_INTERPRET=1. Keys past a sequence's cache length get zero gradients."""
-    import math
-
-    import torch
 
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -815,7 +815,8 @@ def softplus_attention_backward(
     if q.numel() == 0:  # no query rows (B, Hq or Lq is 0): zero dk and dv, and no empty grid launched
         return dq, dk, dv
     gamma = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
-    lens = cache_seqlens.to(device=q.device, dtype=torch.int32).contiguous() if cache_seqlens is not None else s
+    unused = torch.zeros(1, dtype=torch.int32, device=q.device)  # an unused pointer: no alias of an output
+    lens = cache_seqlens.to(device=q.device, dtype=torch.int32).contiguous() if cache_seqlens is not None else unused
     strides = (
         q.stride(0),
         q.stride(1),
@@ -833,7 +834,7 @@ def softplus_attention_backward(
     flags = dict(CAUSAL=bool(causal), HAS_LENS=cache_seqlens is not None, REWEIGHT=reweight_p is not None, D=D)
     power = float(reweight_p or 0.0)
     dq_m, dq_n, dq_warps, dq_stages = cuda_config("dq", D) if q.is_cuda else (16, 16, 4, 1)
-    softplus_attention_bwd_dq_kernel[(triton.cdiv(Lq, block_m or dq_m), B * Hq)](
+    wrap_triton(softplus_attention_bwd_dq_kernel)[(triton.cdiv(Lq, block_m or dq_m), B * Hq)](
         q,
         k,
         v,
@@ -860,7 +861,7 @@ def softplus_attention_backward(
         **flags,
     )
     kv_m, kv_n, kv_warps, kv_stages = cuda_config("dkdv", D) if q.is_cuda else (16, 16, 4, 1)
-    softplus_attention_bwd_dkdv_kernel[(triton.cdiv(Lk, block_n or kv_n), B * Hkv)](
+    wrap_triton(softplus_attention_bwd_dkdv_kernel)[(triton.cdiv(Lk, block_n or kv_n), B * Hkv)](
         q,
         k,
         v,

@@ -18,8 +18,12 @@ anywhere past len+T never reaches the output. Lengths are clamped to [0, Lmax - 
 outside the cache (the op checks them on the CPU only: checking on the GPU would need a host sync).
 """
 
+import math
+
+import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 MIN_SPLIT = 256  # prefix keys per split at least (a multiple of every BLOCK_N used here)
 
@@ -215,7 +219,6 @@ _SM_COUNT = {}
 
 
 def _sm_count(device):
-    import torch
 
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SM_COUNT:
@@ -263,9 +266,6 @@ def tree_attention_forward(
     """Launch the kernels: out (B, Hq, T, D) in q's dtype. num_splits: prefix slices (None: choose_prefix_splits;
     1: no split-K, a single kernel); min_split: the shortest slice in keys (rounded up to a block; the tests set
     it small to split short prefixes). CUDA, or CPU tensors under TRITON_INTERPRET=1."""
-    import math
-
-    import torch
 
     B, Hq, T, D = q.shape
     Hkv, L_max = k_cache.shape[1], k_cache.shape[2]
@@ -295,8 +295,11 @@ def tree_attention_forward(
         part_o = torch.empty((splits + 1, B, Hq, T, D), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((splits + 1, B, Hq, T), dtype=torch.float32, device=q.device)
     else:
-        part_o = part_lse = out  # not read
-    tree_attention_fwd_kernel[(m_blocks, splits + 1 if split else 1, B * Hkv)](
+        # unused pointers, each its own tensor: no alias of the output (for torch.compile's functional view of the
+        # launch, where every argument may count as written)
+        part_o = torch.empty(1, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(1, dtype=torch.float32, device=q.device)
+    wrap_triton(tree_attention_fwd_kernel)[(m_blocks, splits + 1 if split else 1, B * Hkv)](
         q,
         k_cache,
         v_cache,
@@ -338,7 +341,7 @@ def tree_attention_forward(
     if split:
         n_rows = B * Hq * T
         block_r = 16
-        tree_attention_combine_kernel[(triton.cdiv(n_rows, block_r),)](
+        wrap_triton(tree_attention_combine_kernel)[(triton.cdiv(n_rows, block_r),)](
             part_o,
             part_lse,
             out,

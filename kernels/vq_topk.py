@@ -22,8 +22,10 @@ its k ids and writes their mean, so the nearest-key search and the value gather 
 code, as when banned codes leave fewer than k, reads nothing).
 """
 
+import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 BIG_ID = tl.constexpr(2**30)  # "no code yet": above every real id (a constexpr: compiled kernels read no globals)
 
@@ -200,7 +202,6 @@ def vq_topk_triton(x, codebook, bias, scale, k, groups, block_n=None, block_c=No
     members, start, size) from kestrel.ops.vq_topk.duplicate_groups (the copies are banned here). With `values`
     (H, C, dv) also returns the mean of the k selected value rows, (H, N, dv) in values' dtype (accumulated in
     float32). CUDA, or CPU under TRITON_INTERPRET=1."""
-    import torch
 
     H, N, D = x.shape
     C = codebook.shape[1]
@@ -223,14 +224,15 @@ def vq_topk_triton(x, codebook, bias, scale, k, groups, block_n=None, block_c=No
         DV = values.shape[-1]
         out_v = torch.empty((H, N, DV), dtype=values.dtype, device=x.device)
     else:
-        DV, values, out_v = 1, out_s, out_s  # unused pointers
+        # unused pointers, each its own tensor: no alias of an output (for torch.compile's functional view)
+        DV, values, out_v = 1, x.new_empty(1), x.new_empty(1)
     lowp = x.dtype == codebook.dtype and x.dtype in (torch.float16, torch.bfloat16)
     if x.is_cuda:
         cfg_n, cfg_c, block_d, num_warps, num_stages = cuda_config(D, K, lowp)
     else:  # the interpreter: small tiles; d in chunks of at most 32, so the tests cover the multi-chunk loop
         cfg_n, cfg_c, block_d, num_warps, num_stages = 16, 32, min(max(16, triton.next_power_of_2(D)), 32), 4, 1
     block_n, block_c = block_n or cfg_n, block_c or cfg_c
-    vq_topk_kernel[(triton.cdiv(N, block_n), H)](
+    wrap_triton(vq_topk_kernel)[(triton.cdiv(N, block_n), H)](
         x,
         codebook,
         bias,

@@ -309,6 +309,11 @@ def test_opcheck_and_compile():
     q, k, v = inputs(1, 2, 1, 5, 7, 64, seed=9)
     for p in (0.0, 15.0):
         torch.library.opcheck(torch.ops.kestrel.softplus_attention.default, (q, k, v, True, p, 1e-8, None, None))
+        out, stats = torch.ops.kestrel.softplus_attention(q, k, v, True, p, 1e-8, None, None)
+        torch.library.opcheck(  # the backward op (its CPU kernel runs autograd inside: kestrel.ops._library)
+            torch.ops.kestrel.softplus_attention_backward.default,
+            (q, k, v, out, stats, torch.randn_like(out), True, p, 1e-8, None),
+        )
     compiled = torch.compile(lambda a, b, c: softplus_attention(a, b, c, reweight_p=15.0), fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v), softplus_attention(q, k, v, reweight_p=15.0))
 

@@ -22,6 +22,7 @@ import torch
 from .._checks import check_cache_seqlens, check_tree_mask_bits, is_finite_number, is_number
 from .._masks import tree_visible
 from ..reference import attention as _ref
+from ._library import autograd_in_kernel, triton_kernel_op
 
 KERNEL_HEAD_DIMS = (64, 128)
 MAX_REWEIGHT_P = torch.finfo(torch.float32).max  # the power is applied in float32: a larger one overflows to inf
@@ -78,8 +79,7 @@ def _check(q, k, v, reweight_p, eps, cache_seqlens, tree_mask_bits):
         check_tree_mask_bits(name, tree_mask_bits, cache_seqlens, B, Lq, Lk, q)
 
 
-@torch.library.custom_op("kestrel::softplus_attention", mutates_args=())
-def _softplus_attention_op(
+def _forward_cuda(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -89,14 +89,19 @@ def _softplus_attention_op(
     cache_seqlens: torch.Tensor | None,
     tree_mask_bits: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, stats): the attention and the rows' statistics for the backward, float32 (3, B, Hq, Lq): the sum of
-    softplus weights, and for LSSAR the largest score and the scaled re-weighting denominator (CPU: sums only)."""
-    p = reweight_p if reweight_p > 0 else None
-    if q.is_cuda:
-        from ..kernels.softplus_attention import softplus_attention_forward
+    """The op on CUDA (the Triton forward): (out, stats), the attention and the rows' statistics for the backward,
+    float32 (3, B, Hq, Lq): the sum of softplus weights, and for LSSAR the largest score and the scaled re-weighting
+    denominator."""
+    from ..kernels.softplus_attention import softplus_attention_forward  # triton: a Linux-only dependency
 
-        out, s, m, w = softplus_attention_forward(q, k, v, causal, p, eps, cache_seqlens, tree_mask_bits=tree_mask_bits)
-        return out, torch.stack([s, m, w])
+    p = reweight_p if reweight_p > 0 else None
+    out, s, m, w = softplus_attention_forward(q, k, v, causal, p, eps, cache_seqlens, tree_mask_bits=tree_mask_bits)
+    return out, torch.stack([s, m, w])
+
+
+def _forward_cpu(q, k, v, causal, reweight_p, eps, cache_seqlens, tree_mask_bits):
+    """The op on the CPU: the PyTorch formulation (float32; float64 for float64), the row sums as statistics."""
+    p = reweight_p if reweight_p > 0 else None
     with torch.no_grad():
         if tree_mask_bits is not None:
             visible = tree_visible(cache_seqlens, tree_mask_bits, k.shape[2])
@@ -106,9 +111,51 @@ def _softplus_attention_op(
         return out, torch.stack([s, torch.zeros_like(s), torch.zeros_like(s)])
 
 
-@_softplus_attention_op.register_fake
-def _(q, k, v, causal, reweight_p, eps, cache_seqlens, tree_mask_bits):
+def _forward_fake(q, k, v, causal, reweight_p, eps, cache_seqlens, tree_mask_bits):
     return torch.empty_like(q), q.new_empty((3,) + tuple(q.shape[:3]), dtype=torch.float32)
+
+
+_softplus_attention_op = triton_kernel_op("kestrel::softplus_attention", _forward_cuda, _forward_cpu, _forward_fake)
+
+
+def _backward_cuda(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    stats: torch.Tensor,
+    grad_out: torch.Tensor,
+    causal: bool,
+    reweight_p: float,
+    eps: float,
+    cache_seqlens: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward op on CUDA: the Triton dq and dk/dv kernels, from the forward's statistics."""
+    from ..kernels.softplus_attention import softplus_attention_backward  # triton: a Linux-only dependency
+
+    p = reweight_p if reweight_p > 0 else None
+    return softplus_attention_backward(q, k, v, out, stats, grad_out, causal, p, eps, cache_seqlens)
+
+
+def _backward_cpu(q, k, v, out, stats, grad_out, causal, reweight_p, eps, cache_seqlens):
+    """The backward op on the CPU: autograd through the PyTorch formulation, recomputed."""
+    if grad_out.numel() == 0:  # no query rows (B, Hq or Lq is 0): nothing to differentiate, no graph to recompute
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    p = reweight_p if reweight_p > 0 else None
+    with autograd_in_kernel():
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        recomputed = _ref.softplus_attention(*leaves, causal, p, eps, cache_seqlens)
+        grads = torch.autograd.grad(recomputed, leaves, grad_out, allow_unused=True)
+    return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, (q, k, v)))
+
+
+def _backward_fake(q, k, v, out, stats, grad_out, causal, reweight_p, eps, cache_seqlens):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_softplus_attention_backward_op = triton_kernel_op(
+    "kestrel::softplus_attention_backward", _backward_cuda, _backward_cpu, _backward_fake
+)
 
 
 def _setup_context(ctx, inputs, output):
@@ -124,24 +171,8 @@ def _backward(ctx, grad_out, _grad_s):
     causal, reweight_p, eps, tree = ctx.options
     if tree:
         raise NotImplementedError("softplus_attention: the draft-tree mode (tree_mask_bits) is forward only")
-    if q.is_cuda:  # the Triton backward kernels
-        from ..kernels.softplus_attention import softplus_attention_backward
-
-        dq, dk, dv = softplus_attention_backward(
-            q, k, v, out, stats, grad_out, causal, reweight_p if reweight_p > 0 else None, eps, cache_seqlens
-        )
-        return dq, dk, dv, None, None, None, None, None
-    if grad_out.numel() == 0:  # no query rows (B, Hq or Lq is 0): nothing to differentiate, no graph to recompute
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None, None, None
-    # the CPU path: autograd through the float32 PyTorch formulation, recomputed
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        recomputed = _ref.softplus_attention(
-            *leaves, causal, reweight_p if reweight_p > 0 else None, eps, cache_seqlens
-        )
-        grads = torch.autograd.grad(recomputed, leaves, grad_out, allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, (q, k, v))]
-    return grads[0], grads[1], grads[2], None, None, None, None, None
+    dq, dk, dv = _softplus_attention_backward_op(q, k, v, out, stats, grad_out, causal, reweight_p, eps, cache_seqlens)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _softplus_attention_op.register_autograd(_backward, setup_context=_setup_context)

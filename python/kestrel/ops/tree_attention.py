@@ -30,6 +30,7 @@ import math
 import torch
 
 from .._checks import is_number
+from ._library import triton_kernel_op
 
 KERNEL_MAX_HEAD_DIM = 256
 CPU_CHUNK_ELEMENTS = 1 << 22  # scores per CPU step: B x Hq x T x chunk
@@ -173,8 +174,7 @@ def tree_attention_cpu(q, k_cache, v_cache, cache_seqlens, tree_mask_bits, softm
     return out.reshape(B, Hq, T, D).to(q.dtype)
 
 
-@torch.library.custom_op("kestrel::tree_attention", mutates_args=())
-def _tree_attention_op(
+def _tree_attention_cuda(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -182,21 +182,29 @@ def _tree_attention_op(
     tree_mask_bits: torch.Tensor,
     softmax_scale: float,
 ) -> torch.Tensor:
-    # an opaque custom op rather than a triton_op: the CPU path reads the lengths on the host, which a traced
-    # decomposition could not
+    """The op on CUDA: the Triton kernel (kernels/tree_attention.py)."""
+    from ..kernels.tree_attention import tree_attention_forward  # triton: a Linux-only dependency
+
     if q.numel() == 0:  # no sequences or no query heads: an empty result, and no empty grid launched
         return q.new_empty(q.shape)
-    if q.is_cuda:
-        from ..kernels.tree_attention import tree_attention_forward
+    return tree_attention_forward(q, k_cache, v_cache, cache_seqlens, tree_mask_bits, softmax_scale)
 
-        return tree_attention_forward(q, k_cache, v_cache, cache_seqlens, tree_mask_bits, softmax_scale)
+
+def _tree_attention_cpu_kernel(q, k_cache, v_cache, cache_seqlens, tree_mask_bits, softmax_scale):
+    """The op on the CPU: the chunked PyTorch formulation (it reads the lengths on the host)."""
+    if q.numel() == 0:
+        return q.new_empty(q.shape)
     with torch.no_grad():
         return tree_attention_cpu(q, k_cache, v_cache, cache_seqlens, tree_mask_bits, softmax_scale)
 
 
-@_tree_attention_op.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, tree_mask_bits, softmax_scale):
+def _tree_attention_fake(q, k_cache, v_cache, cache_seqlens, tree_mask_bits, softmax_scale):
     return q.new_empty(q.shape)
+
+
+_tree_attention_op = triton_kernel_op(
+    "kestrel::tree_attention", _tree_attention_cuda, _tree_attention_cpu_kernel, _tree_attention_fake
+)
 
 
 def tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask_bits, *, softmax_scale=None):
