@@ -28,4 +28,4 @@ PY
 "$venv/bin/python" -m pytest -q -p no:cacheprovider --rootdir "$work" -m "not slow" \
   "$work/tests/test_quantize.py" "$work/tests/test_optim.py" "$work/tests/test_optim_one_state.py" \
   "$work/tests/test_optim_ademamix.py" "$work/tests/test_optim_manager.py" \
-  "$work/tests/test_optim_stochastic_round.py"
+  "$work/tests/test_optim_stochastic_round.py" "$work/tests/test_op_registration.py"

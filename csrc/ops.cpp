@@ -1,4 +1,7 @@
-// The one TORCH_LIBRARY(kestrel, m) with every schema, and the pybind11 module kestrel._C (build information).
+// The one TORCH_LIBRARY(kestrel, m) with the schema of every C++ op, and the pybind11 module kestrel._C (build
+// information). The Triton-backed ops (tree_attention, softplus_attention and its backward, vq_topk,
+// kv_bottleneck_lookup) are declared beside their Python wrappers, each by kestrel.ops._library.triton_kernel_op,
+// which infers the schema from the CUDA function's annotations (docs/architecture.md, "How ops are registered").
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 #include <torch/version.h>

@@ -225,7 +225,7 @@ def vq_topk_triton(x, codebook, bias, scale, k, groups, block_n=None, block_c=No
         out_v = torch.empty((H, N, DV), dtype=values.dtype, device=x.device)
     else:
         # unused pointers, each its own tensor: no alias of an output (for torch.compile's functional view)
-        DV, values, out_v = 1, x.new_empty(1), x.new_empty(1)
+        DV, values, out_v = 1, x.new_empty((1, 1, 1)), x.new_empty((1, 1, 1))
     lowp = x.dtype == codebook.dtype and x.dtype in (torch.float16, torch.bfloat16)
     if x.is_cuda:
         cfg_n, cfg_c, block_d, num_warps, num_stages = cuda_config(D, K, lowp)

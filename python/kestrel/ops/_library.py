@@ -28,8 +28,10 @@ def _on_cuda(args, kwargs):
     return False
 
 
-def triton_kernel_op(name, cuda, cpu, fake, *, mutates_args=()):
-    """Register the op `name` ("kestrel::<op>"); see the module docstring. Returns the op (a CustomOpDef)."""
+def triton_kernel_op(name, cuda, cpu, fake, *, mutates_args=(), decompose=None):
+    """Register the op `name` ("kestrel::<op>"); see the module docstring. Returns the op (a CustomOpDef).
+    decompose(*args, **kwargs) -> bool, optional: whether a CUDA call may be decomposed under torch.compile (False
+    for calls whose CUDA implementation is not Triton, e.g. a dtype the kernel does not take: they stay opaque)."""
     op = torch.library.triton_op(name, cuda, mutates_args=mutates_args)
     op.register_kernel("cpu")(cpu)
     op.register_fake(fake)
@@ -37,7 +39,8 @@ def triton_kernel_op(name, cuda, cpu, fake, *, mutates_args=()):
     def functional(mode, overload, types, args, kwargs):
         from torch.export._trace import custom_triton_ops_decomposition_disabled
 
-        if not _on_cuda(args, kwargs) or custom_triton_ops_decomposition_disabled():
+        opaque = not _on_cuda(args, kwargs) or (decompose is not None and not decompose(*args, **kwargs))
+        if opaque or custom_triton_ops_decomposition_disabled():
             return mode.__torch_dispatch__(overload, types, args, kwargs)
         with mode:
             return cuda(*args, **kwargs)

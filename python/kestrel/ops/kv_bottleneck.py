@@ -15,7 +15,8 @@ z_proj (DKVB's encoder is frozen), so both get no gradient.
 import torch
 
 from .._checks import is_int
-from .vq_topk import _code_terms, ranked_topk
+from ._library import triton_kernel_op
+from .vq_topk import _code_terms, ranked_topk_cpu, ranked_topk_cuda
 
 
 def _check(z_proj, keys, values, k):
@@ -51,10 +52,7 @@ def _check(z_proj, keys, values, k):
         raise ValueError(f"{name}: k must be an integer in [1, P={P}], got {k!r}")
 
 
-@torch.library.custom_op("kestrel::kv_bottleneck_lookup", mutates_args=())
-def _lookup_op(
-    z_proj: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _lookup(ranked_topk, z_proj, keys, values, k):
     B, C = z_proj.shape[:2]
     if B == 0 or C == 0:  # an empty result, and no empty grid launched
         return (
@@ -67,15 +65,37 @@ def _lookup_op(
     return out.transpose(0, 1).contiguous(), ids.transpose(0, 1).contiguous()
 
 
-@_lookup_op.register_fake
-def _(z_proj, keys, values, k):
+def _lookup_cuda(
+    z_proj: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op on CUDA: the vq_topk kernel with its value-gather epilogue (float64: the chunked path)."""
+    if torch.float64 in (z_proj.dtype, keys.dtype):
+        return _lookup(ranked_topk_cpu, z_proj, keys, values, k)
+    return _lookup(ranked_topk_cuda, z_proj, keys, values, k)
+
+
+def _lookup_cpu(z_proj, keys, values, k):
+    """The op on the CPU: the chunked top-k and a gather."""
+    return _lookup(ranked_topk_cpu, z_proj, keys, values, k)
+
+
+def _lookup_fake(z_proj, keys, values, k):
     B, C = z_proj.shape[:2]
     return values.new_empty((B, C, values.shape[-1])), z_proj.new_empty((B, C, k), dtype=torch.int64)
 
 
-@torch.library.custom_op("kestrel::kv_bottleneck_values_grad", mutates_args=())
-def _values_grad_op(grad_out: torch.Tensor, ids: torch.Tensor, num_pairs: int) -> torch.Tensor:
-    """(C, P, dv) gradient of the values: grad_out (B, C, dv) / k scattered into the rows ids (B, C, k) select."""
+_lookup_op = triton_kernel_op(
+    "kestrel::kv_bottleneck_lookup",
+    _lookup_cuda,
+    _lookup_cpu,
+    _lookup_fake,
+    decompose=lambda z_proj, keys, *rest: torch.float64 not in (z_proj.dtype, keys.dtype),
+)
+
+
+def values_grad(grad_out, ids, num_pairs):
+    """(C, P, dv) gradient of the values: grad_out (B, C, dv) / k scattered into the rows ids (B, C, k) select
+    (plain PyTorch, which Inductor fuses; accumulated in float32, float64 for float64)."""
     B, C, k = ids.shape
     dv = grad_out.shape[-1]
     acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
@@ -83,11 +103,6 @@ def _values_grad_op(grad_out: torch.Tensor, ids: torch.Tensor, num_pairs: int) -
     src = (grad_out.to(acc) / k)[:, :, None, :].expand(B, C, k, dv).reshape(B * C * k, dv)
     grad = torch.zeros((C * num_pairs, dv), dtype=acc, device=grad_out.device).index_add_(0, flat, src)
     return grad.view(C, num_pairs, dv).to(grad_out.dtype)
-
-
-@_values_grad_op.register_fake
-def _(grad_out, ids, num_pairs):
-    return grad_out.new_empty((ids.shape[1], num_pairs, grad_out.shape[-1]))
 
 
 def _setup_context(ctx, inputs, output):
@@ -98,8 +113,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_ids):
     (ids,) = ctx.saved_tensors
-    grad_values = torch.ops.kestrel.kv_bottleneck_values_grad(grad_out.contiguous(), ids, ctx.num_pairs)
-    return None, None, grad_values.to(ctx.values_dtype), None
+    return None, None, values_grad(grad_out, ids, ctx.num_pairs).to(ctx.values_dtype), None
 
 
 _lookup_op.register_autograd(_backward, setup_context=_setup_context)

@@ -19,6 +19,7 @@ rule exactly.
 import torch
 
 from .._checks import is_int
+from ._library import triton_kernel_op
 
 METRICS = ("l2", "ip", "cosine")
 CPU_CHUNK_ELEMENTS = 1 << 24  # N x chunk scores per CPU step
@@ -89,9 +90,18 @@ _HASH_PRIMES = (2147483647, 2147483629)  # two 31-bit primes: the row hash is a 
 
 
 def _hash_weights(d, device):
-    """Fixed pseudo-random weights (d, 2) in [1, prime) for the row hash (the same on every call and device)."""
-    g = torch.Generator().manual_seed(0x6B657374)
-    return torch.stack([torch.randint(1, q, (d,), generator=g, dtype=torch.int64) for q in _HASH_PRIMES], -1).to(device)
+    """Fixed pseudo-random weights (d, 2) in [1, prime) for the row hash: the same on every call and device,
+    made on the host from integers (splitmix64), so that a traced graph holds them as a constant."""
+    state, rows = 0x6B657374, []
+    for _ in range(d):
+        row = []
+        for q in _HASH_PRIMES:
+            state = (state + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+            z = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+            row.append(1 + (z ^ (z >> 31)) % (q - 1))
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.int64, device=device).reshape(d, 2)
 
 
 def duplicate_groups(codebook, banned=None):
@@ -162,18 +172,20 @@ def _expand_groups(scores, ids, members, start, size, k):
     return out_s, out_i
 
 
-def ranked_topk(x, codebook, scale, bias, k, banned=None, chunk=None, values=None):
+def ranked_topk_cuda(x, codebook, scale, bias, k, banned=None, values=None):
     """The k best codes per row by ranking score `scale * x·c + bias`, ties to the lower id (identical codes
     grouped, see the module docstring): (ranked scores, ids int64) (H, N, k), and with `values` (H, C, dv) the mean
-    of the selected value rows (H, N, dv). On CUDA one Triton launch; on the CPU the chunked path."""
-    groups = duplicate_groups(codebook, banned)
-    if x.is_cuda and x.dtype != torch.float64:
-        from ..kernels.vq_topk import vq_topk_triton
+    of the selected value rows (H, N, dv). One Triton launch (kernels/vq_topk.py) after the grouping; no host read."""
+    from ..kernels.vq_topk import vq_topk_triton  # triton: a Linux-only dependency
 
-        found = vq_topk_triton(x, codebook, bias, scale, k, groups, values=values)
-        ranked, ids = found[0][..., :k], found[1][..., :k].long()
-        return (ranked, ids, found[2]) if values is not None else (ranked, ids)
-    alias, members, start, size = groups
+    found = vq_topk_triton(x, codebook, bias, scale, k, duplicate_groups(codebook, banned), values=values)
+    ranked, ids = found[0][..., :k], found[1][..., :k].long()
+    return (ranked, ids, found[2]) if values is not None else (ranked, ids)
+
+
+def ranked_topk_cpu(x, codebook, scale, bias, k, banned=None, chunk=None, values=None):
+    """ranked_topk_cuda's results by the chunked PyTorch path (any dtype, float64 included)."""
+    alias, members, start, size = duplicate_groups(codebook, banned)
     ranked, ids = _topk_chunked(x, codebook, scale, bias.masked_fill(alias, float("-inf")), k, chunk)
     # a host read is free on the CPU: expand only the rows whose selection holds a group of copies
     C = codebook.shape[1]
@@ -258,13 +270,8 @@ def _topk_chunked(x, codebook, scale, bias, k, chunk=None):
     return best_s, best_i
 
 
-@torch.library.custom_op("kestrel::vq_topk", mutates_args=())
-def _vq_topk_op(
-    x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str, banned: torch.Tensor | None, chunk: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (H, N, d), codebook (H, C, d), banned (H, C) or None; chunk > 0 caps the codes per CPU step."""
-    scale, bias = _code_terms(codebook, metric, banned)
-    ranked, ids = ranked_topk(x, codebook, scale, bias, k, banned, chunk or None)
+def _scores(ranked, x, metric):
+    """The metric's scores from the ranking scores: l2 -‖x−c‖² = ranked − ‖x‖², cosine = ranked / ‖x‖."""
     xf = x.to(ranked.dtype)
     if metric == "l2":
         scores = ranked - (xf * xf).sum(-1, keepdim=True)
@@ -272,14 +279,41 @@ def _vq_topk_op(
         scores = ranked / xf.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     else:
         scores = ranked
-    return (scores.float() if scores.dtype != torch.float64 else scores).contiguous(), ids.contiguous()
+    return (scores.float() if scores.dtype != torch.float64 else scores).contiguous()
 
 
-@_vq_topk_op.register_fake
-def _(x, codebook, k, metric, banned, chunk):
+def _vq_topk_cuda(
+    x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str, banned: torch.Tensor | None, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op on CUDA: x (H, N, d), codebook (H, C, d), banned (H, C) or None; the Triton kernel (float64, which
+    it does not take, runs the chunked path on the device)."""
+    if x.dtype == torch.float64 or codebook.dtype == torch.float64:
+        return _vq_topk_cpu(x, codebook, k, metric, banned, chunk)
+    scale, bias = _code_terms(codebook, metric, banned)
+    ranked, ids = ranked_topk_cuda(x, codebook, scale, bias, k, banned)
+    return _scores(ranked, x, metric), ids.contiguous()
+
+
+def _vq_topk_cpu(x, codebook, k, metric, banned, chunk):
+    """The op on the CPU: the chunked path; chunk > 0 caps the codes per step."""
+    scale, bias = _code_terms(codebook, metric, banned)
+    ranked, ids = ranked_topk_cpu(x, codebook, scale, bias, k, banned, chunk or None)
+    return _scores(ranked, x, metric), ids.contiguous()
+
+
+def _vq_topk_fake(x, codebook, k, metric, banned, chunk):
     H, N, _ = x.shape
     scores_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.new_empty((H, N, k), dtype=scores_dtype), x.new_empty((H, N, k), dtype=torch.int64)
+
+
+_vq_topk_op = triton_kernel_op(
+    "kestrel::vq_topk",
+    _vq_topk_cuda,
+    _vq_topk_cpu,
+    _vq_topk_fake,
+    decompose=lambda x, codebook, *rest: x.dtype != torch.float64,
+)
 
 
 def vq_topk(x, codebook, k, *, metric="cosine", banned=None, chunk=None):
