@@ -1,4 +1,5 @@
-// Argument checks of the fused optimizer ops, shared by the CPU and CUDA launchers (torch-facing).
+// The arguments of the fused optimizer ops, read and checked once for the CPU and the CUDA launchers alike
+// (torch-facing): read_step_call is the one prologue of every step op, check_norm_args that of update_norms.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -41,7 +42,7 @@ inline int64_t optim_num_blocks(int64_t n) {
 // same dtype and size on the same device; states have the sizes and dtypes of an 8-bit (or 32-bit) state.
 // A one-state optimizer passes its state1/absmax1/qmap1 also as state2/absmax2/qmap2. state1 holds `moments1`
 // moments per element (2 for AdEMAMix: shape (2, *param.shape), absmax1 (2, blocks)).
-inline void check_adam_args(const char* op, at::TensorList params, at::TensorList grads, at::TensorList state1,
+inline void check_step_args(const char* op, at::TensorList params, at::TensorList grads, at::TensorList state1,
                             at::TensorList state2, at::TensorList absmax1, at::TensorList absmax2,
                             const at::Tensor* qmap1, const at::Tensor* qmap2, c10::IntArrayRef steps, bool eight_bit,
                             int64_t moments1 = 1) {
@@ -143,7 +144,7 @@ inline bool check_norm_args(const char* op, c10::string_view optimizer, at::Tens
               ": qmap1 and qmap2 must both be given (8-bit states) or both be None (32-bit states)");
   const at::Tensor* q1 = eight_bit ? &*qmap1 : nullptr;
   const at::Tensor* q2 = eight_bit ? (adam ? &*qmap2 : q1) : nullptr;
-  check_adam_args(op, params, grads, state1, state2, absmax1, absmax2, q1, q2, steps, eight_bit);
+  check_step_args(op, params, grads, state1, state2, absmax1, absmax2, q1, q2, steps, eight_bit);
   for (size_t i = 0; eight_bit && i < params.size(); ++i) {
     TORCH_CHECK(q1->device() == params[i].device() && q2->device() == params[i].device(), op,
                 ": the maps must be on the parameters' device ", params[i].device(), ", got ", q1->device(), " and ",
@@ -164,6 +165,104 @@ inline optim::OneState parse_one_state(const char* op, c10::string_view name) {
   if (name == "adagrad") return optim::OneState::kAdagrad;
   if (name == "lion") return optim::OneState::kLion;
   TORCH_CHECK(false, op, ": optimizer must be one of momentum, rmsprop, adagrad, lion, got ", name);
+}
+
+// The hyper-parameters of a step op, by name (beta3 and alpha are AdEMAMix's; the one-state ops pass 0).
+struct StepHyper {
+  double lr, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale;
+};
+
+// A step op's arguments as its launcher uses them, read and checked by read_step_call.
+struct StepCall {
+  bool two_state = true;
+  int kind = 0;  // optim::TwoState (two_state) or optim::OneState
+  bool eight_bit = false;
+  std::vector<int64_t> steps;         // each parameter's step count after this step (1s when step_dev is set)
+  const int64_t* step_dev = nullptr;  // a capturable CUDA step: the counts, read by the kernel
+  const float* lr_dev = nullptr;      // an lr_tensor on the device, read by the kernel
+  StepHyper hyper{};                  // hyper.lr is lr_tensor's value when that is on the host
+  const float* qmap1 = nullptr;       // the maps of 8-bit states (a one-state op: qmap2 = qmap1)
+  const float* qmap2 = nullptr;
+  const float* norms = nullptr;  // the trust-ratio inputs (LAMB / LARS: update_norms' result), or nullptr
+  double max_unorm = 0.0;
+  int64_t round_seed = -1;
+  bool robust_rounding = false;
+
+  // Parameter i's scalars: the step's, its rounding and the trust-ratio bound. (The trust ratio itself needs the
+  // norms: the CPU launcher applies it on the host, the CUDA kernel on the device.)
+  optim::StepScalars scalars(size_t i) const {
+    optim::StepScalars a =
+        with_rounding(optim::make_step_scalars(steps[i], (float)hyper.lr, (float)hyper.beta1, (float)hyper.beta2,
+                                               (float)hyper.eps, (float)hyper.weight_decay, (float)hyper.gnorm_scale,
+                                               (float)hyper.beta3, (float)hyper.alpha),
+                      round_seed, i, robust_rounding);
+    a.max_unorm = (float)max_unorm;
+    return a;
+  }
+};
+
+// The one prologue of the four step ops, on every backend: the optimizer's name, the lists and states
+// (check_step_args), the maps (on the parameters' device), the step counts and lr (host values; with device_values, a
+// CUDA launcher's capturable step, also device tensors whose pointers the kernel reads), the trust-ratio inputs. A
+// one-state op passes state1/absmax1/qmap1 again as state2/absmax2/qmap2; qmap1 == nullptr means 32-bit states.
+inline StepCall read_step_call(const char* op, bool two_state, c10::string_view optimizer, at::TensorList params,
+                               at::TensorList grads, at::TensorList state1, at::TensorList state2,
+                               at::TensorList absmax1, at::TensorList absmax2, const at::Tensor* qmap1,
+                               const at::Tensor* qmap2, const at::Tensor& steps, const StepHyper& hyper,
+                               int64_t round_seed, const std::optional<at::Tensor>& norms, double max_unorm,
+                               const std::optional<at::Tensor>& lr_tensor, bool robust_rounding, bool device_values) {
+  StepCall call;
+  call.two_state = two_state;
+  call.eight_bit = qmap1 != nullptr;
+  call.hyper = hyper;
+  call.round_seed = round_seed;
+  call.robust_rounding = robust_rounding;
+  call.max_unorm = max_unorm;
+  const size_t count = params.size();
+  const at::Device device = params.empty() ? steps.device() : params[0].device();
+  if (device_values && steps.is_cuda()) {
+    TORCH_CHECK(steps.scalar_type() == at::kLong && steps.dim() == 1 && steps.numel() == static_cast<int64_t>(count) &&
+                    steps.is_contiguous(),
+                op, ": steps on the GPU (a capturable step) must be a contiguous 1-D int64 tensor of ", count,
+                " step counts, got ", steps.scalar_type(), " of shape ", steps.sizes());
+    TORCH_CHECK(count == 0 || steps.device() == device, op, ": steps must be on ", device, " or the CPU, got ",
+                steps.device());
+    call.steps.assign(count, 1);  // placeholders: the kernel reads the counts
+    call.step_dev = steps.data_ptr<int64_t>();
+  } else {
+    call.steps = read_steps(op, steps, count);
+  }
+  if (device_values && lr_tensor.has_value() && lr_tensor->is_cuda()) {
+    TORCH_CHECK(lr_tensor->scalar_type() == at::kFloat && lr_tensor->numel() == 1 &&
+                    (count == 0 || lr_tensor->device() == device),
+                op, ": an lr_tensor on the GPU must be one float32 value on the parameters' device, got ",
+                lr_tensor->scalar_type(), " with ", lr_tensor->numel(), " values on ", lr_tensor->device());
+    call.lr_dev = lr_tensor->data_ptr<float>();
+  } else {
+    call.hyper.lr = read_lr(op, hyper.lr, lr_tensor);
+  }
+  bool trust_ratio = false;  // the optimizers with a trust ratio: adam (LAMB) and momentum (LARS)
+  int64_t moments1 = 1;
+  if (two_state) {
+    const optim::TwoState kind = parse_two_state(op, optimizer);
+    call.kind = static_cast<int>(kind);
+    trust_ratio = kind == optim::TwoState::kAdam;
+    moments1 = kind == optim::TwoState::kAdEMAMix ? 2 : 1;
+  } else {
+    const optim::OneState kind = parse_one_state(op, optimizer);
+    call.kind = static_cast<int>(kind);
+    trust_ratio = kind == optim::OneState::kMomentum;
+  }
+  check_step_args(op, params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, call.steps, call.eight_bit,
+                  moments1);
+  call.norms = check_norms(op, norms, max_unorm, count, trust_ratio, optimizer, device);
+  if (call.eight_bit) {
+    TORCH_CHECK(count == 0 || (qmap1->device() == device && qmap2->device() == device), op, ": the maps must be on ",
+                device, ", got ", qmap1->device(), " and ", qmap2->device());
+    call.qmap1 = qmap1->data_ptr<float>();
+    call.qmap2 = qmap2->data_ptr<float>();
+  }
+  return call;
 }
 
 }  // namespace kestrel

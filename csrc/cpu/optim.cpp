@@ -322,37 +322,30 @@ void dispatch_float(c10::ScalarType dtype, const Fn& fn) {
   }
 }
 
-void two_state8bit_step_cpu(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
-                            at::TensorList state1, at::TensorList state2, at::TensorList absmax1,
-                            at::TensorList absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2,
-                            const at::Tensor& steps_tensor, double lr, double beta1, double beta2, double beta3,
-                            double alpha, double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
-                            const std::optional<at::Tensor>& norms, double max_unorm,
-                            const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
-  const std::vector<int64_t> steps_vec = read_steps("two_state8bit_step_", steps_tensor, params.size());
-  const c10::IntArrayRef steps(steps_vec);
-  lr = read_lr("two_state8bit_step_", lr, lr_tensor);
-  constexpr const char* op = "two_state8bit_step_";
-  const optim::TwoState kind = parse_two_state(op, optimizer);
-  const int64_t moments1 = kind == optim::TwoState::kAdEMAMix ? 2 : 1;
-  check_adam_args(op, params, grads, state1, state2, absmax1, absmax2, &qmap1, &qmap2, steps, true, moments1);
-  const float* norm_data = check_norms(op, norms, max_unorm, params.size(), kind == optim::TwoState::kAdam, optimizer,
-                                       params.empty() ? at::Device(at::kCPU) : params[0].device());
-  const auto q1 = cpu::code_table_for(qmap1.data_ptr<float>());
-  const auto q2 = cpu::code_table_for(qmap2.data_ptr<float>());
+// A two-state step (8-bit or 32-bit states, as call.eight_bit says) over the parameters of one call, each in
+// parallel over its blocks.
+void two_state_step(const StepCall& call, at::TensorList params, at::TensorList grads, at::TensorList state1,
+                    at::TensorList state2, at::TensorList absmax1, at::TensorList absmax2) {
+  const auto kind = static_cast<optim::TwoState>(call.kind);
+  const auto q1 = call.eight_bit ? cpu::code_table_for(call.qmap1) : nullptr;
+  const auto q2 = call.eight_bit ? cpu::code_table_for(call.qmap2) : nullptr;
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t n = params[i].numel();
     if (n == 0) continue;
-    StepScalars a =
-        with_rounding(optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2, (float)eps,
-                                               (float)weight_decay, (float)gnorm_scale, (float)beta3, (float)alpha),
-                      round_seed, i, robust_rounding);
-    a.max_unorm = (float)max_unorm;
-    optim::apply_trust_ratio(a, norm_data ? norm_data + 2 * i : nullptr, /*adam=*/true);
+    StepScalars a = call.scalars(i);
+    optim::apply_trust_ratio(a, call.norms ? call.norms + 2 * i : nullptr, /*adam=*/true);
     dispatch_float(params[i].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       T* p = params[i].data_ptr<T>();
       const T* g = grads[i].data_ptr<T>();
+      if (!call.eight_bit) {
+        float* s1 = state1[i].data_ptr<float>();
+        float* s2 = state2[i].data_ptr<float>();
+        cpu::parallel_over_blocks(n, optim_num_blocks(n), [&](int64_t first, int64_t end) {
+          KernelsCpu<T>::two_state32bit(kind, p, g, s1, s2, n, a, first, end);
+        });
+        return;
+      }
       uint8_t* c1 = state1[i].data_ptr<uint8_t>();
       uint8_t* c2 = state2[i].data_ptr<uint8_t>();
       float* m1 = absmax1[i].data_ptr<float>();
@@ -377,67 +370,22 @@ void two_state8bit_step_cpu(c10::string_view optimizer, at::TensorList params, a
   }
 }
 
-void two_state32bit_step_cpu(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
-                             at::TensorList state1, at::TensorList state2, const at::Tensor& steps_tensor, double lr,
-                             double beta1, double beta2, double beta3, double alpha, double eps, double weight_decay,
-                             double gnorm_scale, int64_t round_seed, const std::optional<at::Tensor>& norms,
-                             double max_unorm, const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
-  const std::vector<int64_t> steps_vec = read_steps("two_state32bit_step_", steps_tensor, params.size());
-  const c10::IntArrayRef steps(steps_vec);
-  lr = read_lr("two_state32bit_step_", lr, lr_tensor);
-  constexpr const char* op = "two_state32bit_step_";
-  const optim::TwoState kind = parse_two_state(op, optimizer);
-  const int64_t moments1 = kind == optim::TwoState::kAdEMAMix ? 2 : 1;
-  check_adam_args(op, params, grads, state1, state2, {}, {}, nullptr, nullptr, steps, false, moments1);
-  const float* norm_data = check_norms(op, norms, max_unorm, params.size(), kind == optim::TwoState::kAdam, optimizer,
-                                       params.empty() ? at::Device(at::kCPU) : params[0].device());
+// A one-state step (8-bit or 32-bit state).
+void one_state_step(const StepCall& call, at::TensorList params, at::TensorList grads, at::TensorList state1,
+                    at::TensorList absmax1) {
+  const auto kind = static_cast<optim::OneState>(call.kind);
+  const auto q1 = call.eight_bit ? cpu::code_table_for(call.qmap1) : nullptr;
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t n = params[i].numel();
     if (n == 0) continue;
-    StepScalars a =
-        with_rounding(optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2, (float)eps,
-                                               (float)weight_decay, (float)gnorm_scale, (float)beta3, (float)alpha),
-                      round_seed, i, robust_rounding);
-    a.max_unorm = (float)max_unorm;
-    optim::apply_trust_ratio(a, norm_data ? norm_data + 2 * i : nullptr, /*adam=*/true);
-    dispatch_float(params[i].scalar_type(), [&](auto tag) {
-      using T = decltype(tag);
-      T* p = params[i].data_ptr<T>();
-      const T* g = grads[i].data_ptr<T>();
-      float* s1 = state1[i].data_ptr<float>();
-      float* s2 = state2[i].data_ptr<float>();
-      cpu::parallel_over_blocks(n, optim_num_blocks(n), [&](int64_t first, int64_t end) {
-        KernelsCpu<T>::two_state32bit(kind, p, g, s1, s2, n, a, first, end);
-      });
-    });
-  }
-}
-
-void one_state_step_cpu(const char* op, c10::string_view optimizer, at::TensorList params, at::TensorList grads,
-                        at::TensorList state1, at::TensorList absmax1, const at::Tensor* qmap1, c10::IntArrayRef steps,
-                        double lr, double beta1, double beta2, double eps, double weight_decay, double gnorm_scale,
-                        int64_t round_seed, const std::optional<at::Tensor>& norms, double max_unorm,
-                        bool robust_rounding) {
-  const bool eight_bit = qmap1 != nullptr;
-  const optim::OneState kind = parse_one_state(op, optimizer);
-  check_adam_args(op, params, grads, state1, state1, absmax1, absmax1, qmap1, qmap1, steps, eight_bit);
-  const float* norm_data = check_norms(op, norms, max_unorm, params.size(), kind == optim::OneState::kMomentum,
-                                       optimizer, params.empty() ? at::Device(at::kCPU) : params[0].device());
-  const auto q1 = eight_bit ? cpu::code_table_for(qmap1->data_ptr<float>()) : nullptr;
-  for (size_t i = 0; i < params.size(); ++i) {
-    const int64_t n = params[i].numel();
-    if (n == 0) continue;
-    StepScalars a = with_rounding(optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2, (float)eps,
-                                                           (float)weight_decay, (float)gnorm_scale),
-                                  round_seed, i, robust_rounding);
-    a.max_unorm = (float)max_unorm;
-    optim::apply_trust_ratio(a, norm_data ? norm_data + 2 * i : nullptr, /*adam=*/false);
+    StepScalars a = call.scalars(i);
+    optim::apply_trust_ratio(a, call.norms ? call.norms + 2 * i : nullptr, /*adam=*/false);
     dispatch_float(params[i].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       T* p = params[i].data_ptr<T>();
       const T* g = grads[i].data_ptr<T>();
       void* s = state1[i].data_ptr();
-      float* m = eight_bit ? absmax1[i].data_ptr<float>() : nullptr;
+      float* m = call.eight_bit ? absmax1[i].data_ptr<float>() : nullptr;
       cpu::parallel_over_blocks(n, optim_num_blocks(n), [&](int64_t first, int64_t end) {
         KernelsCpu<T>::one_state(kind, p, g, s, m, n, a, q1.get(), first, end);
       });
@@ -445,29 +393,57 @@ void one_state_step_cpu(const char* op, c10::string_view optimizer, at::TensorLi
   }
 }
 
+// The four ops' entry points: their schemas' arguments into the one prologue (read_step_call), then the step.
+void two_state8bit_step_cpu(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
+                            at::TensorList state1, at::TensorList state2, at::TensorList absmax1,
+                            at::TensorList absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2,
+                            const at::Tensor& steps, double lr, double beta1, double beta2, double beta3, double alpha,
+                            double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
+                            const std::optional<at::Tensor>& norms, double max_unorm,
+                            const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
+  const StepCall call =
+      read_step_call("two_state8bit_step_", true, optimizer, params, grads, state1, state2, absmax1, absmax2, &qmap1,
+                     &qmap2, steps, {lr, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale}, round_seed, norms,
+                     max_unorm, lr_tensor, robust_rounding, /*device_values=*/false);
+  two_state_step(call, params, grads, state1, state2, absmax1, absmax2);
+}
+
+void two_state32bit_step_cpu(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
+                             at::TensorList state1, at::TensorList state2, const at::Tensor& steps, double lr,
+                             double beta1, double beta2, double beta3, double alpha, double eps, double weight_decay,
+                             double gnorm_scale, int64_t round_seed, const std::optional<at::Tensor>& norms,
+                             double max_unorm, const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
+  const StepCall call =
+      read_step_call("two_state32bit_step_", true, optimizer, params, grads, state1, state2, {}, {}, nullptr, nullptr,
+                     steps, {lr, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale}, round_seed, norms,
+                     max_unorm, lr_tensor, robust_rounding, /*device_values=*/false);
+  two_state_step(call, params, grads, state1, state2, {}, {});
+}
+
 void one_state8bit_step_cpu(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
                             at::TensorList state1, at::TensorList absmax1, const at::Tensor& qmap1,
-                            const at::Tensor& steps_tensor, double lr, double beta1, double beta2, double eps,
+                            const at::Tensor& steps, double lr, double beta1, double beta2, double eps,
                             double weight_decay, double gnorm_scale, int64_t round_seed,
                             const std::optional<at::Tensor>& norms, double max_unorm,
                             const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
-  const std::vector<int64_t> steps_vec = read_steps("one_state8bit_step_", steps_tensor, params.size());
-  const c10::IntArrayRef steps(steps_vec);
-  lr = read_lr("one_state8bit_step_", lr, lr_tensor);
-  one_state_step_cpu("one_state8bit_step_", optimizer, params, grads, state1, absmax1, &qmap1, steps, lr, beta1, beta2,
-                     eps, weight_decay, gnorm_scale, round_seed, norms, max_unorm, robust_rounding);
+  const StepCall call =
+      read_step_call("one_state8bit_step_", false, optimizer, params, grads, state1, state1, absmax1, absmax1, &qmap1,
+                     &qmap1, steps, {lr, beta1, beta2, 0.0, 0.0, eps, weight_decay, gnorm_scale}, round_seed, norms,
+                     max_unorm, lr_tensor, robust_rounding, /*device_values=*/false);
+  one_state_step(call, params, grads, state1, absmax1);
 }
 
 void one_state32bit_step_cpu(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
-                             at::TensorList state1, const at::Tensor& steps_tensor, double lr, double beta1,
-                             double beta2, double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
+                             at::TensorList state1, const at::Tensor& steps, double lr, double beta1, double beta2,
+                             double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
                              const std::optional<at::Tensor>& norms, double max_unorm,
                              const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
-  const std::vector<int64_t> steps_vec = read_steps("one_state32bit_step_", steps_tensor, params.size());
-  const c10::IntArrayRef steps(steps_vec);
-  lr = read_lr("one_state32bit_step_", lr, lr_tensor);
-  one_state_step_cpu("one_state32bit_step_", optimizer, params, grads, state1, {}, nullptr, steps, lr, beta1, beta2,
-                     eps, weight_decay, gnorm_scale, round_seed, norms, max_unorm, robust_rounding);
+  const StepCall call =
+      read_step_call("one_state32bit_step_", false, optimizer, params, grads, state1, state1, {}, {}, nullptr, nullptr,
+                     steps, {lr, beta1, beta2, 0.0, 0.0, eps, weight_decay, gnorm_scale}, round_seed, norms, max_unorm,
+                     lr_tensor, robust_rounding,
+                     /*device_values=*/false);
+  one_state_step(call, params, grads, state1, {});
 }
 
 // LAMB ("adam") / LARS ("momentum"): each parameter's {sum u^2, sum p^2} before the step (kestrel/optim.h).
@@ -491,7 +467,7 @@ at::Tensor update_norms_cpu(c10::string_view optimizer, at::TensorList params, a
   for (int64_t i = 0; i < count; ++i) {
     const int64_t n = params[i].numel();
     if (n == 0) continue;
-    const StepScalars a = optim::make_adam_scalars(steps[i], 0.0f, (float)beta1, (float)beta2, (float)eps,
+    const StepScalars a = optim::make_step_scalars(steps[i], 0.0f, (float)beta1, (float)beta2, (float)eps,
                                                    (float)weight_decay, (float)gnorm_scale);
     const int64_t blocks = optim_num_blocks(n);
     sums.assign(2 * blocks, 0.0f);

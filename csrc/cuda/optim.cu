@@ -11,13 +11,13 @@ namespace {
 template <typename T, optim::TwoState KIND>
 cudaError_t launch_two_state_kind(bool eight_bit, const optim::TensorMeta* meta, int num_tensors, int64_t total_blocks,
                                   const float* qmap1, const float* qmap2, cudaStream_t stream) {
-  const int64_t ctas = (total_blocks + kAdamWarps - 1) / kAdamWarps;
+  const int64_t ctas = (total_blocks + kStepWarps - 1) / kStepWarps;
   if (ctas > 0x7fffffffLL) return cudaErrorInvalidValue;
   if (eight_bit)
-    KESTREL_LAUNCH((unsigned)ctas, kAdamThreads, 0, stream, two_state_kernel<T, KIND, true>)(
+    KESTREL_LAUNCH((unsigned)ctas, kStepThreads, 0, stream, two_state_kernel<T, KIND, true>)(
         meta, num_tensors, total_blocks, qmap1, qmap2);
   else
-    KESTREL_LAUNCH((unsigned)ctas, kAdamThreads, 0, stream, two_state_kernel<T, KIND, false>)(
+    KESTREL_LAUNCH((unsigned)ctas, kStepThreads, 0, stream, two_state_kernel<T, KIND, false>)(
         meta, num_tensors, total_blocks, qmap1, qmap2);
   return cudaGetLastError();
 }
@@ -36,13 +36,13 @@ cudaError_t launch_two_state(optim::TwoState kind, bool eight_bit, const optim::
 template <typename T, optim::OneState KIND>
 cudaError_t launch_one_state_kind(bool eight_bit, const optim::TensorMeta* meta, int num_tensors, int64_t total_blocks,
                                   const float* qmap1, cudaStream_t stream) {
-  const int64_t ctas = (total_blocks + kAdamWarps - 1) / kAdamWarps;
+  const int64_t ctas = (total_blocks + kStepWarps - 1) / kStepWarps;
   if (ctas > 0x7fffffffLL) return cudaErrorInvalidValue;
   if (eight_bit)
-    KESTREL_LAUNCH((unsigned)ctas, kAdamThreads, 0, stream, one_state_kernel<T, KIND, true>)(meta, num_tensors,
+    KESTREL_LAUNCH((unsigned)ctas, kStepThreads, 0, stream, one_state_kernel<T, KIND, true>)(meta, num_tensors,
                                                                                              total_blocks, qmap1);
   else
-    KESTREL_LAUNCH((unsigned)ctas, kAdamThreads, 0, stream, one_state_kernel<T, KIND, false>)(meta, num_tensors,
+    KESTREL_LAUNCH((unsigned)ctas, kStepThreads, 0, stream, one_state_kernel<T, KIND, false>)(meta, num_tensors,
                                                                                               total_blocks, qmap1);
   return cudaGetLastError();
 }
@@ -73,21 +73,21 @@ cudaError_t launch_norms(bool adam, bool eight_bit, const optim::TensorMeta* met
                          int64_t total_blocks, const float* qmap1, const float* qmap2, float* block_sums,
                          cudaStream_t stream) {
   if (num_tensors == 0) return cudaSuccess;
-  const int64_t ctas = (total_blocks + kAdamWarps - 1) / kAdamWarps;
+  const int64_t ctas = (total_blocks + kStepWarps - 1) / kStepWarps;
   if (ctas > 0x7fffffffLL) return cudaErrorInvalidValue;
   if (ctas > 0) {
     const dim3 grid((unsigned)ctas);
     if (adam && eight_bit)
-      KESTREL_LAUNCH(grid, kAdamThreads, 0, stream, norm_kernel<T, true, true>)(meta, num_tensors, total_blocks, qmap1,
+      KESTREL_LAUNCH(grid, kStepThreads, 0, stream, norm_kernel<T, true, true>)(meta, num_tensors, total_blocks, qmap1,
                                                                                 qmap2, block_sums);
     else if (adam)
-      KESTREL_LAUNCH(grid, kAdamThreads, 0, stream, norm_kernel<T, true, false>)(meta, num_tensors, total_blocks, qmap1,
+      KESTREL_LAUNCH(grid, kStepThreads, 0, stream, norm_kernel<T, true, false>)(meta, num_tensors, total_blocks, qmap1,
                                                                                  qmap2, block_sums);
     else if (eight_bit)
-      KESTREL_LAUNCH(grid, kAdamThreads, 0, stream, norm_kernel<T, false, true>)(meta, num_tensors, total_blocks, qmap1,
+      KESTREL_LAUNCH(grid, kStepThreads, 0, stream, norm_kernel<T, false, true>)(meta, num_tensors, total_blocks, qmap1,
                                                                                  qmap2, block_sums);
     else
-      KESTREL_LAUNCH(grid, kAdamThreads, 0, stream, norm_kernel<T, false, false>)(meta, num_tensors, total_blocks,
+      KESTREL_LAUNCH(grid, kStepThreads, 0, stream, norm_kernel<T, false, false>)(meta, num_tensors, total_blocks,
                                                                                   qmap1, qmap2, block_sums);
     const cudaError_t error = cudaGetLastError();
     if (error != cudaSuccess) return error;

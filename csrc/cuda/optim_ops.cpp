@@ -25,9 +25,8 @@ namespace {
 // tensors, as when the tests run these launchers on the CPU), zero-filled so that every pointer the caller does not
 // set (states, norms, device step/lr) is null. Returns the host tensor; total_blocks receives the launch's block
 // count.
-at::Tensor make_meta(const char* op, at::TensorList params, at::TensorList grads, c10::IntArrayRef steps, double lr,
-                     double beta1, double beta2, double beta3, double alpha, double eps, double weight_decay,
-                     double gnorm_scale, int64_t round_seed, int64_t& total_blocks, bool pinned = true) {
+at::Tensor make_meta(const char* op, at::TensorList params, at::TensorList grads, const StepCall& call,
+                     int64_t& total_blocks, bool pinned = true) {
   const at::Device device = params[0].device();
   const c10::ScalarType dtype = params[0].scalar_type();
   for (size_t i = 0; i < params.size(); ++i) {
@@ -47,50 +46,10 @@ at::Tensor make_meta(const char* op, at::TensorList params, at::TensorList grads
     m.grad = grads[i].data_ptr();
     m.numel = params[i].numel();
     m.first_block = total_blocks;
-    m.scalars =
-        with_rounding(optim::make_adam_scalars(steps[i], (float)lr, (float)beta1, (float)beta2, (float)eps,
-                                               (float)weight_decay, (float)gnorm_scale, (float)beta3, (float)alpha),
-                      round_seed, static_cast<size_t>(i), /*robust_rounding=*/false);
+    m.scalars = call.scalars(static_cast<size_t>(i));
     total_blocks += optim_num_blocks(m.numel);
   }
   return meta_host;
-}
-
-// The step counts and lr of a step op: host values, or (a capturable step) device pointers the kernel reads, so
-// that a captured CUDA graph replays with the current values.
-struct StepArgs {
-  std::vector<int64_t> steps;
-  const int64_t* step_dev = nullptr;
-  const float* lr_dev = nullptr;
-  bool robust_rounding = false;  // the step ops' robust_rounding argument
-};
-
-StepArgs read_step_args(const char* op, const at::Tensor& steps, const std::optional<at::Tensor>& lr_tensor,
-                        at::TensorList params, double& lr) {
-  StepArgs r;
-  const size_t count = params.size();
-  if (steps.is_cuda()) {
-    TORCH_CHECK(steps.scalar_type() == at::kLong && steps.dim() == 1 && steps.numel() == static_cast<int64_t>(count) &&
-                    steps.is_contiguous(),
-                op, ": steps on the GPU (a capturable step) must be a contiguous 1-D int64 tensor of ", count,
-                " step counts, got ", steps.scalar_type(), " of shape ", steps.sizes());
-    TORCH_CHECK(count == 0 || steps.device() == params[0].device(), op, ": steps must be on ", params[0].device(),
-                " or the CPU, got ", steps.device());
-    r.steps.assign(count, 1);  // placeholders: the kernel reads the counts
-    r.step_dev = steps.data_ptr<int64_t>();
-  } else {
-    r.steps = read_steps(op, steps, count);
-  }
-  if (lr_tensor.has_value() && lr_tensor->is_cuda()) {
-    TORCH_CHECK(lr_tensor->scalar_type() == at::kFloat && lr_tensor->numel() == 1 &&
-                    (count == 0 || lr_tensor->device() == params[0].device()),
-                op, ": an lr_tensor on the GPU must be one float32 value on the parameters' device, got ",
-                lr_tensor->scalar_type(), " with ", lr_tensor->numel(), " values on ", lr_tensor->device());
-    r.lr_dev = lr_tensor->data_ptr<float>();
-  } else {
-    lr = read_lr(op, lr, lr_tensor);
-  }
-  return r;
 }
 
 // The metadata copied to the device on the current stream (the caching host allocator keeps the pinned block alive
@@ -122,47 +81,42 @@ bool capturing() {
   return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
 }
 
-// two_state: Adam/AdEMAMix (kind a TwoState); otherwise the one-state optimizer of that kind (state2/absmax2/qmap2
-// ignored). norms: the trust-ratio inputs (LAMB/LARS) or nullptr.
-void launch_step(const char* op, bool two_state, int kind, bool eight_bit, at::TensorList params, at::TensorList grads,
-                 at::TensorList state1, at::TensorList state2, at::TensorList absmax1, at::TensorList absmax2,
-                 const float* qmap1, const float* qmap2, c10::IntArrayRef steps, double lr, double beta1, double beta2,
-                 double beta3, double alpha, double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
-                 const float* norms, double max_unorm, const StepArgs& step_args) {
+// One step-kernel launch for every parameter of the call (read and checked by read_step_call); a one-state call
+// ignores state2/absmax2.
+void launch_step(const char* op, const StepCall& call, at::TensorList params, at::TensorList grads,
+                 at::TensorList state1, at::TensorList state2, at::TensorList absmax1, at::TensorList absmax2) {
   if (params.empty()) return;
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
   int64_t total_blocks = 0;
   const bool in_capture = capturing();
-  TORCH_CHECK(!in_capture || step_args.step_dev != nullptr, op,
+  TORCH_CHECK(!in_capture || call.step_dev != nullptr, op,
               ": a step captured in a CUDA graph must be "
               "capturable (step counts on the GPU: build the optimizer with capturable=True)");
-  at::Tensor meta_host = make_meta(op, params, grads, steps, lr, beta1, beta2, beta3, alpha, eps, weight_decay,
-                                   gnorm_scale, round_seed, total_blocks, /*pinned=*/!in_capture);
+  at::Tensor meta_host = make_meta(op, params, grads, call, total_blocks, /*pinned=*/!in_capture);
   auto* meta = reinterpret_cast<optim::TensorMeta*>(meta_host.data_ptr());
   const int64_t count = static_cast<int64_t>(params.size());
   for (int64_t i = 0; i < count; ++i) {
     optim::TensorMeta& m = meta[i];
     m.state1 = state1[i].data_ptr();
-    m.state2 = two_state ? state2[i].data_ptr() : nullptr;
-    m.absmax1 = eight_bit ? absmax1[i].data_ptr<float>() : nullptr;
-    m.absmax2 = eight_bit && two_state ? absmax2[i].data_ptr<float>() : nullptr;
-    m.norms = norms ? norms + 2 * i : nullptr;
-    m.scalars.max_unorm = (float)max_unorm;
-    m.scalars.robust_rounding = step_args.robust_rounding ? 1 : 0;
-    m.step_ptr = step_args.step_dev ? step_args.step_dev + i : nullptr;
-    m.lr_ptr = step_args.lr_dev;
+    m.state2 = call.two_state ? state2[i].data_ptr() : nullptr;
+    m.absmax1 = call.eight_bit ? absmax1[i].data_ptr<float>() : nullptr;
+    m.absmax2 = call.eight_bit && call.two_state ? absmax2[i].data_ptr<float>() : nullptr;
+    m.norms = call.norms ? call.norms + 2 * i : nullptr;
+    m.step_ptr = call.step_dev ? call.step_dev + i : nullptr;
+    m.lr_ptr = call.lr_dev;
   }
   at::Tensor meta_device;
   const optim::TensorMeta* device_meta =
       in_capture ? captured_device_meta(meta_host, device, meta_device) : to_device(meta_host, device, meta_device);
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
   const c10::ScalarType dtype = params[0].scalar_type();
-  const int error = two_state
-                        ? cuda::two_state_step(to_kestrel_dtype(dtype), static_cast<optim::TwoState>(kind), eight_bit,
-                                               device_meta, static_cast<int>(count), total_blocks, qmap1, qmap2, stream)
-                        : cuda::one_state_step(to_kestrel_dtype(dtype), static_cast<optim::OneState>(kind), eight_bit,
-                                               device_meta, static_cast<int>(count), total_blocks, qmap1, stream);
+  const int error =
+      call.two_state
+          ? cuda::two_state_step(to_kestrel_dtype(dtype), static_cast<optim::TwoState>(call.kind), call.eight_bit,
+                                 device_meta, static_cast<int>(count), total_blocks, call.qmap1, call.qmap2, stream)
+          : cuda::one_state_step(to_kestrel_dtype(dtype), static_cast<optim::OneState>(call.kind), call.eight_bit,
+                                 device_meta, static_cast<int>(count), total_blocks, call.qmap1, stream);
   C10_CUDA_CHECK(static_cast<cudaError_t>(error));
 }
 
@@ -183,8 +137,10 @@ at::Tensor update_norms_cuda(c10::string_view optimizer, at::TensorList params, 
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
   int64_t total_blocks = 0;
-  at::Tensor meta_host = make_meta(op, params, grads, steps, 0.0, beta1, beta2, 0.0, 0.0, eps, weight_decay,
-                                   gnorm_scale, -1, total_blocks);
+  StepCall scalars_only;  // the norm pass reads the step's scalars (no lr, no rounding)
+  scalars_only.steps = steps_vec;
+  scalars_only.hyper = {0.0, beta1, beta2, 0.0, 0.0, eps, weight_decay, gnorm_scale};
+  at::Tensor meta_host = make_meta(op, params, grads, scalars_only, total_blocks);
   at::Tensor norms = at::empty({count, 2}, at::TensorOptions().dtype(at::kFloat).device(device));
   at::Tensor block_sums =
       at::empty({std::max<int64_t>(1, 2 * total_blocks)}, at::TensorOptions().dtype(at::kFloat).device(device));
@@ -207,88 +163,60 @@ at::Tensor update_norms_cuda(c10::string_view optimizer, at::TensorList params, 
   return norms;
 }
 
+// The four ops' entry points: their schemas' arguments into the one prologue (read_step_call, with the device
+// values of a capturable step), then the launch.
 void two_state8bit_step_cuda(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
                              at::TensorList state1, at::TensorList state2, at::TensorList absmax1,
                              at::TensorList absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2,
-                             const at::Tensor& steps_tensor, double lr, double beta1, double beta2, double beta3,
-                             double alpha, double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
+                             const at::Tensor& steps, double lr, double beta1, double beta2, double beta3, double alpha,
+                             double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
                              const std::optional<at::Tensor>& norms, double max_unorm,
                              const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
-  StepArgs step_args = read_step_args("two_state8bit_step_", steps_tensor, lr_tensor, params, lr);
-  step_args.robust_rounding = robust_rounding;
-  const c10::IntArrayRef steps(step_args.steps);
   constexpr const char* op = "two_state8bit_step_";
-  const optim::TwoState kind = parse_two_state(op, optimizer);
-  const int64_t moments1 = kind == optim::TwoState::kAdEMAMix ? 2 : 1;
-  check_adam_args(op, params, grads, state1, state2, absmax1, absmax2, &qmap1, &qmap2, steps, true, moments1);
-  const float* norm_data = check_norms(op, norms, max_unorm, params.size(), kind == optim::TwoState::kAdam, optimizer,
-                                       params.empty() ? at::Device(at::kCUDA) : params[0].device());
-  if (!params.empty()) {
-    TORCH_CHECK(qmap1.device() == params[0].device() && qmap2.device() == params[0].device(), op,
-                ": qmap1 and qmap2 must be on ", params[0].device(), ", got ", qmap1.device(), " and ", qmap2.device());
-  }
-  launch_step(op, true, static_cast<int>(kind), true, params, grads, state1, state2, absmax1, absmax2,
-              qmap1.data_ptr<float>(), qmap2.data_ptr<float>(), steps, lr, beta1, beta2, beta3, alpha, eps,
-              weight_decay, gnorm_scale, round_seed, norm_data, max_unorm, step_args);
+  const StepCall call =
+      read_step_call(op, true, optimizer, params, grads, state1, state2, absmax1, absmax2, &qmap1, &qmap2, steps,
+                     {lr, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale}, round_seed, norms, max_unorm,
+                     lr_tensor, robust_rounding, /*device_values=*/true);
+  launch_step(op, call, params, grads, state1, state2, absmax1, absmax2);
 }
 
 void two_state32bit_step_cuda(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
-                              at::TensorList state1, at::TensorList state2, const at::Tensor& steps_tensor, double lr,
+                              at::TensorList state1, at::TensorList state2, const at::Tensor& steps, double lr,
                               double beta1, double beta2, double beta3, double alpha, double eps, double weight_decay,
                               double gnorm_scale, int64_t round_seed, const std::optional<at::Tensor>& norms,
                               double max_unorm, const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
-  StepArgs step_args = read_step_args("two_state32bit_step_", steps_tensor, lr_tensor, params, lr);
-  step_args.robust_rounding = robust_rounding;
-  const c10::IntArrayRef steps(step_args.steps);
   constexpr const char* op = "two_state32bit_step_";
-  const optim::TwoState kind = parse_two_state(op, optimizer);
-  const int64_t moments1 = kind == optim::TwoState::kAdEMAMix ? 2 : 1;
-  check_adam_args(op, params, grads, state1, state2, {}, {}, nullptr, nullptr, steps, false, moments1);
-  const float* norm_data = check_norms(op, norms, max_unorm, params.size(), kind == optim::TwoState::kAdam, optimizer,
-                                       params.empty() ? at::Device(at::kCUDA) : params[0].device());
-  launch_step(op, true, static_cast<int>(kind), false, params, grads, state1, state2, {}, {}, nullptr, nullptr, steps,
-              lr, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale, round_seed, norm_data, max_unorm,
-              step_args);
+  const StepCall call =
+      read_step_call(op, true, optimizer, params, grads, state1, state2, {}, {}, nullptr, nullptr, steps,
+                     {lr, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale}, round_seed, norms, max_unorm,
+                     lr_tensor, robust_rounding, /*device_values=*/true);
+  launch_step(op, call, params, grads, state1, state2, {}, {});
 }
 
 void one_state8bit_step_cuda(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
                              at::TensorList state1, at::TensorList absmax1, const at::Tensor& qmap1,
-                             const at::Tensor& steps_tensor, double lr, double beta1, double beta2, double eps,
+                             const at::Tensor& steps, double lr, double beta1, double beta2, double eps,
                              double weight_decay, double gnorm_scale, int64_t round_seed,
                              const std::optional<at::Tensor>& norms, double max_unorm,
                              const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
-  StepArgs step_args = read_step_args("one_state8bit_step_", steps_tensor, lr_tensor, params, lr);
-  step_args.robust_rounding = robust_rounding;
-  const c10::IntArrayRef steps(step_args.steps);
   constexpr const char* op = "one_state8bit_step_";
-  const int kind = static_cast<int>(parse_one_state(op, optimizer));
-  check_adam_args(op, params, grads, state1, state1, absmax1, absmax1, &qmap1, &qmap1, steps, true);
-  const float* norm_data = check_norms(op, norms, max_unorm, params.size(), kind == 0, optimizer,
-                                       params.empty() ? at::Device(at::kCUDA) : params[0].device());
-  if (!params.empty()) {
-    TORCH_CHECK(qmap1.device() == params[0].device(), op, ": qmap1 must be on ", params[0].device(), ", got ",
-                qmap1.device());
-  }
-  launch_step(op, false, kind, true, params, grads, state1, state1, absmax1, absmax1, qmap1.data_ptr<float>(), nullptr,
-              steps, lr, beta1, beta2, 0.0, 0.0, eps, weight_decay, gnorm_scale, round_seed, norm_data, max_unorm,
-              step_args);
+  const StepCall call =
+      read_step_call(op, false, optimizer, params, grads, state1, state1, absmax1, absmax1, &qmap1, &qmap1, steps,
+                     {lr, beta1, beta2, 0.0, 0.0, eps, weight_decay, gnorm_scale}, round_seed, norms, max_unorm,
+                     lr_tensor, robust_rounding, /*device_values=*/true);
+  launch_step(op, call, params, grads, state1, state1, absmax1, absmax1);
 }
 
 void one_state32bit_step_cuda(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
-                              at::TensorList state1, const at::Tensor& steps_tensor, double lr, double beta1,
-                              double beta2, double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
+                              at::TensorList state1, const at::Tensor& steps, double lr, double beta1, double beta2,
+                              double eps, double weight_decay, double gnorm_scale, int64_t round_seed,
                               const std::optional<at::Tensor>& norms, double max_unorm,
                               const std::optional<at::Tensor>& lr_tensor, bool robust_rounding) {
-  StepArgs step_args = read_step_args("one_state32bit_step_", steps_tensor, lr_tensor, params, lr);
-  step_args.robust_rounding = robust_rounding;
-  const c10::IntArrayRef steps(step_args.steps);
   constexpr const char* op = "one_state32bit_step_";
-  const int kind = static_cast<int>(parse_one_state(op, optimizer));
-  check_adam_args(op, params, grads, state1, state1, {}, {}, nullptr, nullptr, steps, false);
-  const float* norm_data = check_norms(op, norms, max_unorm, params.size(), kind == 0, optimizer,
-                                       params.empty() ? at::Device(at::kCUDA) : params[0].device());
-  launch_step(op, false, kind, false, params, grads, state1, state1, {}, {}, nullptr, nullptr, steps, lr, beta1, beta2,
-              0.0, 0.0, eps, weight_decay, gnorm_scale, round_seed, norm_data, max_unorm, step_args);
+  const StepCall call = read_step_call(op, false, optimizer, params, grads, state1, state1, {}, {}, nullptr, nullptr,
+                                       steps, {lr, beta1, beta2, 0.0, 0.0, eps, weight_decay, gnorm_scale}, round_seed,
+                                       norms, max_unorm, lr_tensor, robust_rounding, /*device_values=*/true);
+  launch_step(op, call, params, grads, state1, state1, {}, {});
 }
 
 }  // namespace

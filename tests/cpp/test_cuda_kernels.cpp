@@ -136,7 +136,7 @@ std::vector<optim::TensorMeta> meta_of(std::vector<Tensors>& ts, bool eight_bit,
     m.absmax1 = eight_bit ? t.a1.data() : nullptr;
     m.absmax2 = eight_bit && two_state ? t.a2.data() : nullptr;
     m.norms_out = t.norms.data();
-    m.scalars = optim::make_adam_scalars(1 + (int64_t)i, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f, 1.0f, 0.9999f, 5.0f);
+    m.scalars = optim::make_step_scalars(1 + (int64_t)i, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f, 1.0f, 0.9999f, 5.0f);
     m.scalars.robust_rounding = (int)(i % 2);
     *total += (m.numel + 255) / 256;
   }

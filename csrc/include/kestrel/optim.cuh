@@ -1,7 +1,7 @@
 // CUDA kernels of the fused multi-tensor optimizer steps, 8-bit block-wise or 32-bit states: two_state_kernel
 // (Adam/AdamW, LAMB, AdEMAMix), one_state_kernel (SGD with momentum, LARS, RMSprop, Adagrad, Lion) and the LAMB/LARS
-// norm pass (norm_kernel, norm_reduce_kernel). Framework-free. (kAdamThreads, despite its name, is the block size of
-// every step and norm kernel.)
+// norm pass (norm_kernel, norm_reduce_kernel). Framework-free. kStepThreads is the block size of every step and norm
+// kernel.
 //
 // One warp per 256-element block: each lane handles 8 elements strided by 32 (coalesced), the block's new absmax is
 // a warp-shuffle max, the maps and their midpoints sit in shared memory. A launch covers every parameter of one
@@ -18,8 +18,8 @@
 namespace kestrel {
 namespace cuda {
 
-constexpr int kAdamThreads = 256;
-constexpr int kAdamWarps = kAdamThreads / 32;
+constexpr int kStepThreads = 256;
+constexpr int kStepWarps = kStepThreads / 32;
 constexpr int kAdamItems = optim::kBlockSize / 32;
 
 __device__ __forceinline__ int find_tensor(const optim::TensorMeta* meta, int num_tensors, int64_t block) {
@@ -58,7 +58,7 @@ __device__ __forceinline__ float round_param(float v, const optim::StepScalars& 
 
 __device__ __forceinline__ bool locate_block(const optim::TensorMeta* meta, int num_tensors, int64_t total_blocks,
                                              WarpBlock& w) {
-  const int64_t block = (int64_t)blockIdx.x * kAdamWarps + (threadIdx.x >> 5);
+  const int64_t block = (int64_t)blockIdx.x * kStepWarps + (threadIdx.x >> 5);
   if (block >= total_blocks) return false;
   w.meta = &meta[find_tensor(meta, num_tensors, block)];
   w.local_block = block - w.meta->first_block;
@@ -75,7 +75,7 @@ __device__ __forceinline__ float warp_max(float v) {
 
 // Adam or AdEMAMix (whose slow first moment m3 lives in the second half of state1 / absmax1).
 template <typename T, optim::TwoState KIND, bool EIGHT_BIT>
-__global__ void __launch_bounds__(kAdamThreads)
+__global__ void __launch_bounds__(kStepThreads)
     two_state_kernel(const optim::TensorMeta* __restrict__ meta, int num_tensors, int64_t total_blocks,
                      const float* __restrict__ qmap1, const float* __restrict__ qmap2) {
   constexpr bool kMix = KIND == optim::TwoState::kAdEMAMix;
@@ -182,7 +182,7 @@ __global__ void __launch_bounds__(kAdamThreads)
 
 // One-state optimizers: the same layout (one warp per 256-element block), state1 only.
 template <typename T, optim::OneState KIND, bool EIGHT_BIT>
-__global__ void __launch_bounds__(kAdamThreads)
+__global__ void __launch_bounds__(kStepThreads)
     one_state_kernel(const optim::TensorMeta* __restrict__ meta, int num_tensors, int64_t total_blocks,
                      const float* __restrict__ qmap1) {
   __shared__ float code1[quant::kCodeSize];
@@ -247,7 +247,7 @@ __device__ __forceinline__ float warp_sum(float v) {  // the butterfly of optim:
 // The norm pass of LAMB (ADAM) / LARS: each 256-element block's {sum u^2, sum p^2} into block_sums (two floats per
 // block of the launch), in the lane order of kestrel/optim.h.
 template <typename T, bool ADAM, bool EIGHT_BIT>
-__global__ void __launch_bounds__(kAdamThreads)
+__global__ void __launch_bounds__(kStepThreads)
     norm_kernel(const optim::TensorMeta* __restrict__ meta, int num_tensors, int64_t total_blocks,
                 const float* __restrict__ qmap1, const float* __restrict__ qmap2, float* __restrict__ block_sums) {
   __shared__ float code1[quant::kCodeSize], code2[quant::kCodeSize];

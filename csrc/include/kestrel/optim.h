@@ -61,7 +61,7 @@ KESTREL_HD void set_step_and_lr(StepScalars& a, int64_t step, float lr) {
 }
 
 // The scalars of step `step` (>= 1), in float32 as bnb's kernel computes them (IEEE division for step_size).
-inline StepScalars make_adam_scalars(int64_t step, float lr, float beta1, float beta2, float eps, float weight_decay,
+inline StepScalars make_step_scalars(int64_t step, float lr, float beta1, float beta2, float eps, float weight_decay,
                                      float gnorm_scale, float beta3 = 0.0f, float alpha = 0.0f) {
   StepScalars a;
   a.beta1 = beta1;
