@@ -6,27 +6,50 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <string>
 #include <utility>
 
 namespace kestrel {
 
-inline void check_tree_tensor(const char* op, const char* name, const at::Tensor& t, c10::ScalarType dtype,
-                              at::IntArrayRef shape, const at::Tensor& like) {
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on ", like.device(), ", got ", t.device());
+// The one place these ops' arguments are checked (kestrel.ops.tree_verify only unpacks a TreeBuffers): ValueError
+// for shapes and devices, TypeError for dtypes, in Python's spelling ("(1, 3)", "torch.float32").
+inline std::string py_shape(at::IntArrayRef sizes) {
+  std::string out = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + (sizes.size() == 1 ? ",)" : ")");
 }
 
-// candidates (B, T) int64, first_child / next_sibling (B, T) int32, 0 <= max_depth < T.
+inline std::string py_dtype(c10::ScalarType dtype) {
+  return "torch." + std::string(c10::getDtypeNames(dtype).first);
+}
+
+inline void check_tree_tensor(const char* op, const char* name, const at::Tensor& t, c10::ScalarType dtype,
+                              at::IntArrayRef shape, const at::Tensor& like) {
+  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", py_shape(shape), ", got ",
+                    py_shape(t.sizes()));
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, " must be ", py_dtype(dtype), ", got ",
+                   py_dtype(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.device() == like.device(), op, ": ", name, " must be on ", like.device(), ", got ", t.device());
+}
+
+// candidates (B, T) int64, first_child / next_sibling (B, T) int32 (a TreeBuffers' fields), 0 <= max_depth < T.
 inline void check_tree_args(const char* op, const at::Tensor& candidates, const at::Tensor& first_child,
                             const at::Tensor& next_sibling, int64_t max_depth) {
-  TORCH_CHECK(candidates.dim() == 2 && candidates.size(1) >= 1, op, ": candidates must be (B, T) with T >= 1, got ",
-              candidates.sizes());
-  TORCH_CHECK(candidates.scalar_type() == at::kLong, op, ": candidates must be int64, got ", candidates.scalar_type());
-  check_tree_tensor(op, "first_child", first_child, at::kInt, candidates.sizes(), candidates);
-  check_tree_tensor(op, "next_sibling", next_sibling, at::kInt, candidates.sizes(), candidates);
-  TORCH_CHECK(max_depth >= 0 && max_depth < candidates.size(1), op, ": max_depth must be in [0, T - 1] = [0, ",
-              candidates.size(1) - 1, "], got ", max_depth);
+  TORCH_CHECK_VALUE(candidates.dim() == 2 && candidates.size(1) >= 1, op,
+                    ": candidates must be (B, T) with T >= 1, got ", py_shape(candidates.sizes()));
+  TORCH_CHECK_TYPE(candidates.scalar_type() == at::kLong, op, ": candidates must be int64 (or int32) token ids, got ",
+                   py_dtype(candidates.scalar_type()));
+  const int64_t B = candidates.size(0), T = candidates.size(1);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"tree.first_child", first_child},
+                                {"tree.next_sibling", next_sibling}}) {
+    TORCH_CHECK_VALUE(t.scalar_type() == at::kInt && t.sizes() == candidates.sizes(), op, ": ", name,
+                      " must be an int32 tensor of shape (", B, ", ", T, ") like candidates, got ",
+                      py_dtype(t.scalar_type()), " of shape ", py_shape(t.sizes()));
+    TORCH_CHECK_VALUE(t.device() == candidates.device(), op, ": ", name, " must be on ", candidates.device(), ", got ",
+                      t.device());
+  }
+  TORCH_CHECK_VALUE(max_depth >= 0 && max_depth < T, op, ": tree.max_depth must be in [0, T - 1] = [0, ", T - 1,
+                    "], got ", max_depth);
 }
 
 inline void check_greedy_args(const at::Tensor& candidates, const at::Tensor& target_ids, const at::Tensor& first_child,
@@ -43,9 +66,9 @@ inline void check_sample_args(const at::Tensor& candidates, const at::Tensor& ta
   constexpr const char* op = "verify_tree_sample";
   check_tree_args(op, candidates, first_child, next_sibling, max_depth);
   const int64_t B = candidates.size(0), T = candidates.size(1);
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       target_probs.dim() == 3 && target_probs.size(0) == B && target_probs.size(1) == T && target_probs.size(2) >= 1,
-      op, ": target_probs must be (B, T, V) = (", B, ", ", T, ", V) with V >= 1, got ", target_probs.sizes());
+      op, ": target_probs must be (B, T, V) = (", B, ", ", T, ", V), got ", py_shape(target_probs.sizes()));
   check_tree_tensor(op, "target_probs", target_probs, at::kFloat, target_probs.sizes(), candidates);
   if (draft_probs.has_value())
     check_tree_tensor(op, "draft_probs", *draft_probs, at::kFloat, target_probs.sizes(), candidates);
@@ -58,20 +81,19 @@ inline void check_sample_args(const at::Tensor& candidates, const at::Tensor& ta
 inline void check_compact_args(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
                                const at::Tensor& accept_index) {
   constexpr const char* op = "compact_kv_cache";
-  TORCH_CHECK(k_cache.dim() == 4 || k_cache.dim() == 5, op,
-              ": k_cache must be (B, H, Lmax, D) or (NL, B, H, Lmax, D), got ", k_cache.sizes());
-  TORCH_CHECK(v_cache.dim() == k_cache.dim() &&
-                  v_cache.sizes().slice(0, k_cache.dim() - 1) == k_cache.sizes().slice(0, k_cache.dim() - 1),
-              op, ": v_cache must match k_cache ", k_cache.sizes(), " in every dimension but the last, got ",
-              v_cache.sizes());
-  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), op, ": v_cache must have k_cache's dtype ",
-              k_cache.scalar_type(), ", got ", v_cache.scalar_type());
-  TORCH_CHECK(v_cache.device() == k_cache.device(), op, ": v_cache must be on ", k_cache.device(), ", got ",
-              v_cache.device());
+  TORCH_CHECK_VALUE(k_cache.dim() == 4 || k_cache.dim() == 5, op,
+                    ": k_cache must be (B, H, Lmax, D) or (NL, B, H, Lmax, D), got ", py_shape(k_cache.sizes()));
+  TORCH_CHECK_VALUE(v_cache.dim() == k_cache.dim() &&
+                        v_cache.sizes().slice(0, k_cache.dim() - 1) == k_cache.sizes().slice(0, k_cache.dim() - 1),
+                    op, ": v_cache must match k_cache ", py_shape(k_cache.sizes()), " but for the last dim, got ",
+                    py_shape(v_cache.sizes()));
+  TORCH_CHECK_TYPE(v_cache.scalar_type() == k_cache.scalar_type() && v_cache.device() == k_cache.device(), op,
+                   ": v_cache must have k_cache's dtype and device (", py_dtype(k_cache.scalar_type()), ", ",
+                   k_cache.device(), "), got ", py_dtype(v_cache.scalar_type()), ", ", v_cache.device());
   const int64_t B = k_cache.size(k_cache.dim() - 4);
   check_tree_tensor(op, "cache_seqlens", cache_seqlens, at::kInt, {B}, k_cache);
-  TORCH_CHECK(accept_index.dim() == 2 && accept_index.size(0) == B && accept_index.size(1) >= 1, op,
-              ": accept_index must be (B, Dmax + 1) with B = ", B, ", got ", accept_index.sizes());
+  TORCH_CHECK_VALUE(accept_index.dim() == 2 && accept_index.size(0) == B && accept_index.size(1) >= 1, op,
+                    ": accept_index must be (B, Dmax + 1) with B = ", B, ", got ", py_shape(accept_index.sizes()));
   check_tree_tensor(op, "accept_index", accept_index, at::kInt, accept_index.sizes(), k_cache);
   const auto elem = k_cache.element_size();
   TORCH_CHECK(elem == 1 || elem == 2 || elem == 4 || elem == 8, op, ": unsupported element size ", elem);

@@ -520,7 +520,7 @@ def test_argument_checks():
         compact_kv_cache(
             k, torch.zeros(2, 1, 7, 4), torch.zeros(2, dtype=torch.int32), torch.zeros(2, 1, dtype=torch.int32)
         )
-    with pytest.raises(RuntimeError, match=r"max_depth must be in \[0, T - 1\] = \[0, 2\], got 3"):
+    with pytest.raises(ValueError, match=r"max_depth must be in \[0, T - 1\] = \[0, 2\], got 3"):
         torch.ops.kestrel.verify_tree_greedy(cand, cand, tree.first_child, tree.next_sibling, 3)
 
 

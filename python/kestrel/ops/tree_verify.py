@@ -24,6 +24,10 @@ bit for bit): uniform[b, c] in [0, 1) is used when node c is tried as a child of
 most once; the root's entry is never used, nor the entries of children that are skipped); uniform_final[b] in
 [0, 1) draws next_token from the residual at the last accepted node by inverse CDF in token order. The float32
 order of every sum is documented in csrc/include/kestrel/tree_verify.h.
+
+Arguments are checked once, by the ops themselves (csrc/tree_verify_checks.h, on every backend: ValueError for
+shapes and devices, TypeError for dtypes, naming the argument); these wrappers only unpack a TreeBuffers and bring
+int32 ids and fp16/bf16/fp64 probabilities to the ops' int64 and float32.
 """
 
 import torch
@@ -34,44 +38,33 @@ from .._checks import is_int, is_number, require_number
 _TREE_FIELDS = ("first_child", "next_sibling", "max_depth")
 
 
-def _shape(t):
-    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
-def _check_tree(op, candidates, tree):
+def _unpack_tree(op, tree):
+    """(first_child, next_sibling, max_depth) of a TreeBuffers; the op checks them (csrc/tree_verify_checks.h)."""
     for field in _TREE_FIELDS:
         if not hasattr(tree, field):
             raise TypeError(
                 f"{op}: tree must be a kestrel.decoding.TreeBuffers (with first_child, next_sibling and "
                 f"max_depth), got {type(tree).__name__} without {field}"
             )
-    if not isinstance(candidates, torch.Tensor) or candidates.dim() != 2 or candidates.shape[1] < 1:
-        raise ValueError(f"{op}: candidates must be (B, T) with T >= 1, got {_shape(candidates)}")
-    if candidates.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{op}: candidates must be int64 (or int32) token ids, got {candidates.dtype}")
-    B, T = candidates.shape
-    for field in ("first_child", "next_sibling"):
-        value = getattr(tree, field)
-        if not isinstance(value, torch.Tensor) or tuple(value.shape) != (B, T) or value.dtype != torch.int32:
-            raise ValueError(
-                f"{op}: tree.{field} must be an int32 tensor of shape ({B}, {T}) like candidates, got "
-                f"{getattr(value, 'dtype', type(value).__name__)} of shape {_shape(value)}"
-            )
-        if value.device != candidates.device:
-            raise ValueError(f"{op}: tree.{field} must be on {candidates.device}, got {value.device}")
-    max_depth = tree.max_depth
-    if not isinstance(max_depth, int) or isinstance(max_depth, bool) or not 0 <= max_depth < T:
-        raise ValueError(f"{op}: tree.max_depth must be an int in [0, T - 1] = [0, {T - 1}], got {max_depth!r}")
-    return B, T
+    return tree.first_child, tree.next_sibling, tree.max_depth
 
 
-def _check_like(op, name, t, shape, dtypes, device):
-    if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {_shape(t)}")
-    if t.dtype not in dtypes:
-        raise TypeError(f"{op}: {name} must be {' or '.join(str(d) for d in dtypes)}, got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{op}: {name} must be on {device}, got {t.device}")
+def _as(t, dtype, accepted):
+    """t in the op's dtype when it is a tensor of an accepted one (int32 ids, fp16/bf16/fp64 probabilities);
+    anything else goes to the op as it is, whose checks name it."""
+    return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in accepted else t
+
+
+_IDS = (torch.int32,)
+_PROBS = (torch.float16, torch.bfloat16, torch.float64)
+
+
+def _shape(t):
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _device(t):
+    return t.device if isinstance(t, torch.Tensor) else torch.device("cpu")
 
 
 def verify_tree_greedy(candidates, target_ids, tree):
@@ -84,11 +77,10 @@ def verify_tree_greedy(candidates, target_ids, tree):
     next_token = target_ids at the last accepted node. Padded nodes (parent -2) are never children.
     """
     op = "verify_tree_greedy"
-    B, T = _check_tree(op, candidates, tree)
-    _check_like(op, "target_ids", target_ids, (B, T), (torch.int64, torch.int32), candidates.device)
-    _ext.require(op, candidates.device)
+    first_child, next_sibling, max_depth = _unpack_tree(op, tree)
+    _ext.require(op, _device(candidates))
     return torch.ops.kestrel.verify_tree_greedy(
-        candidates.long(), target_ids.long(), tree.first_child, tree.next_sibling, tree.max_depth
+        _as(candidates, torch.int64, _IDS), _as(target_ids, torch.int64, _IDS), first_child, next_sibling, max_depth
     )
 
 
@@ -110,33 +102,17 @@ def verify_tree_sample(candidates, target_probs, tree, uniform, uniform_final, d
     Returns (accept_index, accept_len, next_token).
     """
     op = "verify_tree_sample"
-    B, T = _check_tree(op, candidates, tree)
-    floats = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # converted to float32
-    device = candidates.device
-    if (
-        not isinstance(target_probs, torch.Tensor)
-        or target_probs.dim() != 3
-        or tuple(target_probs.shape[:2]) != (B, T)
-        or target_probs.shape[2] < 1
-    ):
-        raise ValueError(f"{op}: target_probs must be (B, T, V) = ({B}, {T}, V), got {_shape(target_probs)}")
-    V = target_probs.shape[2]
-    _check_like(op, "target_probs", target_probs, (B, T, V), floats, device)
-    if draft_probs is not None:
-        _check_like(op, "draft_probs", draft_probs, (B, T, V), floats, device)
-        draft_probs = draft_probs.float()
-    _check_like(op, "uniform", uniform, (B, T), (torch.float32,), device)
-    _check_like(op, "uniform_final", uniform_final, (B,), (torch.float32,), device)
-    _ext.require(op, device)
+    first_child, next_sibling, max_depth = _unpack_tree(op, tree)
+    _ext.require(op, _device(candidates))
     return torch.ops.kestrel.verify_tree_sample(
-        candidates.long(),
-        target_probs.float(),
-        tree.first_child,
-        tree.next_sibling,
+        _as(candidates, torch.int64, _IDS),
+        _as(target_probs, torch.float32, _PROBS),
+        first_child,
+        next_sibling,
         uniform,
         uniform_final,
-        draft_probs,
-        tree.max_depth,
+        _as(draft_probs, torch.float32, _PROBS),
+        max_depth,
     )
 
 
@@ -153,27 +129,7 @@ def compact_kv_cache(k_cache, v_cache, cache_seqlens, accept_index):
     leaves an invalid row and its length untouched. K and V may not share memory (their rows would move twice).
     """
     op = "compact_kv_cache"
-    if not isinstance(k_cache, torch.Tensor) or k_cache.dim() not in (4, 5):
-        raise ValueError(f"{op}: k_cache must be (B, H, Lmax, D) or (NL, B, H, Lmax, D), got {_shape(k_cache)}")
-    if (
-        not isinstance(v_cache, torch.Tensor)
-        or v_cache.dim() != k_cache.dim()
-        or v_cache.shape[:-1] != k_cache.shape[:-1]
-    ):
-        raise ValueError(
-            f"{op}: v_cache must match k_cache {tuple(k_cache.shape)} but for the last dim, got {_shape(v_cache)}"
-        )
-    if v_cache.dtype != k_cache.dtype or v_cache.device != k_cache.device:
-        raise TypeError(
-            f"{op}: v_cache must have k_cache's dtype and device ({k_cache.dtype}, {k_cache.device}), "
-            f"got {v_cache.dtype}, {v_cache.device}"
-        )
-    B = k_cache.shape[-4]
-    _check_like(op, "cache_seqlens", cache_seqlens, (B,), (torch.int32,), k_cache.device)
-    if not isinstance(accept_index, torch.Tensor) or accept_index.dim() != 2 or accept_index.shape[0] != B:
-        raise ValueError(f"{op}: accept_index must be (B, Dmax + 1) with B = {B}, got {_shape(accept_index)}")
-    _check_like(op, "accept_index", accept_index, tuple(accept_index.shape), (torch.int32,), k_cache.device)
-    _ext.require(op, k_cache.device)
+    _ext.require(op, _device(k_cache))
     torch.ops.kestrel.compact_kv_cache(k_cache, v_cache, cache_seqlens, accept_index)
 
 
