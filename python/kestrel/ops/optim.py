@@ -2,12 +2,45 @@
 
 The ops themselves (torch.ops.kestrel.two_state8bit_step_ / two_state32bit_step_ / one_state8bit_step_ /
 one_state32bit_step_) are called by kestrel.optim; they mutate their tensor-list arguments in place and return
-nothing. update_norms (LAMB / LARS) returns a float32 (len(params), 2) tensor of sums of squares.
+nothing. update_norms (LAMB / LARS) returns a float32 (len(params), 2) tensor of sums of squares. Their scalars go
+by name (TwoStateScalars, OneStateScalars); the ops check every argument themselves (csrc/optim_checks.h:
+read_step_call, the one prologue of the CPU and CUDA launchers).
 """
+
+from typing import NamedTuple
 
 import torch
 
 from .. import _ext
+
+
+class TwoStateScalars(NamedTuple):
+    """The scalars of a two-state step op (two_state8bit_step_ / two_state32bit_step_), by their schema names:
+    pass them as `**scalars._asdict()`. beta3 and alpha are AdEMAMix's (0 for Adam); round_seed >= 0 rounds bf16
+    parameters stochastically. Hashable: the optimizers batch the parameters of equal scalars into one call."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    beta3: float
+    alpha: float
+    eps: float
+    weight_decay: float
+    gnorm_scale: float
+    round_seed: int = -1
+
+
+class OneStateScalars(NamedTuple):
+    """The scalars of a one-state step op (one_state8bit_step_ / one_state32bit_step_), by their schema names."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    gnorm_scale: float
+    round_seed: int = -1
+
 
 if _ext.available():
 
@@ -135,3 +168,6 @@ if _ext.available():
     @torch.library.register_fake("kestrel::prefetch")
     def _prefetch_fake(tensors):
         return None
+
+
+__all__ = ["OneStateScalars", "TwoStateScalars"]

@@ -8,6 +8,7 @@ from collections import defaultdict
 
 import torch
 
+from ..ops.optim import TwoStateScalars
 from . import distributed as D
 from .optimizer import (
     Optimizer8bit,
@@ -84,18 +85,19 @@ class _Adam(Optimizer8bit):
         state["absmax1"] = torch.zeros(_blocks(D.local(p).numel()), dtype=torch.float32, device=p.device)
         state["absmax2"] = torch.zeros(_blocks(D.local(p).numel()), dtype=torch.float32, device=p.device)
 
-    def step_scalars(self, config, step, gnorm_scale=1.0):
-        """(lr, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale) for the kernel at `step`."""
+    def step_scalars(self, config, step, gnorm_scale=1.0, round_seed=-1):
+        """The kernel's scalars at `step`, by name (TwoStateScalars; beta3 and alpha are AdEMAMix's)."""
         beta1, beta2 = config["betas"][:2]
-        return (
-            self.lr_of(config)[0],
-            float(beta1),
-            float(beta2),
-            0.0,
-            0.0,
-            float(config["eps"]),
-            float(config["weight_decay"]),
-            gnorm_scale,
+        return TwoStateScalars(
+            lr=self.lr_of(config)[0],
+            beta1=float(beta1),
+            beta2=float(beta2),
+            beta3=0.0,
+            alpha=0.0,
+            eps=float(config["eps"]),
+            weight_decay=float(config["weight_decay"]),
+            gnorm_scale=gnorm_scale,
+            round_seed=round_seed,
         )
 
     @torch.no_grad()
@@ -109,7 +111,7 @@ class _Adam(Optimizer8bit):
             eight_bit = state["state1"].dtype == torch.uint8
             maps = (id(state["qmap1"]), id(state["qmap2"])) if eight_bit else None
             step = state["step"] + 1
-            scalars = self.step_scalars(config, step, self.gnorm_scale(p, step)) + (self.round_seed_for(p, config),)
+            scalars = self.step_scalars(config, step, self.gnorm_scale(p, step), self.round_seed_for(p, config))
             max_unorm = float(config.get("max_unorm", 0.0) or 0.0)
             lr_tensor = self.lr_of(config)[1]
             robust = bool(config.get("robust_rounding", False))
@@ -127,7 +129,6 @@ class _Adam(Optimizer8bit):
             self.prefetch(batch[0], state1 + state2)
             norms = None
             if max_unorm > 0.0:  # LAMB's trust ratio: the norm pass first (no host synchronisation)
-                lr, beta1, beta2, _, _, eps, weight_decay, gnorm_scale, _ = scalars
                 norms = torch.ops.kestrel.update_norms(
                     self.optimizer_name,
                     params,
@@ -139,14 +140,14 @@ class _Adam(Optimizer8bit):
                     qmap1,
                     qmap2,
                     steps,
-                    beta1,
-                    beta2,
-                    eps,
-                    weight_decay,
-                    gnorm_scale,
+                    beta1=scalars.beta1,
+                    beta2=scalars.beta2,
+                    eps=scalars.eps,
+                    weight_decay=scalars.weight_decay,
+                    gnorm_scale=scalars.gnorm_scale,
                 )
                 norms = self.reduce_norms(batch[0], norms)
-                self.record_unorms(batch, norms, self.lamb_norm_factors(steps, beta1, beta2))
+                self.record_unorms(batch, norms, self.lamb_norm_factors(steps, scalars.beta1, scalars.beta2))
             if eight_bit:
                 torch.ops.kestrel.two_state8bit_step_(
                     self.optimizer_name,
@@ -159,10 +160,10 @@ class _Adam(Optimizer8bit):
                     qmap1,
                     qmap2,
                     steps,
-                    *scalars,
-                    norms,
-                    max_unorm,
-                    lr_tensor,
+                    **scalars._asdict(),
+                    norms=norms,
+                    max_unorm=max_unorm,
+                    lr_tensor=lr_tensor,
                     robust_rounding=robust,
                 )
             else:
@@ -173,10 +174,10 @@ class _Adam(Optimizer8bit):
                     state1,
                     state2,
                     steps,
-                    *scalars,
-                    norms,
-                    max_unorm,
-                    lr_tensor,
+                    **scalars._asdict(),
+                    norms=norms,
+                    max_unorm=max_unorm,
+                    lr_tensor=lr_tensor,
                     robust_rounding=robust,
                 )
             self.write_back(write_back)

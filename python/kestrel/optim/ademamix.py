@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from ..ops.optim import TwoStateScalars
 from . import distributed as D
 from .adam import _Adam
 from .optimizer import _blocks, check_betas, check_number, paged_class
@@ -85,21 +86,22 @@ class _AdEMAMix(_Adam):
             beta3_t = beta3
         return alpha_t, beta3_t
 
-    def step_scalars(self, config, step, gnorm_scale=1.0):
+    def step_scalars(self, config, step, gnorm_scale=1.0, round_seed=-1):
         beta1, beta2, _ = config["betas"]
         if config.get("t_alpha") or config.get("t_beta3"):  # the warm-ups read the step on the host
             alpha_t, beta3_t = self.scheduled(config, int(step))
         else:
             alpha_t, beta3_t = config["alpha"], config["betas"][2]
-        return (
-            self.lr_of(config)[0],
-            float(beta1),
-            float(beta2),
-            float(beta3_t),
-            float(alpha_t),
-            float(config["eps"]),
-            float(config["weight_decay"]),
-            gnorm_scale,
+        return TwoStateScalars(
+            lr=self.lr_of(config)[0],
+            beta1=float(beta1),
+            beta2=float(beta2),
+            beta3=float(beta3_t),
+            alpha=float(alpha_t),
+            eps=float(config["eps"]),
+            weight_decay=float(config["weight_decay"]),
+            gnorm_scale=gnorm_scale,
+            round_seed=round_seed,
         )
 
     @torch.no_grad()

@@ -11,6 +11,7 @@ from collections import defaultdict
 
 import torch
 
+from ..ops.optim import OneStateScalars
 from . import distributed as D
 from .optimizer import (
     Optimizer8bit,
@@ -87,14 +88,14 @@ class _OneState(Optimizer8bit):
             eight_bit = state["state1"].dtype == torch.uint8
             beta1, beta2 = tuple(config["betas"])[:2]
             step = state["step"] + 1
-            scalars = (
-                self.lr_of(config)[0],
-                float(beta1),
-                float(beta2),
-                float(config["eps"]),
-                float(config["weight_decay"]),
-                self.gnorm_scale(p, step),
-                self.round_seed_for(p, config),
+            scalars = OneStateScalars(
+                lr=self.lr_of(config)[0],
+                beta1=float(beta1),
+                beta2=float(beta2),
+                eps=float(config["eps"]),
+                weight_decay=float(config["weight_decay"]),
+                gnorm_scale=self.gnorm_scale(p, step),
+                round_seed=self.round_seed_for(p, config),
             )
             max_unorm = float(config.get("max_unorm", 0.0) or 0.0)
             lr_tensor = self.lr_of(config)[1]
@@ -122,7 +123,6 @@ class _OneState(Optimizer8bit):
             self.prefetch(batch[0], state1)
             norms = None
             if max_unorm > 0.0:  # LARS's trust ratio: the norm pass first (no host synchronisation)
-                _, beta1, beta2, eps, weight_decay, gnorm_scale, _ = scalars
                 norms = torch.ops.kestrel.update_norms(
                     self.optimizer_name,
                     params,
@@ -134,11 +134,11 @@ class _OneState(Optimizer8bit):
                     qmap1,
                     None,
                     steps,
-                    beta1,
-                    beta2,
-                    eps,
-                    weight_decay,
-                    gnorm_scale,
+                    beta1=scalars.beta1,
+                    beta2=scalars.beta2,
+                    eps=scalars.eps,
+                    weight_decay=scalars.weight_decay,
+                    gnorm_scale=scalars.gnorm_scale,
                 )
                 norms = self.reduce_norms(batch[0], norms)
                 self.record_unorms(batch, norms, 1.0)
@@ -151,10 +151,10 @@ class _OneState(Optimizer8bit):
                     absmax1,
                     qmap1,
                     steps,
-                    *scalars,
-                    norms,
-                    max_unorm,
-                    lr_tensor,
+                    **scalars._asdict(),
+                    norms=norms,
+                    max_unorm=max_unorm,
+                    lr_tensor=lr_tensor,
                     robust_rounding=robust,
                 )
             else:
@@ -164,10 +164,10 @@ class _OneState(Optimizer8bit):
                     grads,
                     state1,
                     steps,
-                    *scalars,
-                    norms,
-                    max_unorm,
-                    lr_tensor,
+                    **scalars._asdict(),
+                    norms=norms,
+                    max_unorm=max_unorm,
+                    lr_tensor=lr_tensor,
                     robust_rounding=robust,
                 )
             self.write_back(write_back)
