@@ -4,6 +4,8 @@ not an int, a tensor is not a Python number)."""
 import math
 import numbers
 
+import torch
+
 
 def is_int(value):
     """An integer (Python or NumPy), not a bool."""
@@ -40,8 +42,6 @@ def check_cache_seqlens(name, cache_seqlens, B, Lq, Lk, q):
     """The per-sequence cache lengths of an attention op: None or an int32/int64 tensor (B,) with values in
     [Lq, Lk]. The values are checked unless the lengths and q are both on a GPU, where reading them would be a host
     sync each decoding step (the ops clamp them on the device there: a bad length cannot read past the keys)."""
-    import torch
-
     if cache_seqlens is None:
         return
     if not isinstance(cache_seqlens, torch.Tensor):
@@ -64,8 +64,6 @@ def check_tree_mask_bits(name, tree_mask_bits, prefix_lens, B, T, Lk, q):
     """A draft-tree forward's packed ancestor bits, int32 (B, T, ceil(T/32)), and its prefix lengths (the
     cache_seqlens argument: required, int32/int64 (B,), values in [0, Lk - T], read unless on a GPU as for
     check_cache_seqlens)."""
-    import torch
-
     words = (T + 31) // 32
     if (
         not isinstance(tree_mask_bits, torch.Tensor)

@@ -25,7 +25,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .._checks import is_int
+from ..ops.tree_verify import check_sampling_options, sampling_probs
 from .cache import KVCache
+from .speculative import speculative_loop
+from .tree import static_tree
 
 
 @dataclass
@@ -62,7 +65,6 @@ class TreeSpec:
                 raise ValueError(
                     f"TreeSpec: choices must be a non-empty list of non-empty rank paths, got {self.choices!r}"
                 )
-            from .tree import static_tree
 
             static_tree(self.choices)  # ranks, duplicates, missing parents: refused here, not after a prefill
         else:
@@ -175,7 +177,6 @@ def _check_token_ids(prompt, lengths, vocab_size):
 def target_probs(logits, temperature, top_k=None, top_p=None):
     """The sampling distribution (float32) of logits (..., V) under temperature, top-k and top-p: the one that
     plain sampling draws from and that speculative verification preserves."""
-    from ..ops.tree_verify import sampling_probs
 
     return sampling_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
 
@@ -255,7 +256,6 @@ def generate(
     The model runs in eval mode (no codebook usage counts or other training-time updates from decoding: rejected
     tree nodes and padding rows would pollute them) and is put back in its previous mode afterwards.
     """
-    from ..ops.tree_verify import check_sampling_options
 
     if not is_int(max_new_tokens):
         raise TypeError(
@@ -328,7 +328,6 @@ def generate(
 def _check_static(spec, config):
     """A static TreeSpec against the model: its depth within the draft heads, its ranks within the vocabulary (a
     head's top-k has at most vocab_size tokens), before anything runs."""
-    from .tree import static_tree
 
     if spec.tree_depth(config.num_draft_heads) > config.num_draft_heads:
         raise ValueError(
@@ -398,8 +397,6 @@ def _generate(
         if speculative is None:
             _plain_loop(model, cache, token, output, stats, temperature, top_k, top_p, generator)
         else:
-            from .speculative import speculative_loop
-
             speculative_loop(
                 model,
                 cache,

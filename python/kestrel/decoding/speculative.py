@@ -13,6 +13,7 @@ a scalar fill when a sequence finishes, no host-to-device copy).
 import torch
 
 from ..ops.tree_verify import compact_kv_cache, sampling_probs, verify_tree_greedy, verify_tree_sample
+from .tree import build_tree, dynamic_tree, static_tree
 
 
 class SpeculativeStep:
@@ -20,7 +21,6 @@ class SpeculativeStep:
     compact. The static tree's buffers are built once."""
 
     def __init__(self, model, spec, batch_size, device):
-        from .tree import static_tree
 
         self.model, self.spec = model, spec
         self.depth = spec.tree_depth(model.config.num_draft_heads)
@@ -34,7 +34,6 @@ class SpeculativeStep:
 
     def draft(self, token, hidden_last):
         """(candidates (B, T), TreeBuffers) from the pending tokens (B,) and the hidden states that produced them."""
-        from .tree import build_tree, dynamic_tree
 
         draft_logits = self.model.draft_logits(hidden_last)[:, : self.depth]  # (B, depth, V)
         if self.spec.dynamic:

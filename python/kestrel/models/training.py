@@ -5,6 +5,8 @@ state size. The 8-bit optimizers (kestrel.optim.AdamW8bit) are the default.
 import torch
 import torch.nn.functional as F
 
+from ..optim import AdamW8bit
+
 
 def lm_loss(model, tokens):
     """Mean next-token cross entropy of tokens (B, L + 1): the model reads [:, :-1] and predicts [:, 1:]."""
@@ -46,7 +48,6 @@ def freeze_base(model):
 
 def default_optimizer(params, lr=1e-3, weight_decay=0.0, **kwargs):
     """kestrel.optim.AdamW8bit, the default optimizer of the training helpers."""
-    from ..optim import AdamW8bit
 
     return AdamW8bit(params, lr=lr, weight_decay=weight_decay, **kwargs)
 

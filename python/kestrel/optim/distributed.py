@@ -17,7 +17,7 @@ import math
 import torch
 import torch.distributed as dist
 
-try:  # torch >= 2.4
+try:  # torch >= 2.4, and builds with distributed support
     from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # pragma: no cover - older torch
     DTensor = None
