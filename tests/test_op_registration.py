@@ -5,6 +5,10 @@ opaque op (its CPU kernel runs). The CUDA half traces fake CUDA tensors, so it n
 CI runs it in the CUDA build check (.ci/cuda_build_check.sh); a CPU build of torch skips it."""
 
 import importlib
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -88,28 +92,45 @@ def test_cpu_calls_stay_one_opaque_op(name):
     assert not any("triton_kernel_wrapper" in t for t in targets), targets
 
 
-@pytest.mark.skipif(torch.version.cuda is None, reason="fake CUDA tensors need a CUDA build of torch")
-@pytest.mark.parametrize("name", list(CASES))
-def test_cuda_calls_decompose_into_triton_launches(name, monkeypatch):
+def cuda_targets(name):
+    """The graph targets of CASES[name] on fake CUDA tensors (run by cuda_report in a process where Triton is not
+    interpreted: the interpreter would launch on the fake tensors)."""
     if not torch.cuda.is_available():  # no device to ask for its SM count: the split heuristic gets an H100's
-        monkeypatch.setattr(importlib.import_module("kestrel.kernels.tree_attention"), "_sm_count", lambda d: 132)
+        importlib.import_module("kestrel.kernels.tree_attention")._sm_count = lambda d: 132
     fn, make = CASES[name]
     with FakeTensorMode() as mode:
         inputs = [mode.from_tensor(t).to("cuda") for t in make()]
-        inputs = [
-            t.half() if t.is_floating_point() and name != "vq_topk" and name != "kv_bottleneck_lookup" else t
-            for t in inputs
-        ]
-        targets = call_targets(fn, *inputs)
-    assert any("triton_kernel_wrapper_functional" in t for t in targets), targets
-    assert not any(t.startswith("kestrel.") for t in targets), targets
+        lowp = name not in ("vq_topk", "kv_bottleneck_lookup")
+        inputs = [t.half() if t.is_floating_point() and lowp else t for t in inputs]
+        return call_targets(fn, *inputs)
 
 
+def cuda_report(names):
+    """{name: graph targets} for the CUDA calls, computed in a subprocess without TRITON_INTERPRET."""
+    script = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import test_op_registration as t; "
+        "print(json.dumps({n: t.cuda_targets(n) for n in sys.argv[2:]}))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run(
+        [sys.executable, "-c", script, here, *names], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="fake CUDA tensors need a CUDA build of torch")
+def test_cuda_calls_decompose_into_triton_launches():
+    for name, targets in cuda_report(list(CASES)).items():
+        assert any("triton_kernel_wrapper_functional" in t for t in targets), (name, targets)
+        assert not any(t.startswith("kestrel.") for t in targets), (name, targets)
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="fake CUDA tensors need a CUDA build of torch")
 def test_cuda_float64_calls_stay_opaque():
     """A dtype the kernel does not take (vq_topk in float64 runs the chunked path on the device) is not
     decomposed: the registration's `decompose` predicate."""
-    if torch.version.cuda is None:
-        pytest.skip("fake CUDA tensors need a CUDA build of torch")
     with FakeTensorMode() as mode:
         x, cb = (mode.from_tensor(torch.randn(1, 10, 8, dtype=torch.float64)).to("cuda") for _ in range(2))
         targets = call_targets(lambda a, b: vq_topk(a, b, 2), x, cb)
