@@ -24,6 +24,7 @@ from torch import nn
 
 from ..nn import CodebookLayer, StableEmbedding
 from ..nn.attention import AttentionContext, PowerLawGraphCore, SoftmaxCore, SoftplusCore
+from ..nn.norm import Float32RMSNorm
 from ..nn.rope import apply_rope, rope_tables
 from .config import KestrelConfig
 
@@ -78,8 +79,15 @@ class _Step:
                     g_cache=g_cache,
                     g_built=g_built,
                 )
-        cos, sin = rope_tables(self.positions, config.head_dim, config.rope_base)
+        cos, sin = rope_tables(self.positions, config.head_dim, config.rope_base, config.rope_scaling)
         self.cos, self.sin = cos[:, None], sin[:, None]  # (B, 1, L, head_dim / 2): broadcast over the heads
+
+
+def rms_norm(config, dim):
+    """torch's RMSNorm, or (norm_in_float32, converted checkpoints) transformers' float32 one."""
+    if config.norm_in_float32:
+        return Float32RMSNorm(dim, eps=config.norm_eps)
+    return nn.RMSNorm(dim, eps=config.norm_eps)
 
 
 def attention_core(config, layer_index):
@@ -100,8 +108,11 @@ class Attention(nn.Module):
         super().__init__()
         self.config, self.layer_index = config, layer_index
         H, Hkv, D, d = config.n_heads, config.n_kv_heads, config.head_dim, config.d_model
-        self.qkv_proj = nn.Linear(d, (H + 2 * Hkv) * D, bias=False)  # q, k, v in one product
+        self.qkv_proj = nn.Linear(d, (H + 2 * Hkv) * D, bias=config.attn_bias)  # q, k, v in one product
         self.o_proj = nn.Linear(H * D, d, bias=False)
+        # Qwen3's per-head RMSNorm of q and k, before RoPE
+        self.q_norm = rms_norm(config, D) if config.qk_norm else None
+        self.k_norm = rms_norm(config, D) if config.qk_norm else None
         self.core = attention_core(config, layer_index)
         # one codebook per attention head (codebook features' per-head placement), all heads in one lookup
         self.codebook = (
@@ -113,8 +124,11 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         H, Hkv, D = config.n_heads, config.n_kv_heads, config.head_dim
         q, k, v = self.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = apply_rope(q.view(B, L, H, D).transpose(1, 2), step.cos, step.sin)
-        k = apply_rope(k.view(B, L, Hkv, D).transpose(1, 2), step.cos, step.sin)
+        q, k = q.view(B, L, H, D), k.view(B, L, Hkv, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), step.cos, step.sin)
+        k = apply_rope(k.transpose(1, 2), step.cos, step.sin)
         v = v.view(B, L, Hkv, D).transpose(1, 2)
         if step.cache is not None:  # the new rows into the cache; the core reads the cache
             k_cache, v_cache = step.cache.k[self.layer_index], step.cache.v[self.layer_index]
@@ -149,9 +163,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config, layer_index):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.attn_norm = rms_norm(config, config.d_model)
         self.attn = Attention(config, layer_index)
-        self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mlp_norm = rms_norm(config, config.d_model)
         self.mlp = MLP(config)
 
     def forward(self, x, step):
@@ -192,7 +206,7 @@ class KestrelLM(nn.Module):
         else:
             self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList([Block(config, i) for i in range(config.n_layers)])
-        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.norm = rms_norm(config, config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.draft_heads = nn.ModuleList([DraftHead(config.d_model) for _ in range(config.num_draft_heads)])
         self.reset_parameters()
@@ -209,6 +223,8 @@ class KestrelLM(nn.Module):
                     continue  # the PLGA metric learner keeps its own initialisation
                 out_proj = name.endswith("o_proj") or name.endswith("down_proj")
                 nn.init.normal_(module.weight, std=residual_std if out_proj else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         if not self.config.stable_embedding:
             nn.init.normal_(self.embed.weight, std=std)
         for head in self.draft_heads:
@@ -289,6 +305,20 @@ class KestrelLM(nn.Module):
                 seen.add(id(p))
                 total += p.numel()
         return total
+
+    @classmethod
+    def from_hf(cls, model_or_path, dtype=None):
+        """A KestrelLM from a transformers Llama / Mistral / Qwen2 / Qwen3 causal LM or its local directory
+        (kestrel.models.hf; needs the hf extra)."""
+        from .hf import from_hf  # transformers: an optional dependency
+
+        return from_hf(model_or_path, dtype)
+
+    def to_hf(self):
+        """The transformers model of a converted KestrelLM, bit for bit (kestrel.models.hf)."""
+        from .hf import to_hf  # transformers: an optional dependency
+
+        return to_hf(self)
 
     def save(self, path):
         """Write {"config": ..., "state_dict": ...} with torch.save; KestrelLM.load(path) restores it."""
