@@ -128,6 +128,34 @@ def test_round_trip_is_bit_exact(family):
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_tree_speculative_decoding_on_a_converted_model(family):
+    """Draft heads trained (AdamW8bit, float32) on the converted model with its base frozen
+    (kestrel.models.training): greedy tree speculative decoding then emits exactly plain greedy's tokens (float64),
+    and the trained heads get tokens accepted."""
+    from kestrel.decoding import TreeSpec
+    from kestrel.models.training import draft_loss, freeze_base, train_steps
+    from kestrel.optim import AdamW8bit
+
+    model = KestrelLM.from_hf(hf_model(family, torch.float32), num_draft_heads=2)  # AdamW8bit: no float64
+    tokens = torch.randint(0, 97, (4, 25), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():  # the base model's own greedy continuations: something the heads can learn
+        text = generate(model, tokens[:, :5], max_new_tokens=20)
+    frozen = [p.clone() for name, p in model.named_parameters() if not name.startswith("draft_heads")]
+    optimizer = AdamW8bit(freeze_base(model), lr=3e-3)
+    train_steps(model, optimizer, [text] * 30, loss_fn=lambda m, t: draft_loss(m, t)[0])
+    after = [p for name, p in model.named_parameters() if not name.startswith("draft_heads")]
+    assert all(torch.equal(a, b) for a, b in zip(after, frozen))
+    model = model.double()  # exact arithmetic for the comparison: no near-tie can flip a token
+    prompt = text[:2, :7]
+    plain = generate(model, prompt, max_new_tokens=12)
+    spec, stats = generate(
+        model, prompt, max_new_tokens=12, speculative=TreeSpec(choices=[[0], [1], [0, 0], [1, 0]]), return_stats=True
+    )
+    assert torch.equal(spec, plain)
+    assert stats.mean_accepted_length > 1.0  # the heads learned something: tokens accepted beyond the root
+
+
 def test_a_local_checkpoint_directory(tmp_path):
     hf = hf_model("qwen2", torch.float32)
     hf.save_pretrained(tmp_path, safe_serialization=True)

@@ -59,8 +59,9 @@ def _rope(cfg):
     return float(theta if theta is not None else 10000.0), scaling
 
 
-def config_from_hf(cfg, architecture):
-    """The KestrelConfig of a transformers config of one of the SUPPORTED architectures."""
+def config_from_hf(cfg, architecture, num_draft_heads=0):
+    """The KestrelConfig of a transformers config of one of the SUPPORTED architectures (with num_draft_heads
+    Medusa heads, zero-initialised: train them with kestrel.models.training, the base frozen)."""
     if architecture not in SUPPORTED:
         raise ValueError(f"from_hf: {architecture} is not supported; supported: {', '.join(SUPPORTED)}")
     if getattr(cfg, "hidden_act", "silu") != "silu":
@@ -96,6 +97,7 @@ def config_from_hf(cfg, architecture):
         attn_bias=qkv_bias,
         qk_norm=architecture == "Qwen3ForCausalLM",
         norm_in_float32=True,
+        num_draft_heads=num_draft_heads,
         hf_architecture=architecture,
     )
 
@@ -121,11 +123,12 @@ def _load(model_or_path, dtype):
     return model_or_path
 
 
-def from_hf(model_or_path, dtype=None):
-    """A KestrelLM holding the weights of a transformers causal LM (see the module docstring)."""
+def from_hf(model_or_path, dtype=None, num_draft_heads=0):
+    """A KestrelLM holding the weights of a transformers causal LM (see the module docstring), with
+    num_draft_heads untrained (zero-initialised) draft heads for tree speculative decoding."""
     hf = _load(model_or_path, dtype)
     architecture = type(hf).__name__
-    config = config_from_hf(hf.config, architecture)
+    config = config_from_hf(hf.config, architecture, num_draft_heads)
     source = hf.state_dict()
     target_dtype = dtype or next(hf.parameters()).dtype
     model = KestrelLM(config).to(target_dtype)
@@ -149,7 +152,9 @@ def from_hf(model_or_path, dtype=None):
         )
         state[ours + "mlp.down_proj.weight"] = source[mlp + "down_proj.weight"]
     missing, unexpected = model.load_state_dict({k: v.to(target_dtype) for k, v in state.items()}, strict=False)
-    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
+    missing = [
+        k for k in missing if not (config.tie_embeddings and k == "lm_head.weight") and not k.startswith("draft_heads.")
+    ]
     if missing or unexpected:  # pragma: no cover - a mapping error, not a user error
         raise RuntimeError(f"from_hf: the mapping left {missing} unset and {unexpected} unknown")
     return model.to(next(hf.parameters()).device)
@@ -199,6 +204,7 @@ def to_hf(model):
     source = model.state_dict()
     H, Hkv, D = config.n_heads, config.n_kv_heads, config.head_dim
     state = {"model.embed_tokens.weight": source["embed.weight"], "model.norm.weight": source["norm.weight"]}
+    # (draft heads, if any, are kestrel's own: transformers' model has no place for them)
     if not config.tie_embeddings:
         state["lm_head.weight"] = source["lm_head.weight"]
     for i in range(config.n_layers):

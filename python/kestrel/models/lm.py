@@ -307,16 +307,16 @@ class KestrelLM(nn.Module):
         return total
 
     @classmethod
-    def from_hf(cls, model_or_path, dtype=None):
-        """A KestrelLM from a transformers Llama / Mistral / Qwen2 / Qwen3 causal LM or its local directory
-        (kestrel.models.hf; needs the hf extra)."""
-        from .hf import from_hf  # transformers: an optional dependency
+    def from_hf(cls, model_or_path, dtype=None, num_draft_heads=0):
+        """A KestrelLM from a transformers Llama / Mistral / Qwen2 / Qwen3 causal LM or its local directory, with
+        num_draft_heads untrained draft heads (kestrel.models.hf; needs the hf extra)."""
+        from .hf import from_hf  # transformers: an optional dependency; hf imports this module
 
-        return from_hf(model_or_path, dtype)
+        return from_hf(model_or_path, dtype, num_draft_heads)
 
     def to_hf(self):
         """The transformers model of a converted KestrelLM, bit for bit (kestrel.models.hf)."""
-        from .hf import to_hf  # transformers: an optional dependency
+        from .hf import to_hf  # transformers: an optional dependency; hf imports this module
 
         return to_hf(self)
 
