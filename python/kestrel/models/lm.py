@@ -75,6 +75,7 @@ class _Step:
                     L,
                     valid=valid,
                     key_lens=(seqlens + L).to(torch.int32),
+                    prefix_lens=cache.seqlens.to(torch.int32),
                     Lk=longest + L,
                     g_cache=g_cache,
                     g_built=g_built,

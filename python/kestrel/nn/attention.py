@@ -4,7 +4,8 @@ The attention cores, one per kind, share one interface for the three uses of a d
 `core(q, k, v, context)` with q (B, Hq, L, D) after RoPE and an AttentionContext that says which use it is:
 - "block": k, v (B, Hkv, L, D) of the same tokens, causal attention over the block (training, scoring);
 - "decode": k, v the layer's cache rows [0, context.Lk) (B, Hkv, Lk, D) with the L new rows already written at
-  [len_b, len_b + L); context.key_lens = len_b + L valid keys per sequence, row i at position len_b + i; rows
+  [len_b, len_b + L); context.key_lens = len_b + L valid keys per sequence (prefix_lens = len_b), row i at
+  position len_b + i; rows
   past a sequence's length may hold anything (they are never read into the output);
 - "tree": k, v the layer's cache rows with the T draft-tree rows written at [len_b, len_b + T) after the prefix
   (context.prefix_lens = len_b); row i sees the prefix and its ancestors-or-self (context.tree_mask_bits, the packed
@@ -59,6 +60,14 @@ class AttentionContext:
         self.Lk = L if Lk is None else Lk
         self.g_cache, self.g_built = g_cache, g_built
         self._visible = None
+        self._one_node_bits = None
+
+    def one_node_bits(self, device):
+        """(B, 1, 1) int32 ones: a one-token decode step as a one-node tree (the node sees itself), made once per
+        forward."""
+        if self._one_node_bits is None:
+            self._one_node_bits = torch.ones((self.B, 1, 1), dtype=torch.int32, device=device)
+        return self._one_node_bits
 
     @property
     def visible(self):
@@ -92,8 +101,7 @@ class SoftmaxCore(nn.Module):
         if context.mode == "tree":
             return tree_attention(q, k, v, context.prefix_lens, context.tree_mask_bits)
         if self.one_node_tree(q, context):
-            self_bits = torch.ones((context.B, 1, 1), dtype=torch.int32, device=q.device)
-            return tree_attention(q, k, v, context.key_lens - 1, self_bits)
+            return tree_attention(q, k, v, context.prefix_lens, context.one_node_bits(q.device))
         k, v = keys_seen_zeroed(k, v, context.visible)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=context.visible, enable_gqa=gqa)
 
