@@ -170,6 +170,8 @@ def test_a_local_checkpoint_directory(tmp_path):
 def test_refusals_name_what_is_supported(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a local checkpoint directory"):
         KestrelLM.from_hf(tmp_path / "missing")
+    with pytest.raises(TypeError, match="dtype must be None .* or a torch floating dtype, got 'half'"):
+        KestrelLM.from_hf(hf_model("llama"), dtype="half")
     with pytest.raises(TypeError, match="expected a transformers model or a local directory, got Linear"):
         KestrelLM.from_hf(torch.nn.Linear(2, 2))
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))

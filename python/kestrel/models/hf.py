@@ -126,6 +126,8 @@ def _load(model_or_path, dtype):
 def from_hf(model_or_path, dtype=None, num_draft_heads=0):
     """A KestrelLM holding the weights of a transformers causal LM (see the module docstring), with
     num_draft_heads untrained (zero-initialised) draft heads for tree speculative decoding."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"from_hf: dtype must be None (the checkpoint's) or a torch floating dtype, got {dtype!r}")
     hf = _load(model_or_path, dtype)
     architecture = type(hf).__name__
     config = config_from_hf(hf.config, architecture, num_draft_heads)
