@@ -4,6 +4,7 @@ KESTREL_TEST_DEVICE=cpu | cuda | cpu,cuda overrides the devices tried; otherwise
 cases carry the `gpu` marker, which conftest.py skips where no GPU is present.
 """
 
+import math
 import os
 
 import pytest
@@ -77,3 +78,47 @@ def assert_cuda_equals_cpu(make, cpu_params, steps=10, seed=5, grad_fn=None):
         assert torch.equal(a, b.cpu())
         for key, value in opts[0].state[a].items():
             assert same_state_value(value, opts[1].state[b][key]), key
+
+
+def chi_square_critical(df, z=3.2905):
+    """The chi-square quantile at p = 5e-4 (Wilson-Hilferty)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def chi_square(counts, expected_probs, n):
+    """Chi-square statistic and degrees of freedom, merging the cells with expected count < 5 into one."""
+    expected = expected_probs * n
+    big = expected >= 5
+    stat = (((counts[big] - expected[big]) ** 2) / expected[big]).sum().item()
+    cells = int(big.sum())
+    rest_expected, rest_count = expected[~big].sum().item(), counts[~big].sum().item()
+    if rest_expected > 0:
+        stat += (rest_count - rest_expected) ** 2 / max(rest_expected, 1e-12)
+        cells += 1
+    return stat, cells - 1
+
+
+def assert_pairs_follow(model, prompt, new, options):
+    """Three sampled tokens after one prompt (new: (n, 3)): the frequencies of (x1, x2) and of (x2, x3) pass a
+    chi-square test against the model's exact distribution, computed by enumerating every 1- and 2-token
+    continuation (sampling_probs: the temperature / top-k / top-p of `options`)."""
+    from kestrel.ops.tree_verify import sampling_probs
+
+    V, L, n = model.config.vocab_size, prompt.numel(), new.shape[0]
+
+    def probs(context):
+        return sampling_probs(model(context)[:, -1].double(), **options).double()
+
+    with torch.no_grad():
+        p1 = probs(prompt[None])[0]  # (V,)
+        ctx2 = torch.cat([prompt.expand(V, L), torch.arange(V)[:, None]], 1)
+        p2 = probs(ctx2)  # (V, V): p(x2 | x1)
+        ctx3 = torch.cat([ctx2.repeat_interleave(V, 0), torch.arange(V).repeat(V)[:, None]], 1)
+        p3 = probs(ctx3).view(V, V, V)  # p(x3 | x1, x2)
+    joint12 = p1[:, None] * p2
+    joint23 = (joint12[:, :, None] * p3).sum(0)
+    for (a, b), expected in (((0, 1), joint12), ((1, 2), joint23)):
+        counts = torch.zeros(V * V, dtype=torch.float64)
+        counts.index_add_(0, new[:, a] * V + new[:, b], torch.ones(n, dtype=torch.float64))
+        stat, df = chi_square(counts, expected.flatten(), n)
+        assert stat < chi_square_critical(df), (a, b, stat, df)

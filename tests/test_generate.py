@@ -4,11 +4,10 @@ nothing accepted, acceptance to a leaf, EOS inside an accepted path); sampled sp
 target distribution (chi-square)."""
 
 import copy
-import math
 
 import pytest
 import torch
-from helpers import devices
+from helpers import assert_pairs_follow, chi_square, chi_square_critical, devices
 
 from kestrel.decoding.generate import TreeSpec, generate
 from kestrel.models import ATTENTION_KINDS, KestrelConfig, KestrelLM
@@ -145,24 +144,6 @@ def test_eos_inside_an_accepted_path(tree):
     assert max(stats.accept_lengths) == 4
 
 
-def chi_square_critical(df, z=3.2905):
-    """The chi-square quantile at p = 5e-4 (Wilson-Hilferty)."""
-    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
-
-
-def chi_square(counts, expected_probs, n):
-    """Chi-square statistic and degrees of freedom, merging the cells with expected count < 5 into one."""
-    expected = expected_probs * n
-    big = expected >= 5
-    stat = (((counts[big] - expected[big]) ** 2) / expected[big]).sum().item()
-    cells = int(big.sum())
-    rest_expected, rest_count = expected[~big].sum().item(), counts[~big].sum().item()
-    if rest_expected > 0:
-        stat += (rest_count - rest_expected) ** 2 / max(rest_expected, 1e-12)
-        cells += 1
-    return stat, cells - 1
-
-
 @pytest.mark.parametrize(
     "options", [dict(temperature=1.0), dict(temperature=0.7, top_k=5, top_p=0.9)], ids=["t1", "t0.7-topk5-topp0.9"]
 )
@@ -170,8 +151,6 @@ def test_sampled_speculative_follows_the_target_distribution(options):
     """Many copies of one prompt, three new tokens sampled with a k-ary tree: the frequencies of (x1, x2) and of
     (x2, x3) (x2, x3 come out of tree verification) pass a chi-square test against the target model's exact
     distribution computed by enumeration."""
-    from kestrel.ops.tree_verify import sampling_probs
-
     model = counting_model("softmax", noise=24.0, dtype=torch.float32)
     prompt = torch.tensor([3, 9, 4])
     n = 12000
@@ -183,24 +162,7 @@ def test_sampled_speculative_follows_the_target_distribution(options):
     # accepted: 2 kept) or in two (1 kept each)
     assert stats.accept_lengths.count(2) > 0.05 * n
     assert sum(stats.accept_lengths) == 2 * n  # kept tokens only: nothing past max_new_tokens is counted
-    new = out[:, 3:]
-
-    def probs(context):
-        return sampling_probs(model(context)[:, -1].double(), **options).double()
-
-    with torch.no_grad():
-        p1 = probs(prompt[None])[0]  # (V,)
-        ctx2 = torch.cat([prompt.expand(V, 3), torch.arange(V)[:, None]], 1)
-        p2 = probs(ctx2)  # (V, V): p(x2 | x1)
-        ctx3 = torch.cat([ctx2.repeat_interleave(V, 0), torch.arange(V).repeat(V)[:, None]], 1)
-        p3 = probs(ctx3).view(V, V, V)  # p(x3 | x1, x2)
-    joint12 = p1[:, None] * p2
-    joint23 = (joint12[:, :, None] * p3).sum(0)
-    for (a, b), expected in (((0, 1), joint12), ((1, 2), joint23)):
-        counts = torch.zeros(V * V, dtype=torch.float64)
-        counts.index_add_(0, new[:, a] * V + new[:, b], torch.ones(n, dtype=torch.float64))
-        stat, df = chi_square(counts, expected.flatten(), n)
-        assert stat < chi_square_critical(df), (a, b, stat, df)
+    assert_pairs_follow(model, prompt, out[:, 3:], options)
 
 
 def test_sampled_chi_square_detects_a_wrong_distribution():

@@ -156,6 +156,43 @@ def test_tree_speculative_decoding_on_a_converted_model(family):
     assert stats.mean_accepted_length > 1.0  # the heads learned something: tokens accepted beyond the root
 
 
+@pytest.mark.parametrize(
+    "options", [dict(temperature=1.0), dict(temperature=0.8, top_k=6, top_p=0.9)], ids=["t1", "t0.8-topk6-topp0.9"]
+)
+def test_sampled_speculative_decoding_on_a_converted_model_follows_its_distribution(options):
+    """A converted Qwen3 (a 16-token vocabulary, weights large enough for peaked next-token distributions) with draft
+    heads trained on its own samples, base frozen: three tokens sampled after one prompt with tree speculative
+    decoding, 12000 times; the frequencies of (x1, x2) and (x2, x3) (the latter out of tree verification) pass a
+    chi-square test against the converted model's exact distribution (enumerated), as for KestrelLM in
+    test_generate."""
+    from helpers import assert_pairs_follow
+
+    from kestrel.decoding import TreeSpec
+    from kestrel.models.training import draft_loss, freeze_base, train_steps
+    from kestrel.optim import AdamW8bit
+
+    _, extra, theta, _ = FAMILIES["qwen3"]
+    config_class = transformers.Qwen3Config
+    config = config_class(
+        **dict(BASE, vocab_size=16), **extra, initializer_range=0.4, **rope_kwargs(config_class, theta)
+    )
+    torch.manual_seed(3)
+    hf = transformers.Qwen3ForCausalLM(config).eval()
+    model = KestrelLM.from_hf(hf, num_draft_heads=2)
+    prompt, n = torch.tensor([5, 1, 12]), 12000
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # the heads learn the model's own sampled continuations of the prompt
+        samples = generate(model, prompt.expand(64, 3), 8, temperature=1.0, generator=generator)
+    optimizer = AdamW8bit(freeze_base(model), lr=1e-2)
+    train_steps(model, optimizer, [samples] * 40, loss_fn=lambda m, t: draft_loss(m, t)[0])
+    tree = TreeSpec(choices=[[0], [1], [0, 0], [0, 1], [1, 0], [1, 1]])
+    out, stats = generate(
+        model, prompt.expand(n, 3), 3, speculative=tree, generator=generator, return_stats=True, **options
+    )
+    assert stats.accept_lengths.count(2) > 0.05 * n  # drafts accepted often enough to matter
+    assert_pairs_follow(model, prompt, out[:, 3:], options)
+
+
 def test_a_local_checkpoint_directory(tmp_path):
     hf = hf_model("qwen2", torch.float32)
     hf.save_pretrained(tmp_path, safe_serialization=True)
