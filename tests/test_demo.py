@@ -252,3 +252,101 @@ def test_progress_with_the_real_tqdm():
     for step in range(20):
         progress.update(note=f"loss {step}")
     assert "train (x)" in stream.getvalue() and "20/20" in stream.getvalue() and "loss 19" in stream.getvalue()
+
+
+def write_checkpoint(path, train_steps=60):
+    """A local Hugging Face checkpoint as `save_pretrained` writes one, built here without a download: a byte-level
+    BPE tokenizer (320 tokens, trained on three standard-library files) and a tiny LlamaForCausalLM trained for
+    train_steps steps on those files (kestrel's AdamW8bit), so that its draft heads have something to predict."""
+    import sysconfig
+    from pathlib import Path
+
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    from kestrel.optim import AdamW8bit
+
+    texts = [
+        Path(sysconfig.get_paths()["stdlib"], name).read_text() for name in ("os.py", "functools.py", "argparse.py")
+    ]
+    byte_level = tokenizers.pre_tokenizers.ByteLevel
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tokenizer.pre_tokenizer = byte_level(add_prefix_space=False)
+    tokenizer.decoder = tokenizers.decoders.ByteLevel()
+    tokenizer.train_from_iterator(
+        texts,
+        tokenizers.trainers.BpeTrainer(
+            vocab_size=320, special_tokens=["<s>", "</s>"], initial_alphabet=byte_level.alphabet()
+        ),
+    )
+    tokenizer.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
+    config = transformers.LlamaConfig(
+        vocab_size=tokenizer.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    tokens = torch.tensor(sum((fast(text, add_special_tokens=False)["input_ids"] for text in texts), []))
+    optimizer = AdamW8bit(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(train_steps):
+        starts = torch.randint(0, len(tokens) - 65, (16,), generator=generator)
+        batch = torch.stack([tokens[s : s + 65] for s in starts.tolist()])
+        loss = model(batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(path)
+    return path
+
+
+def test_demo_on_a_local_checkpoint(tmp_path):
+    """`python -m kestrel demo --model PATH --quick`: a checkpoint written by this test, converted; its draft heads
+    trained; kestrel greedy == tree speculative == transformers' greedy generate on the --prompt prompts, with
+    tokens/s and the accepted length reported for each. In float64 too (no near-tie can flip a token there)."""
+    model_dir = write_checkpoint(tmp_path / "llama")
+    prompts = ["def __init__(self, ", "import os\n"]
+    for dtype in ("float32", "float64"):
+        out = tmp_path / f"demo-{dtype}"
+        command = [sys.executable, "-m", "kestrel", "demo", "--model", str(model_dir), "--quick", "--out", str(out)]
+        command += ["--dtype", dtype, "--draft-steps", "20", "--new-tokens", "24"]
+        for prompt in prompts:
+            command += ["--prompt", prompt]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["architecture"] == "LlamaForCausalLM" and summary["dtype"] == dtype
+        assert summary["prompts"] == prompts and len(summary["draft_loss_curve"]) == 20
+        assert summary["draft_loss_curve"][-1] < summary["draft_loss_curve"][0]
+        assert summary["greedy_equals_speculative"] is True and summary["greedy_equals_transformers"] is True
+        assert summary["mean_accepted_length"] > 1.0  # the heads learned the trained model's continuations
+        for key in ("tokens_per_s_transformers", "tokens_per_s_greedy", "tokens_per_s_speculative"):
+            assert summary[key] > 0
+        for line in ("kestrel greedy == transformers greedy generate: True", "transformers generate", "accepted/step"):
+            assert line in result.stdout
+        assert "Loading weights" not in result.stderr  # transformers' progress bars are off in the demo
+
+
+def test_demo_argument_errors(tmp_path, capsys):
+    """Refused before any work, exit status 2, naming the argument: a --model that is no checkpoint, a byte-level
+    option with --model, --dtype without --model."""
+    cases = [
+        (["--model", str(tmp_path / "missing")], "is not a local checkpoint directory (no config.json)"),
+        (["--model", str(tmp_path), "--attention", "lssa"], "--attention lssa applies to the byte-level model only"),
+        (["--model", str(tmp_path), "--steps", "3"], "--steps trains the byte-level model"),
+        (["--dtype", "float64"], "--dtype applies to --model only"),
+    ]
+    from kestrel.__main__ import main
+
+    for extra, message in cases:
+        assert main(["demo", "--out", str(tmp_path / "out"), *extra]) == 2
+        assert message in capsys.readouterr().err, extra
+        assert not (tmp_path / "out").exists()

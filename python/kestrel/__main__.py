@@ -99,9 +99,13 @@ def cmd_bench(args):
 
 
 def cmd_demo(args):
-    from .demo import run
+    from .demo import DemoArgumentError, run
 
-    return run(args)
+    try:
+        return run(args)
+    except DemoArgumentError as error:
+        print(f"python -m kestrel demo: error: {error}", file=sys.stderr)
+        return 2
 
 
 def build_parser():
@@ -126,7 +130,8 @@ def build_parser():
     bench.set_defaults(func=cmd_bench)
     about = (
         "train a byte-level KestrelLM on the Python standard library (AdamW8bit beside AdamW), its draft heads, "
-        "then greedy vs tree speculative decoding"
+        "then greedy vs tree speculative decoding; with --model PATH, a local Hugging Face checkpoint's draft heads "
+        "and kestrel's decoding beside transformers' generate"
     )
     demo = commands.add_parser("demo", help=about, description=about)
     add_demo_arguments(demo)

@@ -13,6 +13,11 @@
 Continuations are printed as Python string literals (whitespace and unprintable bytes escaped). Progress goes to
 stderr: a tqdm bar on a terminal when tqdm is installed, else a plain line every tenth of a phase.
 Writes summary.json and loss_curves.png (if matplotlib is installed) to --out.
+
+With --model PATH (a local Hugging Face Llama / Mistral / Qwen2 / Qwen3 checkpoint and its tokenizer; the hf extra)
+the demo runs kestrel.demo_hf instead: the checkpoint converted with KestrelLM.from_hf, draft heads trained on the
+standard library tokenised by its tokenizer (the base frozen), then transformers' greedy generate, kestrel's greedy
+and kestrel's tree speculative decoding on the same prompts (--prompt), token for token and in tokens/s.
 """
 
 import argparse
@@ -32,7 +37,13 @@ try:  # optional (the `demo` extra): progress bars on a terminal
 except ImportError:
     tqdm = None
 
-from ._demo_cli import SETTINGS, add_arguments, settings_for  # noqa: F401  (SETTINGS: re-exported)
+from ._demo_cli import (  # noqa: F401  (SETTINGS: re-exported)
+    SETTINGS,
+    DemoArgumentError,
+    add_arguments,
+    check_arguments,
+    settings_for,
+)
 from .decoding.generate import TreeSpec, generate
 from .models import KestrelConfig, KestrelLM
 from .models.training import draft_loss, freeze_base, lm_loss, optimizer_state_bytes, train_steps
@@ -80,7 +91,7 @@ NEAR_TIE = 1e-3
 def check_head_dim(attention, head_dim, device_type):
     """On CUDA, lssa / lssar decode with the softplus attention kernel, which takes head dims 64 and 128 only."""
     if device_type == "cuda" and attention in ("lssa", "lssar") and head_dim not in KERNEL_HEAD_DIMS:
-        raise ValueError(
+        raise DemoArgumentError(
             f"kestrel demo: --attention {attention} on CUDA needs a head dim in {KERNEL_HEAD_DIMS} (the "
             f"softplus attention kernel's), got d_model / n_heads = {head_dim}"
         )
@@ -146,9 +157,9 @@ class Progress:
         )
 
 
-def stdlib_corpus(max_bytes, seed=0):
-    """Bytes of the Python standard library's .py files (no tests, no site-packages), files in a fixed shuffled
-    order, up to max_bytes."""
+def stdlib_sources(max_bytes, seed=0):
+    """The Python standard library's .py files (no tests, no site-packages) as bytes, one item per file, files in a
+    fixed shuffled order, max_bytes in all (the last one cut)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(
         path
@@ -164,11 +175,17 @@ def stdlib_corpus(max_bytes, seed=0):
             data = path.read_bytes()
         except OSError:
             continue
-        chunks.append(data)
-        total += len(data)
+        chunks.append(data[: max_bytes - total])
+        total += len(chunks[-1])
         if total >= max_bytes:
             break
-    return torch.frombuffer(bytearray(b"".join(chunks)[:max_bytes]), dtype=torch.uint8).to(torch.int64)
+    return chunks
+
+
+def stdlib_corpus(max_bytes, seed=0):
+    """stdlib_sources' bytes concatenated, as int64 tokens (one per byte)."""
+    data = b"".join(stdlib_sources(max_bytes, seed))
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int64)
 
 
 def batches(corpus, batch_size, seq_len, steps, seed):
@@ -234,12 +251,12 @@ def show_text(tokens):
     return f"{len(tokens)} bytes{', whitespace only' if text.isspace() else ''}: {text!r}"
 
 
-def time_generation(model, prompts, new_tokens, speculative, label):
-    """Generate from each prompt at batch 1 (one warm-up call first); (outputs, tokens/s, mean accepted length)."""
-    encoded = [torch.tensor(list(p.encode()), dtype=torch.int64)[None].to(model.device) for p in prompts]
+def time_generation(model, encoded, new_tokens, speculative, label):
+    """Generate new_tokens after each prompt of `encoded` (token tensors (1, L) on the model's device) at batch 1,
+    one warm-up call first; (outputs as lists of the new tokens, tokens/s, mean accepted length)."""
     generate(model, encoded[0], 4, speculative=speculative)  # warm-up
     outputs, tokens, seconds, accepted = [], 0, 0.0, []
-    progress = Progress(label, len(prompts))
+    progress = Progress(label, len(encoded))
     for ids in encoded:
         out, stats = generate(model, ids, new_tokens, speculative=speculative, return_stats=True)
         outputs.append(out[0, ids.shape[1] :].tolist())
@@ -249,6 +266,32 @@ def time_generation(model, prompts, new_tokens, speculative, label):
         progress.update()
     mean_accepted = sum(accepted) / len(accepted) if accepted else 1.0
     return outputs, tokens / seconds, mean_accepted
+
+
+def compare(model, prompts, encoded, greedy, other):
+    """The first mismatch (first_mismatch) of each prompt (its text in prompts, its tokens (1, L) in encoded) where
+    the continuations `other` differ from `greedy`: a list of dicts, each with its prompt."""
+    mismatches = []
+    for prompt, ids, ours, theirs in zip(prompts, encoded, greedy, other):
+        found = first_mismatch(model, ids[0].tolist(), ours, theirs)
+        if found is not None:
+            mismatches.append(dict(prompt=prompt, **found))
+    return mismatches
+
+
+def print_mismatches(mismatches, failed, device_type, other="speculative"):
+    """One line per mismatch (compare's), then, when they do not fail the run, that they are near-ties."""
+    for m in mismatches:
+        gap = "n/a (different lengths)" if m["gap"] is None else f"{m['gap']:.3g}"
+        print(
+            f"  {m['prompt']!r}: first difference at new token {m['position']} (greedy {m['greedy_token']}, "
+            f"{other} {m['speculative_token']}), logit gap {gap}: {'a near-tie' if m['near_tie'] else 'NOT a near-tie'}"
+        )
+    if mismatches and not failed:
+        print(
+            f"  {sum(m['near_tie'] for m in mismatches)} near-tie flip(s) on {device_type}: float32 logits computed "
+            "with other shapes; not a failure there"
+        )
 
 
 def save_plot(path, curves, draft_curve):
@@ -303,6 +346,11 @@ def save_plot(path, curves, draft_curve):
 
 
 def run(args):
+    check_arguments(args)
+    if args.model is not None:
+        from .demo_hf import run_hf
+
+        return run_hf(args)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -386,25 +434,22 @@ def run(args):
         head_losses = draft_loss(model, windows)[1]
     print("draft heads' held-out loss per head: " + ", ".join(f"{loss:.3f}" for loss in head_losses))
 
-    prompts = PROMPTS[: settings["prompts"]]
+    prompts = args.prompt or PROMPTS[: settings["prompts"]]
+    encoded = [torch.tensor([list(p.encode())], dtype=torch.int64, device=device) for p in prompts]
     spec = TreeSpec(choices=DEFAULT_CHOICES)
-    greedy, greedy_tps, _ = time_generation(model, prompts, settings["new_tokens"], None, "greedy")
+    greedy, greedy_tps, _ = time_generation(model, encoded, settings["new_tokens"], None, "greedy")
     speculative, spec_tps, mean_accepted = time_generation(
-        model, prompts, settings["new_tokens"], spec, "tree speculative"
+        model, encoded, settings["new_tokens"], spec, "tree speculative"
     )
     identical = greedy == speculative
-    mismatches = []
-    for prompt, ours, theirs in zip(prompts, greedy, speculative):
-        found = first_mismatch(model, list(prompt.encode()), ours, theirs)
-        if found is not None:
-            mismatches.append(dict(prompt=prompt, **found))
+    mismatches = compare(model, prompts, encoded, greedy, speculative)
     near_ties = sum(m["near_tie"] for m in mismatches)
     failed = greedy_failed(mismatches, device.type)
     for prompt, tokens in zip(prompts, greedy):
         print(f"--- greedy: {prompt!r} -> {show_text(tokens)}")
     sampled_ids, sampled_stats = generate(
         model,
-        torch.tensor([list(prompts[-1].encode())], device=device),
+        encoded[-1],
         settings["new_tokens"],
         temperature=0.8,
         top_p=0.95,
@@ -412,25 +457,14 @@ def run(args):
         generator=torch.Generator(device).manual_seed(args.seed),
         return_stats=True,
     )
-    sampled_tokens = sampled_ids[0, len(prompts[-1].encode()) :].tolist()
+    sampled_tokens = sampled_ids[0, encoded[-1].shape[1] :].tolist()
     sampled = decode_text(sampled_tokens)
     print(
         f"--- sampled (temperature 0.8, top-p 0.95, speculative, mean accepted length "
         f"{sampled_stats.mean_accepted_length:.2f}): {prompts[-1]!r} -> {show_text(sampled_tokens)}"
     )
     print(f"greedy == speculative (token for token, {len(prompts)} prompts): {identical}")
-    for m in mismatches:
-        gap = "n/a (different lengths)" if m["gap"] is None else f"{m['gap']:.3g}"
-        print(
-            f"  {m['prompt']!r}: first difference at new token {m['position']} (greedy {m['greedy_token']}, "
-            f"speculative {m['speculative_token']}), logit gap {gap}: "
-            f"{'a near-tie' if m['near_tie'] else 'NOT a near-tie'}"
-        )
-    if mismatches and not failed:
-        print(
-            f"  {near_ties} near-tie flip(s) on {device.type}: float32 logits computed with other shapes; not a "
-            "failure there"
-        )
+    print_mismatches(mismatches, failed, device.type)
     print(
         f"mean accepted length {mean_accepted:.2f} tokens/step (tree of {spec.num_nodes()} nodes); "
         f"{greedy_tps:.1f} tokens/s greedy, {spec_tps:.1f} tokens/s speculative: {spec_tps / greedy_tps:.2f}x"
@@ -484,7 +518,11 @@ def main(argv=None):
         prog="python -m kestrel demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except DemoArgumentError as error:
+        parser.error(str(error))
 
 
 if __name__ == "__main__":

@@ -102,7 +102,9 @@ def config_from_hf(cfg, architecture, num_draft_heads=0):
     )
 
 
-def _load(model_or_path, dtype):
+def load_hf_model(model_or_path, dtype=None):
+    """The transformers model of a local checkpoint directory (config.json and safetensors weights, in dtype or
+    the checkpoint's own), or a given transformers model as it is."""
     transformers = _transformers()
     if isinstance(model_or_path, (str, os.PathLike)):
         path = os.fspath(model_or_path)
@@ -128,7 +130,7 @@ def from_hf(model_or_path, dtype=None, num_draft_heads=0):
     num_draft_heads untrained (zero-initialised) draft heads for tree speculative decoding."""
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"from_hf: dtype must be None (the checkpoint's) or a torch floating dtype, got {dtype!r}")
-    hf = _load(model_or_path, dtype)
+    hf = load_hf_model(model_or_path, dtype)
     architecture = type(hf).__name__
     config = config_from_hf(hf.config, architecture, num_draft_heads)
     source = hf.state_dict()
@@ -234,4 +236,4 @@ def to_hf(model):
     return hf
 
 
-__all__ = ["SUPPORTED", "config_from_hf", "config_to_hf", "from_hf", "to_hf"]
+__all__ = ["SUPPORTED", "config_from_hf", "config_to_hf", "from_hf", "load_hf_model", "to_hf"]
