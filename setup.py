@@ -134,7 +134,14 @@ def main():
 
     setup(
         version=read_version(),
-        package_dir={"": "python", "kestrel.kernels": "kernels", "kestrel.benchmarks": "benchmarks"},
+        # kestrel._include: the framework-free kernel headers, which the JIT path compiles at run time (an editable
+        # install reads them from csrc/include instead)
+        package_dir={
+            "": "python",
+            "kestrel.kernels": "kernels",
+            "kestrel.benchmarks": "benchmarks",
+            "kestrel._include": "csrc/include",
+        },
         packages=[
             "kestrel",
             "kestrel.nn",
@@ -145,7 +152,9 @@ def main():
             "kestrel.decoding",
             "kestrel.kernels",
             "kestrel.benchmarks",
+            "kestrel._include",
         ],
+        package_data={"kestrel._include": ["kestrel/*.h", "kestrel/*.cuh"]},
         ext_modules=make_extensions(),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         zip_safe=False,

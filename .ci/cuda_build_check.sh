@@ -11,7 +11,7 @@ if [ ! -x "$CUDA_HOME/bin/nvcc" ] && ! command -v nvcc >/dev/null; then
 fi
 venv="$root/.venv-cuda"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/python" -m pip install -q torch==2.14.1 ninja setuptools wheel pytest numpy
+"$venv/bin/python" -m pip install -q torch==2.14.1 ninja setuptools wheel pytest numpy cupy-cuda13x
 # A copy of the working tree, so this build never touches the in-place CPU build of step 1.
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -29,3 +29,14 @@ PY
   "$work/tests/test_quantize.py" "$work/tests/test_optim.py" "$work/tests/test_optim_one_state.py" \
   "$work/tests/test_optim_ademamix.py" "$work/tests/test_optim_manager.py" \
   "$work/tests/test_optim_stochastic_round.py" "$work/tests/test_op_registration.py"
+# The JIT path from the installed package, as on a GPU machine without a toolkit: kestrel's headers from
+# kestrel/_include, NVRTC and the CUDA headers from torch's nvidia wheels. Every kernel compiles under NVRTC; the
+# cache, the backend selection, import kestrel without CuPy.
+"$venv/bin/python" - <<'PY'
+from kestrel import _jit
+headers = _jit.kestrel_include_dir()
+assert "site-packages" in str(headers), headers
+print("JIT: kestrel headers", headers, "| CUDA headers", _jit.cuda_include_dirs(), "| NVRTC", _jit.nvrtc_version())
+PY
+KESTREL_REQUIRE_JIT=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider --rootdir "$work" "$work/tests/test_jit.py" \
+  -k "nvrtc or cache or backend or import_kestrel or kernel_names"

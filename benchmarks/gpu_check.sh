@@ -6,6 +6,7 @@
 #   KESTREL_GPU_CHECK_SKIP_BENCH=1 ...       # no benchmarks
 #   KESTREL_GPU_CHECK_SKIP_DEMO=1 ...        # no demo
 #   KESTREL_GPU_CHECK_BENCH_ONLY="vq_topk tree_attention" ...   # only these benchmarks
+#   KESTREL_GPU_CHECK_SKIP_JIT=1 ...         # no JIT-path stage (the C++ ops' CUDA kernels compiled by NVRTC)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/kestrel-gpu}"
@@ -31,6 +32,16 @@ echo "== build" | tee "$OUT/build.log"
 echo "== GPU tests"
 "$PY" -m pytest -m "gpu or triton" -q -ra tests 2>&1 | tee "$OUT/tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+if [ -z "${KESTREL_GPU_CHECK_SKIP_JIT:-}" ]; then
+  # The JIT path (kestrel/_jit.py, needs CuPy): its op-by-op comparison with the CPU and native kernels (in the GPU
+  # tests above), then the optimizer, quantization and verification GPU tests with every C++ op on the JIT kernels
+  echo "== GPU tests on the JIT path (KESTREL_CUDA_BACKEND=jit)"
+  KESTREL_CUDA_BACKEND=jit KESTREL_CACHE_DIR="$OUT/jit-cache" "$PY" -m pytest -m gpu -q -ra tests/test_quantize.py \
+    tests/test_optim.py tests/test_optim_one_state.py tests/test_optim_ademamix.py tests/test_tree_verify.py \
+    tests/test_generate.py 2>&1 | tee "$OUT/tests-jit.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 
 if [ -z "${KESTREL_GPU_CHECK_SKIP_DEMO:-}" ]; then
   echo "== demo on the GPU"

@@ -118,7 +118,12 @@ pybind11::dict build_info() {
 
 }  // namespace
 
+namespace kestrel {
+void register_jit_bindings(pybind11::module_& m);  // csrc/jit_ops.cpp: the JIT path's host half
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kestrel native extension: registers the kestrel:: ops with PyTorch's dispatcher";
   m.def("build_info", &build_info, "How this extension was built: version, torch, OpenMP, CUDA and its archs.");
+  kestrel::register_jit_bindings(m);
 }

@@ -50,8 +50,11 @@ def test_cuda_input_without_cuda_build_raises_clearly(monkeypatch):
     if not kestrel._ext.available():
         pytest.skip("kestrel._C is not built")
     monkeypatch.setattr(kestrel._ext, "build_info", lambda: {"cuda": False})
-    with pytest.raises(kestrel._ext.ExtensionMissing, match="built without its CUDA part"):
+    monkeypatch.setenv("KESTREL_CUDA_BACKEND", "native")  # the JIT path (kestrel._jit) would otherwise take it
+    with pytest.raises(kestrel._ext.ExtensionMissing, match="built without its CUDA kernels"):
         kestrel._ext.require("quantize_blockwise", torch.device("cuda", 0))
+    monkeypatch.setenv("KESTREL_CUDA_BACKEND", "auto")
+    kestrel._ext.require("quantize_blockwise", torch.device("cuda", 0))
     with pytest.raises(NotImplementedError, match="no kernel for device meta"):
         kestrel._ext.require("quantize_blockwise", torch.device("meta"))
 

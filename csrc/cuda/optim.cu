@@ -1,5 +1,5 @@
 // Raw-pointer launchers of the fused multi-tensor optimizer steps (two-state, one-state) and of the LAMB/LARS norm
-// pass. Never includes torch (fast to compile).
+// pass (kestrel/optim.cuh), as kestrel/launch_plan.h plans them. Never includes torch (fast to compile).
 #include "kestrel/cuda_launch.h"
 #include "kestrel/launch.h"
 #include "kestrel/optim.cuh"
@@ -8,136 +8,95 @@ namespace kestrel {
 namespace cuda {
 namespace {
 
-template <typename T, optim::TwoState KIND>
-cudaError_t launch_two_state_kind(bool eight_bit, const optim::TensorMeta* meta, int num_tensors, int64_t total_blocks,
-                                  const float* qmap1, const float* qmap2, cudaStream_t stream) {
-  const int64_t ctas = (total_blocks + kStepWarps - 1) / kStepWarps;
-  if (ctas > 0x7fffffffLL) return cudaErrorInvalidValue;
-  if (eight_bit)
-    KESTREL_LAUNCH((unsigned)ctas, kStepThreads, 0, stream, two_state_kernel<T, KIND, true>)(
-        meta, num_tensors, total_blocks, qmap1, qmap2);
-  else
-    KESTREL_LAUNCH((unsigned)ctas, kStepThreads, 0, stream, two_state_kernel<T, KIND, false>)(
-        meta, num_tensors, total_blocks, qmap1, qmap2);
-  return cudaGetLastError();
+template <typename T, bool EIGHT_BIT>
+cudaError_t launch_two_state(int kind, const KernelLaunch& launch, const StepArgs& a, cudaStream_t s) {
+  if (kind == static_cast<int>(optim::TwoState::kAdEMAMix))
+    return launch_kernel(&two_state_kernel<T, optim::TwoState::kAdEMAMix, EIGHT_BIT>, launch, a, s);
+  return launch_kernel(&two_state_kernel<T, optim::TwoState::kAdam, EIGHT_BIT>, launch, a, s);
 }
 
-template <typename T>
-cudaError_t launch_two_state(optim::TwoState kind, bool eight_bit, const optim::TensorMeta* meta, int num_tensors,
-                             int64_t total_blocks, const float* qmap1, const float* qmap2, cudaStream_t stream) {
-  if (total_blocks == 0 || num_tensors == 0) return cudaSuccess;
-  if (kind == optim::TwoState::kAdEMAMix)
-    return launch_two_state_kind<T, optim::TwoState::kAdEMAMix>(eight_bit, meta, num_tensors, total_blocks, qmap1,
-                                                                qmap2, stream);
-  return launch_two_state_kind<T, optim::TwoState::kAdam>(eight_bit, meta, num_tensors, total_blocks, qmap1, qmap2,
-                                                          stream);
-}
-
-template <typename T, optim::OneState KIND>
-cudaError_t launch_one_state_kind(bool eight_bit, const optim::TensorMeta* meta, int num_tensors, int64_t total_blocks,
-                                  const float* qmap1, cudaStream_t stream) {
-  const int64_t ctas = (total_blocks + kStepWarps - 1) / kStepWarps;
-  if (ctas > 0x7fffffffLL) return cudaErrorInvalidValue;
-  if (eight_bit)
-    KESTREL_LAUNCH((unsigned)ctas, kStepThreads, 0, stream, one_state_kernel<T, KIND, true>)(meta, num_tensors,
-                                                                                             total_blocks, qmap1);
-  else
-    KESTREL_LAUNCH((unsigned)ctas, kStepThreads, 0, stream, one_state_kernel<T, KIND, false>)(meta, num_tensors,
-                                                                                              total_blocks, qmap1);
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t launch_one_state(optim::OneState kind, bool eight_bit, const optim::TensorMeta* meta, int num_tensors,
-                             int64_t total_blocks, const float* qmap1, cudaStream_t stream) {
-  if (total_blocks == 0 || num_tensors == 0) return cudaSuccess;
-  switch (kind) {
+template <typename T, bool EIGHT_BIT>
+cudaError_t launch_one_state(int kind, const KernelLaunch& launch, const StepArgs& a, cudaStream_t s) {
+  switch (static_cast<optim::OneState>(kind)) {
     case optim::OneState::kMomentum:
-      return launch_one_state_kind<T, optim::OneState::kMomentum>(eight_bit, meta, num_tensors, total_blocks, qmap1,
-                                                                  stream);
+      return launch_kernel(&one_state_kernel<T, optim::OneState::kMomentum, EIGHT_BIT>, launch, a, s);
     case optim::OneState::kRMSprop:
-      return launch_one_state_kind<T, optim::OneState::kRMSprop>(eight_bit, meta, num_tensors, total_blocks, qmap1,
-                                                                 stream);
+      return launch_kernel(&one_state_kernel<T, optim::OneState::kRMSprop, EIGHT_BIT>, launch, a, s);
     case optim::OneState::kAdagrad:
-      return launch_one_state_kind<T, optim::OneState::kAdagrad>(eight_bit, meta, num_tensors, total_blocks, qmap1,
-                                                                 stream);
+      return launch_kernel(&one_state_kernel<T, optim::OneState::kAdagrad, EIGHT_BIT>, launch, a, s);
     case optim::OneState::kLion:
-      return launch_one_state_kind<T, optim::OneState::kLion>(eight_bit, meta, num_tensors, total_blocks, qmap1,
-                                                              stream);
+      return launch_kernel(&one_state_kernel<T, optim::OneState::kLion, EIGHT_BIT>, launch, a, s);
   }
   return cudaErrorInvalidValue;
 }
 
 template <typename T>
-cudaError_t launch_norms(bool adam, bool eight_bit, const optim::TensorMeta* meta, int num_tensors,
-                         int64_t total_blocks, const float* qmap1, const float* qmap2, float* block_sums,
-                         cudaStream_t stream) {
-  if (num_tensors == 0) return cudaSuccess;
-  const int64_t ctas = (total_blocks + kStepWarps - 1) / kStepWarps;
-  if (ctas > 0x7fffffffLL) return cudaErrorInvalidValue;
-  if (ctas > 0) {
-    const dim3 grid((unsigned)ctas);
-    if (adam && eight_bit)
-      KESTREL_LAUNCH(grid, kStepThreads, 0, stream, norm_kernel<T, true, true>)(meta, num_tensors, total_blocks, qmap1,
-                                                                                qmap2, block_sums);
-    else if (adam)
-      KESTREL_LAUNCH(grid, kStepThreads, 0, stream, norm_kernel<T, true, false>)(meta, num_tensors, total_blocks, qmap1,
-                                                                                 qmap2, block_sums);
-    else if (eight_bit)
-      KESTREL_LAUNCH(grid, kStepThreads, 0, stream, norm_kernel<T, false, true>)(meta, num_tensors, total_blocks, qmap1,
-                                                                                 qmap2, block_sums);
-    else
-      KESTREL_LAUNCH(grid, kStepThreads, 0, stream, norm_kernel<T, false, false>)(meta, num_tensors, total_blocks,
-                                                                                  qmap1, qmap2, block_sums);
-    const cudaError_t error = cudaGetLastError();
-    if (error != cudaSuccess) return error;
-  }
-  KESTREL_LAUNCH((unsigned)num_tensors, optim::kNormThreads, 0, stream, norm_reduce_kernel)(meta, block_sums);
-  return cudaGetLastError();
+cudaError_t launch_step(bool two_state, int kind, bool eight_bit, const KernelLaunch& launch, const StepArgs& a,
+                        cudaStream_t s) {
+  if (two_state)
+    return eight_bit ? launch_two_state<T, true>(kind, launch, a, s) : launch_two_state<T, false>(kind, launch, a, s);
+  return eight_bit ? launch_one_state<T, true>(kind, launch, a, s) : launch_one_state<T, false>(kind, launch, a, s);
+}
+
+// The norm pass: plan_norms' first launch (when there are blocks) is norm_kernel, the last norm_reduce_kernel.
+template <typename T>
+cudaError_t launch_norm_blocks(bool adam, bool eight_bit, const KernelLaunch& launch, const StepArgs& a,
+                               cudaStream_t s) {
+  if (adam && eight_bit) return launch_kernel(&norm_kernel<T, true, true>, launch, a, s);
+  if (adam) return launch_kernel(&norm_kernel<T, true, false>, launch, a, s);
+  if (eight_bit) return launch_kernel(&norm_kernel<T, false, true>, launch, a, s);
+  return launch_kernel(&norm_kernel<T, false, false>, launch, a, s);
 }
 
 }  // namespace
 
-int update_norms(DType dtype, bool adam, bool eight_bit, const optim::TensorMeta* meta, int num_tensors,
-                 int64_t total_blocks, const float* qmap1, const float* qmap2, float* block_sums, void* stream) {
+int step(DType dtype, bool two_state, int kind, bool eight_bit, const StepArgs& args, void* stream) {
+  const LaunchPlan plan = plan_step(dtype, two_state, kind, eight_bit, args.num_tensors, args.total_blocks);
+  if (!plan.ok) return cudaErrorInvalidValue;
   auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch_norms<float>(adam, eight_bit, meta, num_tensors, total_blocks, qmap1, qmap2, block_sums, s);
-    case DType::kFloat16:
-      return launch_norms<__half>(adam, eight_bit, meta, num_tensors, total_blocks, qmap1, qmap2, block_sums, s);
-    case DType::kBFloat16:
-      return launch_norms<__nv_bfloat16>(adam, eight_bit, meta, num_tensors, total_blocks, qmap1, qmap2, block_sums, s);
+  for (const KernelLaunch& launch : plan.launches) {
+    cudaError_t error = cudaErrorInvalidValue;
+    switch (dtype) {
+      case DType::kFloat32:
+        error = launch_step<float>(two_state, kind, eight_bit, launch, args, s);
+        break;
+      case DType::kFloat16:
+        error = launch_step<__half>(two_state, kind, eight_bit, launch, args, s);
+        break;
+      case DType::kBFloat16:
+        error = launch_step<__nv_bfloat16>(two_state, kind, eight_bit, launch, args, s);
+        break;
+    }
+    if (error != cudaSuccess) return error;
   }
-  return cudaErrorInvalidValue;
+  return cudaSuccess;
 }
 
-int one_state_step(DType dtype, optim::OneState kind, bool eight_bit, const optim::TensorMeta* meta, int num_tensors,
-                   int64_t total_blocks, const float* qmap1, void* stream) {
+int update_norms(DType dtype, bool adam, bool eight_bit, const StepArgs& args, void* stream) {
+  const LaunchPlan plan = plan_norms(dtype, adam, eight_bit, args.num_tensors, args.total_blocks);
+  if (!plan.ok) return cudaErrorInvalidValue;
   auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch_one_state<float>(kind, eight_bit, meta, num_tensors, total_blocks, qmap1, s);
-    case DType::kFloat16:
-      return launch_one_state<__half>(kind, eight_bit, meta, num_tensors, total_blocks, qmap1, s);
-    case DType::kBFloat16:
-      return launch_one_state<__nv_bfloat16>(kind, eight_bit, meta, num_tensors, total_blocks, qmap1, s);
+  for (size_t i = 0; i < plan.launches.size(); ++i) {
+    const KernelLaunch& launch = plan.launches[i];
+    cudaError_t error = cudaErrorInvalidValue;
+    if (i + 1 == plan.launches.size()) {
+      error = launch_kernel(&norm_reduce_kernel, launch, args, s);
+    } else {
+      switch (dtype) {
+        case DType::kFloat32:
+          error = launch_norm_blocks<float>(adam, eight_bit, launch, args, s);
+          break;
+        case DType::kFloat16:
+          error = launch_norm_blocks<__half>(adam, eight_bit, launch, args, s);
+          break;
+        case DType::kBFloat16:
+          error = launch_norm_blocks<__nv_bfloat16>(adam, eight_bit, launch, args, s);
+          break;
+      }
+    }
+    if (error != cudaSuccess) return error;
   }
-  return cudaErrorInvalidValue;
-}
-
-int two_state_step(DType dtype, optim::TwoState kind, bool eight_bit, const optim::TensorMeta* meta, int num_tensors,
-                   int64_t total_blocks, const float* qmap1, const float* qmap2, void* stream) {
-  auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch_two_state<float>(kind, eight_bit, meta, num_tensors, total_blocks, qmap1, qmap2, s);
-    case DType::kFloat16:
-      return launch_two_state<__half>(kind, eight_bit, meta, num_tensors, total_blocks, qmap1, qmap2, s);
-    case DType::kBFloat16:
-      return launch_two_state<__nv_bfloat16>(kind, eight_bit, meta, num_tensors, total_blocks, qmap1, qmap2, s);
-  }
-  return cudaErrorInvalidValue;
+  return cudaSuccess;
 }
 
 }  // namespace cuda

@@ -54,6 +54,9 @@ def cmd_info(args):
             f"extension kestrel._C: built, {cuda}; OpenMP {'on' if info['openmp'] else 'off'}; "
             f"against torch {info['torch_version']} with {info['compiler']}"
         )
+        from . import _jit
+
+        print(f"CUDA kernels of the C++ ops: {_jit.describe()}")
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             major, minor = torch.cuda.get_device_capability(index)

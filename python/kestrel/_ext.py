@@ -52,8 +52,10 @@ def build_info():
     return dict(_BUILD_INFO)
 
 
-def require(op, device=None):
-    """Raise a clear error if `op` cannot run on `device` with the extension as built."""
+def require(op, device=None, native_only=False):
+    """Raise a clear error if `op` cannot run on `device` with the extension as built. On CUDA without kestrel._C's
+    CUDA part, the JIT path (kestrel._jit) runs the C++ ops when it is the active backend; native_only: an op the
+    JIT path does not run (the paged optimizers' managed memory)."""
     if _C is None:
         raise ExtensionMissing(
             f"kestrel.{op} needs the native extension kestrel._C, which could not be imported "
@@ -62,9 +64,18 @@ def require(op, device=None):
     if device is None or device.type == "cpu":
         return
     if device.type == "cuda" and not build_info()["cuda"]:
-        raise ExtensionMissing(
-            f"kestrel.{op}: the input is on {device}, but kestrel._C was built without its CUDA part. Rebuild on a "
-            "machine with torch+CUDA and a CUDA toolkit (FORCE_CUDA=1 builds without a GPU present)."
-        )
+        from . import _jit
+
+        if native_only:
+            raise ExtensionMissing(
+                f"kestrel.{op}: the input is on {device}; this needs kestrel._C's CUDA part (the JIT path does not "
+                "run it), and kestrel._C was built without it. Rebuild on a machine with torch+CUDA and a CUDA "
+                "toolkit (FORCE_CUDA=1 builds without a GPU present)."
+            )
+        if _jit.active_backend() != "jit":
+            raise ExtensionMissing(
+                f"kestrel.{op}: the input is on {device}, but "
+                + _jit.NO_KERNELS.format(why="KESTREL_CUDA_BACKEND=native asks for them")
+            )
     if device.type not in ("cpu", "cuda"):
         raise NotImplementedError(f"kestrel.{op}: no kernel for device {device}; kestrel has kernels for cpu and cuda")

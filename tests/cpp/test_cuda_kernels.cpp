@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "kestrel/launch.h"
+#include "kestrel/launch_plan.h"
 #include "kestrel/quantize.h"
 #include "kestrel/tree_verify.h"
 
@@ -68,9 +69,8 @@ void test_quantize(std::mt19937& rng) {
       const int64_t blocks = (n + blocksize - 1) / blocksize;
       std::vector<uint8_t> codes(n);
       std::vector<float> absmax(blocks);
-      check_launch(cuda::quantize_blockwise(DType::kFloat32, x.data(), code.data(), codes.data(), absmax.data(), n,
-                                            blocksize, nullptr),
-                   "quantize");
+      const cuda::QuantizeArgs qargs{x.data(), code.data(), codes.data(), absmax.data(), n, blocksize, blocks};
+      check_launch(cuda::quantize_blockwise(DType::kFloat32, qargs, nullptr), "quantize");
       for (int64_t b = 0; b < blocks; ++b) {
         float expected = 0.0f;
         for (int64_t i = b * blocksize; i < std::min(n, (b + 1) * blocksize); ++i)
@@ -85,9 +85,9 @@ void test_quantize(std::mt19937& rng) {
         }
       }
       std::vector<float> y(n);
-      check_launch(cuda::dequantize_blockwise(DType::kFloat32, codes.data(), absmax.data(), code.data(), y.data(), n,
-                                              blocksize, nullptr),
-                   "dequantize");
+      const cuda::DequantizeArgs dargs{
+          codes.data(), absmax.data(), code.data(), y.data(), n, blocksize, cuda::dequantize_log2_blocksize(blocksize)};
+      check_launch(cuda::dequantize_blockwise(DType::kFloat32, dargs, nullptr), "dequantize");
       for (int64_t i = 0; i < n; ++i)
         check(y[i] == quant::dequantize_value(code.data(), codes[i], absmax[i / blocksize]), "dequantize");
     }
@@ -181,20 +181,22 @@ void test_optim(std::mt19937& rng) {
     for (const auto kind : {optim::TwoState::kAdam, optim::TwoState::kAdEMAMix}) {
       const int moments1 = kind == optim::TwoState::kAdEMAMix ? 2 : 1;
       check_multi_tensor("two_state_step", moments1, eight_bit, true, rng, [&](auto* meta, int count, int64_t total) {
-        return cuda::two_state_step(DType::kFloat32, kind, eight_bit, meta, count, total, q1, q2, nullptr);
+        const cuda::StepArgs args{meta, count, total, q1, q2, nullptr};
+        return cuda::step(DType::kFloat32, true, static_cast<int>(kind), eight_bit, args, nullptr);
       });
     }
     for (const auto kind :
          {optim::OneState::kMomentum, optim::OneState::kRMSprop, optim::OneState::kAdagrad, optim::OneState::kLion}) {
       check_multi_tensor("one_state_step", 1, eight_bit, false, rng, [&](auto* meta, int count, int64_t total) {
-        return cuda::one_state_step(DType::kFloat32, kind, eight_bit, meta, count, total, q1, nullptr);
+        const cuda::StepArgs args{meta, count, total, q1, nullptr, nullptr};
+        return cuda::step(DType::kFloat32, false, static_cast<int>(kind), eight_bit, args, nullptr);
       });
     }
     for (const bool adam : {true, false}) {
       check_multi_tensor("update_norms", 1, eight_bit, adam, rng, [&](auto* meta, int count, int64_t total) {
         std::vector<float> block_sums(2 * std::max<int64_t>(total, 1));
-        return cuda::update_norms(DType::kFloat32, adam, eight_bit, meta, count, total, q1, adam ? q2 : nullptr,
-                                  block_sums.data(), nullptr);
+        const cuda::StepArgs args{meta, count, total, q1, adam ? q2 : nullptr, block_sums.data()};
+        return cuda::update_norms(DType::kFloat32, adam, eight_bit, args, nullptr);
       });
     }
   }
@@ -236,9 +238,10 @@ void test_tree(std::mt19937& rng) {
     const int64_t W = max_depth + 1;
     std::vector<int32_t> ai(B * W), al(B), ai_ref(B * W), al_ref(B);
     std::vector<int64_t> nt(B), nt_ref(B);
-    check_launch(cuda::verify_tree_greedy(candidates.data(), target.data(), first_child.data(), next_sibling.data(), B,
-                                          T, max_depth, ai.data(), al.data(), nt.data(), nullptr),
-                 "verify_tree_greedy");
+    const cuda::VerifyGreedyArgs gargs{
+        candidates.data(), target.data(), first_child.data(), next_sibling.data(), B, T, max_depth,
+        ai.data(),         al.data(),     nt.data()};
+    check_launch(cuda::verify_tree_greedy(gargs, nullptr), "verify_tree_greedy");
     for (int b = 0; b < B; ++b)
       tree::verify_greedy_row(candidates.data() + b * T, target.data() + b * T, first_child.data() + b * T,
                               next_sibling.data() + b * T, T, max_depth, ai_ref.data() + b * W, al_ref.data() + b,
@@ -256,11 +259,23 @@ void test_tree(std::mt19937& rng) {
     for (auto& u : uniform_final) u = unit(rng);
     for (const bool sampled : {false, true}) {
       std::vector<int64_t> excluded(B * T);
-      check_launch(cuda::verify_tree_sample(candidates.data(), probs.data(), sampled ? drafts.data() : nullptr,
-                                            first_child.data(), next_sibling.data(), uniform.data(),
-                                            uniform_final.data(), sampled ? scratch.data() : nullptr, excluded.data(),
-                                            B, T, V, max_depth, ai.data(), al.data(), nt.data(), nullptr),
-                   "verify_tree_sample");
+      const cuda::VerifySampleArgs sargs{candidates.data(),
+                                         probs.data(),
+                                         sampled ? drafts.data() : nullptr,
+                                         first_child.data(),
+                                         next_sibling.data(),
+                                         uniform.data(),
+                                         uniform_final.data(),
+                                         sampled ? scratch.data() : nullptr,
+                                         excluded.data(),
+                                         B,
+                                         T,
+                                         V,
+                                         max_depth,
+                                         ai.data(),
+                                         al.data(),
+                                         nt.data()};
+      check_launch(cuda::verify_tree_sample(sargs, nullptr), "verify_tree_sample");
       std::vector<float> serial_scratch(V), seg(tree::kSegments);
       std::vector<int64_t> serial_excluded(T);
       for (int b = 0; b < B; ++b) {
@@ -297,8 +312,8 @@ void test_compact(std::mt19937& rng) {
   const tree::CacheView kv{k.data(), B * H * Lmax * D, H * Lmax * D, Lmax * D, D, 1, D};
   const tree::CacheView vv{v.data(), B * H * Lmax * D, H * Lmax * D, Lmax * D, D, 1, D};
   std::vector<int32_t> new_lens = lens;
-  check_launch(cuda::compact_kv_cache(4, kv, vv, new_lens.data(), accept.data(), W, L, B, H, Lmax, nullptr),
-               "compact_kv_cache");
+  const cuda::CompactArgs cargs{kv, vv, new_lens.data(), accept.data(), W, L, B, H, Lmax};
+  check_launch(cuda::compact_kv_cache(4, cargs, nullptr), "compact_kv_cache");
   for (int64_t b = 0; b < B; ++b) {
     int64_t where;
     const bool ok = tree::check_compaction_row(accept.data() + b * W, W, lens[b], Lmax, &where) == tree::kRowOk;

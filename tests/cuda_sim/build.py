@@ -9,8 +9,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SIM = ROOT / "tests" / "cuda_sim"
-KERNEL_UNITS = ["quantize_kernels.cpp", "optim_kernels.cpp", "tree_verify_kernels.cpp"]
-LAUNCHERS = ["csrc/ops.cpp", "csrc/cuda/quantize_ops.cpp", "csrc/cuda/optim_ops.cpp", "csrc/cuda/tree_verify_ops.cpp"]
+KERNEL_UNITS = ["quantize_kernels.cpp", "optim_kernels.cpp", "tree_verify_kernels.cpp", "launch_log.cpp"]
+# ops.cpp's module also binds the JIT path's host half (jit_ops.cpp), which tests/test_jit.py compares with these
+LAUNCHERS = [
+    "csrc/ops.cpp",
+    "csrc/jit_ops.cpp",
+    "csrc/cuda/quantize_ops.cpp",
+    "csrc/cuda/optim_ops.cpp",
+    "csrc/cuda/tree_verify_ops.cpp",
+]
 FLAGS = [
     "-O2",
     "-ffp-contract=off",

@@ -8,9 +8,9 @@
 // dtype; a warp finds its parameter by binary search over the block offsets in the metadata.
 #pragma once
 
+#if !defined(__CUDACC_RTC__)
 #include <cuda_runtime.h>
-
-#include <type_traits>
+#endif
 
 #include "kestrel/optim.h"
 #include "kestrel/quantize.cuh"
@@ -18,8 +18,7 @@
 namespace kestrel {
 namespace cuda {
 
-constexpr int kStepThreads = 256;
-constexpr int kStepWarps = kStepThreads / 32;
+// kStepThreads, kStepWarps and the kernels' argument struct (StepArgs): kestrel/kernel_args.h.
 constexpr int kAdamItems = optim::kBlockSize / 32;
 
 __device__ __forceinline__ int find_tensor(const optim::TensorMeta* meta, int num_tensors, int64_t block) {
@@ -52,7 +51,7 @@ struct WarpBlock {
 // The parameter's new value after rounding to T: nearest even, or stochastic for bf16 when asked.
 template <typename T>
 __device__ __forceinline__ float round_param(float v, const optim::StepScalars& a, int64_t index, int which) {
-  if (std::is_same<T, __nv_bfloat16>::value && a.stochastic_round) v = optim::stochastic_round_bf16(v, a, index, which);
+  if (same_type<T, __nv_bfloat16>::value && a.stochastic_round) v = optim::stochastic_round_bf16(v, a, index, which);
   return ElementIO<T>::round(v);
 }
 
@@ -75,9 +74,12 @@ __device__ __forceinline__ float warp_max(float v) {
 
 // Adam or AdEMAMix (whose slow first moment m3 lives in the second half of state1 / absmax1).
 template <typename T, optim::TwoState KIND, bool EIGHT_BIT>
-__global__ void __launch_bounds__(kStepThreads)
-    two_state_kernel(const optim::TensorMeta* __restrict__ meta, int num_tensors, int64_t total_blocks,
-                     const float* __restrict__ qmap1, const float* __restrict__ qmap2) {
+__global__ void __launch_bounds__(kStepThreads) two_state_kernel(const StepArgs args) {
+  const optim::TensorMeta* __restrict__ meta = args.meta;
+  const int num_tensors = args.num_tensors;
+  const int64_t total_blocks = args.total_blocks;
+  const float* __restrict__ qmap1 = args.qmap1;
+  const float* __restrict__ qmap2 = args.qmap2;
   constexpr bool kMix = KIND == optim::TwoState::kAdEMAMix;
   __shared__ float code1[quant::kCodeSize], code2[quant::kCodeSize];
   __shared__ float mid1[quant::kMidpointsSize], mid2[quant::kMidpointsSize];
@@ -182,9 +184,11 @@ __global__ void __launch_bounds__(kStepThreads)
 
 // One-state optimizers: the same layout (one warp per 256-element block), state1 only.
 template <typename T, optim::OneState KIND, bool EIGHT_BIT>
-__global__ void __launch_bounds__(kStepThreads)
-    one_state_kernel(const optim::TensorMeta* __restrict__ meta, int num_tensors, int64_t total_blocks,
-                     const float* __restrict__ qmap1) {
+__global__ void __launch_bounds__(kStepThreads) one_state_kernel(const StepArgs args) {
+  const optim::TensorMeta* __restrict__ meta = args.meta;
+  const int num_tensors = args.num_tensors;
+  const int64_t total_blocks = args.total_blocks;
+  const float* __restrict__ qmap1 = args.qmap1;
   __shared__ float code1[quant::kCodeSize];
   __shared__ float mid1[quant::kMidpointsSize];
   if (EIGHT_BIT) stage_map(qmap1, code1, mid1);
@@ -247,9 +251,13 @@ __device__ __forceinline__ float warp_sum(float v) {  // the butterfly of optim:
 // The norm pass of LAMB (ADAM) / LARS: each 256-element block's {sum u^2, sum p^2} into block_sums (two floats per
 // block of the launch), in the lane order of kestrel/optim.h.
 template <typename T, bool ADAM, bool EIGHT_BIT>
-__global__ void __launch_bounds__(kStepThreads)
-    norm_kernel(const optim::TensorMeta* __restrict__ meta, int num_tensors, int64_t total_blocks,
-                const float* __restrict__ qmap1, const float* __restrict__ qmap2, float* __restrict__ block_sums) {
+__global__ void __launch_bounds__(kStepThreads) norm_kernel(const StepArgs args) {
+  const optim::TensorMeta* __restrict__ meta = args.meta;
+  const int num_tensors = args.num_tensors;
+  const int64_t total_blocks = args.total_blocks;
+  const float* __restrict__ qmap1 = args.qmap1;
+  const float* __restrict__ qmap2 = args.qmap2;
+  float* __restrict__ block_sums = args.block_sums;
   __shared__ float code1[quant::kCodeSize], code2[quant::kCodeSize];
   if (EIGHT_BIT) {
     code1[threadIdx.x] = qmap1[threadIdx.x];
@@ -295,8 +303,9 @@ __global__ void __launch_bounds__(kStepThreads)
 }
 
 // One CTA per parameter: its block sums added in double in the order of optim::tree_sum_blocks, into norms_out.
-__global__ void __launch_bounds__(optim::kNormThreads)
-    norm_reduce_kernel(const optim::TensorMeta* __restrict__ meta, const float* __restrict__ block_sums) {
+__global__ void __launch_bounds__(optim::kNormThreads) norm_reduce_kernel(const StepArgs args) {
+  const optim::TensorMeta* __restrict__ meta = args.meta;
+  const float* __restrict__ block_sums = args.block_sums;
   __shared__ double acc_u[optim::kNormThreads], acc_p[optim::kNormThreads];
   const optim::TensorMeta& m = meta[blockIdx.x];
   const int64_t blocks = (m.numel + optim::kBlockSize - 1) / optim::kBlockSize;

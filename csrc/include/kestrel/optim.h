@@ -7,7 +7,9 @@
 // floating-point contraction (-ffp-contract=off, nvcc --fmad=false), so their results are bit-identical.
 #pragma once
 
+#if !defined(__CUDACC_RTC__)
 #include <math.h>
+#endif
 
 #include "kestrel/quantize.h"
 
@@ -60,6 +62,7 @@ KESTREL_HD void set_step_and_lr(StepScalars& a, int64_t step, float lr) {
   a.step = (int)step;
 }
 
+#if !defined(__CUDACC_RTC__)  // host-only (NVRTC compiles device code only)
 // The scalars of step `step` (>= 1), in float32 as bnb's kernel computes them (IEEE division for step_size).
 inline StepScalars make_step_scalars(int64_t step, float lr, float beta1, float beta2, float eps, float weight_decay,
                                      float gnorm_scale, float beta3 = 0.0f, float alpha = 0.0f) {
@@ -83,6 +86,7 @@ inline StepScalars make_step_scalars(int64_t step, float lr, float beta1, float 
   set_step_and_lr(a, step, lr);
   return a;
 }
+#endif
 
 // Stochastic rounding to bf16: a counter-based hash of (seed, step, salt, index, which) gives the 16 bits below
 // bf16's mantissa; adding them before truncating rounds the magnitude up with probability equal to the dropped
@@ -188,6 +192,7 @@ KESTREL_HD void one_state_update(const StepScalars& a, float g, float p, float& 
 // 256 "threads" (thread t takes blocks t, t+256, ... in order) and combined by a halving tree.
 constexpr int kNormThreads = 256;
 
+#if !defined(__CUDACC_RTC__)  // host-only (NVRTC compiles device code only)
 // The combined value of 32 lane sums under the butterfly (every lane ends with this value); `v` is overwritten.
 inline float butterfly_sum32(float* v) {
   for (int offset = 16; offset > 0; offset >>= 1)
@@ -207,6 +212,7 @@ inline double tree_sum_blocks(const float* block_sums, int64_t blocks, int which
     for (int t = 0; t < stride; ++t) acc[t] += acc[t + stride];
   return acc[0];
 }
+#endif
 
 // The scale of the update: min(1, max_unorm * ||p|| / ||u||), 1 for ||p|| = 0.
 KESTREL_HD float trust_ratio(float max_unorm, float unorm, float pnorm) {

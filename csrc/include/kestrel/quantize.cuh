@@ -3,8 +3,11 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#if !defined(__CUDACC_RTC__)
 #include <cuda_runtime.h>
+#endif
 
+#include "kestrel/kernel_args.h"
 #include "kestrel/quantize.h"
 
 namespace kestrel {
@@ -36,23 +39,15 @@ struct ElementIO<__nv_bfloat16> {
   static __device__ __forceinline__ float round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
 };
 
-constexpr int kQuantizeThreads = 256;
-
-// Work split for one quantization block of BLOCK elements: TPB threads, ITEMS elements each, strided by TPB
-// so that a group's loads are coalesced; a CTA of kQuantizeThreads threads covers QB_PER_CTA blocks.
-template <int BLOCK>
-struct QuantizeShape {
-  static constexpr int ITEMS = BLOCK / kQuantizeThreads > 4 ? BLOCK / kQuantizeThreads : 4;
-  static constexpr int TPB = BLOCK / ITEMS;
-  static constexpr int QB_PER_CTA = kQuantizeThreads / TPB;
-  static_assert(TPB * ITEMS == BLOCK && TPB * QB_PER_CTA == kQuantizeThreads, "unsupported blocksize");
-};
-
+// The launch shapes (kQuantizeThreads, QuantizeShape) and the argument structs are in kestrel/kernel_args.h.
 template <typename T, int BLOCK>
-__global__ void __launch_bounds__(kQuantizeThreads)
-    quantize_blockwise_kernel(const T* __restrict__ x, const float* __restrict__ code, uint8_t* __restrict__ codes,
-                              float* __restrict__ absmax, int64_t n, int64_t num_blocks) {
+__global__ void __launch_bounds__(kQuantizeThreads) quantize_blockwise_kernel(const QuantizeArgs args) {
   using Shape = QuantizeShape<BLOCK>;
+  const T* __restrict__ x = static_cast<const T*>(args.x);
+  const float* __restrict__ code = args.code;
+  uint8_t* __restrict__ codes = args.codes;
+  float* __restrict__ absmax = args.absmax;
+  const int64_t n = args.n, num_blocks = args.num_blocks;
   __shared__ float midpoints[quant::kMidpointsSize];
   __shared__ float warp_absmax[kQuantizeThreads / 32];
 
@@ -106,9 +101,12 @@ __global__ void __launch_bounds__(kQuantizeThreads)
 // and once for its codes, so a block's length is bounded by neither registers nor shared memory. The groups of a
 // CTA walk the blocks grid-stride; with GROUP == kQuantizeThreads the loop is uniform over the CTA.
 template <typename T, int GROUP>
-__global__ void __launch_bounds__(kQuantizeThreads)
-    quantize_blockwise_any_kernel(const T* __restrict__ x, const float* __restrict__ code, uint8_t* __restrict__ codes,
-                                  float* __restrict__ absmax, int64_t n, int64_t blocksize, int64_t num_blocks) {
+__global__ void __launch_bounds__(kQuantizeThreads) quantize_blockwise_any_kernel(const QuantizeArgs args) {
+  const T* __restrict__ x = static_cast<const T*>(args.x);
+  const float* __restrict__ code = args.code;
+  uint8_t* __restrict__ codes = args.codes;
+  float* __restrict__ absmax = args.absmax;
+  const int64_t n = args.n, blocksize = args.blocksize, num_blocks = args.num_blocks;
   static_assert(GROUP == 32 || GROUP == kQuantizeThreads, "a group is a warp or the CTA");
   constexpr int GROUPS = kQuantizeThreads / GROUP;
   __shared__ float midpoints[quant::kMidpointsSize];
@@ -145,14 +143,14 @@ __global__ void __launch_bounds__(kQuantizeThreads)
   }
 }
 
-constexpr int kDequantizeThreads = 256;
-constexpr int kDequantizeItems = 4;
-
 template <typename T>
-__global__ void __launch_bounds__(kDequantizeThreads)
-    dequantize_blockwise_kernel(const uint8_t* __restrict__ codes, const float* __restrict__ absmax,
-                                const float* __restrict__ code, T* __restrict__ out, int64_t n, int64_t blocksize,
-                                int log2_blocksize) {
+__global__ void __launch_bounds__(kDequantizeThreads) dequantize_blockwise_kernel(const DequantizeArgs args) {
+  const uint8_t* __restrict__ codes = args.codes;
+  const float* __restrict__ absmax = args.absmax;
+  const float* __restrict__ code = args.code;
+  T* __restrict__ out = static_cast<T*>(args.out);
+  const int64_t n = args.n, blocksize = args.blocksize;
+  const int log2_blocksize = args.log2_blocksize;
   __shared__ float code_smem[quant::kCodeSize];
   code_smem[threadIdx.x] = code[threadIdx.x];
   __syncthreads();

@@ -82,6 +82,7 @@ KESTREL_HD uint32_t bucket_of(float v) {
   return ordered_key(v) >> (32 - kBucketBits);
 }
 
+#if !defined(__CUDACC_RTC__)  // host-only (NVRTC compiles device code only)
 // Fills start[kNumBuckets]; returns the largest number of midpoints that share one bucket.
 inline int build_bucket_table(const float* midpoints, uint8_t* start) {
   static_assert(kCodeSize - 1 <= 255, "bucket starts are stored as uint8");
@@ -103,6 +104,7 @@ inline int nearest_code_bucketed(const float* midpoints, const uint8_t* start, f
   for (int s = 0; s < STEPS; ++s) idx += (midpoints[idx] < v) ? 1 : 0;
   return idx & -(int)(v == v);  // NaN -> 0, without a branch
 }
+#endif
 
 // bnb's sign fix for requantized optimizer states (signed map): if the sign bit of the chosen code's value
 // differs from v's, step one code up when v > 0 and down otherwise. A tiny negative moment then keeps a

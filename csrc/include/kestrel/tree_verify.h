@@ -16,8 +16,6 @@
 // --fmad=false; the products below also use mul_rn).
 #pragma once
 
-#include <stdint.h>
-
 #include "kestrel/common.h"
 
 namespace kestrel {

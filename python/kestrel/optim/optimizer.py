@@ -526,6 +526,8 @@ class Optimizer8bit(torch.optim.Optimizer):
         if p.grad.device != p.device:
             raise ValueError(f"{where} is on {p.device} but its gradient is on {p.grad.device}")
         _ext.require(name, p.device)
+        if self._pages(p):
+            _ext.require(f"{name} (paged state in CUDA managed memory)", p.device, native_only=True)
         if D.is_dtensor(p):
             if not D.is_dtensor(p.grad) or p.grad.placements != p.placements:
                 raise ValueError(

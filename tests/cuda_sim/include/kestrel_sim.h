@@ -12,7 +12,7 @@
 //   included; a thread that has returned from the kernel no longer counts at a barrier (as on sm_70+);
 // - __half / __nv_bfloat16 with CUDA's conversions (round to nearest even, NaN -> the canonical 0x7fff), __ldg,
 //   the bit casts, cudaError_t / cudaGetLastError / cudaStream_t;
-// - the launch: KESTREL_LAUNCH(grid, block, shared_bytes, stream, kernel)(args...) runs the grid block by block,
+// - the launch: launch_kernel(&kernel, launch, args, stream) (kestrel/cuda_launch.h) runs the grid block by block,
 //   one host thread per CUDA thread of a block, after the checks the hardware makes (block size 1..1024, grid
 //   dimensions >= 1): a bad configuration sets cudaErrorInvalidConfiguration, as a real launch does.
 // A barrier that not every live thread of the block (or warp) reaches, as with a __syncthreads in divergent code,
@@ -22,6 +22,7 @@
 // reported race (the CPU analogues of compute-sanitizer's memcheck and racecheck).
 #pragma once
 
+#include <dlfcn.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -34,6 +35,7 @@
 #include <condition_variable>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <tuple>
 #include <utility>
@@ -288,16 +290,37 @@ struct Launch {
   }
 };
 
+// The launch log (tests/cuda_sim/launch_log.cpp reads it out): each launch's kernel symbol (mangled, as NVRTC's
+// lowered names are), grid, block and dynamic shared memory, while logging is on.
+struct LaunchRecord {
+  std::string symbol;
+  dim3 grid, block;
+  size_t shared_bytes;
+};
+inline std::vector<LaunchRecord>& launch_log() {
+  static std::vector<LaunchRecord> log;
+  return log;
+}
+inline bool& launch_logging() {
+  static bool on = false;
+  return on;
+}
+
 template <typename... P>
 inline Launch<P...> launch(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t, void (*kernel)(P...)) {
+  if (launch_logging()) {
+    Dl_info info{};
+    const bool named = dladdr(reinterpret_cast<void*>(kernel), &info) != 0 && info.dli_sname != nullptr;
+    launch_log().push_back(LaunchRecord{named ? info.dli_sname : "?", grid, block, shared_bytes});
+  }
   if (shared_bytes != 0) fail("dynamic shared memory is not supported (kestrel's kernels use none)");
   return Launch<P...>{grid, block, kernel};
 }
 
 }  // namespace kestrel_sim
 
-// kernel<<<grid, block, shared_bytes, stream>>>(args) is written KESTREL_LAUNCH(grid, block, shared_bytes, stream,
-// kernel)(args) in kestrel's launchers (kestrel/cuda_launch.h): the triple chevrons under nvcc, this run here.
+// kestrel/cuda_launch.h's launch_kernel: kernel<<<grid, block, shared_bytes, stream>>>(args) under nvcc, this run
+// here (its defining KESTREL_SIM_LAUNCH is what selects it).
 #define KESTREL_SIM_LAUNCH(grid, block, shared_bytes, stream, ...) \
   ::kestrel_sim::launch(dim3(grid), dim3(block), shared_bytes, (cudaStream_t)(stream), &__VA_ARGS__)
 
