@@ -495,3 +495,52 @@ def test_jit_tree_verification_and_compaction_equal_the_cpu_kernels(tmp_path, mo
     torch.ops.kestrel.compact_kv_cache(*cpu)
     _jit.compact_kv_cache(*gpu)
     _same(cpu, _cpu(gpu))
+
+
+def test_run_launches_passes_the_argument_struct_to_cuLaunchKernel(monkeypatch):
+    """The Python launch (kestrel._jit.run_launches) with CuPy's driver call recorded instead of made: the recorded
+    launch's function (by lowered name), grid, block, shared memory and torch's current stream, and the `extra`
+    list cuLaunchKernel reads: {BUFFER_POINTER, the argument struct's bytes, BUFFER_SIZE, its size, END}."""
+    pytest.importorskip("cupy")
+    import cupy
+    from cupy_backends.cuda.api import driver
+
+    x, code = torch.randn(1000), Q.create_dynamic_map(True)
+    (codes, absmax), (launches, keep) = kestrel._C.jit_quantize_blockwise(x, code, 256)
+    calls = []
+
+    def record(function, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        words = (ctypes.c_void_p * 5).from_address(extra)
+        assert (words[0], words[2], words[4]) == (1, 2, None)  # CU_LAUNCH_PARAM_BUFFER_POINTER / _SIZE / _END
+        size = ctypes.c_size_t.from_address(words[3]).value
+        calls.append((function, (gx, gy, gz), (bx, by, bz), shared, stream, params, ctypes.string_at(words[1], size)))
+
+    class Function:
+        def __init__(self, name):
+            self.ptr = hash(name) & 0xFFFF
+
+    class Module:
+        def function(self, kernel):
+            return Function(kernel)
+
+    class Stream:
+        cuda_stream = 1234
+
+    class Device:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(driver, "launchKernel", record)
+    monkeypatch.setattr(cupy.cuda, "Device", Device)
+    monkeypatch.setattr(_jit, "_module", lambda family, index: Module())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda index: Stream())
+    _jit.run_launches(launches, torch.device("cuda", 0))
+    ((family, kernel, grid, block, shared, args),) = launches
+    assert calls == [(Function(kernel).ptr, grid, block, shared, 1234, 0, args)]
+    assert len(args) == 56 and struct.unpack("<4Q3q", args)[4:] == (1000, 256, 4)
