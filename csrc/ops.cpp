@@ -6,6 +6,7 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "cpu/cpu_isa.h"
 #include "kestrel/common.h"
 #if defined(KESTREL_WITH_CUDA)
 #include "kestrel/launch.h"
@@ -125,5 +126,8 @@ void register_jit_bindings(pybind11::module_& m);  // csrc/jit_ops.cpp: the JIT 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kestrel native extension: registers the kestrel:: ops with PyTorch's dispatcher";
   m.def("build_info", &build_info, "How this extension was built: version, torch, OpenMP, CUDA and its archs.");
+  m.def(
+      "cpu_isa", [] { return kestrel::cpu::isa_name(kestrel::cpu::active_isa()); },
+      "The vector path of the CPU optimizer kernels in this call: avx512, avx2 or scalar (KESTREL_CPU_ISA caps it).");
   kestrel::register_jit_bindings(m);
 }

@@ -13,9 +13,9 @@
 
 #include "../optim_checks.h"
 #include "code_table.h"
+#include "cpu_isa.h"
 #include "cpu_utils.h"
 #include "kestrel/optim.h"
-#include "optim_avx512.h"
 
 namespace kestrel {
 namespace {
@@ -350,19 +350,25 @@ void two_state_step(const StepCall& call, at::TensorList params, at::TensorList 
       uint8_t* c2 = state2[i].data_ptr<uint8_t>();
       float* m1 = absmax1[i].data_ptr<float>();
       float* m2 = absmax2[i].data_ptr<float>();
-#if defined(KESTREL_HAVE_AVX512_PATH)
-      // The vector path (Adam, the dynamic maps' one-comparison bucket search); a partial last block stays scalar.
-      if (kind == optim::TwoState::kAdam && !a.stochastic_round && cpu::avx512::supported() && q1->bucket_steps == 1 &&
+      // The vector paths (Adam, the dynamic maps' one-comparison bucket search: AVX-512 or AVX2, cpu_isa.h); a
+      // partial last block stays scalar.
+      const cpu::Isa isa = cpu::active_isa();
+      if (kind == optim::TwoState::kAdam && !a.stochastic_round && isa != cpu::Isa::kScalar && q1->bucket_steps == 1 &&
           q2->bucket_steps == 1) {
         const int64_t full = n / kBlockSize;
         cpu::parallel_over_blocks(n, full, [&](int64_t first, int64_t end) {
-          cpu::avx512::adam8bit_full_blocks<T>(p, g, c1, c2, m1, m2, a, *q1, *q2, first, end);
+#if defined(KESTREL_HAVE_AVX512_PATH)
+          if (isa == cpu::Isa::kAvx512)
+            return cpu::avx512::adam8bit_full_blocks<T>(p, g, c1, c2, m1, m2, a, *q1, *q2, first, end);
+#endif
+#if defined(KESTREL_HAVE_AVX2_PATH)
+          cpu::avx2::adam8bit_full_blocks<T>(p, g, c1, c2, m1, m2, a, *q1, *q2, first, end);
+#endif
         });
         if (full * kBlockSize < n)
           KernelsCpu<T>::two_state8bit(kind, p, g, c1, c2, m1, m2, n, a, *q1, *q2, full, full + 1);
         return;
       }
-#endif
       cpu::parallel_over_blocks(n, optim_num_blocks(n), [&](int64_t first, int64_t end) {
         KernelsCpu<T>::two_state8bit(kind, p, g, c1, c2, m1, m2, n, a, *q1, *q2, first, end);
       });

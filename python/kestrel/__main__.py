@@ -56,6 +56,10 @@ def cmd_info(args):
         )
         from . import _jit
 
+        print(
+            f"CPU optimizer kernels: the {_ext._C.cpu_isa()} path (the widest this CPU has; KESTREL_CPU_ISA=avx2 or "
+            "scalar caps it)"
+        )
         print(f"CUDA kernels of the C++ ops: {_jit.describe()}")
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
@@ -79,7 +83,14 @@ def cmd_bench(args):
     if unknown:
         print(f"kestrel bench: unknown benchmark(s) {unknown}; choose from {sorted(BENCHMARKS)}", file=sys.stderr)
         return 2
-    where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{torch.get_num_threads()} threads"
+    from kestrel import _ext
+
+    cpu_path = f", CPU vector path {_ext._C.cpu_isa()}" if _ext.available() else ""
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.startswith("cuda")
+        else f"{torch.get_num_threads()} threads{cpu_path}"
+    )
     print(
         f"device: {device} ({where}); copy roof {harness.copy_roof_gbps(device):.1f} GB/s (read + write; DRAM: "
         f"a {harness.roof_bytes(device) >> 20} MiB copy)"

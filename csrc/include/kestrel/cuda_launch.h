@@ -19,7 +19,10 @@ inline cudaError_t launch_kernel(void (*kernel)(Args), const KernelLaunch& launc
 #if defined(KESTREL_SIM_LAUNCH)
   ::kestrel_sim::launch(grid, block, launch.shared_bytes, stream, kernel)(args);
 #else
-  kernel<<<grid, block, launch.shared_bytes, stream> > >(args);
+  // (a .h is C++ to clang-format, which would split the triple chevrons)
+  // clang-format off
+  kernel<<<grid, block, launch.shared_bytes, stream>>>(args);
+  // clang-format on
 #endif
   return cudaGetLastError();
 }
