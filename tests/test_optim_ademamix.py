@@ -142,6 +142,8 @@ SPEC_SHAPES = [
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 def test_fifty_steps_against_float64_with_resync(device, shape, dtype, weight_decay):
+    if device == "cpu" and tuple(shape) == (1024, 4097) and dtype != torch.float32:
+        pytest.skip("the largest shape runs in float32 on the CPU (CI time); the other dtypes at the smaller shapes")
     g = torch.Generator().manual_seed(1)
     p = torch.nn.Parameter((torch.randn(shape, generator=g) * 0.1).to(dtype).to(device))
     lr = 1e-3

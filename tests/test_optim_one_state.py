@@ -132,6 +132,8 @@ SPEC_SHAPES = [
 @pytest.mark.parametrize("cls,kind,kwargs,_", FAMILY, ids=IDS)
 def test_fifty_steps_against_reference_with_resync(device, shape, dtype, weight_decay, cls, kind, kwargs, _):
     """The 50-step protocol against torch.optim.SGD/RMSprop/Adagrad (float32) and a float64 Lion."""
+    if device == "cpu" and tuple(shape) == (1024, 4097) and dtype != torch.float32:
+        pytest.skip("the largest shape runs in float32 on the CPU (CI time); the other dtypes at the smaller shapes")
     g = torch.Generator().manual_seed(1)
     p = torch.nn.Parameter((torch.randn(shape, generator=g) * 0.1).to(dtype).to(device))
     opt = cls([p], weight_decay=weight_decay, **kwargs)
