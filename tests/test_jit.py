@@ -544,3 +544,48 @@ def test_run_launches_passes_the_argument_struct_to_cuLaunchKernel(monkeypatch):
     ((family, kernel, grid, block, shared, args),) = launches
     assert calls == [(Function(kernel).ptr, grid, block, shared, 1234, 0, args)]
     assert len(args) == 56 and struct.unpack("<4Q3q", args)[4:] == (1000, 256, 4)
+
+
+def test_the_python_cuda_kernels_run_the_host_half_and_launch(monkeypatch):
+    """Every Python CUDA kernel the JIT path registers, called on CPU tensors with the launch recorded instead of
+    made: the schema's arguments reach the host half (trailing defaults filled in when the call leaves them out),
+    and its launches go to run_launches on the inputs' device."""
+    recorded = []
+    monkeypatch.setattr(_jit, "run_launches", lambda launches, device: recorded.append((launches, device)))
+    g = torch.Generator().manual_seed(3)
+    x, code = torch.randn(3000, generator=g), Q.create_dynamic_map(True)
+    codes, absmax = _jit.quantize_blockwise(x, code, 256)
+    assert codes.shape == x.shape and absmax.shape == (12,)
+    _jit.dequantize_blockwise(codes, absmax, code, 256, torch.bfloat16)
+    for dtype, eight_bit, optimizer in ((torch.float32, True, "adam"), (torch.bfloat16, False, "lion")):
+        op, args = step_args(dtype, eight_bit, optimizer, g)
+        getattr(_jit, op)(*args)
+        required = args[: len(args) - 5]  # round_seed, norms, max_unorm, lr_tensor, robust_rounding: defaults
+        getattr(_jit, op)(*required)
+        assert recorded[-1][0][0][1] == recorded[-2][0][0][1]  # the same kernel either way
+    op, args = step_args(torch.float32, True, "adam", g)
+    norms = _jit.update_norms("adam", *args[1:10], 0.9, 0.999, 1e-8, 0.0, 1.0)
+    assert norms.shape == (5, 2)
+    tree = random_trees(2, 5, g)
+    candidates = torch.randint(0, 20, (2, 5), generator=g)
+    _jit.verify_tree_greedy(candidates, candidates.clone(), tree.first_child, tree.next_sibling, tree.max_depth)
+    probs = torch.rand(2, 5, 20, generator=g)
+    _jit.verify_tree_sample(
+        candidates, probs, tree.first_child, tree.next_sibling, torch.rand(2, 5), torch.rand(2), None, tree.max_depth
+    )
+    k = torch.randn(2, 2, 16, 4)
+    _jit.compact_kv_cache(k, k.clone(), torch.tensor([0, 3], dtype=torch.int32), torch.tensor([[0, 1], [0, -1]]).int())
+    kernels = [launches[0][1].split("<")[0].split("::")[-1] for launches, _ in recorded]
+    assert kernels == [
+        "quantize_blockwise_kernel",
+        "dequantize_blockwise_kernel",
+        "two_state_kernel",
+        "two_state_kernel",
+        "one_state_kernel",
+        "one_state_kernel",
+        "norm_kernel",
+        "verify_greedy_kernel",
+        "verify_sample_kernel",
+        "compact_kernel",
+    ]
+    assert all(device.type == "cpu" for _, device in recorded)

@@ -304,211 +304,52 @@ def dequantize_blockwise(codes, absmax, code, blocksize, dtype):
     return out
 
 
-def _step(host_half, params, steps, *args):
-    capturing = len(params) > 0 and params[0].is_cuda and torch.cuda.is_current_stream_capturing()
-    with _relaxed_capture(capturing):
-        launches, keep = host_half(capturing, *args)
-    run_launches(launches, _first_device(params, steps))
+def schema_values(op, args, kwargs):
+    """An op call's arguments in its schema's order, defaults filled in (the dispatcher may leave trailing defaults
+    out of a Python kernel's call)."""
+    values = []
+    for i, argument in enumerate(getattr(torch.ops.kestrel, op).default._schema.arguments):
+        if i < len(args):
+            values.append(args[i])
+        elif argument.name in kwargs:
+            values.append(kwargs[argument.name])
+        else:
+            values.append(argument.default_value)
+    return values
 
 
-def two_state8bit_step_(
-    optimizer,
-    params,
-    grads,
-    state1,
-    state2,
-    absmax1,
-    absmax2,
-    qmap1,
-    qmap2,
-    steps,
-    lr,
-    beta1,
-    beta2,
-    beta3,
-    alpha,
-    eps,
-    weight_decay,
-    gnorm_scale,
-    round_seed=-1,
-    norms=None,
-    max_unorm=0.0,
-    lr_tensor=None,
-    robust_rounding=False,
-):
-    _step(
-        _ext._C.jit_two_state8bit_step_,
-        params,
-        steps,
-        optimizer,
-        params,
-        grads,
-        state1,
-        state2,
-        absmax1,
-        absmax2,
-        qmap1,
-        qmap2,
-        steps,
-        lr,
-        beta1,
-        beta2,
-        beta3,
-        alpha,
-        eps,
-        weight_decay,
-        gnorm_scale,
-        round_seed,
-        norms,
-        max_unorm,
-        lr_tensor,
-        robust_rounding,
-    )
+def _capturing(params):
+    return len(params) > 0 and params[0].is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def two_state32bit_step_(
-    optimizer,
-    params,
-    grads,
-    state1,
-    state2,
-    steps,
-    lr,
-    beta1,
-    beta2,
-    beta3,
-    alpha,
-    eps,
-    weight_decay,
-    gnorm_scale,
-    round_seed=-1,
-    norms=None,
-    max_unorm=0.0,
-    lr_tensor=None,
-    robust_rounding=False,
-):
-    _step(
-        _ext._C.jit_two_state32bit_step_,
-        params,
-        steps,
-        optimizer,
-        params,
-        grads,
-        state1,
-        state2,
-        steps,
-        lr,
-        beta1,
-        beta2,
-        beta3,
-        alpha,
-        eps,
-        weight_decay,
-        gnorm_scale,
-        round_seed,
-        norms,
-        max_unorm,
-        lr_tensor,
-        robust_rounding,
-    )
+def _step_kernel(op):
+    """The Python CUDA kernel of a step op: kestrel._C.jit_<op>(capturing, *schema arguments), then the launches.
+    The schemas list (optimizer, params, ...) first and take the step counts as `steps`."""
+
+    def kernel(*args, **kwargs):  # kestrel._C and the schemas are looked up at the call (kestrel._C may be absent)
+        arguments = getattr(torch.ops.kestrel, op).default._schema.arguments
+        values = schema_values(op, args, kwargs)
+        params = values[1]
+        capturing = _capturing(params)
+        with _relaxed_capture(capturing):
+            launches, keep = getattr(_ext._C, "jit_" + op)(capturing, *values)
+        run_launches(launches, _first_device(params, values[[a.name for a in arguments].index("steps")]))
+
+    kernel.__name__ = op
+    return kernel
 
 
-def one_state8bit_step_(
-    optimizer,
-    params,
-    grads,
-    state1,
-    absmax1,
-    qmap1,
-    steps,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    gnorm_scale,
-    round_seed=-1,
-    norms=None,
-    max_unorm=0.0,
-    lr_tensor=None,
-    robust_rounding=False,
-):
-    _step(
-        _ext._C.jit_one_state8bit_step_,
-        params,
-        steps,
-        optimizer,
-        params,
-        grads,
-        state1,
-        absmax1,
-        qmap1,
-        steps,
-        lr,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        gnorm_scale,
-        round_seed,
-        norms,
-        max_unorm,
-        lr_tensor,
-        robust_rounding,
-    )
+two_state8bit_step_ = _step_kernel("two_state8bit_step_")
+two_state32bit_step_ = _step_kernel("two_state32bit_step_")
+one_state8bit_step_ = _step_kernel("one_state8bit_step_")
+one_state32bit_step_ = _step_kernel("one_state32bit_step_")
 
 
-def one_state32bit_step_(
-    optimizer,
-    params,
-    grads,
-    state1,
-    steps,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    gnorm_scale,
-    round_seed=-1,
-    norms=None,
-    max_unorm=0.0,
-    lr_tensor=None,
-    robust_rounding=False,
-):
-    _step(
-        _ext._C.jit_one_state32bit_step_,
-        params,
-        steps,
-        optimizer,
-        params,
-        grads,
-        state1,
-        steps,
-        lr,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        gnorm_scale,
-        round_seed,
-        norms,
-        max_unorm,
-        lr_tensor,
-        robust_rounding,
-    )
-
-
-def update_norms(
-    optimizer, params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps, beta1, beta2, eps, weight_decay,
-    gnorm_scale,
-):  # fmt: skip
-    capturing = len(params) > 0 and params[0].is_cuda and torch.cuda.is_current_stream_capturing()
-    norms, (launches, keep) = _ext._C.jit_update_norms(
-        capturing, optimizer, params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps, beta1, beta2, eps,
-        weight_decay, gnorm_scale,
-    )  # fmt: skip
-    run_launches(launches, _first_device(params, steps))
+def update_norms(*args, **kwargs):
+    values = schema_values("update_norms", args, kwargs)
+    capturing = _capturing(values[1])
+    norms, (launches, keep) = _ext._C.jit_update_norms(capturing, *values)
+    run_launches(launches, _first_device(values[1], values[9]))
     return norms
 
 
