@@ -29,16 +29,21 @@ def sim():
     return torch.ops.kestrel_sim
 
 
+def tensors_mapped(fn, a):
+    """a with fn applied to every tensor in it (through lists and tuples)."""
+    if torch.is_tensor(a):
+        return fn(a)
+    if isinstance(a, (list, tuple)):
+        return type(a)(tensors_mapped(fn, x) for x in a)
+    return a
+
+
+def clone(a):
+    return tensors_mapped(torch.Tensor.clone, a)
+
+
 def both(sim, name, *args):
     """(CPU kernels' result, CUDA kernels' result) of op `name` on separate clones of the tensor arguments."""
-
-    def clone(a):
-        if torch.is_tensor(a):
-            return a.clone()
-        if isinstance(a, (list, tuple)):
-            return type(a)(clone(x) for x in a)
-        return a
-
     cpu_args, sim_args = clone(args), clone(args)
     cpu_out = getattr(torch.ops.kestrel, name)(*cpu_args)
     sim_out = getattr(sim, name)(*sim_args)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cuda_sim import optimizer_inputs, random_trees, special_values
+from test_cuda_sim import clone, optimizer_inputs, random_trees, special_values, tensors_mapped
 
 import kestrel
 from kestrel import _ext, _jit
@@ -62,7 +62,7 @@ def need_jit():
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
+def compiled():
     """{family: (cubin, lowered names, log)} for sm_90."""
     need_jit()
     return {family: _jit.compile_family(family, "sm_90") for family in _jit.FAMILIES}
@@ -95,7 +95,6 @@ def test_kernel_names_cover_every_instance():
 def test_nvrtc_options_match_the_native_build():
     """The JIT path compiles with the native build's nvcc flags (csrc/sources.txt [nvcc_flags]): no fused
     multiply-add, so JIT kernels round as the native and CPU kernels do."""
-    sys.path.insert(0, str(ROOT))
     text = (ROOT / "csrc" / "sources.txt").read_text()
     section = text.split("[nvcc_flags]", 1)[1].split("[", 1)[0]
     flags = [line.split("#")[0].strip() for line in section.splitlines() if line.split("#")[0].strip()]
@@ -112,14 +111,6 @@ def sim():
     log = ctypes.CDLL(module.__file__)
     log.kestrel_sim_log_read.restype = ctypes.c_char_p
     return torch.ops.kestrel_sim, log
-
-
-def clone(a):
-    if torch.is_tensor(a):
-        return a.clone()
-    if isinstance(a, (list, tuple)):
-        return type(a)(clone(x) for x in a)
-    return a
 
 
 def native_launches(sim, op, *args):
@@ -400,19 +391,11 @@ def test_the_jit_kernels_are_registered_for_cuda_when_native_is_absent():
 
 # ------------------------------------------------------------------------------------------------- on a GPU
 def _cuda(a):
-    if torch.is_tensor(a):
-        return a.cuda()
-    if isinstance(a, (list, tuple)):
-        return type(a)(_cuda(x) for x in a)
-    return a
+    return tensors_mapped(torch.Tensor.cuda, a)
 
 
 def _cpu(a):
-    if torch.is_tensor(a):
-        return a.cpu()
-    if isinstance(a, (list, tuple)):
-        return type(a)(_cpu(x) for x in a)
-    return a
+    return tensors_mapped(torch.Tensor.cpu, a)
 
 
 def _same(a, b):
