@@ -3,8 +3,12 @@
 // kv_bottleneck_lookup) are declared beside their Python wrappers, each by kestrel.ops._library.triton_kernel_op,
 // which infers the schema from the CUDA function's annotations (docs/architecture.md, "How ops are registered").
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <torch/library.h>
 #include <torch/version.h>
+
+#include <string>
+#include <vector>
 
 #include "cpu/cpu_isa.h"
 #include "kestrel/common.h"
@@ -121,7 +125,9 @@ pybind11::dict build_info() {
 
 namespace kestrel {
 void register_jit_bindings(pybind11::module_& m);  // csrc/jit_ops.cpp: the JIT path's host half
-}
+// csrc/cpu/optim.cpp; weak: the CUDA-on-CPU test build (tests/cuda_sim) compiles this file without the CPU kernels
+__attribute__((weak)) std::vector<int64_t> requantize_check(const std::vector<float>& map, const std::string& isa);
+}  // namespace kestrel
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kestrel native extension: registers the kestrel:: ops with PyTorch's dispatcher";
@@ -129,5 +135,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "cpu_isa", [] { return kestrel::cpu::isa_name(kestrel::cpu::active_isa()); },
       "The vector path of the CPU optimizer kernels in this call: avx512, avx2 or scalar (KESTREL_CPU_ISA caps it).");
+  m.def(
+      "_requantize_check",
+      [](const std::vector<float>& map, const std::string& isa) {
+        TORCH_CHECK(&kestrel::requantize_check != nullptr, "this build has no CPU optimizer kernels");
+        return kestrel::requantize_check(map, isa);
+      },
+      pybind11::arg("map"), pybind11::arg("isa"),
+      "For tests: the vector requantization of `isa` (avx512vbmi, avx512, avx2) against the scalar definition on "
+      "every float32 bit pattern in [-1, 1], with each rounding: [values, mismatches, bits of the first mismatch].");
   kestrel::register_jit_bindings(m);
 }

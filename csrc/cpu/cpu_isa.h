@@ -1,6 +1,6 @@
-// Which vector path the CPU optimizer kernels take: the widest the CPU supports (AVX-512 F/BW/DQ/VL, else AVX2 with
-// F16C, else the scalar loops), capped by KESTREL_CPU_ISA=avx512|avx2|scalar (read at every step, so the tests run
-// every path on one machine). Every path gives the same bits.
+// Which vector path the CPU optimizer kernels take: the widest the CPU supports (AVX-512 F/BW/DQ/VL with VBMI, else
+// AVX-512 F/BW/DQ/VL, else AVX2 with F16C, else the scalar loops), capped by KESTREL_CPU_ISA=avx512vbmi|avx512|avx2|
+// scalar (read at every step, so the tests run every path on one machine). Every path gives the same bits.
 #pragma once
 
 #include <cstdlib>
@@ -12,10 +12,12 @@
 namespace kestrel {
 namespace cpu {
 
-enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vbmi = 3 };
 
 inline const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAvx512Vbmi:
+      return "avx512vbmi";
     case Isa::kAvx512:
       return "avx512";
     case Isa::kAvx2:
@@ -28,6 +30,7 @@ inline const char* isa_name(Isa isa) {
 
 inline Isa supported_isa() {
 #if defined(KESTREL_HAVE_AVX512_PATH)
+  if (avx512::supported_vbmi()) return Isa::kAvx512Vbmi;
   if (avx512::supported()) return Isa::kAvx512;
 #endif
 #if defined(KESTREL_HAVE_AVX2_PATH)
@@ -46,6 +49,7 @@ inline Isa active_isa() {
   if (std::strcmp(env, "scalar") == 0) cap = Isa::kScalar;
   if (std::strcmp(env, "avx2") == 0) cap = Isa::kAvx2;
   if (std::strcmp(env, "avx512") == 0) cap = Isa::kAvx512;
+  if (std::strcmp(env, "avx512vbmi") == 0) cap = Isa::kAvx512Vbmi;
   return static_cast<int>(cap) < static_cast<int>(isa) ? cap : isa;
 }
 

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -322,6 +323,73 @@ void dispatch_float(c10::ScalarType dtype, const Fn& fn) {
   }
 }
 
+// The vector path of an 8-bit step: the widest the CPU has (KESTREL_CPU_ISA caps it) that serves the maps (AVX-512
+// needs the search-free estimator, AVX2 the one-comparison bucket table, both the sign order), or the scalar loops;
+// stochastic rounding stays scalar.
+cpu::Isa vector_isa(const StepScalars& a, const CodeTable& q1, const CodeTable* q2) {
+  cpu::Isa isa = cpu::active_isa();
+  if (a.stochastic_round) return cpu::Isa::kScalar;
+  if (isa >= cpu::Isa::kAvx512 && !(q1.vector_ready(true) && (q2 == nullptr || q2->vector_ready(true))))
+    isa = cpu::Isa::kAvx2;
+  if (isa == cpu::Isa::kAvx2 && !(q1.vector_ready(false) && (q2 == nullptr || q2->vector_ready(false))))
+    isa = cpu::Isa::kScalar;
+  return isa;
+}
+
+template <optim::TwoState KIND, typename T, typename... Args>
+void two_state8bit_vector(cpu::Isa isa, Args... args) {
+  switch (isa) {
+#if defined(KESTREL_HAVE_AVX512_PATH)
+    case cpu::Isa::kAvx512Vbmi:
+      return cpu::avx512vbmi::two_state8bit_full_blocks<KIND, T>(args...);
+    case cpu::Isa::kAvx512:
+      return cpu::avx512::two_state8bit_full_blocks<KIND, T>(args...);
+#endif
+#if defined(KESTREL_HAVE_AVX2_PATH)
+    case cpu::Isa::kAvx2:
+      return cpu::avx2::two_state8bit_full_blocks<KIND, T>(args...);
+#endif
+    default:
+      TORCH_CHECK(false, "no vector path ", cpu::isa_name(isa));
+  }
+}
+
+template <bool ADAM, typename T, typename... Args>
+void norm8bit_vector(cpu::Isa isa, Args... args) {
+  switch (isa) {
+#if defined(KESTREL_HAVE_AVX512_PATH)
+    case cpu::Isa::kAvx512Vbmi:
+      return cpu::avx512vbmi::norm8bit_full_blocks<ADAM, T>(args...);
+    case cpu::Isa::kAvx512:
+      return cpu::avx512::norm8bit_full_blocks<ADAM, T>(args...);
+#endif
+#if defined(KESTREL_HAVE_AVX2_PATH)
+    case cpu::Isa::kAvx2:
+      return cpu::avx2::norm8bit_full_blocks<ADAM, T>(args...);
+#endif
+    default:
+      TORCH_CHECK(false, "no vector path ", cpu::isa_name(isa));
+  }
+}
+
+template <optim::OneState KIND, typename T, typename... Args>
+void one_state8bit_vector(cpu::Isa isa, Args... args) {
+  switch (isa) {
+#if defined(KESTREL_HAVE_AVX512_PATH)
+    case cpu::Isa::kAvx512Vbmi:
+      return cpu::avx512vbmi::one_state8bit_full_blocks<KIND, T>(args...);
+    case cpu::Isa::kAvx512:
+      return cpu::avx512::one_state8bit_full_blocks<KIND, T>(args...);
+#endif
+#if defined(KESTREL_HAVE_AVX2_PATH)
+    case cpu::Isa::kAvx2:
+      return cpu::avx2::one_state8bit_full_blocks<KIND, T>(args...);
+#endif
+    default:
+      TORCH_CHECK(false, "no vector path ", cpu::isa_name(isa));
+  }
+}
+
 // A two-state step (8-bit or 32-bit states, as call.eight_bit says) over the parameters of one call, each in
 // parallel over its blocks.
 void two_state_step(const StepCall& call, at::TensorList params, at::TensorList grads, at::TensorList state1,
@@ -350,20 +418,15 @@ void two_state_step(const StepCall& call, at::TensorList params, at::TensorList 
       uint8_t* c2 = state2[i].data_ptr<uint8_t>();
       float* m1 = absmax1[i].data_ptr<float>();
       float* m2 = absmax2[i].data_ptr<float>();
-      // The vector paths (Adam, the dynamic maps' one-comparison bucket search: AVX-512 or AVX2, cpu_isa.h); a
-      // partial last block stays scalar.
-      const cpu::Isa isa = cpu::active_isa();
-      if (kind == optim::TwoState::kAdam && !a.stochastic_round && isa != cpu::Isa::kScalar && q1->bucket_steps == 1 &&
-          q2->bucket_steps == 1) {
+      // The vector paths (cpu_isa.h) take the full blocks; a partial last block stays scalar.
+      const cpu::Isa isa = vector_isa(a, *q1, q2.get());
+      if (isa != cpu::Isa::kScalar) {
         const int64_t full = n / kBlockSize;
         cpu::parallel_over_blocks(n, full, [&](int64_t first, int64_t end) {
-#if defined(KESTREL_HAVE_AVX512_PATH)
-          if (isa == cpu::Isa::kAvx512)
-            return cpu::avx512::adam8bit_full_blocks<T>(p, g, c1, c2, m1, m2, a, *q1, *q2, first, end);
-#endif
-#if defined(KESTREL_HAVE_AVX2_PATH)
-          cpu::avx2::adam8bit_full_blocks<T>(p, g, c1, c2, m1, m2, a, *q1, *q2, first, end);
-#endif
+          if (kind == optim::TwoState::kAdEMAMix)
+            two_state8bit_vector<optim::TwoState::kAdEMAMix, T>(isa, p, g, c1, c2, m1, m2, n, a, *q1, *q2, first, end);
+          else
+            two_state8bit_vector<optim::TwoState::kAdam, T>(isa, p, g, c1, c2, m1, m2, n, a, *q1, *q2, first, end);
         });
         if (full * kBlockSize < n)
           KernelsCpu<T>::two_state8bit(kind, p, g, c1, c2, m1, m2, n, a, *q1, *q2, full, full + 1);
@@ -392,6 +455,25 @@ void one_state_step(const StepCall& call, at::TensorList params, at::TensorList 
       const T* g = grads[i].data_ptr<T>();
       void* s = state1[i].data_ptr();
       float* m = call.eight_bit ? absmax1[i].data_ptr<float>() : nullptr;
+      const cpu::Isa isa = call.eight_bit ? vector_isa(a, *q1, nullptr) : cpu::Isa::kScalar;
+      if (isa != cpu::Isa::kScalar) {
+        uint8_t* codes = static_cast<uint8_t*>(s);
+        const int64_t full = n / kBlockSize;
+        cpu::parallel_over_blocks(n, full, [&](int64_t first, int64_t end) {
+          switch (kind) {
+            case optim::OneState::kMomentum:
+              return one_state8bit_vector<optim::OneState::kMomentum, T>(isa, p, g, codes, m, a, *q1, first, end);
+            case optim::OneState::kRMSprop:
+              return one_state8bit_vector<optim::OneState::kRMSprop, T>(isa, p, g, codes, m, a, *q1, first, end);
+            case optim::OneState::kAdagrad:
+              return one_state8bit_vector<optim::OneState::kAdagrad, T>(isa, p, g, codes, m, a, *q1, first, end);
+            case optim::OneState::kLion:
+              return one_state8bit_vector<optim::OneState::kLion, T>(isa, p, g, codes, m, a, *q1, first, end);
+          }
+        });
+        if (full * kBlockSize < n) KernelsCpu<T>::one_state(kind, p, g, s, m, n, a, q1.get(), full, full + 1);
+        return;
+      }
       cpu::parallel_over_blocks(n, optim_num_blocks(n), [&](int64_t first, int64_t end) {
         KernelsCpu<T>::one_state(kind, p, g, s, m, n, a, q1.get(), first, end);
       });
@@ -485,9 +567,24 @@ at::Tensor update_norms_cpu(c10::string_view optimizer, at::TensorList params, a
       const void* s2 = state2[i].data_ptr();
       const float* m1 = eight_bit ? absmax1[i].data_ptr<float>() : nullptr;
       const float* m2 = eight_bit ? absmax2[i].data_ptr<float>() : nullptr;
-      cpu::parallel_over_blocks(n, blocks, [&](int64_t first, int64_t end) {
-        KernelsCpu<T>::norms(adam, p, g, s1, s2, m1, m2, n, a, q1.get(), q2.get(), sums.data(), first, end);
-      });
+      const cpu::Isa isa = eight_bit ? vector_isa(a, *q1, q2.get()) : cpu::Isa::kScalar;
+      if (isa != cpu::Isa::kScalar) {  // the vector paths take the full blocks, a partial last block stays scalar
+        const uint8_t* c1 = static_cast<const uint8_t*>(s1);
+        const uint8_t* c2 = static_cast<const uint8_t*>(s2);
+        const int64_t full = n / kBlockSize;
+        cpu::parallel_over_blocks(n, full, [&](int64_t first, int64_t end) {
+          if (adam)
+            norm8bit_vector<true, T>(isa, p, g, c1, c2, m1, m2, a, *q1, q2.get(), sums.data(), first, end);
+          else
+            norm8bit_vector<false, T>(isa, p, g, c1, c2, m1, m2, a, *q1, q2.get(), sums.data(), first, end);
+        });
+        if (full < blocks)
+          KernelsCpu<T>::norms(adam, p, g, s1, s2, m1, m2, n, a, q1.get(), q2.get(), sums.data(), full, blocks);
+      } else {
+        cpu::parallel_over_blocks(n, blocks, [&](int64_t first, int64_t end) {
+          KernelsCpu<T>::norms(adam, p, g, s1, s2, m1, m2, n, a, q1.get(), q2.get(), sums.data(), first, end);
+        });
+      }
     });
     out[2 * i] = (float)optim::tree_sum_blocks(sums.data(), blocks, 0);
     out[2 * i + 1] = (float)optim::tree_sum_blocks(sums.data(), blocks, 1);
@@ -496,6 +593,70 @@ at::Tensor update_norms_cpu(c10::string_view optimizer, at::TensorList params, a
 }
 
 }  // namespace
+
+// The vector requantization of `isa` against the scalar definition (the count of midpoints below v, then the sign fix
+// or the robust round-up of kestrel/optim.h) on every float32 bit pattern in [-1, 1]: {values, mismatches, the bits
+// of the first mismatch}. For tests (kestrel._C._requantize_check); about 2.1e9 values, a few seconds per map.
+std::vector<int64_t> requantize_check(const std::vector<float>& map, const std::string& isa_name) {
+  TORCH_CHECK(map.size() == (size_t)quant::kCodeSize, "map: expected 256 values, got ", map.size());
+  const CodeTable t(map.data());
+  const cpu::Isa isa = isa_name == "avx512vbmi" ? cpu::Isa::kAvx512Vbmi
+                       : isa_name == "avx512"   ? cpu::Isa::kAvx512
+                       : isa_name == "avx2"     ? cpu::Isa::kAvx2
+                                                : cpu::Isa::kScalar;
+  TORCH_CHECK(isa != cpu::Isa::kScalar && static_cast<int>(isa) <= static_cast<int>(cpu::supported_isa()),
+              "isa: expected a vector path this CPU has (up to ", cpu::isa_name(cpu::supported_isa()), "), got '",
+              isa_name, "'");
+  TORCH_CHECK(t.vector_ready(isa != cpu::Isa::kAvx2), "the map is not served by the ", isa_name, " path");
+  constexpr uint32_t kOne = 0x3f800000u, kChunk = 1u << 16;
+  constexpr int64_t kChunks = (int64_t)(kOne / kChunk) + 1;  // patterns 0 .. kOne per sign
+  int64_t mismatches = 0, first_bad = -1;
+#pragma omp parallel for schedule(dynamic, 16) num_threads(at::get_num_threads()) reduction(+ : mismatches)
+  for (int64_t c = 0; c < 2 * kChunks; ++c) {
+    const uint32_t sign = c < kChunks ? 0u : 0x80000000u;
+    const uint32_t begin = (uint32_t)(c % kChunks) * kChunk;
+    const uint32_t len = std::min<uint32_t>(kChunk, kOne + 1 - begin);
+    std::vector<float> v(kChunk, 0.0f);
+    std::vector<uint8_t> plain(kChunk), sign_fix(kChunk), round_up(kChunk);
+    for (uint32_t i = 0; i < len; ++i) v[i] = float_from_bits(sign | (begin + i));
+    switch (isa) {
+#if defined(KESTREL_HAVE_AVX512_PATH)
+      case cpu::Isa::kAvx512Vbmi:
+        cpu::avx512vbmi::requantize_values(t, v.data(), kChunk, plain.data(), sign_fix.data(), round_up.data());
+        break;
+      case cpu::Isa::kAvx512:
+        cpu::avx512::requantize_values(t, v.data(), kChunk, plain.data(), sign_fix.data(), round_up.data());
+        break;
+#endif
+#if defined(KESTREL_HAVE_AVX2_PATH)
+      case cpu::Isa::kAvx2:
+        cpu::avx2::requantize_values(t, v.data(), kChunk, plain.data(), sign_fix.data(), round_up.data());
+        break;
+#endif
+      default:
+        break;
+    }
+    // The reference, a running count of the midpoints below v (v ascends for +, descends for -).
+    int idx = quant::nearest_code_bsearch(t.midpoints, v[0]);
+    int64_t bad = 0, first = -1;
+    for (uint32_t i = 0; i < len; ++i) {
+      const float x = v[i];
+      if (sign == 0)
+        while (t.midpoints[idx] < x) ++idx;
+      else
+        while (idx > 0 && !(t.midpoints[idx - 1] < x)) --idx;
+      const bool ok = plain[i] == idx && sign_fix[i] == quant::apply_sign_fix(t.code, idx, x) &&
+                      round_up[i] == optim::round_denominator_code(t.code, idx, x, true);
+      if (!ok && bad++ == 0) first = (int64_t)(sign | (begin + i));
+    }
+    mismatches += bad;
+    if (bad > 0) {
+#pragma omp critical
+      if (first_bad < 0) first_bad = first;
+    }
+  }
+  return {2 * (int64_t)(kOne + 1), mismatches, first_bad};
+}
 
 TORCH_LIBRARY_IMPL(kestrel, CPU, m) {
   m.impl("update_norms", &update_norms_cpu);

@@ -1,6 +1,9 @@
-// AVX-512 version of the CPU 8-bit Adam block update (16 lanes; gathers for the map lookups and the bucket search).
-// The same float32 operations in the same order as the scalar code in optim.cpp (kestrel/optim.h), so results are
-// bit-identical; chosen at run time when the CPU has AVX-512 F/BW/DQ/VL.
+// AVX-512 vector paths of the CPU 8-bit optimizers (16 lanes): the kernels of optim_vector.inc over the vector types
+// below, in two variants chosen at run time (cpu_isa.h): `avx512vbmi` (Ice Lake, Zen 4 and later) looks maps up 64
+// indices at a time with byte permutes over the tables' byte planes, `avx512` (Skylake-X, Cascade Lake) gathers. Both
+// requantize without a search (CodeTable's Estimator: the nearest code from the value's run by arithmetic, one
+// comparison with a midpoint) and take a code's sign from its index. The same float32 operations in the same order as
+// the scalar loops, so every path gives the same bits.
 #pragma once
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -12,8 +15,12 @@
 #include <c10/util/Half.h>
 
 #include "code_table.h"
+#include "cpu_utils.h"
 #include "kestrel/optim.h"
 
+// GCC 12's AVX-512 intrinsics start from _mm512_undefined_*() and warn about it (GCC bug 105593): not our code.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,f16c")
 
@@ -24,6 +31,11 @@ namespace avx512 {
 inline bool supported() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  return ok;
+}
+
+inline bool supported_vbmi() {
+  static const bool ok = supported() && __builtin_cpu_supports("avx512vbmi");
   return ok;
 }
 
@@ -65,111 +77,195 @@ struct Lanes<c10::BFloat16> {
   static inline __m512 round(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(to_bits32(v), 16)); }
 };
 
-inline __m512 abs_ps(__m512 v) {
-  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fffffff)));
-}
+// Everything but the map lookups, shared by both variants.
+struct Base {
+  using F = __m512;
+  using M = __mmask16;
+  static constexpr int kLanes = 16;
+  static constexpr int kPer = 4;  // vectors per 64-element group
 
-inline __mmask16 finite_mask(__m512 v) {
-  return _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), _mm512_setzero_ps(), _CMP_EQ_OQ);
-}
+  static F zero() { return _mm512_setzero_ps(); }
+  static F set1(float x) { return _mm512_set1_ps(x); }
+  static F add(F x, F y) { return _mm512_add_ps(x, y); }
+  static F sub(F x, F y) { return _mm512_sub_ps(x, y); }
+  static F mul(F x, F y) { return _mm512_mul_ps(x, y); }
+  static F div(F x, F y) { return _mm512_div_ps(x, y); }
+  static F sqrt(F x) { return _mm512_sqrt_ps(x); }
+  static F max(F x, F y) { return _mm512_max_ps(x, y); }
+  static F abs(F x) {
+    return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff)));
+  }
+  static F load(const float* p) { return _mm512_load_ps(p); }
+  static F load_unaligned(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, F x) { _mm512_store_ps(p, x); }
+  static float reduce_max(F x) { return _mm512_reduce_max_ps(x); }
+  static M finite(F x) { return _mm512_cmp_ps_mask(_mm512_sub_ps(x, x), _mm512_setzero_ps(), _CMP_EQ_OQ); }
+  static M both(M x, M y) { return x & y; }
+  static F select(M m, F if_false, F if_true) { return _mm512_mask_mov_ps(if_false, m, if_true); }
+  static F keep(M m, F x) { return _mm512_maskz_mov_ps(m, x); }  // x where m, else +0
+  // optim::sign_of: 1, -1 or 0 (NaN: 0)
+  static F sign_of(F x) {
+    const F one = _mm512_set1_ps(1.0f);
+    return _mm512_sub_ps(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ), one),
+                         _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), one));
+  }
+  template <typename T>
+  static F load_param(const T* p) {
+    return Lanes<T>::load(p);
+  }
+  template <typename T>
+  static void store_param(T* p, F x) {
+    Lanes<T>::store(p, x);
+  }
+  template <typename T>
+  static F round_param(F x) {
+    return Lanes<T>::round(x);
+  }
 
-// quant::nearest_code_bucketed<1> on 16 lanes: bucket start (a byte gathered as a dword, masked), one comparison.
-inline __m512i nearest_code(const CodeTable& t, __m512 v) {
-  const __m512i u = _mm512_castps_si512(_mm512_add_ps(v, _mm512_setzero_ps()));
-  const __m512i key =
-      _mm512_xor_si512(u, _mm512_or_si512(_mm512_srai_epi32(u, 31), _mm512_set1_epi32((int)0x80000000u)));
-  const __m512i bucket = _mm512_srli_epi32(key, 32 - quant::kBucketBits);
-  __m512i idx = _mm512_and_si512(_mm512_i32gather_epi32(bucket, t.bucket_start, 1), _mm512_set1_epi32(0xff));
-  const __m512 mid = _mm512_i32gather_ps(idx, t.midpoints, 4);
-  idx = _mm512_mask_add_epi32(idx, _mm512_cmp_ps_mask(mid, v, _CMP_LT_OQ), idx, _mm512_set1_epi32(1));
-  return _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), idx);  // NaN -> 0
-}
+  // Estimator::estimate on 16 values in [-1, 1], operation for operation.
+  static __m512i estimate(const Estimator& e, F v) {
+    const __m512i bits = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fffffff));
+    const F a = _mm512_castsi512_ps(bits);
+    __m512i binade = _mm512_sub_epi32(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(Estimator::kFirstExponent));
+    binade = _mm512_min_epi32(_mm512_max_epi32(binade, _mm512_setzero_si512()),
+                              _mm512_set1_epi32(Estimator::kExponents - 1));
+    __m512i run = _mm512_permutex2var_epi32(_mm512_load_si512(e.run_of), binade, _mm512_load_si512(e.run_of + 16));
+    const F next = _mm512_permutex2var_ps(_mm512_load_ps(e.next_start), binade, _mm512_load_ps(e.next_start + 16));
+    run = _mm512_mask_add_epi32(run, _mm512_cmp_ps_mask(a, next, _CMP_GE_OQ), run, _mm512_set1_epi32(1));
+    const F lo = _mm512_permutexvar_ps(run, _mm512_load_ps(e.lo));
+    const F inv_width = _mm512_permutexvar_ps(run, _mm512_load_ps(e.inv_width));
+    const __m512i first = _mm512_permutexvar_epi32(run, _mm512_load_si512(e.first));
+    const F x = _mm512_sub_ps(_mm512_mul_ps(_mm512_sub_ps(a, lo), inv_width), _mm512_set1_ps(0.5f));
+    __m512i est = _mm512_add_epi32(first, _mm512_cvt_roundps_epi32(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+    est = _mm512_max_epi32(est, _mm512_set1_epi32(e.zero));
+    const __mmask16 negative = _mm512_movepi32_mask(_mm512_castps_si512(v));
+    est = _mm512_mask_sub_epi32(est, negative, _mm512_set1_epi32(e.mirror), est);
+    return _mm512_min_epi32(_mm512_max_epi32(est, _mm512_setzero_si512()), _mm512_set1_epi32(quant::kCodeSize - 1));
+  }
 
-// quant::apply_sign_fix on 16 lanes.
-inline __m512i sign_fix(const CodeTable& t, __m512i idx, __m512 v) {
-  const __m512 chosen = _mm512_i32gather_ps(idx, t.code, 4);
-  const __mmask16 differs = _mm512_test_epi32_mask(
-      _mm512_xor_si512(_mm512_castps_si512(chosen), _mm512_castps_si512(v)), _mm512_set1_epi32((int)0x80000000u));
-  const __mmask16 positive = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ);
-  idx = _mm512_mask_add_epi32(idx, differs & positive, idx, _mm512_set1_epi32(1));
-  idx = _mm512_mask_sub_epi32(idx, differs & ~positive, idx, _mm512_set1_epi32(1));
-  return _mm512_min_epi32(_mm512_max_epi32(idx, _mm512_setzero_si512()), _mm512_set1_epi32(quant::kCodeSize - 1));
-}
-
-// optim::round_denominator_code (robust) on 16 lanes: a positive value on a code <= 0 takes the next code up.
-inline __m512i round_up_from_zero(const CodeTable& t, __m512i idx, __m512 v) {
-  const __m512 chosen = _mm512_i32gather_ps(idx, t.code, 4);
-  const __mmask16 up = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ) &
-                       _mm512_cmp_ps_mask(chosen, _mm512_setzero_ps(), _CMP_LE_OQ) &
-                       _mm512_cmplt_epi32_mask(idx, _mm512_set1_epi32(quant::kCodeSize - 1));
-  return _mm512_mask_add_epi32(idx, up, idx, _mm512_set1_epi32(1));
-}
-
-inline __m512i load_codes(const uint8_t* p) {
-  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
-// Full 256-element blocks [first, end) of one tensor (the caller handles a partial last block with scalar code).
-template <typename T>
-void adam8bit_full_blocks(T* p, const T* g, uint8_t* c1, uint8_t* c2, float* absmax1, float* absmax2,
-                          const optim::StepScalars& a, const CodeTable& q1, const CodeTable& q2, int64_t first,
-                          int64_t end) {
-  constexpr int kBlock = optim::kBlockSize;
-  alignas(64) float s1[kBlock], s2[kBlock];
-  __mmask16 finite[kBlock / 16];
-  const __m512 beta1 = _mm512_set1_ps(a.beta1), beta2 = _mm512_set1_ps(a.beta2);
-  const __m512 omb1 = _mm512_set1_ps(a.one_minus_beta1), omb2 = _mm512_set1_ps(a.one_minus_beta2);
-  const __m512 gnorm = _mm512_set1_ps(a.gnorm_scale), step_size = _mm512_set1_ps(a.step_size);
-  const __m512 eps_c2 = _mm512_set1_ps(a.eps_c2), decay = _mm512_set1_ps(a.decay);
-  for (int64_t b = first; b < end; ++b) {
-    const int64_t base = b * kBlock;
-    const __m512 old1 = _mm512_set1_ps(absmax1[b]), old2 = _mm512_set1_ps(absmax2[b]);
-    __m512 max1 = _mm512_setzero_ps(), max2 = _mm512_setzero_ps();
-    for (int j = 0; j < kBlock / 16; ++j) {
-      const int64_t i = base + 16 * j;
-      const __m512 grad = _mm512_mul_ps(Lanes<T>::load(g + i), gnorm);
-      __m512 m1 = _mm512_mul_ps(_mm512_i32gather_ps(load_codes(c1 + i), q1.code, 4), old1);
-      __m512 m2 = _mm512_mul_ps(_mm512_i32gather_ps(load_codes(c2 + i), q2.code, 4), old2);
-      m1 = _mm512_add_ps(_mm512_mul_ps(m1, beta1), _mm512_mul_ps(omb1, grad));
-      m2 = _mm512_add_ps(_mm512_mul_ps(m2, beta2), _mm512_mul_ps(omb2, _mm512_mul_ps(grad, grad)));
-      // optim::step_is_finite: the gradient and both new moments (a square that overflows skips the element)
-      const __mmask16 ok = finite_mask(grad) & finite_mask(m1) & finite_mask(m2);
-      m1 = _mm512_maskz_mov_ps(ok, m1);
-      m2 = _mm512_maskz_mov_ps(ok, m2);
-      finite[j] = ok;
-      _mm512_store_ps(s1 + 16 * j, m1);
-      _mm512_store_ps(s2 + 16 * j, m2);
-      max1 = _mm512_max_ps(max1, abs_ps(m1));
-      max2 = _mm512_max_ps(max2, abs_ps(m2));
+  // The code from the estimate and the midpoint above it, then MODE (optim_vector.inc's Requant), stored as bytes.
+  template <int MODE>
+  static void finish(const CodeTable& q, __m512i est, F mid, F v, uint8_t* codes) {
+    __m512i idx = _mm512_mask_add_epi32(est, _mm512_cmp_ps_mask(mid, v, _CMP_LT_OQ), est, _mm512_set1_epi32(1));
+    const __mmask16 positive = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ);
+    if (MODE == 1) {  // quant::apply_sign_fix, the chosen code's sign from its index (CodeTable::negative_codes)
+      const __mmask16 code_negative = _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(q.negative_codes), idx);
+      const __mmask16 differs = code_negative ^ _mm512_movepi32_mask(_mm512_castps_si512(v));
+      idx = _mm512_mask_add_epi32(idx, differs & positive, idx, _mm512_set1_epi32(1));
+      idx = _mm512_mask_sub_epi32(idx, differs & ~positive, idx, _mm512_set1_epi32(1));
+      idx = _mm512_min_epi32(_mm512_max_epi32(idx, _mm512_setzero_si512()), _mm512_set1_epi32(quant::kCodeSize - 1));
     }
-    const float new_max1 = _mm512_reduce_max_ps(max1), new_max2 = _mm512_reduce_max_ps(max2);
-    absmax1[b] = new_max1;
-    absmax2[b] = new_max2;
-    for (int j = 0; j < kBlock / 16; ++j) {
-      const int64_t i = base + 16 * j;
-      const __m512 old_p = Lanes<T>::load(p + i);
-      const __m512 update = _mm512_div_ps(_mm512_load_ps(s1 + 16 * j),
-                                          _mm512_add_ps(_mm512_sqrt_ps(_mm512_load_ps(s2 + 16 * j)), eps_c2));
-      __m512 new_p = Lanes<T>::round(_mm512_add_ps(old_p, _mm512_mul_ps(step_size, update)));
-      if (a.apply_decay) new_p = Lanes<T>::round(_mm512_mul_ps(new_p, decay));
-      Lanes<T>::store(p + i, _mm512_mask_mov_ps(old_p, finite[j], new_p));
+    if (MODE == 2) {  // optim::round_denominator_code (robust): a positive value on a code <= 0 takes the next one
+      const __mmask16 up = positive & _mm512_cmplt_epi32_mask(idx, _mm512_set1_epi32(q.nonpositive_codes)) &
+                           _mm512_cmplt_epi32_mask(idx, _mm512_set1_epi32(quant::kCodeSize - 1));
+      idx = _mm512_mask_add_epi32(idx, up, idx, _mm512_set1_epi32(1));
     }
-    const __m512 scale1 = _mm512_set1_ps(new_max1), scale2 = _mm512_set1_ps(new_max2);
-    for (int j = 0; j < kBlock / 16; ++j) {
-      const int64_t i = base + 16 * j;
-      const __m512 v1 = new_max1 > 0.0f ? _mm512_div_ps(_mm512_load_ps(s1 + 16 * j), scale1) : _mm512_setzero_ps();
-      const __m512 v2 = new_max2 > 0.0f ? _mm512_div_ps(_mm512_load_ps(s2 + 16 * j), scale2) : _mm512_setzero_ps();
-      const __m512i idx1 = a.robust_rounding ? nearest_code(q1, v1) : sign_fix(q1, nearest_code(q1, v1), v1);
-      const __m512i idx2 = a.robust_rounding ? round_up_from_zero(q2, nearest_code(q2, v2), v2) : nearest_code(q2, v2);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(c1 + i), _mm512_cvtepi32_epi8(idx1));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(c2 + i), _mm512_cvtepi32_epi8(idx2));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes), _mm512_cvtepi32_epi8(idx));
+  }
+
+  static __m512i load_codes(const uint8_t* p) {
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+};
+
+// Map lookups by gathers.
+struct V : Base {
+  static void dequant(const CodeTable& q, const uint8_t* codes, F absmax, F* out) {
+    for (int k = 0; k < kPer; ++k)
+      out[k] = _mm512_mul_ps(_mm512_i32gather_ps(load_codes(codes + 16 * k), q.code, 4), absmax);
+  }
+  template <int MODE>
+  static void requant(const CodeTable& q, const F* v, uint8_t* codes) {
+    for (int k = 0; k < kPer; ++k) {
+      const __m512i est = estimate(q.estimator, v[k]);
+      finish<MODE>(q, est, _mm512_i32gather_ps(est, q.midpoints, 4), v[k], codes + 16 * k);
     }
   }
-}
+};
+
+#include "optim_vector.inc"
 
 }  // namespace avx512
 }  // namespace cpu
 }  // namespace kestrel
 
 #pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,f16c")
+
+namespace kestrel {
+namespace cpu {
+namespace avx512vbmi {
+
+using avx512::Base;
+using avx512::Lanes;
+
+// Map lookups by byte permutes: 64 indices (bytes) against a table's four byte planes (BytePlanes), two 128-entry
+// permutes and a select on the index's top bit per plane, then the planes interleaved into four float vectors. The
+// interleave (unpack bytes, then words, within 128-bit lanes) puts byte position 16L + 4q + j of the planes into lane
+// 4L + j of vector q, so the indices are first permuted so that position holds element 16q + 4L + j: the vectors then
+// come out in element order.
+struct V : Base {
+  // kSpread[p] = 16q + 4L + j for p = 16L + 4q + j
+  static __m512i spread() {
+    alignas(64) static const uint8_t order[64] = {0,  1,  2,  3,  16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51,
+                                                  4,  5,  6,  7,  20, 21, 22, 23, 36, 37, 38, 39, 52, 53, 54, 55,
+                                                  8,  9,  10, 11, 24, 25, 26, 27, 40, 41, 42, 43, 56, 57, 58, 59,
+                                                  12, 13, 14, 15, 28, 29, 30, 31, 44, 45, 46, 47, 60, 61, 62, 63};
+    return _mm512_load_si512(order);
+  }
+
+  // table[idx] for 64 byte indices already spread, as four float vectors in element order
+  static void lookup64(const BytePlanes& t, __m512i idx, F* out) {
+    const __mmask64 high = _mm512_movepi8_mask(idx);
+    __m512i plane[4];
+    for (int k = 0; k < 4; ++k) {
+      const uint8_t* p = t.plane[k];
+      const __m512i low_half = _mm512_permutex2var_epi8(_mm512_load_si512(p), idx, _mm512_load_si512(p + 64));
+      const __m512i high_half = _mm512_permutex2var_epi8(_mm512_load_si512(p + 128), idx, _mm512_load_si512(p + 192));
+      plane[k] = _mm512_mask_blend_epi8(high, low_half, high_half);
+    }
+    const __m512i lo01 = _mm512_unpacklo_epi8(plane[0], plane[1]), hi01 = _mm512_unpackhi_epi8(plane[0], plane[1]);
+    const __m512i lo23 = _mm512_unpacklo_epi8(plane[2], plane[3]), hi23 = _mm512_unpackhi_epi8(plane[2], plane[3]);
+    out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(lo01, lo23));
+    out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(lo01, lo23));
+    out[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(hi01, hi23));
+    out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(hi01, hi23));
+  }
+
+  static void dequant(const CodeTable& q, const uint8_t* codes, F absmax, F* out) {
+    const __m512i idx = _mm512_permutexvar_epi8(spread(), _mm512_loadu_si512(codes));
+    lookup64(q.code_planes, idx, out);
+    for (int k = 0; k < kPer; ++k) out[k] = _mm512_mul_ps(out[k], absmax);
+  }
+
+  template <int MODE>
+  static void requant(const CodeTable& q, const F* v, uint8_t* codes) {
+    __m512i est[kPer];
+    for (int k = 0; k < kPer; ++k) est[k] = estimate(q.estimator, v[k]);
+    // the estimates' low bytes, spread: position 16L + 4q + j takes byte 4 * (4L + j) of est[q]
+    alignas(64) static const uint8_t pick[64] = {
+        0,  4,   8,   12,  64, 68, 72, 76, 0,   4,   8,   12,  64, 68, 72, 76,  16,  20,  24,  28, 80, 84,
+        88, 92,  16,  20,  24, 28, 80, 84, 88,  92,  32,  36,  40, 44, 96, 100, 104, 108, 32,  36, 40, 44,
+        96, 100, 104, 108, 48, 52, 56, 60, 112, 116, 120, 124, 48, 52, 56, 60,  112, 116, 120, 124};
+    const __m512i order = _mm512_load_si512(pick);
+    const __m512i from01 = _mm512_permutex2var_epi8(est[0], order, est[1]);
+    const __m512i from23 = _mm512_permutex2var_epi8(est[2], order, est[3]);
+    const __m512i idx =
+        _mm512_mask_blend_epi8(0xFF00FF00FF00FF00ull, from01, from23);  // q = 2, 3: bytes 8-15 of a lane
+    F mid[kPer];
+    lookup64(q.midpoint_planes, idx, mid);
+    for (int k = 0; k < kPer; ++k) finish<MODE>(q, est[k], mid[k], v[k], codes + 16 * k);
+  }
+};
+
+#include "optim_vector.inc"
+
+}  // namespace avx512vbmi
+}  // namespace cpu
+}  // namespace kestrel
+
+#pragma GCC pop_options
+#pragma GCC diagnostic pop
 #endif

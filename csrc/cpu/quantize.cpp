@@ -40,7 +40,8 @@ template <typename T>
 KESTREL_ALWAYS_INLINE void quantize_blocks(const CodeTable& table, const T* x, uint8_t* codes, float* absmax, int64_t n,
                                            int64_t blocksize, int64_t first_block, int64_t end_block) {
   const float* midpoints = table.midpoints;
-  const uint8_t* start = table.bucket_start;
+  const uint8_t* start = table.bucket_start.data();
+  const quant::BucketRange range = table.range;
   for (int64_t b = first_block; b < end_block; ++b) {
     const int64_t begin = b * blocksize;
     const int64_t len = std::min(blocksize, n - begin);
@@ -51,12 +52,12 @@ KESTREL_ALWAYS_INLINE void quantize_blocks(const CodeTable& table, const T* x, u
     const quant::BlockScale scale = quant::block_scale(block_max);
     if (table.bucket_steps == 1) {  // the dynamic maps: at most one midpoint per bucket
       for (int64_t i = 0; i < len; ++i)
-        ob[i] = static_cast<uint8_t>(
-            quant::nearest_code_bucketed<1>(midpoints, start, quant::normalize(static_cast<float>(xb[i]), scale)));
+        ob[i] = static_cast<uint8_t>(quant::nearest_code_bucketed<1>(
+            midpoints, start, range, quant::normalize(static_cast<float>(xb[i]), scale)));
     } else if (table.bucket_steps >= 0) {
       for (int64_t i = 0; i < len; ++i)
         ob[i] = static_cast<uint8_t>(quant::nearest_code_bucketed<cpu::kMaxBucketSteps>(
-            midpoints, start, quant::normalize(static_cast<float>(xb[i]), scale)));
+            midpoints, start, range, quant::normalize(static_cast<float>(xb[i]), scale)));
     } else {
       for (int64_t i = 0; i < len; ++i)
         ob[i] = static_cast<uint8_t>(

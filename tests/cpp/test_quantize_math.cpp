@@ -1,5 +1,5 @@
 // Unit test of the framework-free header kestrel/quantize.h, compiled with a plain C++ compiler (no torch).
-// The CUDA kernel uses nearest_code_bsearch, the CPU kernel nearest_code_bucketed: both must equal the
+// The CUDA kernel uses nearest_code_bsearch, the CPU kernels nearest_code_bucketed: both must equal the
 // definition (count of float32 midpoints strictly below v) for every value, specials included.
 #include <cmath>
 #include <cstdio>
@@ -35,8 +35,9 @@ static void check_code(const std::vector<float>& code, const char* name) {
   float midpoints[quant::kMidpointsSize];
   for (int j = 0; j < quant::kCodeSize - 1; ++j) midpoints[j] = quant::midpoint(code.data(), j);
   midpoints[quant::kCodeSize - 1] = std::numeric_limits<float>::infinity();
-  std::vector<uint8_t> start(quant::kNumBuckets);
-  const int steps = quant::build_bucket_table(midpoints, start.data());
+  const quant::BucketRange range = quant::bucket_range(midpoints);
+  std::vector<uint8_t> start(quant::num_buckets(range));
+  const int steps = quant::build_bucket_table(midpoints, range, start.data());
   CHECK(steps >= 1, "%s: steps %d", name, steps);
 
   std::vector<float> values = {0.0f,
@@ -67,7 +68,7 @@ static void check_code(const std::vector<float>& code, const char* name) {
   for (float v : values) {
     const int expected = std::isnan(v) ? 0 : brute_force(midpoints, v);
     const int bsearch = quant::nearest_code_bsearch(midpoints, v);
-    const int bucketed = steps <= 4 ? quant::nearest_code_bucketed<4>(midpoints, start.data(), v) : expected;
+    const int bucketed = steps <= 4 ? quant::nearest_code_bucketed<4>(midpoints, start.data(), range, v) : expected;
     CHECK(bsearch == expected, "%s: bsearch(%.9g) = %d, expected %d", name, v, bsearch, expected);
     CHECK(bucketed == expected, "%s: bucketed(%.9g) = %d, expected %d", name, v, bucketed, expected);
   }
@@ -134,12 +135,20 @@ static void check_helpers() {
     const float expected = x * (1.0f / a);
     CHECK(quant::normalize(x, quant::block_scale(a)) == expected, "x %g absmax %g", x, a);
   }
-  CHECK(quant::ordered_key(-0.0f) == quant::ordered_key(0.0f), "-0 and +0 share a key");
   std::vector<float> sorted = {
       -std::numeric_limits<float>::infinity(),  -3e38f, -1.0f, -1e-30f, -std::numeric_limits<float>::denorm_min(), 0.0f,
       std::numeric_limits<float>::denorm_min(), 1e-30f, 1.0f,  3e38f,   std::numeric_limits<float>::infinity()};
-  for (size_t i = 0; i + 1 < sorted.size(); ++i)
-    CHECK(quant::ordered_key(sorted[i]) < quant::ordered_key(sorted[i + 1]), "key order at %g", sorted[i]);
+  // Buckets are ordered as the values are, -0 shares +0's, and the clamped ends hold the extremes.
+  for (const quant::BucketRange range :
+       {quant::BucketRange{0, 1}, quant::BucketRange{13000, 3300}, quant::BucketRange{0, 0x7f81}}) {
+    CHECK(quant::bucket_of(-0.0f, range) == quant::bucket_of(0.0f, range), "-0 and +0 share a bucket");
+    for (size_t i = 0; i + 1 < sorted.size(); ++i)
+      CHECK(quant::bucket_of(sorted[i], range) <= quant::bucket_of(sorted[i + 1], range), "bucket order at %g",
+            sorted[i]);
+    CHECK(quant::bucket_of(-std::numeric_limits<float>::infinity(), range) == 0, "-inf: the first bucket");
+    CHECK(quant::bucket_of(std::numeric_limits<float>::infinity(), range) == (uint32_t)quant::num_buckets(range) - 1,
+          "inf: the last bucket");
+  }
 }
 
 int main(int argc, char** argv) {

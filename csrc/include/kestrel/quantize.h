@@ -67,40 +67,62 @@ KESTREL_HD int nearest_code_bsearch(const float* midpoints, float v) {
   return idx;
 }
 
-// Key whose unsigned order is the float order of non-NaN values, with -0 folded onto +0.
-KESTREL_HD uint32_t ordered_key(float v) {
-  const uint32_t u = float_bits(v + 0.0f);
-  return u ^ ((uint32_t)((int32_t)u >> 31) | 0x80000000u);  // negative: ~u; positive: set the top bit
-}
-
-// A bucket table over the top kBucketBits of the ordered key: start[b] is the number of midpoints in buckets
-// below b, so the count for v is start[bucket(v)] plus at most `max_per_bucket` further comparisons.
-constexpr int kBucketBits = 16;
-constexpr int kNumBuckets = 1 << kBucketBits;
-
-KESTREL_HD uint32_t bucket_of(float v) {
-  return ordered_key(v) >> (32 - kBucketBits);
-}
-
 #if !defined(__CUDACC_RTC__)  // host-only (NVRTC compiles device code only)
-// Fills start[kNumBuckets]; returns the largest number of midpoints that share one bucket.
-inline int build_bucket_table(const float* midpoints, uint8_t* start) {
+// A bucket table for the CPU search: the bucket of v is the top 16 bits of |v| below the sign (8 exponent and 7
+// mantissa bits), clamped to [lo, lo + span) -- the range in which the map has midpoints -- and mirrored for negative
+// values, so buckets are ordered as the values are: b = span + r for v >= 0 and span - 1 - r for v < 0, r the clamped
+// offset (-0 is folded onto +0). For the dynamic maps span is about 2,950: a 6 KiB table, resident in L1. start[b]
+// is the number of midpoints in buckets below b, so the count for v is start[bucket(v)] plus at most the largest
+// number of midpoints sharing one bucket (1 for the dynamic maps) further comparisons.
+struct BucketRange {
+  int lo;    // the first bucketed value of |v|'s top 16 bits; smaller ones share offset 0
+  int span;  // offsets per sign; larger ones (and inf) share offset span - 1
+};
+
+inline uint32_t bucket_of(float v, BucketRange range) {
+  const uint32_t u = float_bits(v + 0.0f);
+  int r = (int)((u & 0x7fffffffu) >> 16) - range.lo;
+  r = r < 0 ? 0 : (r > range.span - 1 ? range.span - 1 : r);
+  return (uint32_t)(range.span + (r ^ -(int)(u >> 31)));  // negative: span + ~r = span - 1 - r
+}
+
+// The narrowest range whose end offsets hold no nonzero midpoint (so clamping merges no two of them).
+inline BucketRange bucket_range(const float* midpoints) {
+  int lo = 0x7fff, hi = 0;
+  for (int j = 0; j < kCodeSize - 1; ++j) {
+    const int e = (int)((float_bits(midpoints[j]) & 0x7fffffffu) >> 16);
+    if (e == 0) continue;
+    lo = e < lo ? e : lo;
+    hi = e > hi ? e : hi;
+  }
+  if (hi == 0) return {0, 1};
+  lo = lo > 0 ? lo - 1 : 0;
+  return {lo, hi + 1 - lo + 1};
+}
+
+inline int num_buckets(BucketRange range) {
+  return 2 * range.span;
+}
+
+// Fills start[num_buckets(range)] for sorted, finite midpoints; returns the largest number of midpoints that share
+// one bucket.
+inline int build_bucket_table(const float* midpoints, BucketRange range, uint8_t* start) {
   static_assert(kCodeSize - 1 <= 255, "bucket starts are stored as uint8");
   int counts_seen = 0, max_per_bucket = 0, j = 0;
-  for (uint32_t b = 0; b < (uint32_t)kNumBuckets; ++b) {
+  for (uint32_t b = 0; b < (uint32_t)num_buckets(range); ++b) {
     start[b] = (uint8_t)counts_seen;
     int in_bucket = 0;
-    while (j < kCodeSize - 1 && bucket_of(midpoints[j]) == b) ++j, ++in_bucket;
+    while (j < kCodeSize - 1 && bucket_of(midpoints[j], range) == b) ++j, ++in_bucket;
     counts_seen += in_bucket;
     if (in_bucket > max_per_bucket) max_per_bucket = in_bucket;
   }
   return max_per_bucket;
 }
 
-// Same result as nearest_code_bsearch for sorted, finite midpoints (host only: the table is 64 KiB).
+// Same result as nearest_code_bsearch for sorted, finite midpoints when STEPS >= build_bucket_table's result.
 template <int STEPS>
-inline int nearest_code_bucketed(const float* midpoints, const uint8_t* start, float v) {
-  int idx = start[bucket_of(v)];
+inline int nearest_code_bucketed(const float* midpoints, const uint8_t* start, BucketRange range, float v) {
+  int idx = start[bucket_of(v, range)];
   for (int s = 0; s < STEPS; ++s) idx += (midpoints[idx] < v) ? 1 : 0;
   return idx & -(int)(v == v);  // NaN -> 0, without a branch
 }

@@ -1,0 +1,108 @@
+"""The CPU vector paths of the 8-bit optimizers (AVX-512 with VBMI, AVX-512, AVX2; csrc/cpu/optim_vector.inc): every
+optimizer bit for bit equal to the scalar loops on each path this CPU has, and the search-free requantization equal to
+the exact nearest rounding (with bnb's sign fix and the robust round-up) on every float32 bit pattern in [-1, 1]."""
+
+import pytest
+import torch
+from helpers import FLOAT_DTYPES
+
+import kestrel
+from kestrel import optim as K
+from kestrel.functional import create_dynamic_map
+
+pytestmark = pytest.mark.skipif(not kestrel._ext.available(), reason="kestrel._C is not built")
+
+ISAS = ("scalar", "avx2", "avx512", "avx512vbmi")
+
+OPTIMIZERS = {
+    "Adam8bit": lambda ps, robust: K.Adam8bit(ps, lr=1e-2, weight_decay=0.05, robust_rounding=robust),
+    "AdamW8bit": lambda ps, robust: K.AdamW8bit(ps, lr=1e-2, weight_decay=0.05, robust_rounding=robust),
+    "AdEMAMix8bit": lambda ps, robust: K.AdEMAMix8bit(
+        ps, lr=1e-2, weight_decay=0.05, t_alpha=4, t_beta3=4, robust_rounding=robust
+    ),
+    "LAMB8bit": lambda ps, robust: K.LAMB8bit(ps, lr=1e-2, weight_decay=0.05, robust_rounding=robust),
+    "SGD8bit": lambda ps, robust: K.SGD8bit(ps, lr=1e-2, momentum=0.9, weight_decay=0.05, robust_rounding=robust),
+    "LARS8bit": lambda ps, robust: K.LARS8bit(ps, lr=1e-2, momentum=0.9, weight_decay=0.05, robust_rounding=robust),
+    "RMSprop8bit": lambda ps, robust: K.RMSprop8bit(ps, lr=1e-2, weight_decay=0.05, robust_rounding=robust),
+    "Adagrad8bit": lambda ps, robust: K.Adagrad8bit(ps, lr=1e-2, weight_decay=0.05, robust_rounding=robust),
+    "Lion8bit": lambda ps, robust: K.Lion8bit(ps, lr=1e-3, weight_decay=0.05, robust_rounding=robust),
+}
+
+
+def available_isas(monkeypatch):
+    found = []
+    for isa in ISAS:
+        monkeypatch.setenv("KESTREL_CPU_ISA", isa)
+        if kestrel._C.cpu_isa() == isa:
+            found.append(isa)
+    monkeypatch.delenv("KESTREL_CPU_ISA")
+    return found
+
+
+def heterogeneous_grad(shape, dtype, generator):
+    """Gradients whose scale varies over three decades inside every block: all regions of both maps."""
+    scale = 10 ** torch.empty(shape).uniform_(-3, 0, generator=generator)
+    return (torch.randn(shape, generator=generator) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("robust", [False, True])
+def test_every_cpu_vector_path_gives_the_same_bits(monkeypatch, name, dtype, robust):
+    """Each vector path this CPU has (KESTREL_CPU_ISA caps the choice): parameters, codes and absmax bit for bit equal
+    to the scalar loops', over steps with NaN/Inf gradients and one whose square overflows, blocks of zeros, tiny and
+    huge values, a partial last block, weight decay and (robust) rounding."""
+    isas = available_isas(monkeypatch)
+    assert "scalar" in isas and len(isas) >= 2, f"vector paths on this CPU: {isas}"
+    runs = {}
+    for isa in isas:
+        monkeypatch.setenv("KESTREL_CPU_ISA", isa)
+        g = torch.Generator().manual_seed(7)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in [(4097,), (40, 256), (9000,)]]
+        opt = OPTIMIZERS[name](params, robust)
+        for step in range(6):
+            for p in params:
+                grad = heterogeneous_grad(p.shape, dtype, g)
+                flat = grad.view(-1)
+                flat[256:512] = 0  # a block of zeros: absmax 0
+                flat[600:700] *= 1e-30
+                flat[800:810] *= 1e4
+                if step == 2:
+                    flat[[3, 300, 1000]] = torch.tensor([float("nan"), float("inf"), 3e19]).to(dtype)
+                p.grad = grad
+            opt.step()
+        states = [
+            opt.state[p][k].clone()
+            for p in params
+            for k in ("state1", "state2", "absmax1", "absmax2")
+            if k in opt.state[p]
+        ]
+        assert states and all(s.dtype in (torch.uint8, torch.float32) for s in states)
+        assert any(s.dtype == torch.uint8 for s in states), "8-bit states"
+        runs[isa] = [p.detach().clone() for p in params] + states
+    for isa, tensors in runs.items():
+        assert len(tensors) == len(runs["scalar"])
+        for i, (a, b) in enumerate(zip(tensors, runs["scalar"])):
+            assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), (isa, i)
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed map", "unsigned map"])
+def test_requantization_is_exact_on_every_float_in_the_maps_range(monkeypatch, signed):
+    """The vector requantization (search-free on AVX-512, the bucket table on AVX2) against the scalar definition --
+    the count of float32 midpoints below v, then bnb's sign fix or the robust round-up -- on all 2,130,706,434 float32
+    bit patterns in [-1, 1], the range of a state divided by its block's absmax, for each path this CPU has."""
+    code = create_dynamic_map(signed=signed).tolist()
+    isas = [isa for isa in available_isas(monkeypatch) if isa != "scalar"]
+    assert isas, "no vector path on this CPU"
+    for isa in isas:
+        values, mismatches, first_bad = kestrel._C._requantize_check(code, isa)
+        assert values == 2 * (0x3F800000 + 1)
+        bad = torch.tensor([first_bad], dtype=torch.int64).to(torch.int32).view(torch.float32).item()
+        assert mismatches == 0, f"{isa}: {mismatches} mismatches, the first at {bad!r} (bits {first_bad:#x})"
+
+
+def test_requantize_check_rejects_a_path_or_map_it_cannot_check():
+    with pytest.raises(RuntimeError, match="isa: expected a vector path"):
+        kestrel._C._requantize_check(create_dynamic_map(signed=True).tolist(), "sse9")
+    with pytest.raises(RuntimeError, match="map: expected 256 values, got 3"):
+        kestrel._C._requantize_check([0.0, 0.5, 1.0], "avx2")
