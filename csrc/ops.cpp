@@ -68,6 +68,11 @@ TORCH_LIBRARY(kestrel, m) {
   // Paged optimizer state (CUDA only): a zero-filled tensor in CUDA managed memory on the device of `like` (never
   // more than the device has free), and an asynchronous prefetch of managed tensors to their device.
   m.def("managed_zeros(Tensor like, int[] size, ScalarType dtype) -> Tensor");
+
+  // The identical codes of every head of a codebook (H, C, d) (kestrel/ops/vq_topk.py, duplicate_groups): alias,
+  // members, start, size (H, C) each. CPU only (the CUDA path runs the PyTorch twin).
+  m.def(
+      "duplicate_groups(Tensor codebook, Tensor? banned) -> (Tensor alias, Tensor members, Tensor start, Tensor size)");
   m.def("prefetch(Tensor[] tensors) -> ()");
 
   // Draft-tree verification (docs/tree_verification.md; walks and rounding in kestrel/tree_verify.h). The tree is

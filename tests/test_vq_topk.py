@@ -6,6 +6,7 @@ import pytest
 import torch
 from helpers import gpu_available
 
+import kestrel
 from kestrel.ops import vq_topk
 from kestrel.ops.vq_topk import _code_terms
 from kestrel.ops.vq_topk import duplicate_groups as groups
@@ -81,6 +82,45 @@ def test_empty_inputs_and_argument_types():
         scale, bias = _code_terms(cb, "l2", None)
         ranked, ids = vq_topk_triton(torch.randn(2, 0, 8), cb, bias, scale, 3, groups(cb))
         assert ranked.shape == (2, 0, 4)
+
+
+def partition(alias, members, start, size):
+    """Each head's groups as sorted tuples of ids (the grouping's meaning, whatever the order within `members`)."""
+    out = []
+    for h in range(alias.shape[0]):
+        leaders = [c for c in range(alias.shape[1]) if not alias[h, c]]
+        groups_h = []
+        for c in leaders:
+            ids = members[h, start[h, c] : start[h, c] + size[h, c]].tolist()
+            assert ids[0] == c and ids == sorted(ids), (h, c, ids)  # the leader first, ids ascending
+            groups_h.append(tuple(ids))
+        assert sorted(i for g in groups_h for i in g) == list(range(alias.shape[1]))  # every code once
+        out.append(sorted(groups_h))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_banned", [False, True])
+def test_duplicate_groups_cpu_kernel_equals_the_pytorch_twin(dtype, with_banned):
+    """The CPU kernel (csrc/cpu/codebook.cpp) and the PyTorch twin the CUDA path runs: the same groups and aliases,
+    on codebooks full of copies, -0/+0, NaN codes and banned codes."""
+    from kestrel.ops.vq_topk import _duplicate_groups_torch
+
+    if not kestrel._ext.available():
+        pytest.skip("kestrel._C is not built")
+    g = torch.Generator().manual_seed(3)
+    cb = torch.randn(3, 300, 5, generator=g).to(dtype)
+    pick = torch.randint(0, 40, (3, 300), generator=g)  # many copies of 40 distinct codes
+    cb = torch.gather(cb, 1, pick[..., None].expand(-1, -1, 5)).clone()
+    cb[0, 10:20] = 0.0
+    cb[0, 20:25] = -0.0  # equal to the zeros by value
+    cb[1, 30:35, 2] = float("nan")  # NaN equals nothing, itself included
+    banned = torch.rand(3, 300, generator=g) < 0.1 if with_banned else None
+    native = torch.ops.kestrel.duplicate_groups(cb, banned)
+    twin = _duplicate_groups_torch(cb, banned)
+    assert torch.equal(native[0], twin[0])
+    assert partition(*native) == partition(*twin)
+    assert any(len(grp) > 3 for head in partition(*native) for grp in head)  # copies were grouped
 
 
 def test_duplicate_groups_compare_values_not_bits():

@@ -18,11 +18,13 @@ rule exactly.
 
 import torch
 
+from .. import _ext
 from .._checks import is_int
 from ._library import triton_kernel_op
 
 METRICS = ("l2", "ip", "cosine")
-CPU_CHUNK_ELEMENTS = 1 << 24  # N x chunk scores per CPU step
+CPU_TILE_ELEMENTS = 1 << 20  # scores per CPU step (heads x rows x codes): about 4 MB, cache-resident
+CPU_CODE_CHUNK = 16384  # codes per CPU step by default
 
 
 def _check(x, codebook, k, metric, banned):
@@ -111,10 +113,18 @@ def duplicate_groups(codebook, banned=None):
     `alias` marks every code that equals a lower-index allowed code (compared by value, so -0 == +0; a code holding
     NaN equals nothing; banned codes are never grouped); `members` lists the code ids group by group, ids ascending
     within a group; for a group's first code c, `start[c]` is the position of its group in `members` and `size[c]`
-    the number of copies (alias codes hold no meaning there). Rows are bucketed by a hash of their bits (two sums
+    the number of copies (alias codes hold no meaning there). On the CPU a C++ kernel computes the same (groups
+    possibly in another order in `members`: it hashes differently). Rows are bucketed by a hash of their bits (two sums
     modulo 31-bit primes) and a bucket's neighbours are compared in full, so a hash collision never merges
     different codes (at worst, with probability about C^2 / 2^62, it leaves two copies ungrouped).
     """
+    if codebook.device.type == "cpu" and _ext.available():  # one pass per head in C++ (csrc/cpu/codebook.cpp)
+        return torch.ops.kestrel.duplicate_groups(codebook, banned)
+    return _duplicate_groups_torch(codebook, banned)
+
+
+def _duplicate_groups_torch(codebook, banned=None):
+    """duplicate_groups in PyTorch ops (the CUDA path; the CPU without kestrel._C)."""
     H, C, d = codebook.shape
     device = codebook.device
     values = codebook + 0.0  # -0 -> +0: equal values get equal bits
@@ -246,28 +256,62 @@ def _chunk_topk(tile, ids, k):
     return torch.gather(vals, -1, order), torch.gather(ids, -1, cols)
 
 
+def _may_be_nan(xf, cb, scale):
+    """Whether a ranking score could be NaN: only when an input is NaN/inf or scale * x·c could overflow (bias is
+    finite or -inf). A bound on |scale * x·c| (and on every partial sum) from the inputs' largest magnitudes."""
+    if xf.numel() == 0 or cb.numel() == 0:
+        return False
+    limit = 1e300 if xf.dtype == torch.float64 else 1e37
+    largest = [float(torch.linalg.vector_norm(t, ord=float("inf"))) for t in (xf, cb, scale)]  # one pass each
+    bound = largest[0] * largest[1] * cb.shape[-1] * largest[2]
+    return not bound < limit  # NaN/inf inputs make the bound NaN or inf
+
+
 def _topk_chunked(x, codebook, scale, bias, k, chunk=None):
-    """The CPU path: per chunk of codes the k best (ties to the lower id), merged with the running best by a stable
-    sort of 2k candidates (the running best hold lower ids than the chunk, so equal scores keep id order)."""
+    """The CPU path, in cache-sized tiles of heads x rows x codes (the scores by the BLAS): per tile the k best of its
+    codes (ties to the lower id), merged with the running best of its rows by a stable sort of 2k candidates (the
+    running best hold lower ids than the tile, so equal scores keep id order). `chunk` caps the codes per tile."""
     H, N, _ = x.shape
     C = codebook.shape[1]
-    chunk = chunk or max(k, min(C, CPU_CHUNK_ELEMENTS // max(H * N, 1)))
+    codes = chunk or min(C, CPU_CODE_CHUNK)
+    rows = max(1, min(N, CPU_TILE_ELEMENTS // codes))
+    heads = max(1, min(H, CPU_TILE_ELEMENTS // (codes * rows)))
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     xf = x.to(dtype)
-    best_s = torch.empty((H, N, 0), dtype=dtype, device=x.device)
-    best_i = torch.empty((H, N, 0), dtype=torch.long, device=x.device)
-    for start in range(0, C, chunk):
-        cb = codebook[:, start : start + chunk].to(dtype)
-        tile = torch.matmul(xf, cb.transpose(1, 2))
-        tile.mul_(scale[:, None, start : start + chunk].to(dtype)).add_(bias[:, None, start : start + chunk].to(dtype))
-        tile.masked_fill_(torch.isnan(tile), float("-inf"))  # NaN ranks last, as in the Triton kernel
-        ids = torch.arange(start, start + cb.shape[1], device=x.device).expand(H, N, -1)
-        tile_s, tile_i = _chunk_topk(tile, ids, min(k, cb.shape[1]))
-        scores = torch.cat([best_s, tile_s], dim=-1)
-        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
-        best_s = torch.gather(scores, -1, order)
-        best_i = torch.gather(torch.cat([best_i, tile_i], dim=-1), -1, order)
-    return best_s, best_i
+    cbt = codebook.to(dtype).transpose(1, 2)  # (H, d, C)
+    scale, bias = scale.to(dtype), bias.to(dtype)
+    plain_scale, plain_bias = bool((scale == 1).all()), bool((bias == 0).all())
+    nan_possible = _may_be_nan(xf, codebook, scale)
+    kk = min(k, C)
+    out_s = torch.empty((H, N, kk), dtype=dtype, device=x.device)
+    out_i = torch.empty((H, N, kk), dtype=torch.long, device=x.device)
+    for h0 in range(0, H, heads):
+        h1 = min(H, h0 + heads)
+        for r0 in range(0, N, rows):
+            r1 = min(N, r0 + rows)
+            xr = xf[h0:h1, r0:r1]
+            best_s = best_i = None
+            for c0 in range(0, C, codes):
+                c1 = min(C, c0 + codes)
+                tile = torch.matmul(xr, cbt[h0:h1, :, c0:c1])
+                if not plain_scale:
+                    tile.mul_(scale[h0:h1, None, c0:c1])
+                if not plain_bias:
+                    tile.add_(bias[h0:h1, None, c0:c1])
+                if nan_possible:
+                    tile.masked_fill_(torch.isnan(tile), float("-inf"))  # NaN ranks last, as in the Triton kernel
+                ids = torch.arange(c0, c1, device=x.device).expand(h1 - h0, r1 - r0, -1)
+                tile_s, tile_i = _chunk_topk(tile, ids, min(k, c1 - c0))
+                if best_s is None:
+                    best_s, best_i = tile_s, tile_i
+                    continue
+                scores = torch.cat([best_s, tile_s], dim=-1)
+                order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+                best_s = torch.gather(scores, -1, order)
+                best_i = torch.gather(torch.cat([best_i, tile_i], dim=-1), -1, order)
+            out_s[h0:h1, r0:r1] = best_s
+            out_i[h0:h1, r0:r1] = best_i
+    return out_s, out_i
 
 
 def _scores(ranked, x, metric):
