@@ -21,8 +21,9 @@ constexpr int kMaxBucketSteps = 4;
 // Requantization without a search (the AVX-512 paths). On each side of zero a dynamic map is a few runs of evenly
 // spaced codes (one per decade), so the index of the nearest code follows from |v| by arithmetic: the run r that holds
 // |v| (a 32-entry table over |v|'s binary exponent gives the run at the binade's start, one comparison with the next
-// run's start finishes), then est = first[r] + floor((|v| - lo[r]) * inv_width[r] - 0.5), the nearest index or the one
-// below it, and one comparison with the midpoint above est decides. A map symmetric about its zero code (the signed
+// run's start finishes), then est = floor(fma(|v|, inv_width[r], shift[r])) with shift = first - 0.5 - lo * inv_width
+// (first: the index of the run's first code, lo: where its range starts), the nearest index or the one below it, and
+// one comparison with the midpoint above est decides. A map symmetric about its zero code (the signed
 // map) takes negative values from the mirror image: est(-a) = 2 * zero - 1 - est(a).
 //
 // The domain is what an optimizer requantizes: |v| <= 1 (a state divided by its block's absmax), NaN excluded.
@@ -41,9 +42,8 @@ struct Estimator {
   int mirror = -1;            // 2 * zero - 1 (negative values: mirror - est(|v|)); -1 for a map without negative codes
   float start[kMaxRuns + 1];  // run r holds |v| in [start[r], start[r + 1]) (start[0] = 0, start[runs] = inf)
   // Per run, padded to 16 lanes for the vector lookups
-  alignas(64) float lo[16];
   alignas(64) float inv_width[16];
-  alignas(64) int first[16];
+  alignas(64) float shift[16];
   // Per binade: the run at its start, and the next run's start if that falls inside the binade (else inf)
   alignas(64) int run_of[kExponents];
   alignas(64) float next_start[kExponents];
@@ -55,8 +55,7 @@ struct Estimator {
     int e = (int)(bits >> 23) - kFirstExponent;
     e = e < 0 ? 0 : (e > kExponents - 1 ? kExponents - 1 : e);
     const int r = run_of[e] + (a >= next_start[e] ? 1 : 0);
-    const float x = (a - lo[r]) * inv_width[r] - 0.5f;
-    int est = first[r] + (int)std::floor(x);
+    int est = (int)std::floor(std::fma(a, inv_width[r], shift[r]));
     est = est > zero ? est : zero;
     if (float_bits(v) >> 31) est = mirror - est;
     return est < 0 ? 0 : (est > quant::kCodeSize - 1 ? quant::kCodeSize - 1 : est);
@@ -92,16 +91,17 @@ struct Estimator {
       int j = f + 1;
       while (j + 1 < n - 1 && even(j, w)) ++j;
       if (j == f + 1 && j + 1 < n - 1 && !even(j, w)) j = f;  // f + 1 starts a run of its own: f is a lone code
-      first[count] = f;
+      float lo;
       if (j > f) {
         const float width = (code[j] - code[f]) / (float)(j - f);
-        lo[count] = code[f] - 0.5f * width;
+        lo = code[f] - 0.5f * width;
         inv_width[count] = 1.0f / width;
       } else {  // a lone code: the estimate is the index below it
-        lo[count] = code[f] - 0.5f * (code[f] - code[f - 1]);
+        lo = code[f] - 0.5f * (code[f] - code[f - 1]);
         inv_width[count] = 0.0f;
       }
-      start[count] = count == 0 ? 0.0f : lo[count];
+      shift[count] = (float)((double)f - 0.5 - (double)lo * (double)inv_width[count]);
+      start[count] = count == 0 ? 0.0f : lo;
       ++count;
       f = j + 1;
     }
@@ -109,7 +109,7 @@ struct Estimator {
     for (int r = 1; r < count; ++r)
       if (!(start[r] > start[r - 1]) || !(start[r] <= 1.0f)) return false;
     start[count] = std::numeric_limits<float>::infinity();
-    for (int r = count; r < 16; ++r) lo[r] = inv_width[r] = 0.0f, first[r] = 0;
+    for (int r = count; r < 16; ++r) inv_width[r] = shift[r] = 0.0f;
     runs = count;
     return true;
   }

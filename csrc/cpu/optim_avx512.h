@@ -122,21 +122,18 @@ struct Base {
     return Lanes<T>::round(x);
   }
 
-  // Estimator::estimate on 16 values in [-1, 1], operation for operation.
+  // Estimator::estimate on 16 values in [-1, 1], operation for operation (|v| <= 1: the binade is at most 31).
   static __m512i estimate(const Estimator& e, F v) {
     const __m512i bits = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fffffff));
     const F a = _mm512_castsi512_ps(bits);
-    __m512i binade = _mm512_sub_epi32(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(Estimator::kFirstExponent));
-    binade = _mm512_min_epi32(_mm512_max_epi32(binade, _mm512_setzero_si512()),
-                              _mm512_set1_epi32(Estimator::kExponents - 1));
+    // max(exponent - kFirstExponent, 0): a saturating 16-bit subtraction (the exponent fits the low half)
+    const __m512i binade = _mm512_subs_epu16(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(Estimator::kFirstExponent));
     __m512i run = _mm512_permutex2var_epi32(_mm512_load_si512(e.run_of), binade, _mm512_load_si512(e.run_of + 16));
     const F next = _mm512_permutex2var_ps(_mm512_load_ps(e.next_start), binade, _mm512_load_ps(e.next_start + 16));
     run = _mm512_mask_add_epi32(run, _mm512_cmp_ps_mask(a, next, _CMP_GE_OQ), run, _mm512_set1_epi32(1));
-    const F lo = _mm512_permutexvar_ps(run, _mm512_load_ps(e.lo));
-    const F inv_width = _mm512_permutexvar_ps(run, _mm512_load_ps(e.inv_width));
-    const __m512i first = _mm512_permutexvar_epi32(run, _mm512_load_si512(e.first));
-    const F x = _mm512_sub_ps(_mm512_mul_ps(_mm512_sub_ps(a, lo), inv_width), _mm512_set1_ps(0.5f));
-    __m512i est = _mm512_add_epi32(first, _mm512_cvt_roundps_epi32(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+    const F x = _mm512_fmadd_ps(a, _mm512_permutexvar_ps(run, _mm512_load_ps(e.inv_width)),
+                                _mm512_permutexvar_ps(run, _mm512_load_ps(e.shift)));
+    __m512i est = _mm512_cvt_roundps_epi32(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     est = _mm512_max_epi32(est, _mm512_set1_epi32(e.zero));
     const __mmask16 negative = _mm512_movepi32_mask(_mm512_castps_si512(v));
     est = _mm512_mask_sub_epi32(est, negative, _mm512_set1_epi32(e.mirror), est);
