@@ -3,9 +3,12 @@
 AdamW8bit: CPU, one tensor of 16.8M parameters, fp32 and bf16 (2 threads on the development machine); GPU, the
 1.30B-parameter LLM tensor mix of llm_shapes() (218 tensors: 24 layers, d 2048, ff 5632, vocab 32000), bf16 and
 fp32, beside bnb and torch's fused AdamW. The rest of the family (SGD8bit, RMSprop8bit, Adagrad8bit, Lion8bit,
-AdEMAMix8bit, LAMB8bit, LARS8bit): 16.8M fp32 parameters on the CPU, 268M bf16 on a GPU. GB/s counts the bytes an
+AdEMAMix8bit, LAMB8bit, LARS8bit): 16.8M fp32 and bf16 parameters on the CPU, 268M bf16 on a GPU. On the CPU each
+kestrel row also times the narrower vector paths the CPU has ("kestrel, avx2 path": KESTREL_CPU_ISA caps it). GB/s counts the bytes an
 8-bit step must move: parameter read + write, gradient read, each 8-bit state read + write and its absmax.
 """
+
+import os
 
 import torch
 
@@ -131,17 +134,49 @@ def family(device):
     return [(name, states, make, [(b, m) for b, m in baselines if m]) for name, states, make, baselines in rows]
 
 
+def capped_paths(device):
+    """On the CPU, the narrower vector paths this CPU has beside the one kestrel picks (KESTREL_CPU_ISA caps it)."""
+    if device.type != "cpu":
+        return []
+    import kestrel
+
+    if not kestrel._ext.available():
+        return []
+    best = kestrel._C.cpu_isa()
+    order = ["avx512vbmi", "avx512", "avx2", "scalar"]
+    return [isa for isa in order[order.index(best) + 1 :] if isa != "scalar"] if best in order else []
+
+
+def with_isa(step, isa):
+    """step() with the CPU vector path capped at `isa`."""
+
+    def run():
+        old = os.environ.get("KESTREL_CPU_ISA")
+        os.environ["KESTREL_CPU_ISA"] = isa
+        try:
+            step()
+        finally:
+            if old is None:
+                del os.environ["KESTREL_CPU_ISA"]
+            else:
+                os.environ["KESTREL_CPU_ISA"] = old
+
+    return run
+
+
 def run_family(device, quick=False):
     shapes = [(1 << 20,)] if quick else ([(268_435_456,)] if device.type == "cuda" else [(16_777_216,)])
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = [torch.bfloat16] if device.type == "cuda" else [torch.float32, torch.bfloat16]
     rows = []
-    for name, states, make, baselines in family(device):
+    for (name, states, make, baselines), dtype in [(row, dtype) for dtype in dtypes for row in family(device)]:
         steps = {}
         for label, maker in [("kestrel", make)] + baselines:
             params = make_params(shapes, dtype, device)
             opt = maker(params)
             opt.step()
             steps[label] = opt.step
+        for isa in capped_paths(device):  # the same kestrel optimizer on the narrower paths
+            steps[f"kestrel, {isa} path"] = with_isa(steps["kestrel"], isa)
         n = sum(torch.Size(s).numel() for s in shapes)
         nbytes = n * (3 * torch.tensor([], dtype=dtype).element_size() + 2 * states) + states * 2 * 4 * (
             (n + 255) // 256
@@ -187,6 +222,9 @@ def run(device, quick=False):
             if name == "kestrel":
                 print(f"kestrel AdamW8bit state: {state_bytes_per_param(opt, params):.3f} bytes/param ({label})")
             steps[name] = opt.step
+            if name == "kestrel":
+                for isa in capped_paths(device):  # the same optimizer on the narrower paths
+                    steps[f"kestrel, {isa} path"] = with_isa(opt.step, isa)
         n = sum(torch.Size(s).numel() for s in shapes)
         nbytes = n * (3 * torch.tensor([], dtype=dtype).element_size() + 4) + 2 * 2 * 4 * ((n + 255) // 256)
         repeats = 5 if device.type == "cpu" else 10
