@@ -4,8 +4,9 @@ AdamW8bit: CPU, one tensor of 16.8M parameters, fp32 and bf16 (2 threads on the 
 1.30B-parameter LLM tensor mix of llm_shapes() (218 tensors: 24 layers, d 2048, ff 5632, vocab 32000), bf16 and
 fp32, beside bnb and torch's fused AdamW. The rest of the family (SGD8bit, RMSprop8bit, Adagrad8bit, Lion8bit,
 AdEMAMix8bit, LAMB8bit, LARS8bit): 16.8M fp32 and bf16 parameters on the CPU, 268M bf16 on a GPU. On the CPU each
-kestrel row also times the narrower vector paths the CPU has ("kestrel, avx2 path": KESTREL_CPU_ISA caps it). GB/s counts the bytes an
-8-bit step must move: parameter read + write, gradient read, each 8-bit state read + write and its absmax.
+kestrel row also times the narrower vector paths the CPU has ("kestrel, avx2 path": KESTREL_CPU_ISA caps it).
+GB/s counts the bytes an 8-bit step must move: parameter read + write, gradient read, each 8-bit state read + write
+and its absmax.
 """
 
 import os
