@@ -336,59 +336,39 @@ cpu::Isa vector_isa(const StepScalars& a, const CodeTable& q1, const CodeTable* 
   return isa;
 }
 
-template <optim::TwoState KIND, typename T, typename... Args>
-void two_state8bit_vector(cpu::Isa isa, Args... args) {
-  switch (isa) {
+// NAME<P, T>(isa, args...) calls cpu::<isa>::KERNEL<P, T>(args...), the kernel of optim_vector.inc on that path.
 #if defined(KESTREL_HAVE_AVX512_PATH)
-    case cpu::Isa::kAvx512Vbmi:
-      return cpu::avx512vbmi::two_state8bit_full_blocks<KIND, T>(args...);
-    case cpu::Isa::kAvx512:
-      return cpu::avx512::two_state8bit_full_blocks<KIND, T>(args...);
+#define KESTREL_AVX512_CASES(KERNEL)               \
+  case cpu::Isa::kAvx512Vbmi:                      \
+    return cpu::avx512vbmi::KERNEL<P, T>(args...); \
+  case cpu::Isa::kAvx512:                          \
+    return cpu::avx512::KERNEL<P, T>(args...);
+#else
+#define KESTREL_AVX512_CASES(KERNEL)
 #endif
 #if defined(KESTREL_HAVE_AVX2_PATH)
-    case cpu::Isa::kAvx2:
-      return cpu::avx2::two_state8bit_full_blocks<KIND, T>(args...);
+#define KESTREL_AVX2_CASES(KERNEL) \
+  case cpu::Isa::kAvx2:            \
+    return cpu::avx2::KERNEL<P, T>(args...);
+#else
+#define KESTREL_AVX2_CASES(KERNEL)
 #endif
-    default:
-      TORCH_CHECK(false, "no vector path ", cpu::isa_name(isa));
+#define KESTREL_DEFINE_VECTOR_DISPATCH(NAME, PARAM, KERNEL)        \
+  template <PARAM P, typename T, typename... Args>                 \
+  void NAME(cpu::Isa isa, Args... args) {                          \
+    switch (isa) {                                                 \
+      KESTREL_AVX512_CASES(KERNEL)                                 \
+      KESTREL_AVX2_CASES(KERNEL)                                   \
+      default:                                                     \
+        TORCH_CHECK(false, "no vector path ", cpu::isa_name(isa)); \
+    }                                                              \
   }
-}
-
-template <bool ADAM, typename T, typename... Args>
-void norm8bit_vector(cpu::Isa isa, Args... args) {
-  switch (isa) {
-#if defined(KESTREL_HAVE_AVX512_PATH)
-    case cpu::Isa::kAvx512Vbmi:
-      return cpu::avx512vbmi::norm8bit_full_blocks<ADAM, T>(args...);
-    case cpu::Isa::kAvx512:
-      return cpu::avx512::norm8bit_full_blocks<ADAM, T>(args...);
-#endif
-#if defined(KESTREL_HAVE_AVX2_PATH)
-    case cpu::Isa::kAvx2:
-      return cpu::avx2::norm8bit_full_blocks<ADAM, T>(args...);
-#endif
-    default:
-      TORCH_CHECK(false, "no vector path ", cpu::isa_name(isa));
-  }
-}
-
-template <optim::OneState KIND, typename T, typename... Args>
-void one_state8bit_vector(cpu::Isa isa, Args... args) {
-  switch (isa) {
-#if defined(KESTREL_HAVE_AVX512_PATH)
-    case cpu::Isa::kAvx512Vbmi:
-      return cpu::avx512vbmi::one_state8bit_full_blocks<KIND, T>(args...);
-    case cpu::Isa::kAvx512:
-      return cpu::avx512::one_state8bit_full_blocks<KIND, T>(args...);
-#endif
-#if defined(KESTREL_HAVE_AVX2_PATH)
-    case cpu::Isa::kAvx2:
-      return cpu::avx2::one_state8bit_full_blocks<KIND, T>(args...);
-#endif
-    default:
-      TORCH_CHECK(false, "no vector path ", cpu::isa_name(isa));
-  }
-}
+KESTREL_DEFINE_VECTOR_DISPATCH(two_state8bit_vector, optim::TwoState, two_state8bit_full_blocks)
+KESTREL_DEFINE_VECTOR_DISPATCH(one_state8bit_vector, optim::OneState, one_state8bit_full_blocks)
+KESTREL_DEFINE_VECTOR_DISPATCH(norm8bit_vector, bool, norm8bit_full_blocks)
+#undef KESTREL_DEFINE_VECTOR_DISPATCH
+#undef KESTREL_AVX2_CASES
+#undef KESTREL_AVX512_CASES
 
 // A two-state step (8-bit or 32-bit states, as call.eight_bit says) over the parameters of one call, each in
 // parallel over its blocks.

@@ -34,17 +34,44 @@ struct Lanes;
 template <>
 struct Lanes<float> {
   static inline __m256 load(const float* p) { return _mm256_loadu_ps(p); }
-  static inline void store(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
   static inline __m256 round(__m256 v) { return v; }
+  // Store the lanes of m (all-ones lanes; v already in T's precision); the others keep their bits.
+  // (a load, a blend and a store: vmaskmovps stores are slow on AMD)
+  static inline void store_where(float* p, __m256 m, __m256 v) {
+    _mm256_storeu_ps(p, _mm256_blendv_ps(_mm256_loadu_ps(p), v, m));
+  }
 };
+
+// 8 x 16-bit values into p where m (8 x 32-bit lanes) is set; the other values keep their bits.
+inline void store16_where(void* p, __m256 m, __m128i bits) {
+  const __m256i wide = _mm256_castps_si256(m);
+  const __m128i mask = _mm_packs_epi32(_mm256_castsi256_si128(wide), _mm256_extracti128_si256(wide, 1));
+  __m128i* q = reinterpret_cast<__m128i*>(p);
+  _mm_storeu_si128(q, _mm_blendv_epi8(_mm_loadu_si128(q), bits, mask));
+}
+
+// 8 values in [0, 0xFFFF] (32-bit lanes) to 8 x 16 bits
+inline __m128i pack16(__m256i v) {
+  return _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+}
+
 template <>
 struct Lanes<c10::Half> {
   static inline __m256 load(const c10::Half* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
-  static inline __m128i to_bits(__m256 v) { return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  static inline void store(c10::Half* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bits(v)); }
+  // Round to nearest even, NaN to its sign | 0x7E00: c10::Half's conversion.
+  static inline __m128i to_bits(__m256 v) {
+    const __m128i bits = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m128i nan_bits = pack16(
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(v), 16), _mm256_set1_epi32(0x8000)),
+                        _mm256_set1_epi32(0x7E00)));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    return _mm_blendv_epi8(bits, nan_bits,
+                           _mm_packs_epi32(_mm256_castsi256_si128(nan), _mm256_extracti128_si256(nan, 1)));
+  }
   static inline __m256 round(__m256 v) { return _mm256_cvtph_ps(to_bits(v)); }
+  static inline void store_where(c10::Half* p, __m256 m, __m256 v) { store16_where(p, m, to_bits(v)); }
 };
 template <>
 struct Lanes<c10::BFloat16> {
@@ -61,12 +88,11 @@ struct Lanes<c10::BFloat16> {
     const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
   }
-  static inline void store(c10::BFloat16* p, __m256 v) {
-    const __m256i bits = to_bits32(v);  // 8 x u16 in 32-bit lanes
-    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
-  }
   static inline __m256 round(__m256 v) { return _mm256_castsi256_ps(_mm256_slli_epi32(to_bits32(v), 16)); }
+  // v already in bf16 (round's result): its top half is the value
+  static inline void store_where(c10::BFloat16* p, __m256 m, __m256 v) {
+    store16_where(p, m, pack16(_mm256_srli_epi32(_mm256_castps_si256(v), 16)));
+  }
 };
 
 struct V {
@@ -97,25 +123,12 @@ struct V {
   }
   static M finite(F x) { return _mm256_cmp_ps(_mm256_sub_ps(x, x), _mm256_setzero_ps(), _CMP_EQ_OQ); }
   static M both(M x, M y) { return _mm256_and_ps(x, y); }
-  static F select(M m, F if_false, F if_true) { return _mm256_blendv_ps(if_false, if_true, m); }
   static F keep(M m, F x) { return _mm256_and_ps(x, m); }  // x where m, else +0
   // optim::sign_of: 1, -1 or 0 (NaN: 0)
   static F sign_of(F x) {
     const F one = _mm256_set1_ps(1.0f);
     return _mm256_sub_ps(_mm256_and_ps(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ), one),
                          _mm256_and_ps(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ), one));
-  }
-  template <typename T>
-  static F load_param(const T* p) {
-    return Lanes<T>::load(p);
-  }
-  template <typename T>
-  static void store_param(T* p, F x) {
-    Lanes<T>::store(p, x);
-  }
-  template <typename T>
-  static F round_param(F x) {
-    return Lanes<T>::round(x);
   }
 
   static __m256i load_codes(const uint8_t* p) {

@@ -44,17 +44,25 @@ struct Lanes;
 template <>
 struct Lanes<float> {
   static inline __m512 load(const float* p) { return _mm512_loadu_ps(p); }
-  static inline void store(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
   static inline __m512 round(__m512 v) { return v; }
+  // Store the lanes of m (v already in T's precision); the others keep their bits.
+  static inline void store_where(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
 };
 template <>
 struct Lanes<c10::Half> {
   static inline __m512 load(const c10::Half* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
-  static inline __m256i to_bits(__m512 v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  static inline void store(c10::Half* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bits(v)); }
+  // Round to nearest even, NaN to its sign | 0x7E00: c10::Half's conversion.
+  static inline __m256i to_bits(__m512 v) {
+    const __m256i bits = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i nan_bits = _mm512_cvtepi32_epi16(
+        _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(v), 16), _mm512_set1_epi32(0x8000)),
+                        _mm512_set1_epi32(0x7E00)));
+    return _mm256_mask_mov_epi16(bits, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), nan_bits);
+  }
   static inline __m512 round(__m512 v) { return _mm512_cvtph_ps(to_bits(v)); }
+  static inline void store_where(c10::Half* p, __mmask16 m, __m512 v) { _mm256_mask_storeu_epi16(p, m, to_bits(v)); }
 };
 template <>
 struct Lanes<c10::BFloat16> {
@@ -71,10 +79,11 @@ struct Lanes<c10::BFloat16> {
     const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     return _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
   }
-  static inline void store(c10::BFloat16* p, __m512 v) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(to_bits32(v)));
-  }
   static inline __m512 round(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(to_bits32(v), 16)); }
+  // v already in bf16 (round's result): its top half is the value
+  static inline void store_where(c10::BFloat16* p, __mmask16 m, __m512 v) {
+    _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+  }
 };
 
 // Everything but the map lookups, shared by both variants.
@@ -101,25 +110,12 @@ struct Base {
   static float reduce_max(F x) { return _mm512_reduce_max_ps(x); }
   static M finite(F x) { return _mm512_cmp_ps_mask(_mm512_sub_ps(x, x), _mm512_setzero_ps(), _CMP_EQ_OQ); }
   static M both(M x, M y) { return x & y; }
-  static F select(M m, F if_false, F if_true) { return _mm512_mask_mov_ps(if_false, m, if_true); }
   static F keep(M m, F x) { return _mm512_maskz_mov_ps(m, x); }  // x where m, else +0
   // optim::sign_of: 1, -1 or 0 (NaN: 0)
   static F sign_of(F x) {
     const F one = _mm512_set1_ps(1.0f);
     return _mm512_sub_ps(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ), one),
                          _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), one));
-  }
-  template <typename T>
-  static F load_param(const T* p) {
-    return Lanes<T>::load(p);
-  }
-  template <typename T>
-  static void store_param(T* p, F x) {
-    Lanes<T>::store(p, x);
-  }
-  template <typename T>
-  static F round_param(F x) {
-    return Lanes<T>::round(x);
   }
 
   // Estimator::estimate on 16 values in [-1, 1], operation for operation (|v| <= 1: the binade is at most 31).
