@@ -103,10 +103,6 @@ struct V {
 
   static F zero() { return _mm256_setzero_ps(); }
   static F set1(float x) { return _mm256_set1_ps(x); }
-  static F add(F x, F y) { return _mm256_add_ps(x, y); }
-  static F sub(F x, F y) { return _mm256_sub_ps(x, y); }
-  static F mul(F x, F y) { return _mm256_mul_ps(x, y); }
-  static F div(F x, F y) { return _mm256_div_ps(x, y); }
   static F sqrt(F x) { return _mm256_sqrt_ps(x); }
   static F max(F x, F y) { return _mm256_max_ps(x, y); }
   static F abs(F x) {

@@ -95,10 +95,6 @@ struct Base {
 
   static F zero() { return _mm512_setzero_ps(); }
   static F set1(float x) { return _mm512_set1_ps(x); }
-  static F add(F x, F y) { return _mm512_add_ps(x, y); }
-  static F sub(F x, F y) { return _mm512_sub_ps(x, y); }
-  static F mul(F x, F y) { return _mm512_mul_ps(x, y); }
-  static F div(F x, F y) { return _mm512_div_ps(x, y); }
   static F sqrt(F x) { return _mm512_sqrt_ps(x); }
   static F max(F x, F y) { return _mm512_max_ps(x, y); }
   static F abs(F x) {
