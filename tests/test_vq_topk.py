@@ -123,6 +123,24 @@ def test_duplicate_groups_cpu_kernel_equals_the_pytorch_twin(dtype, with_banned)
     assert any(len(grp) > 3 for head in partition(*native) for grp in head)  # copies were grouped
 
 
+def test_duplicate_groups_op_checks_and_errors():
+    """The CPU op passes opcheck (its fake included) and names the bad argument."""
+    if not kestrel._ext.available():
+        pytest.skip("kestrel._C is not built")
+    g = torch.Generator().manual_seed(4)
+    cb = torch.randn(2, 50, 3, generator=g)
+    cb[:, 25:] = cb[:, :25]
+    banned = torch.rand(2, 50, generator=g) < 0.2
+    for args in [(cb, None), (cb, banned), (cb.double(), banned)]:
+        torch.library.opcheck(torch.ops.kestrel.duplicate_groups, args)
+    with pytest.raises(RuntimeError, match=r"codebook must be \(H, C, d\), got \[50, 3\]"):
+        torch.ops.kestrel.duplicate_groups(cb[0], None)
+    with pytest.raises(RuntimeError, match="codebook must be a float tensor, got Long"):
+        torch.ops.kestrel.duplicate_groups(cb.long(), None)
+    with pytest.raises(RuntimeError, match=r"banned must be a bool tensor of shape \(2, 50\), got Float"):
+        torch.ops.kestrel.duplicate_groups(cb, banned.float())
+
+
 def test_duplicate_groups_compare_values_not_bits():
     cb = torch.randn(1, 9, 4, generator=torch.Generator().manual_seed(2))
     cb[0, 4] = cb[0, 1]

@@ -123,6 +123,20 @@ def duplicate_groups(codebook, banned=None):
     return _duplicate_groups_torch(codebook, banned)
 
 
+if _ext.available():
+
+    @torch.library.register_fake("kestrel::duplicate_groups")
+    def _duplicate_groups_fake(codebook, banned):
+        H, C = codebook.shape[:2]
+        ints = dict(dtype=torch.int32, device=codebook.device)
+        return (
+            codebook.new_empty((H, C), dtype=torch.bool),
+            codebook.new_empty((H, C), **ints),
+            codebook.new_empty((H, C), **ints),
+            codebook.new_empty((H, C), **ints),
+        )
+
+
 def _duplicate_groups_torch(codebook, banned=None):
     """duplicate_groups in PyTorch ops (the CUDA path; the CPU without kestrel._C)."""
     H, C, d = codebook.shape
