@@ -50,6 +50,12 @@ def skip_gpu_items(items):
             item.add_marker(skip_gpu)
 
 
+def heterogeneous_grad(shape, dtype, device, generator):
+    """Gradients whose scale varies over three decades inside every block: all regions of both 8-bit maps."""
+    scale = 10 ** torch.empty(shape).uniform_(-3, 0, generator=generator)
+    return (torch.randn(shape, generator=generator) * scale).to(dtype).to(device)
+
+
 def same_state_value(a, b):
     """Two optimizer-state entries are equal: tensors bit for bit; a step count may be an int (bnb, checkpoints)
     on one side and a 0-d tensor (kestrel's live state) on the other."""

@@ -5,7 +5,7 @@ import io
 
 import pytest
 import torch
-from helpers import FLOAT_DTYPES, assert_cuda_equals_cpu, devices, same_state_value
+from helpers import FLOAT_DTYPES, assert_cuda_equals_cpu, devices, heterogeneous_grad, same_state_value
 
 import kestrel
 from kestrel import functional as KF
@@ -19,12 +19,6 @@ LR, BETAS, EPS = 1e-3, (0.9, 0.999), 1e-8
 
 def bnb():
     return pytest.importorskip("bitsandbytes")
-
-
-def heterogeneous_grad(shape, dtype, device, generator):
-    """Gradients whose scale varies over three decades inside every block: all regions of both maps."""
-    scale = 10 ** torch.empty(shape).uniform_(-3, 0, generator=generator)
-    return (torch.randn(shape, generator=generator) * scale).to(dtype).to(device)
 
 
 def dequantized_states(opt, p):

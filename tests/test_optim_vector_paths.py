@@ -4,7 +4,7 @@ the exact nearest rounding (with bnb's sign fix and the robust round-up) on ever
 
 import pytest
 import torch
-from helpers import FLOAT_DTYPES
+from helpers import FLOAT_DTYPES, heterogeneous_grad
 
 import kestrel
 from kestrel import optim as K
@@ -47,12 +47,6 @@ def available_isas(monkeypatch):
     return found
 
 
-def heterogeneous_grad(shape, dtype, generator):
-    """Gradients whose scale varies over three decades inside every block: all regions of both maps."""
-    scale = 10 ** torch.empty(shape).uniform_(-3, 0, generator=generator)
-    return (torch.randn(shape, generator=generator) * scale).to(dtype)
-
-
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("robust", [False, True])
@@ -73,7 +67,7 @@ def test_every_cpu_vector_path_gives_the_same_bits(monkeypatch, name, dtype, rob
         opt = OPTIMIZERS[name](params, robust)
         for step in range(6):
             for p in params:
-                grad = heterogeneous_grad(p.shape, dtype, g)
+                grad = heterogeneous_grad(p.shape, dtype, "cpu", g)
                 flat = grad.view(-1)
                 flat[256:512] = 0  # a block of zeros: absmax 0
                 flat[600:700] *= 1e-30
