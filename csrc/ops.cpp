@@ -41,7 +41,9 @@ TORCH_LIBRARY(kestrel, m) {
       "float weight_decay, float gnorm_scale, int round_seed=-1, Tensor? norms=None, float max_unorm=0.0, Tensor? "
       "lr_tensor=None, bool robust_rounding=False) -> ()");
   // The same for the one-state optimizers (bnb's Optimizer1State): optimizer is "momentum" (SGD), "rmsprop",
-  // "adagrad" or "lion"; an 8-bit state1 uses the signed map qmap1.
+  // "adagrad", "lion" or "muon"; an 8-bit state1 uses the signed map qmap1. "muon" (Muon's momentum) writes each
+  // element's update beta1 * m + (1 - beta1) * g into params (the update buffers), m = beta2 * m + (1 - beta2) * g;
+  // elements with a non-finite gradient keep their buffer's value.
   m.def(
       "one_state8bit_step_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
       "Tensor(c!)[] absmax1, Tensor qmap1, Tensor steps, float lr, float beta1, float beta2, float eps, "

@@ -164,7 +164,8 @@ inline optim::OneState parse_one_state(const char* op, c10::string_view name) {
   if (name == "rmsprop") return optim::OneState::kRMSprop;
   if (name == "adagrad") return optim::OneState::kAdagrad;
   if (name == "lion") return optim::OneState::kLion;
-  TORCH_CHECK(false, op, ": optimizer must be one of momentum, rmsprop, adagrad, lion, got ", name);
+  if (name == "muon") return optim::OneState::kMuon;
+  TORCH_CHECK(false, op, ": optimizer must be one of momentum, rmsprop, adagrad, lion, muon, got ", name);
 }
 
 // The hyper-parameters of a step op, by name (beta3 and alpha are AdEMAMix's; the one-state ops pass 0).

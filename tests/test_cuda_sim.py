@@ -202,7 +202,7 @@ def test_two_state_step(sim, dtype, eight_bit, optimizer, options):
 
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("eight_bit", [True, False])
-@pytest.mark.parametrize("optimizer", ["momentum", "rmsprop", "adagrad", "lion"])
+@pytest.mark.parametrize("optimizer", ["momentum", "rmsprop", "adagrad", "lion", "muon"])
 @pytest.mark.parametrize("options", ["plain", "stochastic", "robust", "lars"])
 def test_one_state_step(sim, dtype, eight_bit, optimizer, options):
     if options == "lars" and optimizer != "momentum":
@@ -212,7 +212,10 @@ def test_one_state_step(sim, dtype, eight_bit, optimizer, options):
         dtype, eight_bit, False, 1, g, non_negative=optimizer in ("rmsprop", "adagrad")
     )
     steps = torch.tensor([1, 7, 2, 30, 5])
-    betas = {"momentum": (0.9, 0.0), "rmsprop": (0.99, 0.0), "adagrad": (0.0, 0.0), "lion": (0.9, 0.99)}[optimizer]
+    betas = {"momentum": (0.9, 0.0), "rmsprop": (0.99, 0.0), "adagrad": (0.0, 0.0), "lion": (0.9, 0.99)}.get(
+        optimizer,
+        (0.95, 0.95),  # muon: Nesterov
+    )
     scalars = (1e-3,) + betas + (1e-8, 0.01, 1.0, 777 if options == "stochastic" else -1)
     norms, max_unorm = None, 0.0
     if options == "lars":

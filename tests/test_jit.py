@@ -82,11 +82,13 @@ def test_every_kernel_compiles_under_nvrtc_without_warnings(family, arch):
 
 def test_kernel_names_cover_every_instance():
     """The instances the plans can ask for: 3 dtypes x (7 powers of two + 2 groups) quantize kernels + 3
-    dequantize; 3 x 2 x (2 two-state + 4 one-state) steps + 3 x 4 norm kernels + the reduction; 4 tree kernels
+    dequantize; 3 x 2 x (2 two-state + 5 one-state, Muon's momentum the fifth) steps + 3 x 4 norm kernels + the
+    reduction; 4 tree kernels
     (compaction: 4 element sizes)."""
     names = {family: kestrel._C.jit_kernel_names(family) for family in _jit.FAMILIES}
     assert len(names["quantize"]) == 3 * 9 + 3
-    assert len(names["optim"]) == 3 * 2 * 6 + 3 * 4 + 1
+    assert len(names["optim"]) == 3 * 2 * 7 + 3 * 4 + 1
+    assert "kestrel::cuda::one_state_kernel<__half, (kestrel::optim::OneState)4, true>" in names["optim"]
     assert len(names["tree_verify"]) == 3 + 4
     assert "kestrel::cuda::quantize_blockwise_kernel<__nv_bfloat16, 4096>" in names["quantize"]
     assert "kestrel::cuda::two_state_kernel<float, (kestrel::optim::TwoState)1, true>" in names["optim"]
@@ -190,7 +192,7 @@ def step_args(dtype, eight_bit, optimizer, g):
 @pytest.mark.parametrize("eight_bit", [True, False])
 def test_optimizer_launches_equal_the_native_launchers(sim, compiled, dtype, eight_bit):
     g = torch.Generator().manual_seed(1)
-    for optimizer in ("adam", "ademamix", "momentum", "rmsprop", "adagrad", "lion"):
+    for optimizer in ("adam", "ademamix", "momentum", "rmsprop", "adagrad", "lion", "muon"):
         op, args = step_args(dtype, eight_bit, optimizer, g)
         (launch,) = assert_same_launches(sim, compiled, op, *args)
         assert launch[1] == ((sum((p.numel() + 255) // 256 for p in args[1]) + 7) // 8, 1, 1)
@@ -443,7 +445,7 @@ def test_jit_kernels_equal_the_cpu_and_native_kernels_bit_for_bit(tmp_path, monk
                 _jit.dequantize_blockwise(*_cuda(cpu), code.cuda(), blocksize, dtype),
             )
         for eight_bit in (True, False):
-            for optimizer in ("adam", "ademamix", "momentum", "rmsprop", "adagrad", "lion"):
+            for optimizer in ("adam", "ademamix", "momentum", "rmsprop", "adagrad", "lion", "muon"):
                 op, args = step_args(dtype, eight_bit, optimizer, g)
                 cpu_args, gpu_args = clone(args), list(_cuda(clone(args)))
                 steps_at = {"two_state8bit_step_": 9, "two_state32bit_step_": 5, "one_state8bit_step_": 6}.get(op, 4)

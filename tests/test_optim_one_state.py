@@ -254,7 +254,7 @@ def test_argument_checks():
 @pytest.mark.parametrize("device", devices())
 def test_opcheck(device):
     code = KF.create_dynamic_map().to(device)
-    for kind in ("momentum", "rmsprop", "adagrad", "lion"):
+    for kind in ("momentum", "rmsprop", "adagrad", "lion", "muon"):
         p = [torch.randn(5000, device=device)]
         g = [torch.randn(5000, device=device)]
         s = [torch.randint(0, 256, (5000,), dtype=torch.uint8, device=device)]

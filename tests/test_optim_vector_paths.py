@@ -26,6 +26,7 @@ OPTIMIZERS = {
     "RMSprop8bit": lambda ps, robust: K.RMSprop8bit(ps, lr=1e-2, weight_decay=0.05, robust_rounding=robust),
     "Adagrad8bit": lambda ps, robust: K.Adagrad8bit(ps, lr=1e-2, weight_decay=0.05, robust_rounding=robust),
     "Lion8bit": lambda ps, robust: K.Lion8bit(ps, lr=1e-3, weight_decay=0.05, robust_rounding=robust),
+    "Muon8bit": lambda ps, robust: K.Muon8bit(ps, lr=1e-2, weight_decay=0.05, robust_rounding=robust),
 }
 
 
@@ -60,7 +61,10 @@ def test_every_cpu_vector_path_gives_the_same_bits(monkeypatch, name, dtype, rob
     for isa in isas:
         monkeypatch.setenv("KESTREL_CPU_ISA", isa)
         g = torch.Generator().manual_seed(7)
-        params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in [(4097,), (40, 256), (9000,)]]
+        shapes = [(4097,), (40, 256), (9000,)]
+        if name == "Muon8bit":  # Muon's parameters are matrices
+            shapes = [(4097, 1), (40, 256), (9000, 1)]
+        params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
         with torch.no_grad():  # NaN parameters with payloads and signs: stepped ones canonicalise, skipped keep bits
             bits = params[2].view(-1).view(torch.int16 if dtype != torch.float32 else torch.int32)
             bits[2000:2008] = torch.tensor(NAN_PAYLOADS[dtype], dtype=bits.dtype)

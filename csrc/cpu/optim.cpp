@@ -252,6 +252,8 @@ KESTREL_ALWAYS_INLINE void norm_blocks(const T* __restrict__ p, const T* __restr
         return one_state_blocks<optim::OneState::kAdagrad, T>(p, g, state, absmax, n, a, q, first, end);  \
       case optim::OneState::kLion:                                                                        \
         return one_state_blocks<optim::OneState::kLion, T>(p, g, state, absmax, n, a, q, first, end);     \
+      case optim::OneState::kMuon:                                                                        \
+        return one_state_blocks<optim::OneState::kMuon, T>(p, g, state, absmax, n, a, q, first, end);     \
     }                                                                                                     \
   }
 #define KESTREL_DEFINE_NORMS_CPU(SUFFIX, T)                                                                    \
@@ -449,6 +451,8 @@ void one_state_step(const StepCall& call, at::TensorList params, at::TensorList 
               return one_state8bit_vector<optim::OneState::kAdagrad, T>(isa, p, g, codes, m, a, *q1, first, end);
             case optim::OneState::kLion:
               return one_state8bit_vector<optim::OneState::kLion, T>(isa, p, g, codes, m, a, *q1, first, end);
+            case optim::OneState::kMuon:
+              return one_state8bit_vector<optim::OneState::kMuon, T>(isa, p, g, codes, m, a, *q1, first, end);
           }
         });
         if (full * kBlockSize < n) KernelsCpu<T>::one_state(kind, p, g, s, m, n, a, q1.get(), full, full + 1);

@@ -26,6 +26,8 @@ cudaError_t launch_one_state(int kind, const KernelLaunch& launch, const StepArg
       return launch_kernel(&one_state_kernel<T, optim::OneState::kAdagrad, EIGHT_BIT>, launch, a, s);
     case optim::OneState::kLion:
       return launch_kernel(&one_state_kernel<T, optim::OneState::kLion, EIGHT_BIT>, launch, a, s);
+    case optim::OneState::kMuon:
+      return launch_kernel(&one_state_kernel<T, optim::OneState::kMuon, EIGHT_BIT>, launch, a, s);
   }
   return cudaErrorInvalidValue;
 }

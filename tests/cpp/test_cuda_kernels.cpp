@@ -185,8 +185,8 @@ void test_optim(std::mt19937& rng) {
         return cuda::step(DType::kFloat32, true, static_cast<int>(kind), eight_bit, args, nullptr);
       });
     }
-    for (const auto kind :
-         {optim::OneState::kMomentum, optim::OneState::kRMSprop, optim::OneState::kAdagrad, optim::OneState::kLion}) {
+    for (const auto kind : {optim::OneState::kMomentum, optim::OneState::kRMSprop, optim::OneState::kAdagrad,
+                            optim::OneState::kLion, optim::OneState::kMuon}) {
       check_multi_tensor("one_state_step", 1, eight_bit, false, rng, [&](auto* meta, int count, int64_t total) {
         const cuda::StepArgs args{meta, count, total, q1, nullptr, nullptr};
         return cuda::step(DType::kFloat32, false, static_cast<int>(kind), eight_bit, args, nullptr);

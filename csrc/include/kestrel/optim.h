@@ -46,7 +46,9 @@ struct StepScalars {
 enum class TwoState : int { kAdam = 0, kAdEMAMix = 1 };
 
 // Optimizers with one state (bnb's Optimizer1State); the state uses the signed map when 8-bit.
-enum class OneState : int { kMomentum = 0, kRMSprop = 1, kAdagrad = 2, kLion = 3 };
+// kMuon is Muon's momentum (kestrel.optim.Muon8bit): its "parameter" is the update buffer the step writes (the
+// Newton-Schulz orthogonalisation and the parameter's step follow on the host side).
+enum class OneState : int { kMomentum = 0, kRMSprop = 1, kAdagrad = 2, kLion = 3, kMuon = 4 };
 
 // The scalars that depend on the step and the learning rate (host, or device for a capturable step whose step
 // count and lr live in device memory): bias corrections, step size, decay. float32, as bnb's kernel computes them.
@@ -160,13 +162,19 @@ KESTREL_HD float sign_of(float v) {
 }
 
 // One-state optimizers (docs/optim8bit.md): the new state and the new parameter (before rounding to its
-// dtype) from the old state s1, the parameter p and a finite gradient g (already scaled by gnorm_scale).
+// dtype) from the old state s1, the parameter p and a finite gradient g (already scaled by gnorm_scale). Muon's
+// "new parameter" is its update (p is not read).
 template <OneState KIND>
 KESTREL_HD void one_state_update(const StepScalars& a, float g, float p, float& s1, float& new_p) {
   if (KIND == OneState::kLion) {
     const float decayed = a.apply_decay ? p * a.decay : p;
     new_p = decayed - a.lr * sign_of(s1 * a.beta1 + a.one_minus_beta1 * g);
     s1 = s1 * a.beta2 + a.one_minus_beta2 * g;
+    return;
+  }
+  if (KIND == OneState::kMuon) {  // the momentum m = beta2 m + (1 - beta2) g; the update beta1 m + (1 - beta1) g
+    s1 = s1 * a.beta2 + a.one_minus_beta2 * g;  // (Nesterov: beta1 = beta2; plain momentum: beta1 = 1, the update m)
+    new_p = s1 * a.beta1 + a.one_minus_beta1 * g;
     return;
   }
   if (a.apply_decay) g = g + p * a.weight_decay;  // L2 decay, added to the gradient

@@ -1,5 +1,5 @@
 """Block-wise 8-bit optimizers: drop-in replacements for bitsandbytes 0.50's (same arguments, numbers and
-checkpoint layout), on CPU and CUDA."""
+checkpoint layout), on CPU and CUDA; and Muon with 8-bit momentum (torch.optim.Muon's arguments) beside AdamW8bit."""
 
 from .adam import (
     Adam,
@@ -18,6 +18,7 @@ from .adam import (
 from .ademamix import AdEMAMix, AdEMAMix8bit, AdEMAMix32bit, PagedAdEMAMix, PagedAdEMAMix8bit, PagedAdEMAMix32bit
 from .lamb import LAMB, LAMB8bit, LAMB32bit
 from .manager import GlobalOptimManager
+from .muon import Muon, Muon8bit, Muon32bit, muon_param_groups, newton_schulz
 from .one_state import (
     LARS,
     SGD,
@@ -80,6 +81,11 @@ __all__ = [
     "PagedLion",
     "PagedLion8bit",
     "PagedLion32bit",
+    "Muon",
+    "Muon8bit",
+    "Muon32bit",
+    "muon_param_groups",
+    "newton_schulz",
     "GlobalOptimManager",
     "Optimizer8bit",
 ]

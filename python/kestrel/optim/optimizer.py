@@ -323,6 +323,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             )
         )
         ordinal = {id(p): i for i, p in enumerate(chain.from_iterable(g["params"] for g in groups))}
+        group_of = {id(p): g for g in new_groups for p in g["params"]}
 
         new_state = defaultdict(dict)
         for key, value in state_dict["state"].items():
@@ -332,7 +333,9 @@ class Optimizer8bit(torch.optim.Optimizer):
             param = id_map[key]
             if self.shard(param) is not None:
                 value = self._import_sharded(param, value)
-            self._check_loaded_state(D.local(param), value, ordinal[id(param)])
+            self._check_loaded_state(
+                D.local(param), value, ordinal[id(param)], self.keeps_two_states(group_of[id(param)])
+            )
             new_state[param] = value
         placed = defaultdict(dict)
         for key, value in new_state.items():
@@ -412,8 +415,13 @@ class Optimizer8bit(torch.optim.Optimizer):
     two_states = True
     state1_moments = 1
 
-    def _check_loaded_state(self, param, state, index):
+    def keeps_two_states(self, group):
+        """Whether the parameters of `group` keep two states (Muon: its AdamW groups do, its Muon groups one)."""
+        return self.two_states
+
+    def _check_loaded_state(self, param, state, index, two_states=None):
         name = type(self).__name__
+        two_states = self.two_states if two_states is None else two_states
         where = f"{name}.load_state_dict: parameter {index} (shape {tuple(param.shape)})"
         if not isinstance(state, dict):
             raise ValueError(f"{where}: its state must be a dict, got {type(state).__name__}")
@@ -432,12 +440,12 @@ class Optimizer8bit(torch.optim.Optimizer):
         step_value = int(step.item()) if torch.is_tensor(step) and step.numel() == 1 else step
         if not is_int(step_value) or step_value < 0:
             raise ValueError(f"{where}: step must be an integer >= 0, got {step!r}")
-        if self.two_states and "state2" not in state:
+        if two_states and "state2" not in state:
             raise ValueError(
                 f"{where}: {name} keeps two states (state1, state2) but the state_dict has state1 only; "
                 "is it a one-state optimizer's checkpoint (SGD, Lion, RMSprop, Adagrad, LARS)?"
             )
-        if not self.two_states and "state2" in state:
+        if not two_states and "state2" in state:
             raise ValueError(
                 f"{where}: {name} keeps one state but the state_dict has state2; is it a two-state "
                 "optimizer's checkpoint (Adam, AdamW, LAMB, AdEMAMix)?"

@@ -1,7 +1,8 @@
 """Plain-PyTorch model of the fused optimizer steps with 8-bit block-wise or 32-bit states (docs/optim8bit.md): the
 two-state steps (Adam/AdamW and LAMB: adam8bit_step, adam32bit_step; AdEMAMix: ademamix_step), the one-state steps
-(SGD with momentum and LARS, RMSprop, Adagrad, Lion: one_state_step), the trust-ratio norms and ratio (norm_sums,
-trust_ratio), float32 operations in the kernels' order: the test oracle for the CPU and CUDA kernels."""
+(SGD with momentum and LARS, RMSprop, Adagrad, Lion, Muon's momentum: one_state_step), the trust-ratio norms and ratio
+(norm_sums, trust_ratio), float32 operations in the kernels' order: the test oracle for the CPU and CUDA kernels;
+muon_step, a whole Muon step (momentum as the kernels compute it, then Newton-Schulz and the parameter's update)."""
 
 import ctypes
 import ctypes.util
@@ -206,6 +207,9 @@ def adam32bit_step(p, g, state1, state2, step, lr, beta1, beta2, eps, weight_dec
 def _one_state_update(kind, a, grad, p32, s, lr, eps, weight_decay, step):
     """(new state, new parameter before rounding) in the kernels' float32 order."""
     f = lambda v: float(np.float32(v))  # noqa: E731
+    if kind == "muon":  # Muon's momentum; the "parameter" is the update beta1 * m + (1 - beta1) * g
+        s = s * a["beta2"] + grad * a["one_minus_beta2"]
+        return s, s * a["beta1"] + grad * a["one_minus_beta1"]
     if kind == "lion":
         decayed = p32 * a["decay"] if a["apply_decay"] else p32
         new_p = decayed - torch.sign(s * a["beta1"] + grad * a["one_minus_beta1"]) * f(lr)
@@ -320,3 +324,55 @@ def ademamix_step(
     s1[1].copy_(_requantize(m3, max3, qmap1, signed=True, robust=robust_rounding))
     s2.copy_(_requantize(nu, max2, qmap2, signed=False, robust=robust_rounding))
     absmax1[0].copy_(max1), absmax1[1].copy_(max3), absmax2.copy_(max2)
+
+
+@torch.no_grad()
+def muon_step(
+    p,
+    g,
+    state1,
+    absmax1,
+    qmap1,
+    step,
+    lr,
+    momentum,
+    nesterov,
+    weight_decay,
+    adjust_lr_fn=None,
+    ns_steps=5,
+    ns_coefficients=(3.4445, -4.7750, 2.0315),
+    eps=1e-7,
+    ns_dtype=torch.float32,
+    robust_rounding=False,
+):
+    """One Muon step of matrix parameter p, in place: the momentum and the update as the kernels compute them (8-bit
+    when qmap1 is given, else a float32 state1), kestrel.optim.newton_schulz of the update's matrix view, then
+    p *= 1 - lr * weight_decay; p -= lr * ratio * O, ratio sqrt(max(1, rows / cols)) ("original") or
+    0.2 sqrt(max(rows, cols)) ("match_rms_adamw"), as torch.optim.Muon."""
+    from ..optim.muon import newton_schulz
+
+    update = torch.zeros_like(p)
+    weight = momentum if nesterov else 1.0
+    with np.errstate(all="ignore"):  # Adam's bias corrections (unused) divide by 0 when weight is 1
+        one_state_step(
+            "muon",
+            update,
+            g,
+            state1,
+            absmax1,
+            qmap1,
+            step,
+            0.0,
+            weight,
+            momentum,
+            0.0,
+            0.0,
+            robust_rounding=robust_rounding,
+        )
+    rows = p.shape[0]
+    cols = p.numel() // rows
+    ortho = newton_schulz(update.reshape(rows, cols), ns_steps, ns_coefficients, eps, ns_dtype).to(p.dtype)
+    ratio = 0.2 * max(rows, cols) ** 0.5 if adjust_lr_fn == "match_rms_adamw" else max(1.0, rows / cols) ** 0.5
+    if weight_decay != 0.0:
+        p.mul_(1.0 - lr * weight_decay)
+    p.add_(ortho.reshape(p.shape), alpha=-lr * ratio)
