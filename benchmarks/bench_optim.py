@@ -6,7 +6,7 @@ fp32, beside bnb and torch's fused AdamW. The rest of the family (SGD8bit, RMSpr
 AdEMAMix8bit, LAMB8bit, LARS8bit): 16.8M fp32 and bf16 parameters on the CPU, 268M bf16 on a GPU. On the CPU each
 kestrel row also times the narrower vector paths the CPU has ("kestrel, avx2 path": KESTREL_CPU_ISA caps it).
 GB/s counts the bytes an 8-bit step must move: parameter read + write, gradient read, each 8-bit state read + write
-and its absmax.
+and its absmax. Muon8bit (run_muon): beside torch.optim.Muon and Muon32bit on a transformer's matrices.
 """
 
 import os
@@ -197,6 +197,57 @@ def run_family(device, quick=False):
     return rows
 
 
+def muon_shapes(layers, d, ff):
+    """The matrices Muon takes in a transformer (attention q, k, v, o and the gated MLP's three)."""
+    return [(d, d)] * 4 * layers + [(ff, d), (ff, d), (d, ff)] * layers
+
+
+def run_muon(device, quick=False):
+    """Muon8bit beside torch.optim.Muon (float32 momentum, bfloat16 Newton-Schulz) and Muon32bit, on the matrices of
+    a small transformer: 2 layers of d 512 on the CPU (5.3M parameters, float32), the 1.30B mix's 168 matrices on a GPU
+    (bf16). A step is the momentum kernel plus five Newton-Schulz iterations per matrix (matmuls: compute-bound), so
+    GB/s is not the measure here; the state size is printed beside."""
+    from kestrel import optim as K
+
+    if quick:
+        shapes, dtype = muon_shapes(1, 128, 352), torch.float32
+    elif device.type == "cuda":
+        shapes, dtype = muon_shapes(24, 2048, 5632), torch.bfloat16
+    else:
+        shapes, dtype = muon_shapes(2, 512, 1408), torch.float32
+    makers = {
+        "kestrel Muon8bit": lambda ps: K.Muon8bit(ps, lr=0.02),
+        "torch Muon": lambda ps: torch.optim.Muon(ps, lr=0.02) if hasattr(torch.optim, "Muon") else None,
+        "kestrel Muon32bit": lambda ps: K.Muon32bit(ps, lr=0.02),
+    }
+    if device.type == "cpu":  # torch's Muon runs Newton-Schulz in bfloat16 on the CPU too: the same precision
+        makers["kestrel Muon8bit, ns_dtype=bfloat16"] = lambda ps: K.Muon8bit(ps, lr=0.02, ns_dtype=torch.bfloat16)
+    steps = {}
+    for label, make in makers.items():
+        params = make_params(shapes, dtype, device)
+        opt = make(params)
+        if opt is None:
+            continue
+        opt.step()
+        state = state_bytes_per_param(opt, params)
+        print(f"{label} state: {state:.3f} bytes/param ({len(shapes)} matrices, {DTYPE_NAMES[dtype]})")
+        steps[label] = opt.step
+    n = sum(torch.Size(s).numel() for s in shapes)
+    nbytes = n * (3 * torch.tensor([], dtype=dtype).element_size() + 2) + 2 * 4 * ((n + 255) // 256)
+    rows = compare(
+        "Muon8bit step",
+        f"{n / 1e6:.1f}M params in {len(shapes)} matrices {DTYPE_NAMES[dtype]}",
+        device,
+        steps.pop("kestrel Muon8bit"),
+        list(steps.items()),
+        nbytes,
+        repeats=3 if device.type == "cpu" else 10,
+    )
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
 def state_bytes_per_param(opt, params):
     total = 0
     seen = set()
@@ -242,7 +293,7 @@ def run(device, quick=False):
         del steps
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows + run_family(device, quick)
+    return rows + run_family(device, quick) + run_muon(device, quick)
 
 
 try:  # pytest-benchmark microbenchmarks (CPU)

@@ -49,6 +49,8 @@ def make_optimizer(name, params):
         return K.Lion8bit(params, lr=1e-3, weight_decay=0.01)
     if name == "LAMB8bit":
         return K.LAMB8bit(params, lr=1e-2, weight_decay=0.01)
+    if name == "Muon8bit":  # every SHAPES entry is a matrix: all of them Muon's
+        return K.Muon8bit(params, lr=0.02, weight_decay=0.01)
     raise ValueError(name)
 
 
@@ -142,7 +144,7 @@ def run_mlp(model, opt, steps):
     return losses
 
 
-def dcp_save(rank, world, port, out_dir, steps):
+def dcp_save(rank, world, port, out_dir, steps, name="AdamW8bit"):
     """FSDP2 at world size 2: a few steps, then a distributed checkpoint of the model and the optimizer."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -155,7 +157,7 @@ def dcp_save(rank, world, port, out_dir, steps):
     model = Bag()
     fully_shard(model, mesh=mesh)
     params = list(model.parameters())
-    opt = make_optimizer("AdamW8bit", params)
+    opt = make_optimizer(name, params)
     for step in range(steps):
         for p, g in zip(params, grads_for(step)):
             p.grad = distribute_tensor(g, mesh, [Shard(0)])
@@ -170,7 +172,7 @@ def dcp_save(rank, world, port, out_dir, steps):
     finish()
 
 
-def dcp_load(rank, world, port, out_dir, steps):
+def dcp_load(rank, world, port, out_dir, steps, name="AdamW8bit"):
     """FSDP2 at world size 2: load a checkpoint written at world size 1, then take `steps` more steps."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
@@ -188,7 +190,7 @@ def dcp_load(rank, world, port, out_dir, steps):
     model = Bag(seed=99)  # different values: everything must come from the checkpoint
     fully_shard(model, mesh=mesh)
     params = list(model.parameters())
-    opt = make_optimizer("AdamW8bit", params)
+    opt = make_optimizer(name, params)
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
     dcp.load(state, checkpoint_id=os.path.join(out_dir, "ckpt"))
     set_model_state_dict(model, state["model"])

@@ -54,8 +54,9 @@ def flat_state(opt, params):
 ALIGNED, UNALIGNED, SMALL = (0, 1), 2, 3
 
 
-@pytest.mark.parametrize("name", ["AdamW8bit", "Lion8bit"])
+@pytest.mark.parametrize("name", ["AdamW8bit", "Lion8bit", "Muon8bit"])
 def test_fsdp2_same_gradients_bit_identical_where_aligned(tmp_path, name):
+    """(Muon8bit: each matrix's update is gathered to one rank, orthogonalised once, scattered back.)"""
     sharded = spawn(W.same_gradients, tmp_path, name, 4)
     _, params, opt = single_process(name, 4)
     single = flat_state(opt, params)
@@ -110,7 +111,8 @@ def test_ddp_equals_single_process(tmp_path):
     assert ddp["losses"] == losses
 
 
-def test_dcp_save_at_two_load_at_one(tmp_path):
+@pytest.mark.parametrize("name", ["AdamW8bit", "Muon8bit"])
+def test_dcp_save_at_two_load_at_one(tmp_path, name):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -119,10 +121,10 @@ def test_dcp_save_at_two_load_at_one(tmp_path):
         set_optimizer_state_dict,
     )
 
-    saved = spawn(W.dcp_save, tmp_path, 3)
+    saved = spawn(W.dcp_save, tmp_path, 3, name)
     model = W.Bag(seed=99)
     params = list(model.parameters())
-    opt = W.make_optimizer("AdamW8bit", params)
+    opt = W.make_optimizer(name, params)
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
     dcp.load(state, checkpoint_id=os.path.join(tmp_path, "ckpt"))
     set_model_state_dict(model, state["model"])
@@ -135,23 +137,24 @@ def test_dcp_save_at_two_load_at_one(tmp_path):
             if key in saved["state"][i]:
                 assert torch.equal(loaded[i][key], saved["state"][i][key]), f"parameter {i}: {key}"
     # the resumed single-process run equals an uninterrupted one where the shards were aligned
-    _, ref_params, _ = single_process("AdamW8bit", 5)
-    single_process("AdamW8bit", 2, model=model, opt=opt, grad_offset=3)
+    _, ref_params, _ = single_process(name, 5)
+    single_process(name, 2, model=model, opt=opt, grad_offset=3)
     for i in ALIGNED + (SMALL,):
         assert torch.equal(params[i].detach(), ref_params[i].detach()), f"parameter {i}"
 
 
-def test_dcp_save_at_one_load_at_two(tmp_path):
+@pytest.mark.parametrize("name", ["AdamW8bit", "Muon8bit"])
+def test_dcp_save_at_one_load_at_two(tmp_path, name):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    model, params, opt = single_process("AdamW8bit", 3)
+    model, params, opt = single_process(name, 3)
     dcp.save(
         {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
         checkpoint_id=os.path.join(tmp_path, "ckpt"),
     )
     before = flat_state(opt, params)
-    result = spawn(W.dcp_load, tmp_path, 2)
+    result = spawn(W.dcp_load, tmp_path, 2, name)
     for i in range(len(params)):
         assert torch.equal(result["loaded"]["params"][i], params[i].detach())
         for key in ("state1", "state2", "absmax1", "absmax2"):
@@ -160,7 +163,7 @@ def test_dcp_save_at_one_load_at_two(tmp_path):
                 continue
             assert torch.equal(result["loaded"]["state"][i][key], before[i][key]), f"parameter {i}: {key}"
     # two more steps at world size 2 equal two more steps of the single process where the shards are aligned
-    single_process("AdamW8bit", 2, model=model, opt=opt, grad_offset=50)
+    single_process(name, 2, model=model, opt=opt, grad_offset=50)
     for i in ALIGNED + (SMALL,):
         assert torch.equal(result["params"][i], params[i].detach()), f"parameter {i}"
     moved = (params[UNALIGNED].detach() - W.Bag().weights[UNALIGNED].detach()).abs().mean()
