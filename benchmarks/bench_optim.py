@@ -6,7 +6,8 @@ fp32, beside bnb and torch's fused AdamW. The rest of the family (SGD8bit, RMSpr
 AdEMAMix8bit, LAMB8bit, LARS8bit): 16.8M fp32 and bf16 parameters on the CPU, 268M bf16 on a GPU. On the CPU each
 kestrel row also times the narrower vector paths the CPU has ("kestrel, avx2 path": KESTREL_CPU_ISA caps it).
 GB/s counts the bytes an 8-bit step must move: parameter read + write, gradient read, each 8-bit state read + write
-and its absmax. Muon8bit (run_muon): beside torch.optim.Muon and Muon32bit on a transformer's matrices.
+and its absmax. Muon8bit (run_muon): beside torch.optim.Muon and Muon32bit on a transformer's matrices. AdamW4bit
+(run_4bit): beside torchao's AdamW4bit where torchao installs, AdamW8bit and torch's fused AdamW.
 """
 
 import os
@@ -248,6 +249,53 @@ def run_muon(device, quick=False):
     return rows
 
 
+def run_4bit(device, quick=False):
+    """AdamW4bit beside torchao's AdamW4bit (where torchao installs), kestrel's AdamW8bit and torch's fused AdamW:
+    16.8M fp32 parameters on the CPU, the 1.30B LLM mix in bf16 on a GPU. GB/s counts the 4-bit step's bytes:
+    parameter read + write, gradient read, two 4-bit states read + written and their absmax."""
+    from kestrel import optim as K
+
+    if quick:
+        shapes, dtype = [(1 << 20,)], torch.float32
+    elif device.type == "cuda":
+        shapes, dtype = llm_shapes(), torch.bfloat16
+    else:
+        shapes, dtype = [(16_777_216,)], torch.float32
+    makers = {
+        "kestrel AdamW4bit": lambda ps: K.AdamW4bit(ps, lr=1e-4),
+        "kestrel AdamW8bit": lambda ps: K.AdamW8bit(ps, lr=1e-4),
+        "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
+    }
+    try:
+        from torchao.optim import AdamW4bit as TorchaoAdamW4bit
+
+        makers["torchao AdamW4bit"] = lambda ps: TorchaoAdamW4bit(ps, lr=1e-4)
+    except Exception:  # not installed
+        pass
+    steps = {}
+    for label, make in makers.items():
+        params = make_params(shapes, dtype, device)
+        opt = make(params)
+        opt.step()
+        if label.startswith("kestrel"):
+            print(f"{label} state: {state_bytes_per_param(opt, params):.4f} bytes/param")
+        steps[label] = opt.step
+    n = sum(torch.Size(s).numel() for s in shapes)
+    nbytes = n * (3 * torch.tensor([], dtype=dtype).element_size() + 2) + 2 * 2 * 4 * ((n + 127) // 128)
+    rows = compare(
+        "AdamW4bit step",
+        f"{n / 1e6:.1f}M params {DTYPE_NAMES[dtype]}",
+        device,
+        steps.pop("kestrel AdamW4bit"),
+        list(steps.items()),
+        nbytes,
+        repeats=5 if device.type == "cpu" else 10,
+    )
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
 def state_bytes_per_param(opt, params):
     total = 0
     seen = set()
@@ -293,7 +341,7 @@ def run(device, quick=False):
         del steps
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows + run_family(device, quick) + run_muon(device, quick)
+    return rows + run_family(device, quick) + run_muon(device, quick) + run_4bit(device, quick)
 
 
 try:  # pytest-benchmark microbenchmarks (CPU)

@@ -139,6 +139,7 @@ OPTIONAL_BASELINES = {
         "pip install -c constraints.txt --no-build-isolation -e '.[test]'",
     ),
     "faiss": (("vq_topk",), ("cpu",), "pip install faiss-cpu"),
+    "torchao": (("optim",), ("cpu", "cuda"), "pip install torchao (the AdamW4bit baseline)"),
 }
 
 

@@ -139,6 +139,17 @@ void register_jit_bindings(py::module_& m) {
                                 norms, max_unorm, lr_tensor, robust_rounding);
           return launcher.result();
         });
+  m.def("jit_two_state4bit_step_",
+        [](bool capture, const std::string& optimizer, std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
+           std::vector<at::Tensor> state1, std::vector<at::Tensor> state2, std::vector<at::Tensor> absmax1,
+           std::vector<at::Tensor> absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2, const at::Tensor& steps,
+           double lr, double beta1, double beta2, double eps, double weight_decay, double gnorm_scale,
+           int64_t round_seed, std::optional<at::Tensor> lr_tensor) {
+          JitLauncher launcher{capture};
+          two_state4bit_step_op(launcher, optimizer, params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2,
+                                steps, lr, beta1, beta2, eps, weight_decay, gnorm_scale, round_seed, lr_tensor);
+          return launcher.result();
+        });
   m.def("jit_two_state32bit_step_", [](bool capture, const std::string& optimizer, std::vector<at::Tensor> params,
                                        std::vector<at::Tensor> grads, std::vector<at::Tensor> state1,
                                        std::vector<at::Tensor> state2, const at::Tensor& steps, double lr, double beta1,

@@ -35,6 +35,13 @@ TORCH_LIBRARY(kestrel, m) {
       "float lr, float beta1, float beta2, float beta3, float alpha, float eps, float weight_decay, "
       "float gnorm_scale, int round_seed=-1, Tensor? norms=None, float max_unorm=0.0, Tensor? lr_tensor=None, bool "
       "robust_rounding=False) -> ()");
+  // Adam with 4-bit states (kestrel.optim.AdamW4bit; kestrel/optim.h "4-bit states"): optimizer "adam"; state1 /
+  // state2 uint8 of ceil(n / 2) bytes (two codes each), absmax1 / absmax2 ceil(n / 128) floats, 16-entry maps.
+  m.def(
+      "two_state4bit_step_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
+      "Tensor(c!)[] state2, Tensor(d!)[] absmax1, Tensor(e!)[] absmax2, Tensor qmap1, Tensor qmap2, Tensor steps, "
+      "float lr, float beta1, float beta2, float eps, float weight_decay, float gnorm_scale, int round_seed=-1, "
+      "Tensor? lr_tensor=None) -> ()");
   m.def(
       "two_state32bit_step_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
       "Tensor(c!)[] state2, Tensor steps, float lr, float beta1, float beta2, float beta3, float alpha, float eps, "

@@ -45,7 +45,10 @@ inline int64_t optim_num_blocks(int64_t n) {
 inline void check_step_args(const char* op, at::TensorList params, at::TensorList grads, at::TensorList state1,
                             at::TensorList state2, at::TensorList absmax1, at::TensorList absmax2,
                             const at::Tensor* qmap1, const at::Tensor* qmap2, c10::IntArrayRef steps, bool eight_bit,
-                            int64_t moments1 = 1) {
+                            int64_t moments1 = 1, int bits = 8) {
+  // bits = 4 (two_state4bit_step_): codes two per byte, ceil(n / 2) bytes; absmax per 128 elements; 16-entry maps
+  const int64_t map_size = bits == 4 ? optim::k4bitCodes : 256;
+  const int64_t block = bits == 4 ? optim::k4bitBlockSize : optim::kBlockSize;
   const size_t count = params.size();
   TORCH_CHECK(grads.size() == count && state1.size() == count && state2.size() == count && steps.size() == count, op,
               ": params, grads, states and steps must have one entry per parameter, got ", count, ", ", grads.size(),
@@ -55,9 +58,9 @@ inline void check_step_args(const char* op, at::TensorList params, at::TensorLis
                 ": absmax1 and absmax2 must have one entry per parameter, got ", absmax1.size(), " and ",
                 absmax2.size(), " for ", count, " parameters");
     for (const at::Tensor* qmap : {qmap1, qmap2}) {
-      TORCH_CHECK(qmap->scalar_type() == at::kFloat && qmap->numel() == 256 && qmap->is_contiguous(), op,
-                  ": qmap1 and qmap2 must be contiguous float32 tensors of 256 values, got ", qmap->scalar_type(),
-                  " of shape ", qmap->sizes());
+      TORCH_CHECK(qmap->scalar_type() == at::kFloat && qmap->numel() == map_size && qmap->is_contiguous(), op,
+                  ": qmap1 and qmap2 must be contiguous float32 tensors of ", map_size, " values, got ",
+                  qmap->scalar_type(), " of shape ", qmap->sizes());
     }
   }
   for (size_t i = 0; i < count; ++i) {
@@ -78,20 +81,22 @@ inline void check_step_args(const char* op, at::TensorList params, at::TensorLis
     TORCH_CHECK(steps[i] >= 1, op, ": steps[", i, "] must be >= 1, got ", steps[i]);
     const auto state_dtype = eight_bit ? at::kByte : at::kFloat;
     int64_t moments = moments1;
+    const int64_t held = bits == 4 ? (n + 1) / 2 : n;  // state elements (bytes of codes, or floats) per moment
     for (const at::Tensor* s : {&state1[i], &state2[i]}) {
-      TORCH_CHECK(s->scalar_type() == state_dtype && s->numel() == moments * n && s->is_contiguous(), op,
+      TORCH_CHECK(s->scalar_type() == state_dtype && s->numel() == moments * held && s->is_contiguous(), op,
                   ": the states of parameter ", i, " must be contiguous ", state_dtype, " tensors of ", moments, " x ",
-                  n, " elements, got ", s->scalar_type(), " with ", s->numel());
+                  held, bits == 4 ? " bytes (two 4-bit codes per byte)" : " elements", ", got ", s->scalar_type(),
+                  " with ", s->numel());
       moments = 1;
     }
     if (eight_bit) {
-      const int64_t blocks = optim_num_blocks(n);
+      const int64_t blocks = (n + block - 1) / block;
       moments = moments1;
       for (const at::Tensor* a : {&absmax1[i], &absmax2[i]}) {
         TORCH_CHECK(a->scalar_type() == at::kFloat && a->numel() == moments * blocks && a->is_contiguous() &&
                         a->device() == p.device(),
                     op, ": absmax1/absmax2 of parameter ", i, " must be contiguous float32 tensors of ", moments,
-                    " x ceil(", n, " / 256) = ", moments * blocks, " values on ", p.device(), ", got ",
+                    " x ceil(", n, " / ", block, ") = ", moments * blocks, " values on ", p.device(), ", got ",
                     a->scalar_type(), " with ", a->numel());
         moments = 1;
       }
@@ -154,7 +159,7 @@ inline bool check_norm_args(const char* op, c10::string_view optimizer, at::Tens
 }
 
 inline optim::TwoState parse_two_state(const char* op, c10::string_view name) {
-  if (name == "adam") return optim::TwoState::kAdam;
+  if (name == "adam") return optim::TwoState::kAdam;  // (kAdam4bit: two_state4bit_step_'s "adam")
   if (name == "ademamix") return optim::TwoState::kAdEMAMix;
   TORCH_CHECK(false, op, ": optimizer must be adam or ademamix, got ", name);
 }
@@ -211,7 +216,8 @@ inline StepCall read_step_call(const char* op, bool two_state, c10::string_view 
                                at::TensorList absmax1, at::TensorList absmax2, const at::Tensor* qmap1,
                                const at::Tensor* qmap2, const at::Tensor& steps, const StepHyper& hyper,
                                int64_t round_seed, const std::optional<at::Tensor>& norms, double max_unorm,
-                               const std::optional<at::Tensor>& lr_tensor, bool robust_rounding, bool device_values) {
+                               const std::optional<at::Tensor>& lr_tensor, bool robust_rounding, bool device_values,
+                               int bits = 8) {
   StepCall call;
   call.two_state = two_state;
   call.eight_bit = qmap1 != nullptr;
@@ -244,7 +250,12 @@ inline StepCall read_step_call(const char* op, bool two_state, c10::string_view 
   }
   bool trust_ratio = false;  // the optimizers with a trust ratio: adam (LAMB) and momentum (LARS)
   int64_t moments1 = 1;
-  if (two_state) {
+  if (bits == 4) {  // two_state4bit_step_: Adam only, no trust ratio, no robust rounding (the maps are the rule)
+    TORCH_CHECK(optimizer == "adam", op, ": optimizer must be adam, got ", optimizer);
+    TORCH_CHECK(!robust_rounding, op,
+                ": robust_rounding does not apply to 4-bit states (their second-moment map has no zero)");
+    call.kind = static_cast<int>(optim::TwoState::kAdam4bit);
+  } else if (two_state) {
     const optim::TwoState kind = parse_two_state(op, optimizer);
     call.kind = static_cast<int>(kind);
     trust_ratio = kind == optim::TwoState::kAdam;
@@ -255,7 +266,7 @@ inline StepCall read_step_call(const char* op, bool two_state, c10::string_view 
     trust_ratio = kind == optim::OneState::kMomentum;
   }
   check_step_args(op, params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, call.steps, call.eight_bit,
-                  moments1);
+                  moments1, bits);
   call.norms = check_norms(op, norms, max_unorm, count, trust_ratio, optimizer, device);
   if (call.eight_bit) {
     TORCH_CHECK(count == 0 || (qmap1->device() == device && qmap2->device() == device), op, ": the maps must be on ",

@@ -160,6 +160,20 @@ void two_state8bit_step_op(Launcher& launcher, c10::string_view optimizer, at::T
 }
 
 template <typename Launcher>
+void two_state4bit_step_op(Launcher& launcher, c10::string_view optimizer, at::TensorList params, at::TensorList grads,
+                           at::TensorList state1, at::TensorList state2, at::TensorList absmax1, at::TensorList absmax2,
+                           const at::Tensor& qmap1, const at::Tensor& qmap2, const at::Tensor& steps, double lr,
+                           double beta1, double beta2, double eps, double weight_decay, double gnorm_scale,
+                           int64_t round_seed, const std::optional<at::Tensor>& lr_tensor) {
+  constexpr const char* op = "two_state4bit_step_";
+  const StepCall call = read_step_call(op, true, optimizer, params, grads, state1, state2, absmax1, absmax2, &qmap1,
+                                       &qmap2, steps, {lr, beta1, beta2, 0.0, 0.0, eps, weight_decay, gnorm_scale},
+                                       round_seed, std::nullopt, 0.0, lr_tensor, false, /*device_values=*/true,
+                                       /*bits=*/4);
+  step_op(launcher, op, call, params, grads, state1, state2, absmax1, absmax2);
+}
+
+template <typename Launcher>
 void two_state32bit_step_op(Launcher& launcher, c10::string_view optimizer, at::TensorList params, at::TensorList grads,
                             at::TensorList state1, at::TensorList state2, const at::Tensor& steps, double lr,
                             double beta1, double beta2, double beta3, double alpha, double eps, double weight_decay,

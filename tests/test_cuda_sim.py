@@ -236,6 +236,30 @@ def test_one_state_step(sim, dtype, eight_bit, optimizer, options):
         assert_same(cpu_args[index], cuda_args[index], f"{name} argument {index}")
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("options", ["plain", "stochastic"])
+def test_two_state4bit_step(sim, dtype, options):
+    """Adam with 4-bit states: packed codes (odd sizes end in half a byte), two 128-element blocks per warp (a
+    partial second one), several parameters at different steps in one launch."""
+    from kestrel.optim.adam4bit import QMAP4_SIGNED, QMAP4_UNSIGNED
+
+    g = torch.Generator().manual_seed(5)
+    params, grads, _, _, _, _ = optimizer_inputs(dtype, False, True, 1, g)
+    state1, state2, absmax1, absmax2 = [], [], [], []
+    for p in params:
+        n = p.numel()
+        for codes, absmax in ((state1, absmax1), (state2, absmax2)):
+            codes.append(torch.randint(0, 256, ((n + 1) // 2,), dtype=torch.uint8, generator=g))
+            absmax.append(torch.rand((n + 127) // 128, generator=g))
+    steps = torch.tensor([1, 7, 2, 30, 5])
+    scalars = (1e-3, 0.9, 0.999, 1e-8, 0.01, 1.0, 777 if options == "stochastic" else -1)
+    args = ("adam", params, grads, state1, state2, absmax1, absmax2, QMAP4_SIGNED, QMAP4_UNSIGNED, steps) + scalars
+    (_, cpu_args), (_, cuda_args) = both(sim, "two_state4bit_step_", *args)
+    for index in (1, 3, 4, 5, 6):
+        assert_same(cpu_args[index], cuda_args[index], f"two_state4bit_step_ argument {index}")
+    assert any(p.numel() % 2 for p in params) and any(p.numel() % 256 > 128 for p in params)
+
+
 def test_an_empty_step_launches_nothing(sim):
     empty = torch.zeros(0)
     (_, cpu_args), (_, cuda_args) = both(

@@ -82,12 +82,12 @@ def test_every_kernel_compiles_under_nvrtc_without_warnings(family, arch):
 
 def test_kernel_names_cover_every_instance():
     """The instances the plans can ask for: 3 dtypes x (7 powers of two + 2 groups) quantize kernels + 3
-    dequantize; 3 x 2 x (2 two-state + 5 one-state, Muon's momentum the fifth) steps + 3 x 4 norm kernels + the
-    reduction; 4 tree kernels
+    dequantize; 3 x 2 x (2 two-state + 5 one-state, Muon's momentum the fifth) steps + 3 4-bit Adam steps + 3 x 4
+    norm kernels + the reduction; 4 tree kernels
     (compaction: 4 element sizes)."""
     names = {family: kestrel._C.jit_kernel_names(family) for family in _jit.FAMILIES}
     assert len(names["quantize"]) == 3 * 9 + 3
-    assert len(names["optim"]) == 3 * 2 * 7 + 3 * 4 + 1
+    assert len(names["optim"]) == 3 * 2 * 7 + 3 + 3 * 4 + 1  # + Adam with 4-bit states, per dtype
     assert "kestrel::cuda::one_state_kernel<__half, (kestrel::optim::OneState)4, true>" in names["optim"]
     assert len(names["tree_verify"]) == 3 + 4
     assert "kestrel::cuda::quantize_blockwise_kernel<__nv_bfloat16, 4096>" in names["quantize"]

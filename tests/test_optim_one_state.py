@@ -235,7 +235,7 @@ def test_argument_checks():
         Lion8bit(params, betas=(0.9, 1.5))
     with pytest.raises(ValueError, match="Lion: optim_bits must be 8 or 32, got 16"):
         Lion(params, optim_bits=16)
-    with pytest.raises(RuntimeError, match="optimizer must be one of momentum, rmsprop, adagrad, lion, got adam"):
+    with pytest.raises(RuntimeError, match="optimizer must be one of momentum, rmsprop, adagrad, lion, muon, got adam"):
         torch.ops.kestrel.one_state32bit_step_(
             "adam",
             [torch.zeros(4)],

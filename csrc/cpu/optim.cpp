@@ -97,6 +97,56 @@ KESTREL_ALWAYS_INLINE void two_state8bit_blocks(T* __restrict__ p, const T* __re
   }
 }
 
+// Adam with 4-bit states (kestrel/optim.h, "4-bit states"): blocks [first, end) of 128 elements, each block's
+// codes in bytes [b * 64, b * 64 + 64) (the last block's may be fewer; an odd size leaves the last low nibble 0).
+// The per-element math and the rule for a NaN/Inf gradient are the 8-bit step's.
+template <typename T>
+void two_state4bit_blocks(T* __restrict__ p, const T* __restrict__ g, uint8_t* __restrict__ c1,
+                          uint8_t* __restrict__ c2, float* __restrict__ absmax1, float* __restrict__ absmax2, int64_t n,
+                          const StepScalars& a, const float* code1, const float* code2, int64_t first, int64_t end) {
+  constexpr int B = optim::k4bitBlockSize;
+  float mid1[optim::k4bitCodes - 1], mid2[optim::k4bitCodes - 1];
+  optim::midpoints16(code1, mid1);
+  optim::midpoints16(code2, mid2);
+  float s1[B], s2[B];
+  int finite[B];
+  for (int64_t b = first; b < end; ++b) {
+    const int64_t begin = b * B;
+    const int len = (int)std::min<int64_t>(B, n - begin);
+    const float old_max1 = absmax1[b], old_max2 = absmax2[b];
+    float max1 = 0.0f, max2 = 0.0f;
+    for (int i = 0; i < len; ++i) {
+      const float grad = static_cast<float>(g[begin + i]) * a.gnorm_scale;
+      float m1 = code1[optim::code4_at(c1, begin + i)] * old_max1;
+      float m2 = code2[optim::code4_at(c2, begin + i)] * old_max2;
+      optim::adam_moments(a, grad, m1, m2);
+      const int ok = optim::step_is_finite(grad, m1, m2);
+      s1[i] = ok ? m1 : 0.0f;
+      s2[i] = ok ? m2 : 0.0f;
+      finite[i] = ok;
+      max1 = std::fabs(s1[i]) > max1 ? std::fabs(s1[i]) : max1;
+      max2 = std::fabs(s2[i]) > max2 ? std::fabs(s2[i]) : max2;
+    }
+    absmax1[b] = max1;
+    absmax2[b] = max2;
+    for (int i = 0; i < len; ++i) {
+      const T old_p = p[begin + i];
+      T new_p = round_param<T>(optim::adam_param_update(a, static_cast<float>(old_p), s1[i], s2[i]), a, begin + i, 0);
+      if (a.apply_decay) new_p = round_param<T>(static_cast<float>(new_p) * a.decay, a, begin + i, 1);
+      p[begin + i] = finite[i] ? new_p : old_p;
+    }
+    for (int i = 0; i < len; i += 2) {
+      const bool pair = i + 1 < len;
+      const int hi1 = optim::nearest_code16(mid1, optim::normalize_state(s1[i], max1));
+      const int hi2 = optim::nearest_code16(mid2, optim::normalize_state(s2[i], max2));
+      const int lo1 = pair ? optim::nearest_code16(mid1, optim::normalize_state(s1[i + 1], max1)) : 0;
+      const int lo2 = pair ? optim::nearest_code16(mid2, optim::normalize_state(s2[i + 1], max2)) : 0;
+      c1[(begin + i) >> 1] = static_cast<uint8_t>((hi1 << 4) | lo1);
+      c2[(begin + i) >> 1] = static_cast<uint8_t>((hi2 << 4) | lo2);
+    }
+  }
+}
+
 // 32-bit states, as bnb's 32-bit kernel: an element with a NaN/Inf gradient is skipped (parameter and states kept).
 template <optim::TwoState KIND, typename T>
 KESTREL_ALWAYS_INLINE void two_state32bit_blocks(T* __restrict__ p, const T* __restrict__ g, float* __restrict__ s1,
@@ -377,6 +427,27 @@ KESTREL_DEFINE_VECTOR_DISPATCH(norm8bit_vector, bool, norm8bit_full_blocks)
 void two_state_step(const StepCall& call, at::TensorList params, at::TensorList grads, at::TensorList state1,
                     at::TensorList state2, at::TensorList absmax1, at::TensorList absmax2) {
   const auto kind = static_cast<optim::TwoState>(call.kind);
+  if (kind == optim::TwoState::kAdam4bit) {  // 4-bit states: 16-entry maps, 128-element blocks
+    for (size_t i = 0; i < params.size(); ++i) {
+      const int64_t n = params[i].numel();
+      if (n == 0) continue;
+      const StepScalars a = call.scalars(i);
+      dispatch_float(params[i].scalar_type(), [&](auto tag) {
+        using T = decltype(tag);
+        T* p = params[i].data_ptr<T>();
+        const T* g = grads[i].data_ptr<T>();
+        uint8_t* c1 = state1[i].data_ptr<uint8_t>();
+        uint8_t* c2 = state2[i].data_ptr<uint8_t>();
+        float* m1 = absmax1[i].data_ptr<float>();
+        float* m2 = absmax2[i].data_ptr<float>();
+        const int64_t blocks = (n + optim::k4bitBlockSize - 1) / optim::k4bitBlockSize;
+        cpu::parallel_over_blocks(n, blocks, [&](int64_t first, int64_t end) {
+          two_state4bit_blocks<T>(p, g, c1, c2, m1, m2, n, a, call.qmap1, call.qmap2, first, end);
+        });
+      });
+    }
+    return;
+  }
   const auto q1 = call.eight_bit ? cpu::code_table_for(call.qmap1) : nullptr;
   const auto q2 = call.eight_bit ? cpu::code_table_for(call.qmap2) : nullptr;
   for (size_t i = 0; i < params.size(); ++i) {
@@ -477,6 +548,19 @@ void two_state8bit_step_cpu(c10::string_view optimizer, at::TensorList params, a
       read_step_call("two_state8bit_step_", true, optimizer, params, grads, state1, state2, absmax1, absmax2, &qmap1,
                      &qmap2, steps, {lr, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale}, round_seed, norms,
                      max_unorm, lr_tensor, robust_rounding, /*device_values=*/false);
+  two_state_step(call, params, grads, state1, state2, absmax1, absmax2);
+}
+
+void two_state4bit_step_cpu(c10::string_view optimizer, at::TensorList params, at::TensorList grads,
+                            at::TensorList state1, at::TensorList state2, at::TensorList absmax1,
+                            at::TensorList absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2,
+                            const at::Tensor& steps, double lr, double beta1, double beta2, double eps,
+                            double weight_decay, double gnorm_scale, int64_t round_seed,
+                            const std::optional<at::Tensor>& lr_tensor) {
+  const StepCall call =
+      read_step_call("two_state4bit_step_", true, optimizer, params, grads, state1, state2, absmax1, absmax2, &qmap1,
+                     &qmap2, steps, {lr, beta1, beta2, 0.0, 0.0, eps, weight_decay, gnorm_scale}, round_seed,
+                     std::nullopt, 0.0, lr_tensor, false, /*device_values=*/false, /*bits=*/4);
   two_state_step(call, params, grads, state1, state2, absmax1, absmax2);
 }
 
@@ -645,6 +729,7 @@ std::vector<int64_t> requantize_check(const std::vector<float>& map, const std::
 TORCH_LIBRARY_IMPL(kestrel, CPU, m) {
   m.impl("update_norms", &update_norms_cpu);
   m.impl("two_state8bit_step_", &two_state8bit_step_cpu);
+  m.impl("two_state4bit_step_", &two_state4bit_step_cpu);
   m.impl("two_state32bit_step_", &two_state32bit_step_cpu);
   m.impl("one_state8bit_step_", &one_state8bit_step_cpu);
   m.impl("one_state32bit_step_", &one_state32bit_step_cpu);

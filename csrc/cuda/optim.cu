@@ -10,6 +10,9 @@ namespace {
 
 template <typename T, bool EIGHT_BIT>
 cudaError_t launch_two_state(int kind, const KernelLaunch& launch, const StepArgs& a, cudaStream_t s) {
+  if (kind == static_cast<int>(optim::TwoState::kAdam4bit))  // 4-bit states (packed codes: eight_bit's layout flag)
+    return EIGHT_BIT ? launch_kernel(&two_state_kernel<T, optim::TwoState::kAdam4bit, true>, launch, a, s)
+                     : cudaErrorInvalidValue;
   if (kind == static_cast<int>(optim::TwoState::kAdEMAMix))
     return launch_kernel(&two_state_kernel<T, optim::TwoState::kAdEMAMix, EIGHT_BIT>, launch, a, s);
   return launch_kernel(&two_state_kernel<T, optim::TwoState::kAdam, EIGHT_BIT>, launch, a, s);

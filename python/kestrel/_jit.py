@@ -48,6 +48,7 @@ OPS = (
     "quantize_blockwise",
     "dequantize_blockwise",
     "two_state8bit_step_",
+    "two_state4bit_step_",
     "two_state32bit_step_",
     "one_state8bit_step_",
     "one_state32bit_step_",
@@ -340,6 +341,7 @@ def _step_kernel(op):
 
 
 two_state8bit_step_ = _step_kernel("two_state8bit_step_")
+two_state4bit_step_ = _step_kernel("two_state4bit_step_")
 two_state32bit_step_ = _step_kernel("two_state32bit_step_")
 one_state8bit_step_ = _step_kernel("one_state8bit_step_")
 one_state32bit_step_ = _step_kernel("one_state32bit_step_")

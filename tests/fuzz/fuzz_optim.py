@@ -17,7 +17,11 @@ from kestrel.reference import optim as ref
 
 pytestmark = pytest.mark.skipif(not kestrel._ext.available(), reason="kestrel._C is not built")
 
-CLASSES = [getattr(O, name) for name in O.__all__ if name not in ("GlobalOptimManager", "Optimizer8bit")]
+CLASSES = [
+    getattr(O, name)
+    for name in O.__all__
+    if isinstance(getattr(O, name), type) and name not in ("GlobalOptimManager", "Optimizer8bit")
+]
 NAN, INF = float("nan"), float("inf")
 ARGUMENT_VALUES = {
     "lr": [

@@ -218,6 +218,7 @@ inline std::vector<std::string> kernel_names(const std::string& family) {
     add(plan_dequantize(d, 1, 256));
     for (int eight = 0; eight < 2; ++eight) {
       for (int kind = 0; kind < 2; ++kind) add(plan_step(d, true, kind, eight, 1, 1));
+      if (eight) add(plan_step(d, true, 2, true, 1, 1));  // Adam with 4-bit states
       for (int kind = 0; kind < 5; ++kind) add(plan_step(d, false, kind, eight, 1, 1));
       for (int adam = 0; adam < 2; ++adam) add(plan_norms(d, adam, eight, 1, 1));
     }

@@ -72,9 +72,100 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// Adam or AdEMAMix (whose slow first moment m3 lives in the second half of state1 / absmax1).
+// Adam with 4-bit states (kestrel/optim.h, "4-bit states"), the body of two_state_kernel<T, kAdam4bit, true>: a
+// warp per 256-element block of the launch (the multi-tensor layout of the 8-bit step), i.e. two 128-element 4-bit
+// blocks; lane l takes elements l + 32 k, k < 4 in the first and k >= 4 in the second half. The pair of elements
+// sharing a byte sits in lanes (2j, 2j + 1): the even lane writes the byte with its partner's code (a shuffle).
+template <typename T>
+__device__ __forceinline__ void two_state4bit_body(const StepArgs& args) {
+  __shared__ float code1[optim::k4bitCodes], code2[optim::k4bitCodes];
+  __shared__ float mid1[optim::k4bitCodes], mid2[optim::k4bitCodes];
+  const int tid = threadIdx.x;
+  if (tid < optim::k4bitCodes) {
+    code1[tid] = args.qmap1[tid];
+    code2[tid] = args.qmap2[tid];
+  }
+  __syncthreads();
+  if (tid < optim::k4bitCodes - 1) {
+    mid1[tid] = quant::midpoint(code1, tid);
+    mid2[tid] = quant::midpoint(code2, tid);
+  }
+  __syncthreads();
+  WarpBlock w;
+  if (!locate_block(args.meta, args.num_tensors, args.total_blocks, w)) return;
+  const int lane = threadIdx.x & 31;
+  const optim::TensorMeta& m = *w.meta;
+  const optim::StepScalars a = optim::scalars_of(m);
+  const int64_t begin = w.begin, end = w.end;
+  const int64_t block0 = 2 * w.local_block;  // the 4-bit block of the first half
+  T* p = static_cast<T*>(m.param);
+  const T* g = static_cast<const T*>(m.grad);
+  uint8_t* c1 = static_cast<uint8_t*>(m.state1);
+  uint8_t* c2 = static_cast<uint8_t*>(m.state2);
+  const bool second = begin + optim::k4bitBlockSize < end;  // the second half holds elements
+  const float old1[2] = {m.absmax1[block0], second ? m.absmax1[block0 + 1] : 0.0f};
+  const float old2[2] = {m.absmax2[block0], second ? m.absmax2[block0 + 1] : 0.0f};
+  float s1[kAdamItems], s2[kAdamItems];
+  bool finite[kAdamItems];
+  float max1[2] = {0.0f, 0.0f}, max2[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int k = 0; k < kAdamItems; ++k) {
+    const int64_t i = begin + lane + 32 * k;
+    const int h = k >= kAdamItems / 2;
+    const bool valid = i < end;
+    const float grad = valid ? ElementIO<T>::load(g + i) * a.gnorm_scale : 0.0f;
+    float m1 = valid ? code1[optim::code4_at(c1, i)] * old1[h] : 0.0f;
+    float m2 = valid ? code2[optim::code4_at(c2, i)] * old2[h] : 0.0f;
+    optim::adam_moments(a, grad, m1, m2);
+    finite[k] = optim::step_is_finite(grad, m1, m2);
+    s1[k] = valid && finite[k] ? m1 : 0.0f;
+    s2[k] = valid && finite[k] ? m2 : 0.0f;
+    max1[h] = fmaxf(max1[h], fabsf(s1[k]));
+    max2[h] = fmaxf(max2[h], fabsf(s2[k]));
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    max1[h] = warp_max(max1[h]);
+    max2[h] = warp_max(max2[h]);
+  }
+  if (lane == 0) {
+    m.absmax1[block0] = max1[0];
+    m.absmax2[block0] = max2[0];
+    if (second) {
+      m.absmax1[block0 + 1] = max1[1];
+      m.absmax2[block0 + 1] = max2[1];
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kAdamItems; ++k) {
+    const int64_t i = begin + lane + 32 * k;
+    const int h = k >= kAdamItems / 2;
+    if (i < end && finite[k]) {
+      const float old_p = ElementIO<T>::load_plain(p + i);
+      float new_p = round_param<T>(optim::adam_param_update(a, old_p, s1[k], s2[k]), a, i, 0);
+      if (a.apply_decay) new_p = round_param<T>(new_p * a.decay, a, i, 1);
+      ElementIO<T>::store(p + i, new_p);
+    }
+    const int q1 = optim::nearest_code16(mid1, optim::normalize_state(s1[k], max1[h]));
+    const int q2 = optim::nearest_code16(mid2, optim::normalize_state(s2[k], max2[h]));
+    const int partner1 = __shfl_xor_sync(0xffffffffu, q1, 1);
+    const int partner2 = __shfl_xor_sync(0xffffffffu, q2, 1);
+    if ((lane & 1) == 0 && i < end) {
+      const bool pair = i + 1 < end;
+      c1[i >> 1] = (uint8_t)((q1 << 4) | (pair ? partner1 : 0));
+      c2[i >> 1] = (uint8_t)((q2 << 4) | (pair ? partner2 : 0));
+    }
+  }
+}
+
+// Adam or AdEMAMix (whose slow first moment m3 lives in the second half of state1 / absmax1); Adam with 4-bit states
+// (two_state4bit_body).
 template <typename T, optim::TwoState KIND, bool EIGHT_BIT>
 __global__ void __launch_bounds__(kStepThreads) two_state_kernel(const StepArgs args) {
+  if (KIND == optim::TwoState::kAdam4bit) {
+    if (EIGHT_BIT) two_state4bit_body<T>(args);
+    return;
+  }
   const optim::TensorMeta* __restrict__ meta = args.meta;
   const int num_tensors = args.num_tensors;
   const int64_t total_blocks = args.total_blocks;

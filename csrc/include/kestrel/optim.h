@@ -43,7 +43,8 @@ struct StepScalars {
 };
 
 // Optimizers with two states (bnb's Optimizer2State). AdEMAMix's state1 holds two first moments (m1, then m2).
-enum class TwoState : int { kAdam = 0, kAdEMAMix = 1 };
+// kAdam4bit: Adam with 4-bit states (section "4-bit states" below).
+enum class TwoState : int { kAdam = 0, kAdEMAMix = 1, kAdam4bit = 2 };
 
 // Optimizers with one state (bnb's Optimizer1State); the state uses the signed map when 8-bit.
 // kMuon is Muon's momentum (kestrel.optim.Muon8bit): its "parameter" is the update buffer the step writes (the
@@ -292,6 +293,32 @@ KESTREL_HD int round_one_state_code(const float* code, int idx, float v, bool ro
   if (robust && (KIND == OneState::kRMSprop || KIND == OneState::kAdagrad))
     return round_denominator_code(code, idx, v, true);
   return round_numerator_code(code, idx, v, robust);
+}
+
+// ---------------------------------------------------------------------------------------------- 4-bit states
+// AdamW4bit / Adam4bit: the formats of the 4-bit optimizer paper (Li et al., 2023) as torchao implements them. Each
+// state is quantized in blocks of 128 elements by its block's absmax to one of 16 codes: the first moment on a
+// 16-entry signed dynamic map (3 exponent bits), the second on the linear map {1/16, 2/16, ..., 1} without zero, so
+// no element's second moment rounds to 0 (a positive one below 1/32 of its block's absmax is stored as 1/16 of it;
+// only an all-zero block is 0). Two codes per byte: element 2j in the high nibble, 2j + 1 in the low one. Nearest
+// rounding (the count of the 15 midpoints below v, ties to the lower code, as the 8-bit search), no sign fix.
+constexpr int k4bitBlockSize = 128;
+constexpr int k4bitCodes = 16;
+
+// The 15 midpoints of a 16-entry map.
+KESTREL_HD void midpoints16(const float* code, float* mid) {
+  for (int j = 0; j < k4bitCodes - 1; ++j) mid[j] = quant::midpoint(code, j);
+}
+
+KESTREL_HD int nearest_code16(const float* mid, float v) {
+  int idx = 0;
+  for (int step = 8; step > 0; step >>= 1) idx += (mid[idx + step - 1] < v) ? step : 0;
+  return idx;
+}
+
+// The 4-bit code of element i of a packed state.
+KESTREL_HD int code4_at(const uint8_t* codes, int64_t i) {
+  return (codes[i >> 1] >> ((i & 1) ? 0 : 4)) & 15;
 }
 
 // One parameter of a fused multi-tensor step (Adam: two states; one-state optimizers: state2/absmax2 unused): raw

@@ -72,6 +72,29 @@ if _ext.available():
     ):
         return None
 
+    @torch.library.register_fake("kestrel::two_state4bit_step_")
+    def _two_state4bit_step_fake(
+        optimizer,
+        params,
+        grads,
+        state1,
+        state2,
+        absmax1,
+        absmax2,
+        qmap1,
+        qmap2,
+        steps,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        gnorm_scale,
+        round_seed=-1,
+        lr_tensor=None,
+    ):
+        return None
+
     @torch.library.register_fake("kestrel::two_state32bit_step_")
     def _two_state32bit_step_fake(
         optimizer,

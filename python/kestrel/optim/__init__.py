@@ -15,6 +15,7 @@ from .adam import (
     PagedAdamW8bit,
     PagedAdamW32bit,
 )
+from .adam4bit import Adam4bit, AdamW4bit
 from .ademamix import AdEMAMix, AdEMAMix8bit, AdEMAMix32bit, PagedAdEMAMix, PagedAdEMAMix8bit, PagedAdEMAMix32bit
 from .lamb import LAMB, LAMB8bit, LAMB32bit
 from .manager import GlobalOptimManager
@@ -48,6 +49,8 @@ __all__ = [
     "AdamW",
     "AdamW8bit",
     "AdamW32bit",
+    "Adam4bit",
+    "AdamW4bit",
     "AdEMAMix",
     "AdEMAMix8bit",
     "AdEMAMix32bit",

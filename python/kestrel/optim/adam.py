@@ -52,10 +52,12 @@ class _Adam(Optimizer8bit):
         if amsgrad:
             raise ValueError(f"{name} does not support amsgrad=True")
         betas = check_betas(name, betas, self.num_betas, self.beta_labels)
-        check_hyperparameters(name, lr, eps, betas, weight_decay, optim_bits, block_wise, self.beta_labels)
+        check_hyperparameters(
+            name, lr, eps, betas, weight_decay, optim_bits, block_wise, self.beta_labels, self.supported_bits
+        )
         check_int(name, "min_8bit_size", min_8bit_size)
         self.args = default_args(args, optim_bits, min_8bit_size, max_unorm)
-        check_args(name, self.args)
+        check_args(name, self.args, self.supported_bits)
         check_max_unorm(name, self.args, supported=self.optimizer_name == "adam")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, alpha=0.0, t_alpha=None, t_beta3=None)
         defaults.update(_ademamix or {})

@@ -47,6 +47,8 @@ def newton_schulz(update, steps=5, coefficients=DEFAULT_NS_COEFFICIENTS, eps=1e-
     its largest magnitude before its Frobenius norm is taken, so that neither a huge update (whose squares would
     overflow) nor a tiny one (below eps) loses its normalisation; an all-zero update stays zero.
     """
+    if not torch.is_tensor(update):
+        raise TypeError(f"newton_schulz: update must be a tensor, got {type(update).__name__}")
     if update.dim() < 2:
         raise ValueError(
             f"newton_schulz: update must be a matrix (2 or more dimensions), got shape {tuple(update.shape)}"

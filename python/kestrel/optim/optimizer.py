@@ -93,13 +93,15 @@ def check_betas(name, betas, count, labels=None):
     return tuple(check_number(name, labels[i], b, 0.0, 1.0) for i, b in enumerate(betas))
 
 
-def check_hyperparameters(name, lr, eps, betas, weight_decay, optim_bits, block_wise, beta_labels=None):
+def check_hyperparameters(
+    name, lr, eps, betas, weight_decay, optim_bits, block_wise, beta_labels=None, supported_bits=(8, 32)
+):
     """bnb's constructor checks, with errors that name the argument, the expected and the given value."""
     check_lr(name, lr)
     check_number(name, "eps", eps)
     check_betas(name, betas, len(tuple(betas)) if not isinstance(betas, str) else 2, beta_labels)
     check_number(name, "weight_decay", weight_decay)
-    check_optim_bits(name, optim_bits)
+    check_optim_bits(name, optim_bits, supported_bits)
     if not block_wise:
         raise ValueError(
             f"{name}: block_wise=False (bnb 0.49's tensor-wise 8-bit state) is not supported; "
@@ -107,9 +109,9 @@ def check_hyperparameters(name, lr, eps, betas, weight_decay, optim_bits, block_
         )
 
 
-def check_optim_bits(name, optim_bits):
-    if isinstance(optim_bits, bool) or optim_bits not in (8, 32):
-        raise ValueError(f"{name}: optim_bits must be 8 or 32, got {optim_bits!r}")
+def check_optim_bits(name, optim_bits, supported=(8, 32)):
+    if isinstance(optim_bits, bool) or optim_bits not in supported:
+        raise ValueError(f"{name}: optim_bits must be {' or '.join(map(str, supported))}, got {optim_bits!r}")
     return int(optim_bits)
 
 
@@ -125,13 +127,13 @@ def check_max_unorm(name, args, supported):
         )
 
 
-def check_args(name, args):
+def check_args(name, args, supported_bits=(8, 32)):
     """bnb's `args` object (optim_bits, min_8bit_size, max_unorm): checked when the optimizer is built, so that
     nothing fails later inside step()."""
     for attr in ("optim_bits", "min_8bit_size"):
         if not hasattr(args, attr):
             raise ValueError(f"{name}: args must have the attribute {attr} (bnb's args), got {args!r}")
-    check_optim_bits(name, args.optim_bits)
+    check_optim_bits(name, args.optim_bits, supported_bits)
     check_int(name, "min_8bit_size", args.min_8bit_size)
 
 
@@ -220,6 +222,7 @@ class Optimizer8bit(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------------------- settings
     # The betas a family uses and the names its errors give them (SGD's betas hold (momentum, dampening)).
     num_betas = 2
+    supported_bits = (8, 32)  # the optim_bits a family takes (AdamW4bit: 4 or 32)
     beta_labels = None
 
     def add_param_group(self, param_group):
@@ -243,7 +246,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         for key in ("optim_bits", "min_8bit_size", "max_unorm"):
             if key in config:  # per-parameter overrides (GlobalOptimManager) and the optimizer's args
                 {
-                    "optim_bits": lambda v: check_optim_bits(where, v),
+                    "optim_bits": lambda v: check_optim_bits(where, v, self.supported_bits),
                     "min_8bit_size": lambda v: check_int(where, "min_8bit_size", v),
                     "max_unorm": lambda v: check_number(where, "max_unorm", v or 0.0),
                 }[key](config[key])
@@ -415,6 +418,10 @@ class Optimizer8bit(torch.optim.Optimizer):
     two_states = True
     state1_moments = 1
 
+    def state_sizes(self, state, n):
+        """The numel of state1 and state2 for a parameter of n elements (AdamW4bit: packed codes)."""
+        return self.state1_moments * n, n
+
     def keeps_two_states(self, group):
         """Whether the parameters of `group` keep two states (Muon: its AdamW groups do, its Muon groups one)."""
         return self.two_states
@@ -554,8 +561,9 @@ class Optimizer8bit(torch.optim.Optimizer):
         if state["state1"].device != p.device:
             raise ValueError(f"{where} is on {p.device} but its optimizer state is on {state['state1'].device}")
         n = D.local(p).numel()
-        held = state["state1"].numel() // self.state1_moments
-        if held != n or ("state2" in state and state["state2"].numel() != n):
+        size1, size2 = self.state_sizes(state, n)
+        if state["state1"].numel() != size1 or ("state2" in state and state["state2"].numel() != size2):
+            held = state["state1"].numel() * n // max(size1, 1)  # the elements (per moment) the state holds
             raise ValueError(
                 f"{where}: its optimizer state holds {held} elements per moment but the parameter has "
                 f"{n} (was the parameter resized or replaced after its state was made?)"

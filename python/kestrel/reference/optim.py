@@ -2,7 +2,8 @@
 two-state steps (Adam/AdamW and LAMB: adam8bit_step, adam32bit_step; AdEMAMix: ademamix_step), the one-state steps
 (SGD with momentum and LARS, RMSprop, Adagrad, Lion, Muon's momentum: one_state_step), the trust-ratio norms and ratio
 (norm_sums, trust_ratio), float32 operations in the kernels' order: the test oracle for the CPU and CUDA kernels;
-muon_step, a whole Muon step (momentum as the kernels compute it, then Newton-Schulz and the parameter's update)."""
+muon_step, a whole Muon step (momentum as the kernels compute it, then Newton-Schulz and the parameter's update);
+adam4bit_step, Adam with 4-bit states."""
 
 import ctypes
 import ctypes.util
@@ -376,3 +377,49 @@ def muon_step(
     if weight_decay != 0.0:
         p.mul_(1.0 - lr * weight_decay)
     p.add_(ortho.reshape(p.shape), alpha=-lr * ratio)
+
+
+@torch.no_grad()
+def adam4bit_step(
+    p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step, lr, beta1, beta2, eps, weight_decay, gnorm_scale=1.0
+):
+    """One Adam step with 4-bit states (kestrel/optim.h "4-bit states") on flat tensors, in place: codes two per
+    byte (element 2j in the high nibble), absmax per 128 elements, 16-entry maps, nearest rounding; the arithmetic and
+    the NaN/Inf rule of adam8bit_step."""
+    a = adam_scalars(step, lr, beta1, beta2, eps, weight_decay)
+    n = p.numel()
+    block = 128
+
+    def unpack(packed):
+        return torch.stack([packed >> 4, packed & 15], dim=-1).reshape(-1)[:n].long()
+
+    def per_element(values):
+        return values.repeat_interleave(block)[:n]
+
+    def absmax(s):
+        padded = torch.zeros(((n + block - 1) // block) * block, dtype=torch.float32)
+        padded[:n] = s
+        return padded.view(-1, block).abs().amax(dim=1)
+
+    def requantize(s, new_max, qmap):
+        scale = per_element(new_max)
+        v = torch.where(scale > 0, s / scale, torch.zeros_like(s))
+        codes = nearest_code(v, qmap).to(torch.uint8)
+        if n % 2:
+            codes = torch.cat([codes, codes.new_zeros(1)])
+        return (codes[0::2] << 4) | codes[1::2]
+
+    grad = g.reshape(-1).float() * float(np.float32(gnorm_scale))
+    s1 = qmap1[unpack(state1.reshape(-1))] * per_element(absmax1)
+    s2 = qmap2[unpack(state2.reshape(-1))] * per_element(absmax2)
+    s1 = s1 * a["beta1"] + grad * a["one_minus_beta1"]
+    s2 = s2 * a["beta2"] + (grad * grad) * a["one_minus_beta2"]
+    finite = _stepped(grad, s1, s2)
+    s1 = torch.where(finite, s1, torch.zeros_like(s1))
+    s2 = torch.where(finite, s2, torch.zeros_like(s2))
+    new_max1, new_max2 = absmax(s1), absmax(s2)
+    p.view(-1).copy_(_update_param(p.reshape(-1), s1, s2, finite, a))
+    state1.view(-1).copy_(requantize(s1, new_max1, qmap1))
+    state2.view(-1).copy_(requantize(s2, new_max2, qmap2))
+    absmax1.copy_(new_max1)
+    absmax2.copy_(new_max2)
