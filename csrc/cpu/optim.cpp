@@ -99,26 +99,36 @@ KESTREL_ALWAYS_INLINE void two_state8bit_blocks(T* __restrict__ p, const T* __re
 
 // Adam with 4-bit states (kestrel/optim.h, "4-bit states"): blocks [first, end) of 128 elements, each block's
 // codes in bytes [b * 64, b * 64 + 64) (the last block's may be fewer; an odd size leaves the last low nibble 0).
-// The per-element math and the rule for a NaN/Inf gradient are the 8-bit step's.
+// The per-element math and the rule for a NaN/Inf gradient are the 8-bit step's. Written as branch-free passes over
+// a block (unpack, moments, parameter, requantize by counting the midpoints below each value, pack) so that the
+// compiler vectorises them for each ISA of KESTREL_CPU_CLONES.
 template <typename T>
-void two_state4bit_blocks(T* __restrict__ p, const T* __restrict__ g, uint8_t* __restrict__ c1,
-                          uint8_t* __restrict__ c2, float* __restrict__ absmax1, float* __restrict__ absmax2, int64_t n,
-                          const StepScalars& a, const float* code1, const float* code2, int64_t first, int64_t end) {
-  constexpr int B = optim::k4bitBlockSize;
-  float mid1[optim::k4bitCodes - 1], mid2[optim::k4bitCodes - 1];
+KESTREL_ALWAYS_INLINE void two_state4bit_blocks(T* __restrict__ p, const T* __restrict__ g, uint8_t* __restrict__ c1,
+                                                uint8_t* __restrict__ c2, float* __restrict__ absmax1,
+                                                float* __restrict__ absmax2, int64_t n, const StepScalars& a,
+                                                const float* code1, const float* code2, int64_t first, int64_t end) {
+  constexpr int B = optim::k4bitBlockSize, C = optim::k4bitCodes;
+  float mid1[C - 1], mid2[C - 1];
   optim::midpoints16(code1, mid1);
   optim::midpoints16(code2, mid2);
   float s1[B], s2[B];
-  int finite[B];
+  int32_t q1[B], q2[B], finite[B];
   for (int64_t b = first; b < end; ++b) {
     const int64_t begin = b * B;
     const int len = (int)std::min<int64_t>(B, n - begin);
+    const int bytes = (len + 1) / 2;
+    uint8_t* b1 = c1 + (begin >> 1);
+    uint8_t* b2 = c2 + (begin >> 1);
+    for (int j = 0; j < bytes; ++j) {  // unpack: element 2j in the high nibble
+      q1[2 * j] = b1[j] >> 4, q1[2 * j + 1] = b1[j] & 15;
+      q2[2 * j] = b2[j] >> 4, q2[2 * j + 1] = b2[j] & 15;
+    }
     const float old_max1 = absmax1[b], old_max2 = absmax2[b];
     float max1 = 0.0f, max2 = 0.0f;
     for (int i = 0; i < len; ++i) {
       const float grad = static_cast<float>(g[begin + i]) * a.gnorm_scale;
-      float m1 = code1[optim::code4_at(c1, begin + i)] * old_max1;
-      float m2 = code2[optim::code4_at(c2, begin + i)] * old_max2;
+      float m1 = code1[q1[i]] * old_max1;
+      float m2 = code2[q2[i]] * old_max2;
       optim::adam_moments(a, grad, m1, m2);
       const int ok = optim::step_is_finite(grad, m1, m2);
       s1[i] = ok ? m1 : 0.0f;
@@ -135,16 +145,49 @@ void two_state4bit_blocks(T* __restrict__ p, const T* __restrict__ g, uint8_t* _
       if (a.apply_decay) new_p = round_param<T>(static_cast<float>(new_p) * a.decay, a, begin + i, 1);
       p[begin + i] = finite[i] ? new_p : old_p;
     }
-    for (int i = 0; i < len; i += 2) {
-      const bool pair = i + 1 < len;
-      const int hi1 = optim::nearest_code16(mid1, optim::normalize_state(s1[i], max1));
-      const int hi2 = optim::nearest_code16(mid2, optim::normalize_state(s2[i], max2));
-      const int lo1 = pair ? optim::nearest_code16(mid1, optim::normalize_state(s1[i + 1], max1)) : 0;
-      const int lo2 = pair ? optim::nearest_code16(mid2, optim::normalize_state(s2[i + 1], max2)) : 0;
-      c1[(begin + i) >> 1] = static_cast<uint8_t>((hi1 << 4) | lo1);
-      c2[(begin + i) >> 1] = static_cast<uint8_t>((hi2 << 4) | lo2);
+    for (int i = 0; i < len; ++i) {  // nearest code: the count of midpoints below v (optim::nearest_code16)
+      const float v1 = optim::normalize_state(s1[i], max1), v2 = optim::normalize_state(s2[i], max2);
+      int32_t k1 = 0, k2 = 0;
+      for (int j = 0; j < C - 1; ++j) {
+        k1 += mid1[j] < v1;
+        k2 += mid2[j] < v2;
+      }
+      q1[i] = k1;
+      q2[i] = k2;
+    }
+    if (len & 1) q1[len] = q2[len] = 0;  // an odd size: the last low nibble is 0
+    for (int j = 0; j < bytes; ++j) {
+      b1[j] = static_cast<uint8_t>((q1[2 * j] << 4) | q1[2 * j + 1]);
+      b2[j] = static_cast<uint8_t>((q2[2 * j] << 4) | q2[2 * j + 1]);
     }
   }
+}
+
+#define KESTREL_DEFINE_FOUR_BIT_CPU(SUFFIX, T)                                                                     \
+  KESTREL_CPU_CLONES void two_state4bit_blocks_##SUFFIX(                                                           \
+      T* p, const T* g, uint8_t* c1, uint8_t* c2, float* absmax1, float* absmax2, int64_t n, const StepScalars& a, \
+      const float* code1, const float* code2, int64_t first, int64_t end) {                                        \
+    two_state4bit_blocks<T>(p, g, c1, c2, absmax1, absmax2, n, a, code1, code2, first, end);                       \
+  }
+KESTREL_DEFINE_FOUR_BIT_CPU(f32, float)
+KESTREL_DEFINE_FOUR_BIT_CPU(f16, c10::Half)
+KESTREL_DEFINE_FOUR_BIT_CPU(bf16, c10::BFloat16)
+#undef KESTREL_DEFINE_FOUR_BIT_CPU
+
+inline void two_state4bit_blocks_of(float* p, const float* g, uint8_t* c1, uint8_t* c2, float* m1, float* m2, int64_t n,
+                                    const StepScalars& a, const float* q1, const float* q2, int64_t first,
+                                    int64_t end) {
+  two_state4bit_blocks_f32(p, g, c1, c2, m1, m2, n, a, q1, q2, first, end);
+}
+inline void two_state4bit_blocks_of(c10::Half* p, const c10::Half* g, uint8_t* c1, uint8_t* c2, float* m1, float* m2,
+                                    int64_t n, const StepScalars& a, const float* q1, const float* q2, int64_t first,
+                                    int64_t end) {
+  two_state4bit_blocks_f16(p, g, c1, c2, m1, m2, n, a, q1, q2, first, end);
+}
+inline void two_state4bit_blocks_of(c10::BFloat16* p, const c10::BFloat16* g, uint8_t* c1, uint8_t* c2, float* m1,
+                                    float* m2, int64_t n, const StepScalars& a, const float* q1, const float* q2,
+                                    int64_t first, int64_t end) {
+  two_state4bit_blocks_bf16(p, g, c1, c2, m1, m2, n, a, q1, q2, first, end);
 }
 
 // 32-bit states, as bnb's 32-bit kernel: an element with a NaN/Inf gradient is skipped (parameter and states kept).
@@ -442,7 +485,7 @@ void two_state_step(const StepCall& call, at::TensorList params, at::TensorList 
         float* m2 = absmax2[i].data_ptr<float>();
         const int64_t blocks = (n + optim::k4bitBlockSize - 1) / optim::k4bitBlockSize;
         cpu::parallel_over_blocks(n, blocks, [&](int64_t first, int64_t end) {
-          two_state4bit_blocks<T>(p, g, c1, c2, m1, m2, n, a, call.qmap1, call.qmap2, first, end);
+          two_state4bit_blocks_of(p, g, c1, c2, m1, m2, n, a, call.qmap1, call.qmap2, first, end);
         });
       });
     }
