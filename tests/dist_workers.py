@@ -49,6 +49,8 @@ def make_optimizer(name, params):
         return K.Lion8bit(params, lr=1e-3, weight_decay=0.01)
     if name == "LAMB8bit":
         return K.LAMB8bit(params, lr=1e-2, weight_decay=0.01)
+    if name == "AdamW4bit":
+        return K.AdamW4bit(params, lr=1e-2, weight_decay=0.01)
     if name == "Muon8bit":  # every SHAPES entry is a matrix: all of them Muon's
         return K.Muon8bit(params, lr=0.02, weight_decay=0.01)
     raise ValueError(name)

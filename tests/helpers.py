@@ -128,3 +128,37 @@ def assert_pairs_follow(model, prompt, new, options):
         counts.index_add_(0, new[:, a] * V + new[:, b], torch.ones(n, dtype=torch.float64))
         stat, df = chi_square(counts, expected.flatten(), n)
         assert stat < chi_square_critical(df), (a, b, stat, df)
+
+
+def assert_compiled_step_equals_eager(make, start, grads, max_compiles=2):
+    """Two optimizers built by make(params) on copies of the `start` tensors, one stepped eagerly and one inside
+    torch.compile(fullgraph=True) (a backend that runs the traced graph and counts compilations), with the same
+    gradients (`grads`: a list of per-step gradient lists): the parameters and every state entry must be
+    bit-identical, and the step compiles at most `max_compiles` times (the first step builds the state)."""
+    torch._dynamo.reset()
+    eager = [torch.nn.Parameter(t.clone()) for t in start]
+    compiled = [torch.nn.Parameter(t.clone()) for t in start]
+    opt_eager, opt_compiled = make(eager), make(compiled)
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    @torch.compile(fullgraph=True, backend=backend)
+    def step(gs):
+        for p, g in zip(compiled, gs):
+            p.grad = g
+        opt_compiled.step()
+
+    for gs in grads:
+        for p, g in zip(eager, gs):
+            p.grad = g.clone()
+        opt_eager.step()
+        step([g.clone() for g in gs])
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+        for key, value in opt_eager.state[a].items():
+            assert same_state_value(value, opt_compiled.state[b][key]), key
+    assert len(compiles) <= max_compiles, f"{len(compiles)} compilations for {len(grads)} steps"
+    torch._dynamo.reset()

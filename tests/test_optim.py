@@ -403,8 +403,8 @@ def test_constructor_errors():
         AdamW8bit(params, lr=-1)
     with pytest.raises(ValueError, match=r"AdamW8bit: betas\[1\] must be in \[0, 1\), got 1.0"):
         AdamW8bit(params, betas=(0.9, 1.0))
-    with pytest.raises(ValueError, match="AdamW: optim_bits must be 8 or 32, got 4"):
-        AdamW(params, optim_bits=4)
+    with pytest.raises(ValueError, match="AdamW: optim_bits must be 4, 8 or 32, got 16"):
+        AdamW(params, optim_bits=16)
     with pytest.raises(ValueError, match="block_wise=False"):
         AdamW8bit(params, block_wise=False)
     AdamW8bit(params, percentile_clipping=100, block_wise=True)  # bnb 0.49's defaults are accepted

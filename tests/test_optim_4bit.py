@@ -7,7 +7,7 @@ import io
 
 import pytest
 import torch
-from helpers import FLOAT_DTYPES, devices, heterogeneous_grad, same_state_value
+from helpers import FLOAT_DTYPES, assert_compiled_step_equals_eager, devices, heterogeneous_grad, same_state_value
 
 import kestrel
 from kestrel import optim as K
@@ -140,6 +140,29 @@ def test_fifty_steps_against_torch_adamw_with_resync(device, dtype):
         assert (v > 0).all()  # no element's second moment is 0
 
 
+@pytest.mark.parametrize("cls,kwargs", [(K.AdamW, {}), (K.Adam, dict(weight_decay=0.0))])
+def test_optim_bits_4_on_adam_and_adamw_is_the_4bit_optimizer(cls, kwargs):
+    """AdamW(optim_bits=4) / Adam(optim_bits=4) keep AdamW4bit's / Adam4bit's states and take their steps bit for
+    bit; GlobalOptimManager can give one parameter 8-bit states in the same optimizer."""
+    four = K.AdamW4bit if cls is K.AdamW else K.Adam4bit
+    a, b = make_params(), make_params()
+    opt_a, opt_b = cls(a, lr=1e-2, optim_bits=4, **kwargs), four(b, lr=1e-2, **kwargs)
+    run(opt_a, a, 3, 5)
+    run(opt_b, b, 3, 5)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+        for key, value in opt_b.state[y].items():
+            assert same_state_value(opt_a.state[x][key], value), key
+    mixed = make_params()
+    manager = K.GlobalOptimManager.get_instance()
+    manager.override_config(mixed[1], "optim_bits", 8)
+    opt = cls(mixed, lr=1e-2, optim_bits=4, **kwargs)
+    run(opt, mixed, 2, 6)
+    assert opt.state[mixed[0]]["qmap1"].numel() == 16 and opt.state[mixed[1]]["qmap1"].numel() == 256
+    restored = cls(make_params(), lr=1e-2, optim_bits=4, **kwargs)
+    restored.load_state_dict(opt.state_dict())  # both kinds load back
+
+
 def test_state_is_about_one_byte_per_parameter():
     p = torch.nn.Parameter(torch.randn(1 << 16))
     opt = K.AdamW4bit([p])
@@ -226,32 +249,10 @@ def test_load_rejects_an_8bit_checkpoint_and_keeps_the_state():
 
 
 def test_compiled_step_equals_eager():
-    torch._dynamo.reset()
-    eager, compiled = make_params(), make_params()
-    opt_eager, opt_compiled = K.AdamW4bit(eager, lr=1e-2), K.AdamW4bit(compiled, lr=1e-2)
-    compiles = []
-
-    def backend(gm, example_inputs):
-        compiles.append(gm)
-        return gm.forward
-
-    @torch.compile(fullgraph=True, backend=backend)
-    def step(gs):
-        for p, grad in zip(compiled, gs):
-            p.grad = grad
-        opt_compiled.step()
-
     g = torch.Generator().manual_seed(4)
-    for _ in range(4):
-        gs = [torch.randn(p.shape, generator=g) for p in eager]
-        for p, grad in zip(eager, gs):
-            p.grad = grad.clone()
-        opt_eager.step()
-        step([grad.clone() for grad in gs])
-    for a, b in zip(eager, compiled):
-        assert torch.equal(a, b)
-    assert len(compiles) <= 2
-    torch._dynamo.reset()
+    start = [p.detach() for p in make_params()]
+    grads = [[torch.randn(t.shape, generator=g) for t in start] for _ in range(4)]
+    assert_compiled_step_equals_eager(lambda ps: K.AdamW4bit(ps, lr=1e-2), start, grads)
 
 
 @pytest.mark.parametrize(

@@ -54,7 +54,7 @@ def flat_state(opt, params):
 ALIGNED, UNALIGNED, SMALL = (0, 1), 2, 3
 
 
-@pytest.mark.parametrize("name", ["AdamW8bit", "Lion8bit", "Muon8bit"])
+@pytest.mark.parametrize("name", ["AdamW8bit", "Lion8bit", "Muon8bit", "AdamW4bit"])
 def test_fsdp2_same_gradients_bit_identical_where_aligned(tmp_path, name):
     """(Muon8bit: each matrix's update is gathered to one rank, orthogonalised once, scattered back.)"""
     sharded = spawn(W.same_gradients, tmp_path, name, 4)
@@ -111,7 +111,7 @@ def test_ddp_equals_single_process(tmp_path):
     assert ddp["losses"] == losses
 
 
-@pytest.mark.parametrize("name", ["AdamW8bit", "Muon8bit"])
+@pytest.mark.parametrize("name", ["AdamW8bit", "Muon8bit", "AdamW4bit"])
 def test_dcp_save_at_two_load_at_one(tmp_path, name):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
@@ -143,7 +143,7 @@ def test_dcp_save_at_two_load_at_one(tmp_path, name):
         assert torch.equal(params[i].detach(), ref_params[i].detach()), f"parameter {i}"
 
 
-@pytest.mark.parametrize("name", ["AdamW8bit", "Muon8bit"])
+@pytest.mark.parametrize("name", ["AdamW8bit", "Muon8bit", "AdamW4bit"])
 def test_dcp_save_at_one_load_at_two(tmp_path, name):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict

@@ -7,7 +7,7 @@ import io
 
 import pytest
 import torch
-from helpers import FLOAT_DTYPES, assert_cuda_equals_cpu, devices, same_state_value
+from helpers import FLOAT_DTYPES, assert_compiled_step_equals_eager, assert_cuda_equals_cpu, devices, same_state_value
 
 import kestrel
 from kestrel import optim as K
@@ -477,38 +477,10 @@ def test_opcheck_of_the_muon_kind(device):
 def test_compiled_step_equals_eager_without_recompiling():
     """A Muon8bit step (Muon matrices, one below min_8bit_size, and an AdamW8bit group) compiles with fullgraph=True,
     gives the eager bits and compiles once more at most after the first step builds the state."""
-    torch._dynamo.reset()
     g = torch.Generator().manual_seed(14)
     shapes = [(64, 128), (300, 70), (20, 30), (4097,)]
     start = [torch.randn(s, generator=g) * 0.1 for s in shapes]
     grads = [[torch.randn(s, generator=g) * 0.1 for s in shapes] for _ in range(5)]
-    eager = [torch.nn.Parameter(t.clone()) for t in start]
-    compiled = [torch.nn.Parameter(t.clone()) for t in start]
-
-    def make(ps):
-        return K.Muon8bit([{"params": ps[:3]}, {"params": ps[3:], "use_muon": False}], lr=0.02)
-
-    opt_eager, opt_compiled = make(eager), make(compiled)
-    compiles = []
-
-    def backend(gm, example_inputs):
-        compiles.append(gm)
-        return gm.forward
-
-    @torch.compile(fullgraph=True, backend=backend)
-    def step(gs):
-        for p, grad in zip(compiled, gs):
-            p.grad = grad
-        opt_compiled.step()
-
-    for gs in grads:
-        for p, grad in zip(eager, gs):
-            p.grad = grad.clone()
-        opt_eager.step()
-        step([grad.clone() for grad in gs])
-    for a, b in zip(eager, compiled):
-        assert torch.equal(a, b)
-        for key, value in opt_eager.state[a].items():
-            assert same_state_value(value, opt_compiled.state[b][key]), key
-    assert len(compiles) <= 2, f"{len(compiles)} compilations for 5 steps"
-    torch._dynamo.reset()
+    assert_compiled_step_equals_eager(
+        lambda ps: K.Muon8bit([{"params": ps[:3]}, {"params": ps[3:], "use_muon": False}], lr=0.02), start, grads
+    )

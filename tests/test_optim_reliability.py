@@ -598,7 +598,7 @@ def test_errors_name_the_argument_the_user_gave():
         O.AdamW8bit(p, betas=0.9)
     with pytest.raises(TypeError, match=r"AdamW8bit: betas\[0\] must be a number, got '0.9'"):
         O.AdamW8bit(p, betas=["0.9", 0.99])
-    with pytest.raises(ValueError, match="AdamW: optim_bits must be 8 or 32, got True"):
+    with pytest.raises(ValueError, match="AdamW: optim_bits must be 4, 8 or 32, got True"):
         O.AdamW(p, optim_bits=True)
     with pytest.raises(ValueError, match=r"SGD8bit: parameter group 1: momentum must be in \(0, 1\), got 0.0"):
         O.SGD8bit(

@@ -10,6 +10,7 @@ import torch
 
 from ..ops.optim import TwoStateScalars
 from . import distributed as D
+from .four_bit import FourBitAdam
 from .optimizer import (
     Optimizer8bit,
     _blocks,
@@ -204,11 +205,12 @@ _SIGNATURE_DOC = """
 """
 
 
-class Adam(_Adam):
+class Adam(FourBitAdam, _Adam):
     __doc__ = (
-        "Adam with 8-bit (optim_bits=8) or 32-bit state; weight decay decoupled, after the update."
-        + _SIGNATURE_DOC.format(wd=0, bits=32)
+        "Adam with 8-bit (optim_bits=8), 4-bit (optim_bits=4: AdamW4bit's states) or 32-bit state; weight decay "
+        "decoupled, after the update." + _SIGNATURE_DOC.format(wd=0, bits=32)
     )
+    supported_bits = (4, 8, 32)
 
     def __init__(
         self,
@@ -248,8 +250,12 @@ class Adam(_Adam):
         )
 
 
-class AdamW(_Adam):
-    __doc__ = "AdamW with 8-bit (optim_bits=8) or 32-bit state." + _SIGNATURE_DOC.format(wd=1e-2, bits=32)
+class AdamW(FourBitAdam, _Adam):
+    __doc__ = (
+        "AdamW with 8-bit (optim_bits=8), 4-bit (optim_bits=4: AdamW4bit's states) or 32-bit state."
+        + _SIGNATURE_DOC.format(wd=1e-2, bits=32)
+    )
+    supported_bits = (4, 8, 32)
 
     def __init__(
         self,

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from .._checks import is_int, is_number
 from . import distributed as D
 from .adam import _Adam
-from .optimizer import _blocks, check_betas, check_number
+from .optimizer import check_betas, check_number
 
 DEFAULT_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the reference Muon's quintic
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
@@ -126,9 +126,6 @@ def muon_param_groups(model, exclude=("lm_head",), **adamw_settings):
 
 class _Muon(_Adam):
     """Muon groups (8-bit or float32 momentum) and AdamW groups (kestrel's AdamW8bit / AdamW32bit) in one optimizer."""
-
-    # the state of a Muon group's parameter: step, state1 (+ absmax1, qmap1 when 8-bit), as SGD8bit's
-    muon_keys = ("momentum", "nesterov", "ns_coefficients", "ns_steps", "adjust_lr_fn", "ns_dtype")
 
     def __init__(
         self,
@@ -257,18 +254,7 @@ class _Muon(_Adam):
     def init_state(self, p, config):
         if not config.get("use_muon", True):
             return super().init_state(p, config)
-        state = self.state[p]
-        state["step"] = self.new_step(p)
-        if not (config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"]):
-            state["state1"] = self.state_zeros(p, torch.float32)
-            return
-        if "dynamic" not in self.name2qmap:
-            self.fill_qmap()
-        if self.name2qmap["dynamic"].device != p.device:
-            self.name2qmap["dynamic"] = self.name2qmap["dynamic"].to(p.device)
-        state["state1"] = self.state_zeros(p, torch.uint8)
-        state["qmap1"] = self.name2qmap["dynamic"]
-        state["absmax1"] = torch.zeros(_blocks(D.local(p).numel()), dtype=torch.float32, device=p.device)
+        self.init_one_state(p, config)  # SGD8bit's layout: step, state1 (+ absmax1, qmap1 when 8-bit)
 
     # ----------------------------------------------------------------------------------------- stepping
     @torch.no_grad()

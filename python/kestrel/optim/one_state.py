@@ -12,10 +12,8 @@ from collections import defaultdict
 import torch
 
 from ..ops.optim import OneStateScalars
-from . import distributed as D
 from .optimizer import (
     Optimizer8bit,
-    _blocks,
     check_args,
     check_betas,
     check_hyperparameters,
@@ -64,19 +62,7 @@ class _OneState(Optimizer8bit):
 
     @torch.no_grad()
     def init_state(self, p, config):
-        state = self.state[p]
-        state["step"] = self.new_step(p)
-        self.init_clipping_state(p, config)
-        if not (config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"]):
-            state["state1"] = self.state_zeros(p, torch.float32)
-            return
-        if "dynamic" not in self.name2qmap:
-            self.fill_qmap()
-        if self.name2qmap["dynamic"].device != p.device:
-            self.name2qmap["dynamic"] = self.name2qmap["dynamic"].to(p.device)
-        state["state1"] = self.state_zeros(p, torch.uint8)
-        state["qmap1"] = self.name2qmap["dynamic"]
-        state["absmax1"] = torch.zeros(_blocks(D.local(p).numel()), dtype=torch.float32, device=p.device)
+        self.init_one_state(p, config)
 
     @torch.no_grad()
     def update_params(self, items):

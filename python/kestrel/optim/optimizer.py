@@ -111,7 +111,8 @@ def check_hyperparameters(
 
 def check_optim_bits(name, optim_bits, supported=(8, 32)):
     if isinstance(optim_bits, bool) or optim_bits not in supported:
-        raise ValueError(f"{name}: optim_bits must be {' or '.join(map(str, supported))}, got {optim_bits!r}")
+        listed = ", ".join(map(str, supported[:-1])) + f" or {supported[-1]}"
+        raise ValueError(f"{name}: optim_bits must be {listed}, got {optim_bits!r}")
     return int(optim_bits)
 
 
@@ -725,6 +726,25 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     def init_state(self, p, config):
         raise NotImplementedError
+
+    @torch.no_grad()
+    def init_one_state(self, p, config):
+        """A one-state parameter's state (SGD, RMSprop, Adagrad, Lion, LARS, Muon's momentum): step, and state1 in
+        8 bits (the signed map, absmax per 256 elements) when optim_bits is 8 and p has min_8bit_size elements or
+        more, else float32."""
+        state = self.state[p]
+        state["step"] = self.new_step(p)
+        self.init_clipping_state(p, config)
+        if not (config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"]):
+            state["state1"] = self.state_zeros(p, torch.float32)
+            return
+        if "dynamic" not in self.name2qmap:
+            self.fill_qmap()
+        if self.name2qmap["dynamic"].device != p.device:
+            self.name2qmap["dynamic"] = self.name2qmap["dynamic"].to(p.device)
+        state["state1"] = self.state_zeros(p, torch.uint8)
+        state["qmap1"] = self.name2qmap["dynamic"]
+        state["absmax1"] = torch.zeros(_blocks(D.local(p).numel()), dtype=torch.float32, device=p.device)
 
     def new_step(self, p=None):
         """A parameter's step count: an int64 tensor (a compiled step does not recompile as it grows; the
