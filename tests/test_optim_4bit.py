@@ -7,7 +7,14 @@ import io
 
 import pytest
 import torch
-from helpers import FLOAT_DTYPES, assert_compiled_step_equals_eager, devices, heterogeneous_grad, same_state_value
+from helpers import (
+    FLOAT_DTYPES,
+    assert_compiled_step_equals_eager,
+    assert_cuda_equals_cpu,
+    devices,
+    heterogeneous_grad,
+    same_state_value,
+)
 
 import kestrel
 from kestrel import optim as K
@@ -330,3 +337,11 @@ def test_opcheck(device):
             1.0,
         ),
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_cuda_kernel_equals_cpu_kernel(dtype):
+    torch.manual_seed(6)
+    cpu = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in [(4097,), (300, 70), (1000,)]]
+    assert_cuda_equals_cpu(lambda ps: K.AdamW4bit(ps, lr=1e-2, weight_decay=0.01), cpu)

@@ -209,8 +209,7 @@ class _Muon(_Adam):
 
     @staticmethod
     def _check_muon(config, where):
-        momentum = check_number(where, "momentum", config["momentum"], 0.0, 1.0)
-        del momentum
+        check_number(where, "momentum", config["momentum"], 0.0, 1.0)
         if not isinstance(config["nesterov"], bool):
             raise TypeError(f"{where}: nesterov must be True or False, got {config['nesterov']!r}")
         steps = config["ns_steps"]
