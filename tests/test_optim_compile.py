@@ -3,6 +3,7 @@ the eager numbers, and does not recompile as the step count grows or an LR sched
 
 import pytest
 import torch
+from helpers import assert_compiled_step_equals_eager
 
 import kestrel
 from kestrel import optim as K
@@ -50,32 +51,10 @@ class CountingBackend:
     ],
 )
 def test_compiled_step_equals_eager_without_recompiling(name, kwargs):
+    """The first call builds the state; every later step reuses one graph (the step count is a tensor)."""
     start, grads = params_and_grads(6)
-    eager = [torch.nn.Parameter(t.clone()) for t in start]
-    compiled = [torch.nn.Parameter(t.clone()) for t in start]
     cls = getattr(K, name)
-    opt_eager, opt_compiled = cls(eager, lr=1e-3, **kwargs), cls(compiled, lr=1e-3, **kwargs)
-    backend = CountingBackend()
-
-    @torch.compile(fullgraph=True, backend=backend)
-    def step(gs):
-        for p, g in zip(compiled, gs):
-            p.grad = g
-        opt_compiled.step()
-
-    for gs in grads:
-        for p, g in zip(eager, gs):
-            p.grad = g.clone()
-        opt_eager.step()
-        step([g.clone() for g in gs])
-    for a, b in zip(eager, compiled):
-        assert torch.equal(a, b)
-    for a, b in zip(eager, compiled):
-        for key, value in opt_eager.state[a].items():
-            other = opt_compiled.state[b][key]
-            assert torch.equal(value, other) if torch.is_tensor(value) else value == other
-    # the first call builds the state; every later step reuses one graph (the step count is a tensor)
-    assert backend.compiles <= 2, f"{backend.compiles} compilations for 6 steps"
+    assert_compiled_step_equals_eager(lambda ps: cls(ps, lr=1e-3, **kwargs), start, grads)
 
 
 def test_tensor_lr_with_a_scheduler_does_not_recompile():

@@ -62,10 +62,9 @@ def newton_schulz(update, steps=5, coefficients=DEFAULT_NS_COEFFICIENTS, eps=1e-
     transposed = x.size(-2) > x.size(-1)
     if transposed:
         x = x.mT
-    x = torch.nan_to_num(x)  # a copy: the caller's tensor is never changed
-    largest = x.abs().amax(dim=(-2, -1), keepdim=True)
-    x = x / largest.clamp(min=torch.finfo(dtype).tiny)
-    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    x = torch.nan_to_num(x)  # a copy (the caller's tensor is never changed), normalised in place
+    x.div_(x.abs().amax(dim=(-2, -1), keepdim=True).clamp(min=torch.finfo(dtype).tiny))
+    x.div_(x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps))
     for _ in range(steps):
         gram = x @ x.mT
         if x.dim() == 2:
