@@ -1,6 +1,6 @@
-// CPU lookup tables for a 256-entry quantization map: the midpoints and the bucket table of kestrel/quantize.h, and
-// where the map's signs change, built once per distinct map and cached (the optimizers requantize with the same two
-// maps every step).
+// CPU lookup tables for a 256-entry quantization map: the midpoints and the bucket table of kestrel/quantize.h (the
+// scalar loops), the step tables of the vector paths' requantization and the byte planes of their dequantization,
+// built once per distinct map and cached (the optimizers requantize with the same two maps every step).
 #pragma once
 
 #include <algorithm>
@@ -11,6 +11,7 @@
 #include <mutex>
 #include <vector>
 
+#include "kestrel/optim.h"
 #include "kestrel/quantize.h"
 
 namespace kestrel {
@@ -18,155 +19,110 @@ namespace cpu {
 
 constexpr int kMaxBucketSteps = 4;
 
-// Requantization without a search (the AVX-512 paths). On each side of zero a dynamic map is a few runs of evenly
-// spaced codes (one per decade), so the index of the nearest code follows from |v| by arithmetic: the run r that holds
-// |v| (a 32-entry table over |v|'s binary exponent gives the run at the binade's start, one comparison with the next
-// run's start finishes), then est = floor(fma(|v|, inv_width[r], shift[r])) with shift = first - 0.5 - lo * inv_width
-// (first: the index of the run's first code, lo: where its range starts), the nearest index or the one below it, and
-// one comparison with the midpoint above est decides. A map symmetric about its zero code (the signed
-// map) takes negative values from the mirror image: est(-a) = 2 * zero - 1 - est(a).
+// The rounding of a requantized state after the nearest code (kestrel/optim.h): bnb's sign fix for first moments and
+// signed-map states, plain nearest rounding for robust numerators, the next code up for robust denominators.
+enum Requant : int { kPlain = 0, kSignFix = 1, kRoundUp = 2 };
+
+// The code of a normalised state v under MODE, by the scalar definition (the count of midpoints below v, then the
+// rule): what every path must give.
+inline int requantized_code(const float* code, const float* midpoints, int mode, float v) {
+  const int idx = quant::nearest_code_bsearch(midpoints, v);
+  if (mode == kSignFix) return optim::round_numerator_code(code, idx, v, false);
+  if (mode == kRoundUp) return optim::round_denominator_code(code, idx, v, true);
+  return idx;
+}
+
+// Requantization by one table lookup (the vector paths). The code of v under a MODE is a non-decreasing step function
+// of v, so a table of where it steps gives it. With t = |v|'s bits, v's bucket is r = clamp((t >> shift) - lo, 0,
+// span - 1) on v's side -- negative when the sign bit is set; for kRoundUp when v <= 0, so that +0 shares -0's code --
+// at entry span + r (positive side) or span - 1 - r (negative side): the buckets in value order. Within a bucket, v's
+// position is t's low `shift` bits, complemented on the negative side (so positions ascend with v). Every bucket holds
+// at most one step: its entry is code | thr << 8, the code at the bucket's first position and the last position before
+// the step (0x7FFFFF: none), and v's code is code + (position << 8 > entry). The two clamped buckets of each side (all
+// |v| below (lo + 1) << shift, all |v| from 1.0 up, inf and NaN included) hold no step. Per vector: one gather and a
+// few integer operations (optim_avx512.h, optim_avx2.h), the sign fix or round-up folded into the table.
 //
-// The domain is what an optimizer requantizes: |v| <= 1 (a state divided by its block's absmax), NaN excluded.
-// Estimator::build proves the method for the map it is given, exactly, over that domain: the estimate and the nearest
-// index are both step functions of v (the estimate is monotone within a run), so they agree everywhere if they agree
-// on both sides of every step -- the midpoints, the run starts and the points where the estimate's floor steps (found
-// by bisection over each run's float bit patterns). A map without the structure, or one that fails, gets runs = 0 and
-// the vector paths are not used for it. tests/test_optim.py checks the vector code against the search over every
-// float32 bit pattern in [-1, 1] for both dynamic maps.
-struct Estimator {
-  static constexpr int kMaxRuns = 8;
-  static constexpr int kExponents = 32;      // binades 2^-31 .. 2^0; smaller |v| share the first entry
-  static constexpr int kFirstExponent = 96;  // the biased exponent of table entry 0
-  int runs = 0;                              // 0: no estimator for this map
-  int zero = 0;                              // the index of the code 0.0
-  int mirror = -1;            // 2 * zero - 1 (negative values: mirror - est(|v|)); -1 for a map without negative codes
-  float start[kMaxRuns + 1];  // run r holds |v| in [start[r], start[r + 1]) (start[0] = 0, start[runs] = inf)
-  // Per run, padded to 16 lanes for the vector lookups
-  alignas(64) float inv_width[16];
-  alignas(64) float shift[16];
-  // Per binade: the run at its start, and the next run's start if that falls inside the binade (else inf)
-  alignas(64) int run_of[kExponents];
-  alignas(64) float next_start[kExponents];
+// build() makes the table from requantized_code, exactly: in each bucket it evaluates the code at the first and the
+// last position (the clamped buckets: their whole range) -- equal, no step; one apart, the step found by bisection;
+// more, the next finer `shift` is tried -- and it checks that the codes ascend from bucket to bucket. Monotone step
+// functions agree everywhere when they agree at every step, so the table is exact; tests/test_optim_vector_paths.py
+// compares each path with the scalar definition on all 2,130,706,434 float32 bit patterns in [-1, 1] for both
+// dynamic maps and every MODE. The dynamic maps take shift 17 (signed, 11 KiB) and 16 (unsigned, 23 KiB).
+struct StepTable {
+  static constexpr uint32_t kNoStep = 0x7fffffu;
+  bool ok = false;
+  int shift = 16, lo = 0, span = 1;
+  std::vector<uint32_t> entries;  // 2 * span
 
-  // The estimate for |v| <= 1, with exactly the float operations of the vector code.
-  int estimate(float v) const {
-    const uint32_t bits = float_bits(v) & 0x7fffffffu;
-    const float a = float_from_bits(bits);
-    int e = (int)(bits >> 23) - kFirstExponent;
-    e = e < 0 ? 0 : (e > kExponents - 1 ? kExponents - 1 : e);
-    const int r = run_of[e] + (a >= next_start[e] ? 1 : 0);
-    int est = (int)std::floor(std::fma(a, inv_width[r], shift[r]));
-    est = est > zero ? est : zero;
-    if (float_bits(v) >> 31) est = mirror - est;
-    return est < 0 ? 0 : (est > quant::kCodeSize - 1 ? quant::kCodeSize - 1 : est);
-  }
+  const uint32_t* center() const { return entries.data() + span; }
+  uint32_t position_mask8() const { return ((1u << shift) - 1u) << 8; }
 
-  int nearest(const float* midpoints, float v) const {
-    const int est = estimate(v);
-    return est + (midpoints[est] < v ? 1 : 0);
-  }
-
-  void build(const float* code, const float* midpoints) {
-    runs = 0;
-    if (find_runs(code) && exponent_tables() && proven(midpoints)) return;
-    runs = 0;
+  void build(const float* code, const float* midpoints, int mode) {
+    for (int sh : {18, 17, 16, 15}) {
+      // lo: the bucket below the smallest nonzero |midpoint|'s, so the clamped buckets hold no midpoint
+      int first = (int)(0x3f800000u >> sh);
+      for (int j = 0; j < quant::kCodeSize - 1; ++j) {
+        const int e = (int)((float_bits(midpoints[j]) & 0x7fffffffu) >> sh);
+        if (e > 0 && e < first) first = e;
+      }
+      if (build_with(code, midpoints, mode, sh, first > 0 ? first - 1 : 0)) return;
+    }
+    ok = false;
+    entries.clear();
   }
 
  private:
-  bool find_runs(const float* code) {
-    constexpr int n = quant::kCodeSize;
-    int z = 0;
-    while (z < n && code[z] < 0.0f) ++z;
-    if (z == n || code[z] != 0.0f || (z + 1 < n && !(code[z + 1] > 0.0f))) return false;
-    if (2 * z > n - 1) return false;
-    for (int i = 0; i < z; ++i)
-      if (code[i] != -code[2 * z - i]) return false;  // negative side: the mirror image of the positive one
-    zero = z;
-    mirror = 2 * z - 1;
-    int count = 0;
-    const auto even = [&](int j, float w) { return std::fabs((code[j + 1] - code[j]) - w) <= 0.01f * w; };
-    for (int f = z + 1; f < n - 1;) {  // the top code needs no run: the last run's estimates reach it
-      if (count == kMaxRuns) return false;
-      const float w = code[f + 1] - code[f];
-      int j = f + 1;
-      while (j + 1 < n - 1 && even(j, w)) ++j;
-      if (j == f + 1 && j + 1 < n - 1 && !even(j, w)) j = f;  // f + 1 starts a run of its own: f is a lone code
-      float lo;
-      if (j > f) {
-        const float width = (code[j] - code[f]) / (float)(j - f);
-        lo = code[f] - 0.5f * width;
-        inv_width[count] = 1.0f / width;
-      } else {  // a lone code: the estimate is the index below it
-        lo = code[f] - 0.5f * (code[f] - code[f - 1]);
-        inv_width[count] = 0.0f;
-      }
-      shift[count] = (float)((double)f - 0.5 - (double)lo * (double)inv_width[count]);
-      start[count] = count == 0 ? 0.0f : lo;
-      ++count;
-      f = j + 1;
-    }
-    if (count == 0) return false;
-    for (int r = 1; r < count; ++r)
-      if (!(start[r] > start[r - 1]) || !(start[r] <= 1.0f)) return false;
-    start[count] = std::numeric_limits<float>::infinity();
-    for (int r = count; r < 16; ++r) inv_width[r] = shift[r] = 0.0f;
-    runs = count;
-    return true;
-  }
-
-  bool exponent_tables() {
-    for (int e = 0; e < kExponents; ++e) {
-      const float low = e == 0 ? 0.0f : std::ldexp(1.0f, e + kFirstExponent - 127);
-      const float high = std::ldexp(1.0f, e + 1 + kFirstExponent - 127);
-      int r = 0;
-      while (r + 1 < runs && start[r + 1] <= low) ++r;
-      run_of[e] = r;
-      next_start[e] = std::numeric_limits<float>::infinity();
-      if (r + 1 < runs && start[r + 1] < high) {
-        if (r + 2 < runs && start[r + 2] < high) return false;  // two run starts in one binade
-        next_start[e] = start[r + 1];
-      }
-    }
-    return true;
-  }
-
-  bool agrees(const float* midpoints, float v) const {
-    if (!(std::fabs(v) <= 1.0f)) return true;  // outside the domain
-    return nearest(midpoints, v) == quant::nearest_code_bsearch(midpoints, v) &&
-           nearest(midpoints, -v) == quant::nearest_code_bsearch(midpoints, -v);
-  }
-
-  bool agrees_around(const float* midpoints, float v) const {
+  bool build_with(const float* code, const float* midpoints, int mode, int sh, int lo_) {
+    shift = sh;
+    lo = lo_;
+    span = (int)(0x3f800000u >> sh) - lo + 1;  // the last bucket starts at 1.0's
+    if (span < 3) return false;
+    entries.assign(2 * (size_t)span, 0);
+    const uint32_t last = (1u << sh) - 1u;
     const float inf = std::numeric_limits<float>::infinity();
-    return agrees(midpoints, v) && agrees(midpoints, std::nextafter(v, inf)) &&
-           agrees(midpoints, std::nextafter(v, -inf));
-  }
-
-  bool proven(const float* midpoints) const {
-    for (float v : {0.0f, std::numeric_limits<float>::denorm_min(), std::numeric_limits<float>::min(), 1.0f})
-      if (!agrees_around(midpoints, v)) return false;
-    for (int j = 0; j < quant::kCodeSize - 1; ++j)
-      if (!agrees_around(midpoints, midpoints[j])) return false;
-    const uint32_t one = float_bits(1.0f);
-    for (int r = 0; r < runs; ++r) {
-      // run r holds the |v| with bits in [begin, end]; its estimate is monotone there
-      const uint32_t begin = float_bits(start[r]);
-      const uint32_t end = r + 1 < runs ? std::min(float_bits(start[r + 1]) - 1, one) : one;
-      if (begin > end) continue;
-      if (!agrees_around(midpoints, start[r])) return false;
-      const int low = estimate(float_from_bits(begin)), high = estimate(float_from_bits(end));
-      for (int k = low + 1; k <= high; ++k) {  // the first bit pattern whose estimate reaches k
-        uint32_t x = begin, y = end;
+    const auto f = [&](float v) { return requantized_code(code, midpoints, mode, v); };
+    // the value at position l of bucket b (b >= 0: the positive side's r = b; b < 0: the negative side's r = -1 - b)
+    const auto value = [&](int b, uint32_t l) {
+      if (b >= 0) return float_from_bits(((uint32_t)(lo + b) << sh) | l);
+      return float_from_bits(0x80000000u | ((uint32_t)(lo - 1 - b) << sh) | (l ^ last));
+    };
+    const float below = float_from_bits(((uint32_t)(lo + 1) << sh) - 1u);  // the clamped-below buckets' largest |v|
+    int previous = -1;
+    for (int b = -span; b < span; ++b) {
+      const int r = b >= 0 ? b : -1 - b;
+      float lowest, highest;
+      if (r == 0) {  // |v| < (lo + 1) << shift on this side
+        const bool round_up = mode == kRoundUp;
+        lowest = b >= 0 ? (round_up ? float_from_bits(1u) : 0.0f) : -below;
+        highest = b >= 0 ? below : (round_up ? 0.0f : -0.0f);
+        if (b < 0 && round_up && f(-0.0f) != f(0.0f)) return false;
+      } else if (r == span - 1) {  // |v| >= 1.0's bucket, inf and NaN
+        lowest = b >= 0 ? value(b, 0) : -inf;
+        highest = b >= 0 ? inf : value(b, last);
+      } else {
+        lowest = value(b, 0);
+        highest = value(b, last);
+      }
+      const int at_lowest = f(lowest), at_highest = f(highest);
+      if (at_lowest < previous) return false;  // not monotone
+      previous = at_highest;
+      uint32_t thr = kNoStep;
+      if (at_highest == at_lowest + 1 && r != 0 && r != span - 1) {
+        uint32_t x = 0, y = last;  // the first position with the higher code
         while (x < y) {
           const uint32_t mid = x + (y - x) / 2;
-          if (estimate(float_from_bits(mid)) >= k)
+          if (f(value(b, mid)) > at_lowest)
             y = mid;
           else
             x = mid + 1;
         }
-        if (!agrees_around(midpoints, float_from_bits(x))) return false;
+        thr = x - 1;
+      } else if (at_highest != at_lowest) {
+        return false;
       }
+      entries[(size_t)(span + b)] = (uint32_t)at_lowest | (thr << 8);
     }
+    ok = true;
     return true;
   }
 };
@@ -188,12 +144,8 @@ struct CodeTable {
   quant::BucketRange range;
   std::vector<uint8_t> bucket_start;  // num_buckets(range) + 4: a vector gather may read a dword at the last entry
   int bucket_steps;                   // comparisons after the bucket lookup; -1 when the map needs the binary search
-  // The codes whose sign bit is set are exactly the first `negative_codes` (-1 if the signs are not so ordered), and
-  // the codes <= 0 exactly the first `nonpositive_codes`: the vector paths take a code's sign from its index.
-  int negative_codes;
-  int nonpositive_codes;
-  Estimator estimator;  // estimator.runs == 0: no search-free requantization for this map
-  BytePlanes code_planes, midpoint_planes;
+  StepTable step[3];                  // by Requant mode: the vector paths' requantization
+  BytePlanes code_planes;             // the AVX-512 VBMI dequantization
 
   explicit CodeTable(const float* values) {
     std::memcpy(code, values, sizeof(code));
@@ -203,22 +155,12 @@ struct CodeTable {
     bucket_start.assign(quant::num_buckets(range) + 4, 0);
     const int steps = quant::build_bucket_table(midpoints, range, bucket_start.data());
     bucket_steps = steps <= kMaxBucketSteps ? steps : -1;
-    negative_codes = 0;
-    while (negative_codes < quant::kCodeSize && (float_bits(code[negative_codes]) >> 31)) ++negative_codes;
-    for (int j = negative_codes; j < quant::kCodeSize; ++j)
-      if (float_bits(code[j]) >> 31) negative_codes = -1;
-    nonpositive_codes = 0;
-    while (nonpositive_codes < quant::kCodeSize && code[nonpositive_codes] <= 0.0f) ++nonpositive_codes;
-    estimator.build(code, midpoints);
+    for (int mode = 0; mode < 3; ++mode) step[mode].build(code, midpoints, mode);
     code_planes.build(code);
-    midpoint_planes.build(midpoints);
   }
 
-  // Whether the vector paths serve this map: codes' signs from their indices, and (AVX-512) the estimator or (AVX2)
-  // a one-comparison bucket table.
-  bool vector_ready(bool estimator_needed) const {
-    return negative_codes >= 0 && (estimator_needed ? estimator.runs > 0 : bucket_steps == 1);
-  }
+  // Whether the vector paths serve this map: a step table for every rounding.
+  bool vector_ready() const { return step[0].ok && step[1].ok && step[2].ok; }
 
   // The nearest code's index for a normalised value (exactly the definition in kestrel/quantize.h).
   inline int nearest(float v) const {

@@ -418,17 +418,12 @@ void dispatch_float(c10::ScalarType dtype, const Fn& fn) {
   }
 }
 
-// The vector path of an 8-bit step: the widest the CPU has (KESTREL_CPU_ISA caps it) that serves the maps (AVX-512
-// needs the search-free estimator, AVX2 the one-comparison bucket table, both the sign order), or the scalar loops;
+// The vector path of an 8-bit step: the widest the CPU has (KESTREL_CPU_ISA caps it) if the maps have step tables
+// (CodeTable::vector_ready: every sorted map whose codes step at most once per bucket), else the scalar loops;
 // stochastic rounding stays scalar.
 cpu::Isa vector_isa(const StepScalars& a, const CodeTable& q1, const CodeTable* q2) {
-  cpu::Isa isa = cpu::active_isa();
-  if (a.stochastic_round) return cpu::Isa::kScalar;
-  if (isa >= cpu::Isa::kAvx512 && !(q1.vector_ready(true) && (q2 == nullptr || q2->vector_ready(true))))
-    isa = cpu::Isa::kAvx2;
-  if (isa == cpu::Isa::kAvx2 && !(q1.vector_ready(false) && (q2 == nullptr || q2->vector_ready(false))))
-    isa = cpu::Isa::kScalar;
-  return isa;
+  if (a.stochastic_round || !(q1.vector_ready() && (q2 == nullptr || q2->vector_ready()))) return cpu::Isa::kScalar;
+  return cpu::active_isa();
 }
 
 // NAME<P, T>(isa, args...) calls cpu::<isa>::KERNEL<P, T>(args...), the kernel of optim_vector.inc on that path.
@@ -718,7 +713,7 @@ std::vector<int64_t> requantize_check(const std::vector<float>& map, const std::
   TORCH_CHECK(isa != cpu::Isa::kScalar && static_cast<int>(isa) <= static_cast<int>(cpu::supported_isa()),
               "isa: expected a vector path this CPU has (up to ", cpu::isa_name(cpu::supported_isa()), "), got '",
               isa_name, "'");
-  TORCH_CHECK(t.vector_ready(isa != cpu::Isa::kAvx2), "the map is not served by the ", isa_name, " path");
+  TORCH_CHECK(t.vector_ready(), "the map is not served by the vector paths (no step tables)");
   constexpr uint32_t kOne = 0x3f800000u, kChunk = 1u << 16;
   constexpr int64_t kChunks = (int64_t)(kOne / kChunk) + 1;  // patterns 0 .. kOne per sign
   int64_t mismatches = 0, first_bad = -1;

@@ -1,7 +1,7 @@
 // AVX2 vector path of the CPU 8-bit optimizers (8 lanes), for CPUs without AVX-512 (most users' AMD and many Intel
-// parts): the kernels of optim_vector.inc over the vector type below. Map lookups are gathers; the nearest code is the
-// bucket table's start plus one comparison (a 6 KiB table for the dynamic maps, L1-resident), the chosen code's sign
-// comes from its index. The same float32 operations in the same order as the scalar loops, so the same bits; chosen at
+// parts): the kernels of optim_vector.inc over the vector type below. Map lookups are gathers; requantization is one
+// gather per 8 values from the map's StepTable (code_table.h: the nearest code with the sign fix or the round-up folded
+// in, one comparison). The same float32 operations in the same order as the scalar loops, so the same bits; chosen at
 // run time (cpu_isa.h: KESTREL_CPU_ISA caps it).
 #pragma once
 
@@ -119,6 +119,10 @@ struct V {
   }
   static M finite(F x) { return _mm256_cmp_ps(_mm256_sub_ps(x, x), _mm256_setzero_ps(), _CMP_EQ_OQ); }
   static M both(M x, M y) { return _mm256_and_ps(x, y); }
+  // Both moments finite (optim::step_is_finite): x - x is NaN for NaN and +-inf
+  static M both_finite(F x, F y) {
+    return _mm256_cmp_ps(_mm256_add_ps(_mm256_sub_ps(x, x), _mm256_sub_ps(y, y)), _mm256_setzero_ps(), _CMP_EQ_OQ);
+  }
   static F keep(M m, F x) { return _mm256_and_ps(x, m); }  // x where m, else +0
   // optim::sign_of: 1, -1 or 0 (NaN: 0)
   static F sign_of(F x) {
@@ -130,10 +134,13 @@ struct V {
   static __m256i load_codes(const uint8_t* p) {
     return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   }
-  // 8 codes in [0, 255] (32-bit lanes) to 8 bytes
-  static void store_codes(uint8_t* p, __m256i idx) {
-    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(idx), _mm256_extracti128_si256(idx, 1));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packus_epi16(words, words));
+  // the low bytes of 8 32-bit lanes to 8 bytes
+  static void store_low_bytes(uint8_t* p, __m256i lanes) {
+    const __m256i picked = _mm256_shuffle_epi8(  // bytes 0, 4, 8, 12 of each 128-bit half to its first dword
+        lanes, _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1, -1, -1,
+                                -1, -1, -1, -1, -1, -1, -1, -1, -1));
+    const __m128i both = _mm_unpacklo_epi32(_mm256_castsi256_si128(picked), _mm256_extracti128_si256(picked, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), both);
   }
 
   static void dequant(const CodeTable& q, const uint8_t* codes, F absmax, F* out) {
@@ -141,50 +148,25 @@ struct V {
       out[k] = _mm256_mul_ps(_mm256_i32gather_ps(q.code, load_codes(codes + 8 * k), 4), absmax);
   }
 
-  // quant::nearest_code_bucketed<1>: the bucket's start (a byte gathered as a dword, masked), one comparison.
-  static __m256i nearest(const CodeTable& q, F v) {
-    const __m256i u = _mm256_castps_si256(_mm256_add_ps(v, _mm256_setzero_ps()));
-    __m256i r = _mm256_sub_epi32(_mm256_srli_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), 16),
-                                 _mm256_set1_epi32(q.range.lo));
-    r = _mm256_min_epi32(_mm256_max_epi32(r, _mm256_setzero_si256()), _mm256_set1_epi32(q.range.span - 1));
-    const __m256i bucket =
-        _mm256_add_epi32(_mm256_set1_epi32(q.range.span), _mm256_xor_si256(r, _mm256_srai_epi32(u, 31)));
-    __m256i idx =
-        _mm256_and_si256(_mm256_i32gather_epi32(reinterpret_cast<const int*>(q.bucket_start.data()), bucket, 1),
-                         _mm256_set1_epi32(0xff));
-    const F mid = _mm256_i32gather_ps(q.midpoints, idx, 4);
-    idx = _mm256_sub_epi32(idx, _mm256_castps_si256(_mm256_cmp_ps(mid, v, _CMP_LT_OQ)));  // +1 where mid < v
-    return _mm256_and_si256(idx, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_ORD_Q)));   // NaN -> 0
-  }
-
-  // quant::apply_sign_fix, the chosen code's sign from its index (CodeTable::negative_codes)
-  static __m256i sign_fix(const CodeTable& q, __m256i idx, F v) {
-    const __m256i code_negative = _mm256_cmpgt_epi32(_mm256_set1_epi32(q.negative_codes), idx);
-    const __m256i differs = _mm256_xor_si256(code_negative, _mm256_srai_epi32(_mm256_castps_si256(v), 31));
-    const __m256i positive = _mm256_castps_si256(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ));
-    idx = _mm256_sub_epi32(idx, _mm256_and_si256(differs, positive));     // +1
-    idx = _mm256_add_epi32(idx, _mm256_andnot_si256(positive, differs));  // -1
-    return _mm256_min_epi32(_mm256_max_epi32(idx, _mm256_setzero_si256()), _mm256_set1_epi32(quant::kCodeSize - 1));
-  }
-
-  // optim::round_denominator_code (robust): a positive value on a code <= 0 (an index below
-  // CodeTable::nonpositive_codes) takes the next code up
-  static __m256i round_up(const CodeTable& q, __m256i idx, F v) {
-    const __m256i up =
-        _mm256_and_si256(_mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ)),
-                                          _mm256_cmpgt_epi32(_mm256_set1_epi32(q.nonpositive_codes), idx)),
-                         _mm256_cmpgt_epi32(_mm256_set1_epi32(quant::kCodeSize - 1), idx));
-    return _mm256_sub_epi32(idx, up);
+  // The codes of 8 normalised values under MODE from the StepTable (as optim_avx512.h's requant_lanes): the entry of
+  // v's bucket, plus 1 past its step; the low byte of each lane.
+  template <int MODE>
+  static __m256i requant_lanes(const StepTable& t, F v) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i side = MODE == kRoundUp ? _mm256_castps_si256(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LE_OQ))
+                                          : _mm256_srai_epi32(bits, 31);
+    __m256i r = _mm256_srlv_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(t.shift));
+    r = _mm256_min_epu32(_mm256_subs_epu16(r, _mm256_set1_epi32(t.lo)), _mm256_set1_epi32(t.span - 1));
+    const __m256i entry =
+        _mm256_i32gather_epi32(reinterpret_cast<const int*>(t.center()), _mm256_xor_si256(r, side), 4);
+    const __m256i position = _mm256_and_si256(_mm256_xor_si256(_mm256_slli_epi32(bits, 8), side),
+                                              _mm256_set1_epi32((int)t.position_mask8()));
+    return _mm256_sub_epi32(entry, _mm256_cmpgt_epi32(position, entry));  // +1 past the step
   }
 
   template <int MODE>
   static void requant(const CodeTable& q, const F* v, uint8_t* codes) {
-    for (int k = 0; k < kPer; ++k) {
-      __m256i idx = nearest(q, v[k]);
-      if (MODE == 1) idx = sign_fix(q, idx, v[k]);
-      if (MODE == 2) idx = round_up(q, idx, v[k]);
-      store_codes(codes + 8 * k, idx);
-    }
+    for (int k = 0; k < kPer; ++k) store_low_bytes(codes + 8 * k, requant_lanes<MODE>(q.step[MODE], v[k]));
   }
 };
 

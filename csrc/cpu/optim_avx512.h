@@ -1,9 +1,9 @@
 // AVX-512 vector paths of the CPU 8-bit optimizers (16 lanes): the kernels of optim_vector.inc over the vector types
 // below, in two variants chosen at run time (cpu_isa.h): `avx512vbmi` (Ice Lake, Zen 4 and later) looks maps up 64
 // indices at a time with byte permutes over the tables' byte planes, `avx512` (Skylake-X, Cascade Lake) gathers. Both
-// requantize without a search (CodeTable's Estimator: the nearest code from the value's run by arithmetic, one
-// comparison with a midpoint) and take a code's sign from its index. The same float32 operations in the same order as
-// the scalar loops, so every path gives the same bits.
+// requantize with one gather per 16 values from the map's StepTable (code_table.h: the nearest code with the sign fix
+// or the round-up folded in, one comparison). The same float32 operations in the same order as the scalar loops, so
+// every path gives the same bits.
 #pragma once
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -114,42 +114,32 @@ struct Base {
                          _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), one));
   }
 
-  // Estimator::estimate on 16 values in [-1, 1], operation for operation (|v| <= 1: the binade is at most 31).
-  static __m512i estimate(const Estimator& e, F v) {
-    const __m512i bits = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fffffff));
-    const F a = _mm512_castsi512_ps(bits);
-    // max(exponent - kFirstExponent, 0): a saturating 16-bit subtraction (the exponent fits the low half)
-    const __m512i binade = _mm512_subs_epu16(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(Estimator::kFirstExponent));
-    __m512i run = _mm512_permutex2var_epi32(_mm512_load_si512(e.run_of), binade, _mm512_load_si512(e.run_of + 16));
-    const F next = _mm512_permutex2var_ps(_mm512_load_ps(e.next_start), binade, _mm512_load_ps(e.next_start + 16));
-    run = _mm512_mask_add_epi32(run, _mm512_cmp_ps_mask(a, next, _CMP_GE_OQ), run, _mm512_set1_epi32(1));
-    const F x = _mm512_fmadd_ps(a, _mm512_permutexvar_ps(run, _mm512_load_ps(e.inv_width)),
-                                _mm512_permutexvar_ps(run, _mm512_load_ps(e.shift)));
-    __m512i est = _mm512_cvt_roundps_epi32(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    est = _mm512_max_epi32(est, _mm512_set1_epi32(e.zero));
-    const __mmask16 negative = _mm512_movepi32_mask(_mm512_castps_si512(v));
-    est = _mm512_mask_sub_epi32(est, negative, _mm512_set1_epi32(e.mirror), est);
-    return _mm512_min_epi32(_mm512_max_epi32(est, _mm512_setzero_si512()), _mm512_set1_epi32(quant::kCodeSize - 1));
+  // Both moments finite (optim::step_is_finite): vfpclassps for NaN and +-inf.
+  static M both_finite(F x, F y) {
+    return static_cast<M>(~(_mm512_fpclass_ps_mask(x, 0x99) | _mm512_fpclass_ps_mask(y, 0x99)));
   }
 
-  // The code from the estimate and the midpoint above it, then MODE (optim_vector.inc's Requant), stored as bytes.
+  // The codes of 64 normalised values under MODE (StepTable), one per 32-bit lane (the low byte; the rest is the
+  // table entry's threshold).
   template <int MODE>
-  static void finish(const CodeTable& q, __m512i est, F mid, F v, uint8_t* codes) {
-    __m512i idx = _mm512_mask_add_epi32(est, _mm512_cmp_ps_mask(mid, v, _CMP_LT_OQ), est, _mm512_set1_epi32(1));
-    const __mmask16 positive = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ);
-    if (MODE == 1) {  // quant::apply_sign_fix, the chosen code's sign from its index (CodeTable::negative_codes)
-      const __mmask16 code_negative = _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(q.negative_codes), idx);
-      const __mmask16 differs = code_negative ^ _mm512_movepi32_mask(_mm512_castps_si512(v));
-      idx = _mm512_mask_add_epi32(idx, differs & positive, idx, _mm512_set1_epi32(1));
-      idx = _mm512_mask_sub_epi32(idx, differs & ~positive, idx, _mm512_set1_epi32(1));
-      idx = _mm512_min_epi32(_mm512_max_epi32(idx, _mm512_setzero_si512()), _mm512_set1_epi32(quant::kCodeSize - 1));
+  static void requant_lanes(const CodeTable& q, const F* v, __m512i* out) {
+    const StepTable& t = q.step[MODE];
+    const __m512i shift = _mm512_set1_epi32(t.shift), lo = _mm512_set1_epi32(t.lo);
+    const __m512i top = _mm512_set1_epi32(t.span - 1), position_mask = _mm512_set1_epi32((int)t.position_mask8());
+    for (int k = 0; k < kPer; ++k) {
+      const __m512i bits = _mm512_castps_si512(v[k]);
+      // the side: all ones for the negative side (kRoundUp: v <= 0), else zero
+      const __m512i side = MODE == kRoundUp
+                               ? _mm512_movm_epi32(_mm512_cmp_ps_mask(v[k], _mm512_setzero_ps(), _CMP_LE_OQ))
+                               : _mm512_srai_epi32(bits, 31);
+      // r = clamp((t >> shift) - lo, 0, span - 1): t >> shift < 2^16, so a saturating 16-bit subtraction clamps at 0
+      __m512i r = _mm512_srlv_epi32(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)), shift);
+      r = _mm512_min_epu32(_mm512_subs_epu16(r, lo), top);
+      const __m512i entry = _mm512_i32gather_epi32(_mm512_xor_si512(r, side), t.center(), 4);  // span + r, span-1-r
+      // the position within the bucket (complemented on the negative side), shifted left 8: (bits << 8 ^ side) & mask
+      const __m512i position = _mm512_ternarylogic_epi32(_mm512_slli_epi32(bits, 8), side, position_mask, 0x28);
+      out[k] = _mm512_mask_add_epi32(entry, _mm512_cmpgt_epi32_mask(position, entry), entry, _mm512_set1_epi32(1));
     }
-    if (MODE == 2) {  // optim::round_denominator_code (robust): a positive value on a code <= 0 takes the next one
-      const __mmask16 up = positive & _mm512_cmplt_epi32_mask(idx, _mm512_set1_epi32(q.nonpositive_codes)) &
-                           _mm512_cmplt_epi32_mask(idx, _mm512_set1_epi32(quant::kCodeSize - 1));
-      idx = _mm512_mask_add_epi32(idx, up, idx, _mm512_set1_epi32(1));
-    }
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes), _mm512_cvtepi32_epi8(idx));
   }
 
   static __m512i load_codes(const uint8_t* p) {
@@ -165,10 +155,10 @@ struct V : Base {
   }
   template <int MODE>
   static void requant(const CodeTable& q, const F* v, uint8_t* codes) {
-    for (int k = 0; k < kPer; ++k) {
-      const __m512i est = estimate(q.estimator, v[k]);
-      finish<MODE>(q, est, _mm512_i32gather_ps(est, q.midpoints, 4), v[k], codes + 16 * k);
-    }
+    __m512i lanes[kPer];
+    requant_lanes<MODE>(q, v, lanes);
+    for (int k = 0; k < kPer; ++k)  // vpmovdb: each lane's low byte
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + 16 * k), _mm512_cvtepi32_epi8(lanes[k]));
   }
 };
 
@@ -231,21 +221,17 @@ struct V : Base {
 
   template <int MODE>
   static void requant(const CodeTable& q, const F* v, uint8_t* codes) {
-    __m512i est[kPer];
-    for (int k = 0; k < kPer; ++k) est[k] = estimate(q.estimator, v[k]);
-    // the estimates' low bytes, spread: position 16L + 4q + j takes byte 4 * (4L + j) of est[q]
-    alignas(64) static const uint8_t pick[64] = {
-        0,  4,   8,   12,  64, 68, 72, 76, 0,   4,   8,   12,  64, 68, 72, 76,  16,  20,  24,  28, 80, 84,
-        88, 92,  16,  20,  24, 28, 80, 84, 88,  92,  32,  36,  40, 44, 96, 100, 104, 108, 32,  36, 40, 44,
-        96, 100, 104, 108, 48, 52, 56, 60, 112, 116, 120, 124, 48, 52, 56, 60,  112, 116, 120, 124};
+    __m512i lanes[kPer];
+    requant_lanes<MODE>(q, v, lanes);
+    // the lanes' low bytes in element order: bytes 0, 4, ..., 124 of (lanes[0], lanes[1]) and of (lanes[2], lanes[3])
+    alignas(64) static const uint8_t pick[64] = {0,  4,  8,  12, 16, 20, 24, 28, 32, 36,  40,  44,  48,  52,  56,  60,
+                                                 64, 68, 72, 76, 80, 84, 88, 92, 96, 100, 104, 108, 112, 116, 120, 124,
+                                                 0,  4,  8,  12, 16, 20, 24, 28, 32, 36,  40,  44,  48,  52,  56,  60,
+                                                 64, 68, 72, 76, 80, 84, 88, 92, 96, 100, 104, 108, 112, 116, 120, 124};
     const __m512i order = _mm512_load_si512(pick);
-    const __m512i from01 = _mm512_permutex2var_epi8(est[0], order, est[1]);
-    const __m512i from23 = _mm512_permutex2var_epi8(est[2], order, est[3]);
-    const __m512i idx =
-        _mm512_mask_blend_epi8(0xFF00FF00FF00FF00ull, from01, from23);  // q = 2, 3: bytes 8-15 of a lane
-    F mid[kPer];
-    lookup64(q.midpoint_planes, idx, mid);
-    for (int k = 0; k < kPer; ++k) finish<MODE>(q, est[k], mid[k], v[k], codes + 16 * k);
+    const __m512i from01 = _mm512_permutex2var_epi8(lanes[0], order, lanes[1]);
+    const __m512i from23 = _mm512_permutex2var_epi8(lanes[2], order, lanes[3]);
+    _mm512_storeu_si512(codes, _mm512_mask_blend_epi8(0xFFFFFFFF00000000ull, from01, from23));
   }
 };
 
