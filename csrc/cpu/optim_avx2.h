@@ -148,25 +148,38 @@ struct V {
       out[k] = _mm256_mul_ps(_mm256_i32gather_ps(q.code, load_codes(codes + 8 * k), 4), absmax);
   }
 
+  // A map's step tables as the requantization uses them, read once per kernel call (as optim_avx512.h's Steps).
+  struct Steps {
+    struct Mode {
+      __m256i shift, lo, top, position_mask;
+      const int* center;
+    } mode[3];
+    explicit Steps(const CodeTable& q) {
+      for (int m = 0; m < 3; ++m) {
+        const StepTable& t = q.step[m];
+        mode[m] = {_mm256_set1_epi32(t.shift), _mm256_set1_epi32(t.lo), _mm256_set1_epi32(t.span - 1),
+                   _mm256_set1_epi32((int)t.position_mask8()), reinterpret_cast<const int*>(t.center())};
+      }
+    }
+  };
+
   // The codes of 8 normalised values under MODE from the StepTable (as optim_avx512.h's requant_lanes): the entry of
   // v's bucket, plus 1 past its step; the low byte of each lane.
   template <int MODE>
-  static __m256i requant_lanes(const StepTable& t, F v) {
+  static KESTREL_ALWAYS_INLINE __m256i requant_lanes(const typename Steps::Mode& t, F v) {
     const __m256i bits = _mm256_castps_si256(v);
     const __m256i side = MODE == kRoundUp ? _mm256_castps_si256(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LE_OQ))
                                           : _mm256_srai_epi32(bits, 31);
-    __m256i r = _mm256_srlv_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(t.shift));
-    r = _mm256_min_epu32(_mm256_subs_epu16(r, _mm256_set1_epi32(t.lo)), _mm256_set1_epi32(t.span - 1));
-    const __m256i entry =
-        _mm256_i32gather_epi32(reinterpret_cast<const int*>(t.center()), _mm256_xor_si256(r, side), 4);
-    const __m256i position = _mm256_and_si256(_mm256_xor_si256(_mm256_slli_epi32(bits, 8), side),
-                                              _mm256_set1_epi32((int)t.position_mask8()));
+    __m256i r = _mm256_srlv_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff)), t.shift);
+    r = _mm256_min_epu32(_mm256_subs_epu16(r, t.lo), t.top);
+    const __m256i entry = _mm256_i32gather_epi32(t.center, _mm256_xor_si256(r, side), 4);
+    const __m256i position = _mm256_and_si256(_mm256_xor_si256(_mm256_slli_epi32(bits, 8), side), t.position_mask);
     return _mm256_sub_epi32(entry, _mm256_cmpgt_epi32(position, entry));  // +1 past the step
   }
 
   template <int MODE>
-  static void requant(const CodeTable& q, const F* v, uint8_t* codes) {
-    for (int k = 0; k < kPer; ++k) store_low_bytes(codes + 8 * k, requant_lanes<MODE>(q.step[MODE], v[k]));
+  static KESTREL_ALWAYS_INLINE void requant(const Steps& steps, const F* v, uint8_t* codes) {
+    for (int k = 0; k < kPer; ++k) store_low_bytes(codes + 8 * k, requant_lanes<MODE>(steps.mode[MODE], v[k]));
   }
 };
 

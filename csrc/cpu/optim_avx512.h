@@ -119,13 +119,27 @@ struct Base {
     return static_cast<M>(~(_mm512_fpclass_ps_mask(x, 0x99) | _mm512_fpclass_ps_mask(y, 0x99)));
   }
 
+  // A map's step tables as the requantization uses them, read once per kernel call (codes are bytes: every store of
+  // them may alias the table, so reading it per group would reload it).
+  struct Steps {
+    struct Mode {
+      __m512i shift, lo, top, position_mask;
+      const uint32_t* center;
+    } mode[3];
+    explicit Steps(const CodeTable& q) {
+      for (int m = 0; m < 3; ++m) {
+        const StepTable& t = q.step[m];
+        mode[m] = {_mm512_set1_epi32(t.shift), _mm512_set1_epi32(t.lo), _mm512_set1_epi32(t.span - 1),
+                   _mm512_set1_epi32((int)t.position_mask8()), t.center()};
+      }
+    }
+  };
+
   // The codes of 64 normalised values under MODE (StepTable), one per 32-bit lane (the low byte; the rest is the
   // table entry's threshold).
   template <int MODE>
-  static void requant_lanes(const CodeTable& q, const F* v, __m512i* out) {
-    const StepTable& t = q.step[MODE];
-    const __m512i shift = _mm512_set1_epi32(t.shift), lo = _mm512_set1_epi32(t.lo);
-    const __m512i top = _mm512_set1_epi32(t.span - 1), position_mask = _mm512_set1_epi32((int)t.position_mask8());
+  static KESTREL_ALWAYS_INLINE void requant_lanes(const Steps& steps, const F* v, __m512i* out) {
+    const typename Steps::Mode& t = steps.mode[MODE];
     for (int k = 0; k < kPer; ++k) {
       const __m512i bits = _mm512_castps_si512(v[k]);
       // the side: all ones for the negative side (kRoundUp: v <= 0), else zero
@@ -133,11 +147,11 @@ struct Base {
                                ? _mm512_movm_epi32(_mm512_cmp_ps_mask(v[k], _mm512_setzero_ps(), _CMP_LE_OQ))
                                : _mm512_srai_epi32(bits, 31);
       // r = clamp((t >> shift) - lo, 0, span - 1): t >> shift < 2^16, so a saturating 16-bit subtraction clamps at 0
-      __m512i r = _mm512_srlv_epi32(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)), shift);
-      r = _mm512_min_epu32(_mm512_subs_epu16(r, lo), top);
-      const __m512i entry = _mm512_i32gather_epi32(_mm512_xor_si512(r, side), t.center(), 4);  // span + r, span-1-r
+      __m512i r = _mm512_srlv_epi32(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)), t.shift);
+      r = _mm512_min_epu32(_mm512_subs_epu16(r, t.lo), t.top);
+      const __m512i entry = _mm512_i32gather_epi32(_mm512_xor_si512(r, side), t.center, 4);  // span + r, span-1-r
       // the position within the bucket (complemented on the negative side), shifted left 8: (bits << 8 ^ side) & mask
-      const __m512i position = _mm512_ternarylogic_epi32(_mm512_slli_epi32(bits, 8), side, position_mask, 0x28);
+      const __m512i position = _mm512_ternarylogic_epi32(_mm512_slli_epi32(bits, 8), side, t.position_mask, 0x28);
       out[k] = _mm512_mask_add_epi32(entry, _mm512_cmpgt_epi32_mask(position, entry), entry, _mm512_set1_epi32(1));
     }
   }
@@ -154,9 +168,9 @@ struct V : Base {
       out[k] = _mm512_mul_ps(_mm512_i32gather_ps(load_codes(codes + 16 * k), q.code, 4), absmax);
   }
   template <int MODE>
-  static void requant(const CodeTable& q, const F* v, uint8_t* codes) {
+  static KESTREL_ALWAYS_INLINE void requant(const Steps& steps, const F* v, uint8_t* codes) {
     __m512i lanes[kPer];
-    requant_lanes<MODE>(q, v, lanes);
+    requant_lanes<MODE>(steps, v, lanes);
     for (int k = 0; k < kPer; ++k)  // vpmovdb: each lane's low byte
       _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + 16 * k), _mm512_cvtepi32_epi8(lanes[k]));
   }
@@ -220,9 +234,9 @@ struct V : Base {
   }
 
   template <int MODE>
-  static void requant(const CodeTable& q, const F* v, uint8_t* codes) {
+  static KESTREL_ALWAYS_INLINE void requant(const Steps& steps, const F* v, uint8_t* codes) {
     __m512i lanes[kPer];
-    requant_lanes<MODE>(q, v, lanes);
+    requant_lanes<MODE>(steps, v, lanes);
     // the lanes' low bytes in element order: bytes 0, 4, ..., 124 of (lanes[0], lanes[1]) and of (lanes[2], lanes[3])
     alignas(64) static const uint8_t pick[64] = {0,  4,  8,  12, 16, 20, 24, 28, 32, 36,  40,  44,  48,  52,  56,  60,
                                                  64, 68, 72, 76, 80, 84, 88, 92, 96, 100, 104, 108, 112, 116, 120, 124,

@@ -71,12 +71,28 @@ def _check(x, codebook, k, metric, banned):
                 raise ValueError(f"{name}: banned leaves {allowed} codes, fewer than k={k}")
 
 
+def _neg_squared_norms(cb):
+    """-(cb * cb).sum(-1), the same bits, through a cache-sized buffer a few heads at a time on the CPU (the whole
+    product is a tensor as large as the codebook: allocating and faulting it in cost more than the sums)."""
+    H, C, d = cb.shape
+    if cb.device.type != "cpu" or H <= 1 or C * d == 0:
+        return -(cb * cb).sum(-1)
+    step = max(1, CPU_TILE_ELEMENTS // (4 * C * d))
+    out = torch.empty((H, C), dtype=cb.dtype)
+    buf = torch.empty((min(step, H), C, d), dtype=cb.dtype)
+    for h0 in range(0, H, step):
+        h1 = min(H, h0 + step)
+        torch.mul(cb[h0:h1], cb[h0:h1], out=buf[: h1 - h0])
+        torch.sum(buf[: h1 - h0], -1, out=out[h0:h1])
+    return out.neg_()
+
+
 def _code_terms(codebook, metric, banned):
     """(scale, bias) per code, float32 (H, C): ranking score = scale * x·c + bias."""
     cb = codebook.float()
     if metric == "l2":
         scale = torch.full(cb.shape[:-1], 2.0, device=cb.device)
-        bias = -(cb * cb).sum(-1)
+        bias = _neg_squared_norms(cb)
     elif metric == "cosine":
         scale = 1.0 / cb.norm(dim=-1).clamp_min(1e-12)
         bias = torch.zeros(cb.shape[:-1], device=cb.device)
@@ -243,9 +259,12 @@ def _chunk_topk_exact(tile, ids, k):
 
 def _chunk_topk(tile, ids, k):
     """The k best of each row of a chunk (ids ascend along the row), ties to the lower id, sorted best first with
-    equal scores in id order. torch.topk's choice among scores equal to the k-th is unspecified, so rows where the
-    k-th value also occurs outside the selection (the (k+1)-th best equals it) are redone exactly (rare outside
-    duplicated codes)."""
+    equal scores in id order. k = 1: torch.max (its index is the first largest). Otherwise torch.topk, whose choice
+    among scores equal to the k-th is unspecified, so rows where the k-th value also occurs outside the selection (the
+    (k+1)-th best equals it) are redone exactly (rare outside duplicated codes)."""
+    if k == 1:  # max returns the first index of the largest score: the lower-id tie rule, in one pass
+        vals, cols = tile.max(dim=-1, keepdim=True)
+        return vals, torch.gather(ids, -1, cols)
     extra = 1 if tile.shape[-1] > k else 0
     vals, cols = torch.topk(tile, k + extra, dim=-1)
     # the k-th value occurs outside the selection iff the (k+1)-th best equals it
@@ -294,7 +313,10 @@ def _topk_chunked(x, codebook, scale, bias, k, chunk=None):
     xf = x.to(dtype)
     cbt = codebook.to(dtype).transpose(1, 2)  # (H, d, C)
     scale, bias = scale.to(dtype), bias.to(dtype)
-    plain_scale, plain_bias = bool((scale == 1).all()), bool((bias == 0).all())
+    plain_bias = bool((bias == 0).all())
+    # one scale for every code (l2: 2, ip: 1): folded into the matmul as its alpha (a power of two scales exactly)
+    first_scale = float(scale.reshape(-1)[0]) if scale.numel() else 1.0
+    uniform_scale = bool((scale == first_scale).all()) and first_scale in (1.0, 2.0)
     nan_possible = _may_be_nan(xf, codebook, scale)
     kk = min(k, C)
     out_s = torch.empty((H, N, kk), dtype=dtype, device=x.device)
@@ -307,11 +329,16 @@ def _topk_chunked(x, codebook, scale, bias, k, chunk=None):
             best_s = best_i = None
             for c0 in range(0, C, codes):
                 c1 = min(C, c0 + codes)
-                tile = torch.matmul(xr, cbt[h0:h1, :, c0:c1])
-                if not plain_scale:
-                    tile.mul_(scale[h0:h1, None, c0:c1])
-                if not plain_bias:
-                    tile.add_(bias[h0:h1, None, c0:c1])
+                if uniform_scale and not plain_bias:  # bias + scale * x.c in one pass
+                    tile = torch.baddbmm(bias[h0:h1, None, c0:c1], xr, cbt[h0:h1, :, c0:c1], alpha=first_scale)
+                else:
+                    tile = torch.matmul(xr, cbt[h0:h1, :, c0:c1])
+                    if not uniform_scale:
+                        tile.mul_(scale[h0:h1, None, c0:c1])
+                    elif first_scale != 1.0:
+                        tile.mul_(first_scale)
+                    if not plain_bias:
+                        tile.add_(bias[h0:h1, None, c0:c1])
                 if nan_possible:
                     tile.masked_fill_(torch.isnan(tile), float("-inf"))  # NaN ranks last, as in the Triton kernel
                 ids = torch.arange(c0, c1, device=x.device).expand(h1 - h0, r1 - r0, -1)
