@@ -39,7 +39,7 @@ def run(device, quick=False):
         lambda: kv_bottleneck_lookup(z, keys, values, 1),
         [("bmm + topk + gather", lambda: unfused(z, keys, values, 1))],
         nbytes,
-        repeats=5,
+        repeats=9,
     )
 
 

@@ -190,7 +190,7 @@ def run_family(device, quick=False):
             steps["kestrel"],
             [(label, fn) for label, fn in steps.items() if label != "kestrel"],
             nbytes,
-            repeats=5 if device.type == "cpu" else 10,
+            repeats=15 if device.type == "cpu" else 10,
         )
         del steps
         if device.type == "cuda":
@@ -327,7 +327,7 @@ def run(device, quick=False):
                     steps[f"kestrel, {isa} path"] = with_isa(opt.step, isa)
         n = sum(torch.Size(s).numel() for s in shapes)
         nbytes = n * (3 * torch.tensor([], dtype=dtype).element_size() + 4) + 2 * 2 * 4 * ((n + 255) // 256)
-        repeats = 5 if device.type == "cpu" else 10
+        repeats = 15 if device.type == "cpu" else 10
         baselines = [(name, fn) for name, fn in steps.items() if name != "kestrel"]
         rows += compare(
             "AdamW8bit step",

@@ -49,7 +49,7 @@ def run(device, quick=False):
             lambda x=x, cb=cb: vq_topk(x, cb, k, metric="ip"),
             baselines,
             nbytes,
-            repeats=5,
+            repeats=9,
         )
     return rows
 
