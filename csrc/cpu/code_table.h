@@ -33,94 +33,70 @@ inline int requantized_code(const float* code, const float* midpoints, int mode,
 }
 
 // Requantization by one table lookup (the vector paths). The code of v under a MODE is a non-decreasing step function
-// of v, so a table of where it steps gives it. With t = |v|'s bits, v's bucket is r = clamp((t >> shift) - lo, 0,
-// span - 1) on v's side -- negative when the sign bit is set; for kRoundUp when v <= 0, so that +0 shares -0's code --
-// at entry span + r (positive side) or span - 1 - r (negative side): the buckets in value order. Within a bucket, v's
-// position is t's low `shift` bits, complemented on the negative side (so positions ascend with v). Every bucket holds
-// at most one step: its entry is code | thr << 8, the code at the bucket's first position and the last position before
-// the step (0x7FFFFF: none), and v's code is code + (position << 8 > entry). The two clamped buckets of each side (all
-// |v| below (lo + 1) << shift, all |v| from 1.0 up, inf and NaN included) hold no step. Per vector: one gather and a
-// few integer operations (optim_avx512.h, optim_avx2.h), the sign fix or round-up folded into the table.
+// of v, so a table of where it steps gives it. v's bits as a monotone integer, m = bits ^ (sign ? 0x7FFFFFFF : 0)
+// (= t for v >= 0 and -1 - t for v < 0, t = |v|'s bits: ordered as the values are, -0 just below +0), split into a
+// bucket m >> shift (arithmetic) and a position m & (2^shift - 1). The table has an entry per bucket of |v| < 2 (the
+// domain is |v| <= 1, a state divided by its block's absmax): code << 24 | thr, the code at the bucket's first
+// position and the last position before the step (2^shift - 1: none), so v's code is the entry's top byte plus 1 when
+// (code << 24 | position) > entry -- one gather, a bit select and a comparison per vector (optim_avx512.h,
+// optim_avx2.h), the sign fix or round-up folded in (bnb's sign fix steps between -0 and +0, the round-up between +0
+// and the smallest positive float: inside the table like any other step).
 //
 // build() makes the table from requantized_code, exactly: in each bucket it evaluates the code at the first and the
-// last position (the clamped buckets: their whole range) -- equal, no step; one apart, the step found by bisection;
-// more, the next finer `shift` is tried -- and it checks that the codes ascend from bucket to bucket. Monotone step
-// functions agree everywhere when they agree at every step, so the table is exact; tests/test_optim_vector_paths.py
-// compares each path with the scalar definition on all 2,130,706,434 float32 bit patterns in [-1, 1] for both
-// dynamic maps and every MODE. The dynamic maps take shift 17 (signed, 11 KiB) and 16 (unsigned, 23 KiB).
+// last position -- equal, no step; one apart, the step found by bisection; more, the next finer `shift` is tried --
+// and it checks that the codes ascend from bucket to bucket. Monotone step functions agree everywhere when they agree
+// at every step, so the table is exact; tests/test_optim_vector_paths.py compares each path with the scalar
+// definition on all 2,130,706,434 float32 bit patterns in [-1, 1] for both dynamic maps and every MODE. The dynamic
+// maps take shift 17 (signed: 64 KiB) and 16 (unsigned: 128 KiB); the entries of the values a state holds (a few
+// decades below its absmax) are the ones in cache.
 struct StepTable {
-  static constexpr uint32_t kNoStep = 0x7fffffu;
+  static constexpr int kCodeShift = 24;
   bool ok = false;
-  int shift = 16, lo = 0, span = 1;
-  std::vector<uint32_t> entries;  // 2 * span
+  int shift = 16;
+  int half = 0;                   // buckets per sign: |v| < 2 is m >> shift in [-half, half)
+  std::vector<uint32_t> entries;  // 2 * half, bucket key at entries[half + key]
 
-  const uint32_t* center() const { return entries.data() + span; }
-  uint32_t position_mask8() const { return ((1u << shift) - 1u) << 8; }
+  const uint32_t* center() const { return entries.data() + half; }
+  uint32_t position_mask() const { return (1u << shift) - 1u; }
 
   void build(const float* code, const float* midpoints, int mode) {
-    for (int sh : {18, 17, 16, 15}) {
-      // lo: the bucket below the smallest nonzero |midpoint|'s, so the clamped buckets hold no midpoint
-      int first = (int)(0x3f800000u >> sh);
-      for (int j = 0; j < quant::kCodeSize - 1; ++j) {
-        const int e = (int)((float_bits(midpoints[j]) & 0x7fffffffu) >> sh);
-        if (e > 0 && e < first) first = e;
-      }
-      if (build_with(code, midpoints, mode, sh, first > 0 ? first - 1 : 0)) return;
-    }
+    for (int sh : {18, 17, 16, 15})
+      if (build_with(code, midpoints, mode, sh)) return;
     ok = false;
     entries.clear();
   }
 
  private:
-  bool build_with(const float* code, const float* midpoints, int mode, int sh, int lo_) {
+  bool build_with(const float* code, const float* midpoints, int mode, int sh) {
     shift = sh;
-    lo = lo_;
-    span = (int)(0x3f800000u >> sh) - lo + 1;  // the last bucket starts at 1.0's
-    if (span < 3) return false;
-    entries.assign(2 * (size_t)span, 0);
+    half = 1 << (30 - sh);  // 2^30 is 2.0's bits
+    entries.assign(2 * (size_t)half, 0);
     const uint32_t last = (1u << sh) - 1u;
-    const float inf = std::numeric_limits<float>::infinity();
     const auto f = [&](float v) { return requantized_code(code, midpoints, mode, v); };
-    // the value at position l of bucket b (b >= 0: the positive side's r = b; b < 0: the negative side's r = -1 - b)
-    const auto value = [&](int b, uint32_t l) {
-      if (b >= 0) return float_from_bits(((uint32_t)(lo + b) << sh) | l);
-      return float_from_bits(0x80000000u | ((uint32_t)(lo - 1 - b) << sh) | (l ^ last));
+    const auto value = [&](int64_t key, uint32_t position) {  // the float whose monotone integer is key << sh | pos
+      const int64_t m = key * ((int64_t)1 << sh) + position;
+      return m >= 0 ? float_from_bits((uint32_t)m) : float_from_bits((uint32_t)m ^ 0x7fffffffu);
     };
-    const float below = float_from_bits(((uint32_t)(lo + 1) << sh) - 1u);  // the clamped-below buckets' largest |v|
     int previous = -1;
-    for (int b = -span; b < span; ++b) {
-      const int r = b >= 0 ? b : -1 - b;
-      float lowest, highest;
-      if (r == 0) {  // |v| < (lo + 1) << shift on this side
-        const bool round_up = mode == kRoundUp;
-        lowest = b >= 0 ? (round_up ? float_from_bits(1u) : 0.0f) : -below;
-        highest = b >= 0 ? below : (round_up ? 0.0f : -0.0f);
-        if (b < 0 && round_up && f(-0.0f) != f(0.0f)) return false;
-      } else if (r == span - 1) {  // |v| >= 1.0's bucket, inf and NaN
-        lowest = b >= 0 ? value(b, 0) : -inf;
-        highest = b >= 0 ? inf : value(b, last);
-      } else {
-        lowest = value(b, 0);
-        highest = value(b, last);
-      }
-      const int at_lowest = f(lowest), at_highest = f(highest);
-      if (at_lowest < previous) return false;  // not monotone
-      previous = at_highest;
-      uint32_t thr = kNoStep;
-      if (at_highest == at_lowest + 1 && r != 0 && r != span - 1) {
+    for (int64_t key = -half; key < half; ++key) {
+      const int lowest = f(value(key, 0)), highest = f(value(key, last));
+      if (lowest < previous || highest < lowest) return false;  // not monotone
+      previous = highest;
+      uint32_t thr = last;
+      if (highest == lowest + 1) {
         uint32_t x = 0, y = last;  // the first position with the higher code
         while (x < y) {
           const uint32_t mid = x + (y - x) / 2;
-          if (f(value(b, mid)) > at_lowest)
+          if (f(value(key, mid)) > lowest)
             y = mid;
           else
             x = mid + 1;
         }
         thr = x - 1;
-      } else if (at_highest != at_lowest) {
+      } else if (highest != lowest) {
         return false;
       }
-      entries[(size_t)(span + b)] = (uint32_t)at_lowest | (thr << 8);
+      entries[(size_t)(half + key)] = (uint32_t)lowest << kCodeShift | thr;
     }
     ok = true;
     return true;

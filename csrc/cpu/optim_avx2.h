@@ -134,10 +134,10 @@ struct V {
   static __m256i load_codes(const uint8_t* p) {
     return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   }
-  // the low bytes of 8 32-bit lanes to 8 bytes
-  static void store_low_bytes(uint8_t* p, __m256i lanes) {
-    const __m256i picked = _mm256_shuffle_epi8(  // bytes 0, 4, 8, 12 of each 128-bit half to its first dword
-        lanes, _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1, -1, -1,
+  // the top bytes of 8 32-bit lanes to 8 bytes
+  static void store_top_bytes(uint8_t* p, __m256i lanes) {
+    const __m256i picked = _mm256_shuffle_epi8(  // bytes 3, 7, 11, 15 of each 128-bit half to its first dword
+        lanes, _mm256_setr_epi8(3, 7, 11, 15, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 3, 7, 11, 15, -1, -1, -1,
                                 -1, -1, -1, -1, -1, -1, -1, -1, -1));
     const __m128i both = _mm_unpacklo_epi32(_mm256_castsi256_si128(picked), _mm256_extracti128_si256(picked, 1));
     _mm_storel_epi64(reinterpret_cast<__m128i*>(p), both);
@@ -151,35 +151,34 @@ struct V {
   // A map's step tables as the requantization uses them, read once per kernel call (as optim_avx512.h's Steps).
   struct Steps {
     struct Mode {
-      __m256i shift, lo, top, position_mask;
+      __m256i shift, position_mask;
       const int* center;
     } mode[3];
     explicit Steps(const CodeTable& q) {
       for (int m = 0; m < 3; ++m) {
         const StepTable& t = q.step[m];
-        mode[m] = {_mm256_set1_epi32(t.shift), _mm256_set1_epi32(t.lo), _mm256_set1_epi32(t.span - 1),
-                   _mm256_set1_epi32((int)t.position_mask8()), reinterpret_cast<const int*>(t.center())};
+        mode[m] = {_mm256_set1_epi32(t.shift), _mm256_set1_epi32((int)t.position_mask()),
+                   reinterpret_cast<const int*>(t.center())};
       }
     }
   };
 
-  // The codes of 8 normalised values under MODE from the StepTable (as optim_avx512.h's requant_lanes): the entry of
-  // v's bucket, plus 1 past its step; the low byte of each lane.
-  template <int MODE>
+  // The codes of 8 normalised values from a StepTable (as optim_avx512.h's requant_lanes): the entry of v's bucket,
+  // plus 1 past its step; the top byte of each lane.
   static KESTREL_ALWAYS_INLINE __m256i requant_lanes(const typename Steps::Mode& t, F v) {
     const __m256i bits = _mm256_castps_si256(v);
-    const __m256i side = MODE == kRoundUp ? _mm256_castps_si256(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LE_OQ))
-                                          : _mm256_srai_epi32(bits, 31);
-    __m256i r = _mm256_srlv_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff)), t.shift);
-    r = _mm256_min_epu32(_mm256_subs_epu16(r, t.lo), t.top);
-    const __m256i entry = _mm256_i32gather_epi32(t.center, _mm256_xor_si256(r, side), 4);
-    const __m256i position = _mm256_and_si256(_mm256_xor_si256(_mm256_slli_epi32(bits, 8), side), t.position_mask);
-    return _mm256_sub_epi32(entry, _mm256_cmpgt_epi32(position, entry));  // +1 past the step
+    const __m256i m =  // the monotone integer: bits ^ (sign ? 0x7FFFFFFF : 0)
+        _mm256_xor_si256(bits, _mm256_and_si256(_mm256_srai_epi32(bits, 31), _mm256_set1_epi32(0x7fffffff)));
+    const __m256i entry = _mm256_i32gather_epi32(t.center, _mm256_srav_epi32(m, t.shift), 4);
+    const __m256i at =  // code << 24 | position: entry ^ ((entry ^ m) & mask)
+        _mm256_xor_si256(entry, _mm256_and_si256(_mm256_xor_si256(entry, m), t.position_mask));
+    return _mm256_add_epi32(
+        entry, _mm256_and_si256(_mm256_cmpgt_epi32(at, entry), _mm256_set1_epi32(1 << StepTable::kCodeShift)));
   }
 
   template <int MODE>
   static KESTREL_ALWAYS_INLINE void requant(const Steps& steps, const F* v, uint8_t* codes) {
-    for (int k = 0; k < kPer; ++k) store_low_bytes(codes + 8 * k, requant_lanes<MODE>(steps.mode[MODE], v[k]));
+    for (int k = 0; k < kPer; ++k) store_top_bytes(codes + 8 * k, requant_lanes(steps.mode[MODE], v[k]));
   }
 };
 

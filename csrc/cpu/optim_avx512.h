@@ -123,36 +123,32 @@ struct Base {
   // them may alias the table, so reading it per group would reload it).
   struct Steps {
     struct Mode {
-      __m512i shift, lo, top, position_mask;
+      __m512i shift, position_mask;
       const uint32_t* center;
     } mode[3];
     explicit Steps(const CodeTable& q) {
       for (int m = 0; m < 3; ++m) {
         const StepTable& t = q.step[m];
-        mode[m] = {_mm512_set1_epi32(t.shift), _mm512_set1_epi32(t.lo), _mm512_set1_epi32(t.span - 1),
-                   _mm512_set1_epi32((int)t.position_mask8()), t.center()};
+        mode[m] = {_mm512_set1_epi32(t.shift), _mm512_set1_epi32((int)t.position_mask()), t.center()};
       }
     }
   };
 
-  // The codes of 64 normalised values under MODE (StepTable), one per 32-bit lane (the low byte; the rest is the
-  // table entry's threshold).
+  // The codes of 64 normalised values under MODE (StepTable), one per 32-bit lane: the top byte (the rest is the
+  // entry's threshold).
   template <int MODE>
   static KESTREL_ALWAYS_INLINE void requant_lanes(const Steps& steps, const F* v, __m512i* out) {
     const typename Steps::Mode& t = steps.mode[MODE];
     for (int k = 0; k < kPer; ++k) {
       const __m512i bits = _mm512_castps_si512(v[k]);
-      // the side: all ones for the negative side (kRoundUp: v <= 0), else zero
-      const __m512i side = MODE == kRoundUp
-                               ? _mm512_movm_epi32(_mm512_cmp_ps_mask(v[k], _mm512_setzero_ps(), _CMP_LE_OQ))
-                               : _mm512_srai_epi32(bits, 31);
-      // r = clamp((t >> shift) - lo, 0, span - 1): t >> shift < 2^16, so a saturating 16-bit subtraction clamps at 0
-      __m512i r = _mm512_srlv_epi32(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)), t.shift);
-      r = _mm512_min_epu32(_mm512_subs_epu16(r, t.lo), t.top);
-      const __m512i entry = _mm512_i32gather_epi32(_mm512_xor_si512(r, side), t.center, 4);  // span + r, span-1-r
-      // the position within the bucket (complemented on the negative side), shifted left 8: (bits << 8 ^ side) & mask
-      const __m512i position = _mm512_ternarylogic_epi32(_mm512_slli_epi32(bits, 8), side, t.position_mask, 0x28);
-      out[k] = _mm512_mask_add_epi32(entry, _mm512_cmpgt_epi32_mask(position, entry), entry, _mm512_set1_epi32(1));
+      // the monotone integer: bits ^ (sign ? 0x7FFFFFFF : 0), a ^ (b & c)
+      const __m512i m =
+          _mm512_ternarylogic_epi32(bits, _mm512_srai_epi32(bits, 31), _mm512_set1_epi32(0x7fffffff), 0x78);
+      const __m512i entry = _mm512_i32gather_epi32(_mm512_srav_epi32(m, t.shift), t.center, 4);
+      // code << 24 | position (c ? a : b): it exceeds the entry (the same code bits) when the position is past thr
+      const __m512i at = _mm512_ternarylogic_epi32(m, entry, t.position_mask, 0xE4);
+      out[k] = _mm512_mask_add_epi32(entry, _mm512_cmpgt_epi32_mask(at, entry), entry,
+                                     _mm512_set1_epi32(1 << StepTable::kCodeShift));
     }
   }
 
@@ -171,8 +167,9 @@ struct V : Base {
   static KESTREL_ALWAYS_INLINE void requant(const Steps& steps, const F* v, uint8_t* codes) {
     __m512i lanes[kPer];
     requant_lanes<MODE>(steps, v, lanes);
-    for (int k = 0; k < kPer; ++k)  // vpmovdb: each lane's low byte
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + 16 * k), _mm512_cvtepi32_epi8(lanes[k]));
+    for (int k = 0; k < kPer; ++k)  // each lane's top byte, by vpmovdb
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + 16 * k),
+                       _mm512_cvtepi32_epi8(_mm512_srli_epi32(lanes[k], StepTable::kCodeShift)));
   }
 };
 
@@ -237,11 +234,11 @@ struct V : Base {
   static KESTREL_ALWAYS_INLINE void requant(const Steps& steps, const F* v, uint8_t* codes) {
     __m512i lanes[kPer];
     requant_lanes<MODE>(steps, v, lanes);
-    // the lanes' low bytes in element order: bytes 0, 4, ..., 124 of (lanes[0], lanes[1]) and of (lanes[2], lanes[3])
-    alignas(64) static const uint8_t pick[64] = {0,  4,  8,  12, 16, 20, 24, 28, 32, 36,  40,  44,  48,  52,  56,  60,
-                                                 64, 68, 72, 76, 80, 84, 88, 92, 96, 100, 104, 108, 112, 116, 120, 124,
-                                                 0,  4,  8,  12, 16, 20, 24, 28, 32, 36,  40,  44,  48,  52,  56,  60,
-                                                 64, 68, 72, 76, 80, 84, 88, 92, 96, 100, 104, 108, 112, 116, 120, 124};
+    // the lanes' top bytes in element order: bytes 3, 7, ..., 127 of (lanes[0], lanes[1]) and of (lanes[2], lanes[3])
+    alignas(64) static const uint8_t pick[64] = {3,  7,  11, 15, 19, 23, 27, 31, 35, 39,  43,  47,  51,  55,  59,  63,
+                                                 67, 71, 75, 79, 83, 87, 91, 95, 99, 103, 107, 111, 115, 119, 123, 127,
+                                                 3,  7,  11, 15, 19, 23, 27, 31, 35, 39,  43,  47,  51,  55,  59,  63,
+                                                 67, 71, 75, 79, 83, 87, 91, 95, 99, 103, 107, 111, 115, 119, 123, 127};
     const __m512i order = _mm512_load_si512(pick);
     const __m512i from01 = _mm512_permutex2var_epi8(lanes[0], order, lanes[1]);
     const __m512i from23 = _mm512_permutex2var_epi8(lanes[2], order, lanes[3]);
