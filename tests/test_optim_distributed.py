@@ -31,13 +31,21 @@ def spawn(fn, tmp_path, *args, world=2):
 
 
 def single_process(name, steps, start_seed=0, grad_offset=0, model=None, opt=None):
-    model = model or W.Bag(seed=start_seed)
-    params = list(model.parameters())
-    opt = opt or W.make_optimizer(name, params)
-    for step in range(steps):
-        for p, g in zip(params, W.grads_for(grad_offset + step)):
-            p.grad = g
-        opt.step()
+    """The reference run, on one thread as the workers are (dist_workers.init): kestrel's kernels give the same bits
+    on any number of threads, but the BLAS need not (Muon's Newton-Schulz matmuls differ in the last bits between one
+    and two threads on some CPUs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = model or W.Bag(seed=start_seed)
+        params = list(model.parameters())
+        opt = opt or W.make_optimizer(name, params)
+        for step in range(steps):
+            for p, g in zip(params, W.grads_for(grad_offset + step)):
+                p.grad = g
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     return model, params, opt
 
 
