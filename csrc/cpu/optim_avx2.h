@@ -35,15 +35,23 @@ template <>
 struct Lanes<float> {
   static inline __m256 load(const float* p) { return _mm256_loadu_ps(p); }
   static inline __m256 round(__m256 v) { return v; }
-  // Store the lanes of m (all-ones lanes; v already in T's precision); the others keep their bits.
-  // (a load, a blend and a store: vmaskmovps stores are slow on AMD)
+  // Store the lanes of m (all-ones lanes; v already in T's precision); the others keep their bits. All lanes (a
+  // step's every element but a skipped one): a plain store; else a load, a blend and a store (vmaskmovps stores are
+  // slow on AMD).
   static inline void store_where(float* p, __m256 m, __m256 v) {
-    _mm256_storeu_ps(p, _mm256_blendv_ps(_mm256_loadu_ps(p), v, m));
+    if (__builtin_expect(_mm256_movemask_ps(m) == 0xFF, 1))
+      _mm256_storeu_ps(p, v);
+    else
+      _mm256_storeu_ps(p, _mm256_blendv_ps(_mm256_loadu_ps(p), v, m));
   }
 };
 
 // 8 x 16-bit values into p where m (8 x 32-bit lanes) is set; the other values keep their bits.
 inline void store16_where(void* p, __m256 m, __m128i bits) {
+  if (__builtin_expect(_mm256_movemask_ps(m) == 0xFF, 1)) {  // all lanes: a plain store
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bits);
+    return;
+  }
   const __m256i wide = _mm256_castps_si256(m);
   const __m128i mask = _mm_packs_epi32(_mm256_castsi256_si128(wide), _mm256_extracti128_si256(wide, 1));
   __m128i* q = reinterpret_cast<__m128i*>(p);
@@ -79,16 +87,16 @@ struct Lanes<c10::BFloat16> {
     const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
   }
-  // Round to nearest even, NaN to 0x7FC0: c10::BFloat16's conversion (as optim_avx512.h).
-  static inline __m256i to_bits32(__m256 v) {
+  // Round to nearest even, NaN to 0x7FC0: c10::BFloat16's conversion (as optim_avx512.h), as a float (the bf16 bits
+  // in the top half, the low half zero).
+  static inline __m256 round(__m256 v) {
     const __m256i u = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    const __m256i rounded =
-        _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+    const __m256i rounded = _mm256_and_si256(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb),
+                                             _mm256_set1_epi32((int)0xFFFF0000u));
+    return _mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)),
+                            _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
   }
-  static inline __m256 round(__m256 v) { return _mm256_castsi256_ps(_mm256_slli_epi32(to_bits32(v), 16)); }
   // v already in bf16 (round's result): its top half is the value
   static inline void store_where(c10::BFloat16* p, __m256 m, __m256 v) {
     store16_where(p, m, pack16(_mm256_srli_epi32(_mm256_castps_si256(v), 16)));

@@ -70,16 +70,16 @@ struct Lanes<c10::BFloat16> {
     const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
   }
-  // Round to nearest even, NaN to 0x7FC0: c10::BFloat16's conversion.
-  static inline __m512i to_bits32(__m512 v) {
+  // Round to nearest even, NaN to 0x7FC0: c10::BFloat16's conversion, as a float (the bf16 bits in the top half, the
+  // low half zero: u + 0x7FFF + lsb, masked).
+  static inline __m512 round(__m512 v) {
     const __m512i u = _mm512_castps_si512(v);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    const __m512i rounded =
-        _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+    const __m512i rounded = _mm512_and_si512(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb),
+                                             _mm512_set1_epi32((int)0xFFFF0000u));
     const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    return _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
+    return _mm512_castsi512_ps(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC00000)));
   }
-  static inline __m512 round(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(to_bits32(v), 16)); }
   // v already in bf16 (round's result): its top half is the value
   static inline void store_where(c10::BFloat16* p, __mmask16 m, __m512 v) {
     _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
