@@ -99,9 +99,10 @@ def test_every_cpu_vector_path_gives_the_same_bits(monkeypatch, name, dtype, rob
 
 @pytest.mark.parametrize("signed", [True, False], ids=["signed map", "unsigned map"])
 def test_requantization_is_exact_on_every_float_in_the_maps_range(monkeypatch, signed):
-    """The vector requantization (search-free on AVX-512, the bucket table on AVX2) against the scalar definition --
-    the count of float32 midpoints below v, then bnb's sign fix or the robust round-up -- on all 2,130,706,434 float32
-    bit patterns in [-1, 1], the range of a state divided by its block's absmax, for each path this CPU has."""
+    """The vector requantization (one StepTable lookup per value, code_table.h, on every path) against the scalar
+    definition -- the count of float32 midpoints below v, then bnb's sign fix or the robust round-up -- on all
+    2,130,706,434 float32 bit patterns in [-1, 1], the range of a state divided by its block's absmax, for each path
+    this CPU has."""
     code = create_dynamic_map(signed=signed).tolist()
     isas = [isa for isa in available_isas(monkeypatch) if isa != "scalar"]
     assert isas, "no vector path on this CPU"

@@ -142,15 +142,6 @@ struct V {
   static __m256i load_codes(const uint8_t* p) {
     return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   }
-  // the top bytes of 8 32-bit lanes to 8 bytes
-  static void store_top_bytes(uint8_t* p, __m256i lanes) {
-    const __m256i picked = _mm256_shuffle_epi8(  // bytes 3, 7, 11, 15 of each 128-bit half to its first dword
-        lanes, _mm256_setr_epi8(3, 7, 11, 15, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 3, 7, 11, 15, -1, -1, -1,
-                                -1, -1, -1, -1, -1, -1, -1, -1, -1));
-    const __m128i both = _mm_unpacklo_epi32(_mm256_castsi256_si128(picked), _mm256_extracti128_si256(picked, 1));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), both);
-  }
-
   static void dequant(const CodeTable& q, const uint8_t* codes, F absmax, F* out) {
     for (int k = 0; k < kPer; ++k)
       out[k] = _mm256_mul_ps(_mm256_i32gather_ps(q.code, load_codes(codes + 8 * k), 4), absmax);
@@ -171,8 +162,8 @@ struct V {
     }
   };
 
-  // The codes of 8 normalised values from a StepTable (as optim_avx512.h's requant_lanes): the entry of v's bucket,
-  // plus 1 past its step; the top byte of each lane.
+  // The codes of 8 normalised values from a StepTable (as optim_avx512.h's requant_lanes), one per 32-bit lane: the
+  // entry of v's bucket, its top byte plus 1 past its step (minus the comparison's all-ones).
   static KESTREL_ALWAYS_INLINE __m256i requant_lanes(const typename Steps::Mode& t, F v) {
     const __m256i bits = _mm256_castps_si256(v);
     const __m256i m =  // the monotone integer: bits ^ (sign ? 0x7FFFFFFF : 0)
@@ -180,13 +171,21 @@ struct V {
     const __m256i entry = _mm256_i32gather_epi32(t.center, _mm256_srav_epi32(m, t.shift), 4);
     const __m256i at =  // code << 24 | position: entry ^ ((entry ^ m) & mask)
         _mm256_xor_si256(entry, _mm256_and_si256(_mm256_xor_si256(entry, m), t.position_mask));
-    return _mm256_add_epi32(
-        entry, _mm256_and_si256(_mm256_cmpgt_epi32(at, entry), _mm256_set1_epi32(1 << StepTable::kCodeShift)));
+    return _mm256_sub_epi32(_mm256_srli_epi32(entry, StepTable::kCodeShift), _mm256_cmpgt_epi32(at, entry));
   }
 
+  // 32 codes at a time: four vectors' codes packed (two saturating packs, in-lane) and put in order
+  // by one dword permute, one store.
   template <int MODE>
   static KESTREL_ALWAYS_INLINE void requant(const Steps& steps, const F* v, uint8_t* codes) {
-    for (int k = 0; k < kPer; ++k) store_top_bytes(codes + 8 * k, requant_lanes(steps.mode[MODE], v[k]));
+    for (int h = 0; h < kPer; h += 4) {
+      __m256i c[4];
+      for (int k = 0; k < 4; ++k) c[k] = requant_lanes(steps.mode[MODE], v[h + k]);
+      // dword d of the packed bytes holds lanes 4 (d / 4) .. + 3 of vector d % 4
+      const __m256i packed = _mm256_packus_epi16(_mm256_packus_epi32(c[0], c[1]), _mm256_packus_epi32(c[2], c[3]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + 8 * h),
+                          _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    }
   }
 };
 

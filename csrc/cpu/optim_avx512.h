@@ -80,9 +80,13 @@ struct Lanes<c10::BFloat16> {
     const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     return _mm512_castsi512_ps(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC00000)));
   }
-  // v already in bf16 (round's result): its top half is the value
+  // v already in bf16 (round's result): its top halves (the odd words) are the values, put in the low 256 bits by one
+  // word permute (vpermw: one uop where a shift and vpmovdw are three)
   static inline void store_where(c10::BFloat16* p, __mmask16 m, __m512 v) {
-    _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+    alignas(64) static const uint16_t odd_words[32] = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
+                                                       1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+    const __m512i top = _mm512_permutexvar_epi16(_mm512_load_si512(odd_words), _mm512_castps_si512(v));
+    _mm256_mask_storeu_epi16(p, m, _mm512_castsi512_si256(top));
   }
 };
 
