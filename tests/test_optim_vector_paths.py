@@ -54,16 +54,17 @@ def available_isas(monkeypatch):
 def test_every_cpu_vector_path_gives_the_same_bits(monkeypatch, name, dtype, robust):
     """Each vector path this CPU has (KESTREL_CPU_ISA caps the choice): parameters, codes and absmax bit for bit equal
     to the scalar loops', over steps with NaN/Inf gradients and one whose square overflows, blocks of zeros, tiny and
-    huge values, a partial last block, weight decay and (robust) rounding."""
+    huge values, a partial last block, weight decay and (robust) rounding; one tensor large enough for the kernels to
+    split its blocks over the threads (each thread's range requantizes a block after the next one's pass)."""
     isas = available_isas(monkeypatch)
     assert "scalar" in isas and len(isas) >= 2, f"vector paths on this CPU: {isas}"
     runs = {}
     for isa in isas:
         monkeypatch.setenv("KESTREL_CPU_ISA", isa)
         g = torch.Generator().manual_seed(7)
-        shapes = [(4097,), (40, 256), (9000,)]
+        shapes = [(4097,), (40, 256), (9000,), (129, 256)]  # the last: 129 blocks, split over the threads
         if name == "Muon8bit":  # Muon's parameters are matrices
-            shapes = [(4097, 1), (40, 256), (9000, 1)]
+            shapes = [(4097, 1), (40, 256), (9000, 1), (129, 256)]
         params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
         with torch.no_grad():  # NaN parameters with payloads and signs: stepped ones canonicalise, skipped keep bits
             bits = params[2].view(-1).view(torch.int16 if dtype != torch.float32 else torch.int32)
