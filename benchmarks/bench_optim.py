@@ -137,8 +137,9 @@ def family(device):
     return [(name, states, make, [(b, m) for b, m in baselines if m]) for name, states, make, baselines in rows]
 
 
-def capped_paths(device):
-    """On the CPU, the narrower vector paths this CPU has beside the one kestrel picks (KESTREL_CPU_ISA caps it)."""
+def capped_paths(device, dtype):
+    """On the CPU, the narrower vector paths this CPU has beside the one kestrel picks (KESTREL_CPU_ISA caps it), less
+    those that run the same kernels for `dtype` (avx512bf16 differs from avx512vbmi in bf16 parameters alone)."""
     if device.type != "cpu":
         return []
     import kestrel
@@ -146,8 +147,13 @@ def capped_paths(device):
     if not kestrel._ext.available():
         return []
     best = kestrel._C.cpu_isa()
-    order = ["avx512vbmi", "avx512", "avx2", "scalar"]
-    return [isa for isa in order[order.index(best) + 1 :] if isa != "scalar"] if best in order else []
+    order = ["avx512bf16", "avx512vbmi", "avx512", "avx2", "scalar"]
+    if best not in order:
+        return []
+    paths = [isa for isa in order[order.index(best) + 1 :] if isa != "scalar"]
+    if best == "avx512bf16" and dtype != torch.bfloat16:
+        paths.remove("avx512vbmi")
+    return paths
 
 
 def with_isa(step, isa):
@@ -178,7 +184,7 @@ def run_family(device, quick=False):
             opt = maker(params)
             opt.step()
             steps[label] = opt.step
-        for isa in capped_paths(device):  # the same kestrel optimizer on the narrower paths
+        for isa in capped_paths(device, dtype):  # the same kestrel optimizer on the narrower paths
             steps[f"kestrel, {isa} path"] = with_isa(steps["kestrel"], isa)
         n = sum(torch.Size(s).numel() for s in shapes)
         nbytes = n * (3 * torch.tensor([], dtype=dtype).element_size() + 2 * states) + states * 2 * 4 * (
@@ -324,7 +330,7 @@ def run(device, quick=False):
                 print(f"kestrel AdamW8bit state: {state_bytes_per_param(opt, params):.3f} bytes/param ({label})")
             steps[name] = opt.step
             if name == "kestrel":
-                for isa in capped_paths(device):  # the same optimizer on the narrower paths
+                for isa in capped_paths(device, dtype):  # the same optimizer on the narrower paths
                     steps[f"kestrel, {isa} path"] = with_isa(opt.step, isa)
         n = sum(torch.Size(s).numel() for s in shapes)
         nbytes = n * (3 * torch.tensor([], dtype=dtype).element_size() + 4) + 2 * 2 * 4 * ((n + 255) // 256)

@@ -141,6 +141,7 @@ namespace kestrel {
 void register_jit_bindings(pybind11::module_& m);  // csrc/jit_ops.cpp: the JIT path's host half
 // csrc/cpu/optim.cpp; weak: the CUDA-on-CPU test build (tests/cuda_sim) compiles this file without the CPU kernels
 __attribute__((weak)) std::vector<int64_t> requantize_check(const std::vector<float>& map, const std::string& isa);
+__attribute__((weak)) std::vector<int64_t> round_check(const std::string& isa, const std::string& dtype);
 }  // namespace kestrel
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -148,7 +149,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "How this extension was built: version, torch, OpenMP, CUDA and its archs.");
   m.def(
       "cpu_isa", [] { return kestrel::cpu::isa_name(kestrel::cpu::active_isa()); },
-      "The vector path of the CPU optimizer kernels in this call: avx512, avx2 or scalar (KESTREL_CPU_ISA caps it).");
+      "The vector path of the CPU optimizer kernels in this call: avx512bf16, avx512vbmi, avx512, avx2 or scalar "
+      "(KESTREL_CPU_ISA caps it).");
   m.def(
       "_requantize_check",
       [](const std::vector<float>& map, const std::string& isa) {
@@ -156,7 +158,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return kestrel::requantize_check(map, isa);
       },
       pybind11::arg("map"), pybind11::arg("isa"),
-      "For tests: the vector requantization of `isa` (avx512vbmi, avx512, avx2) against the scalar definition on "
+      "For tests: the vector requantization of `isa` (avx512bf16, avx512vbmi, avx512, avx2) against the scalar "
+      "definition on "
       "every float32 bit pattern in [-1, 1], with each rounding: [values, mismatches, bits of the first mismatch].");
+  m.def(
+      "_round_check",
+      [](const std::string& isa, const std::string& dtype) {
+        TORCH_CHECK(&kestrel::round_check != nullptr, "this build has no CPU optimizer kernels");
+        return kestrel::round_check(isa, dtype);
+      },
+      pybind11::arg("isa"), pybind11::arg("dtype"),
+      "For tests: the parameter rounding of `isa`'s vector stores (dtype 'bfloat16' or 'float16') against c10's "
+      "conversion on every float32 bit pattern: [values, mismatches, bits of the first mismatch].");
   kestrel::register_jit_bindings(m);
 }

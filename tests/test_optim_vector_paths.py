@@ -1,6 +1,7 @@
-"""The CPU vector paths of the 8-bit optimizers (AVX-512 with VBMI, AVX-512, AVX2; csrc/cpu/optim_vector.inc): every
-optimizer bit for bit equal to the scalar loops on each path this CPU has, and the search-free requantization equal to
-the exact nearest rounding (with bnb's sign fix and the robust round-up) on every float32 bit pattern in [-1, 1]."""
+"""The CPU vector paths of the 8-bit optimizers (AVX-512 with VBMI and BF16, with VBMI, AVX-512, AVX2;
+csrc/cpu/optim_vector.inc): every optimizer bit for bit equal to the scalar loops on each path this CPU has, the
+search-free requantization equal to the exact nearest rounding (with bnb's sign fix and the robust round-up) on every
+float32 bit pattern in [-1, 1], and each path's bf16 and fp16 parameter rounding equal to c10's on every float32."""
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from kestrel.functional import create_dynamic_map
 
 pytestmark = pytest.mark.skipif(not kestrel._ext.available(), reason="kestrel._C is not built")
 
-ISAS = ("scalar", "avx2", "avx512", "avx512vbmi")
+ISAS = ("scalar", "avx2", "avx512", "avx512vbmi", "avx512bf16")
 
 OPTIMIZERS = {
     "Adam8bit": lambda ps, robust: K.Adam8bit(ps, lr=1e-2, weight_decay=0.05, robust_rounding=robust),
@@ -36,6 +37,9 @@ NAN_PAYLOADS = {
     torch.float16: [0x7E00, 0x7E01, -0x0200, 0x7C01, 0x7FFF, -0x01FF, 0x7D00, -1],
     torch.bfloat16: [0x7FC0, 0x7FC1, -0x0040, 0x7F81, 0x7FFF, -0x003F, 0x7FA0, -1],
 }
+
+
+SUBNORMALS = [1e-39, -1e-39, 3e-40, -5e-41, 1.1e-38, -1.1e-38, 2e-45, 1e-40]
 
 
 def available_isas(monkeypatch):
@@ -69,6 +73,9 @@ def test_every_cpu_vector_path_gives_the_same_bits(monkeypatch, name, dtype, rob
         with torch.no_grad():  # NaN parameters with payloads and signs: stepped ones canonicalise, skipped keep bits
             bits = params[2].view(-1).view(torch.int16 if dtype != torch.float32 else torch.int32)
             bits[2000:2008] = torch.tensor(NAN_PAYLOADS[dtype], dtype=bits.dtype)
+            # subnormal parameters where the gradients are 0 (below): their new values stay subnormal (the avx512bf16
+            # path's vcvtneps2bf16 would flush them to zero)
+            params[1].view(-1)[256:264] = torch.tensor(SUBNORMALS).to(dtype)
         opt = OPTIMIZERS[name](params, robust)
         for step in range(6):
             for p in params:
@@ -105,7 +112,8 @@ def test_requantization_is_exact_on_every_float_in_the_maps_range(monkeypatch, s
     2,130,706,434 float32 bit patterns in [-1, 1], the range of a state divided by its block's absmax, for each path
     this CPU has."""
     code = create_dynamic_map(signed=signed).tolist()
-    isas = [isa for isa in available_isas(monkeypatch) if isa != "scalar"]
+    # avx512bf16 requantizes with avx512vbmi's code (it differs only in its bf16 parameter stores)
+    isas = [isa for isa in available_isas(monkeypatch) if isa not in ("scalar", "avx512bf16")]
     assert isas, "no vector path on this CPU"
     for isa in isas:
         values, mismatches, first_bad = kestrel._C._requantize_check(code, isa)
@@ -119,3 +127,27 @@ def test_requantize_check_rejects_a_path_or_map_it_cannot_check():
         kestrel._C._requantize_check(create_dynamic_map(signed=True).tolist(), "sse9")
     with pytest.raises(RuntimeError, match="map: expected 256 values, got 3"):
         kestrel._C._requantize_check([0.0, 0.5, 1.0], "avx2")
+
+
+# The distinct parameter roundings: avx512vbmi's are avx512's, and avx512bf16's fp16 rounding is avx512's too.
+ROUNDING_PATHS = {"bfloat16": ("avx2", "avx512", "avx512bf16"), "float16": ("avx2", "avx512")}
+
+
+@pytest.mark.parametrize("dtype", sorted(ROUNDING_PATHS))
+def test_parameter_rounding_is_c10s_on_every_float32(monkeypatch, dtype):
+    """The vector stores of bf16 / fp16 parameters (each path's Lanes<T>::store_rounded: integer rounding, F16C, or
+    vcvtneps2bf16 with its subnormal and NaN lanes sent to the integer rounding) against c10's conversion, which the
+    scalar loops use, on all 2^32 float32 bit patterns: round to nearest even, subnormals kept, c10's NaN bits."""
+    isas = [isa for isa in available_isas(monkeypatch) if isa in ROUNDING_PATHS[dtype]]
+    assert isas, "no vector path on this CPU"
+    for isa in isas:
+        values, mismatches, first_bad = kestrel._C._round_check(isa, dtype)
+        assert values == 1 << 32
+        assert mismatches == 0, f"{isa}: {mismatches} mismatches, the first at bits {first_bad:#010x}"
+
+
+def test_round_check_rejects_a_path_or_dtype_it_cannot_check():
+    with pytest.raises(RuntimeError, match="isa: expected a vector path"):
+        kestrel._C._round_check("sse9", "bfloat16")
+    with pytest.raises(RuntimeError, match="dtype: expected 'bfloat16' or 'float16', got 'float32'"):
+        kestrel._C._round_check("avx2", "float32")

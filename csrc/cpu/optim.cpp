@@ -426,15 +426,22 @@ cpu::Isa vector_isa(const StepScalars& a, const CodeTable& q1, const CodeTable* 
   return cpu::active_isa();
 }
 
-// NAME<P, T>(isa, args...) calls cpu::<isa>::KERNEL<P, T>(args...), the kernel of optim_vector.inc on that path.
+// NAME<P, T>(isa, args...) calls cpu::<isa>::KERNEL<P, T>(args...), the kernel of optim_vector.inc on that path. The
+// avx512bf16 path differs from avx512vbmi only in storing bf16 parameters: its kernels are built for those alone
+// (STORES: the kernel stores parameters), the rest run avx512vbmi's.
 #if defined(KESTREL_HAVE_AVX512_PATH)
-#define KESTREL_AVX512_CASES(KERNEL)               \
-  case cpu::Isa::kAvx512Vbmi:                      \
-    return cpu::avx512vbmi::KERNEL<P, T>(args...); \
-  case cpu::Isa::kAvx512:                          \
+#define KESTREL_AVX512_CASES(KERNEL, STORES)                       \
+  case cpu::Isa::kAvx512Bf16:                                      \
+    if constexpr (STORES && std::is_same<T, c10::BFloat16>::value) \
+      return cpu::avx512bf16::KERNEL<P, T>(args...);               \
+    else                                                           \
+      return cpu::avx512vbmi::KERNEL<P, T>(args...);               \
+  case cpu::Isa::kAvx512Vbmi:                                      \
+    return cpu::avx512vbmi::KERNEL<P, T>(args...);                 \
+  case cpu::Isa::kAvx512:                                          \
     return cpu::avx512::KERNEL<P, T>(args...);
 #else
-#define KESTREL_AVX512_CASES(KERNEL)
+#define KESTREL_AVX512_CASES(KERNEL, STORES)
 #endif
 #if defined(KESTREL_HAVE_AVX2_PATH)
 #define KESTREL_AVX2_CASES(KERNEL) \
@@ -443,19 +450,19 @@ cpu::Isa vector_isa(const StepScalars& a, const CodeTable& q1, const CodeTable* 
 #else
 #define KESTREL_AVX2_CASES(KERNEL)
 #endif
-#define KESTREL_DEFINE_VECTOR_DISPATCH(NAME, PARAM, KERNEL)        \
-  template <PARAM P, typename T, typename... Args>                 \
-  void NAME(cpu::Isa isa, Args... args) {                          \
-    switch (isa) {                                                 \
-      KESTREL_AVX512_CASES(KERNEL)                                 \
-      KESTREL_AVX2_CASES(KERNEL)                                   \
-      default:                                                     \
-        TORCH_CHECK(false, "no vector path ", cpu::isa_name(isa)); \
-    }                                                              \
+#define KESTREL_DEFINE_VECTOR_DISPATCH(NAME, PARAM, KERNEL, STORES) \
+  template <PARAM P, typename T, typename... Args>                  \
+  void NAME(cpu::Isa isa, Args... args) {                           \
+    switch (isa) {                                                  \
+      KESTREL_AVX512_CASES(KERNEL, STORES)                          \
+      KESTREL_AVX2_CASES(KERNEL)                                    \
+      default:                                                      \
+        TORCH_CHECK(false, "no vector path ", cpu::isa_name(isa));  \
+    }                                                               \
   }
-KESTREL_DEFINE_VECTOR_DISPATCH(two_state8bit_vector, optim::TwoState, two_state8bit_full_blocks)
-KESTREL_DEFINE_VECTOR_DISPATCH(one_state8bit_vector, optim::OneState, one_state8bit_full_blocks)
-KESTREL_DEFINE_VECTOR_DISPATCH(norm8bit_vector, bool, norm8bit_full_blocks)
+KESTREL_DEFINE_VECTOR_DISPATCH(two_state8bit_vector, optim::TwoState, two_state8bit_full_blocks, true)
+KESTREL_DEFINE_VECTOR_DISPATCH(one_state8bit_vector, optim::OneState, one_state8bit_full_blocks, true)
+KESTREL_DEFINE_VECTOR_DISPATCH(norm8bit_vector, bool, norm8bit_full_blocks, false)
 #undef KESTREL_DEFINE_VECTOR_DISPATCH
 #undef KESTREL_AVX2_CASES
 #undef KESTREL_AVX512_CASES
@@ -700,19 +707,90 @@ at::Tensor update_norms_cpu(c10::string_view optimizer, at::TensorList params, a
 
 }  // namespace
 
+namespace {
+// A vector path this CPU has, by name (for the checks below).
+cpu::Isa checked_isa(const std::string& isa_name) {
+  const cpu::Isa isa = isa_name == "avx512bf16"   ? cpu::Isa::kAvx512Bf16
+                       : isa_name == "avx512vbmi" ? cpu::Isa::kAvx512Vbmi
+                       : isa_name == "avx512"     ? cpu::Isa::kAvx512
+                       : isa_name == "avx2"       ? cpu::Isa::kAvx2
+                                                  : cpu::Isa::kScalar;
+  TORCH_CHECK(isa != cpu::Isa::kScalar && static_cast<int>(isa) <= static_cast<int>(cpu::supported_isa()),
+              "isa: expected a vector path this CPU has (up to ", cpu::isa_name(cpu::supported_isa()), "), got '",
+              isa_name, "'");
+  return isa;
+}
+}  // namespace
+
+// The rounding of `isa`'s parameter stores (Lanes<T>::store_rounded, T bf16 or fp16 as `dtype` says) against c10's
+// conversion, which the scalar loops use, on every float32 bit pattern: {values, mismatches, the bits of the first
+// mismatch}. For tests (kestrel._C._round_check); 2^32 values, a few seconds.
+std::vector<int64_t> round_check(const std::string& isa_name, const std::string& dtype) {
+  const cpu::Isa isa = checked_isa(isa_name);
+  TORCH_CHECK(dtype == "bfloat16" || dtype == "float16", "dtype: expected 'bfloat16' or 'float16', got '", dtype, "'");
+  const bool bf16 = dtype == "bfloat16";
+  constexpr int64_t kChunk = 1 << 16, kChunks = (int64_t(1) << 32) / kChunk;
+  int64_t mismatches = 0, first_bad = -1;
+#pragma omp parallel for schedule(dynamic, 64) num_threads(at::get_num_threads()) reduction(+ : mismatches)
+  for (int64_t c = 0; c < kChunks; ++c) {
+    std::vector<float> v(kChunk);
+    std::vector<uint16_t> out(kChunk);
+    for (int64_t i = 0; i < kChunk; ++i) v[i] = float_from_bits((uint32_t)(c * kChunk + i));
+    auto* as_bf16 = reinterpret_cast<c10::BFloat16*>(out.data());
+    auto* as_half = reinterpret_cast<c10::Half*>(out.data());
+    switch (isa) {
+#if defined(KESTREL_HAVE_AVX512_PATH)
+      case cpu::Isa::kAvx512Bf16:
+        if (bf16)
+          cpu::avx512bf16::round_values(v.data(), kChunk, as_bf16);
+        else
+          cpu::avx512vbmi::round_values(v.data(), kChunk, as_half);
+        break;
+      case cpu::Isa::kAvx512Vbmi:
+        if (bf16)
+          cpu::avx512vbmi::round_values(v.data(), kChunk, as_bf16);
+        else
+          cpu::avx512vbmi::round_values(v.data(), kChunk, as_half);
+        break;
+      case cpu::Isa::kAvx512:
+        if (bf16)
+          cpu::avx512::round_values(v.data(), kChunk, as_bf16);
+        else
+          cpu::avx512::round_values(v.data(), kChunk, as_half);
+        break;
+#endif
+#if defined(KESTREL_HAVE_AVX2_PATH)
+      case cpu::Isa::kAvx2:
+        if (bf16)
+          cpu::avx2::round_values(v.data(), kChunk, as_bf16);
+        else
+          cpu::avx2::round_values(v.data(), kChunk, as_half);
+        break;
+#endif
+      default:
+        break;
+    }
+    int64_t bad = 0, first = -1;
+    for (int64_t i = 0; i < kChunk; ++i) {
+      const uint16_t want = bf16 ? c10::BFloat16(v[i]).x : c10::Half(v[i]).x;
+      if (out[i] != want && bad++ == 0) first = c * kChunk + i;
+    }
+    mismatches += bad;
+    if (bad > 0) {
+#pragma omp critical
+      if (first_bad < 0 || first < first_bad) first_bad = first;
+    }
+  }
+  return {int64_t(1) << 32, mismatches, first_bad};
+}
+
 // The vector requantization of `isa` against the scalar definition (the count of midpoints below v, then the sign fix
 // or the robust round-up of kestrel/optim.h) on every float32 bit pattern in [-1, 1]: {values, mismatches, the bits
 // of the first mismatch}. For tests (kestrel._C._requantize_check); about 2.1e9 values, a few seconds per map.
 std::vector<int64_t> requantize_check(const std::vector<float>& map, const std::string& isa_name) {
   TORCH_CHECK(map.size() == (size_t)quant::kCodeSize, "map: expected 256 values, got ", map.size());
   const CodeTable t(map.data());
-  const cpu::Isa isa = isa_name == "avx512vbmi" ? cpu::Isa::kAvx512Vbmi
-                       : isa_name == "avx512"   ? cpu::Isa::kAvx512
-                       : isa_name == "avx2"     ? cpu::Isa::kAvx2
-                                                : cpu::Isa::kScalar;
-  TORCH_CHECK(isa != cpu::Isa::kScalar && static_cast<int>(isa) <= static_cast<int>(cpu::supported_isa()),
-              "isa: expected a vector path this CPU has (up to ", cpu::isa_name(cpu::supported_isa()), "), got '",
-              isa_name, "'");
+  const cpu::Isa isa = checked_isa(isa_name);
   TORCH_CHECK(t.vector_ready(), "the map is not served by the vector paths (no step tables)");
   constexpr uint32_t kOne = 0x3f800000u, kChunk = 1u << 16;
   constexpr int64_t kChunks = (int64_t)(kOne / kChunk) + 1;  // patterns 0 .. kOne per sign
@@ -727,6 +805,7 @@ std::vector<int64_t> requantize_check(const std::vector<float>& map, const std::
     for (uint32_t i = 0; i < len; ++i) v[i] = float_from_bits(sign | (begin + i));
     switch (isa) {
 #if defined(KESTREL_HAVE_AVX512_PATH)
+      case cpu::Isa::kAvx512Bf16:  // avx512vbmi's requantization
       case cpu::Isa::kAvx512Vbmi:
         cpu::avx512vbmi::requantize_values(t, v.data(), kChunk, plain.data(), sign_fix.data(), round_up.data());
         break;

@@ -1,6 +1,7 @@
 // AVX-512 vector paths of the CPU 8-bit optimizers (16 lanes): the kernels of optim_vector.inc over the vector types
-// below, in two variants chosen at run time (cpu_isa.h): `avx512vbmi` (Ice Lake, Zen 4 and later) looks maps up 64
-// indices at a time with byte permutes over the tables' byte planes, `avx512` (Skylake-X, Cascade Lake) gathers. Both
+// below, in three variants chosen at run time (cpu_isa.h): `avx512vbmi` (Ice Lake, Zen 4 and later) looks maps up 64
+// indices at a time with byte permutes over the tables' byte planes, `avx512` (Skylake-X, Cascade Lake) gathers, and
+// `avx512bf16` (Sapphire Rapids, Zen 4) is avx512vbmi with bf16 parameters stored by vcvtneps2bf16. All
 // requantize with one gather per 16 values from the map's StepTable (code_table.h: the nearest code with the sign fix
 // or the round-up folded in, one comparison). The same float32 operations in the same order as the scalar loops, so
 // every path gives the same bits.
@@ -21,6 +22,7 @@
 // GCC 12's AVX-512 intrinsics start from _mm512_undefined_*() and warn about it (GCC bug 105593): not our code.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,f16c")
 
@@ -45,8 +47,8 @@ template <>
 struct Lanes<float> {
   static inline __m512 load(const float* p) { return _mm512_loadu_ps(p); }
   static inline __m512 round(__m512 v) { return v; }
-  // Store the lanes of m (v already in T's precision); the others keep their bits.
-  static inline void store_where(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
+  // v rounded into T (as round does) and stored in the lanes of m; the others keep their bits.
+  static inline void store_rounded(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
 };
 template <>
 struct Lanes<c10::Half> {
@@ -56,13 +58,16 @@ struct Lanes<c10::Half> {
   // Round to nearest even, NaN to its sign | 0x7E00: c10::Half's conversion.
   static inline __m256i to_bits(__m512 v) {
     const __m256i bits = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    // no NaN lane: a rare branch instead of the NaN bits in every vector (fp16 steps 14-23% faster, one thread)
+    if (__builtin_expect(nan == 0, 1)) return bits;
     const __m256i nan_bits = _mm512_cvtepi32_epi16(
         _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(v), 16), _mm512_set1_epi32(0x8000)),
                         _mm512_set1_epi32(0x7E00)));
-    return _mm256_mask_mov_epi16(bits, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), nan_bits);
+    return _mm256_mask_mov_epi16(bits, nan, nan_bits);
   }
   static inline __m512 round(__m512 v) { return _mm512_cvtph_ps(to_bits(v)); }
-  static inline void store_where(c10::Half* p, __mmask16 m, __m512 v) { _mm256_mask_storeu_epi16(p, m, to_bits(v)); }
+  static inline void store_rounded(c10::Half* p, __mmask16 m, __m512 v) { _mm256_mask_storeu_epi16(p, m, to_bits(v)); }
 };
 template <>
 struct Lanes<c10::BFloat16> {
@@ -80,13 +85,16 @@ struct Lanes<c10::BFloat16> {
     const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     return _mm512_castsi512_ps(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC00000)));
   }
-  // v already in bf16 (round's result): its top halves (the odd words) are the values, put in the low 256 bits by one
-  // word permute (vpermw: one uop where a shift and vpmovdw are three)
-  static inline void store_where(c10::BFloat16* p, __mmask16 m, __m512 v) {
+  // The bf16 bits of v, rounded: round(v)'s top halves (the odd words), put in the low 256 bits by one word permute
+  // (vpermw: one uop where a shift and vpmovdw are three).
+  static inline __m256i to_bits(__m512 v) {
     alignas(64) static const uint16_t odd_words[32] = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
                                                        1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
-    const __m512i top = _mm512_permutexvar_epi16(_mm512_load_si512(odd_words), _mm512_castps_si512(v));
-    _mm256_mask_storeu_epi16(p, m, _mm512_castsi512_si256(top));
+    return _mm512_castsi512_si256(
+        _mm512_permutexvar_epi16(_mm512_load_si512(odd_words), _mm512_castps_si512(round(v))));
+  }
+  static inline void store_rounded(c10::BFloat16* p, __mmask16 m, __m512 v) {
+    _mm256_mask_storeu_epi16(p, m, to_bits(v));
   }
 };
 
@@ -111,6 +119,7 @@ struct Base {
   static M finite(F x) { return _mm512_cmp_ps_mask(_mm512_sub_ps(x, x), _mm512_setzero_ps(), _CMP_EQ_OQ); }
   static M both(M x, M y) { return x & y; }
   static F keep(M m, F x) { return _mm512_maskz_mov_ps(m, x); }  // x where m, else +0
+  static M all_lanes() { return static_cast<M>(0xFFFF); }
   // optim::sign_of: 1, -1 or 0 (NaN: 0)
   static F sign_of(F x) {
     const F one = _mm512_set1_ps(1.0f);
@@ -253,6 +262,48 @@ struct V : Base {
 #include "optim_vector.inc"
 
 }  // namespace avx512vbmi
+}  // namespace cpu
+}  // namespace kestrel
+
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512bf16,f16c")
+
+namespace kestrel {
+namespace cpu {
+namespace avx512bf16 {
+
+// `avx512bf16` (Sapphire Rapids, Zen 4 and later): the avx512vbmi path with bf16 parameters rounded and stored by
+// vcvtneps2bf16 (one instruction for the seven integer operations and the word permute of the other paths; SGD8bit
+// and Adagrad8bit bf16 steps 5-6% faster, AdamW8bit 1.5%, one thread). It rounds to nearest even as c10::BFloat16
+// does, except that it flushes subnormals to zero and keeps a NaN's payload: a vector holding either (vfpclassps)
+// takes the integer rounding. Checked against c10's rounding on all 2^32 float32 patterns (kestrel._C._round_check).
+// Built for bf16 parameters only: fp32 and fp16 steps on this path run avx512vbmi's kernels (optim.cpp's dispatch).
+inline bool supported() {
+  static const bool ok = avx512::supported_vbmi() && __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+
+using V = avx512vbmi::V;
+template <typename T>
+struct Lanes : avx512::Lanes<T> {};
+template <>
+struct Lanes<c10::BFloat16> : avx512::Lanes<c10::BFloat16> {
+  static inline __m256i to_bits(__m512 v) {
+    const __m256i bits = (__m256i)_mm512_cvtneps_pbh(v);
+    const __mmask16 other = _mm512_fpclass_ps_mask(v, 0xA1);  // subnormal, quiet or signalling NaN
+    if (__builtin_expect(other == 0, 1)) return bits;
+    return _mm256_mask_mov_epi16(bits, other, avx512::Lanes<c10::BFloat16>::to_bits(v));
+  }
+  static inline void store_rounded(c10::BFloat16* p, __mmask16 m, __m512 v) {
+    _mm256_mask_storeu_epi16(p, m, to_bits(v));
+  }
+};
+
+#include "optim_vector.inc"
+
+}  // namespace avx512bf16
 }  // namespace cpu
 }  // namespace kestrel
 

@@ -57,8 +57,8 @@ def cmd_info(args):
         from . import _jit
 
         print(
-            f"CPU optimizer kernels: the {_ext._C.cpu_isa()} path (the widest this CPU has; KESTREL_CPU_ISA=avx512, "
-            "avx2 or scalar caps it)"
+            f"CPU optimizer kernels: the {_ext._C.cpu_isa()} path (the widest this CPU has; KESTREL_CPU_ISA="
+            "avx512vbmi, avx512, avx2 or scalar caps it)"
         )
         print(f"CUDA kernels of the C++ ops: {_jit.describe()}")
     if torch.cuda.is_available():
