@@ -86,26 +86,38 @@ struct Lanes<c10::Half> {
 };
 template <>
 struct Lanes<c10::BFloat16> {
+  // The 8 values in both 128-bit halves (vbroadcasti128: a load, no ALU uop), each moved to the top of its 32-bit lane
+  // by one byte shuffle (vpmovzxwd and a shift are two uops, one on the shuffle port)
   static inline __m256 load(const c10::BFloat16* p) {
-    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+    const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i to_top = _mm256_setr_epi8(-1, -1, 0, 1, -1, -1, 2, 3, -1, -1, 4, 5, -1, -1, 6, 7, -1, -1, 8, 9, -1,
+                                            -1, 10, 11, -1, -1, 12, 13, -1, -1, 14, 15);
+    return _mm256_castsi256_ps(_mm256_shuffle_epi8(both, to_top));
   }
-  // Round to nearest even, NaN to 0x7FC0: c10::BFloat16's conversion (as optim_avx512.h), as a float (the bf16 bits
-  // in the top half, the low half zero).
-  static inline __m256 round(__m256 v) {
+  // Round to nearest even, NaN to 0x7FC0: c10::BFloat16's conversion (as optim_avx512.h), in the top half of each lane
+  // (u + 0x7FFF + lsb; the low half is left as the sum leaves it).
+  static inline __m256i rounded_top(__m256 v) {
     const __m256i u = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    const __m256i rounded = _mm256_and_si256(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb),
-                                             _mm256_set1_epi32((int)0xFFFF0000u));
+    const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb);
     // NaN lanes by a branch (rarely taken): a blend in every vector cost 4-5% of an SGD8bit or Adagrad8bit bf16 step,
     // 12% of AdamW8bit's (two roundings), one thread. A tensor of NaN parameters (a diverged run) steps slower.
     const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
-    if (__builtin_expect(_mm256_movemask_ps(nan) == 0, 1)) return _mm256_castsi256_ps(rounded);
-    return _mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)), nan);
+    if (__builtin_expect(_mm256_movemask_ps(nan) == 0, 1)) return sum;
+    return _mm256_castps_si256(
+        _mm256_blendv_ps(_mm256_castsi256_ps(sum), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)), nan));
   }
-  // round(v)'s top half is the value
+  // As a float: the bf16 bits in the top half, the low half zero.
+  static inline __m256 round(__m256 v) {
+    return _mm256_castsi256_ps(_mm256_and_si256(rounded_top(v), _mm256_set1_epi32((int)0xFFFF0000u)));
+  }
+  // The top halves gathered into the low 8 bytes of each 128-bit half by one byte shuffle, then the two halves'
+  // quadwords joined by vpermq (where a shift, vextracti128 and vpackusdw are three uops).
   static inline void store_rounded(c10::BFloat16* p, __m256 m, __m256 v) {
-    store16_where(p, m, pack16(_mm256_srli_epi32(_mm256_castps_si256(round(v)), 16)));
+    const __m256i from_top = _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1, 2, 3, 6, 7,
+                                              10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(rounded_top(v), from_top), 0x08);
+    store16_where(p, m, _mm256_castsi256_si128(packed));
   }
 };
 
