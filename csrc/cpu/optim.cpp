@@ -736,40 +736,33 @@ std::vector<int64_t> round_check(const std::string& isa_name, const std::string&
     std::vector<float> v(kChunk);
     std::vector<uint16_t> out(kChunk);
     for (int64_t i = 0; i < kChunk; ++i) v[i] = float_from_bits((uint32_t)(c * kChunk + i));
-    auto* as_bf16 = reinterpret_cast<c10::BFloat16*>(out.data());
-    auto* as_half = reinterpret_cast<c10::Half*>(out.data());
-    switch (isa) {
+    // each path's Lanes<T>::store_rounded; avx512bf16 has its own for bf16 alone (as the kernels' dispatch)
+    const auto round_on_path = [&](auto* dst) {
+      using T = std::remove_pointer_t<decltype(dst)>;
+      switch (isa) {
 #if defined(KESTREL_HAVE_AVX512_PATH)
-      case cpu::Isa::kAvx512Bf16:
-        if (bf16)
-          cpu::avx512bf16::round_values(v.data(), kChunk, as_bf16);
-        else
-          cpu::avx512vbmi::round_values(v.data(), kChunk, as_half);
-        break;
-      case cpu::Isa::kAvx512Vbmi:
-        if (bf16)
-          cpu::avx512vbmi::round_values(v.data(), kChunk, as_bf16);
-        else
-          cpu::avx512vbmi::round_values(v.data(), kChunk, as_half);
-        break;
-      case cpu::Isa::kAvx512:
-        if (bf16)
-          cpu::avx512::round_values(v.data(), kChunk, as_bf16);
-        else
-          cpu::avx512::round_values(v.data(), kChunk, as_half);
-        break;
+        case cpu::Isa::kAvx512Bf16:
+          if constexpr (std::is_same<T, c10::BFloat16>::value)
+            return cpu::avx512bf16::round_values(v.data(), kChunk, dst);
+          else
+            return cpu::avx512vbmi::round_values(v.data(), kChunk, dst);
+        case cpu::Isa::kAvx512Vbmi:
+          return cpu::avx512vbmi::round_values(v.data(), kChunk, dst);
+        case cpu::Isa::kAvx512:
+          return cpu::avx512::round_values(v.data(), kChunk, dst);
 #endif
 #if defined(KESTREL_HAVE_AVX2_PATH)
-      case cpu::Isa::kAvx2:
-        if (bf16)
-          cpu::avx2::round_values(v.data(), kChunk, as_bf16);
-        else
-          cpu::avx2::round_values(v.data(), kChunk, as_half);
-        break;
+        case cpu::Isa::kAvx2:
+          return cpu::avx2::round_values(v.data(), kChunk, dst);
 #endif
-      default:
-        break;
-    }
+        default:
+          return;
+      }
+    };
+    if (bf16)
+      round_on_path(reinterpret_cast<c10::BFloat16*>(out.data()));
+    else
+      round_on_path(reinterpret_cast<c10::Half*>(out.data()));
     int64_t bad = 0, first = -1;
     for (int64_t i = 0; i < kChunk; ++i) {
       const uint16_t want = bf16 ? c10::BFloat16(v[i]).x : c10::Half(v[i]).x;
