@@ -9,6 +9,7 @@ import pytest
 
 def pytest_configure(config):
     helpers.configure_triton_interpreter()  # before any test module imports triton
+    helpers.reuse_freed_memory()
 
 
 def pytest_collection_modifyitems(config, items):
