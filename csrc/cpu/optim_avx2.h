@@ -161,6 +161,9 @@ struct V {
   static __m256i load_codes(const uint8_t* p) {
     return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   }
+  static void dequant_gathered(const CodeTable& q, const uint8_t* codes, F absmax, F* out) {
+    dequant(q, codes, absmax, out);
+  }
   static void dequant(const CodeTable& q, const uint8_t* codes, F absmax, F* out) {
     for (int k = 0; k < kPer; ++k)
       out[k] = _mm256_mul_ps(_mm256_i32gather_ps(q.code, load_codes(codes + 8 * k), 4), absmax);
