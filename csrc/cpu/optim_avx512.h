@@ -1,6 +1,7 @@
 // AVX-512 vector paths of the CPU 8-bit optimizers (16 lanes): the kernels of optim_vector.inc over the vector types
 // below, in three variants chosen at run time (cpu_isa.h): `avx512vbmi` (Ice Lake, Zen 4 and later) looks maps up 64
-// indices at a time with byte permutes over the tables' byte planes, `avx512` (Skylake-X, Cascade Lake) gathers, and
+// indices at a time with byte permutes over the tables' byte planes (the Adam kernels' second moments by gathers, to
+// share the work between the shuffle port and the load ports), `avx512` (Skylake-X, Cascade Lake) gathers, and
 // `avx512bf16` (Sapphire Rapids, Zen 4) is avx512vbmi with bf16 parameters stored by vcvtneps2bf16. All
 // requantize with one gather per 16 values from the map's StepTable (code_table.h: the nearest code with the sign fix
 // or the round-up folded in, one comparison). The same float32 operations in the same order as the scalar loops, so
