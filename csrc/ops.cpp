@@ -142,6 +142,10 @@ void register_jit_bindings(pybind11::module_& m);  // csrc/jit_ops.cpp: the JIT 
 // csrc/cpu/optim.cpp; weak: the CUDA-on-CPU test build (tests/cuda_sim) compiles this file without the CPU kernels
 __attribute__((weak)) std::vector<int64_t> requantize_check(const std::vector<float>& map, const std::string& isa);
 __attribute__((weak)) std::vector<int64_t> round_check(const std::string& isa, const std::string& dtype);
+__attribute__((weak)) std::vector<int64_t> requantize_states_check(const std::vector<float>& map,
+                                                                   const std::string& isa,
+                                                                   const std::vector<float>& states,
+                                                                   const std::vector<float>& absmax);
 }  // namespace kestrel
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -161,6 +165,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "For tests: the vector requantization of `isa` (avx512bf16, avx512vbmi, avx512, avx2) against the scalar "
       "definition on "
       "every float32 bit pattern in [-1, 1], with each rounding: [values, mismatches, bits of the first mismatch].");
+  m.def(
+      "_requantize_states_check",
+      [](const std::vector<float>& map, const std::string& isa, const std::vector<float>& states,
+         const std::vector<float>& absmax) {
+        TORCH_CHECK(&kestrel::requantize_states_check != nullptr, "this build has no CPU optimizer kernels");
+        return kestrel::requantize_states_check(map, isa, states, absmax);
+      },
+      pybind11::arg("map"), pybind11::arg("isa"), pybind11::arg("states"), pybind11::arg("absmax"),
+      "For tests: the kernels' requantization of `states` (groups of 64, one absmax each) on `isa` against the "
+      "definition with the division, with each rounding: [values, mismatches, index of the first mismatch, values "
+      "whose product with 1 / absmax alone would take another code].");
   m.def(
       "_round_check",
       [](const std::string& isa, const std::string& dtype) {

@@ -122,6 +122,68 @@ def test_requantization_is_exact_on_every_float_in_the_maps_range(monkeypatch, s
         assert mismatches == 0, f"{isa}: {mismatches} mismatches, the first at {bad!r} (bits {first_bad:#x})"
 
 
+def states_at_every_step(code, seed=0):
+    """States s and per-64 absmax a with s / a at or next to every step of the map's requantization (its float32
+    midpoints, and 0 for the sign fix and the round-up), one such state per group of 64 beside 63 states far from any
+    step (a group with a state at a step is divided whole, so one per group is what tests each state's own check),
+    for absmax of many binades and significands, inside and outside [2^-125, 2^125] (where the kernels divide)."""
+    g = torch.Generator().manual_seed(seed)
+    mids = ((code[:-1] + code[1:]) * 0.5).to(torch.float32)
+    tiny = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-38, -1e-38, 1e-30, -1e-30])
+    near, up, down = [torch.cat([mids, tiny])], None, None
+    up = down = near[0]
+    for _ in range(2):  # each value and its float32 neighbours, two each way
+        up, down = torch.nextafter(up, torch.tensor(2.0)), torch.nextafter(down, torch.tensor(-2.0))
+        near += [up, down]
+    at_steps = torch.cat(near).clamp(-1.0, 1.0).to(torch.float64)
+    exps = torch.cat([torch.randint(-124, 125, (30,), generator=g), torch.tensor([-125, 125, -126, 126, -130, 127])])
+    sig = torch.rand(exps.numel(), generator=g, dtype=torch.float64) + 1.0
+    sig[::3] = 1.0
+    sig[1::3] = 2.0 - 2.0**-23
+    absmax = (sig * torch.pow(2.0, exps.to(torch.float64))).to(torch.float32).to(torch.float64)
+    groups = at_steps.numel()
+    states, maxes = [], []
+    for a in absmax.tolist():
+        v = torch.rand(groups, 64, generator=g, dtype=torch.float64) * 2.0 - 1.0
+        v[torch.arange(groups), torch.randint(0, 64, (groups,), generator=g)] = at_steps
+        s = (v * a).to(torch.float32)
+        states.append(torch.maximum(torch.minimum(s, torch.tensor(a)), torch.tensor(-a)).to(torch.float32).view(-1))
+        maxes += [a] * groups
+    states.append(torch.zeros(64))  # an all-zero block: absmax 0
+    maxes.append(0.0)
+    return torch.cat(states).tolist(), maxes
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed map", "unsigned map"])
+def test_division_free_requantization_gives_the_quotients_codes(monkeypatch, signed):
+    """The kernels requantize a state by looking up s * (1 / absmax) and dividing only the groups with a lane at a
+    step (code_table.h: the product is the quotient or its float32 neighbour). States placed at and next to every step
+    of the map, absmax of every binade: each path's codes equal the definition's with the division, with each rounding;
+    the product alone would give other codes for many of them, so a missing or wrong step test fails here."""
+    code = create_dynamic_map(signed=signed)
+    states, absmax = states_at_every_step(code)
+    isas = [isa for isa in available_isas(monkeypatch) if isa != "scalar"]
+    assert isas, "no vector path on this CPU"
+    for isa in isas:
+        values, mismatches, first_bad, sensitive = kestrel._C._requantize_states_check(
+            code.tolist(), isa, states, absmax
+        )
+        assert values == 3 * len(states)
+        where = f"state {states[first_bad]!r}, absmax {absmax[first_bad // 64]!r}" if first_bad >= 0 else ""
+        assert mismatches == 0, f"{isa}: {mismatches} mismatches, the first at {where}"
+        assert sensitive > 1000, sensitive
+
+
+def test_requantize_states_check_rejects_states_it_cannot_check():
+    code = create_dynamic_map(signed=True).tolist()
+    with pytest.raises(RuntimeError, match="states: expected a multiple of 64 values, got 3"):
+        kestrel._C._requantize_states_check(code, "avx2", [0.0] * 3, [1.0])
+    with pytest.raises(RuntimeError, match=r"absmax: expected one value per 64 states \(1\), got 2"):
+        kestrel._C._requantize_states_check(code, "avx2", [0.0] * 64, [1.0, 1.0])
+    with pytest.raises(RuntimeError, match=r"states\[5\] = 2: expected \|state\| <= its group's absmax \(1\)"):
+        kestrel._C._requantize_states_check(code, "avx2", [0.0] * 5 + [2.0] + [0.0] * 58, [1.0])
+
+
 def test_requantize_check_rejects_a_path_or_map_it_cannot_check():
     with pytest.raises(RuntimeError, match="isa: expected a vector path"):
         kestrel._C._requantize_check(create_dynamic_map(signed=True).tolist(), "sse9")

@@ -33,14 +33,17 @@ inline int requantized_code(const float* code, const float* midpoints, int mode,
 }
 
 // Requantization by one table lookup (the vector paths). The code of v under a MODE is a non-decreasing step function
-// of v, so a table of where it steps gives it. v's bits as a monotone integer, m = bits ^ (sign ? 0x7FFFFFFF : 0)
-// (= t for v >= 0 and -1 - t for v < 0, t = |v|'s bits: ordered as the values are, -0 just below +0), split into a
-// bucket m >> shift (arithmetic) and a position m & (2^shift - 1). The table has an entry per bucket of |v| < 2 (the
-// domain is |v| <= 1, a state divided by its block's absmax): code << 24 | thr, the code at the bucket's first
-// position and the last position before the step (2^shift - 1: none), so v's code is the entry's top byte plus 1 when
-// (code << 24 | position) > entry -- one gather, a bit select and a comparison per vector (optim_avx512.h,
-// optim_avx2.h), the sign fix or round-up folded in (bnb's sign fix steps between -0 and +0, the round-up between +0
-// and the smallest positive float: inside the table like any other step).
+// of v, so a table of where it steps gives it. v's bits as a monotone integer, m = (bits ^ (sign ? 0x7FFFFFFF : 0)) +
+// (sign ? -1 : 0) (= t for v >= 0 and -2 - t for v < 0, t = |v|'s bits: ordered as the values are, -0 two below +0,
+// -1 unused), split into a bucket m >> shift (arithmetic) and a position m & (2^shift - 1). The table has an entry per
+// bucket of |v| < 2 (but the float next to -2, whose m is one below the table; the domain is |v| <= 1, a state divided
+// by its block's absmax): code << 24 | thr, the code at the bucket's first position and the last position before the
+// step (2^shift - 1: none), so v's code is the entry's top byte plus 1 when (code << 24 | position) > entry -- one
+// gather, a bit select and a comparison per vector (optim_avx512.h, optim_avx2.h), the sign fix or round-up folded in
+// (bnb's sign fix steps between -0 and +0, the round-up between +0 and the smallest positive float: inside the table
+// like any other step). Why -2 - t and not -1 - t: a midpoint that is a short binary fraction (its low bits zero; 14 in
+// the signed dynamic map) puts the step of a negative value between t and t - 1, which -1 - t would make the boundary
+// between two buckets, -2 - t puts inside one; `approx` below needs every step but the sign's inside a bucket.
 //
 // build() makes the table from requantized_code, exactly: in each bucket it evaluates the code at the first and the
 // last position -- equal, no step; one apart, the step found by bisection; more, the next finer `shift` is tried --
@@ -49,9 +52,21 @@ inline int requantized_code(const float* code, const float* midpoints, int mode,
 // definition on all 2,130,706,434 float32 bit patterns in [-1, 1] for both dynamic maps and every MODE. The dynamic
 // maps take shift 17 (signed: 64 KiB) and 16 (unsigned: 128 KiB); the entries of the values a state holds (a few
 // decades below its absmax) are the ones in cache.
+//
+// The requantization without a division (optim_vector.inc's Requantize, AVX-512 paths): for absmax in [2^-125, 2^125]
+// the kernels look up q = RN(s * y), y = RN(1 / absmax), instead of the quotient r = RN(s / absmax), and divide only
+// the groups of 64 with a value at a step. Exact: s * y = (s / absmax)(1 + d) with |d| < 2^-24, less than an ulp of the
+// quotient (|s| <= absmax, so |s / absmax| <= 1: no overflow; in the subnormal range the ulp is 2^-149 and the error
+// under 2^-150), so q and r are the same float or neighbours (their monotone integers at most 1 apart: rounding two
+// reals less than an ulp apart; across a binade boundary upward q is the power of two, r at most one below;
+// downward a gap of two would need |d| >= 1.5 * 2^-24), and they have the same sign. Neighbours in one bucket take
+// different codes only when one is the step's last position and the other the next (position - thr in {0, 1}: that
+// group is divided); in two buckets, only when the code changes between the buckets, which `approx` excludes except
+// between -0 and +0, never straddled.
 struct StepTable {
   static constexpr int kCodeShift = 24;
   bool ok = false;
+  bool approx = false;  // no code change between buckets but between -0 and +0 (the division-free requantization)
   int shift = 16;
   int half = 0;                   // buckets per sign: |v| < 2 is m >> shift in [-half, half)
   std::vector<uint32_t> entries;  // 2 * half, bucket key at entries[half + key]
@@ -74,13 +89,16 @@ struct StepTable {
     const uint32_t last = (1u << sh) - 1u;
     const auto f = [&](float v) { return requantized_code(code, midpoints, mode, v); };
     const auto value = [&](int64_t key, uint32_t position) {  // the float whose monotone integer is key << sh | pos
-      const int64_t m = key * ((int64_t)1 << sh) + position;
-      return m >= 0 ? float_from_bits((uint32_t)m) : float_from_bits((uint32_t)m ^ 0x7fffffffu);
+      const int64_t m = key * ((int64_t)1 << sh) + position;  // m = -1 (no float) is taken as -0
+      return m >= 0 ? float_from_bits((uint32_t)m)
+                    : float_from_bits(0x80000000u | (uint32_t)std::max<int64_t>(-2 - m, 0));
     };
     int previous = -1;
+    bool within = true;  // every code change inside a bucket (but the sign's)
     for (int64_t key = -half; key < half; ++key) {
       const int lowest = f(value(key, 0)), highest = f(value(key, last));
       if (lowest < previous || highest < lowest) return false;  // not monotone
+      if (key != 0 && key != -half && lowest != previous) within = false;
       previous = highest;
       uint32_t thr = last;
       if (highest == lowest + 1) {
@@ -99,6 +117,7 @@ struct StepTable {
       entries[(size_t)(half + key)] = (uint32_t)lowest << kCodeShift | thr;
     }
     ok = true;
+    approx = within;
     return true;
   }
 };

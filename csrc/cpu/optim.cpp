@@ -836,6 +836,62 @@ std::vector<int64_t> requantize_check(const std::vector<float>& map, const std::
   return {2 * (int64_t)(kOne + 1), mismatches, first_bad};
 }
 
+// The kernels' requantization of given states (optim_vector.inc's Requantize::group: s * (1 / absmax) looked up, a
+// group with a lane at a step divided) against the definition with the division, with each rounding; group i of 64
+// states has absmax[i] (|s| <= absmax, as a block's absmax bounds its states). {values, mismatches, index of the
+// first, sensitive}: sensitive counts the values whose product s * (1 / absmax) alone would take another code than
+// the quotient (what the division of the groups at a step must catch). For tests (kestrel._C._requantize_states_check).
+std::vector<int64_t> requantize_states_check(const std::vector<float>& map, const std::string& isa_name,
+                                             const std::vector<float>& states, const std::vector<float>& absmax) {
+  TORCH_CHECK(map.size() == (size_t)quant::kCodeSize, "map: expected 256 values, got ", map.size());
+  const cpu::Isa isa = checked_isa(isa_name);
+  TORCH_CHECK(states.size() % 64 == 0, "states: expected a multiple of 64 values, got ", states.size());
+  TORCH_CHECK(absmax.size() * 64 == states.size(), "absmax: expected one value per 64 states (", states.size() / 64,
+              "), got ", absmax.size());
+  for (size_t i = 0; i < states.size(); ++i) {
+    const float a = absmax[i / 64];
+    TORCH_CHECK(std::isfinite(a) && a >= 0.0f && std::fabs(states[i]) <= a, "states[", i, "] = ", states[i],
+                ": expected |state| <= its group's absmax (", a, "), finite");
+  }
+  const CodeTable t(map.data());
+  TORCH_CHECK(t.vector_ready(), "the map is not served by the vector paths (no step tables)");
+  const int64_t n = (int64_t)states.size();
+  std::vector<uint8_t> plain(n), sign_fix(n), round_up(n);
+  switch (isa) {
+#if defined(KESTREL_HAVE_AVX512_PATH)
+    case cpu::Isa::kAvx512Bf16:
+    case cpu::Isa::kAvx512Vbmi:
+      cpu::avx512vbmi::requantize_states(t, states.data(), absmax.data(), n, plain.data(), sign_fix.data(),
+                                         round_up.data());
+      break;
+    case cpu::Isa::kAvx512:
+      cpu::avx512::requantize_states(t, states.data(), absmax.data(), n, plain.data(), sign_fix.data(),
+                                     round_up.data());
+      break;
+#endif
+#if defined(KESTREL_HAVE_AVX2_PATH)
+    case cpu::Isa::kAvx2:
+      cpu::avx2::requantize_states(t, states.data(), absmax.data(), n, plain.data(), sign_fix.data(), round_up.data());
+      break;
+#endif
+    default:
+      break;
+  }
+  int64_t mismatches = 0, first_bad = -1, sensitive = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = absmax[i / 64], s = states[i];
+    const float v = a > 0.0f ? s / a : 0.0f;  // optim::normalize_state
+    const float inv = a >= 0x1p-125f && a <= 0x1p125f ? 1.0f / a : 0.0f;
+    const uint8_t* got[3] = {plain.data(), sign_fix.data(), round_up.data()};
+    for (int mode = 0; mode < 3; ++mode) {
+      const int want = cpu::requantized_code(t.code, t.midpoints, mode, v);
+      if (got[mode][i] != want && mismatches++ == 0) first_bad = i;
+      if (inv != 0.0f && cpu::requantized_code(t.code, t.midpoints, mode, s * inv) != want) ++sensitive;
+    }
+  }
+  return {3 * n, mismatches, first_bad, sensitive};
+}
+
 TORCH_LIBRARY_IMPL(kestrel, CPU, m) {
   m.impl("update_norms", &update_norms_cpu);
   m.impl("two_state8bit_step_", &two_state8bit_step_cpu);

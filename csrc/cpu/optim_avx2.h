@@ -174,12 +174,13 @@ struct V {
     struct Mode {
       __m256i shift, position_mask;
       const int* center;
+      bool approx;  // the division-free requantization: not on this path (see requant)
     } mode[3];
     explicit Steps(const CodeTable& q) {
       for (int m = 0; m < 3; ++m) {
         const StepTable& t = q.step[m];
         mode[m] = {_mm256_set1_epi32(t.shift), _mm256_set1_epi32((int)t.position_mask()),
-                   reinterpret_cast<const int*>(t.center())};
+                   reinterpret_cast<const int*>(t.center()), false};
       }
     }
   };
@@ -188,8 +189,9 @@ struct V {
   // entry of v's bucket, its top byte plus 1 past its step (minus the comparison's all-ones).
   static KESTREL_ALWAYS_INLINE __m256i requant_lanes(const typename Steps::Mode& t, F v) {
     const __m256i bits = _mm256_castps_si256(v);
-    const __m256i m =  // the monotone integer: bits ^ (sign ? 0x7FFFFFFF : 0)
-        _mm256_xor_si256(bits, _mm256_and_si256(_mm256_srai_epi32(bits, 31), _mm256_set1_epi32(0x7fffffff)));
+    const __m256i sign = _mm256_srai_epi32(bits, 31);
+    const __m256i m =  // the monotone integer: (bits ^ (sign ? 0x7FFFFFFF : 0)) + (sign ? -1 : 0)
+        _mm256_add_epi32(_mm256_xor_si256(bits, _mm256_and_si256(sign, _mm256_set1_epi32(0x7fffffff))), sign);
     const __m256i entry = _mm256_i32gather_epi32(t.center, _mm256_srav_epi32(m, t.shift), 4);
     const __m256i at =  // code << 24 | position: entry ^ ((entry ^ m) & mask)
         _mm256_xor_si256(entry, _mm256_and_si256(_mm256_xor_si256(entry, m), t.position_mask));
@@ -198,8 +200,9 @@ struct V {
 
   // 32 codes at a time: four vectors' codes packed (two saturating packs, in-lane) and put in order
   // by one dword permute, one store.
-  template <int MODE>
-  static KESTREL_ALWAYS_INLINE void requant(const Steps& steps, const F* v, uint8_t* codes) {
+  // (NEAR is not used: Steps::Mode::approx is false here, so the kernels always divide on this path.)
+  template <int MODE, bool NEAR = false>
+  static KESTREL_ALWAYS_INLINE bool requant(const Steps& steps, const F* v, uint8_t* codes) {
     for (int h = 0; h < kPer; h += 4) {
       __m256i c[4];
       for (int k = 0; k < 4; ++k) c[k] = requant_lanes(steps.mode[MODE], v[h + k]);
@@ -208,6 +211,7 @@ struct V {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + 8 * h),
                           _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
     }
+    return false;
   }
 };
 

@@ -4,8 +4,9 @@
 // LAMB's norm pass by gathers, to share the work between the shuffle port and the load ports), `avx512` (Skylake-X,
 // Cascade Lake) gathers, and `avx512bf16` (Sapphire Rapids, Zen 4) is avx512vbmi with bf16 parameters stored by
 // vcvtneps2bf16. All requantize with one gather per 16 values from the map's StepTable (code_table.h: the nearest code
-// with the sign fix or the round-up folded in, one comparison). The same float32 operations in the same order as the
-// scalar loops, so every path gives the same bits.
+// with the sign fix or the round-up folded in, one comparison), looking up s * (1 / absmax) where the quotient is
+// wanted and dividing only a group with a value at its bucket's step (the same codes; code_table.h). The same float32
+// operations in the same order as the scalar loops, so every path gives the same bits.
 #pragma once
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -139,31 +140,37 @@ struct Base {
     struct Mode {
       __m512i shift, position_mask;
       const uint32_t* center;
+      bool approx;  // StepTable::approx: the division-free requantization
     } mode[3];
     explicit Steps(const CodeTable& q) {
       for (int m = 0; m < 3; ++m) {
         const StepTable& t = q.step[m];
-        mode[m] = {_mm512_set1_epi32(t.shift), _mm512_set1_epi32((int)t.position_mask()), t.center()};
+        mode[m] = {_mm512_set1_epi32(t.shift), _mm512_set1_epi32((int)t.position_mask()), t.center(), t.approx};
       }
     }
   };
 
   // The codes of 64 normalised values under MODE (StepTable), one per 32-bit lane: the top byte (the rest is the
-  // entry's threshold).
-  template <int MODE>
-  static KESTREL_ALWAYS_INLINE void requant_lanes(const Steps& steps, const F* v, __m512i* out) {
+  // entry's threshold). NEAR: also whether a lane sits at its bucket's step (position - thr in {0, 1}), where a
+  // neighbouring float may take the other code (code_table.h: the division-free requantization).
+  template <int MODE, bool NEAR = false>
+  static KESTREL_ALWAYS_INLINE bool requant_lanes(const Steps& steps, const F* v, __m512i* out) {
     const typename Steps::Mode& t = steps.mode[MODE];
+    __mmask16 near = 0;
     for (int k = 0; k < kPer; ++k) {
       const __m512i bits = _mm512_castps_si512(v[k]);
-      // the monotone integer: bits ^ (sign ? 0x7FFFFFFF : 0), a ^ (b & c)
+      // the monotone integer: (bits ^ (sign ? 0x7FFFFFFF : 0)) + (sign ? -1 : 0), (a ^ (b & c)) + b
+      const __m512i sign = _mm512_srai_epi32(bits, 31);
       const __m512i m =
-          _mm512_ternarylogic_epi32(bits, _mm512_srai_epi32(bits, 31), _mm512_set1_epi32(0x7fffffff), 0x78);
+          _mm512_add_epi32(_mm512_ternarylogic_epi32(bits, sign, _mm512_set1_epi32(0x7fffffff), 0x78), sign);
       const __m512i entry = _mm512_i32gather_epi32(_mm512_srav_epi32(m, t.shift), t.center, 4);
       // code << 24 | position (c ? a : b): it exceeds the entry (the same code bits) when the position is past thr
       const __m512i at = _mm512_ternarylogic_epi32(m, entry, t.position_mask, 0xE4);
       out[k] = _mm512_mask_add_epi32(entry, _mm512_cmpgt_epi32_mask(at, entry), entry,
                                      _mm512_set1_epi32(1 << StepTable::kCodeShift));
+      if (NEAR) near |= _mm512_cmplt_epu32_mask(_mm512_sub_epi32(at, entry), _mm512_set1_epi32(2));
     }
+    return near != 0;
   }
 
   static __m512i load_codes(const uint8_t* p) {
@@ -180,13 +187,14 @@ struct V : Base {
     for (int k = 0; k < kPer; ++k)
       out[k] = _mm512_mul_ps(_mm512_i32gather_ps(load_codes(codes + 16 * k), q.code, 4), absmax);
   }
-  template <int MODE>
-  static KESTREL_ALWAYS_INLINE void requant(const Steps& steps, const F* v, uint8_t* codes) {
+  template <int MODE, bool NEAR = false>
+  static KESTREL_ALWAYS_INLINE bool requant(const Steps& steps, const F* v, uint8_t* codes) {
     __m512i lanes[kPer];
-    requant_lanes<MODE>(steps, v, lanes);
+    const bool near = requant_lanes<MODE, NEAR>(steps, v, lanes);
     for (int k = 0; k < kPer; ++k)  // each lane's top byte, by vpmovdb
       _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + 16 * k),
                        _mm512_cvtepi32_epi8(_mm512_srli_epi32(lanes[k], StepTable::kCodeShift)));
+    return near;
   }
 };
 
@@ -253,10 +261,10 @@ struct V : Base {
     for (int k = 0; k < kPer; ++k) out[k] = _mm512_mul_ps(out[k], absmax);
   }
 
-  template <int MODE>
-  static KESTREL_ALWAYS_INLINE void requant(const Steps& steps, const F* v, uint8_t* codes) {
+  template <int MODE, bool NEAR = false>
+  static KESTREL_ALWAYS_INLINE bool requant(const Steps& steps, const F* v, uint8_t* codes) {
     __m512i lanes[kPer];
-    requant_lanes<MODE>(steps, v, lanes);
+    const bool near = requant_lanes<MODE, NEAR>(steps, v, lanes);
     // the lanes' top bytes in element order: bytes 3, 7, ..., 127 of (lanes[0], lanes[1]) and of (lanes[2], lanes[3])
     alignas(64) static const uint8_t pick[64] = {3,  7,  11, 15, 19, 23, 27, 31, 35, 39,  43,  47,  51,  55,  59,  63,
                                                  67, 71, 75, 79, 83, 87, 91, 95, 99, 103, 107, 111, 115, 119, 123, 127,
@@ -266,6 +274,7 @@ struct V : Base {
     const __m512i from01 = _mm512_permutex2var_epi8(lanes[0], order, lanes[1]);
     const __m512i from23 = _mm512_permutex2var_epi8(lanes[2], order, lanes[3]);
     _mm512_storeu_si512(codes, _mm512_mask_blend_epi8(0xFFFFFFFF00000000ull, from01, from23));
+    return near;
   }
 };
 
